@@ -1,0 +1,44 @@
+"""Alembic environment: the URL comes from the app's settings, the metadata from its models."""
+
+from __future__ import annotations
+
+from logging.config import fileConfig
+
+from sqlmodel import SQLModel
+
+import audit.models  # noqa: F401  (registers the audit tables)
+import service.models  # noqa: F401  (registers the task tables)
+from alembic import context
+from service.database import build_engine
+from service.settings import get_settings
+
+config = context.config
+if config.config_file_name is not None and config.attributes.get("configure_logging", True):
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
+
+target_metadata = SQLModel.metadata
+
+
+def run_migrations() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        context.configure(connection=connection, target_metadata=target_metadata)
+        with context.begin_transaction():
+            context.run_migrations()
+        return
+    url = config.attributes.get("database_url") or get_settings().database_url
+    engine = build_engine(get_settings(), url)
+    try:
+        with engine.connect() as conn:
+            context.configure(
+                connection=conn,
+                target_metadata=target_metadata,
+                render_as_batch=conn.dialect.name == "sqlite",
+            )
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        engine.dispose()
+
+
+run_migrations()

@@ -1,0 +1,66 @@
+"""The `audit_events` table and each user's chain head."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, Identity, Index, SmallInteger, String, text
+from sqlmodel import Field, SQLModel
+
+from service.sqltypes import ID_TYPE, JSONType, UTCDateTime
+
+
+class AuditEvent(SQLModel, table=True):
+    """One recorded change. Append-only: the database rejects UPDATE, DELETE and TRUNCATE.
+
+    No foreign key to `tasks`, so a deleted task keeps its history.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        # The chain: gapless per user, and a fork fails loudly. Also the user's feed by seq.
+        Index("uq_audit_events_user_seq", "user_id", "seq", unique=True),
+        # One entity's timeline.
+        Index("ix_audit_events_entity", "user_id", "entity_type", "entity_id", "seq"),
+        Index("ix_audit_events_user_occurred", "user_id", "occurred_at"),
+        Index("ix_audit_events_request_id", "request_id"),
+        Index("ix_audit_events_trace_id", "trace_id"),
+    )
+
+    id: int | None = Field(
+        default=None, sa_column=Column(ID_TYPE, Identity(always=False), primary_key=True)
+    )
+    occurred_at: datetime = Field(
+        sa_column=Column(UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP"))
+    )
+    user_id: str = Field(sa_column=Column(String(128), nullable=False))
+    actor_id: str = Field(sa_column=Column(String(128), nullable=False))
+    action: str = Field(sa_column=Column(String(32), nullable=False))
+    entity_type: str = Field(sa_column=Column(String(32), nullable=False))
+    entity_id: str = Field(sa_column=Column(String(64), nullable=False))
+    before: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType, nullable=True))
+    after: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType, nullable=True))
+    changes: dict[str, Any] = Field(sa_column=Column(JSONType, nullable=False))
+    request_id: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
+    trace_id: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+    span_id: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
+    client_ip: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    user_agent: str | None = Field(default=None, sa_column=Column(String(256), nullable=True))
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    prev_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    hash: str = Field(sa_column=Column(String(64), nullable=False))
+    hash_version: int = Field(sa_column=Column(SmallInteger, nullable=False))
+    # The writing transaction (txid_current() on PostgreSQL): lets the completeness guard
+    # check that a task change and its event committed together.
+    xact_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+
+
+class AuditChainHead(SQLModel, table=True):
+    """The newest (seq, hash) of a user's chain; its row lock serializes appends."""
+
+    __tablename__ = "audit_chain_heads"
+
+    user_id: str = Field(sa_column=Column(String(128), primary_key=True))
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    hash: str = Field(sa_column=Column(String(64), nullable=False))

@@ -1,0 +1,82 @@
+"""The application factory: `service.app:create_app()`, and the ASGI app `service.app:app`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from service.auth import TokenVerifier
+from service.database import Database
+from service.errors import install_error_handlers
+from service.middleware import BodyGuardMiddleware, RequestIdMiddleware
+from service.routes.health import router as health_router
+from service.routes.tasks import router as tasks_router
+from service.settings import Settings, get_settings
+from service.users import UserProvisioner
+
+CORS_ALLOW_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "traceparent",
+    "tracestate",
+    "If-Match",
+    "Idempotency-Key",
+    "X-Request-ID",
+]
+CORS_EXPOSE_HEADERS = ["ETag", "Location", "X-Request-ID", "X-Total-Count", "Link", "X-Trace-Id"]
+
+
+def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
+    """Build the app. A given `database` is the caller's to dispose of; one made here is ours."""
+    settings = (settings or get_settings()).with_dev_secret()
+    owns_database = database is None
+    db = database or Database.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_database:
+            db.dispose()
+
+    app = FastAPI(
+        title="todo-api",
+        version="0.1.0",
+        summary="Tasks of signed-in users, with an audit trail.",
+        lifespan=lifespan,
+        # Tracing is set up by `observability` with the OpenTelemetry instrumentation;
+        # FastAPI's own telemetry would double every span.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
+    app.state.settings = settings
+    app.state.db = db
+    app.state.verifier = TokenVerifier.from_settings(settings)
+    app.state.users = UserProvisioner(db.engine)
+
+    install_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(tasks_router)
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_headers=CORS_ALLOW_HEADERS,
+            expose_headers=CORS_EXPOSE_HEADERS,
+            max_age=600,
+        )
+    app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `service.app:app` is built on first access, so importing the module has no side effects.
+    if name == "app":
+        global app
+        app = create_app()
+        return app
+    raise AttributeError(name)

@@ -1,0 +1,121 @@
+"""Engine, sessions and the one unit of work per request."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import URL, Engine, create_engine, event, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.settings import Settings
+
+
+def normalize_database_url(raw: str) -> URL:
+    """Accept what Neon and Heroku print (`postgres://`) and pin the psycopg2 driver.
+
+    Query parameters such as `sslmode=require` are kept as they are.
+    """
+    url = make_url(raw)
+    backend = url.get_backend_name()
+    if backend in {"postgres", "postgresql"}:
+        return url.set(drivername="postgresql+psycopg2")
+    if backend == "sqlite":
+        return url.set(drivername="sqlite+pysqlite")
+    raise ValueError("DATABASE_URL must be a postgresql://, postgres:// or sqlite:/// URL")
+
+
+def safe_url(url: URL) -> str:
+    """The URL with the password masked, for logs and messages."""
+    return url.render_as_string(hide_password=True)
+
+
+def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def build_engine(settings: Settings, url: str | None = None) -> Engine:
+    db_url = normalize_database_url(url or settings.database_url)
+    if db_url.get_backend_name() == "sqlite":
+        engine = create_engine(
+            db_url,
+            connect_args={"check_same_thread": False},
+            pool_pre_ping=True,
+        )
+        event.listen(engine, "connect", _enable_sqlite_pragmas)
+        return engine
+    connect_args: dict[str, Any] = {
+        "connect_timeout": settings.db_connect_timeout_seconds,
+        "application_name": "todo-api",
+        # Dead peers are noticed within seconds instead of the kernel's two hours.
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+    }
+    if settings.db_statement_timeout_ms:
+        connect_args["options"] = f"-c statement_timeout={settings.db_statement_timeout_ms}"
+    return create_engine(
+        db_url,
+        connect_args=connect_args,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_seconds,
+        # Neon closes idle connections; never hand out one older than this.
+        pool_recycle=settings.db_pool_recycle_seconds,
+        pool_pre_ping=True,
+    )
+
+
+_ON_COMMIT = "on_commit"
+
+
+def on_commit(session: Session, callback: Callable[[], None]) -> None:
+    """Run `callback` once the session's transaction has committed (never if it rolls back)."""
+    session.info.setdefault(_ON_COMMIT, []).append(callback)
+
+
+def _run_on_commit(session: Session) -> None:
+    for callback in session.info.pop(_ON_COMMIT, []):
+        callback()
+
+
+def _drop_on_commit(session: Session, *_: Any) -> None:
+    session.info.pop(_ON_COMMIT, None)
+
+
+class Database:
+    """The engine and its session factory; one per process (or per test run)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
+        event.listen(self.sessionmaker, "after_commit", _run_on_commit)
+        event.listen(self.sessionmaker, "after_soft_rollback", _drop_on_commit)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Database:
+        return cls(build_engine(settings))
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def unit_of_work(self) -> Iterator[Session]:
+        """Commit once at the end, roll back on any error; services only flush."""
+        with self.sessionmaker() as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,111 @@
+"""The request's dependencies, declared once as `Annotated` aliases."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from opentelemetry import trace
+from sqlalchemy.orm import Session
+
+from audit.recorder import AuditContext
+from service.auth import AuthError, Principal
+from service.database import Database
+from service.errors import Forbidden
+from service.models import USER_ID_MAX
+from service.settings import Settings
+
+bearer_scheme = HTTPBearer(
+    auto_error=False,
+    description="A JWT from Better Auth (EdDSA/ES256/RS256 via JWKS) or HS256 signed with "
+    "BETTER_AUTH_SECRET. Its `sub` must equal `{user_id}`.",
+)
+
+UserIdPath = Annotated[
+    str, Path(min_length=1, max_length=USER_ID_MAX, description="The signed-in user's id")
+]
+TaskIdPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="The task's id")]
+
+
+def get_settings_dep(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_database(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+def get_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Session]:
+    """One unit of work per request, committed before the response is sent."""
+    with db.unit_of_work() as session:
+        yield session
+
+
+# scope="function": the commit runs when the route returns, so a failed commit is an
+# error response, never a 2xx.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_current_user(
+    request: Request,
+    user_id: UserIdPath,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Principal:
+    """The token's user, who must be the `{user_id}` of the URL."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise AuthError("missing bearer token")
+    principal = request.app.state.verifier.verify(credentials.credentials)
+    if principal.user_id != user_id:
+        raise Forbidden("The token does not belong to this user.")
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("enduser.id", principal.user_id)
+    request.state.user_id = principal.user_id
+    request.app.state.users.ensure(principal)
+    return principal
+
+
+CurrentUser = Annotated[Principal, Depends(get_current_user)]
+
+
+def _client_ip(request: Request, trusted: list[str]) -> str | None:
+    """The socket's peer; X-Forwarded-For only when that peer is a trusted proxy."""
+    peer = request.client.host if request.client else None
+    if peer is None or not trusted or peer not in trusted:
+        return peer
+    forwarded = request.headers.get("x-forwarded-for", "")
+    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
+    # Walk from the nearest hop; the first address that is not our proxy is the client.
+    for hop in reversed(hops):
+        if hop in trusted:
+            continue
+        try:
+            return str(ipaddress.ip_address(hop))
+        except ValueError:
+            return peer
+    return peer
+
+
+def get_audit_context(request: Request, user: CurrentUser, settings: SettingsDep) -> AuditContext:
+    span_context = trace.get_current_span().get_span_context()
+    trace_id = span_id = None
+    if span_context.is_valid:
+        trace_id = trace.format_trace_id(span_context.trace_id)
+        span_id = trace.format_span_id(span_context.span_id)
+    return AuditContext(
+        actor_id=user.user_id,
+        request_id=getattr(request.state, "request_id", None),
+        client_ip=_client_ip(request, settings.trusted_proxies),
+        user_agent=request.headers.get("user-agent"),
+        trace_id=trace_id,
+        span_id=span_id,
+    )
+
+
+AuditCtx = Annotated[AuditContext, Depends(get_audit_context)]

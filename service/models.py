@@ -1,0 +1,155 @@
+"""Tables (`User`, `Task`) and the API's request and response models."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, ConfigDict, model_validator
+from pydantic import Field as PField
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    String,
+    Text,
+    false,
+    text,
+)
+from sqlmodel import Field, SQLModel
+
+from service.sqltypes import ID_TYPE, UTCDateTime
+
+TITLE_MAX = 200
+DESCRIPTION_MAX = 1000
+USER_ID_MAX = 128
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+
+    id: str = Field(sa_column=Column(String(USER_ID_MAX), primary_key=True))
+    email: str | None = Field(default=None, sa_column=Column(String(320), nullable=True))
+    name: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
+    created_at: datetime = Field(
+        sa_column=Column(UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP"))
+    )
+
+
+class Task(SQLModel, table=True):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        CheckConstraint("length(title) BETWEEN 1 AND 200", name="ck_tasks_title_length"),
+        CheckConstraint(
+            "description IS NULL OR length(description) <= 1000",
+            name="ck_tasks_description_length",
+        ),
+        # The list endpoint pages a user's tasks by these orders.
+        Index("ix_tasks_user_created", "user_id", "created_at", "id"),
+        Index("ix_tasks_user_updated", "user_id", "updated_at", "id"),
+    )
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(ID_TYPE, Identity(always=False), primary_key=True),
+    )
+    user_id: str = Field(
+        sa_column=Column(String(USER_ID_MAX), ForeignKey("users.id"), nullable=False)
+    )
+    title: str = Field(sa_column=Column(String(TITLE_MAX), nullable=False))
+    description: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    completed: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
+    )
+    created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    updated_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    # Bumped on every change; the ETag is derived from it.
+    version: int = Field(
+        default=1, sa_column=Column(Integer, nullable=False, server_default=text("1"))
+    )
+
+
+# --- API models ------------------------------------------------------------
+
+
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _clean_title(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be blank")
+    if len(value) > TITLE_MAX:
+        raise ValueError(f"must be at most {TITLE_MAX} characters")
+    return value
+
+
+# Length is checked after trimming, so the schema only bounds the raw input loosely.
+Title = Annotated[
+    str,
+    PField(min_length=1, max_length=TITLE_MAX * 4, examples=["Buy milk"]),
+    AfterValidator(_no_nul),
+    AfterValidator(_clean_title),
+]
+Description = Annotated[
+    str | None,
+    PField(max_length=DESCRIPTION_MAX, examples=["Two litres, semi-skimmed"]),
+    AfterValidator(_no_nul),
+]
+
+
+class TaskCreate(SQLModel):
+    """Body of POST. Unknown fields (id, user_id, completed, timestamps) are rejected."""
+
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+    title: Title
+    description: Description = None
+
+
+class TaskUpdate(SQLModel):
+    """Body of PUT: any of the fields, at least one; absent fields stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+    title: Title | None = None
+    description: Description = None
+    completed: bool | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> TaskUpdate:
+        if not self.model_fields_set:
+            raise ValueError("give at least one of title, description, completed")
+        if "title" in self.model_fields_set and self.title is None:
+            raise ValueError("title cannot be null")
+        if "completed" in self.model_fields_set and self.completed is None:
+            raise ValueError("completed cannot be null")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        return self.model_dump(include=self.model_fields_set)
+
+
+class TaskCompletion(SQLModel):
+    """Optional body of PATCH .../complete; without it the task is toggled."""
+
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+    completed: bool
+
+
+class TaskPublic(SQLModel):
+    id: int
+    user_id: str
+    title: str
+    description: str | None
+    completed: bool
+    created_at: datetime
+    updated_at: datetime

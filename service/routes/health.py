@@ -1,0 +1,33 @@
+"""Liveness and readiness, without auth."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from service.database import Database
+from service.errors import is_disconnect, problem
+from service.openapi import error_responses
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The process is up")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="The database answers", responses=error_responses())
+def readyz(request: Request) -> Any:
+    db: Database = request.app.state.db
+    try:
+        with db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+    except Exception as exc:
+        if not is_disconnect(exc):
+            raise
+        return problem(503, "The database is unavailable.", headers={"Retry-After": "2"})
+    return JSONResponse({"status": "ready", "database": "ok"})

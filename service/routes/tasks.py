@@ -1,0 +1,180 @@
+"""The six task endpoints. Thin: validation in the models, queries in `service.tasks`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+
+from service import tasks
+from service.deps import AuditCtx, CurrentUser, SessionDep, TaskIdPath, UserIdPath
+from service.errors import InvalidInput
+from service.models import TaskCompletion, TaskCreate, TaskPublic, TaskUpdate
+from service.openapi import error_responses
+from service.tasks import SortField, SortOrder, StatusFilter, TaskRecord
+
+router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"])
+
+IfMatch = Annotated[
+    str | None,
+    Header(
+        max_length=256,
+        description="ETag from an earlier response; a stale one gives 412.",
+    ),
+]
+SEARCH_MAX = 200
+
+
+def _public(task: TaskRecord) -> TaskPublic:
+    return TaskPublic(
+        id=task.id,
+        user_id=task.user_id,
+        title=task.title,
+        description=task.description,
+        completed=task.completed,
+        created_at=task.created_at,
+        updated_at=task.updated_at,
+    )
+
+
+def _with_etag(response: Response, task: TaskRecord) -> TaskPublic:
+    response.headers["ETag"] = task.etag
+    return _public(task)
+
+
+def _no_nul(value: str | None) -> str | None:
+    if value is not None and "\x00" in value:
+        raise InvalidInput("The search text must not contain NUL characters.")
+    return value
+
+
+@router.get(
+    "",
+    response_model=list[TaskPublic],
+    responses=error_responses(400, 401, 403),
+    summary="List the user's tasks",
+)
+def list_tasks(
+    request: Request,
+    response: Response,
+    user: CurrentUser,
+    session: SessionDep,
+    user_id: UserIdPath,
+    status_: Annotated[StatusFilter, Query(alias="status")] = StatusFilter.all,
+    q: Annotated[str | None, Query(max_length=SEARCH_MAX)] = None,
+    sort: SortField = SortField.created_at,
+    order: SortOrder = SortOrder.desc,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> Any:
+    page = tasks.list_tasks(
+        session,
+        user.user_id,
+        status=status_,
+        q=_no_nul(q),
+        sort=sort,
+        order=order,
+        limit=limit,
+        offset=offset,
+    )
+    response.headers["X-Total-Count"] = str(page.total)
+    if offset + len(page.items) < page.total:
+        next_url = request.url.include_query_params(offset=offset + limit, limit=limit)
+        response.headers["Link"] = f'<{next_url}>; rel="next"'
+    return [_public(task) for task in page.items]
+
+
+@router.post(
+    "",
+    response_model=TaskPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses=error_responses(400, 401, 403, 413, 415),
+    summary="Create a task",
+)
+def create_task(
+    request: Request,
+    response: Response,
+    user: CurrentUser,
+    ctx: AuditCtx,
+    session: SessionDep,
+    body: TaskCreate,
+) -> Any:
+    change = tasks.create_task(
+        session, ctx, user.user_id, title=body.title, description=body.description
+    )
+    assert change.task is not None
+    response.headers["Location"] = str(
+        request.url_for("get_task", user_id=user.user_id, task_id=change.task.id)
+    )
+    return _with_etag(response, change.task)
+
+
+@router.get(
+    "/{task_id}",
+    response_model=TaskPublic,
+    responses=error_responses(400, 401, 403, 404),
+    summary="Get a task",
+    name="get_task",
+)
+def get_task(
+    response: Response, user: CurrentUser, session: SessionDep, task_id: TaskIdPath
+) -> Any:
+    return _with_etag(response, tasks.get_task(session, user.user_id, task_id))
+
+
+@router.put(
+    "/{task_id}",
+    response_model=TaskPublic,
+    responses=error_responses(400, 401, 403, 404, 412, 413, 415),
+    summary="Update a task (partial: absent fields stay as they are)",
+)
+def update_task(
+    response: Response,
+    user: CurrentUser,
+    ctx: AuditCtx,
+    session: SessionDep,
+    task_id: TaskIdPath,
+    body: TaskUpdate,
+    if_match: IfMatch = None,
+) -> Any:
+    change = tasks.update_task(session, ctx, user.user_id, task_id, body, if_match=if_match)
+    assert change.task is not None
+    return _with_etag(response, change.task)
+
+
+@router.delete(
+    "/{task_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=error_responses(400, 401, 403, 404, 412),
+    summary="Delete a task",
+)
+def delete_task(
+    user: CurrentUser,
+    ctx: AuditCtx,
+    session: SessionDep,
+    task_id: TaskIdPath,
+    if_match: IfMatch = None,
+) -> None:
+    tasks.delete_task(session, ctx, user.user_id, task_id, if_match=if_match)
+
+
+@router.patch(
+    "/{task_id}/complete",
+    response_model=TaskPublic,
+    responses=error_responses(400, 401, 403, 404, 412, 413, 415),
+    summary='Toggle completion, or set it with {"completed": true|false}',
+)
+def complete_task(
+    response: Response,
+    user: CurrentUser,
+    ctx: AuditCtx,
+    session: SessionDep,
+    task_id: TaskIdPath,
+    body: Annotated[TaskCompletion | None, Body()] = None,
+    if_match: IfMatch = None,
+) -> Any:
+    completed = body.completed if body is not None else None
+    change = tasks.set_completed(session, ctx, user.user_id, task_id, completed, if_match=if_match)
+    assert change.task is not None
+    return _with_etag(response, change.task)

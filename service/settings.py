@@ -1,0 +1,187 @@
+"""Configuration from the environment (or a `.env` file), validated once at start-up."""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_SQLITE_URL = "sqlite:///./todo.db"
+DEV_SECRET_FILE = Path(".todo-api-dev-secret")
+
+# Values people paste from tutorials; refused as a production secret.
+_PLACEHOLDER_SECRETS = {
+    "changeme",
+    "change-me",
+    "secret",
+    "your-secret",
+    "your-secret-key",
+    "your_secret_key",
+    "better_auth_secret",
+    "your-better-auth-secret",
+    "replace-me",
+}
+
+
+class AppEnv(StrEnum):
+    development = "development"
+    test = "test"
+    production = "production"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run; the message names the variables to set."""
+
+
+def origin_of(url: str) -> str:
+    """The scheme://host[:port] part of a URL: what Better Auth puts in `iss` and `aud`."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        raise ConfigError(f"not an absolute URL: {url!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    app_env: AppEnv = AppEnv.development
+
+    # Database
+    database_url: str = DEFAULT_SQLITE_URL
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    db_max_overflow: int = Field(default=10, ge=0, le=200)
+    db_pool_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    db_pool_recycle_seconds: int = Field(default=300, ge=1, le=300)
+    db_connect_timeout_seconds: int = Field(default=5, ge=1, le=120)
+    db_statement_timeout_ms: int = Field(default=10_000, ge=0, le=600_000)
+
+    # Auth
+    better_auth_secret: SecretStr | None = None
+    better_auth_url: str | None = None
+    better_auth_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_leeway_seconds: int = Field(default=30, ge=0, le=60)
+    jwks_min_refetch_seconds: float = Field(default=30.0, ge=0, le=3600)
+    jwks_timeout_seconds: float = Field(default=3.0, gt=0, le=30)
+
+    # HTTP
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=10 * 1024 * 1024)
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # Observability
+    log_level: str = "INFO"
+    log_format: str | None = None  # json | console; json unless development
+    jaeger_ui_url: str | None = None
+
+    @field_validator("cors_origins", "trusted_proxies", mode="before")
+    @classmethod
+    def _split_csv(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        scheme = value.split(":", 1)[0].lower()
+        if scheme.split("+", 1)[0] not in {"postgres", "postgresql", "sqlite"}:
+            raise ValueError(
+                "DATABASE_URL must start with postgresql://, postgres:// or sqlite:///"
+            )
+        return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _check_log_format(cls, value: str | None) -> str | None:
+        if value is not None and value not in {"json", "console"}:
+            raise ValueError("LOG_FORMAT must be json or console")
+        return value
+
+    @model_validator(mode="after")
+    def _check_production(self) -> Settings:
+        if self.app_env is not AppEnv.production:
+            return self
+        if self.better_auth_secret is None and not self.better_auth_url:
+            raise ConfigError(
+                "APP_ENV=production needs BETTER_AUTH_SECRET (HS256 tokens) or "
+                "BETTER_AUTH_URL (tokens from Better Auth's JWT plugin), or both"
+            )
+        if self.better_auth_secret is not None:
+            raw = self.better_auth_secret.get_secret_value()
+            if len(raw) < 32 or raw.strip().lower() in _PLACEHOLDER_SECRETS:
+                raise ConfigError(
+                    "BETTER_AUTH_SECRET must be at least 32 characters and not a placeholder "
+                    "in production (generate one with: openssl rand -base64 32)"
+                )
+        return self
+
+    # Derived values -------------------------------------------------------
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.lower().startswith("sqlite")
+
+    @property
+    def effective_log_format(self) -> str:
+        if self.log_format:
+            return self.log_format
+        return "console" if self.app_env is AppEnv.development else "json"
+
+    @property
+    def jwks_url(self) -> str | None:
+        if self.better_auth_jwks_url:
+            return self.better_auth_jwks_url
+        if self.better_auth_url:
+            return self.better_auth_url.rstrip("/") + "/api/auth/jwks"
+        return None
+
+    @property
+    def expected_issuer(self) -> str | None:
+        if self.jwt_issuer:
+            return self.jwt_issuer
+        return origin_of(self.better_auth_url) if self.better_auth_url else None
+
+    @property
+    def expected_audience(self) -> str | None:
+        if self.jwt_audience:
+            return self.jwt_audience
+        return origin_of(self.better_auth_url) if self.better_auth_url else None
+
+    @property
+    def needs_dev_secret(self) -> bool:
+        return (
+            self.app_env is AppEnv.development
+            and self.better_auth_secret is None
+            and not self.better_auth_url
+        )
+
+    def with_dev_secret(self, path: Path = DEV_SECRET_FILE) -> Settings:
+        """In development with no auth configured, use a generated HS256 secret.
+
+        It is kept in a local file so that `todo-api dev-token` (another process) signs
+        tokens the running server accepts.
+        """
+        if not self.needs_dev_secret:
+            return self
+        if path.exists():
+            secret = path.read_text(encoding="utf-8").strip()
+        else:
+            secret = secrets.token_urlsafe(32)
+            path.write_text(secret + "\n", encoding="utf-8")
+            path.chmod(0o600)
+        return self.model_copy(update={"better_auth_secret": SecretStr(secret)})
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,321 @@
+"""Every task query, for the routes and the CLI alike.
+
+Each write changes the task and appends its audit event in the caller's session, under the
+task's row lock; nothing here commits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from audit.chain import format_timestamp
+from audit.recorder import AuditContext, RecordedEvent, record_event
+from service.database import on_commit
+from service.errors import NotFound, PreconditionFailed
+from service.models import Task, TaskUpdate
+from service.sqltypes import utcnow
+
+log = logging.getLogger("service.tasks")
+
+TASKS = Task.__table__  # type: ignore[attr-defined]
+ENTITY_TYPE = "task"
+# What a task's audit events diff; timestamps and version change on every write anyway.
+DIFF_FIELDS = ("title", "description", "completed")
+_COLUMNS = (
+    TASKS.c.id,
+    TASKS.c.user_id,
+    TASKS.c.title,
+    TASKS.c.description,
+    TASKS.c.completed,
+    TASKS.c.created_at,
+    TASKS.c.updated_at,
+    TASKS.c.version,
+)
+
+
+class StatusFilter(StrEnum):
+    all = "all"
+    pending = "pending"
+    completed = "completed"
+
+
+class SortField(StrEnum):
+    created_at = "created_at"
+    updated_at = "updated_at"
+    title = "title"
+
+
+class SortOrder(StrEnum):
+    asc = "asc"
+    desc = "desc"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    id: int
+    user_id: str
+    title: str
+    description: str | None
+    completed: bool
+    created_at: datetime
+    updated_at: datetime
+    version: int
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> TaskRecord:
+        return cls(*row)
+
+    def state(self) -> dict[str, Any]:
+        """The task as JSON, as the audit log records it."""
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "title": self.title,
+            "description": self.description,
+            "completed": self.completed,
+            "created_at": format_timestamp(self.created_at),
+            "updated_at": format_timestamp(self.updated_at),
+        }
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.id}-{self.version}"'
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChange:
+    """A write's outcome: the task as it is now and the audit event, if anything changed."""
+
+    task: TaskRecord | None
+    event: RecordedEvent | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    items: list[TaskRecord]
+    total: int
+
+
+def _log_on_commit(session: Session, user_id: str, task_id: int, event: RecordedEvent) -> None:
+    """One INFO line per change, once it is durable. Never the title or description text."""
+
+    def emit() -> None:
+        log.info(
+            event.action,
+            extra={
+                "event": event.action,
+                "task_id": task_id,
+                "user_id": user_id,
+                "audit_event_id": event.id,
+                "changed_fields": list(event.changed_fields),
+            },
+        )
+
+    on_commit(session, emit)
+
+
+def _record(
+    session: Session,
+    ctx: AuditContext,
+    action: str,
+    task_id: int,
+    user_id: str,
+    before: TaskRecord | None,
+    after: TaskRecord | None,
+) -> RecordedEvent:
+    event = record_event(
+        session,
+        ctx,
+        user_id=user_id,
+        action=action,
+        entity_type=ENTITY_TYPE,
+        entity_id=str(task_id),
+        before=before.state() if before else None,
+        after=after.state() if after else None,
+        diff_fields=DIFF_FIELDS,
+    )
+    _log_on_commit(session, user_id, task_id, event)
+    return event
+
+
+def _owned(user_id: str, task_id: int) -> Any:
+    return and_(TASKS.c.id == task_id, TASKS.c.user_id == user_id)
+
+
+def _next_timestamp(previous: datetime) -> datetime:
+    """Now, but strictly after `previous`, so updated_at advances on every change."""
+    now = utcnow()
+    return now if now > previous else previous + timedelta(microseconds=1)
+
+
+def _check_version(task: TaskRecord, if_match: str | None) -> None:
+    if if_match is None:
+        return
+    tags = {tag.strip() for tag in if_match.split(",")}
+    if "*" not in tags and task.etag not in tags and f"W/{task.etag}" not in tags:
+        raise PreconditionFailed("The task has changed since you read it (ETag mismatch).")
+
+
+def get_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
+    row = session.execute(select(*_COLUMNS).where(_owned(user_id, task_id))).first()
+    if row is None:
+        raise NotFound(f"Task {task_id} not found.")
+    return TaskRecord.from_row(row)
+
+
+def _lock_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
+    """Read the before-state under a row lock: concurrent writers to one task queue here."""
+    row = session.execute(
+        select(*_COLUMNS).where(_owned(user_id, task_id)).with_for_update()
+    ).first()
+    if row is None:
+        raise NotFound(f"Task {task_id} not found.")
+    return TaskRecord.from_row(row)
+
+
+def list_tasks(
+    session: Session,
+    user_id: str,
+    *,
+    status: StatusFilter = StatusFilter.all,
+    q: str | None = None,
+    sort: SortField = SortField.created_at,
+    order: SortOrder = SortOrder.desc,
+    limit: int = 100,
+    offset: int = 0,
+) -> TaskPage:
+    conditions: list[Any] = [TASKS.c.user_id == user_id]
+    if status is StatusFilter.pending:
+        conditions.append(TASKS.c.completed.is_(False))
+    elif status is StatusFilter.completed:
+        conditions.append(TASKS.c.completed.is_(True))
+    if q:
+        # autoescape: `%` and `_` in the search text are literal characters.
+        conditions.append(
+            or_(
+                TASKS.c.title.icontains(q, autoescape=True),
+                TASKS.c.description.icontains(q, autoescape=True),
+            )
+        )
+    sort_column = TASKS.c[sort.value]
+    if order is SortOrder.desc:
+        ordering = (sort_column.desc(), TASKS.c.id.desc())
+    else:
+        ordering = (sort_column.asc(), TASKS.c.id.asc())
+    rows = session.execute(
+        select(*_COLUMNS).where(*conditions).order_by(*ordering).limit(limit).offset(offset)
+    ).all()
+    items = [TaskRecord.from_row(row) for row in rows]
+    if offset == 0 and len(items) < limit:
+        total = len(items)
+    else:
+        total = session.execute(
+            select(func.count()).select_from(TASKS).where(*conditions)
+        ).scalar_one()
+    return TaskPage(items=items, total=int(total))
+
+
+def create_task(
+    session: Session,
+    ctx: AuditContext,
+    user_id: str,
+    *,
+    title: str,
+    description: str | None,
+) -> TaskChange:
+    now = utcnow()
+    row = session.execute(
+        insert(TASKS)
+        .values(
+            user_id=user_id,
+            title=title,
+            description=description,
+            completed=False,
+            created_at=now,
+            updated_at=now,
+            version=1,
+        )
+        .returning(*_COLUMNS)
+    ).one()
+    task = TaskRecord.from_row(row)
+    event = _record(session, ctx, "task.created", task.id, user_id, None, task)
+    return TaskChange(task=task, event=event)
+
+
+def _apply(
+    session: Session,
+    ctx: AuditContext,
+    current: TaskRecord,
+    values: dict[str, Any],
+    action: str,
+) -> TaskChange:
+    """Write the changed fields of a locked task and record the event; a no-op writes nothing."""
+    changed = {k: v for k, v in values.items() if getattr(current, k) != v}
+    if not changed:
+        return TaskChange(task=current, event=None)
+    row = session.execute(
+        update(TASKS)
+        .where(TASKS.c.id == current.id)
+        .values(
+            **changed,
+            updated_at=_next_timestamp(current.updated_at),
+            version=TASKS.c.version + 1,
+        )
+        .returning(*_COLUMNS)
+    ).one()
+    task = TaskRecord.from_row(row)
+    event = _record(session, ctx, action, task.id, task.user_id, current, task)
+    return TaskChange(task=task, event=event)
+
+
+def update_task(
+    session: Session,
+    ctx: AuditContext,
+    user_id: str,
+    task_id: int,
+    data: TaskUpdate,
+    *,
+    if_match: str | None = None,
+) -> TaskChange:
+    current = _lock_task(session, user_id, task_id)
+    _check_version(current, if_match)
+    return _apply(session, ctx, current, data.changes(), "task.updated")
+
+
+def set_completed(
+    session: Session,
+    ctx: AuditContext,
+    user_id: str,
+    task_id: int,
+    completed: bool | None,
+    *,
+    if_match: str | None = None,
+) -> TaskChange:
+    """Set the completion flag, or toggle it when `completed` is None (atomic under the lock)."""
+    current = _lock_task(session, user_id, task_id)
+    _check_version(current, if_match)
+    target = (not current.completed) if completed is None else completed
+    action = "task.completed" if target else "task.reopened"
+    return _apply(session, ctx, current, {"completed": target}, action)
+
+
+def delete_task(
+    session: Session,
+    ctx: AuditContext,
+    user_id: str,
+    task_id: int,
+    *,
+    if_match: str | None = None,
+) -> TaskChange:
+    current = _lock_task(session, user_id, task_id)
+    _check_version(current, if_match)
+    session.execute(delete(TASKS).where(TASKS.c.id == current.id))
+    event = _record(session, ctx, "task.deleted", current.id, user_id, current, None)
+    return TaskChange(task=None, event=event)

@@ -1,0 +1,51 @@
+"""Creating a user row, or refreshing its email and name, when a token's user is first seen."""
+
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy import Engine
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from service.auth import Principal
+from service.models import User
+
+USERS = User.__table__  # type: ignore[attr-defined]
+
+
+class UserProvisioner:
+    """Writes a user row only when this process sees new claims, not on every request.
+
+    The upsert runs in its own short transaction, so a request that later rolls back cannot
+    leave the cache believing in a row that was never committed.
+    """
+
+    def __init__(self, engine: Engine, max_entries: int = 100_000) -> None:
+        self._engine = engine
+        self._seen: dict[str, tuple[str | None, str | None]] = {}
+        self._lock = threading.Lock()
+        self._max_entries = max_entries
+
+    def ensure(self, principal: Principal) -> None:
+        claims = (principal.email, principal.name)
+        if self._seen.get(principal.user_id) == claims:
+            return
+        values = {"id": principal.user_id, "email": principal.email, "name": principal.name}
+        dialect = self._engine.dialect.name
+        insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        stmt = insert(USERS).values(values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[USERS.c.id],
+            set_={"email": stmt.excluded.email, "name": stmt.excluded.name},
+        )
+        with self._engine.begin() as conn:
+            conn.execute(stmt)
+        with self._lock:
+            if len(self._seen) >= self._max_entries:
+                self._seen.clear()
+            self._seen[principal.user_id] = claims
+
+    def forget(self) -> None:
+        with self._lock:
+            self._seen.clear()

@@ -1,0 +1,179 @@
+"""Test fixtures: one migrated PostgreSQL database per run; each test isolated by its own users.
+
+Every row in this product belongs to a user and every query filters by owner, so a test that
+works only with fresh user ids cannot see or disturb another test's rows; the audit log is
+append-only (TRUNCATE is refused by design), so tests do not clean up by deleting.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.auth import create_dev_token
+from service.cli import alembic_config
+from service.database import Database, build_engine
+from service.settings import AppEnv, Settings
+from tests.jwt_helpers import random_id
+
+DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+TEST_SECRET = "test-secret-" + "s" * 40
+
+
+def _server_url() -> sa.URL:
+    return sa.make_url(os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL))
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A new database on the test server, migrated to head with Alembic, dropped at the end."""
+    from alembic import command
+
+    server = _server_url()
+    if server.get_backend_name() not in {"postgresql", "postgres"}:
+        pytest.exit("TEST_DATABASE_URL must point at PostgreSQL", returncode=3)
+    name = f"todo_test_{os.getpid()}_{secrets.token_hex(3)}"
+    admin = sa.create_engine(server.set(drivername="postgresql+psycopg2"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as exc:
+        pytest.exit(
+            f"PostgreSQL at {server.render_as_string(hide_password=True)} is unreachable: "
+            f"{exc.orig}. The suite needs it (start it with pg_ctlcluster 15 main start).",
+            returncode=3,
+        )
+    url = server.set(database=name).render_as_string(hide_password=False)
+    config = alembic_config(url)
+    config.attributes["configure_logging"] = False
+    command.upgrade(config, "head")
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def base_settings(database_url: str) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        app_env=AppEnv.test,
+        database_url=database_url,
+        better_auth_secret=TEST_SECRET,
+        db_pool_size=10,
+        db_max_overflow=20,
+    )
+
+
+@pytest.fixture(scope="session")
+def database(base_settings: Settings) -> Iterator[Database]:
+    db = Database(build_engine(base_settings))
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def settings(base_settings: Settings) -> Settings:
+    return base_settings
+
+
+@pytest.fixture
+def app(settings: Settings, database: Database) -> FastAPI:
+    return create_app(settings, database)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    """The ASGI app in-process; server errors come back as responses, as a real client sees."""
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@dataclass
+class ApiUser:
+    user_id: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def url(self, path: str = "") -> str:
+        return f"/api/{self.user_id}/tasks{path}"
+
+
+@pytest.fixture
+def make_user(settings: Settings) -> Iterator[object]:
+    """Make users with fresh Better-Auth-shaped ids and HS256 tokens signed with the secret."""
+
+    def make(email: str | None = None, name: str | None = None) -> ApiUser:
+        user_id = random_id()
+        assert settings.better_auth_secret is not None
+        token = create_dev_token(
+            settings.better_auth_secret.get_secret_value(),
+            user_id,
+            email=email or f"{user_id.lower()}@example.com",
+            name=name or "Test User",
+        )
+        return ApiUser(user_id, token)
+
+    yield make
+
+
+@pytest.fixture
+def user(make_user) -> ApiUser:  # type: ignore[no-untyped-def]
+    return make_user()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """The app under uvicorn on a real socket, for tests that need real concurrency."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, workers=1
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("live server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def live_server(app: FastAPI) -> Iterator[LiveServer]:
+    with LiveServer(app) as server:
+        yield server
