@@ -1,0 +1,425 @@
+"""Bearer-token verification for Better Auth.
+
+Two modes, each with its own fixed algorithm list, so a key is only ever used with the
+algorithm family it was meant for:
+
+* JWKS mode: tokens from Better Auth's `jwt` plugin (EdDSA, ES256, ES512, RS256, PS256), checked
+  against the public keys served at `/api/auth/jwks`.
+* HS256 mode: tokens signed with the shared `BETTER_AUTH_SECRET` (tutorial-style frontends).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import jwt
+from jwt.exceptions import InvalidSubjectError
+
+from service.settings import ConfigError, Settings
+
+logger = logging.getLogger(__name__)
+
+MAX_TOKEN_LENGTH = 8 * 1024
+MAX_JWKS_BYTES = 64 * 1024
+MAX_SUBJECT_LENGTH = 255
+
+HS256_ALGORITHMS = ("HS256",)
+JWKS_ALGORITHMS = ("EdDSA", "ES256", "ES512", "RS256", "PS256")
+
+# The JWK key type (and curve) each JWKS algorithm may be used with.
+_KEY_SHAPES: dict[str, tuple[str, str | None]] = {
+    "EdDSA": ("OKP", "Ed25519"),
+    "ES256": ("EC", "P-256"),
+    "ES512": ("EC", "P-521"),
+    "RS256": ("RSA", None),
+    "PS256": ("RSA", None),
+}
+
+# Headers that name where to get a key: trusting them lets the token choose its own key.
+_KEY_REFERENCE_HEADERS = ("jku", "x5u", "jwk")
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: str
+    email: str | None
+    name: str | None
+    expires_at: int
+
+
+class AuthError(Exception):
+    """The token is not acceptable (401). The message is safe to show to the client."""
+
+
+class AuthUnavailable(Exception):
+    """The signing keys cannot be fetched, so the token cannot be judged (503, not 401)."""
+
+
+class _JwksUnavailable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _Jwk:
+    kid: str | None
+    by_alg: dict[str, jwt.PyJWK]  # every allowed algorithm this key may verify
+
+
+@dataclass(frozen=True)
+class _JwksState:
+    keys: tuple[_Jwk, ...] = ()
+    last_fetch_failed: bool = False
+
+
+def _parse_jwk(raw: Any) -> _Jwk | None:
+    """One usable verification key, or None: a bad key must not poison the whole set."""
+    if not isinstance(raw, dict):
+        return None
+    kid = raw.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        return None
+    if raw.get("use", "sig") != "sig":
+        return None
+    declared = raw.get("alg")
+    if declared is not None and declared not in JWKS_ALGORITHMS:
+        return None
+    by_alg: dict[str, jwt.PyJWK] = {}
+    for alg in (declared,) if declared else JWKS_ALGORITHMS:
+        kty, crv = _KEY_SHAPES[alg]
+        if raw.get("kty") != kty or (crv is not None and raw.get("crv") != crv):
+            continue
+        try:
+            by_alg[alg] = jwt.PyJWK(raw, algorithm=alg)
+        except (jwt.PyJWTError, ValueError, TypeError):
+            continue
+    return _Jwk(kid, by_alg) if by_alg else None
+
+
+def _parse_jwks(document: Any) -> tuple[_Jwk, ...]:
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise _JwksUnavailable("not a JWK set")
+    keys = tuple(key for raw in document["keys"] if (key := _parse_jwk(raw)) is not None)
+    if document["keys"] and not keys:
+        raise _JwksUnavailable("no usable key in the JWK set")
+    return keys
+
+
+def _find_key(keys: tuple[_Jwk, ...], kid: str | None) -> _Jwk | None:
+    if kid is None:
+        # Without a kid the choice is only unambiguous when the set holds a single key.
+        return keys[0] if len(keys) == 1 else None
+    return next((key for key in keys if key.kid == kid), None)
+
+
+def _auth_error_for(exc: jwt.PyJWTError) -> AuthError:
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return AuthError("token expired")
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return AuthError("token not yet valid")
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return AuthError("invalid signature")
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return AuthError("invalid audience")
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return AuthError("invalid issuer")
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return AuthError(f"missing claim: {exc.claim}")
+    if isinstance(exc, jwt.InvalidAlgorithmError):
+        return AuthError("algorithm not allowed")
+    if isinstance(exc, InvalidSubjectError):
+        return AuthError("invalid subject")
+    if isinstance(exc, jwt.InvalidKeyError):
+        return AuthError("invalid signing key")
+    if isinstance(exc, jwt.DecodeError):
+        return AuthError("malformed token")
+    return AuthError("invalid token")
+
+
+class TokenVerifier:
+    """Verifies bearer tokens; thread-safe, with a cache of already verified tokens.
+
+    `issuer` and `audience` apply to JWKS tokens, which must always carry both (the audience
+    check is what rejects Better Auth's session-cache JWT). HS256 tokens are checked against
+    `hs256_issuer` / `hs256_audience` only when those are given, because tutorial frontends
+    sign HS256 tokens without `iss`/`aud`.
+
+    `clock` (epoch seconds) drives the verified-token cache expiry and the JWKS refetch
+    interval; it exists so tests need not sleep.
+    """
+
+    def __init__(
+        self,
+        *,
+        hs256_secret: str | None,
+        jwks_url: str | None,
+        issuer: str | None,
+        audience: str | None,
+        hs256_issuer: str | None = None,
+        hs256_audience: str | None = None,
+        leeway: int = 30,
+        jwks_min_refetch_seconds: float = 30.0,
+        jwks_timeout_seconds: float = 3.0,
+        cache_size: int = 4096,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if hs256_secret is not None and not hs256_secret:
+            raise ConfigError("the HS256 secret must not be empty")
+        if jwks_url is not None:
+            if urlsplit(jwks_url).scheme not in {"http", "https"}:
+                raise ConfigError("the JWKS URL must be an http(s) URL")
+            if not issuer or not audience:
+                raise ConfigError(
+                    "verifying JWKS tokens needs an issuer and an audience "
+                    "(set BETTER_AUTH_URL, or JWT_ISSUER and JWT_AUDIENCE)"
+                )
+        if leeway < 0 or cache_size < 0 or jwks_min_refetch_seconds < 0:
+            raise ValueError("leeway, cache_size and jwks_min_refetch_seconds must be >= 0")
+        if jwks_timeout_seconds <= 0:
+            raise ValueError("jwks_timeout_seconds must be > 0")
+
+        self._hs256_secret = hs256_secret
+        self._jwks_url = jwks_url
+        self._issuer = issuer
+        self._audience = audience
+        self._hs256_issuer = hs256_issuer
+        self._hs256_audience = hs256_audience
+        self._leeway = leeway
+        self._min_refetch = jwks_min_refetch_seconds
+        self._jwks_timeout = jwks_timeout_seconds
+        self._cache_size = cache_size
+        self._clock = clock
+
+        # Replaced as a whole, so readers need no lock; the lock serialises fetches.
+        self._jwks = _JwksState()
+        self._fetch_lock = threading.Lock()
+        self._last_fetch_at: float | None = None
+
+        self._cache: OrderedDict[bytes, Principal] = OrderedDict()
+        self._cache_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenVerifier:
+        secret = settings.better_auth_secret
+        return cls(
+            hs256_secret=secret.get_secret_value() if secret is not None else None,
+            jwks_url=settings.jwks_url,
+            issuer=settings.expected_issuer,
+            audience=settings.expected_audience,
+            # Only explicit values: the BETTER_AUTH_URL-derived ones are for JWKS tokens.
+            hs256_issuer=settings.jwt_issuer,
+            hs256_audience=settings.jwt_audience,
+            leeway=settings.jwt_leeway_seconds,
+            jwks_min_refetch_seconds=settings.jwks_min_refetch_seconds,
+            jwks_timeout_seconds=settings.jwks_timeout_seconds,
+        )
+
+    # Public API -----------------------------------------------------------
+
+    def verify(self, token: str) -> Principal:
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
+            raise AuthError("malformed token")
+        if not token.isascii():
+            raise AuthError("malformed token")
+
+        cache_key = hashlib.sha256(token.encode("ascii")).digest()
+        cached = self._cache_get(cache_key)
+        if cached is not None:
+            return cached
+
+        principal = self._verify_uncached(token)
+        self._cache_put(cache_key, principal)
+        return principal
+
+    # Verification ---------------------------------------------------------
+
+    def _verify_uncached(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise _auth_error_for(exc) from None
+        except (ValueError, TypeError):
+            raise AuthError("malformed token") from None
+
+        if any(name in header for name in _KEY_REFERENCE_HEADERS):
+            raise AuthError("key reference headers are not accepted")
+        if "crit" in header:
+            raise AuthError("unsupported critical header")
+
+        alg = header.get("alg")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthError("malformed token")
+
+        key: jwt.PyJWK | str
+        required = ["exp", "sub"]
+        if alg in HS256_ALGORITHMS and self._hs256_secret is not None:
+            key, issuer, audience = self._hs256_secret, self._hs256_issuer, self._hs256_audience
+        elif alg in JWKS_ALGORITHMS and self._jwks_url is not None:
+            # Only here, after the algorithm passed, may a token cause an outbound request.
+            key = self._jwks_key(kid, alg)
+            issuer, audience = self._issuer, self._audience
+            required += ["iss", "aud"]
+        else:
+            raise AuthError("algorithm not allowed")
+
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                issuer=issuer,
+                audience=audience,
+                leeway=self._leeway,
+                options={"require": required, "verify_aud": audience is not None},
+            )
+        except jwt.PyJWTError as exc:
+            raise _auth_error_for(exc) from None
+        except (ValueError, TypeError, OverflowError):
+            raise AuthError("malformed token") from None
+        return self._principal_from(claims)
+
+    @staticmethod
+    def _principal_from(claims: dict[str, Any]) -> Principal:
+        sub = claims.get("sub")
+        if not isinstance(sub, str) or not sub.strip() or len(sub) > MAX_SUBJECT_LENGTH:
+            raise AuthError("invalid subject")
+        exp = claims.get("exp")
+        # PyJWT accepts anything int() accepts (e.g. "123"); a JWT NumericDate is a number.
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise AuthError("invalid expiry")
+        email = claims.get("email")
+        name = claims.get("name")
+        return Principal(
+            user_id=sub,
+            email=email if isinstance(email, str) else None,
+            name=name if isinstance(name, str) else None,
+            expires_at=int(exp),
+        )
+
+    # JWKS -----------------------------------------------------------------
+
+    def _jwks_key(self, kid: str | None, alg: str) -> jwt.PyJWK:
+        entry = _find_key(self._jwks.keys, kid)
+        if entry is None:
+            entry = self._refresh_and_find(kid)
+        key = entry.by_alg.get(alg)
+        if key is None:
+            raise AuthError("signing key does not match algorithm")
+        return key
+
+    def _refresh_and_find(self, kid: str | None) -> _Jwk:
+        with self._fetch_lock:
+            # Another thread may have fetched while this one waited for the lock.
+            state = self._jwks
+            entry = _find_key(state.keys, kid)
+            if entry is not None:
+                return entry
+            now = self._clock()
+            last = self._last_fetch_at
+            # A clock that went backwards counts as "interval elapsed".
+            if last is None or not 0 <= now - last < self._min_refetch:
+                self._last_fetch_at = now
+                try:
+                    state = _JwksState(keys=self._fetch_jwks())
+                except _JwksUnavailable as exc:
+                    logger.warning("JWKS fetch from %s failed: %s", self._jwks_url, exc)
+                    state = _JwksState(keys=state.keys, last_fetch_failed=True)
+                self._jwks = state
+                entry = _find_key(state.keys, kid)
+            if entry is not None:
+                return entry
+            if state.last_fetch_failed:
+                raise AuthUnavailable("signing keys are unavailable")
+            raise AuthError("unknown signing key" if kid is not None else "missing key id")
+
+    def _fetch_jwks(self) -> tuple[_Jwk, ...]:
+        """Fetch and parse the key set; every failure becomes _JwksUnavailable.
+
+        Redirects are not followed (the key set must come from the configured URL), the body
+        is capped at MAX_JWKS_BYTES and the whole exchange at the timeout.
+        """
+        if self._jwks_url is None:
+            raise _JwksUnavailable("no JWKS URL configured")
+        deadline = time.monotonic() + self._jwks_timeout
+        try:
+            with (
+                httpx.Client(timeout=self._jwks_timeout, follow_redirects=False) as client,
+                client.stream(
+                    "GET", self._jwks_url, headers={"Accept": "application/json"}
+                ) as response,
+            ):
+                if response.status_code != 200:
+                    raise _JwksUnavailable(f"HTTP status {response.status_code}")
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_JWKS_BYTES:
+                        raise _JwksUnavailable("response too large")
+                    if time.monotonic() > deadline:
+                        raise _JwksUnavailable("response too slow")
+            document = json.loads(bytes(body))
+        except _JwksUnavailable:
+            raise
+        except (ValueError, RecursionError):
+            raise _JwksUnavailable("response is not JSON") from None
+        except Exception as exc:  # httpx, socket or TLS errors: all mean "unavailable".
+            raise _JwksUnavailable(type(exc).__name__) from None
+        return _parse_jwks(document)
+
+    # Verified-token cache -------------------------------------------------
+
+    def _cache_get(self, cache_key: bytes) -> Principal | None:
+        if self._cache_size == 0:
+            return None
+        with self._cache_lock:
+            principal = self._cache.get(cache_key)
+            if principal is None:
+                return None
+            if principal.expires_at <= self._clock() - self._leeway:
+                del self._cache[cache_key]
+                raise AuthError("token expired")
+            self._cache.move_to_end(cache_key)
+            return principal
+
+    def _cache_put(self, cache_key: bytes, principal: Principal) -> None:
+        if self._cache_size == 0:
+            return
+        with self._cache_lock:
+            self._cache[cache_key] = principal
+            self._cache.move_to_end(cache_key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+
+
+def create_dev_token(
+    secret: str,
+    user_id: str,
+    *,
+    email: str | None = None,
+    name: str | None = None,
+    ttl_seconds: int = 3600,
+    issuer: str | None = None,
+    audience: str | None = None,
+) -> str:
+    """An HS256 token like a tutorial frontend would sign, for `todo-api dev-token`."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + ttl_seconds}
+    if email is not None:
+        claims["email"] = email
+    if name is not None:
+        claims["name"] = name
+    if issuer is not None:
+        claims["iss"] = issuer
+    if audience is not None:
+        claims["aud"] = audience
+    return jwt.encode(claims, secret, algorithm="HS256")
