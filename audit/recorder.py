@@ -19,8 +19,8 @@ from audit.chain import GENESIS_HASH, HASH_VERSION, compute_hash
 from audit.models import AuditChainHead, AuditEvent
 from service.sqltypes import UTCDateTime
 
-EVENTS = AuditEvent.__table__
-HEADS = AuditChainHead.__table__
+EVENTS = AuditEvent.__table__  # type: ignore[attr-defined]
+HEADS = AuditChainHead.__table__  # type: ignore[attr-defined]
 USER_AGENT_MAX = 256
 
 
@@ -68,16 +68,14 @@ def _advance_head(session: Session, user_id: str) -> tuple[int, str, datetime]:
     if dialect == "postgresql":
         # Evaluated after the lock is granted, so time order follows seq order.
         clock = func.clock_timestamp(type_=UTCDateTime)
-        stmt = pg_insert(HEADS).values(user_id=user_id, seq=1, hash=GENESIS_HASH)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[HEADS.c.user_id], set_={"seq": HEADS.c.seq + 1}
-        )
+        insert_head = pg_insert
     else:
         clock = func.strftime("%Y-%m-%d %H:%M:%f", "now", type_=UTCDateTime)
-        stmt = sqlite_insert(HEADS).values(user_id=user_id, seq=1, hash=GENESIS_HASH)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[HEADS.c.user_id], set_={"seq": HEADS.c.seq + 1}
-        )
+        insert_head = sqlite_insert  # type: ignore[assignment]
+    stmt = insert_head(HEADS).values(user_id=user_id, seq=1, hash=GENESIS_HASH)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[HEADS.c.user_id], set_={"seq": HEADS.c.seq + 1}
+    )
     # On conflict the returned hash is the unchanged one: the previous event's.
     row = session.execute(stmt.returning(HEADS.c.seq, HEADS.c.hash, clock)).one()
     return int(row[0]), str(row[1]), row[2]

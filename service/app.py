@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
 def __getattr__(name: str) -> FastAPI:
     # `service.app:app` is built on first access, so importing the module has no side effects.
     if name == "app":
-        global app
-        app = create_app()
-        return app
+        application = create_app()
+        globals()["app"] = application
+        return application
     raise AttributeError(name)

@@ -57,6 +57,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _migrate(_args: argparse.Namespace, settings: Settings) -> int:
+    migrate(settings)
+    return 0
+
+
 def _dev_token(args: argparse.Namespace, settings: Settings) -> int:
     settings = settings.with_dev_secret()
     if settings.better_auth_secret is None:
@@ -88,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
 
     mig = sub.add_parser("migrate", help="upgrade the database to the newest migration")
-    mig.set_defaults(handler=lambda _args, settings: migrate(settings) or 0)
+    mig.set_defaults(handler=_migrate)
 
     token = sub.add_parser("dev-token", help="print an HS256 token for local use")
     token.add_argument("user_id")

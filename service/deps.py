@@ -12,7 +12,7 @@ from opentelemetry import trace
 from sqlalchemy.orm import Session
 
 from audit.recorder import AuditContext
-from service.auth import AuthError, Principal
+from service.auth import AuthError, Principal, TokenVerifier
 from service.database import Database
 from service.errors import Forbidden
 from service.models import USER_ID_MAX
@@ -60,7 +60,8 @@ def get_current_user(
     """The token's user, who must be the `{user_id}` of the URL."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise AuthError("missing bearer token")
-    principal = request.app.state.verifier.verify(credentials.credentials)
+    verifier: TokenVerifier = request.app.state.verifier
+    principal = verifier.verify(credentials.credentials)
     if principal.user_id != user_id:
         raise Forbidden("The token does not belong to this user.")
     span = trace.get_current_span()

@@ -112,7 +112,8 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-    return problem(exc.status_code, detail, headers=exc.headers)
+    headers = dict(exc.headers) if exc.headers else None
+    return problem(exc.status_code, detail, headers=headers)
 
 
 async def _auth_error(_: Request, exc: Exception) -> JSONResponse:

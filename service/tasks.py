@@ -49,7 +49,7 @@ class StatusFilter(StrEnum):
 class SortField(StrEnum):
     created_at = "created_at"
     updated_at = "updated_at"
-    title = "title"
+    title = "title"  # type: ignore[assignment]  # shadows str.title; only the value is used
 
 
 class SortOrder(StrEnum):

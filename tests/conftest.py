@@ -46,7 +46,9 @@ def database_url() -> Iterator[str]:
     if server.get_backend_name() not in {"postgresql", "postgres"}:
         pytest.exit("TEST_DATABASE_URL must point at PostgreSQL", returncode=3)
     name = f"todo_test_{os.getpid()}_{secrets.token_hex(3)}"
-    admin = sa.create_engine(server.set(drivername="postgresql+psycopg2"), isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(
+        server.set(drivername="postgresql+psycopg2"), isolation_level="AUTOCOMMIT"
+    )
     try:
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
