@@ -7,6 +7,7 @@ from logging.config import fileConfig
 from sqlmodel import SQLModel
 
 import audit.models  # noqa: F401  (registers the audit tables)
+import service.idempotency
 import service.models  # noqa: F401  (registers the task tables)
 from alembic import context
 from service.database import build_engine

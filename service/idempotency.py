@@ -1,0 +1,109 @@
+"""`Idempotency-Key` on POST: a retried create returns the first response instead of a copy.
+
+The key is claimed first, in the request's own transaction: a concurrent duplicate waits on the
+key's unique index until the first request commits (then it replays the stored response) or
+rolls back (then it goes ahead itself). The response is stored in the same transaction as the
+task and its audit event, so a committed key always has its task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Column, Integer, String, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+from sqlmodel import Field, SQLModel
+
+from service.errors import Conflict, InvalidInput
+from service.sqltypes import JSONType, UTCDateTime, utcnow
+
+KEY_MAX = 255
+# Keys are honoured for at least this long; an older key may be used again.
+RETENTION = timedelta(hours=24)
+
+
+class IdempotencyKey(SQLModel, table=True):
+    __tablename__ = "idempotency_keys"
+
+    user_id: str = Field(sa_column=Column(String(128), primary_key=True))
+    key: str = Field(sa_column=Column(String(KEY_MAX), primary_key=True))
+    request_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    # Null only inside the claiming transaction, never once committed.
+    status_code: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    response_body: dict[str, Any] | None = Field(
+        default=None, sa_column=Column(JSONType, nullable=True)
+    )
+    created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+
+
+KEYS = IdempotencyKey.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    status_code: int
+    body: dict[str, Any]
+
+
+def validate_key(key: str) -> str:
+    if not (0 < len(key) <= KEY_MAX and key.isascii() and key.isprintable()):
+        raise InvalidInput(f"Idempotency-Key must be 1 to {KEY_MAX} printable ASCII characters.")
+    return key
+
+
+def request_fingerprint(payload: dict[str, Any]) -> str:
+    """The same body, however it was spaced or ordered, gives the same fingerprint."""
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _insert_claim(session: Session, user_id: str, key: str, fingerprint: str) -> bool:
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    stmt = (
+        insert(KEYS)
+        .values(user_id=user_id, key=key, request_hash=fingerprint, created_at=utcnow())
+        .on_conflict_do_nothing(index_elements=[KEYS.c.user_id, KEYS.c.key])
+        .returning(KEYS.c.key)
+    )
+    return session.execute(stmt).first() is not None
+
+
+def claim(session: Session, user_id: str, key: str, fingerprint: str) -> StoredResponse | None:
+    """None if the key is now this request's; else the earlier response to replay.
+
+    The same key with a different body is a 409.
+    """
+    if _insert_claim(session, user_id, key, fingerprint):
+        return None
+    owned = (KEYS.c.user_id == user_id, KEYS.c.key == key)
+    row = session.execute(
+        select(KEYS.c.request_hash, KEYS.c.status_code, KEYS.c.response_body, KEYS.c.created_at)
+        .where(*owned)
+        .with_for_update()
+    ).one()
+    if row.created_at < utcnow() - RETENTION:
+        session.execute(delete(KEYS).where(*owned))
+        if not _insert_claim(session, user_id, key, fingerprint):  # pragma: no cover
+            raise Conflict("This Idempotency-Key is in use by another request; retry.")
+        return None
+    if row.request_hash != fingerprint:
+        raise Conflict("This Idempotency-Key was already used with a different request body.")
+    if row.status_code is None or row.response_body is None:  # pragma: no cover
+        raise Conflict("This Idempotency-Key is in use by another request; retry.")
+    return StoredResponse(status_code=row.status_code, body=row.response_body)
+
+
+def store_response(
+    session: Session, user_id: str, key: str, status_code: int, body: dict[str, Any]
+) -> None:
+    session.execute(
+        update(KEYS)
+        .where(KEYS.c.user_id == user_id, KEYS.c.key == key)
+        .values(status_code=status_code, response_body=body)
+    )
