@@ -1,0 +1,129 @@
+"""The audit endpoints: the caller's feed, chain verification and a task's history.
+
+Thin: queries in `audit.queries`, verification in `audit.verify`. The `{user_id}` must be the
+token's user (CurrentUser), and every query filters by it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from audit import queries
+from audit.schemas import (
+    AuditAction,
+    AuditEventPublic,
+    AuditPage,
+    ClientTime,
+    TaskAsOf,
+    TaskHistory,
+    TaskSnapshot,
+    VerifyReport,
+)
+from audit.verify import snapshot, verify_chain
+from service.deps import CurrentUser, SessionDep, SettingsDep, TaskIdPath, UserIdPath
+from service.errors import InvalidInput
+from service.middleware import REQUEST_ID_MAX
+from service.openapi import error_responses
+
+router = APIRouter(prefix="/api/{user_id}", tags=["audit"])
+
+Limit = Annotated[int, Query(ge=1, le=500, description="Page size")]
+Cursor = Annotated[
+    str | None,
+    Query(max_length=queries.CURSOR_MAX, description="`next_cursor` of the previous page"),
+]
+Timestamp = Annotated[
+    ClientTime | None,
+    Query(description="RFC 3339 with a time zone, e.g. 2026-11-24T10:00:00Z"),
+]
+
+
+@router.get(
+    "/audit-events",
+    response_model=AuditPage,
+    responses=error_responses(400, 401, 403),
+    summary="The caller's audit events, newest first",
+)
+def list_audit_events(
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    user_id: UserIdPath,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    task_id: Annotated[int | None, Query(ge=1, le=queries.SEQ_MAX)] = None,
+    action: AuditAction | None = None,
+    since: Annotated[ClientTime | None, Query(description="Inclusive lower bound")] = None,
+    until: Annotated[ClientTime | None, Query(description="Exclusive upper bound")] = None,
+    request_id: Annotated[
+        str | None, Query(min_length=1, max_length=REQUEST_ID_MAX, pattern=r"^[\x20-\x7e]+$")
+    ] = None,
+    trace_id: Annotated[str | None, Query(pattern=r"^[0-9a-f]{32}$")] = None,
+) -> Any:
+    page = queries.list_events(
+        session,
+        user.user_id,
+        limit=limit,
+        cursor=cursor,
+        task_id=task_id,
+        action=action,
+        since=since,
+        until=until,
+        request_id=request_id,
+        trace_id=trace_id,
+    )
+    return AuditPage(
+        items=[AuditEventPublic.from_row(row, settings.jaeger_ui_url) for row in page.items],
+        next_cursor=page.next_cursor,
+    )
+
+
+@router.get(
+    "/audit-events/verify",
+    response_model=VerifyReport,
+    responses=error_responses(401, 403),
+    summary="Recompute the caller's hash chain",
+    description="200 with `ok: false` and the first bad seq when the chain does not verify.",
+)
+def verify_audit_chain(user: CurrentUser, session: SessionDep, user_id: UserIdPath) -> Any:
+    report = verify_chain(snapshot(session), user.user_id)
+    return VerifyReport.model_validate(report.as_dict())
+
+
+@router.get(
+    "/tasks/{task_id}/history",
+    response_model=TaskHistory | TaskAsOf,
+    responses=error_responses(400, 401, 403, 404),
+    summary="A task's events, oldest first; or with `as_of`, the task as it was then",
+    description="Kept after the task is deleted. 404 if the task never existed for this user "
+    "or, with `as_of`, did not exist at that time.",
+)
+def task_history(
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    user_id: UserIdPath,
+    task_id: TaskIdPath,
+    as_of: Timestamp = None,
+    limit: Limit = 500,
+    cursor: Cursor = None,
+) -> Any:
+    if as_of is not None:
+        if cursor is not None:
+            raise InvalidInput("`cursor` cannot be combined with `as_of`.")
+        row = queries.task_as_of(session, user.user_id, task_id, as_of)
+        return TaskAsOf(
+            task_id=task_id,
+            as_of=as_of,
+            task=TaskSnapshot.model_validate(row["after"]),
+            event_seq=row["seq"],
+            event_occurred_at=row["occurred_at"],
+        )
+    page = queries.task_history(session, user.user_id, task_id, limit=limit, cursor=cursor)
+    return TaskHistory(
+        task_id=task_id,
+        items=[AuditEventPublic.from_row(row, settings.jaeger_ui_url) for row in page.items],
+        next_cursor=page.next_cursor,
+    )

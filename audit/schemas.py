@@ -1,0 +1,148 @@
+"""What the audit endpoints return.
+
+Times are RFC 3339 in UTC at microsecond precision (`2026-11-24T10:00:00.123456Z`): the exact
+text the hash chain covers, so a client can recompute an event's hash from its JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
+
+from audit.chain import format_timestamp
+
+UtcTimestamp = Annotated[
+    datetime,
+    PlainSerializer(format_timestamp, return_type=str),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+
+def to_utc(value: datetime) -> datetime:
+    """In UTC; a time that has no UTC equivalent (year 1 or 9999 near the edge) is refused."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC") from None
+
+
+# A time given by a client: with a zone (naive times are refused, not guessed), then in UTC.
+ClientTime = Annotated[AwareDatetime, AfterValidator(to_utc)]
+
+
+class AuditAction(StrEnum):
+    created = "task.created"
+    updated = "task.updated"
+    completed = "task.completed"
+    reopened = "task.reopened"
+    deleted = "task.deleted"
+
+
+def trace_url(base: str | None, trace_id: str | None) -> str | None:
+    """`{JAEGER_UI_URL}/trace/{trace_id}`, when both are known."""
+    if not base or not trace_id:
+        return None
+    return f"{base.rstrip('/')}/trace/{trace_id}"
+
+
+class AuditEventPublic(BaseModel):
+    """One audit event: every stored column except `xact_id` (a PostgreSQL transaction
+    number, meaningful only inside the database)."""
+
+    id: int
+    seq: int = Field(description="Position in the user's hash chain: 1, 2, 3, ... without gaps")
+    occurred_at: UtcTimestamp = Field(description="Database clock when the change was recorded")
+    user_id: str
+    actor_id: str
+    action: str = Field(examples=[a.value for a in AuditAction])
+    entity_type: str
+    entity_id: str
+    before: dict[str, Any] | None = Field(description="Full task state; null on create")
+    after: dict[str, Any] | None = Field(description="Full task state; null on delete")
+    changes: dict[str, Any] = Field(description="`{field: [old, new]}`")
+    request_id: str | None
+    trace_id: str | None
+    span_id: str | None
+    client_ip: str | None
+    user_agent: str | None
+    prev_hash: str
+    hash: str = Field(description="SHA-256 (hex) of the canonical encoding of the event")
+    hash_version: int
+    trace_url: str | None = Field(
+        default=None, description="Link to the trace in Jaeger, when JAEGER_UI_URL is set"
+    )
+
+    @classmethod
+    def from_row(cls, row: Mapping[Any, Any], jaeger_ui_url: str | None = None) -> AuditEventPublic:
+        return cls.model_validate(
+            {
+                **{name: row[name] for name in cls.model_fields if name != "trace_url"},
+                "trace_url": trace_url(jaeger_ui_url, row["trace_id"]),
+            }
+        )
+
+
+class AuditPage(BaseModel):
+    """Newest first. Pass `next_cursor` back as `cursor` for the next page; null at the end."""
+
+    items: list[AuditEventPublic]
+    next_cursor: str | None
+
+
+class VerifyReport(BaseModel):
+    """The outcome of recomputing a chain.
+
+    `head_seq`/`head_hash` are the chain head as the database records it (0 and null for a user
+    without events); `events` counts the events checked, up to the first bad one.
+    """
+
+    ok: bool
+    events: int
+    head_seq: int
+    head_hash: str | None
+    first_bad_seq: int | None
+    reason: str | None
+
+
+class TaskHistory(BaseModel):
+    """Every event of one task, oldest first, also after the task was deleted."""
+
+    task_id: int
+    items: list[AuditEventPublic]
+    next_cursor: str | None
+
+
+class TaskSnapshot(BaseModel):
+    """A task's state as an audit event recorded it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    user_id: str
+    title: str
+    description: str | None
+    completed: bool
+    created_at: UtcTimestamp
+    updated_at: UtcTimestamp
+
+
+class TaskAsOf(BaseModel):
+    """The task as it was at `as_of`: the state after its last event at or before that time."""
+
+    task_id: int
+    as_of: UtcTimestamp
+    task: TaskSnapshot
+    event_seq: int = Field(description="The chain seq of the event that produced this state")
+    event_occurred_at: UtcTimestamp

@@ -1,0 +1,200 @@
+"""Recomputing hash chains from the stored events.
+
+A chain is read in seq order, in batches (never all at once), inside one read-only snapshot so
+that appends committed meanwhile cannot look like a gap. Each event must have the next seq,
+link to the previous event's hash (the genesis hash for seq 1) and hash to its stored value;
+the last event must match the chain head row, so deleting the newest events is detected too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import Connection, RowMapping, exists, select
+from sqlalchemy.orm import Session
+
+from audit.chain import GENESIS_HASH, HASHED_FIELDS, compute_hash
+from audit.recorder import EVENTS, HEADS
+
+BATCH_SIZE = 1000
+# Everything a hash covers (in any version), the stored hash and its version.
+_COLUMNS = tuple(column for column in EVENTS.c if column.name not in {"id", "xact_id"})
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """A chain head written down earlier (by an export): the event at `seq` must still hash
+    to `hash`."""
+
+    seq: int
+    hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    user_id: str
+    ok: bool
+    events: int
+    head_seq: int
+    head_hash: str | None
+    first_bad_seq: int | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _ChainBroken(Exception):
+    def __init__(self, seq: int | None, reason: str) -> None:
+        super().__init__(reason)
+        self.seq = seq
+        self.reason = reason
+
+
+def snapshot(session: Session) -> Connection:
+    """The session's connection in a read-only REPEATABLE READ transaction (on PostgreSQL).
+
+    Must be called before the session has run anything, so that the whole verification sees
+    one consistent state of the events and the chain heads.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return session.connection()
+    return session.connection(
+        execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+    )
+
+
+def _events(conn: Connection, user_id: str, batch_size: int) -> Iterator[RowMapping]:
+    """The chain in seq order, one batch in memory at a time (keyset on the (user_id, seq)
+    index). The first batch has no lower bound, so a seq below 1 is seen too."""
+    last: int | None = None
+    while True:
+        stmt = select(*_COLUMNS).where(EVENTS.c.user_id == user_id)
+        if last is not None:
+            stmt = stmt.where(EVENTS.c.seq > last)
+        rows = conn.execute(stmt.order_by(EVENTS.c.seq).limit(batch_size)).mappings().all()
+        yield from rows
+        if len(rows) < batch_size:
+            return
+        last = int(rows[-1]["seq"])
+
+
+def _check_event(row: Mapping[Any, Any], expected_seq: int, prev_hash: str) -> None:
+    seq = int(row["seq"])
+    if seq > expected_seq:
+        raise _ChainBroken(expected_seq, f"seq {expected_seq} is missing (found seq {seq} next)")
+    if seq < expected_seq:
+        raise _ChainBroken(seq, f"unexpected seq {seq} where seq {expected_seq} was due")
+    if row["prev_hash"] != prev_hash:
+        link = "the genesis hash" if seq == 1 else f"the hash of seq {seq - 1}"
+        raise _ChainBroken(seq, f"seq {seq}: prev_hash does not match {link}")
+    version = row["hash_version"]
+    if version not in HASHED_FIELDS:
+        raise _ChainBroken(seq, f"seq {seq}: unknown hash_version {version}")
+    try:
+        recomputed = compute_hash(row, version)
+    except (TypeError, ValueError) as exc:
+        raise _ChainBroken(seq, f"seq {seq}: cannot be encoded for hashing ({exc})") from None
+    if recomputed != row["hash"]:
+        raise _ChainBroken(seq, f"seq {seq}: hash mismatch, the event was altered")
+
+
+def _check_end(
+    last_seq: int, last_hash: str, head: Any | None, events: int, anchor: Anchor | None
+) -> None:
+    if head is None:
+        if events:
+            raise _ChainBroken(None, "the chain head record is missing")
+    elif head.seq > last_seq:
+        missing = (
+            f"seq {head.seq} is"
+            if head.seq == last_seq + 1
+            else f"seqs {last_seq + 1} to {head.seq} are"
+        )
+        raise _ChainBroken(last_seq + 1, f"{missing} missing (the chain head is at seq {head.seq})")
+    elif head.seq < last_seq:
+        raise _ChainBroken(
+            head.seq + 1, f"the chain head is at seq {head.seq} but events go up to {last_seq}"
+        )
+    elif head.hash != last_hash:
+        raise _ChainBroken(last_seq, "the chain head's hash differs from the last event's hash")
+    if anchor is not None and anchor.seq > last_seq:
+        raise _ChainBroken(
+            last_seq + 1,
+            f"the chain ends at seq {last_seq} but an export recorded its head at seq {anchor.seq}",
+        )
+
+
+def verify_chain(
+    conn: Connection,
+    user_id: str,
+    *,
+    batch_size: int = BATCH_SIZE,
+    anchor: Anchor | None = None,
+) -> ChainReport:
+    """Recompute one user's chain; the report names the first bad seq, if any."""
+    head = conn.execute(select(HEADS.c.seq, HEADS.c.hash).where(HEADS.c.user_id == user_id)).first()
+    head_seq = int(head.seq) if head is not None else 0
+    head_hash = str(head.hash) if head is not None else None
+    expected_seq, prev_hash, events = 1, GENESIS_HASH, 0
+    try:
+        for row in _events(conn, user_id, batch_size):
+            _check_event(row, expected_seq, prev_hash)
+            if anchor is not None and row["seq"] == anchor.seq and row["hash"] != anchor.hash:
+                raise _ChainBroken(
+                    anchor.seq, f"seq {anchor.seq}: hash differs from the one an export recorded"
+                )
+            prev_hash = str(row["hash"])
+            expected_seq += 1
+            events += 1
+        _check_end(expected_seq - 1, prev_hash, head, events, anchor)
+    except _ChainBroken as broken:
+        return ChainReport(
+            user_id,
+            ok=False,
+            events=events,
+            head_seq=head_seq,
+            head_hash=head_hash,
+            first_bad_seq=broken.seq,
+            reason=broken.reason,
+        )
+    return ChainReport(user_id, ok=True, events=events, head_seq=head_seq, head_hash=head_hash)
+
+
+def chain_user_ids(conn: Connection, batch_size: int = BATCH_SIZE) -> Iterator[str]:
+    """Every user with a chain: those with a head row (paged by primary key), then any whose
+    events have no head row (only possible by tampering)."""
+    last: str | None = None
+    while True:
+        stmt = select(HEADS.c.user_id)
+        if last is not None:
+            stmt = stmt.where(HEADS.c.user_id > last)
+        ids = conn.execute(stmt.order_by(HEADS.c.user_id).limit(batch_size)).scalars().all()
+        yield from ids
+        if len(ids) < batch_size:
+            break
+        last = ids[-1]
+    headless = (
+        select(EVENTS.c.user_id)
+        .where(~exists().where(HEADS.c.user_id == EVENTS.c.user_id))
+        .distinct()
+        .order_by(EVENTS.c.user_id)
+    )
+    yield from conn.execute(headless).scalars()
+
+
+def verify_all(
+    conn: Connection,
+    *,
+    batch_size: int = BATCH_SIZE,
+    anchors: Mapping[str, Anchor] | None = None,
+) -> Iterator[ChainReport]:
+    """Every chain, one report each; chains an export knew of but which are gone fail too."""
+    pending = dict(anchors or {})
+    for user_id in chain_user_ids(conn, batch_size):
+        anchor = pending.pop(user_id, None)
+        yield verify_chain(conn, user_id, batch_size=batch_size, anchor=anchor)
+    for user_id, anchor in sorted(pending.items()):
+        yield verify_chain(conn, user_id, batch_size=batch_size, anchor=anchor)

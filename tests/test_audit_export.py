@@ -1,0 +1,242 @@
+"""`todo-api audit export`: events as NDJSON or CSV, closed by each chain's head."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from audit.chain import compute_hash
+from service.app import create_app
+from service.database import Database, build_engine
+from service.settings import Settings
+from tests.audit_helpers import (
+    change,
+    create_task,
+    events_of,
+    json_lines,
+    run_cli,
+    scratch_database,
+)
+
+EVENT_FIELDS = [
+    "id", "occurred_at", "user_id", "actor_id", "action", "entity_type", "entity_id", "before",
+    "after", "changes", "request_id", "trace_id", "span_id", "client_ip", "user_agent", "seq",
+    "prev_hash", "hash", "hash_version",
+]  # fmt: skip
+RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+
+
+def make_history(client: TestClient, user: Any) -> None:
+    """Five events: created, updated, completed, reopened, deleted."""
+    task = create_task(client, user, "Exported", 'with, a comma and "quotes"\nand a newline')
+    change(client, "PUT", f"/{task['id']}", user, json={"title": "Exported \u2713"})
+    change(client, "PATCH", f"/{task['id']}/complete", user)
+    change(client, "PATCH", f"/{task['id']}/complete", user)
+    change(client, "DELETE", f"/{task['id']}", user)
+
+
+def verify_head(client: TestClient, user: Any) -> tuple[int, str]:
+    report = client.get(f"/api/{user.user_id}/audit-events/verify", headers=user.headers).json()
+    assert report["ok"] is True
+    return report["head_seq"], report["head_hash"]
+
+
+def test_ndjson_export_of_one_user(
+    client: TestClient, user: Any, settings: Settings, database: Database, tmp_path: Path
+) -> None:
+    make_history(client, user)
+    output = tmp_path / "audit.ndjson"
+    status, out, err = run_cli(
+        settings,
+        "audit",
+        "export",
+        "--user",
+        user.user_id,
+        "--format",
+        "ndjson",
+        "--output",
+        str(output),
+    )
+    assert status == 0 and out == ""
+    assert err == f"Exported 5 events of 1 chains to {output}\n"
+    assert not (tmp_path / "audit.ndjson.partial").exists()
+
+    *events, closing = json_lines(output.read_text(encoding="utf-8"))
+    stored = events_of(database.engine, user.user_id)
+    assert [e["seq"] for e in events] == [1, 2, 3, 4, 5]
+    for event, row in zip(events, stored, strict=True):
+        assert list(event) == ["record", *EVENT_FIELDS]
+        assert event["record"] == "event"
+        assert RFC3339_UTC.fullmatch(event["occurred_at"])
+        assert {k: v for k, v in event.items() if k not in ("record", "occurred_at")} == {
+            k: row[k] for k in EVENT_FIELDS if k != "occurred_at"
+        }
+        assert compute_hash(event) == event["hash"]
+    head_seq, head_hash = verify_head(client, user)
+    assert closing["record"] == "end"
+    assert closing["count"] == 5
+    assert closing["chains"] == [
+        {"user_id": user.user_id, "events": 5, "head_seq": head_seq, "head_hash": head_hash}
+    ]
+    assert closing["filters"] == {"user_id": user.user_id, "since": None, "until": None}
+    assert RFC3339_UTC.fullmatch(closing["exported_at"])
+
+
+def _from_csv(row: dict[str, str]) -> dict[str, Any]:
+    """A CSV event row back to the stored values (empty cell = null)."""
+    event: dict[str, Any] = {k: (v if v != "" else None) for k, v in row.items()}
+    for key in ("before", "after", "changes"):
+        event[key] = json.loads(event[key]) if event[key] is not None else None
+    for key in ("id", "seq", "hash_version"):
+        event[key] = int(event[key])
+    return event
+
+
+def test_csv_export_of_one_user(
+    client: TestClient, user: Any, settings: Settings, database: Database
+) -> None:
+    make_history(client, user)
+    status, out, _ = run_cli(settings, "audit", "export", "--user", user.user_id, "--format", "csv")
+    assert status == 0
+    rows = list(csv.DictReader(io.StringIO(out, newline="")))
+    assert list(rows[0]) == ["record", *EVENT_FIELDS, "count"]
+    events = [row for row in rows if row["record"] == "event"]
+    stored = events_of(database.engine, user.user_id)
+    for row, stored_row in zip(events, stored, strict=True):
+        event = _from_csv({k: v for k, v in row.items() if k in EVENT_FIELDS})
+        assert compute_hash(event) == event["hash"] == stored_row["hash"]
+        assert event["after"] == stored_row["after"]
+    head_seq, head_hash = verify_head(client, user)
+    chain_rows = [row for row in rows if row["record"] == "chain"]
+    assert [(r["user_id"], r["seq"], r["hash"], r["count"]) for r in chain_rows] == [
+        (user.user_id, str(head_seq), head_hash, "5")
+    ]
+    end = rows[-1]
+    assert end["record"] == "end" and end["count"] == "5"
+    assert RFC3339_UTC.fullmatch(end["occurred_at"])
+    assert len(rows) == 5 + 1 + 1
+
+
+def test_time_window(client: TestClient, user: Any, settings: Settings, database: Database) -> None:
+    make_history(client, user)
+    times = [e["occurred_at"] for e in events_of(database.engine, user.user_id)]
+    status, out, _ = run_cli(
+        settings,
+        "audit",
+        "export",
+        "--user",
+        user.user_id,
+        "--format",
+        "ndjson",
+        "--since",
+        times[1].isoformat(),
+        "--until",
+        times[3].isoformat(),
+    )
+    assert status == 0
+    *events, closing = json_lines(out)
+    assert [e["seq"] for e in events] == [2, 3]  # since inclusive, until exclusive
+    # The head is the chain's whole head, not the last exported event.
+    assert closing["count"] == 2
+    assert closing["chains"][0]["events"] == 2
+    assert closing["chains"][0]["head_seq"] == 5
+    assert closing["filters"]["since"] == times[1].strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_export_of_a_user_without_events(settings: Settings) -> None:
+    status, out, _ = run_cli(
+        settings, "audit", "export", "--user", "nobody-" + "x" * 20, "--format", "ndjson"
+    )
+    assert status == 0
+    (closing,) = json_lines(out)
+    assert (closing["count"], closing["chains"]) == (0, [])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--format", "xml"],
+        [],  # --format is required
+        ["--format", "csv", "--since", "2026-01-01T00:00:00"],  # no time zone
+        ["--format", "csv", "--until", "tomorrow"],
+        ["--format", "csv", "--until", "9999-12-31T23:59:59-12:00"],
+        ["--format", "csv", "--user", ""],
+        ["--format", "csv", "--user", "u" * 129],
+    ],
+)
+def test_bad_arguments_exit_2(settings: Settings, args: list[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run_cli(settings, "audit", "export", *args)
+    assert exited.value.code == 2
+
+
+def test_since_after_until_exits_2(settings: Settings) -> None:
+    status, out, err = run_cli(
+        settings,
+        "audit",
+        "export",
+        "--format",
+        "csv",
+        "--since",
+        "2026-02-01T00:00:00Z",
+        "--until",
+        "2026-01-01T00:00:00+00:00",
+    )
+    assert (status, out) == (2, "")
+    assert "--since must be earlier than --until" in err
+
+
+def test_unwritable_output(settings: Settings, tmp_path: Path) -> None:
+    target = tmp_path / "missing-dir" / "audit.csv"
+    status, _, err = run_cli(
+        settings, "audit", "export", "--format", "csv", "--user", "u1", "--output", str(target)
+    )
+    assert status == 1
+    assert "cannot write the export" in err
+    assert not target.exists()
+
+
+def test_export_of_every_chain(base_settings: Settings, make_user: Any, tmp_path: Path) -> None:
+    """All users, by user then seq, with one head per chain; on a database of its own."""
+    with scratch_database() as url:
+        settings = base_settings.model_copy(update={"database_url": url})
+        db = Database(build_engine(settings))
+        try:
+            users = [make_user() for _ in range(3)]
+            with TestClient(create_app(settings, db)) as client:
+                for user in users:
+                    make_history(client, user)
+                heads = {u.user_id: verify_head(client, u) for u in users}
+            output = tmp_path / "all.ndjson"
+            args = ("audit", "export", "--format", "ndjson", "--output", str(output))
+            assert run_cli(settings, *args)[0] == 0
+        finally:
+            db.dispose()
+    *events, closing = json_lines(output.read_text(encoding="utf-8"))
+    assert closing["count"] == len(events) == 15
+    # Each chain in one run, in seq order (chains in the database's collation order).
+    runs = [user_id for n, user_id in enumerate(e["user_id"] for e in events) if n % 5 == 0]
+    assert sorted(runs) == sorted(heads)
+    assert [(e["user_id"], e["seq"]) for e in events] == [
+        (user_id, seq) for user_id in runs for seq in range(1, 6)
+    ]
+    assert {c["user_id"]: (c["head_seq"], c["head_hash"]) for c in closing["chains"]} == heads
+    assert all(c["events"] == 5 for c in closing["chains"])
+
+
+@pytest.mark.parametrize(
+    "args", [["verify"], ["verify", "--user", "someone"], ["export", "--format", "csv"]]
+)
+def test_unreachable_database_exits_3(settings: Settings, args: list[str]) -> None:
+    nowhere = settings.model_copy(update={"database_url": "postgresql://postgres@127.0.0.1:9/x"})
+    status, out, err = run_cli(nowhere, "audit", *args)
+    assert status == 3
+    assert "the database is unreachable" in err
+    assert out == ""

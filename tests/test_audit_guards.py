@@ -1,0 +1,151 @@
+"""The database's own guards: audit_events is append-only, and no task changes without an event.
+
+These run as the PostgreSQL superuser, also with `session_replication_role = replica` (which
+silences ordinary triggers): the guards are ENABLE ALWAYS, so nothing gets past them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from audit.recorder import AuditContext
+from service import tasks
+from service.database import Database
+from service.models import TaskUpdate
+from tests.audit_helpers import chain_head, create_task, events_of
+
+APPEND_ONLY = {
+    "update": "UPDATE audit_events SET action = 'task.forged' WHERE id = :id",
+    "delete": "DELETE FROM audit_events WHERE id = :id",
+    "truncate": "TRUNCATE audit_events",
+}
+RAW_TASK_CHANGES = {
+    "update": "UPDATE tasks SET title = 'Sneaky' WHERE id = :id",
+    "delete": "DELETE FROM tasks WHERE id = :id",
+    "insert": "INSERT INTO tasks (user_id, title, created_at, updated_at) "
+    "SELECT user_id, 'Sneaky', now(), now() FROM tasks WHERE id = :id",
+}
+
+
+def test_guard_triggers_fire_always(database: Database) -> None:
+    with database.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT tgname, tgenabled FROM pg_trigger WHERE tgname IN "
+                "('audit_events_append_only', 'audit_events_no_truncate', 'tasks_audit_guard')"
+            )
+        ).all()
+    assert {name: enabled for name, enabled in rows} == {
+        "audit_events_append_only": "A",
+        "audit_events_no_truncate": "A",
+        "tasks_audit_guard": "A",
+    }
+
+
+@pytest.mark.parametrize("replica", [False, True], ids=["origin", "replica"])
+@pytest.mark.parametrize("statement", APPEND_ONLY)
+def test_audit_events_refuse_update_delete_and_truncate(
+    client: TestClient, user: Any, database: Database, statement: str, replica: bool
+) -> None:
+    create_task(client, user, "Audited")
+    events = events_of(database.engine, user.user_id)
+    with database.engine.connect() as conn, conn.begin():
+        if replica:
+            conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
+        with pytest.raises(sa.exc.DBAPIError) as excinfo:
+            conn.execute(sa.text(APPEND_ONLY[statement]), {"id": events[0]["id"]})
+    assert excinfo.value.orig.pgcode == "42501"  # insufficient_privilege
+    assert "audit_events is append-only" in str(excinfo.value.orig)
+    assert events_of(database.engine, user.user_id) == events
+
+
+@pytest.mark.parametrize("replica", [False, True], ids=["origin", "replica"])
+@pytest.mark.parametrize("statement", RAW_TASK_CHANGES)
+def test_task_change_without_audit_event_fails_at_commit(
+    client: TestClient, user: Any, database: Database, statement: str, replica: bool
+) -> None:
+    task = create_task(client, user, "Guarded")
+    with database.engine.connect() as conn:
+        transaction = conn.begin()
+        if replica:
+            conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
+        # The statement itself goes through; the deferred guard stops the commit.
+        assert conn.execute(sa.text(RAW_TASK_CHANGES[statement]), {"id": task["id"]}).rowcount == 1
+        with pytest.raises(sa.exc.IntegrityError) as excinfo:
+            transaction.commit()
+    assert excinfo.value.orig.pgcode == "23000"  # integrity_constraint_violation
+    assert "without an audit event in the same transaction" in str(excinfo.value.orig)
+    listed = client.get(user.url(), headers=user.headers).json()
+    assert listed == [task]
+
+
+def test_an_event_for_another_task_does_not_cover_a_change(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    first = create_task(client, user, "First")
+    second = create_task(client, user, "Second")
+    head = chain_head(database.engine, user.user_id)
+    ctx = AuditContext(actor_id=user.user_id)
+    with pytest.raises(sa.exc.IntegrityError), database.unit_of_work() as session:
+        session.execute(sa.text("UPDATE tasks SET title = 'Sneaky' WHERE id = :id"), first)
+        tasks.update_task(session, ctx, user.user_id, second["id"], TaskUpdate(title="Legit"))
+    titles = {t["id"]: t["title"] for t in client.get(user.url(), headers=user.headers).json()}
+    assert titles == {first["id"]: "First", second["id"]: "Second"}
+    assert chain_head(database.engine, user.user_id) == head
+
+
+def test_every_api_write_passes_the_guard(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    """Each write path commits, each with its own event."""
+    task = create_task(client, user, "Path", "one")
+    path = user.url(f"/{task['id']}")
+    steps: list[tuple[str, str, dict[str, Any] | None, str]] = [
+        ("PUT", path, {"title": "Path 2"}, "task.updated"),
+        ("PUT", path, {"description": None}, "task.updated"),
+        ("PUT", path, {"completed": True}, "task.updated"),
+        ("PATCH", path + "/complete", None, "task.reopened"),  # no body: toggle
+        ("PATCH", path + "/complete", {"completed": True}, "task.completed"),
+        ("PATCH", path + "/complete", {"completed": False}, "task.reopened"),
+        ("DELETE", path, None, "task.deleted"),
+    ]
+    for method, url, body, _ in steps:
+        etag = client.get(path, headers=user.headers).headers["ETag"]
+        response = client.request(
+            method, url, json=body, headers={**user.headers, "If-Match": etag}
+        )
+        assert response.status_code in (200, 204), response.text
+    actions = [e["action"] for e in events_of(database.engine, user.user_id)]
+    assert actions == ["task.created", *(action for *_, action in steps)]
+    assert client.get(path, headers=user.headers).status_code == 404
+
+
+UNAUDITED_WIPES = {
+    "truncate tasks": "TRUNCATE tasks",
+    "delete chain head": "DELETE FROM audit_chain_heads WHERE user_id = :user_id",
+    "truncate chain heads": "TRUNCATE audit_chain_heads",
+}
+
+
+@pytest.mark.parametrize("replica", [False, True], ids=["origin", "replica"])
+@pytest.mark.parametrize("statement", UNAUDITED_WIPES)
+def test_truncating_tasks_or_dropping_chain_heads_is_refused(
+    client: TestClient, user: Any, database: Database, statement: str, replica: bool
+) -> None:
+    """A row trigger does not see TRUNCATE, and a lost head would restart a chain at seq 1."""
+    task = create_task(client, user, "Kept")
+    head = chain_head(database.engine, user.user_id)
+    with database.engine.connect() as conn, conn.begin():
+        if replica:
+            conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
+        with pytest.raises(sa.exc.DBAPIError) as excinfo:
+            conn.execute(sa.text(UNAUDITED_WIPES[statement]), {"user_id": user.user_id})
+    assert excinfo.value.orig.pgcode == "42501"  # insufficient_privilege
+    assert "is not allowed" in str(excinfo.value.orig)
+    assert chain_head(database.engine, user.user_id) == head
+    got = client.get(user.url(f"/{task['id']}"), headers=user.headers)
+    assert got.status_code == 200
