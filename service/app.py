@@ -7,7 +7,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from opentelemetry.trace import TracerProvider
 
+from audit.routes import router as audit_router
+from observability import configure_logging, configure_tracing, force_flush, observe_app
 from service.auth import TokenVerifier
 from service.database import Database
 from service.errors import install_error_handlers
@@ -29,15 +32,31 @@ CORS_ALLOW_HEADERS = [
 CORS_EXPOSE_HEADERS = ["ETag", "Location", "X-Request-ID", "X-Total-Count", "Link", "X-Trace-Id"]
 
 
-def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
-    """Build the app. A given `database` is the caller's to dispose of; one made here is ours."""
+def create_app(
+    settings: Settings | None = None,
+    database: Database | None = None,
+    *,
+    tracer_provider: TracerProvider | None = None,
+) -> FastAPI:
+    """Build the app. A given `database` is the caller's to dispose of; one made here is ours.
+
+    Spans go to `tracer_provider` if given (tests collect them in memory), else to the
+    process's provider configured from the `OTEL_*` variables. A shared engine is
+    instrumented once, with the first provider.
+    """
     settings = (settings or get_settings()).with_dev_secret()
+    # Here, not in the lifespan: each `serve --workers N` worker imports the app and gets
+    # its own logging and span exporter, and the instrumentation must wrap the app before
+    # its middleware stack is built.
+    configure_logging(settings)
+    provider = tracer_provider or configure_tracing(settings)
     owns_database = database is None
     db = database or Database.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        force_flush(provider)
         if owns_database:
             db.dispose()
 
@@ -47,8 +66,9 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         summary="Tasks of signed-in users, with an audit trail.",
         lifespan=lifespan,
         # Tracing is set up by `observability` with the OpenTelemetry instrumentation;
-        # FastAPI's own telemetry would double every span.
-        telemetry={"tracing": False, "metrics": False, "logs": False},
+        # FastAPI's own telemetry would add a second SERVER span and operation spans to
+        # every request (tests/test_observability.py checks there is one).
+        telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
     )
     app.state.settings = settings
     app.state.db = db
@@ -58,6 +78,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(tasks_router)
+    app.include_router(audit_router)
 
     if settings.cors_origins:
         app.add_middleware(
@@ -70,6 +91,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
         )
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
+    observe_app(app, db.engine, provider)
     return app
 
 

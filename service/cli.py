@@ -9,6 +9,7 @@ from pathlib import Path
 from alembic.config import Config
 
 from alembic import command
+from audit.cli import register as register_audit
 from service.auth import create_dev_token
 from service.database import normalize_database_url, safe_url
 from service.settings import ConfigError, Settings, get_settings
@@ -34,8 +35,14 @@ def migrate(settings: Settings) -> None:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from observability import configure_logging
+
     if not args.no_migrate:
         migrate(settings)
+    # After the migration (Alembic's logging config adds a stderr handler): from here on
+    # every line, uvicorn's supervisor included, is ours. Each worker configures itself
+    # again when it imports the app.
+    configure_logging(settings, exclusive=True)
     if settings.needs_dev_secret:
         settings.with_dev_secret()
         print(
@@ -52,7 +59,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         # Client addresses from X-Forwarded-For are trusted only per TRUSTED_PROXIES.
         proxy_headers=False,
         server_header=False,
+        # Logging is configured by the app (observability.logging); the access lines come
+        # from its middleware, with the route, the status and the request's trace id.
         log_config=None,
+        access_log=False,
     )
     return 0
 
@@ -101,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--name")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.set_defaults(handler=_dev_token)
+    register_audit(sub)
 
     return parser
 

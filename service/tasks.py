@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+from opentelemetry import trace
 from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
@@ -104,9 +105,17 @@ class TaskPage:
 
 
 def _log_on_commit(session: Session, user_id: str, task_id: int, event: RecordedEvent) -> None:
-    """One INFO line per change, once it is durable. Never the title or description text."""
+    """One INFO line per change, once it is durable, and the event on the request's span.
+
+    Never the title or description text.
+    """
 
     def emit() -> None:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attributes(
+                {"audit.event_id": event.id, "audit.action": event.action, "task.id": task_id}
+            )
         log.info(
             event.action,
             extra={

@@ -1,0 +1,108 @@
+"""Per-request observability: the access line, the request's log context, and 5xx errors
+recorded on the request's span."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from time import perf_counter
+from typing import Any
+
+from fastapi import FastAPI
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from observability.logging import bind_request_state, unbind_request_state
+from observability.tracing import HEALTH_PATHS, record_server_error
+
+access_log = logging.getLogger("service.access")
+
+Handler = Callable[[Request, Exception], Any]
+
+
+class RequestLogMiddleware:
+    """Binds the request to its log lines and writes one access line when it is answered.
+
+    Added last, so it is the outermost of the app's middleware; the server span is already
+    current. Probes log at DEBUG and run with instrumentation suppressed (no database spans).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        token = bind_request_state(scope.setdefault("state", {}))
+        probe = scope["path"] in HEALTH_PATHS
+        status = 500  # unless a response starts: an exception escaped
+        started = perf_counter()
+
+        async def send_and_observe(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if probe:
+                with suppress_instrumentation():
+                    await self.app(scope, receive, send_and_observe)
+            else:
+                await self.app(scope, receive, send_and_observe)
+        finally:
+            level = logging.DEBUG if probe else logging.INFO
+            if access_log.isEnabledFor(level):
+                duration_ms = round((perf_counter() - started) * 1000, 3)
+                route = getattr(scope.get("route"), "path", None)
+                method = scope["method"]
+                access_log.log(
+                    level,
+                    "%s %s %s",
+                    method,
+                    route or scope["path"],
+                    status,
+                    extra={
+                        "method": method,
+                        "route": route,
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": duration_ms,
+                    },
+                )
+            unbind_request_state(token)
+
+
+def _observed(handler: Handler, *, record: bool) -> Callable[[Request, Exception], Awaitable[Any]]:
+    is_async = inspect.iscoroutinefunction(handler)
+
+    async def observed(request: Request, exc: Exception) -> Any:
+        # Starlette's outermost error handler runs outside RequestLogMiddleware: bind again.
+        token = bind_request_state(request.scope.setdefault("state", {}))
+        try:
+            if is_async:
+                response = await handler(request, exc)
+            else:
+                response = await run_in_threadpool(handler, request, exc)
+            if record and getattr(response, "status_code", 0) >= 500:
+                record_server_error(exc)
+            return response
+        finally:
+            unbind_request_state(token)
+
+    return observed
+
+
+def observe_exception_handlers(app: FastAPI) -> None:
+    """A handler that answers 5xx records the exception on the span; a 4xx does not.
+
+    The `Exception`/500 handler is left to the FastAPI instrumentation, which already records
+    what reaches Starlette's ServerErrorMiddleware.
+    """
+    for key, handler in list(app.exception_handlers.items()):
+        unhandled = key in (500, Exception)
+        app.exception_handlers[key] = _observed(handler, record=not unhandled)

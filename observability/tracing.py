@@ -1,0 +1,257 @@
+"""OpenTelemetry tracing: one SDK TracerProvider per process, configured by the standard
+`OTEL_*` variables, and the FastAPI and SQLAlchemy instrumentation that feed it.
+
+The provider is made once per process (each `serve --workers N` worker makes its own) and can
+be replaced by an explicit one, which is how the tests collect spans in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+import uuid
+import weakref
+from importlib import metadata
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from fastapi import FastAPI
+from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.instrumentation.propagators import (
+    ResponsePropagator,
+    get_global_response_propagator,
+    set_global_response_propagator,
+)
+from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
+from opentelemetry.instrumentation.sqlalchemy.version import __version__ as _SQLA_INSTR_VERSION
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.trace import Status, StatusCode
+from sqlalchemy import Engine
+from sqlalchemy.exc import StatementError
+
+from service.settings import ConfigError, Settings
+
+SERVICE_NAME = "todo-api"
+TRACE_ID_HEADER = "X-Trace-Id"
+# Probes are not traced: a span per probe per second would bury the real traffic.
+HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
+_EXCLUDED_URLS = r"^[a-z]+://[^/]+/(?:healthz|readyz)/?$"
+_OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+_SEMCONV_OPT_IN = "OTEL_SEMCONV_STABILITY_OPT_IN"
+# Query parameters that carry what people typed (task search text): kept out of `url.query`.
+PRIVATE_QUERY_PARAMETERS = frozenset({"q"})
+
+_lock = threading.Lock()
+_configured = False
+_process_provider: trace.TracerProvider | None = None
+_traced_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def sdk_disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def service_version() -> str:
+    try:
+        return metadata.version(SERVICE_NAME)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_resource(settings: Settings) -> Resource:
+    """Our defaults, overridden by `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`."""
+    environment = settings.app_env.value
+    defaults: dict[str, Any] = {
+        "service.name": SERVICE_NAME,
+        "service.version": service_version(),
+        # Tells the workers of one server apart in Jaeger.
+        "service.instance.id": str(uuid.uuid4()),
+        "deployment.environment": environment,
+        "deployment.environment.name": environment,
+    }
+    from_env = OTELResourceDetector().detect().attributes
+    return Resource.create({**defaults, **from_env})
+
+
+def _otlp_exporter() -> SpanExporter:
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+    if protocol != "http/protobuf":
+        raise ConfigError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported: this service exports "
+            "OTLP over HTTP/protobuf (Jaeger and collectors listen for it on port 4318)"
+        )
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    # The exporter reads the endpoint, headers, timeout and compression variables itself.
+    return OTLPSpanExporter()
+
+
+def span_exporters() -> list[SpanExporter]:
+    """The exporters `OTEL_TRACES_EXPORTER` names; unset, OTLP if an OTLP endpoint is set."""
+    names = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if not names:
+        names = "otlp" if any(os.environ.get(var) for var in _OTLP_ENDPOINT_VARS) else "none"
+    exporters: list[SpanExporter] = []
+    for name in (part.strip() for part in names.split(",")):
+        if name in ("", "none"):
+            continue
+        if name == "otlp":
+            exporters.append(_otlp_exporter())
+        elif name == "console":
+            # stderr: stdout carries the JSON log lines.
+            exporters.append(ConsoleSpanExporter(out=sys.stderr))
+        else:
+            raise ConfigError(f"OTEL_TRACES_EXPORTER must be otlp, console or none, not {name!r}")
+    return exporters
+
+
+def build_tracer_provider(settings: Settings) -> TracerProvider:
+    # The sampler comes from OTEL_TRACES_SAMPLER(_ARG), default parent-based always-on;
+    # the batch processor reads OTEL_BSP_*.
+    provider = TracerProvider(resource=build_resource(settings))
+    for exporter in span_exporters():
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def configure_tracing(settings: Settings) -> trace.TracerProvider | None:
+    """The process's provider, made and registered globally on the first call.
+
+    None when `OTEL_SDK_DISABLED=true`. A provider someone registered before us is used as it
+    is. Later calls return the same provider: the global one can be set only once.
+    """
+    global _configured, _process_provider
+    with _lock:
+        if not _configured:
+            if sdk_disabled():
+                _process_provider = None
+            else:
+                current = trace.get_tracer_provider()
+                if isinstance(current, trace.ProxyTracerProvider):
+                    current = build_tracer_provider(settings)
+                    trace.set_tracer_provider(current)
+                _process_provider = current
+            _configured = True
+        return _process_provider
+
+
+class TraceIdResponsePropagator(ResponsePropagator):
+    """Puts the server span's trace id in `X-Trace-Id`, so any response leads to its trace.
+
+    The ASGI instrumentation calls it for every response message, including the 500 that
+    Starlette's outermost error handler sends.
+    """
+
+    def inject(
+        self,
+        carrier: Any,
+        context: Any = None,
+        setter: Any = None,
+    ) -> None:
+        if setter is None or carrier.get("type") != "http.response.start":
+            return
+        span_context = trace.get_current_span(context).get_span_context()
+        if span_context.is_valid:
+            setter.set(carrier, TRACE_ID_HEADER, trace.format_trace_id(span_context.trace_id))
+
+
+def _prepare_instrumentation() -> None:
+    """Process-wide switches, before the first instrumentation reads them."""
+    # The HTTP instrumentation emits the stable attribute names (http.request.method,
+    # http.response.status_code, url.path) only when opted in; it reads this once per process.
+    opt_in = [part.strip() for part in os.environ.get(_SEMCONV_OPT_IN, "").split(",")]
+    if not {"http", "http/dup"} & set(opt_in):
+        os.environ[_SEMCONV_OPT_IN] = ",".join([*filter(None, opt_in), "http"])
+    current = get_global_response_propagator()  # type: ignore[no-untyped-call]
+    if not isinstance(current, TraceIdResponsePropagator):
+        set_global_response_propagator(TraceIdResponsePropagator())  # type: ignore[no-untyped-call]
+
+
+def _redact_private_query(span: trace.Span, scope: dict[str, Any]) -> None:
+    query = scope.get("query_string")
+    if not query or not span.is_recording():
+        return
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    if any(key in PRIVATE_QUERY_PARAMETERS for key, _ in pairs):
+        redacted = [(k, "REDACTED" if k in PRIVATE_QUERY_PARAMETERS else v) for k, v in pairs]
+        span.set_attribute("url.query", urlencode(redacted))
+
+
+def instrument_app(app: FastAPI, tracer_provider: trace.TracerProvider) -> None:
+    """One SERVER span per request, named by its route template; probes are not traced."""
+    _prepare_instrumentation()
+    excluded = _EXCLUDED_URLS
+    extra = os.environ.get("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS") or os.environ.get(
+        "OTEL_PYTHON_EXCLUDED_URLS"
+    )
+    if extra:
+        excluded = f"{excluded},{extra}"
+    FastAPIInstrumentor.instrument_app(
+        app,
+        tracer_provider=tracer_provider,
+        excluded_urls=excluded,
+        server_request_hook=_redact_private_query,
+        # The per-message ASGI spans double the span count and say nothing useful here.
+        exclude_spans=["receive", "send"],
+    )
+
+
+def instrument_engine(engine: Engine, tracer_provider: trace.TracerProvider) -> None:
+    """A CLIENT span per statement (its text, never its parameters), once per engine.
+
+    `SQLAlchemyInstrumentor().instrument()` is once per process and patches `create_engine`
+    and `Engine.connect` globally (a span per connection checkout, every later engine bound
+    to the first provider); its `EngineTracer` listens on this engine only.
+    """
+    _prepare_instrumentation()
+    with _lock:
+        if engine in _traced_engines:
+            return
+        tracer = trace.get_tracer(
+            "opentelemetry.instrumentation.sqlalchemy", _SQLA_INSTR_VERSION, tracer_provider
+        )
+        connections = metrics.get_meter("opentelemetry.instrumentation.sqlalchemy")
+        usage = connections.create_up_down_counter(
+            "db.client.connections.usage", unit="connections"
+        )
+        EngineTracer(tracer, engine, usage)  # type: ignore[no-untyped-call]
+        _traced_engines.add(engine)
+
+
+def _exception_attributes(exc: BaseException) -> dict[str, str] | None:
+    """SQLAlchemy's message and traceback carry the statement's parameters: leave them out."""
+    if not isinstance(exc, StatementError):
+        return None
+    orig = exc.orig
+    message = str(orig).splitlines()[0] if orig is not None and str(orig) else ""
+    summary = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    return {
+        "exception.message": message,
+        "exception.stacktrace": f"Traceback (most recent call last):\n{stack}{summary}\n",
+    }
+
+
+def record_server_error(exc: BaseException) -> None:
+    """Mark the request's span as failed, with the exception recorded."""
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    span.record_exception(exc, attributes=_exception_attributes(exc))
+    span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+
+
+def force_flush(provider: trace.TracerProvider | None, timeout_millis: int = 10_000) -> None:
+    """Export what the batch processor holds, before the worker exits."""
+    flush = getattr(provider, "force_flush", None)
+    if callable(flush):
+        flush(timeout_millis)

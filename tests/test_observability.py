@@ -1,0 +1,634 @@
+"""Tracing and logging, observed in process: spans collected by an in-memory exporter, log
+lines read from the real stdout, audit rows read from PostgreSQL.
+
+Most tests give `create_app` their own TracerProvider (an InMemorySpanExporter behind a
+SimpleSpanProcessor) and their own engine, so the spans of one request can be inspected
+whole. `test_fastapi_native_telemetry_never_doubles_the_server_span` uses the process's
+global provider instead, because that is the one FastAPI's own telemetry would use.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from importlib import metadata
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, sampling
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from observability import configure_logging, configure_tracing
+from observability.tracing import build_resource, build_tracer_provider, span_exporters
+from service.app import create_app
+from service.auth import create_dev_token
+from service.database import Database, build_engine
+from service.settings import AppEnv, ConfigError, Settings
+from tests.conftest import ApiUser
+from tests.jwt_helpers import random_id
+
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+HEX16 = re.compile(r"^[0-9a-f]{16}$")
+RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+
+
+# Fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture(scope="module")
+def provider(exporter: InMemorySpanExporter) -> TracerProvider:
+    provider = TracerProvider(resource=Resource.create({"service.name": "todo-api-test"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider
+
+
+@pytest.fixture(scope="module")
+def traced_database(base_settings: Settings) -> Iterator[Database]:
+    """An engine of our own: the shared one is instrumented with the global provider."""
+    db = Database(build_engine(base_settings))
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def spans(exporter: InMemorySpanExporter) -> InMemorySpanExporter:
+    exporter.clear()
+    return exporter
+
+
+def make_traced_app(settings: Settings, database: Database, provider: TracerProvider) -> FastAPI:
+    return create_app(settings, database, tracer_provider=provider)
+
+
+@pytest.fixture
+def traced_app(
+    settings: Settings,
+    traced_database: Database,
+    provider: TracerProvider,
+    spans: InMemorySpanExporter,
+) -> FastAPI:
+    return make_traced_app(settings, traced_database, provider)
+
+
+@pytest.fixture
+def traced(traced_app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(traced_app, raise_server_exceptions=False) as client:
+        yield client
+
+
+# Helpers ----------------------------------------------------------------------------------
+
+
+def trace_spans(exporter: InMemorySpanExporter, trace_id: str) -> list[ReadableSpan]:
+    return [s for s in exporter.get_finished_spans() if f"{s.context.trace_id:032x}" == trace_id]
+
+
+def server_span(exporter: InMemorySpanExporter, trace_id: str) -> ReadableSpan:
+    servers = [s for s in trace_spans(exporter, trace_id) if s.kind is SpanKind.SERVER]
+    assert len(servers) == 1, [s.name for s in trace_spans(exporter, trace_id)]
+    return servers[0]
+
+
+def span_hex(span: ReadableSpan) -> tuple[str, str]:
+    return f"{span.context.trace_id:032x}", f"{span.context.span_id:016x}"
+
+
+def all_attribute_text(exporter: InMemorySpanExporter) -> str:
+    """Every attribute and event attribute of every span, as one string to search."""
+    parts: list[str] = []
+    for span in exporter.get_finished_spans():
+        parts.append(span.name)
+        parts.extend(f"{k}={v!s}" for k, v in (span.attributes or {}).items())
+        for event in span.events:
+            parts.extend(f"{k}={v!s}" for k, v in (event.attributes or {}).items())
+    return "\n".join(parts)
+
+
+def audit_rows(database: Database, user_id: str) -> list[dict[str, Any]]:
+    with database.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT id, action, entity_id, trace_id, span_id, request_id FROM audit_events "
+                "WHERE user_id = :user_id ORDER BY seq"
+            ),
+            {"user_id": user_id},
+        ).mappings()
+        return [dict(row) for row in rows]
+
+
+def json_lines(out: str) -> list[dict[str, Any]]:
+    """Every stdout line must be one JSON object."""
+    lines = [line for line in out.splitlines() if line.strip()]
+    return [json.loads(line) for line in lines]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Tracing ----------------------------------------------------------------------------------
+
+
+def test_one_server_span_per_request_named_by_route_with_stable_http_attributes(
+    traced: TestClient, user: ApiUser, spans: InMemorySpanExporter
+) -> None:
+    created = traced.post(user.url(), json={"title": "first"}, headers=user.headers)
+    assert created.status_code == 201
+    task_id = created.json()["id"]
+    updated = traced.put(user.url(f"/{task_id}"), json={"title": "second"}, headers=user.headers)
+    assert updated.status_code == 200
+    listed = traced.get(user.url(), headers=user.headers)
+    assert listed.status_code == 200
+
+    expected = [
+        (created, "POST", "/api/{user_id}/tasks", 201, user.url()),
+        (updated, "PUT", "/api/{user_id}/tasks/{task_id}", 200, user.url(f"/{task_id}")),
+        (listed, "GET", "/api/{user_id}/tasks", 200, user.url()),
+    ]
+    for resp, method, route, status, path in expected:
+        trace_id = resp.headers["X-Trace-Id"]
+        assert HEX32.match(trace_id)
+        server = server_span(spans, trace_id)  # exactly one SERVER span
+        assert server.name == f"{method} {route}"
+        attributes = dict(server.attributes or {})
+        assert attributes["http.request.method"] == method
+        assert attributes["http.route"] == route
+        assert attributes["http.response.status_code"] == status
+        assert attributes["url.path"] == path
+        assert attributes["enduser.id"] == user.user_id
+        assert server.status.status_code is StatusCode.UNSET
+        # No per-message ASGI spans, no FastAPI operation spans: the server span and the
+        # database statements are the whole trace.
+        others = [s for s in trace_spans(spans, trace_id) if s is not server]
+        assert others and all(s.kind is SpanKind.CLIENT for s in others)
+        assert not [s for s in others if s.name.endswith((" send", " receive"))]
+
+
+def test_audit_writes_annotate_the_server_span(
+    traced: TestClient, user: ApiUser, spans: InMemorySpanExporter, traced_database: Database
+) -> None:
+    created = traced.post(user.url(), json={"title": "audited"}, headers=user.headers)
+    task_id = created.json()["id"]
+    done = traced.patch(user.url(f"/{task_id}/complete"), headers=user.headers)
+    unchanged = traced.put(user.url(f"/{task_id}"), json={"title": "audited"}, headers=user.headers)
+    assert (created.status_code, done.status_code, unchanged.status_code) == (201, 200, 200)
+
+    rows = audit_rows(traced_database, user.user_id)
+    assert [row["action"] for row in rows] == ["task.created", "task.completed"]
+    for resp, row in zip((created, done), rows, strict=True):
+        attributes = dict(server_span(spans, resp.headers["X-Trace-Id"]).attributes or {})
+        assert attributes["audit.event_id"] == row["id"]
+        assert attributes["audit.action"] == row["action"]
+        assert attributes["task.id"] == task_id
+    # A write that changes nothing records no event, so its span names none.
+    nothing = dict(server_span(spans, unchanged.headers["X-Trace-Id"]).attributes or {})
+    assert "audit.event_id" not in nothing
+
+
+def test_database_statements_are_client_spans_under_the_server_span_without_parameters(
+    traced: TestClient, make_user: Any, spans: InMemorySpanExporter
+) -> None:
+    email = f"{random_id(12).lower()}@example.com"
+    user = make_user(email=email, name="Parameter Person")
+    marker = f"secret-title-{secrets.token_hex(8)}"
+    resp = traced.post(
+        user.url(), json={"title": marker, "description": marker + "-desc"}, headers=user.headers
+    )
+    assert resp.status_code == 201
+    server = server_span(spans, resp.headers["X-Trace-Id"])
+    statements = [s for s in trace_spans(spans, resp.headers["X-Trace-Id"]) if s is not server]
+    assert statements
+    texts = []
+    for span in statements:
+        attributes = dict(span.attributes or {})
+        assert span.kind is SpanKind.CLIENT
+        assert span.parent is not None and span.parent.span_id == server.context.span_id
+        assert attributes["db.system"] == "postgresql"
+        texts.append(str(attributes["db.statement"]))
+    assert any(text.startswith("INSERT INTO tasks") for text in texts)
+    assert any("audit_events" in text for text in texts)
+    # The statement text, never its parameters; the user id, never the email or the token.
+    recorded = all_attribute_text(spans)
+    assert marker not in recorded
+    assert email not in recorded
+    assert "Parameter Person" not in recorded
+    assert user.token not in recorded
+
+
+def test_search_text_stays_out_of_spans_and_logs(
+    traced: TestClient,
+    user: ApiUser,
+    spans: InMemorySpanExporter,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    searched = f"diary-{secrets.token_hex(6)}"
+    capsys.readouterr()
+    resp = traced.get(user.url(), params={"q": searched, "limit": 5}, headers=user.headers)
+    assert resp.status_code == 200
+    server = server_span(spans, resp.headers["X-Trace-Id"])
+    assert dict(server.attributes or {})["url.query"] == "q=REDACTED&limit=5"
+    assert searched not in all_attribute_text(spans)
+    # The service's lines; `httpx` is the test's own client logging its request URL.
+    service_lines = [
+        line for line in json_lines(capsys.readouterr().out) if line["logger"] != "httpx"
+    ]
+    assert service_lines and searched not in json.dumps(service_lines)
+
+
+def test_incoming_traceparent_is_continued_into_the_audit_row(
+    traced: TestClient, user: ApiUser, spans: InMemorySpanExporter, traced_database: Database
+) -> None:
+    trace_id = secrets.token_hex(16)
+    parent_id = secrets.token_hex(8)
+    headers = {**user.headers, "traceparent": f"00-{trace_id}-{parent_id}-01"}
+    resp = traced.post(user.url(), json={"title": "from the frontend"}, headers=headers)
+    assert resp.status_code == 201
+    assert resp.headers["X-Trace-Id"] == trace_id
+
+    server = server_span(spans, trace_id)
+    assert server.parent is not None and server.parent.is_remote
+    assert f"{server.parent.span_id:016x}" == parent_id
+    (row,) = audit_rows(traced_database, user.user_id)
+    # The audit row points at the request's SERVER span, not at a child or a new trace.
+    assert (row["trace_id"], row["span_id"]) == span_hex(server)
+    assert row["request_id"] == resp.headers["X-Request-ID"]
+
+
+def test_health_endpoints_are_not_traced(traced: TestClient, spans: InMemorySpanExporter) -> None:
+    for path in ("/healthz", "/readyz"):
+        resp = traced.get(path)
+        assert resp.status_code == 200
+        assert "X-Trace-Id" not in resp.headers
+    # Not even the readiness probe's SELECT 1 becomes a trace of its own.
+    assert spans.get_finished_spans() == ()
+
+
+def test_4xx_is_not_an_error(
+    traced: TestClient, user: ApiUser, spans: InMemorySpanExporter
+) -> None:
+    missing = traced.get(user.url("/999999999"), headers=user.headers)
+    unauthenticated = traced.get(user.url(), headers={"Authorization": "Bearer nope"})
+    invalid = traced.post(user.url(), json={"title": ""}, headers=user.headers)
+    for resp, status in ((missing, 404), (unauthenticated, 401), (invalid, 400)):
+        assert resp.status_code == status
+        server = server_span(spans, resp.headers["X-Trace-Id"])
+        assert server.status.status_code is StatusCode.UNSET
+        assert not [e for e in server.events if e.name == "exception"]
+        assert dict(server.attributes or {})["http.response.status_code"] == status
+    anonymous = server_span(spans, unauthenticated.headers["X-Trace-Id"])
+    assert "enduser.id" not in (anonymous.attributes or {})
+
+
+def test_unhandled_exception_is_a_500_error_span_with_the_exception(
+    settings: Settings,
+    traced_database: Database,
+    provider: TracerProvider,
+    spans: InMemorySpanExporter,
+    user: ApiUser,
+) -> None:
+    app = make_traced_app(settings, traced_database, provider)
+
+    def explode(user_id: str) -> None:
+        raise RuntimeError("kaboom")
+
+    app.add_api_route("/api/{user_id}/explode", explode)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.get(f"/api/{user.user_id}/explode")
+    assert resp.status_code == 500
+    server = server_span(spans, resp.headers["X-Trace-Id"])  # the 500 carries it too
+    assert server.name == "GET /api/{user_id}/explode"
+    assert server.status.status_code is StatusCode.ERROR
+    (event,) = [e for e in server.events if e.name == "exception"]
+    assert dict(event.attributes or {})["exception.type"] == "RuntimeError"
+    assert dict(server.attributes or {})["http.response.status_code"] == 500
+
+
+def test_database_outage_503_is_an_error_span_with_the_exception(
+    settings: Settings, provider: TracerProvider, spans: InMemorySpanExporter, user: ApiUser
+) -> None:
+    """A handled 5xx (the error handler answers 503) is still recorded as a failure."""
+    down = Database(build_engine(settings, f"postgresql://postgres@127.0.0.1:{_closed_port()}/x"))
+    try:
+        app = make_traced_app(settings, down, provider)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            resp = client.get(user.url(), headers=user.headers)
+    finally:
+        down.dispose()
+    assert resp.status_code == 503
+    server = server_span(spans, resp.headers["X-Trace-Id"])
+    assert server.status.status_code is StatusCode.ERROR
+    (event,) = [e for e in server.events if e.name == "exception"]
+    assert dict(event.attributes or {})["exception.type"] == "sqlalchemy.exc.OperationalError"
+
+
+@pytest.fixture
+def global_spans(base_settings: Settings) -> Iterator[InMemorySpanExporter]:
+    """An in-memory exporter on the process's global provider, where native FastAPI
+    telemetry would send its spans. Shut down afterwards: the SDK cannot remove it."""
+    provider = configure_tracing(base_settings)
+    assert isinstance(provider, TracerProvider), "the tests need the SDK (OTEL_SDK_DISABLED?)"
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.shutdown()
+
+
+def test_fastapi_native_telemetry_never_doubles_the_server_span(
+    global_spans: InMemorySpanExporter, client: TestClient, user: ApiUser
+) -> None:
+    # The app as production builds it: the process's provider, the shared engine.
+    resp = client.post(user.url(), json={"title": "once"}, headers=user.headers)
+    assert resp.status_code == 201
+    trace = trace_spans(global_spans, resp.headers["X-Trace-Id"])
+    server = server_span(global_spans, resp.headers["X-Trace-Id"])
+    assert server.instrumentation_scope is not None
+    assert server.instrumentation_scope.name == "opentelemetry.instrumentation.fastapi"
+    assert [s for s in trace if s.kind is SpanKind.CLIENT]
+    scopes = {s.instrumentation_scope.name for s in trace if s.instrumentation_scope}
+    assert "fastapi" not in scopes
+
+    # Control: under this same provider FastAPI's own telemetry does make spans, so the
+    # check above would have seen them.
+    bare = FastAPI()
+
+    @bare.get("/ping")
+    def ping() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    global_spans.clear()
+    with TestClient(bare) as bare_client:
+        assert bare_client.get("/ping").status_code == 200
+    native = [s for s in global_spans.get_finished_spans() if s.kind is SpanKind.SERVER]
+    assert [s.instrumentation_scope.name for s in native if s.instrumentation_scope] == ["fastapi"]
+
+
+# Configuration ----------------------------------------------------------------------------
+
+
+def test_resource_names_the_service_and_honours_otel_service_name(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    attributes = build_resource(base_settings.model_copy(update={"app_env": AppEnv.production}))
+    assert attributes.attributes["service.name"] == "todo-api"
+    assert attributes.attributes["service.version"] == metadata.version("todo-api")
+    assert attributes.attributes["deployment.environment"] == "production"
+
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "todo-api-eu")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=staging")
+    named = build_resource(base_settings).attributes
+    assert named["service.name"] == "todo-api-eu"
+    assert named["deployment.environment"] == "staging"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, []),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}, [OTLPSpanExporter]),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://j:4318/v1/traces"}, [OTLPSpanExporter]),
+        ({"OTEL_TRACES_EXPORTER": "console"}, [ConsoleSpanExporter]),
+        ({"OTEL_TRACES_EXPORTER": "otlp,console"}, [OTLPSpanExporter, ConsoleSpanExporter]),
+        ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://j:4318"}, []),
+    ],
+)
+def test_exporter_is_chosen_by_the_standard_variables(
+    env: dict[str, str], expected: list[type], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in (
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert [type(e) for e in span_exporters()] == expected
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"OTEL_TRACES_EXPORTER": "zipkin"},
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://j:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+    ],
+)
+def test_unsupported_exporter_settings_are_refused(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError):
+        span_exporters()
+
+
+def test_sampler_comes_from_the_standard_variables(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER_ARG", raising=False)
+    default = build_tracer_provider(base_settings)
+    assert isinstance(default.sampler, sampling.ParentBased)
+    assert "AlwaysOnSampler" in default.sampler.get_description()  # type: ignore[no-untyped-call]
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0.25")
+    ratio = build_tracer_provider(base_settings)
+    assert "TraceIdRatioBased{0.25}" in ratio.sampler.get_description()
+    for provider in (default, ratio):
+        provider.shutdown()
+
+
+def test_sdk_disabled_turns_tracing_off(base_settings: Settings, user: ApiUser) -> None:
+    """In a fresh process (the provider is per process): no spans, no trace ids."""
+    script = """
+import json, sys
+from fastapi.testclient import TestClient
+from opentelemetry import trace
+from service.app import create_app
+from service.settings import Settings
+settings = Settings(_env_file=None, database_url=sys.argv[1], better_auth_secret=sys.argv[2],
+                    app_env="test")
+with TestClient(create_app(settings)) as client:
+    auth = {"Authorization": "Bearer " + sys.argv[4]}
+    resp = client.get(f"/api/{sys.argv[3]}/tasks", headers=auth)
+print(json.dumps({"status": resp.status_code, "trace": resp.headers.get("x-trace-id"),
+                  "provider": type(trace.get_tracer_provider()).__name__}))
+"""
+    assert base_settings.better_auth_secret is not None
+    env = {"PATH": "/usr/bin:/bin", "OTEL_SDK_DISABLED": "true", "LOG_LEVEL": "WARNING"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            base_settings.database_url,
+            base_settings.better_auth_secret.get_secret_value(),
+            user.user_id,
+            user.token,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"status": 200, "trace": None, "provider": "ProxyTracerProvider"}
+
+
+# Logs -------------------------------------------------------------------------------------
+
+
+def test_each_change_logs_one_json_line_carrying_the_trace_of_its_span_and_audit_row(
+    traced: TestClient,
+    user: ApiUser,
+    spans: InMemorySpanExporter,
+    traced_database: Database,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret_text = f"private-{secrets.token_hex(8)}"
+    capsys.readouterr()
+    created = traced.post(
+        user.url(), json={"title": secret_text, "description": secret_text}, headers=user.headers
+    )
+    task_id = created.json()["id"]
+    task_url = user.url(f"/{task_id}")
+    updated = traced.put(task_url, json={"title": secret_text + "!"}, headers=user.headers)
+    completed = traced.patch(task_url + "/complete", json={"completed": True}, headers=user.headers)
+    deleted = traced.delete(task_url, headers=user.headers)
+    assert [r.status_code for r in (created, updated, completed, deleted)] == [201, 200, 200, 204]
+    out = capsys.readouterr().out
+
+    assert secret_text not in out  # never title or description text
+    lines = json_lines(out)
+    changes = [line for line in lines if line["logger"] == "service.tasks"]
+    rows = audit_rows(traced_database, user.user_id)
+    expected = [
+        (created, "task.created", ["title", "description", "completed"]),
+        (updated, "task.updated", ["title"]),
+        (completed, "task.completed", ["completed"]),
+        (deleted, "task.deleted", ["title", "description", "completed"]),
+    ]
+    assert len(changes) == len(rows) == len(expected)
+    for line, row, (resp, event, fields) in zip(changes, rows, expected, strict=True):
+        server = server_span(spans, resp.headers["X-Trace-Id"])
+        trace_id, span_id = span_hex(server)
+        assert line["level"] == "INFO"
+        assert RFC3339_UTC.match(line["timestamp"])
+        assert line["message"] == line["event"] == row["action"] == event
+        assert line["task_id"] == task_id
+        assert line["user_id"] == user.user_id
+        assert line["audit_event_id"] == row["id"]
+        assert line["changed_fields"] == fields
+        assert line["request_id"] == row["request_id"] == resp.headers["X-Request-ID"]
+        # One id everywhere: log line, audit row, span and response header.
+        assert line["trace_id"] == row["trace_id"] == trace_id == resp.headers["X-Trace-Id"]
+        assert line["span_id"] == row["span_id"] == span_id
+        assert HEX32.match(line["trace_id"]) and HEX16.match(line["span_id"])
+
+    access = [line for line in lines if line["logger"] == "service.access"]
+    assert [(a["method"], a["route"], a["status"]) for a in access] == [
+        ("POST", "/api/{user_id}/tasks", 201),
+        ("PUT", "/api/{user_id}/tasks/{task_id}", 200),
+        ("PATCH", "/api/{user_id}/tasks/{task_id}/complete", 200),
+        ("DELETE", "/api/{user_id}/tasks/{task_id}", 204),
+    ]
+    for line, resp in zip(access, (created, updated, completed, deleted), strict=True):
+        assert isinstance(line["duration_ms"], float) and line["duration_ms"] >= 0
+        assert line["trace_id"] == resp.headers["X-Trace-Id"]
+        assert line["request_id"] == resp.headers["X-Request-ID"]
+        assert line["user_id"] == user.user_id
+
+
+def test_failed_authentication_logs_a_warning_without_the_token(
+    traced: TestClient, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    user_id = random_id()
+    forged = create_dev_token("another-secret-" + "x" * 40, user_id)
+    capsys.readouterr()
+    resp = traced.get(f"/api/{user_id}/tasks", headers={"Authorization": f"Bearer {forged}"})
+    assert resp.status_code == 401
+    out = capsys.readouterr().out
+    assert forged not in out
+    assert forged.split(".")[2] not in out  # not even the signature
+    (warning,) = [line for line in json_lines(out) if line["level"] == "WARNING"]
+    assert warning["logger"] == "service.errors"
+    assert warning["trace_id"] == resp.headers["X-Trace-Id"]
+    assert warning["request_id"] == resp.headers["X-Request-ID"]
+    assert "user_id" not in warning  # not authenticated: no user is known
+
+
+def test_unhandled_error_line_carries_the_request_ids(
+    settings: Settings,
+    traced_database: Database,
+    provider: TracerProvider,
+    spans: InMemorySpanExporter,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    app = make_traced_app(settings, traced_database, provider)
+
+    def explode() -> None:
+        raise RuntimeError("kaboom")
+
+    app.add_api_route("/explode", explode)
+    capsys.readouterr()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.get("/explode")
+    assert resp.status_code == 500
+    lines = json_lines(capsys.readouterr().out)
+    (error,) = [line for line in lines if line["level"] == "ERROR"]
+    assert error["trace_id"] == resp.headers["X-Trace-Id"]
+    assert error["request_id"]
+    assert "RuntimeError: kaboom" in error["exc_info"]
+    (access,) = [line for line in lines if line["logger"] == "service.access"]
+    assert access["status"] == 500
+    assert access["request_id"] == error["request_id"]
+
+
+def test_console_format_and_log_level(
+    base_settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+
+    log = logging.getLogger("service.tasks")
+    try:
+        configure_logging(base_settings.model_copy(update={"log_format": "console"}))
+        capsys.readouterr()
+        log.info("task.created", extra={"task_id": 7})
+        line = capsys.readouterr().out.strip()
+        assert not line.startswith("{")
+        assert "INFO" in line and "service.tasks: task.created" in line and "task_id=7" in line
+
+        configure_logging(base_settings.model_copy(update={"log_level": "WARNING"}))
+        log.info("hidden")
+        log.warning("shown")
+        (shown,) = json_lines(capsys.readouterr().out)
+        assert shown["message"] == "shown"
+    finally:
+        configure_logging(base_settings)
+    assert Settings(_env_file=None, log_level="debug").log_level == "DEBUG"
+    with pytest.raises(ValueError, match="LOG_LEVEL"):
+        Settings(_env_file=None, log_level="verbose")

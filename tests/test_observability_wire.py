@@ -1,0 +1,206 @@
+"""On the wire: `todo-api serve --workers 2` in a subprocess exports its spans over OTLP/HTTP
+to a real receiver on 127.0.0.1, which is what Jaeger's port 4318 would receive.
+
+The batch processor is told to wait ten minutes between exports, so the spans can only arrive
+through the flush each worker does when it shuts down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from service.auth import create_dev_token
+from tests.conftest import TEST_SECRET
+from tests.jwt_helpers import random_id
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+
+# The console script installed next to the interpreter running the tests.
+TODO_API = Path(sys.executable).with_name("todo-api")
+SPAN_KIND_SERVER = 2
+SPAN_KIND_CLIENT = 3
+WORKERS = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Served:
+    url: str
+    process: subprocess.Popen[bytes]
+    stdout: Path
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as running:
+        yield running
+
+
+@pytest.fixture
+def served(database_url: str, receiver: OtlpReceiver, tmp_path: Path) -> Iterator[Served]:
+    port = _free_port()
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("OTEL_", "LOG_", "JAEGER_"))
+    }
+    env.update(
+        APP_ENV="production",
+        DATABASE_URL=database_url,
+        BETTER_AUTH_SECRET=TEST_SECRET,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+        OTEL_BSP_SCHEDULE_DELAY="600000",
+    )
+    stdout = tmp_path / "stdout.log"
+    with stdout.open("ab") as out:
+        process = subprocess.Popen(
+            [
+                str(TODO_API),
+                "serve",
+                "--no-migrate",
+                "--port",
+                str(port),
+                "--workers",
+                str(WORKERS),
+            ],
+            cwd=tmp_path,  # no .env or dev secret file from the working tree
+            env=env,
+            stdout=out,
+            stderr=subprocess.PIPE,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {process.stderr.read().decode()}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.1)
+        yield Served(url, process, stdout)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def stop(served: Served) -> tuple[int, list[dict[str, Any]]]:
+    """SIGTERM, as a process manager stops it; then every stdout line must be JSON."""
+    served.process.send_signal(signal.SIGTERM)
+    code = served.process.wait(timeout=60)
+    lines = served.stdout.read_text().splitlines()
+    return code, [json.loads(line) for line in lines if line.strip()]
+
+
+def test_serve_with_workers_exports_every_span_over_otlp_and_logs_json(
+    served: Served, receiver: OtlpReceiver, database_url: str
+) -> None:
+    user_id = random_id()
+    token = create_dev_token(TEST_SECRET, user_id, email="wire@example.com")
+    headers = {"Authorization": f"Bearer {token}"}
+    frontend_trace = secrets.token_hex(16)
+    frontend_span = secrets.token_hex(8)
+
+    # A fresh connection per request, so the requests spread over the workers.
+    created = httpx.post(
+        f"{served.url}/api/{user_id}/tasks",
+        json={"title": "over the wire"},
+        headers={**headers, "traceparent": f"00-{frontend_trace}-{frontend_span}-01"},
+    )
+    assert created.status_code == 201
+    task_id = created.json()["id"]
+    others = [
+        httpx.get(f"{served.url}/api/{user_id}/tasks/{task_id}", headers=headers) for _ in range(8)
+    ]
+    missing = httpx.get(f"{served.url}/api/{user_id}/tasks/999999999", headers=headers)
+    assert [r.status_code for r in others] == [200] * 8
+    assert missing.status_code == 404
+    assert created.headers["X-Trace-Id"] == frontend_trace
+
+    exit_code, lines = stop(served)
+    assert exit_code == 0
+
+    # Every request's SERVER span arrived, from the worker processes, flushed at shutdown.
+    for resp in [created, *others, missing]:
+        trace = receiver.trace(resp.headers["X-Trace-Id"])
+        (server,) = [s for s in trace if s.kind == SPAN_KIND_SERVER]
+        assert server.resource["service.name"] == "todo-api"
+        assert server.resource["service.version"] == metadata.version("todo-api")
+        assert server.resource["deployment.environment"] == "production"
+        assert server.attributes["enduser.id"] == user_id
+        assert server.attributes["url.path"] == resp.url.path
+    # Each worker that served requests sent one export: its flush at shutdown.
+    instances = {s.resource["service.instance.id"] for s in receiver.spans}
+    assert 1 <= len(instances) <= WORKERS
+    assert receiver.requests == len(instances)
+
+    create_trace = receiver.trace(frontend_trace)
+    (server,) = [s for s in create_trace if s.kind == SPAN_KIND_SERVER]
+    assert server.parent_span_id == frontend_span  # the frontend's trace goes on
+    assert server.name == "POST /api/{user_id}/tasks"
+    assert server.attributes["http.route"] == "/api/{user_id}/tasks"
+    assert server.attributes["http.request.method"] == "POST"
+    assert server.attributes["http.response.status_code"] == 201
+    assert server.attributes["audit.action"] == "task.created"
+    statements: list[ReceivedSpan] = [s for s in create_trace if s.kind == SPAN_KIND_CLIENT]
+    assert statements
+    assert all(s.parent_span_id == server.span_id for s in statements)
+    assert all(s.attributes["db.system"] == "postgresql" for s in statements)
+    assert not any("over the wire" in str(s.attributes) for s in receiver.spans)
+    # Probes are not traced.
+    assert not [s for s in receiver.spans if s.attributes.get("url.path") == "/healthz"]
+
+    # The audit row and the log line carry the trace that Jaeger received.
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(
+                sa.text("SELECT trace_id, span_id FROM audit_events WHERE user_id = :u"),
+                {"u": user_id},
+            ).one()
+    finally:
+        engine.dispose()
+    assert tuple(row) == (frontend_trace, server.span_id)
+    (created_line,) = [line for line in lines if line.get("event") == "task.created"]
+    assert created_line["trace_id"] == frontend_trace
+    assert created_line["span_id"] == server.span_id
+    assert created_line["user_id"] == user_id
+
+    # Uvicorn's own lines (the supervisor's and the workers') are JSON too, and the access
+    # lines are ours, with the route, status and duration.
+    assert any(line["logger"].startswith("uvicorn") for line in lines)
+    access = [line for line in lines if line["logger"] == "service.access"]
+    assert len([a for a in access if a["route"] == "/api/{user_id}/tasks/{task_id}"]) == 9
+    assert {(a["method"], a["status"]) for a in access if a["trace_id"] == frontend_trace} == {
+        ("POST", 201)
+    }
+    assert all("duration_ms" in a and "timestamp" in a for a in access)
