@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterator
 from typing import Annotated
@@ -15,17 +16,25 @@ from audit.recorder import AuditContext
 from service.auth import AuthError, Principal, TokenVerifier
 from service.database import Database
 from service.errors import Forbidden
-from service.models import USER_ID_MAX
+from service.models import EMAIL_MAX, NAME_MAX, USER_ID_MAX
 from service.settings import Settings
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
+    bearerFormat="JWT",
     description="A JWT from Better Auth (EdDSA/ES256/RS256 via JWKS) or HS256 signed with "
     "BETTER_AUTH_SECRET. Its `sub` must equal `{user_id}`.",
 )
 
 UserIdPath = Annotated[
-    str, Path(min_length=1, max_length=USER_ID_MAX, description="The signed-in user's id")
+    str,
+    Path(
+        min_length=1,
+        max_length=USER_ID_MAX,
+        # No control characters: PostgreSQL cannot store NUL, and no real id has any.
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="The signed-in user's id",
+    ),
 ]
 TaskIdPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="The task's id")]
 
@@ -68,8 +77,21 @@ def get_current_user(
     if span.is_recording():
         span.set_attribute("enduser.id", principal.user_id)
     request.state.user_id = principal.user_id
-    request.app.state.users.ensure(principal)
+    request.app.state.users.ensure(_storable(principal))
     return principal
+
+
+def _fits(value: str | None, max_length: int) -> str | None:
+    return value if value is not None and len(value) <= max_length and "\x00" not in value else None
+
+
+def _storable(principal: Principal) -> Principal:
+    """The principal with an email or name the users table cannot hold dropped (not a 500)."""
+    return dataclasses.replace(
+        principal,
+        email=_fits(principal.email, EMAIL_MAX),
+        name=_fits(principal.name, NAME_MAX),
+    )
 
 
 CurrentUser = Annotated[Principal, Depends(get_current_user)]

@@ -14,10 +14,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import AuthError, AuthUnavailable
+from service.openapi import PROBLEM_JSON, install_problem_docs
 
 log = logging.getLogger("service.errors")
 
-PROBLEM_JSON = "application/problem+json"
 RETRY_AFTER_SECONDS = "2"
 
 
@@ -162,6 +162,7 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Render every error as problem+json, and document them that way in /openapi.json."""
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -170,3 +171,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PoolTimeoutError, _database_unavailable)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected)
+    install_problem_docs(app)

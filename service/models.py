@@ -27,14 +27,16 @@ from service.sqltypes import ID_TYPE, UTCDateTime
 TITLE_MAX = 200
 DESCRIPTION_MAX = 1000
 USER_ID_MAX = 128
+EMAIL_MAX = 320
+NAME_MAX = 200
 
 
 class User(SQLModel, table=True):
     __tablename__ = "users"
 
     id: str = Field(sa_column=Column(String(USER_ID_MAX), primary_key=True))
-    email: str | None = Field(default=None, sa_column=Column(String(320), nullable=True))
-    name: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
+    email: str | None = Field(default=None, sa_column=Column(String(EMAIL_MAX), nullable=True))
+    name: str | None = Field(default=None, sa_column=Column(String(NAME_MAX), nullable=True))
     created_at: datetime = Field(
         sa_column=Column(UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP"))
     )

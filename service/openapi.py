@@ -5,7 +5,10 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any
 
+from fastapi import FastAPI
 from pydantic import BaseModel
+
+PROBLEM_JSON = "application/problem+json"
 
 
 class FieldError(BaseModel):
@@ -43,6 +46,39 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         out[code] = {
             "model": Problem,
             "description": _DESCRIPTIONS.get(code, HTTPStatus(code).phrase),
-            "content": {"application/problem+json": {}},
         }
     return out
+
+
+def _problem_docs(schema: dict[str, Any]) -> None:
+    """Rewrite FastAPI's generated schema in place to match what the handlers send.
+
+    Validation failures are 400 (never 422), and error bodies are application/problem+json
+    (FastAPI files every `model` under the route's own media type, application/json).
+    """
+    for path_item in schema.get("paths", {}).values():
+        for operation in path_item.values():
+            if not isinstance(operation, dict):
+                continue
+            responses = operation.get("responses", {})
+            responses.pop("422", None)
+            for code, response in responses.items():
+                content = response.get("content", {})
+                if code[:1] in {"4", "5"} and "application/json" in content:
+                    content[PROBLEM_JSON] = content.pop("application/json")
+    schemas = schema.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+
+
+def install_problem_docs(app: FastAPI) -> None:
+    """Serve the rewritten schema at /openapi.json (generated once, on first request)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _problem_docs(generate())
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

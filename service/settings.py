@@ -49,13 +49,19 @@ def origin_of(url: str) -> str:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        # A rejected value (e.g. a too-short BETTER_AUTH_SECRET) must not be echoed in the error.
+        hide_input_in_errors=True,
     )
 
     app_env: AppEnv = AppEnv.development
 
     # Database
-    database_url: str = DEFAULT_SQLITE_URL
+    # Not in repr/str: the URL usually carries the database password.
+    database_url: str = Field(default=DEFAULT_SQLITE_URL, repr=False)
     db_pool_size: int = Field(default=10, ge=1, le=200)
     db_max_overflow: int = Field(default=10, ge=0, le=200)
     db_pool_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
@@ -106,6 +112,14 @@ class Settings(BaseSettings):
         if value is not None and value not in {"json", "console"}:
             raise ValueError("LOG_FORMAT must be json or console")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return level
 
     @model_validator(mode="after")
     def _check_production(self) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from pydantic import TypeAdapter
 
 from service import tasks
 from service.deps import AuditCtx, CurrentUser, SessionDep, TaskIdPath, UserIdPath
@@ -37,9 +38,26 @@ def _public(task: TaskRecord) -> TaskPublic:
     )
 
 
-def _with_etag(response: Response, task: TaskRecord) -> TaskPublic:
-    response.headers["ETag"] = task.etag
-    return _public(task)
+# The endpoints return ready-made responses, serialized in the endpoint's own worker thread.
+# Left to FastAPI, serializing a sync endpoint's result waits for another threadpool token
+# while the request still holds its connection (and row locks: the session commits only
+# after that). Under load every token can be taken by requests queued behind those locks
+# or the pool, a deadlock that only the pool timeout breaks, with 503s.
+_TASK_LIST = TypeAdapter(list[TaskPublic])
+
+
+def _json(body: bytes, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
+
+
+def _task_response(
+    task: TaskRecord, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return _json(
+        _public(task).model_dump_json().encode(),
+        status_code,
+        {**(headers or {}), "ETag": task.etag},
+    )
 
 
 def _no_nul(value: str | None) -> str | None:
@@ -56,7 +74,6 @@ def _no_nul(value: str | None) -> str | None:
 )
 def list_tasks(
     request: Request,
-    response: Response,
     user: CurrentUser,
     session: SessionDep,
     user_id: UserIdPath,
@@ -77,11 +94,11 @@ def list_tasks(
         limit=limit,
         offset=offset,
     )
-    response.headers["X-Total-Count"] = str(page.total)
+    headers = {"X-Total-Count": str(page.total)}
     if offset + len(page.items) < page.total:
         next_url = request.url.include_query_params(offset=offset + limit, limit=limit)
-        response.headers["Link"] = f'<{next_url}>; rel="next"'
-    return [_public(task) for task in page.items]
+        headers["Link"] = f'<{next_url}>; rel="next"'
+    return _json(_TASK_LIST.dump_json([_public(task) for task in page.items]), headers=headers)
 
 
 @router.post(
@@ -93,7 +110,6 @@ def list_tasks(
 )
 def create_task(
     request: Request,
-    response: Response,
     user: CurrentUser,
     ctx: AuditCtx,
     session: SessionDep,
@@ -103,10 +119,8 @@ def create_task(
         session, ctx, user.user_id, title=body.title, description=body.description
     )
     assert change.task is not None
-    response.headers["Location"] = str(
-        request.url_for("get_task", user_id=user.user_id, task_id=change.task.id)
-    )
-    return _with_etag(response, change.task)
+    location = request.url_for("get_task", user_id=user.user_id, task_id=change.task.id)
+    return _task_response(change.task, status.HTTP_201_CREATED, {"Location": str(location)})
 
 
 @router.get(
@@ -116,10 +130,8 @@ def create_task(
     summary="Get a task",
     name="get_task",
 )
-def get_task(
-    response: Response, user: CurrentUser, session: SessionDep, task_id: TaskIdPath
-) -> Any:
-    return _with_etag(response, tasks.get_task(session, user.user_id, task_id))
+def get_task(user: CurrentUser, session: SessionDep, task_id: TaskIdPath) -> Any:
+    return _task_response(tasks.get_task(session, user.user_id, task_id))
 
 
 @router.put(
@@ -129,7 +141,6 @@ def get_task(
     summary="Update a task (partial: absent fields stay as they are)",
 )
 def update_task(
-    response: Response,
     user: CurrentUser,
     ctx: AuditCtx,
     session: SessionDep,
@@ -139,7 +150,7 @@ def update_task(
 ) -> Any:
     change = tasks.update_task(session, ctx, user.user_id, task_id, body, if_match=if_match)
     assert change.task is not None
-    return _with_etag(response, change.task)
+    return _task_response(change.task)
 
 
 @router.delete(
@@ -166,7 +177,6 @@ def delete_task(
     summary='Toggle completion, or set it with {"completed": true|false}',
 )
 def complete_task(
-    response: Response,
     user: CurrentUser,
     ctx: AuditCtx,
     session: SessionDep,
@@ -177,4 +187,4 @@ def complete_task(
     completed = body.completed if body is not None else None
     change = tasks.set_completed(session, ctx, user.user_id, task_id, completed, if_match=if_match)
     assert change.task is not None
-    return _with_etag(response, change.task)
+    return _task_response(change.task)

@@ -1,0 +1,420 @@
+"""Errors through HTTP: always problem+json with the right 4xx/5xx, never a leak or a 500.
+
+Also the unit of work: a commit that fails gives an error response and leaves nothing
+behind, and every request (failing ones included) hands its connection back to the pool.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.auth import create_dev_token
+from service.database import Database, build_engine
+from service.settings import Settings
+from tests.conftest import TEST_SECRET, ApiUser, LiveServer
+from tests.test_tasks_api import assert_problem, assert_validation_error, create
+
+MakeUser = Callable[..., ApiUser]
+LIMIT = 64 * 1024
+
+# What must never reach a client: internals of the code, the database or the token.
+LEAK_MARKERS = (
+    "Traceback",
+    'File "',
+    "sqlalchemy",
+    "psycopg",
+    "SELECT ",
+    "INSERT ",
+    "UPDATE ",
+    "DELETE FROM",
+    "forced commit failure",
+)
+
+
+def assert_no_leak(resp: httpx.Response, *secrets_: str) -> None:
+    for marker in (*LEAK_MARKERS, *secrets_):
+        assert marker not in resp.text, (marker, resp.text)
+
+
+# Routing: 404 / 405 -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["/nope", "/api", "/api/u1/tasks/1/extra", "/api/u1/things", "/api/u1/tasks/1/done"]
+)
+def test_unknown_routes_are_404_problem(client: TestClient, user: ApiUser, path: str) -> None:
+    assert_problem(client.get(path, headers=user.headers), 404)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("DELETE", ""),
+        ("PUT", ""),
+        ("PATCH", ""),
+        ("POST", "/1"),
+        ("PATCH", "/1"),
+        ("GET", "/1/complete"),
+        ("POST", "/1/complete"),
+    ],
+)
+def test_wrong_methods_are_405_problem(
+    client: TestClient, user: ApiUser, method: str, path: str
+) -> None:
+    resp = client.request(method, user.url(path), headers=user.headers)
+    assert_problem(resp, 405)
+    assert resp.headers["Allow"]
+
+
+def test_wrong_method_on_health_is_405(client: TestClient) -> None:
+    assert_problem(client.post("/healthz"), 405)
+
+
+# Bodies: 413 / 415 --------------------------------------------------------------------
+
+
+def _json_of_size(size: int) -> bytes:
+    """A JSON object of exactly `size` bytes (a long title: valid JSON, invalid task)."""
+    head, tail = b'{"title": "', b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", ""), ("PUT", "/1"), ("PATCH", "/1/complete")]
+)
+def test_body_over_64_kib_is_413_with_content_length(
+    client: TestClient, user: ApiUser, method: str, path: str
+) -> None:
+    body = _json_of_size(LIMIT + 1)
+    headers = {**user.headers, "Content-Type": "application/json"}
+    resp = client.request(method, user.url(path), content=body, headers=headers)
+    assert_problem(resp, 413)
+
+
+def test_body_of_exactly_64_kib_is_not_413(client: TestClient, user: ApiUser) -> None:
+    headers = {**user.headers, "Content-Type": "application/json"}
+    resp = client.post(user.url(), content=_json_of_size(LIMIT), headers=headers)
+    assert_validation_error(resp, "title")  # read in full, then refused as a too-long title
+
+
+def _chunks(total: int, size: int = 4096) -> Iterator[bytes]:
+    body = _json_of_size(total)
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", ""), ("PUT", "/1"), ("PATCH", "/1/complete")]
+)
+def test_chunked_body_over_64_kib_is_413(
+    client: TestClient, user: ApiUser, method: str, path: str
+) -> None:
+    """No Content-Length to trust: the body is counted as it arrives."""
+    headers = {**user.headers, "Content-Type": "application/json"}
+    resp = client.request(method, user.url(path), content=_chunks(LIMIT + 100), headers=headers)
+    assert resp.request.headers.get("transfer-encoding") == "chunked"
+    assert_problem(resp, 413)
+
+
+def test_chunked_body_over_64_kib_is_413_on_a_real_socket(
+    live_server: LiveServer, user: ApiUser
+) -> None:
+    headers = {**user.headers, "Content-Type": "application/json"}
+    with live_server.client() as http:
+        resp = http.post(user.url(), content=_chunks(LIMIT * 4), headers=headers)
+        assert resp.request.headers.get("transfer-encoding") == "chunked"
+        assert_problem(resp, 413)
+        small = http.post(user.url(), content=_chunks(200, size=50), headers=headers)
+        assert small.status_code == 201  # a chunked body under the limit is fine
+
+
+def test_invalid_content_length_is_400(client: TestClient, user: ApiUser) -> None:
+    headers = {**user.headers, "Content-Type": "application/json", "Content-Length": "-5"}
+    resp = client.post(user.url(), content=b"", headers=headers)
+    assert_problem(resp, 400)
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None],
+)
+@pytest.mark.parametrize(
+    ("method", "path"), [("POST", ""), ("PUT", "/1"), ("PATCH", "/1/complete")]
+)
+def test_non_json_body_is_415(
+    client: TestClient, user: ApiUser, content_type: str | None, method: str, path: str
+) -> None:
+    headers = dict(user.headers)
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    resp = client.request(method, user.url(path), content=b'{"title": "x"}', headers=headers)
+    assert_problem(resp, 415)
+    assert client.get(user.url(), headers=user.headers).json() == []
+
+
+def test_json_with_charset_is_accepted(client: TestClient, user: ApiUser) -> None:
+    headers = {**user.headers, "Content-Type": "application/json; charset=utf-8"}
+    resp = client.post(user.url(), content=b'{"title": "x"}', headers=headers)
+    assert resp.status_code == 201
+
+
+# Path ids -----------------------------------------------------------------------------
+
+BAD_IDS = ["-1", "0", str(2**63), str(2**64 + 5), "9" * 40, "abc", "1.5", "1e3", "0x10", "%20"]
+
+
+@pytest.mark.parametrize("task_id", BAD_IDS)
+@pytest.mark.parametrize(
+    ("method", "suffix", "body"),
+    [
+        ("GET", "", None),
+        ("PUT", "", {"title": "x"}),
+        ("DELETE", "", None),
+        ("PATCH", "/complete", None),
+    ],
+)
+def test_bad_path_ids_are_400_or_404(
+    client: TestClient, user: ApiUser, task_id: str, method: str, suffix: str, body: Any
+) -> None:
+    resp = client.request(method, user.url(f"/{task_id}{suffix}"), json=body, headers=user.headers)
+    assert resp.status_code in (400, 404), resp.text
+    assert_problem(resp, resp.status_code)
+
+
+def test_largest_valid_id_is_a_plain_404(client: TestClient, user: ApiUser) -> None:
+    assert_problem(client.get(user.url(f"/{2**63 - 1}"), headers=user.headers), 404)
+
+
+@pytest.mark.parametrize("user_id", ["a%00b", "x" * 129, "tab%09id"])
+def test_bad_user_ids_in_the_path_are_4xx(client: TestClient, user: ApiUser, user_id: str) -> None:
+    resp = client.get(f"/api/{user_id}/tasks", headers=user.headers)
+    assert resp.status_code in (400, 403, 404)
+    assert_problem(resp, resp.status_code)
+
+
+def test_control_characters_in_a_signed_subject_are_400(client: TestClient) -> None:
+    """Even a validly signed token cannot smuggle NUL into the users table (a 500 before)."""
+    for subject, path in (("a\x00b", "a%00b"), ("a\nb", "a%0Ab")):
+        token = create_dev_token(TEST_SECRET, subject)
+        resp = client.get(f"/api/{path}/tasks", headers={"Authorization": f"Bearer {token}"})
+        assert_validation_error(resp, "path.user_id")
+
+
+# Error bodies -------------------------------------------------------------------------
+
+
+def test_validation_errors_list_fields_and_do_not_echo_input(
+    client: TestClient, user: ApiUser
+) -> None:
+    marker = "sk_live_" + secrets.token_hex(8)
+    resp = client.post(
+        user.url(),
+        json={"title": "x" * 300 + marker, "description": marker * 100, "extra": marker},
+        headers=user.headers,
+    )
+    body = assert_validation_error(resp, "title", "description", "extra")
+    assert body["detail"]
+    assert_no_leak(resp, marker)
+
+
+def test_malformed_json_is_400_problem(client: TestClient, user: ApiUser) -> None:
+    resp = client.post(
+        user.url(),
+        content=b'{"title": ',
+        headers={**user.headers, "Content-Type": "application/json"},
+    )
+    assert_validation_error(resp)
+
+
+def test_deeply_nested_json_is_400(client: TestClient, user: ApiUser) -> None:
+    nested = b"[" * 100_000 + b"]" * 100_000
+    resp = client.post(
+        user.url(),
+        content=nested[:LIMIT],
+        headers={**user.headers, "Content-Type": "application/json"},
+    )
+    assert resp.status_code == 400
+    assert_problem(resp, 400)
+
+
+def test_auth_errors_do_not_echo_the_token(client: TestClient, user: ApiUser) -> None:
+    tampered = user.token[:-4] + ("AAAA" if not user.token.endswith("AAAA") else "BBBB")
+    resp = client.get(user.url(), headers={"Authorization": f"Bearer {tampered}"})
+    assert_problem(resp, 401)
+    assert_no_leak(resp, tampered, tampered.split(".")[1])
+
+
+# Failed commits -----------------------------------------------------------------------
+
+
+@dataclass
+class CommitFailure:
+    """Markers that make a deferred (commit-time) trigger on `tasks` raise."""
+
+    insert_title: str
+    doomed_description: str
+
+
+@pytest.fixture
+def commit_failure(database: Database) -> Iterator[CommitFailure]:
+    """A real PostgreSQL commit failure, like the audit guard's: a deferred constraint trigger.
+
+    INSERTs with `insert_title` fail at COMMIT, as do UPDATEs/DELETEs of a task whose
+    description is `doomed_description`.
+    """
+    marker = secrets.token_hex(6)
+    failure = CommitFailure(f"insert-fails-{marker}", f"doomed-{marker}")
+    function, trigger = f"test_fail_{marker}", f"test_fail_{marker}"
+    with database.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"""
+                CREATE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF (TG_OP = 'INSERT' AND NEW.title = '{failure.insert_title}')
+                       OR (TG_OP <> 'INSERT' AND OLD.description = '{failure.doomed_description}')
+                    THEN
+                        RAISE EXCEPTION 'forced commit failure: SELECT * FROM tasks';
+                    END IF;
+                    RETURN NULL;
+                END $$
+                """
+            )
+        )
+        conn.execute(
+            sa.text(
+                f"CREATE CONSTRAINT TRIGGER {trigger} AFTER INSERT OR UPDATE OR DELETE ON tasks "
+                f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {function}()"
+            )
+        )
+    try:
+        yield failure
+    finally:
+        with database.engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TRIGGER {trigger} ON tasks"))
+            conn.execute(sa.text(f"DROP FUNCTION {function}()"))
+
+
+def _audit_count(database: Database, user_id: str) -> int:
+    with database.engine.connect() as conn:
+        query = sa.text("SELECT count(*) FROM audit_events WHERE user_id = :u")
+        return int(conn.execute(query, {"u": user_id}).scalar_one())
+
+
+def test_failed_commit_is_an_error_response_and_leaves_nothing(
+    client: TestClient, user: ApiUser, database: Database, commit_failure: CommitFailure
+) -> None:
+    """The commit runs before the response: its failure is never reported as success."""
+    resp = client.post(
+        user.url(), json={"title": commit_failure.insert_title}, headers=user.headers
+    )
+    assert resp.status_code >= 500
+    assert_problem(resp, resp.status_code)
+    assert_no_leak(resp)
+    assert client.get(user.url(), headers=user.headers).json() == []
+    assert _audit_count(database, user.user_id) == 0
+
+    task = create(client, user, "stays", description=commit_failure.doomed_description)
+    url = user.url(f"/{task['id']}")
+    events = _audit_count(database, user.user_id)
+    for method, path, body in (
+        ("PUT", "", {"title": "changed"}),
+        ("PATCH", "/complete", None),
+        ("PATCH", "/complete", {"completed": True}),
+        ("DELETE", "", None),
+    ):
+        resp = client.request(method, url + path, json=body, headers=user.headers)
+        assert resp.status_code >= 500, (method, path, resp.status_code)
+        assert_problem(resp, resp.status_code)
+        assert_no_leak(resp)
+    after = client.get(url, headers=user.headers)
+    assert after.status_code == 200 and after.json() == task
+    assert _audit_count(database, user.user_id) == events
+    assert database.engine.pool.checkedout() == 0
+
+
+# Connections go back to the pool ------------------------------------------------------
+
+
+def test_every_request_returns_its_connection(
+    client: TestClient, make_user: MakeUser, database: Database
+) -> None:
+    alice, bob = make_user(), make_user()
+    task = create(client, alice, "pooled")
+    url = alice.url(f"/{task['id']}")
+    stale = '"stale"'
+    json_headers = {**alice.headers, "Content-Type": "application/json"}
+    requests: list[tuple[str, str, dict[str, str], Any, int]] = [
+        ("GET", alice.url(), alice.headers, None, 200),
+        ("GET", url, alice.headers, None, 200),
+        ("PUT", url, alice.headers, {"title": "renamed"}, 200),
+        ("PATCH", url + "/complete", alice.headers, None, 200),
+        ("GET", alice.url("/999999999"), alice.headers, None, 404),
+        ("PUT", alice.url("/999999999"), alice.headers, {"title": "x"}, 404),
+        ("DELETE", bob.url(f"/{task['id']}"), bob.headers, None, 404),
+        ("POST", alice.url(), alice.headers, {"title": ""}, 400),
+        ("PUT", url, alice.headers, {}, 400),
+        ("GET", alice.url("?limit=0"), alice.headers, None, 400),
+        ("GET", url, bob.headers, None, 403),
+        ("POST", alice.url(), bob.headers, {"title": "x"}, 403),
+        ("PUT", url, {**alice.headers, "If-Match": stale}, {"title": "x"}, 412),
+        ("DELETE", url, {**alice.headers, "If-Match": stale}, None, 412),
+        ("GET", alice.url(), {"Authorization": "Bearer nope"}, None, 401),
+        ("POST", alice.url(), {**alice.headers, "Content-Type": "text/plain"}, "x", 415),
+        ("DELETE", url, alice.headers, None, 204),
+    ]
+    for _ in range(3):
+        for method, target, headers, body, expected in requests:
+            if method == "DELETE" and expected == 204:
+                continue
+            resp = client.request(method, target, json=body, headers=headers)
+            assert resp.status_code == expected, (method, target, resp.text)
+    big = client.post(alice.url(), content=b"x" * (LIMIT + 1), headers=json_headers)
+    assert big.status_code == 413
+    last = requests[-1]
+    assert client.request(last[0], last[1], headers=last[2]).status_code == 204
+    assert database.engine.pool.checkedout() == 0
+
+
+# The database is down: 503, never 500 -------------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unreachable_database_is_503(settings: Settings, user: ApiUser) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{_closed_port()}/todo"
+    down = Database(
+        build_engine(settings.model_copy(update={"db_connect_timeout_seconds": 1}), url)
+    )
+    try:
+        app = create_app(settings, down)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            ready = client.get("/readyz")
+            assert_problem(ready, 503)
+            assert ready.headers["Retry-After"]
+            assert client.get("/healthz").status_code == 200
+            for method, path, body in (
+                ("GET", "", None),
+                ("POST", "", {"title": "x"}),
+                ("GET", "/1", None),
+            ):
+                resp = client.request(method, user.url(path), json=body, headers=user.headers)
+                assert_problem(resp, 503)
+                assert resp.headers["Retry-After"]
+                assert_no_leak(resp, url)
+    finally:
+        down.dispose()

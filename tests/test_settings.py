@@ -1,0 +1,223 @@
+"""Configuration from the environment: database URLs, production guards, auth defaults."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.database import build_engine, normalize_database_url
+from service.settings import AppEnv, Settings
+
+GOOD_SECRET = "k3Qb9Z0rV8yWm2Lx7Pq4Tn6Hs1Jd5Fg0Ae8Uc3Yi"  # 41 characters, not a placeholder
+AUTH_ENV = (
+    "APP_ENV",
+    "DATABASE_URL",
+    "BETTER_AUTH_SECRET",
+    "BETTER_AUTH_URL",
+    "BETTER_AUTH_JWKS_URL",
+    "JWT_ISSUER",
+    "JWT_AUDIENCE",
+    "JWT_LEEWAY_SECONDS",
+    "CORS_ORIGINS",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test sets exactly the variables it is about."""
+    for name in AUTH_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def from_env(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+# DATABASE_URL -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "driver", "query"),
+    [
+        ("postgresql://u:p@db.example.com:5432/app", "postgresql+psycopg2", {}),
+        (
+            "postgres://u:p@ep-x.neon.tech/neondb?sslmode=require",
+            "postgresql+psycopg2",
+            {"sslmode": "require"},
+        ),
+        (
+            "postgres://u:p@h/db?sslmode=verify-full&channel_binding=require&application_name=x",
+            "postgresql+psycopg2",
+            {"sslmode": "verify-full", "channel_binding": "require", "application_name": "x"},
+        ),
+        (
+            "postgresql+psycopg2://u@h/db?sslmode=require",
+            "postgresql+psycopg2",
+            {"sslmode": "require"},
+        ),
+        ("sqlite:///./todo.db", "sqlite+pysqlite", {}),
+        ("sqlite:////tmp/absolute.db", "sqlite+pysqlite", {}),
+    ],
+)
+def test_database_url_forms_are_accepted_and_normalized(
+    monkeypatch: pytest.MonkeyPatch, raw: str, driver: str, query: dict[str, str]
+) -> None:
+    """What Neon/Heroku print works as is; the driver is pinned and query params are kept."""
+    settings = from_env(monkeypatch, DATABASE_URL=raw)
+    assert settings.database_url == raw
+    url = normalize_database_url(settings.database_url)
+    assert url.drivername == driver
+    assert dict(url.query) == query
+    engine = build_engine(settings)  # no connection is made
+    try:
+        assert engine.url.drivername == driver
+        assert dict(engine.url.query) == query
+        assert engine.url.database == url.database
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "raw", ["mysql://u:p@h/db", "mongodb://h/db", "not a url", "http://example.com/db"]
+)
+def test_other_database_urls_are_refused(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        from_env(monkeypatch, DATABASE_URL=raw)
+    assert "DATABASE_URL" in str(info.value)
+
+
+# Production guards --------------------------------------------------------------------
+
+
+def test_production_without_auth_refuses_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError) as info:
+        from_env(monkeypatch, APP_ENV="production")
+    message = str(info.value)
+    assert "BETTER_AUTH_SECRET" in message and "BETTER_AUTH_URL" in message
+
+
+@pytest.mark.parametrize(
+    "secret", ["short", "x" * 31, "changeme", "secret", "your-better-auth-secret", "  "]
+)
+def test_production_refuses_short_or_placeholder_secret(
+    monkeypatch: pytest.MonkeyPatch, secret: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        from_env(monkeypatch, APP_ENV="production", BETTER_AUTH_SECRET=secret)
+    message = str(info.value)
+    assert "BETTER_AUTH_SECRET" in message
+    if secret.strip():
+        assert secret not in message  # the rejected value is not echoed into logs
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"BETTER_AUTH_SECRET": GOOD_SECRET},
+        {"BETTER_AUTH_URL": "https://auth.example.com"},
+        {"BETTER_AUTH_SECRET": GOOD_SECRET, "BETTER_AUTH_URL": "https://auth.example.com"},
+    ],
+)
+def test_production_starts_with_auth_configured(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    assert from_env(monkeypatch, APP_ENV="production", **env).app_env is AppEnv.production
+
+
+def test_development_accepts_a_short_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The strength check is a production guard, not a development obstacle."""
+    settings = from_env(monkeypatch, APP_ENV="development", BETTER_AUTH_SECRET="dev")
+    assert settings.better_auth_secret is not None
+
+
+def test_secret_is_never_in_repr_or_str(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = from_env(
+        monkeypatch,
+        BETTER_AUTH_SECRET=GOOD_SECRET,
+        DATABASE_URL="postgresql://app:db-password-123@db.example.com/app",
+    )
+    assert settings.better_auth_secret is not None
+    assert settings.better_auth_secret.get_secret_value() == GOOD_SECRET
+    for text in (repr(settings), str(settings), f"{settings}", f"{settings!r}"):
+        assert GOOD_SECRET not in text
+        assert "db-password-123" not in text
+    assert GOOD_SECRET not in settings.model_dump_json()
+
+
+# Auth defaults ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base", "origin"),
+    [
+        ("https://auth.example.com", "https://auth.example.com"),
+        ("https://auth.example.com/", "https://auth.example.com"),
+        ("http://127.0.0.1:3000", "http://127.0.0.1:3000"),
+        ("https://example.com:8443/app/", "https://example.com:8443"),
+    ],
+)
+def test_issuer_and_audience_default_to_the_origin(
+    monkeypatch: pytest.MonkeyPatch, base: str, origin: str
+) -> None:
+    """Better Auth puts the origin of its base URL in `iss` and `aud`."""
+    settings = from_env(monkeypatch, BETTER_AUTH_URL=base)
+    assert settings.expected_issuer == origin
+    assert settings.expected_audience == origin
+
+
+def test_explicit_issuer_and_audience_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = from_env(
+        monkeypatch,
+        BETTER_AUTH_URL="https://auth.example.com",
+        JWT_ISSUER="https://issuer.example.com",
+        JWT_AUDIENCE="todo-api",
+    )
+    assert settings.expected_issuer == "https://issuer.example.com"
+    assert settings.expected_audience == "todo-api"
+
+
+def test_no_auth_url_means_no_jwks(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = from_env(monkeypatch, BETTER_AUTH_SECRET=GOOD_SECRET)
+    assert settings.jwks_url is None
+    assert settings.expected_issuer is None and settings.expected_audience is None
+
+
+@pytest.mark.parametrize(
+    ("base", "jwks"),
+    [
+        ("https://auth.example.com", "https://auth.example.com/api/auth/jwks"),
+        ("https://auth.example.com/", "https://auth.example.com/api/auth/jwks"),
+    ],
+)
+def test_jwks_url_defaults_under_better_auth_url(
+    monkeypatch: pytest.MonkeyPatch, base: str, jwks: str
+) -> None:
+    assert from_env(monkeypatch, BETTER_AUTH_URL=base).jwks_url == jwks
+
+
+def test_jwks_url_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = from_env(
+        monkeypatch,
+        BETTER_AUTH_URL="https://auth.example.com",
+        BETTER_AUTH_JWKS_URL="https://keys.example.com/.well-known/jwks.json",
+    )
+    assert settings.jwks_url == "https://keys.example.com/.well-known/jwks.json"
+    assert settings.expected_issuer == "https://auth.example.com"
+
+
+@pytest.mark.parametrize(("value", "ok"), [("0", True), ("60", True), ("61", False), ("-1", False)])
+def test_leeway_is_at_most_60_seconds(
+    monkeypatch: pytest.MonkeyPatch, value: str, ok: bool
+) -> None:
+    if ok:
+        assert from_env(monkeypatch, JWT_LEEWAY_SECONDS=value).jwt_leeway_seconds == int(value)
+    else:
+        with pytest.raises(ValidationError):
+            from_env(monkeypatch, JWT_LEEWAY_SECONDS=value)
+
+
+def test_cors_origins_from_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = from_env(monkeypatch, CORS_ORIGINS="https://a.example, https://b.example ,")
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]

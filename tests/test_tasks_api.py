@@ -1,0 +1,749 @@
+"""The task API through HTTP: CRUD, listing, validation, ETags, users, OpenAPI and CORS."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from audit.recorder import AuditContext
+from service import tasks as task_service
+from service.app import create_app
+from service.auth import create_dev_token
+from service.database import Database
+from service.settings import Settings
+from tests.conftest import TEST_SECRET, ApiUser
+
+PROBLEM_JSON = "application/problem+json"
+MakeUser = Callable[..., ApiUser]
+
+
+# Helpers shared by the other API test modules ---------------------------------------
+
+
+def assert_problem(resp: httpx.Response, status: int) -> dict[str, Any]:
+    """An RFC 9457 body with the right status, as every error must be."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].split(";")[0] == PROBLEM_JSON
+    body: dict[str, Any] = resp.json()
+    assert body["status"] == status
+    assert isinstance(body["type"], str) and body["type"]
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body
+
+
+def assert_validation_error(resp: httpx.Response, *fields: str) -> dict[str, Any]:
+    """400 with an `errors` list of {field, message} naming each of `fields`."""
+    body = assert_problem(resp, 400)
+    errors = body["errors"]
+    assert isinstance(errors, list) and errors
+    for error in errors:
+        assert set(error) == {"field", "message"}
+        assert isinstance(error["field"], str) and isinstance(error["message"], str)
+    named = {error["field"] for error in errors}
+    for field in fields:
+        assert field in named, body
+    return body
+
+
+def create(
+    client: TestClient | httpx.Client, user: ApiUser, title: str = "Task", **fields: Any
+) -> dict[str, Any]:
+    resp = client.post(user.url(), json={"title": title, **fields}, headers=user.headers)
+    assert resp.status_code == 201, resp.text
+    task: dict[str, Any] = resp.json()
+    return task
+
+
+def list_all(client: TestClient, user: ApiUser, **params: Any) -> list[dict[str, Any]]:
+    resp = client.get(user.url(), params=params, headers=user.headers)
+    assert resp.status_code == 200, resp.text
+    items: list[dict[str, Any]] = resp.json()
+    return items
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def titles(items: list[dict[str, Any]]) -> list[str]:
+    return [item["title"] for item in items]
+
+
+def ts(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+# Health -------------------------------------------------------------------------------
+
+
+def test_health_endpoints_need_no_auth(client: TestClient) -> None:
+    """Probes run without credentials; readiness really asks the database."""
+    assert client.get("/healthz").json() == {"status": "ok"}
+    resp = client.get("/readyz")
+    assert resp.status_code == 200
+    assert resp.json()["database"] == "ok"
+
+
+# Create -------------------------------------------------------------------------------
+
+
+def test_create_returns_201_with_location_and_etag(client: TestClient, user: ApiUser) -> None:
+    """The Location of a new task is where it can be read back."""
+    resp = client.post(
+        user.url(), json={"title": "Buy milk", "description": "2 l"}, headers=user.headers
+    )
+    assert resp.status_code == 201
+    task = resp.json()
+    assert task["title"] == "Buy milk" and task["description"] == "2 l"
+    assert task["completed"] is False and task["user_id"] == user.user_id
+    assert task["created_at"] == task["updated_at"]
+    assert resp.headers["ETag"]
+
+    location = resp.headers["Location"]
+    assert location.endswith(user.url(f"/{task['id']}"))
+    fetched = client.get(location, headers=user.headers)
+    assert fetched.status_code == 200
+    assert fetched.json() == task
+    assert fetched.headers["ETag"] == resp.headers["ETag"]
+
+
+@pytest.mark.parametrize(
+    ("title", "stored"),
+    [
+        ("  Buy milk \t\n", "Buy milk"),
+        ("x" * 200, "x" * 200),
+        ("   " + "y" * 200 + "   ", "y" * 200),
+        ("é" * 200, "é" * 200),
+        ("a", "a"),
+    ],
+)
+def test_title_is_trimmed_and_bounded_after_trimming(
+    client: TestClient, user: ApiUser, title: str, stored: str
+) -> None:
+    """The 1..200 limit applies to the trimmed title, counted in characters."""
+    assert create(client, user, title)["title"] == stored
+
+
+def test_description_bounds_and_null(client: TestClient, user: ApiUser) -> None:
+    assert create(client, user, description="d" * 1000)["description"] == "d" * 1000
+    assert create(client, user, description=None)["description"] is None
+    assert create(client, user)["description"] is None
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"title": ""}, "title"),
+        ({"title": "   \t "}, "title"),
+        ({"title": "x" * 201}, "title"),
+        ({"title": " " + "x" * 201 + " "}, "title"),
+        ({"title": None}, "title"),
+        ({"title": 5}, "title"),
+        ({}, "title"),
+        ({"description": "no title"}, "title"),
+        ({"title": "a\x00b"}, "title"),
+        ({"title": "ok", "description": "d" * 1001}, "description"),
+        ({"title": "ok", "description": "nul \x00 inside"}, "description"),
+        ({"title": "ok", "description": 7}, "description"),
+        ({"title": "ok", "id": 1}, "id"),
+        ({"title": "ok", "user_id": "someone-else"}, "user_id"),
+        ({"title": "ok", "completed": True}, "completed"),
+        ({"title": "ok", "created_at": "2020-01-01T00:00:00Z"}, "created_at"),
+        ({"title": "ok", "updated_at": "2020-01-01T00:00:00Z"}, "updated_at"),
+        (["title"], "body"),
+        ("just a string", "body"),
+    ],
+)
+def test_create_rejects_invalid_bodies(
+    client: TestClient, user: ApiUser, body: Any, field: str
+) -> None:
+    """Bad input is a 400 naming the field, unknown fields included; nothing is stored."""
+    resp = client.post(user.url(), json=body, headers=user.headers)
+    assert_validation_error(resp, field)
+    assert list_all(client, user) == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"title": "\\u0000"}',
+        b'{"title": "ok", "description": "a\\u0000b"}',
+        b'{"title": "\\ud800"}',
+        b'{"title": "ok",',
+        b"\xff\xfe",
+    ],
+)
+def test_create_rejects_bad_json_without_500(client: TestClient, user: ApiUser, raw: bytes) -> None:
+    """NUL, lone surrogates and broken JSON are client errors, never a database error."""
+    resp = client.post(
+        user.url(), content=raw, headers={**user.headers, "Content-Type": "application/json"}
+    )
+    assert_validation_error(resp)
+    assert list_all(client, user) == []
+
+
+# List ---------------------------------------------------------------------------------
+
+
+def test_list_defaults_to_all_newest_first(client: TestClient, user: ApiUser) -> None:
+    first = create(client, user, "first")
+    second = create(client, user, "second")
+    client.patch(user.url(f"/{first['id']}/complete"), headers=user.headers)
+    resp = client.get(user.url(), headers=user.headers)
+    assert resp.status_code == 200
+    assert [t["id"] for t in resp.json()] == [second["id"], first["id"]]
+    assert resp.headers["X-Total-Count"] == "2"
+    assert "Link" not in resp.headers
+
+
+def test_status_filter(client: TestClient, user: ApiUser) -> None:
+    done = create(client, user, "done")
+    create(client, user, "open")
+    client.patch(user.url(f"/{done['id']}/complete"), headers=user.headers)
+    assert titles(list_all(client, user, status="completed")) == ["done"]
+    assert titles(list_all(client, user, status="pending")) == ["open"]
+    assert sorted(titles(list_all(client, user, status="all"))) == ["done", "open"]
+    resp = client.get(user.url(), params={"status": "pending"}, headers=user.headers)
+    assert resp.headers["X-Total-Count"] == "1"
+
+
+def test_search_is_case_insensitive_in_title_and_description(
+    client: TestClient, user: ApiUser
+) -> None:
+    create(client, user, "Buy MILK")
+    create(client, user, "Groceries", description="oat milk and bread")
+    create(client, user, "Call mum")
+    assert sorted(titles(list_all(client, user, q="milk"))) == ["Buy MILK", "Groceries"]
+    assert titles(list_all(client, user, q="BREAD")) == ["Groceries"]
+    assert titles(list_all(client, user, q="mUm")) == ["Call mum"]
+    assert list_all(client, user, q="nothing like it") == []
+
+
+@pytest.mark.parametrize(
+    ("q", "expected"),
+    [
+        ("%", ["100% sure"]),
+        ("100%", ["100% sure"]),
+        ("_", ["a_b"]),
+        ("a_b", ["a_b"]),
+        ("/", ["c/d"]),
+        ("\\", ["back\\slash"]),
+    ],
+)
+def test_search_takes_wildcards_literally(
+    client: TestClient, user: ApiUser, q: str, expected: list[str]
+) -> None:
+    """`%` and `_` are characters to find, not LIKE patterns."""
+    for title in ("100% sure", "1000 things", "a_b", "axb", "c/d", "back\\slash"):
+        create(client, user, title)
+    assert titles(list_all(client, user, q=q)) == expected
+
+
+def test_search_with_status_filter_and_count(client: TestClient, user: ApiUser) -> None:
+    done = create(client, user, "report A")
+    create(client, user, "report B")
+    create(client, user, "other")
+    client.patch(user.url(f"/{done['id']}/complete"), headers=user.headers)
+    resp = client.get(user.url(), params={"q": "report", "status": "pending"}, headers=user.headers)
+    assert titles(resp.json()) == ["report B"]
+    assert resp.headers["X-Total-Count"] == "1"
+
+
+def test_sort_and_order(client: TestClient, user: ApiUser) -> None:
+    """Every sort field in both orders; equal keys are ordered by id, the same way."""
+    a = create(client, user, "bravo")
+    b = create(client, user, "alpha")
+    c = create(client, user, "charlie")
+    d = create(client, user, "alpha")  # ties with b on title
+    ids = {t["id"]: name for t, name in ((a, "a"), (b, "b"), (c, "c"), (d, "d"))}
+
+    def order(**params: str) -> list[str]:
+        return [ids[t["id"]] for t in list_all(client, user, **params)]
+
+    assert order() == ["d", "c", "b", "a"]
+    assert order(sort="created_at", order="desc") == ["d", "c", "b", "a"]
+    assert order(sort="created_at", order="asc") == ["a", "b", "c", "d"]
+    assert order(sort="title", order="asc") == ["b", "d", "a", "c"]
+    assert order(sort="title", order="desc") == ["c", "a", "d", "b"]
+
+    client.put(user.url(f"/{b['id']}"), json={"description": "touched"}, headers=user.headers)
+    client.put(user.url(f"/{a['id']}"), json={"description": "touched"}, headers=user.headers)
+    assert order(sort="updated_at", order="desc") == ["a", "b", "d", "c"]
+    assert order(sort="updated_at", order="asc") == ["c", "d", "b", "a"]
+
+
+def test_sort_ties_are_broken_by_id(client: TestClient, user: ApiUser) -> None:
+    """Same title everywhere: the only stable order is the id."""
+    made = [create(client, user, "same")["id"] for _ in range(4)]
+    assert [t["id"] for t in list_all(client, user, sort="title")] == sorted(made, reverse=True)
+    assert [t["id"] for t in list_all(client, user, sort="title", order="asc")] == sorted(made)
+
+
+def _next_link(resp: httpx.Response) -> str | None:
+    header = resp.headers.get("Link")
+    if header is None:
+        return None
+    match = re.fullmatch(r'<([^>]+)>; rel="next"', header)
+    assert match, header
+    return match.group(1)
+
+
+def test_pagination_with_total_and_next_link(client: TestClient, user: ApiUser) -> None:
+    """Following rel="next" visits every task once, in order; the last page has no Link."""
+    made = [create(client, user, f"t{i}")["id"] for i in range(5)]
+    resp = client.get(user.url(), params={"limit": 2}, headers=user.headers)
+    seen: list[int] = []
+    pages = 0
+    while True:
+        assert resp.status_code == 200
+        assert resp.headers["X-Total-Count"] == "5"
+        seen += [t["id"] for t in resp.json()]
+        pages += 1
+        link = _next_link(resp)
+        if link is None:
+            break
+        assert "limit=2" in link
+        resp = client.get(link, headers=user.headers)
+    assert pages == 3
+    assert seen == sorted(made, reverse=True)
+
+    exact = client.get(user.url(), params={"limit": 5}, headers=user.headers)
+    assert len(exact.json()) == 5 and "Link" not in exact.headers
+    beyond = client.get(user.url(), params={"offset": 10}, headers=user.headers)
+    assert beyond.json() == [] and beyond.headers["X-Total-Count"] == "5"
+    assert "Link" not in beyond.headers
+
+
+def test_pagination_keeps_filters_in_next_link(client: TestClient, user: ApiUser) -> None:
+    for i in range(3):
+        create(client, user, f"match {i}")
+    create(client, user, "other")
+    resp = client.get(
+        user.url(),
+        params={"q": "match", "limit": 2, "sort": "title", "order": "asc"},
+        headers=user.headers,
+    )
+    assert resp.headers["X-Total-Count"] == "3"
+    link = _next_link(resp)
+    assert link is not None
+    last = client.get(link, headers=user.headers)
+    assert titles(last.json()) == ["match 2"]
+    assert _next_link(last) is None
+
+
+def test_default_limit_is_100(client: TestClient, user: ApiUser, database: Database) -> None:
+    """101 tasks (made through the service layer, in one transaction): a page of 100."""
+    client.get(user.url(), headers=user.headers)  # provisions the user row
+    with database.unit_of_work() as session:
+        for i in range(101):
+            task_service.create_task(
+                session,
+                AuditContext(actor_id=user.user_id),
+                user.user_id,
+                title=f"bulk {i}",
+                description=None,
+            )
+    resp = client.get(user.url(), headers=user.headers)
+    assert len(resp.json()) == 100
+    assert resp.headers["X-Total-Count"] == "101"
+    link = _next_link(resp)
+    assert link is not None and "offset=100" in link
+    rest = client.get(link, headers=user.headers)
+    assert titles(rest.json()) == ["bulk 0"]
+    big = client.get(user.url(), params={"limit": 500}, headers=user.headers)
+    assert len(big.json()) == 101 and "Link" not in big.headers
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"limit": 0}, "query.limit"),
+        ({"limit": 501}, "query.limit"),
+        ({"limit": -1}, "query.limit"),
+        ({"limit": "ten"}, "query.limit"),
+        ({"offset": -1}, "query.offset"),
+        ({"status": "done"}, "query.status"),
+        ({"sort": "priority"}, "query.sort"),
+        ({"sort": "id; DROP TABLE tasks"}, "query.sort"),
+        ({"order": "sideways"}, "query.order"),
+        ({"q": "x" * 201}, "query.q"),
+    ],
+)
+def test_list_rejects_bad_parameters(
+    client: TestClient, user: ApiUser, params: dict[str, Any], field: str
+) -> None:
+    assert_validation_error(client.get(user.url(), params=params, headers=user.headers), field)
+
+
+def test_search_with_nul_is_400(client: TestClient, user: ApiUser) -> None:
+    assert_problem(client.get(user.url(), params={"q": "a\x00b"}, headers=user.headers), 400)
+
+
+# Update (PUT) -------------------------------------------------------------------------
+
+
+def test_put_is_partial(client: TestClient, user: ApiUser) -> None:
+    """Absent fields stay; description null clears it; created_at never moves."""
+    task = create(client, user, "Write report", description="by Friday")
+    url = user.url(f"/{task['id']}")
+
+    done = client.put(url, json={"completed": True}, headers=user.headers).json()
+    assert (done["title"], done["description"], done["completed"]) == (
+        "Write report",
+        "by Friday",
+        True,
+    )
+    renamed = client.put(url, json={"title": "  Write the report "}, headers=user.headers).json()
+    assert (renamed["title"], renamed["description"], renamed["completed"]) == (
+        "Write the report",
+        "by Friday",
+        True,
+    )
+    cleared = client.put(url, json={"description": None}, headers=user.headers).json()
+    assert cleared["description"] is None and cleared["title"] == "Write the report"
+    everything = client.put(
+        url, json={"title": "T", "description": "D", "completed": False}, headers=user.headers
+    ).json()
+    assert (everything["title"], everything["description"], everything["completed"]) == (
+        "T",
+        "D",
+        False,
+    )
+    for version in (done, renamed, cleared, everything):
+        assert version["created_at"] == task["created_at"]
+    assert client.get(url, headers=user.headers).json() == everything
+
+
+def test_updated_at_strictly_increases_on_every_change(client: TestClient, user: ApiUser) -> None:
+    task = create(client, user, "tick")
+    url = user.url(f"/{task['id']}")
+    stamps = [ts(task["updated_at"])]
+    for i in range(6):
+        changed = client.put(url, json={"title": f"tick {i}"}, headers=user.headers).json()
+        stamps.append(ts(changed["updated_at"]))
+        toggled = client.patch(url + "/complete", headers=user.headers).json()
+        stamps.append(ts(toggled["updated_at"]))
+        assert changed["created_at"] == toggled["created_at"] == task["created_at"]
+    assert all(later > earlier for earlier, later in itertools.pairwise(stamps))
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "body"),
+        ({"title": None}, "body"),
+        ({"completed": None}, "body"),
+        ({"title": ""}, "title"),
+        ({"title": "   "}, "title"),
+        ({"title": "x" * 201}, "title"),
+        ({"title": "a\x00"}, "title"),
+        ({"description": "d" * 1001}, "description"),
+        ({"completed": "maybe"}, "completed"),
+        ({"id": 99}, "id"),
+        ({"user_id": "other"}, "user_id"),
+        ({"created_at": "2020-01-01T00:00:00Z"}, "created_at"),
+        ({"title": "ok", "priority": 1}, "priority"),
+        (None, "body"),
+    ],
+)
+def test_put_rejects_invalid_bodies_and_changes_nothing(
+    client: TestClient, user: ApiUser, body: Any, field: str
+) -> None:
+    task = create(client, user, "keep", description="as is")
+    url = user.url(f"/{task['id']}")
+    kwargs: dict[str, Any] = {"json": body} if body is not None else {}
+    assert_validation_error(client.put(url, headers=user.headers, **kwargs), field)
+    assert client.get(url, headers=user.headers).json() == task
+
+
+# Delete -------------------------------------------------------------------------------
+
+
+def test_delete_then_gone_for_every_method(client: TestClient, user: ApiUser) -> None:
+    task = create(client, user, "temporary")
+    url = user.url(f"/{task['id']}")
+    resp = client.delete(url, headers=user.headers)
+    assert resp.status_code == 204 and resp.content == b""
+    assert_problem(client.get(url, headers=user.headers), 404)
+    assert_problem(client.delete(url, headers=user.headers), 404)
+    assert_problem(client.put(url, json={"title": "x"}, headers=user.headers), 404)
+    assert_problem(client.patch(url + "/complete", headers=user.headers), 404)
+    assert list_all(client, user) == []
+
+
+# Complete (PATCH) ---------------------------------------------------------------------
+
+
+def test_patch_without_body_toggles(client: TestClient, user: ApiUser) -> None:
+    task = create(client, user)
+    url = user.url(f"/{task['id']}/complete")
+    assert client.patch(url, headers=user.headers).json()["completed"] is True
+    assert client.patch(url, headers=user.headers).json()["completed"] is False
+    empty_json = client.patch(
+        url, content=b"", headers={**user.headers, "Content-Type": "application/json"}
+    )
+    assert empty_json.json()["completed"] is True
+
+
+def test_patch_with_body_sets(client: TestClient, user: ApiUser) -> None:
+    """Setting is idempotent: true twice stays true (and the second is not a change)."""
+    task = create(client, user)
+    url = user.url(f"/{task['id']}/complete")
+    first = client.patch(url, json={"completed": True}, headers=user.headers)
+    assert first.json()["completed"] is True
+    again = client.patch(url, json={"completed": True}, headers=user.headers)
+    assert again.json()["completed"] is True
+    assert again.json()["updated_at"] == first.json()["updated_at"]
+    assert again.headers["ETag"] == first.headers["ETag"]
+    assert (
+        client.patch(url, json={"completed": False}, headers=user.headers).json()["completed"]
+        is False
+    )
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"completed": None}, {"completed": "sure"}, {"completed": True, "x": 1}, [True]]
+)
+def test_patch_rejects_invalid_bodies(client: TestClient, user: ApiUser, body: Any) -> None:
+    task = create(client, user)
+    url = user.url(f"/{task['id']}")
+    assert_validation_error(client.patch(url + "/complete", json=body, headers=user.headers))
+    assert client.get(url, headers=user.headers).json()["completed"] is False
+
+
+# ETag / If-Match ----------------------------------------------------------------------
+
+
+def test_etag_on_every_task_response_and_changes_with_the_task(
+    client: TestClient, user: ApiUser
+) -> None:
+    created = client.post(user.url(), json={"title": "tagged"}, headers=user.headers)
+    url = user.url(f"/{created.json()['id']}")
+    got = client.get(url, headers=user.headers)
+    put = client.put(url, json={"title": "retagged"}, headers=user.headers)
+    patched = client.patch(url + "/complete", headers=user.headers)
+    tags = [r.headers["ETag"] for r in (created, got, put, patched)]
+    assert all(re.fullmatch(r'"[^"]+"', tag) for tag in tags)
+    assert tags[0] == tags[1]
+    assert len({tags[1], tags[2], tags[3]}) == 3
+    assert client.get(url, headers=user.headers).headers["ETag"] == tags[3]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("PUT", "", {"title": "changed"}),
+        ("PATCH", "/complete", None),
+        ("PATCH", "/complete", {"completed": True}),
+        ("DELETE", "", None),
+    ],
+)
+def test_if_match(client: TestClient, user: ApiUser, method: str, path: str, body: Any) -> None:
+    """A stale tag is 412 and changes nothing; the current tag (or none) goes through."""
+    task = create(client, user, "original")
+    url = user.url(f"/{task['id']}")
+    stale = client.get(url, headers=user.headers).headers["ETag"]
+    client.put(url, json={"description": "moved on"}, headers=user.headers)
+    current = client.get(url, headers=user.headers)
+
+    def send(if_match: str | None) -> httpx.Response:
+        headers = dict(user.headers)
+        if if_match is not None:
+            headers["If-Match"] = if_match
+        return client.request(method, url + path, json=body, headers=headers)
+
+    assert_problem(send(stale), 412)
+    after = client.get(url, headers=user.headers)
+    assert after.json() == current.json() and after.headers["ETag"] == current.headers["ETag"]
+
+    assert send(current.headers["ETag"]).status_code in (200, 204)
+    if method != "DELETE":
+        assert send(None).status_code == 200
+
+
+def test_if_match_on_missing_task_is_404(client: TestClient, user: ApiUser) -> None:
+    headers = {**user.headers, "If-Match": '"1-1"'}
+    assert_problem(client.put(user.url("/999999999"), json={"title": "x"}, headers=headers), 404)
+
+
+# Users table --------------------------------------------------------------------------
+
+
+def _user_row(database: Database, user_id: str) -> tuple[Any, ...] | None:
+    with database.engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT email, name FROM users WHERE id = :id"), {"id": user_id}
+        ).first()
+    return tuple(row) if row else None
+
+
+def test_user_row_created_then_refreshed_from_claims(
+    client: TestClient, user: ApiUser, database: Database
+) -> None:
+    """First sight of a user creates the row; changed claims in a later token update it."""
+    assert _user_row(database, user.user_id) is None
+    first = create_dev_token(TEST_SECRET, user.user_id, email="first@example.com", name="First")
+    assert client.get(user.url(), headers=bearer(first)).status_code == 200
+    assert _user_row(database, user.user_id) == ("first@example.com", "First")
+
+    second = create_dev_token(TEST_SECRET, user.user_id, email="second@example.com", name="2nd")
+    assert client.get(user.url(), headers=bearer(second)).status_code == 200
+    assert _user_row(database, user.user_id) == ("second@example.com", "2nd")
+
+
+@pytest.mark.parametrize(
+    ("email", "name"),
+    [("e" * 400 + "@example.com", "ok"), ("ok@example.com", "n" * 300), ("a\x00@b.c", "x\x00y")],
+)
+def test_unstorable_claims_do_not_break_requests(
+    client: TestClient, make_user: MakeUser, database: Database, email: str, name: str
+) -> None:
+    """A valid token whose email/name the users table cannot hold is not a 500."""
+    user = make_user(email=email, name=name)
+    assert client.get(user.url(), headers=user.headers).status_code == 200
+    row = _user_row(database, user.user_id)
+    assert row is not None
+    assert (row[0] == email) == (len(email) <= 320 and "\x00" not in email)
+
+
+# OpenAPI ------------------------------------------------------------------------------
+
+EXPECTED_CODES = {
+    ("/api/{user_id}/tasks", "get"): {"200", "400", "401", "403", "500", "503"},
+    ("/api/{user_id}/tasks", "post"): {"201", "400", "401", "403", "413", "415", "500", "503"},
+    ("/api/{user_id}/tasks/{task_id}", "get"): {"200", "400", "401", "403", "404", "500", "503"},
+    ("/api/{user_id}/tasks/{task_id}", "put"): {
+        "200",
+        "400",
+        "401",
+        "403",
+        "404",
+        "412",
+        "413",
+        "415",
+        "500",
+        "503",
+    },
+    ("/api/{user_id}/tasks/{task_id}", "delete"): {
+        "204",
+        "400",
+        "401",
+        "403",
+        "404",
+        "412",
+        "500",
+        "503",
+    },
+    ("/api/{user_id}/tasks/{task_id}/complete", "patch"): {
+        "200",
+        "400",
+        "401",
+        "403",
+        "404",
+        "412",
+        "413",
+        "415",
+        "500",
+        "503",
+    },
+    ("/readyz", "get"): {"200", "503"},
+    ("/healthz", "get"): {"200"},
+}
+
+
+def test_openapi_documents_responses_and_bearer_security(client: TestClient) -> None:
+    """Every code a route can answer is documented (and 422, which it never sends, is not)."""
+    spec = client.get("/openapi.json").json()
+    schemes = spec["components"]["securitySchemes"]
+    bearer_schemes = [
+        name
+        for name, scheme in schemes.items()
+        if scheme["type"] == "http" and scheme["scheme"] == "bearer"
+    ]
+    assert len(bearer_schemes) == 1
+    scheme_name = bearer_schemes[0]
+    assert schemes[scheme_name].get("bearerFormat") == "JWT"
+
+    for (path, method), codes in EXPECTED_CODES.items():
+        operation = spec["paths"][path][method]
+        documented = set(operation["responses"])
+        assert codes <= documented, (path, method, codes - documented)
+        assert "422" not in documented, (path, method)
+        for code, response in operation["responses"].items():
+            if code[0] in "45":
+                content = response["content"]
+                assert set(content) == {PROBLEM_JSON}, (path, method, code)
+                assert content[PROBLEM_JSON]["schema"]["$ref"].endswith("/Problem")
+        if path.startswith("/api/"):
+            assert operation["security"] == [{scheme_name: []}]
+        else:
+            assert not operation.get("security")
+    problem = spec["components"]["schemas"]["Problem"]
+    assert {"type", "title", "status", "detail", "errors"} <= set(problem["properties"])
+
+
+# CORS ---------------------------------------------------------------------------------
+
+ORIGIN = "https://app.example.com"
+
+
+@pytest.fixture
+def cors_client(settings: Settings, database: Database) -> Any:
+    app: FastAPI = create_app(settings.model_copy(update={"cors_origins": [ORIGIN]}), database)
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def _header_set(value: str) -> set[str]:
+    return {item.strip().lower() for item in value.split(",")}
+
+
+def test_cors_preflight_allows_the_api_headers(cors_client: TestClient, user: ApiUser) -> None:
+    wanted = [
+        "Authorization",
+        "Content-Type",
+        "traceparent",
+        "tracestate",
+        "If-Match",
+        "Idempotency-Key",
+        "X-Request-ID",
+    ]
+    resp = cors_client.options(
+        user.url("/1"),
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": ", ".join(wanted),
+        },
+    )
+    assert resp.status_code == 200
+    assert resp.headers["access-control-allow-origin"] == ORIGIN
+    assert {h.lower() for h in wanted} <= _header_set(resp.headers["access-control-allow-headers"])
+    assert "PUT" in resp.headers["access-control-allow-methods"]
+
+
+def test_cors_exposes_response_headers(cors_client: TestClient, user: ApiUser) -> None:
+    resp = cors_client.get(user.url(), headers={**user.headers, "Origin": ORIGIN})
+    assert resp.status_code == 200
+    assert resp.headers["access-control-allow-origin"] == ORIGIN
+    exposed = _header_set(resp.headers["access-control-expose-headers"])
+    assert {"etag", "location", "x-request-id", "x-total-count", "link"} <= exposed
+
+
+def test_cors_refuses_other_origins(cors_client: TestClient, user: ApiUser) -> None:
+    resp = cors_client.options(
+        user.url(),
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert resp.status_code == 400
+    assert "access-control-allow-origin" not in resp.headers
