@@ -80,6 +80,8 @@ def create_app(
     app.include_router(tasks_router)
     app.include_router(audit_router)
 
+    # The last added is the outermost: CORS headers go on 413 and 415 answers too.
+    app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -89,7 +91,6 @@ def create_app(
             expose_headers=CORS_EXPOSE_HEADERS,
             max_age=600,
         )
-    app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)
     observe_app(app, db.engine, provider)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -10,24 +11,29 @@ from alembic.config import Config
 
 from alembic import command
 from audit.cli import register as register_audit
+from observability import configure_logging
 from service.auth import create_dev_token
 from service.database import normalize_database_url, safe_url
 from service.settings import ConfigError, Settings, get_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("service.cli")
 
 
 def alembic_config(database_url: str) -> Config:
+    """Alembic's configuration; its log lines go through the app's logging, not its own."""
     config = Config(str(REPO_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
     config.attributes["database_url"] = database_url
+    config.attributes["configure_logging"] = False
     return config
 
 
 def migrate(settings: Settings) -> None:
-    print(
-        f"Migrating {safe_url(normalize_database_url(settings.database_url))} to head",
-        file=sys.stderr,
+    configure_logging(settings, exclusive=True)
+    log.info(
+        "migrating the database to head",
+        extra={"database": safe_url(normalize_database_url(settings.database_url))},
     )
     command.upgrade(alembic_config(settings.database_url), "head")
 
@@ -35,14 +41,11 @@ def migrate(settings: Settings) -> None:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from observability import configure_logging
-
-    if not args.no_migrate:
-        migrate(settings)
-    # After the migration (Alembic's logging config adds a stderr handler): from here on
-    # every line, uvicorn's supervisor included, is ours. Each worker configures itself
+    # Every line, uvicorn's supervisor included, is ours; each worker configures itself
     # again when it imports the app.
     configure_logging(settings, exclusive=True)
+    if not args.no_migrate:
+        migrate(settings)
     if settings.needs_dev_secret:
         settings.with_dev_secret()
         print(

@@ -46,6 +46,7 @@ def build_engine(settings: Settings, url: str | None = None) -> Engine:
             db_url,
             connect_args={"check_same_thread": False},
             pool_pre_ping=True,
+            hide_parameters=True,
         )
         event.listen(engine, "connect", _enable_sqlite_pragmas)
         return engine
@@ -69,6 +70,8 @@ def build_engine(settings: Settings, url: str | None = None) -> Engine:
         # Neon closes idle connections; never hand out one older than this.
         pool_recycle=settings.db_pool_recycle_seconds,
         pool_pre_ping=True,
+        # Error messages and logs never carry statement parameters (task text, user data).
+        hide_parameters=True,
     )
 
 

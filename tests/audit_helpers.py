@@ -97,7 +97,6 @@ def scratch_database() -> Iterator[str]:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
         url = _server_url().set(database=name).render_as_string(hide_password=False)
         config = alembic_config(url)
-        config.attributes["configure_logging"] = False
         command.upgrade(config, "head")
         yield url
     finally:

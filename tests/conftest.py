@@ -60,7 +60,6 @@ def database_url() -> Iterator[str]:
         )
     url = server.set(database=name).render_as_string(hide_password=False)
     config = alembic_config(url)
-    config.attributes["configure_logging"] = False
     command.upgrade(config, "head")
     yield url
     with admin.connect() as conn:
