@@ -58,6 +58,10 @@ class SortOrder(StrEnum):
     desc = "desc"
 
 
+def etag_for(task_id: int, version: int) -> str:
+    return f'"{task_id}-{version}"'
+
+
 @dataclass(frozen=True, slots=True)
 class TaskRecord:
     id: int
@@ -87,7 +91,7 @@ class TaskRecord:
 
     @property
     def etag(self) -> str:
-        return f'"{self.id}-{self.version}"'
+        return etag_for(self.id, self.version)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,15 +262,27 @@ def create_task(
     return TaskChange(task=task, event=event)
 
 
+def _completion_action(completed: bool) -> str:
+    return "task.completed" if completed else "task.reopened"
+
+
 def _apply(
     session: Session,
     ctx: AuditContext,
     current: TaskRecord,
     values: dict[str, Any],
-    action: str,
 ) -> TaskChange:
-    """Write the changed fields of a locked task and record the event; a no-op writes nothing."""
+    """Write the changed fields of a locked task and record the event; a no-op writes nothing.
+
+    A change of the completion flag alone is `task.completed` / `task.reopened`, whichever
+    endpoint made it; any other change is `task.updated`.
+    """
     changed = {k: v for k, v in values.items() if getattr(current, k) != v}
+    action = (
+        _completion_action(changed["completed"])
+        if changed.keys() == {"completed"}
+        else "task.updated"
+    )
     if not changed:
         return TaskChange(task=current, event=None)
     row = session.execute(
@@ -295,7 +311,7 @@ def update_task(
 ) -> TaskChange:
     current = _lock_task(session, user_id, task_id)
     _check_version(current, if_match)
-    return _apply(session, ctx, current, data.changes(), "task.updated")
+    return _apply(session, ctx, current, data.changes())
 
 
 def set_completed(
@@ -311,8 +327,7 @@ def set_completed(
     current = _lock_task(session, user_id, task_id)
     _check_version(current, if_match)
     target = (not current.completed) if completed is None else completed
-    action = "task.completed" if target else "task.reopened"
-    return _apply(session, ctx, current, {"completed": target}, action)
+    return _apply(session, ctx, current, {"completed": target})
 
 
 def delete_task(

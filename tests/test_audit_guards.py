@@ -107,7 +107,10 @@ def test_every_api_write_passes_the_guard(
     steps: list[tuple[str, str, dict[str, Any] | None, str]] = [
         ("PUT", path, {"title": "Path 2"}, "task.updated"),
         ("PUT", path, {"description": None}, "task.updated"),
-        ("PUT", path, {"completed": True}, "task.updated"),
+        # The completion flag alone is a completion, whichever endpoint changes it.
+        ("PUT", path, {"completed": True}, "task.completed"),
+        ("PUT", path, {"completed": False, "title": "Path 3"}, "task.updated"),
+        ("PUT", path, {"completed": True}, "task.completed"),
         ("PATCH", path + "/complete", None, "task.reopened"),  # no body: toggle
         ("PATCH", path + "/complete", {"completed": True}, "task.completed"),
         ("PATCH", path + "/complete", {"completed": False}, "task.reopened"),

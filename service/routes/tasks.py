@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from pydantic import TypeAdapter
 
-from service import tasks
+from service import idempotency, tasks
 from service.deps import AuditCtx, CurrentUser, SessionDep, TaskIdPath, UserIdPath
 from service.errors import InvalidInput
 from service.models import TaskCompletion, TaskCreate, TaskPublic, TaskUpdate
@@ -21,6 +22,14 @@ IfMatch = Annotated[
     Header(
         max_length=256,
         description="ETag from an earlier response; a stale one gives 412.",
+    ),
+]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        max_length=idempotency.KEY_MAX,
+        description="Makes a retried create safe: the same key and body within 24 hours "
+        "return the first response (same task); the same key with another body is 409.",
     ),
 ]
 SEARCH_MAX = 200
@@ -105,7 +114,7 @@ def list_tasks(
     "",
     response_model=TaskPublic,
     status_code=status.HTTP_201_CREATED,
-    responses=error_responses(400, 401, 403, 413, 415),
+    responses=error_responses(400, 401, 403, 409, 413, 415),
     summary="Create a task",
 )
 def create_task(
@@ -114,13 +123,39 @@ def create_task(
     ctx: AuditCtx,
     session: SessionDep,
     body: TaskCreate,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> Any:
+    fingerprint = ""
+    if idempotency_key is not None:
+        key = idempotency.validate_key(idempotency_key)
+        fingerprint = idempotency.request_fingerprint(body.model_dump())
+        stored = idempotency.claim(session, user.user_id, key, fingerprint)
+        if stored is not None:
+            return _created(request, user.user_id, stored.body, replayed=True)
     change = tasks.create_task(
         session, ctx, user.user_id, title=body.title, description=body.description
     )
     assert change.task is not None
-    location = request.url_for("get_task", user_id=user.user_id, task_id=change.task.id)
-    return _task_response(change.task, status.HTTP_201_CREATED, {"Location": str(location)})
+    public = _public(change.task).model_dump(mode="json")
+    if idempotency_key is not None:
+        idempotency.store_response(session, user.user_id, idempotency_key, 201, public)
+    return _created(request, user.user_id, public)
+
+
+def _created(
+    request: Request, user_id: str, public: dict[str, Any], *, replayed: bool = False
+) -> Response:
+    task_id = public["id"]
+    headers = {
+        "Location": str(request.url_for("get_task", user_id=user_id, task_id=task_id)),
+        # A new task is at version 1; a replay answers exactly as the first response did.
+        "ETag": tasks.etag_for(task_id, 1),
+    }
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return _json(
+        json.dumps(public, separators=(",", ":")).encode(), status.HTTP_201_CREATED, headers
+    )
 
 
 @router.get(
