@@ -226,19 +226,25 @@ class TokenVerifier:
     # Public API -----------------------------------------------------------
 
     def verify(self, token: str) -> Principal:
-        if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
-            raise AuthError("malformed token")
-        if not token.isascii():
-            raise AuthError("malformed token")
-
-        cache_key = hashlib.sha256(token.encode("ascii")).digest()
-        cached = self._cache_get(cache_key)
+        cached = self.cached(token)
         if cached is not None:
             return cached
-
         principal = self._verify_uncached(token)
-        self._cache_put(cache_key, principal)
+        self._cache_put(self._cache_key(token), principal)
         return principal
+
+    def cached(self, token: str) -> Principal | None:
+        """The principal of an already verified, unexpired token; never blocks on I/O.
+
+        Lets an async caller skip the thread hop that `verify` may need for a JWKS fetch.
+        """
+        return self._cache_get(self._cache_key(token))
+
+    @staticmethod
+    def _cache_key(token: str) -> bytes:
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH or not token.isascii():
+            raise AuthError("malformed token")
+        return hashlib.sha256(token.encode("ascii")).digest()
 
     # Verification ---------------------------------------------------------
 

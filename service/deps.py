@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, Path, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry import trace
 from sqlalchemy.orm import Session
@@ -18,6 +20,7 @@ from service.database import Database
 from service.errors import Forbidden
 from service.models import EMAIL_MAX, NAME_MAX, USER_ID_MAX
 from service.settings import Settings
+from service.users import UserProvisioner
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -39,20 +42,36 @@ UserIdPath = Annotated[
 TaskIdPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="The task's id")]
 
 
-def get_settings_dep(request: Request) -> Settings:
+# Dependencies that do no I/O are `async def`: a sync one costs a thread-pool round trip.
+
+
+async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:
     db: Database = request.app.state.db
     return db
 
 
-def get_session(db: Annotated[Database, Depends(get_database)]) -> Iterator[Session]:
-    """One unit of work per request, committed before the response is sent."""
-    with db.unit_of_work() as session:
+async def get_session(db: Annotated[Database, Depends(get_database)]) -> AsyncIterator[Session]:
+    """One unit of work per request, committed before the response is sent.
+
+    Opening a session does no I/O; the commit (or rollback) and the close run in a worker
+    thread of their own limiter, never waiting for a thread-pool token that requests queued
+    behind this one's row locks could be holding.
+    """
+    unit = db.unit_of_work()
+    session = unit.__enter__()
+    try:
         yield session
+    except BaseException as exc:
+        await to_thread.run_sync(
+            unit.__exit__, type(exc), exc, exc.__traceback__, limiter=CapacityLimiter(1)
+        )
+        raise
+    await to_thread.run_sync(unit.__exit__, None, None, None, limiter=CapacityLimiter(1))
 
 
 # scope="function": the commit runs when the route returns, so a failed commit is an
@@ -61,23 +80,32 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-def get_current_user(
+async def get_current_user(
     request: Request,
     user_id: UserIdPath,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Principal:
-    """The token's user, who must be the `{user_id}` of the URL."""
+    """The token's user, who must be the `{user_id}` of the URL.
+
+    Blocking work (a JWKS fetch, a first-seen user's row) goes to a thread; the common case,
+    a cached token of a known user, does not.
+    """
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise AuthError("missing bearer token")
     verifier: TokenVerifier = request.app.state.verifier
-    principal = verifier.verify(credentials.credentials)
+    principal = verifier.cached(credentials.credentials)
+    if principal is None:
+        principal = await run_in_threadpool(verifier.verify, credentials.credentials)
     if principal.user_id != user_id:
         raise Forbidden("The token does not belong to this user.")
     span = trace.get_current_span()
     if span.is_recording():
         span.set_attribute("enduser.id", principal.user_id)
     request.state.user_id = principal.user_id
-    request.app.state.users.ensure(_storable(principal))
+    users: UserProvisioner = request.app.state.users
+    storable = _storable(principal)
+    if not users.is_known(storable):
+        await run_in_threadpool(users.ensure, storable)
     return principal
 
 
@@ -115,7 +143,9 @@ def _client_ip(request: Request, trusted: list[str]) -> str | None:
     return peer
 
 
-def get_audit_context(request: Request, user: CurrentUser, settings: SettingsDep) -> AuditContext:
+async def get_audit_context(
+    request: Request, user: CurrentUser, settings: SettingsDep
+) -> AuditContext:
     span_context = trace.get_current_span().get_span_context()
     trace_id = span_id = None
     if span_context.is_valid:

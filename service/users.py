@@ -27,10 +27,14 @@ class UserProvisioner:
         self._lock = threading.Lock()
         self._max_entries = max_entries
 
+    def is_known(self, principal: Principal) -> bool:
+        """True when this process already stored these claims: `ensure` would do nothing."""
+        return self._seen.get(principal.user_id) == (principal.email, principal.name)
+
     def ensure(self, principal: Principal) -> None:
-        claims = (principal.email, principal.name)
-        if self._seen.get(principal.user_id) == claims:
+        if self.is_known(principal):
             return
+        claims = (principal.email, principal.name)
         values = {"id": principal.user_id, "email": principal.email, "name": principal.name}
         dialect = self._engine.dialect.name
         insert = pg_insert if dialect == "postgresql" else sqlite_insert
