@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -115,10 +115,18 @@ def record_event(
     }
     event["hash"] = compute_hash(event)
     values = dict(event, hash_version=HASH_VERSION)
+    insert_event = insert(EVENTS).values(values).returning(EVENTS.c.id)
+    move_head = update(HEADS).where(HEADS.c.user_id == user_id).values(hash=event["hash"])
     if session.get_bind().dialect.name == "postgresql":
         values["xact_id"] = func.txid_current()
-    event_id = session.execute(insert(EVENTS).values(values).returning(EVENTS.c.id)).scalar_one()
-    session.execute(update(HEADS).where(HEADS.c.user_id == user_id).values(hash=event["hash"]))
+        # One round trip: the event and the new head hash in a single statement.
+        inserted = insert(EVENTS).values(values).returning(EVENTS.c.id).cte("inserted")
+        event_id = session.execute(
+            move_head.add_cte(inserted).returning(select(inserted.c.id).scalar_subquery())
+        ).scalar_one()
+    else:
+        event_id = session.execute(insert_event).scalar_one()
+        session.execute(move_head)
     return RecordedEvent(
         id=int(event_id),
         seq=seq,
