@@ -7,10 +7,10 @@ together, or neither.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -58,27 +58,71 @@ def diff(
     return changes
 
 
-def _advance_head(session: Session, user_id: str) -> tuple[int, str, datetime]:
-    """Lock the user's chain head and take the next seq, the previous hash and the DB time.
+# Every column the recorder writes, as bound parameters of statements built once per dialect.
+_EVENT_COLUMNS = (
+    "user_id",
+    "seq",
+    "prev_hash",
+    "occurred_at",
+    "actor_id",
+    "action",
+    "entity_type",
+    "entity_id",
+    "before",
+    "after",
+    "changes",
+    "request_id",
+    "trace_id",
+    "span_id",
+    "client_ip",
+    "user_agent",
+    "hash",
+    "hash_version",
+)
 
-    The upsert's row lock serializes appends to one chain across processes; other users'
-    chains are other rows and never wait.
-    """
-    dialect = session.get_bind().dialect.name
+
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    advance_head: Any
+    append: Any
+    move_head: Any | None
+
+
+@lru_cache(maxsize=2)
+def _statements(dialect: str) -> _Statements:
+    """The recorder's statements, built once: SQLAlchemy reuses their compiled form."""
+    values: dict[str, Any] = {
+        name: bindparam(f"ev_{name}", type_=EVENTS.c[name].type) for name in _EVENT_COLUMNS
+    }
+    # The head upsert locks the user's chain head (appends to one chain queue here, other
+    # users' chains are other rows) and takes the next seq, the previous hash (on conflict
+    # the returned hash is the unchanged one) and the database's time.
     if dialect == "postgresql":
         # Evaluated after the lock is granted, so time order follows seq order.
         clock = func.clock_timestamp(type_=UTCDateTime)
-        insert_head = pg_insert
+        upsert = pg_insert(HEADS).values(user_id=bindparam("head_user"), seq=1, hash=GENESIS_HASH)
+        advance = upsert.on_conflict_do_update(
+            index_elements=[HEADS.c.user_id], set_={"seq": HEADS.c.seq + 1}
+        ).returning(HEADS.c.seq, HEADS.c.hash, clock)
     else:
         clock = func.strftime("%Y-%m-%d %H:%M:%f", "now", type_=UTCDateTime)
-        insert_head = sqlite_insert  # type: ignore[assignment]
-    stmt = insert_head(HEADS).values(user_id=user_id, seq=1, hash=GENESIS_HASH)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[HEADS.c.user_id], set_={"seq": HEADS.c.seq + 1}
+        lite = sqlite_insert(HEADS).values(user_id=bindparam("head_user"), seq=1, hash=GENESIS_HASH)
+        advance = lite.on_conflict_do_update(
+            index_elements=[HEADS.c.user_id], set_={"seq": HEADS.c.seq + 1}
+        ).returning(HEADS.c.seq, HEADS.c.hash, clock)
+    move_head = (
+        update(HEADS)
+        .where(HEADS.c.user_id == bindparam("head_user"))
+        .values(hash=bindparam("head_hash"))
     )
-    # On conflict the returned hash is the unchanged one: the previous event's.
-    row = session.execute(stmt.returning(HEADS.c.seq, HEADS.c.hash, clock)).one()
-    return int(row[0]), str(row[1]), row[2]
+    if dialect == "postgresql":
+        # One round trip: the event and the new head hash in a single statement.
+        values["xact_id"] = func.txid_current()
+        inserted = insert(EVENTS).values(values).returning(EVENTS.c.id).cte("inserted")
+        with_head = move_head.add_cte(inserted).returning(select(inserted.c.id).scalar_subquery())
+        return _Statements(advance_head=advance, append=with_head, move_head=None)
+    alone = insert(EVENTS).values(values).returning(EVENTS.c.id)
+    return _Statements(advance_head=advance, append=alone, move_head=move_head)
 
 
 def record_event(
@@ -94,7 +138,9 @@ def record_event(
     diff_fields: tuple[str, ...],
 ) -> RecordedEvent:
     changes = diff(before, after, diff_fields)
-    seq, prev_hash, occurred_at = _advance_head(session, user_id)
+    statements = _statements(session.get_bind().dialect.name)
+    head = session.execute(statements.advance_head, {"head_user": user_id}).one()
+    seq, prev_hash, occurred_at = int(head[0]), str(head[1]), head[2]
     event: dict[str, Any] = {
         "user_id": user_id,
         "seq": seq,
@@ -114,19 +160,11 @@ def record_event(
         "user_agent": ctx.user_agent[:USER_AGENT_MAX] if ctx.user_agent else None,
     }
     event["hash"] = compute_hash(event)
-    values = dict(event, hash_version=HASH_VERSION)
-    insert_event = insert(EVENTS).values(values).returning(EVENTS.c.id)
-    move_head = update(HEADS).where(HEADS.c.user_id == user_id).values(hash=event["hash"])
-    if session.get_bind().dialect.name == "postgresql":
-        values["xact_id"] = func.txid_current()
-        # One round trip: the event and the new head hash in a single statement.
-        inserted = insert(EVENTS).values(values).returning(EVENTS.c.id).cte("inserted")
-        event_id = session.execute(
-            move_head.add_cte(inserted).returning(select(inserted.c.id).scalar_subquery())
-        ).scalar_one()
-    else:
-        event_id = session.execute(insert_event).scalar_one()
-        session.execute(move_head)
+    params = {f"ev_{name}": value for name, value in event.items()}
+    params.update(ev_hash_version=HASH_VERSION, head_user=user_id, head_hash=event["hash"])
+    event_id = session.execute(statements.append, params).scalar_one()
+    if statements.move_head is not None:
+        session.execute(statements.move_head, params)
     return RecordedEvent(
         id=int(event_id),
         seq=seq,

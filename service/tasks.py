@@ -10,10 +10,11 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
 from opentelemetry import trace
-from sqlalchemy import Row, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Row, String, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from audit.chain import format_timestamp
@@ -158,8 +159,75 @@ def _record(
     return event
 
 
-def _owned(user_id: str, task_id: int) -> Any:
-    return and_(TASKS.c.id == task_id, TASKS.c.user_id == user_id)
+# The hot statements are built once, with bound parameters: SQLAlchemy then reuses their
+# cache key and compiled form instead of rebuilding both on every request.
+_OWNED = and_(TASKS.c.id == bindparam("task_id"), TASKS.c.user_id == bindparam("owner"))
+_SELECT_OWNED = select(*_COLUMNS).where(_OWNED)
+_LOCK_OWNED = _SELECT_OWNED.with_for_update()
+_INSERT = (
+    insert(TASKS)
+    .values(
+        user_id=bindparam("owner"),
+        title=bindparam("title"),
+        description=bindparam("description"),
+        completed=False,
+        created_at=bindparam("now"),
+        updated_at=bindparam("now"),
+        version=1,
+    )
+    .returning(*_COLUMNS)
+)
+_DELETE = delete(TASKS).where(TASKS.c.id == bindparam("task_id"))
+
+
+@lru_cache(maxsize=8)
+def _update_statement(fields: tuple[str, ...]) -> Any:
+    """UPDATE of these fields (at most 7 combinations of title, description, completed)."""
+    values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in fields}
+    return (
+        update(TASKS)
+        .where(TASKS.c.id == bindparam("task_id"))
+        .values(**values, updated_at=bindparam("now"), version=TASKS.c.version + 1)
+        .returning(*_COLUMNS)
+    )
+
+
+@lru_cache(maxsize=64)
+def _list_statements(status: StatusFilter, search: bool, sort: SortField, order: SortOrder) -> Any:
+    """The page query and its count, per combination of filters and order."""
+    conditions: list[Any] = [TASKS.c.user_id == bindparam("owner")]
+    if status is StatusFilter.pending:
+        conditions.append(TASKS.c.completed.is_(False))
+    elif status is StatusFilter.completed:
+        conditions.append(TASKS.c.completed.is_(True))
+    if search:
+        pattern = bindparam("pattern", type_=String())
+        conditions.append(
+            or_(
+                func.lower(TASKS.c.title).like(func.lower(pattern), escape="\\"),
+                func.lower(TASKS.c.description).like(func.lower(pattern), escape="\\"),
+            )
+        )
+    sort_column = TASKS.c[sort.value]
+    if order is SortOrder.desc:
+        ordering = (sort_column.desc(), TASKS.c.id.desc())
+    else:
+        ordering = (sort_column.asc(), TASKS.c.id.asc())
+    page = (
+        select(*_COLUMNS)
+        .where(*conditions)
+        .order_by(*ordering)
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+    )
+    count = select(func.count()).select_from(TASKS).where(*conditions)
+    return page, count
+
+
+def _contains_pattern(text: str) -> str:
+    """A LIKE pattern matching `text` anywhere, with `%`, `_` and the escape taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 def _next_timestamp(previous: datetime) -> datetime:
@@ -177,7 +245,7 @@ def _check_version(task: TaskRecord, if_match: str | None) -> None:
 
 
 def get_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
-    row = session.execute(select(*_COLUMNS).where(_owned(user_id, task_id))).first()
+    row = session.execute(_SELECT_OWNED, {"task_id": task_id, "owner": user_id}).first()
     if row is None:
         raise NotFound(f"Task {task_id} not found.")
     return TaskRecord.from_row(row)
@@ -185,9 +253,7 @@ def get_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
 
 def _lock_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
     """Read the before-state under a row lock: concurrent writers to one task queue here."""
-    row = session.execute(
-        select(*_COLUMNS).where(_owned(user_id, task_id)).with_for_update()
-    ).first()
+    row = session.execute(_LOCK_OWNED, {"task_id": task_id, "owner": user_id}).first()
     if row is None:
         raise NotFound(f"Task {task_id} not found.")
     return TaskRecord.from_row(row)
@@ -204,34 +270,15 @@ def list_tasks(
     limit: int = 100,
     offset: int = 0,
 ) -> TaskPage:
-    conditions: list[Any] = [TASKS.c.user_id == user_id]
-    if status is StatusFilter.pending:
-        conditions.append(TASKS.c.completed.is_(False))
-    elif status is StatusFilter.completed:
-        conditions.append(TASKS.c.completed.is_(True))
+    page, count = _list_statements(status, bool(q), sort, order)
+    params: dict[str, Any] = {"owner": user_id, "limit": limit, "offset": offset}
     if q:
-        # autoescape: `%` and `_` in the search text are literal characters.
-        conditions.append(
-            or_(
-                TASKS.c.title.icontains(q, autoescape=True),
-                TASKS.c.description.icontains(q, autoescape=True),
-            )
-        )
-    sort_column = TASKS.c[sort.value]
-    if order is SortOrder.desc:
-        ordering = (sort_column.desc(), TASKS.c.id.desc())
-    else:
-        ordering = (sort_column.asc(), TASKS.c.id.asc())
-    rows = session.execute(
-        select(*_COLUMNS).where(*conditions).order_by(*ordering).limit(limit).offset(offset)
-    ).all()
-    items = [TaskRecord.from_row(row) for row in rows]
+        params["pattern"] = _contains_pattern(q)
+    items = [TaskRecord.from_row(row) for row in session.execute(page, params)]
     if offset == 0 and len(items) < limit:
         total = len(items)
     else:
-        total = session.execute(
-            select(func.count()).select_from(TASKS).where(*conditions)
-        ).scalar_one()
+        total = session.execute(count, params).scalar_one()
     return TaskPage(items=items, total=int(total))
 
 
@@ -243,20 +290,8 @@ def create_task(
     title: str,
     description: str | None,
 ) -> TaskChange:
-    now = utcnow()
-    row = session.execute(
-        insert(TASKS)
-        .values(
-            user_id=user_id,
-            title=title,
-            description=description,
-            completed=False,
-            created_at=now,
-            updated_at=now,
-            version=1,
-        )
-        .returning(*_COLUMNS)
-    ).one()
+    params = {"owner": user_id, "title": title, "description": description, "now": utcnow()}
+    row = session.execute(_INSERT, params).one()
     task = TaskRecord.from_row(row)
     event = _record(session, ctx, "task.created", task.id, user_id, None, task)
     return TaskChange(task=task, event=event)
@@ -285,16 +320,10 @@ def _apply(
     )
     if not changed:
         return TaskChange(task=current, event=None)
-    row = session.execute(
-        update(TASKS)
-        .where(TASKS.c.id == current.id)
-        .values(
-            **changed,
-            updated_at=_next_timestamp(current.updated_at),
-            version=TASKS.c.version + 1,
-        )
-        .returning(*_COLUMNS)
-    ).one()
+    fields = tuple(name for name in DIFF_FIELDS if name in changed)
+    params = {f"new_{name}": changed[name] for name in fields}
+    params.update(task_id=current.id, now=_next_timestamp(current.updated_at))
+    row = session.execute(_update_statement(fields), params).one()
     task = TaskRecord.from_row(row)
     event = _record(session, ctx, action, task.id, task.user_id, current, task)
     return TaskChange(task=task, event=event)
@@ -340,6 +369,6 @@ def delete_task(
 ) -> TaskChange:
     current = _lock_task(session, user_id, task_id)
     _check_version(current, if_match)
-    session.execute(delete(TASKS).where(TASKS.c.id == current.id))
+    session.execute(_DELETE, {"task_id": current.id})
     event = _record(session, ctx, "task.deleted", current.id, user_id, current, None)
     return TaskChange(task=None, event=event)
