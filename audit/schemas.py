@@ -6,6 +6,7 @@ text the hash chain covers, so a client can recompute an event's hash from its J
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -15,6 +16,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -38,8 +40,19 @@ def to_utc(value: datetime) -> datetime:
         raise ValueError("is out of range once converted to UTC") from None
 
 
+# RFC 3339 `date-time` (what the OpenAPI `format: date-time` promises), with a zone.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def rfc3339_text(value: Any) -> Any:
+    """Only RFC 3339 text: pydantic alone would also read `-0.5` or `1700000000` as a Unix time."""
+    if isinstance(value, str) and not _RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 date-time with a zone, e.g. 2026-11-24T10:00:00Z")
+    return value
+
+
 # A time given by a client: with a zone (naive times are refused, not guessed), then in UTC.
-ClientTime = Annotated[AwareDatetime, AfterValidator(to_utc)]
+ClientTime = Annotated[AwareDatetime, BeforeValidator(rfc3339_text), AfterValidator(to_utc)]
 
 
 class AuditAction(StrEnum):

@@ -53,11 +53,13 @@ def build_engine(settings: Settings, url: str | None = None) -> Engine:
     connect_args: dict[str, Any] = {
         "connect_timeout": settings.db_connect_timeout_seconds,
         "application_name": "todo-api",
-        # Dead peers are noticed within seconds instead of the kernel's two hours.
+        # Dead peers are noticed within seconds instead of the kernel's two hours: idle
+        # connections by keepalives, a request's unacknowledged writes by the user timeout.
         "keepalives": 1,
-        "keepalives_idle": 30,
+        "keepalives_idle": 10,
         "keepalives_interval": 5,
         "keepalives_count": 3,
+        "tcp_user_timeout": 10_000,
     }
     if settings.db_statement_timeout_ms:
         connect_args["options"] = f"-c statement_timeout={settings.db_statement_timeout_ms}"

@@ -24,6 +24,8 @@ from service.errors import Conflict, InvalidInput
 from service.sqltypes import JSONType, UTCDateTime, utcnow
 
 KEY_MAX = 255
+# Printable ASCII, as validate_key() checks; documented on the header.
+KEY_PATTERN = r"^[\x20-\x7e]+$"
 # Keys are honoured for at least this long; an older key may be used again.
 RETENTION = timedelta(hours=24)
 
@@ -79,14 +81,22 @@ def claim(session: Session, user_id: str, key: str, fingerprint: str) -> StoredR
 
     The same key with a different body is a 409.
     """
-    if _insert_claim(session, user_id, key, fingerprint):
-        return None
     owned = (KEYS.c.user_id == user_id, KEYS.c.key == key)
-    row = session.execute(
-        select(KEYS.c.request_hash, KEYS.c.status_code, KEYS.c.response_body, KEYS.c.created_at)
-        .where(*owned)
-        .with_for_update()
-    ).one()
+    row = None
+    for _ in range(3):
+        if _insert_claim(session, user_id, key, fingerprint):
+            return None
+        row = session.execute(
+            select(KEYS.c.request_hash, KEYS.c.status_code, KEYS.c.response_body, KEYS.c.created_at)
+            .where(*owned)
+            .with_for_update()
+        ).first()
+        # None: while this request waited for the row's lock, another one replaced the row
+        # (it reclaimed the expired key); look again, at the new row.
+        if row is not None:
+            break
+    if row is None:  # pragma: no cover
+        raise Conflict("This Idempotency-Key is in use by another request; retry.")
     if row.created_at < utcnow() - RETENTION:
         session.execute(delete(KEYS).where(*owned))
         if not _insert_claim(session, user_id, key, fingerprint):  # pragma: no cover

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, ConfigDict, model_validator
+from pydantic import AfterValidator, ConfigDict, StrictBool, model_validator
 from pydantic import Field as PField
 from sqlalchemy import (
     Boolean,
@@ -93,16 +93,31 @@ def _clean_title(value: str) -> str:
     return value
 
 
-# Length is checked after trimming, so the schema only bounds the raw input loosely.
+# What str.strip() removes, for the documented pattern of a title (not blank, no NUL).
+_WHITESPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+TITLE_PATTERN = rf"^[^\x00]*[^\x00{_WHITESPACE}][^\x00]*$"
+NO_NUL_PATTERN = r"^[^\x00]*$"
+
+# Length is checked after trimming, so the schema only bounds the raw input loosely. The
+# patterns only document what the validators enforce.
 Title = Annotated[
     str,
-    PField(min_length=1, max_length=TITLE_MAX * 4, examples=["Buy milk"]),
+    PField(
+        min_length=1,
+        max_length=TITLE_MAX * 4,
+        examples=["Buy milk"],
+        json_schema_extra={"pattern": TITLE_PATTERN},
+    ),
     AfterValidator(_no_nul),
     AfterValidator(_clean_title),
 ]
 Description = Annotated[
     str | None,
-    PField(max_length=DESCRIPTION_MAX, examples=["Two litres, semi-skimmed"]),
+    PField(
+        max_length=DESCRIPTION_MAX,
+        examples=["Two litres, semi-skimmed"],
+        json_schema_extra={"pattern": NO_NUL_PATTERN},
+    ),
     AfterValidator(_no_nul),
 ]
 
@@ -116,14 +131,25 @@ class TaskCreate(SQLModel):
     description: Description = None
 
 
+def _update_schema(schema: dict[str, Any]) -> None:
+    """Document what `_at_least_one` enforces: a field may be absent, but not null (except
+    description), and the body names at least one field."""
+    schema["minProperties"] = 1
+    for name in ("title", "completed"):
+        prop = schema["properties"][name]
+        (value,) = [branch for branch in prop.pop("anyOf") if branch.get("type") != "null"]
+        prop.update(value)
+
+
 class TaskUpdate(SQLModel):
     """Body of PUT: any of the fields, at least one; absent fields stay as they are."""
 
-    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_update_schema)  # type: ignore[assignment]
 
     title: Title | None = None
     description: Description = None
-    completed: bool | None = None
+    # Strict: a JSON boolean only, not 0, 0.0 or "yes" (the schema says boolean).
+    completed: StrictBool | None = None
 
     @model_validator(mode="after")
     def _at_least_one(self) -> TaskUpdate:
@@ -144,7 +170,7 @@ class TaskCompletion(SQLModel):
 
     model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
 
-    completed: bool
+    completed: StrictBool
 
 
 class TaskPublic(SQLModel):

@@ -27,7 +27,9 @@ IfMatch = Annotated[
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
+        min_length=1,
         max_length=idempotency.KEY_MAX,
+        pattern=idempotency.KEY_PATTERN,
         description="Makes a retried create safe: the same key and body within 24 hours "
         "return the first response (same task); the same key with another body is 409.",
     ),

@@ -1,0 +1,313 @@
+"""Helpers for the fault, idempotency and hostile-input tests (no tests here).
+
+Everything runs for real on 127.0.0.1: a TCP proxy in front of PostgreSQL that can be cut and
+restored, a server that accepts connections and never answers, an HTTP server that counts
+what it receives, and an app whose database connections can be found and terminated with
+pg_terminate_backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import sqlalchemy as sa
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.database import Database, build_engine
+from service.settings import Settings
+from tests.conftest import LiveServer
+
+POLL_SECONDS = 0.02
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """Poll until `condition()` is truthy (a bounded wait for a state, not a timed assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(POLL_SECONDS)
+
+
+# The app under test, with database connections we can find ---------------------------
+
+
+@dataclass
+class TrackedApp:
+    """An app on its own engine, remembering the backend pid of every connection it opened."""
+
+    app: FastAPI
+    database: Database
+    pids: set[int] = field(default_factory=set)
+
+    def live_pids(self, admin: sa.Engine, state: str | None = None) -> list[int]:
+        """The app's backends that still exist, optionally only those in `state`."""
+        query = "SELECT pid FROM pg_stat_activity WHERE pid = ANY(:pids)"
+        if state is not None:
+            query += " AND state = :state"
+        with admin.connect() as conn:
+            rows = conn.execute(sa.text(query), {"pids": list(self.pids), "state": state})
+            return [int(pid) for pid in rows.scalars()]
+
+    def waiting_pids(self, admin: sa.Engine) -> list[int]:
+        """The app's backends waiting for a lock."""
+        query = (
+            "SELECT pid FROM pg_stat_activity WHERE pid = ANY(:pids) AND wait_event_type = 'Lock'"
+        )
+        with admin.connect() as conn:
+            return [
+                int(p) for p in conn.execute(sa.text(query), {"pids": list(self.pids)}).scalars()
+            ]
+
+
+def terminate(admin: sa.Engine, pids: list[int]) -> int:
+    """pg_terminate_backend each pid; how many were terminated."""
+    if not pids:
+        return 0
+    with admin.connect() as conn:
+        query = sa.text(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM unnest(:p) pid"
+        )
+        killed = int(conn.execute(query, {"p": pids}).scalar_one())
+        conn.commit()
+    return killed
+
+
+@contextmanager
+def tracked_app(
+    settings: Settings, url: str | None = None, **overrides: Any
+) -> Iterator[TrackedApp]:
+    """An app with its own engine (pool) built from `settings` + `overrides`, disposed after."""
+    settings = settings.model_copy(update=overrides)
+    database = Database(build_engine(settings, url))
+    tracked = TrackedApp(create_app(settings, database), database)
+
+    def remember(dbapi_connection: Any, _record: Any) -> None:
+        tracked.pids.add(int(dbapi_connection.get_backend_pid()))
+
+    if database.dialect == "postgresql":
+        sa.event.listen(database.engine, "connect", remember)
+    try:
+        yield tracked
+    finally:
+        database.dispose()
+
+
+@contextmanager
+def live(app: FastAPI) -> Iterator[LiveServer]:
+    with LiveServer(app) as server:
+        yield server
+
+
+# Network stand-ins ---------------------------------------------------------------------
+
+
+def _listen(port: int = 0) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(64)
+    return sock
+
+
+def _close_listener(listener: socket.socket) -> None:
+    """Stop listening now: a bare close() leaves a thread blocked in accept() accepting."""
+    with contextlib.suppress(OSError):
+        listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a target; `cut()` drops the listener and every open
+    connection (the database is gone), `restore()` listens on the same port again."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self._listener: socket.socket | None = _listen()
+        self.port = int(self._listener.getsockname()[1])
+        self._lock = threading.Lock()
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._threads: list[threading.Thread] = []
+        self._drop_marker: bytes | None = None
+        self.dropped = 0
+        self._start_accepting()
+
+    def drop_reply_after(self, marker: bytes) -> None:
+        """Once: the next connection whose client sends `marker` is cut when the server
+        answers it, before the answer reaches the client (the server did the work; the
+        client never hears of it)."""
+        with self._lock:
+            self._drop_marker = marker
+
+    def _start_accepting(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        thread = threading.Thread(target=self._accept, args=(listener,), daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # the listener was closed
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._pairs.append((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(client, selectors.EVENT_READ, upstream)
+        selector.register(upstream, selectors.EVENT_READ, client)
+        armed = False
+        try:
+            while True:
+                for key, _ in selector.select():
+                    source = key.fileobj
+                    assert isinstance(source, socket.socket)
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    if source is client:
+                        with self._lock:
+                            marker = self._drop_marker
+                            if marker is not None and marker in data:
+                                self._drop_marker, armed = None, True
+                    elif armed:
+                        self.dropped += 1
+                        return  # the server's answer is lost with the connection
+                    key.data.sendall(data)
+        except (OSError, ValueError):
+            return
+        finally:
+            selector.close()
+            for sock in (client, upstream):
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def cut(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            pairs, self._pairs = self._pairs, []
+        if listener is not None:
+            _close_listener(listener)
+        for pair in pairs:
+            for sock in pair:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def restore(self) -> None:
+        with self._lock:
+            assert self._listener is None, "the proxy is already up"
+            self._listener = _listen(self.port)
+        self._start_accepting()
+
+    def close(self) -> None:
+        self.cut()
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SilentServer:
+    """Accepts TCP connections and never sends a byte: a database that hangs at connect."""
+
+    def __init__(self) -> None:
+        self._listener = _listen()
+        self.port = int(self._listener.getsockname()[1])
+        self.accepted = 0
+        self._held: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._held.append(conn)
+
+    def close(self) -> None:
+        _close_listener(self._listener)
+        for conn in self._held:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def __enter__(self) -> SilentServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CountingHttpServer:
+    """An HTTP server on 127.0.0.1 that answers everything with 404 and counts requests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _any(self) -> None:
+                with owner._lock:
+                    owner._count += 1
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _any
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+
+    @property
+    def origin(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    @property
+    def request_count(self) -> int:
+        with self._lock:
+            return self._count
+
+    def __enter__(self) -> CountingHttpServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,452 @@
+"""Hostile and odd input through HTTP: only documented 4xx answers, never a 5xx, no change.
+
+Extends tests/test_errors.py (sizes, path ids, nesting) and tests/test_auth_api.py (the
+common bad tokens) with what they do not cover: invalid UTF-8 and odd JSON on every write,
+repeated and unknown query parameters, odd headers, and the remaining JWT attacks over HTTP,
+with a local server named in the tokens proving that nothing in a token makes the service
+send a request anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from fastapi.testclient import TestClient
+from jwt.warnings import InsecureKeyLengthWarning
+
+from service.database import Database
+from service.settings import Settings
+from tests.conftest import TEST_SECRET, ApiUser, LiveServer
+from tests.jwt_helpers import (
+    JwksServer,
+    SigningKey,
+    better_auth_claims,
+    generate_key,
+    hmac_token,
+    random_id,
+    unsigned_token,
+)
+from tests.reliability_helpers import CountingHttpServer
+from tests.test_auth_api import WWW_AUTHENTICATE, jwks_app
+from tests.test_errors import assert_no_leak
+from tests.test_tasks_api import assert_problem, create
+
+MakeUser = Callable[..., ApiUser]
+JSON = "application/json"
+
+
+@pytest.fixture
+def task(client: TestClient, user: ApiUser) -> dict[str, Any]:
+    return create(client, user, "original", description="unchanged")
+
+
+def _unchanged(client: TestClient, user: ApiUser, task: dict[str, Any]) -> None:
+    assert client.get(user.url(f"/{task['id']}"), headers=user.headers).json() == task
+    assert [t["id"] for t in client.get(user.url(), headers=user.headers).json()] == [task["id"]]
+
+
+# Bodies on every write ----------------------------------------------------------------
+
+BAD_BODIES: dict[str, bytes] = {
+    "invalid-utf8-in-string": b'{"title": "\xff\xfe"}',
+    "invalid-utf8-only": b"\xc3\x28",
+    "truncated-utf8": b'{"title": "caf\xc3"}',
+    "overlong-utf8-slash": b'{"title": "\xc0\xaf"}',
+    "lone-surrogate-escape": b'{"title": "\\udfff\\ud800", "completed": true}',
+    "nul-escape": b'{"title": "a\\u0000", "completed": true}',
+    "raw-nul-byte": b'{"title": "a\x00b", "completed": true}',
+    "deep-objects": b'{"":' * 10_000 + b"1" + b"}" * 10_000,
+    "deep-arrays": b"[" * 30_000 + b"]" * 30_000,
+    "many-keys": b"{" + b",".join(b'"k%d": 1' % i for i in range(6_000)) + b"}",
+    "long-array": b"[" + b",".join(b"1" for _ in range(30_000)) + b"]",
+    "huge-integer": b'{"completed": ' + b"9" * 30_000 + b"}",
+    "huge-float": b'{"completed": 1e999999}',
+    "nan": b'{"completed": NaN}',
+    "number-as-bool": b'{"completed": 0}',
+    "string-as-bool": b'{"completed": "true"}',
+    "trailing-garbage": b'{"completed": true} {}',
+    "bare-string": b'"title"',
+}
+
+
+@pytest.mark.parametrize("raw", list(BAD_BODIES.values()), ids=list(BAD_BODIES))
+@pytest.mark.parametrize(
+    ("method", "suffix"), [("POST", None), ("PUT", ""), ("PATCH", "/complete")]
+)
+def test_odd_bodies_are_400_and_change_nothing(
+    client: TestClient,
+    user: ApiUser,
+    task: dict[str, Any],
+    raw: bytes,
+    method: str,
+    suffix: str | None,
+) -> None:
+    url = user.url() if suffix is None else user.url(f"/{task['id']}{suffix}")
+    resp = client.request(method, url, content=raw, headers={**user.headers, "Content-Type": JSON})
+    assert_problem(resp, 400)
+    assert_no_leak(resp)
+    _unchanged(client, user, task)
+
+
+@pytest.mark.parametrize(
+    ("raw", "title"),
+    [
+        (b'{"title": "first", "title": "last"}', "last"),  # the last duplicate wins
+        (b'\xef\xbb\xbf{"title": "with BOM"}', "with BOM"),
+        ('{"title": "UTF-16"}'.encode("utf-16"), "UTF-16"),  # RFC 8259 readers may accept it
+        ('{"title": "\u00e9\u6f22\U0001f600"}'.encode(), "\u00e9\u6f22\U0001f600"),
+    ],
+    ids=["duplicate-keys", "utf8-bom", "utf16", "non-ascii"],
+)
+def test_unusual_but_valid_json_is_read_as_json(
+    client: TestClient, user: ApiUser, raw: bytes, title: str
+) -> None:
+    resp = client.post(user.url(), content=raw, headers={**user.headers, "Content-Type": JSON})
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["title"] == title
+
+
+def test_oversized_body_on_a_real_socket_is_413_for_every_write(
+    live_server: LiveServer, user: ApiUser
+) -> None:
+    """A body over the limit, declared or chunked, over uvicorn: 413 before it is read."""
+    body = b'{"title": "' + b"x" * (70 * 1024) + b'"}'
+    headers = {**user.headers, "Content-Type": JSON}
+    with live_server.client() as http:
+        task = create(http, user, "kept")
+        for method, path in (
+            ("POST", ""),
+            ("PUT", f"/{task['id']}"),
+            ("PATCH", f"/{task['id']}/complete"),
+        ):
+            assert_problem(http.request(method, user.url(path), content=body, headers=headers), 413)
+        assert http.get(user.url(f"/{task['id']}"), headers=user.headers).json() == task
+
+
+# Query strings, paths and headers -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        ("foo=bar&%00=1&%FF=%FF&status=all", 200),  # unknown parameters are ignored
+        ("status=pending&status=completed", 200),  # repeated: the last one counts
+        ("limit=600&limit=1", 200),
+        ("limit=1&limit=600", 400),
+        ("sort=title&sort=priority", 400),
+        ("q=%FF%FE", 200),  # invalid UTF-8 is decoded with replacement characters
+        ("q=%ED%A0%80", 200),  # an encoded surrogate, likewise
+        ("q=%00", 400),
+        ("q=" + "x" * 50_000, 400),
+        ("limit=%EF%BC%91", 400),  # a full-width digit one
+        ("offset=" + "9" * 40, 400),
+        ("limit=1e3", 400),
+        ("limit=", 400),
+    ],
+)
+def test_query_strings(client: TestClient, user: ApiUser, query: str, status: int) -> None:
+    resp = client.get(f"{user.url()}?{query}", headers=user.headers)
+    assert resp.status_code == status, resp.text
+    if status >= 400:
+        assert_problem(resp, status)
+
+
+@pytest.mark.parametrize(
+    ("query", "status"),
+    [
+        ("since=%FF", 400),
+        ("since=1700000000", 400),  # a Unix time is not an RFC 3339 date-time
+        ("until=-0.5", 400),
+        ("since=2026-01-01T00:00:00Z&since=garbage", 400),
+        ("cursor=%FF%00", 400),
+        ("task_id=1&task_id=x", 400),
+        ("action=task.created&action=task.nope", 400),
+        ("request_id=%00", 400),
+        ("unknown=%FF", 200),
+    ],
+)
+def test_audit_query_strings(client: TestClient, user: ApiUser, query: str, status: int) -> None:
+    resp = client.get(f"/api/{user.user_id}/audit-events?{query}", headers=user.headers)
+    assert resp.status_code == status, resp.text
+    if status >= 400:
+        assert_problem(resp, status)
+
+
+@pytest.mark.parametrize(
+    "path", ["%00", "%FF", "%D9%A1", "..%2F..%2Fhealthz", "1%2F2", "1;2", "1%0A", "-0", "1.0e1"]
+)
+def test_odd_task_ids_in_the_path_are_400_or_404(
+    client: TestClient, user: ApiUser, path: str
+) -> None:
+    for method, suffix in (
+        ("GET", ""),
+        ("DELETE", ""),
+        ("PATCH", "/complete"),
+        ("GET", "/history"),
+    ):
+        resp = client.request(method, user.url(f"/{path}{suffix}"), headers=user.headers)
+        assert resp.status_code in (400, 404), (method, path, resp.text)
+        assert_problem(resp, resp.status_code)
+
+
+@pytest.mark.parametrize("user_path", ["%FF", "%C0%AF", "..", "a%2Fb", "x" * 5000])
+def test_odd_user_ids_in_the_path_are_4xx(
+    client: TestClient, user: ApiUser, user_path: str
+) -> None:
+    resp = client.get(f"/api/{user_path}/tasks", headers=user.headers)
+    assert resp.status_code in (400, 403, 404), resp.text
+    assert_problem(resp, resp.status_code)
+
+
+@pytest.mark.parametrize(
+    ("if_match", "status"),
+    [
+        (b"\xe9", 412),
+        (b"x" * 257, 400),
+        (b",,,", 412),
+        (b'W/"1-1", "nope"', 412),
+        (b" ", 412),
+    ],
+    ids=["latin-1", "too-long", "commas", "list", "blank"],
+)
+def test_odd_if_match_headers(
+    client: TestClient, user: ApiUser, task: dict[str, Any], if_match: bytes, status: int
+) -> None:
+    headers = [*user.headers.items(), ("If-Match", if_match)]
+    for method, suffix, body in (("PUT", "", {"title": "x"}), ("DELETE", "", None)):
+        resp = client.request(
+            method,
+            user.url(f"/{task['id']}{suffix}"),
+            json=body,
+            headers=headers,  # type: ignore[arg-type]
+        )
+        assert_problem(resp, status)
+    _unchanged(client, user, task)
+
+
+def test_repeated_content_type_and_odd_media_types(client: TestClient, user: ApiUser) -> None:
+    for content_type, status in (
+        (b"application/json; charset=latin-1", 201),  # JSON is UTF-8 whatever the label says
+        (b"application/merge-patch+json", 201),
+        (b"APPLICATION/JSON", 201),
+        (b"application/jsonx", 415),
+        (b"\xff/\xfe", 415),
+    ):
+        resp = client.post(
+            user.url(),
+            content=b'{"title": "typed"}',
+            headers=[*user.headers.items(), ("Content-Type", content_type)],  # type: ignore[arg-type]
+        )
+        assert resp.status_code == status, (content_type, resp.text)
+
+
+# JWT attacks over HTTP ----------------------------------------------------------------
+
+
+@dataclass
+class Ctx:
+    origin: str  # the configured Better Auth (JWKS) origin
+    key: SigningKey  # its real signing key
+    attacker: SigningKey
+    evil: str  # a server the attacker controls, which must never be contacted
+    user_id: str
+
+    def claims(self, **overrides: Any) -> dict[str, Any]:
+        return better_auth_claims(self.origin, user_id=self.user_id, **overrides)
+
+
+def _hs(ctx: Ctx, alg: str = "HS256", headers: dict[str, Any] | None = None) -> str:
+    """Signed with the real shared secret (HS384/HS512 warn that it is short for them)."""
+    now = int(time.time())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+        return jwt.encode(
+            {"sub": ctx.user_id, "exp": now + 300}, TEST_SECRET, algorithm=alg, headers=headers
+        )
+
+
+def _pad_to(ctx: Ctx, size: int) -> str:
+    return ctx.key.sign(ctx.claims(padding="p" * size))
+
+
+# Each returns the bearer token; all must be 401 (the table in test_auth_api.py has the rest:
+# expired, wrong key, wrong issuer/audience, missing claims, alg none, HS256 with a PEM).
+JWT_CASES: dict[str, Callable[[Ctx], str]] = {
+    "alg-None": lambda c: unsigned_token({"alg": "None", "typ": "JWT"}, c.claims()),
+    "alg-NONE": lambda c: unsigned_token({"alg": "NONE", "kid": c.key.kid}, c.claims()),
+    "alg-none-with-real-signature": lambda c: (
+        unsigned_token({"alg": "none"}, c.claims()).rstrip(".")
+        + "."
+        + c.key.sign(c.claims()).split(".")[2]
+    ),
+    "alg-missing": lambda c: unsigned_token({"kid": c.key.kid}, c.claims(), b"sig"),
+    "hs512-with-the-secret": lambda c: _hs(c, "HS512"),
+    "hs384-with-the-secret": lambda c: _hs(c, "HS384"),
+    "hs256-signed-with-the-jwk-json": lambda c: hmac_token(
+        {"alg": "HS256", "kid": c.key.kid},
+        c.claims(),
+        json.dumps(c.key.public_jwk()).encode(),
+    ),
+    "crit-exp": lambda c: c.key.sign_exact(
+        {"alg": c.key.alg, "kid": c.key.kid, "crit": ["exp"], "exp": 1}, c.claims()
+    ),
+    "crit-b64": lambda c: c.key.sign_exact(
+        {"alg": c.key.alg, "kid": c.key.kid, "crit": ["b64"], "b64": False}, c.claims()
+    ),
+    "crit-on-hs256": lambda c: _hs(c, headers={"crit": ["exp"]}),
+    "jku-attacker-key": lambda c: c.attacker.sign(c.claims(), headers={"jku": c.evil + "/jwks"}),
+    "jku-real-key": lambda c: c.key.sign(c.claims(), headers={"jku": c.evil + "/jwks"}),
+    "x5u-attacker-key": lambda c: c.attacker.sign(c.claims(), headers={"x5u": c.evil + "/cert"}),
+    "x5u-real-key": lambda c: c.key.sign(c.claims(), headers={"x5u": c.evil + "/cert"}),
+    "jwk-embedded-attacker-key": lambda c: c.attacker.sign(
+        c.claims(), headers={"jwk": c.attacker.public_jwk()}
+    ),
+    "jwk-embedded-with-x5u": lambda c: c.attacker.sign(
+        c.claims(), headers={"jwk": {**c.attacker.public_jwk(), "x5u": c.evil + "/cert"}}
+    ),
+    "jku-on-hs256": lambda c: _hs(c, headers={"jku": c.evil + "/jwks"}),
+    "x5c-attacker-key-real-kid": lambda c: generate_key(c.key.alg, kid=c.key.kid).sign(
+        c.claims(), headers={"x5c": [base64.b64encode(c.attacker.public_pem()).decode()]}
+    ),
+    "kid-is-a-url": lambda c: c.attacker.sign(c.claims(), headers={"kid": c.evil + "/key"}),
+    "kid-path-traversal": lambda c: c.attacker.sign(
+        c.claims(), headers={"kid": "../../../../etc/passwd"}
+    ),
+    "kid-sql": lambda c: c.attacker.sign(c.claims(), headers={"kid": "x' OR '1'='1"}),
+    "kid-not-a-string": lambda c: c.key.sign_exact(
+        {"alg": c.key.alg, "kid": {"url": c.evil}}, c.claims()
+    ),
+    "issuer-is-the-attacker": lambda c: c.attacker.sign(c.claims(iss=c.evil, aud=c.evil)),
+    "attacker-key-real-kid": lambda c: generate_key(c.key.alg, kid=c.key.kid).sign(c.claims()),
+    "token-100kb": lambda c: _pad_to(c, 100 * 1024),
+    "token-just-over-8kb": lambda c: _pad_to(c, 8 * 1024),
+    "five-segments-jwe-shape": lambda c: c.key.sign(c.claims()) + ".AAAA.BBBB",
+    "whitespace-inside": lambda c: c.key.sign(c.claims()).replace(".", ". ", 1),
+}
+
+
+@pytest.fixture
+def evil() -> Iterator[CountingHttpServer]:
+    with CountingHttpServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def real_key() -> SigningKey:
+    return generate_key("EdDSA")
+
+
+@pytest.fixture
+def jwks_mode(
+    settings: Settings, database: Database, real_key: SigningKey
+) -> Iterator[tuple[TestClient, JwksServer]]:
+    """Better Auth at a local JWKS server, the shared secret too, and the default refetch
+    interval: an unknown kid may cause at most one fetch per interval, and only from here."""
+    with jwks_app(settings, database, real_key, jwks_min_refetch_seconds=30) as pair:
+        yield pair
+
+
+def _assert_401(resp: httpx.Response, token: str) -> None:
+    assert_problem(resp, 401)
+    assert resp.headers["WWW-Authenticate"] == WWW_AUTHENTICATE
+    for segment in token.split("."):
+        assert len(segment) < 16 or segment not in resp.text
+
+
+@pytest.mark.parametrize("case", list(JWT_CASES))
+def test_hostile_tokens_are_401_and_make_no_outbound_request(
+    case: str,
+    jwks_mode: tuple[TestClient, JwksServer],
+    real_key: SigningKey,
+    evil: CountingHttpServer,
+) -> None:
+    client, jwks = jwks_mode
+    ctx = Ctx(jwks.origin, real_key, generate_key(real_key.alg), evil.origin, random_id())
+    good = real_key.sign(ctx.claims())
+    assert client.get(
+        f"/api/{ctx.user_id}/tasks", headers={"Authorization": f"Bearer {good}"}
+    ).is_success
+    fetched = jwks.request_count
+
+    token = JWT_CASES[case](ctx)
+    for method, path, body in (
+        ("GET", "", None),
+        ("POST", "", {"title": "x"}),
+        ("DELETE", "/1", None),
+    ):
+        resp = client.request(
+            method,
+            f"/api/{ctx.user_id}/tasks{path}",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        _assert_401(resp, token)
+    assert evil.request_count == 0
+    # The token could not make the service fetch keys again (the interval has not passed).
+    assert jwks.request_count == fetched
+
+
+@pytest.mark.parametrize("case", list(JWT_CASES))
+def test_hostile_tokens_without_a_key_server_are_401_with_no_outbound_request(
+    case: str, client: TestClient, evil: CountingHttpServer, real_key: SigningKey
+) -> None:
+    """HS256-only mode (no JWKS configured): the same tokens, and still nothing is fetched."""
+    ctx = Ctx(
+        "https://auth.example", real_key, generate_key(real_key.alg), evil.origin, random_id()
+    )
+    token = JWT_CASES[case](ctx)
+    _assert_401(
+        client.get(f"/api/{ctx.user_id}/tasks", headers={"Authorization": f"Bearer {token}"}), token
+    )
+    assert evil.request_count == 0
+
+
+def test_token_for_another_user_is_403_whatever_the_algorithm(
+    jwks_mode: tuple[TestClient, JwksServer], real_key: SigningKey, make_user: MakeUser
+) -> None:
+    client, jwks = jwks_mode
+    victim = make_user()
+    for token in (
+        real_key.sign(better_auth_claims(jwks.origin, user_id=random_id())),
+        make_user().token,
+    ):
+        for method, path in (("GET", ""), ("POST", ""), ("GET", "/1"), ("DELETE", "/1")):
+            resp = client.request(
+                method,
+                victim.url(path),
+                json={"title": "x"} if method == "POST" else None,
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert_problem(resp, 403)
+
+
+def test_100kb_token_on_a_real_socket_is_401(live_server: LiveServer, user: ApiUser) -> None:
+    """Through uvicorn too: the header is read, then refused as a token (not a 431 or 500)."""
+    token = "e" * 100 * 1024
+    with live_server.client() as http:
+        resp = http.get(user.url(), headers={"Authorization": f"Bearer {token}"})
+    assert_problem(resp, 401)
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [b"Bearer \xe9\xe9.\xe9.\xe9", b"Bearer a\x01b", "Bearer \u00a0".encode("latin-1")],
+    ids=["latin-1", "control", "nbsp"],
+)
+def test_non_ascii_authorization_is_401(
+    client: TestClient, user: ApiUser, authorization: bytes
+) -> None:
+    resp = client.get(
+        user.url(),
+        headers=[("Authorization", authorization)],  # type: ignore[arg-type]
+    )
+    assert_problem(resp, 401)
