@@ -31,3 +31,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# The benchmark (PostgreSQL at 127.0.0.1:5432, wrk and pgbench): see bench/README.md.
+bench: install
+	$(BIN)/python bench/run.py

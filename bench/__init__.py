@@ -1,0 +1,1 @@
+"""The benchmark harness of the todo-api service (see bench/README.md)."""
