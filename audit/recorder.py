@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import BigInteger, String, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from audit.chain import GENESIS_HASH, HASH_VERSION, compute_hash
@@ -81,6 +79,21 @@ _EVENT_COLUMNS = (
 )
 
 
+_ADVANCE_HEAD_SQL = {
+    # clock_timestamp() is evaluated after the lock is granted: time order follows seq order.
+    "postgresql": (
+        "INSERT INTO audit_chain_heads (user_id, seq, hash) VALUES (:head_user, 1, :genesis) "
+        "ON CONFLICT (user_id) DO UPDATE SET seq = audit_chain_heads.seq + 1 "
+        "RETURNING seq, hash, clock_timestamp() AS occurred_at"
+    ),
+    "sqlite": (
+        "INSERT INTO audit_chain_heads (user_id, seq, hash) VALUES (:head_user, 1, :genesis) "
+        "ON CONFLICT (user_id) DO UPDATE SET seq = audit_chain_heads.seq + 1 "
+        "RETURNING seq, hash, strftime('%Y-%m-%d %H:%M:%f', 'now') AS occurred_at"
+    ),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class _Statements:
     advance_head: Any
@@ -96,20 +109,13 @@ def _statements(dialect: str) -> _Statements:
     }
     # The head upsert locks the user's chain head (appends to one chain queue here, other
     # users' chains are other rows) and takes the next seq, the previous hash (on conflict
-    # the returned hash is the unchanged one) and the database's time.
-    if dialect == "postgresql":
-        # Evaluated after the lock is granted, so time order follows seq order.
-        clock = func.clock_timestamp(type_=UTCDateTime)
-        upsert = pg_insert(HEADS).values(user_id=bindparam("head_user"), seq=1, hash=GENESIS_HASH)
-        advance = upsert.on_conflict_do_update(
-            index_elements=[HEADS.c.user_id], set_={"seq": HEADS.c.seq + 1}
-        ).returning(HEADS.c.seq, HEADS.c.hash, clock)
-    else:
-        clock = func.strftime("%Y-%m-%d %H:%M:%f", "now", type_=UTCDateTime)
-        lite = sqlite_insert(HEADS).values(user_id=bindparam("head_user"), seq=1, hash=GENESIS_HASH)
-        advance = lite.on_conflict_do_update(
-            index_elements=[HEADS.c.user_id], set_={"seq": HEADS.c.seq + 1}
-        ).returning(HEADS.c.seq, HEADS.c.hash, clock)
+    # the returned hash is the unchanged one) and the database's time. Plain SQL: SQLAlchemy
+    # cannot cache the compiled form of an ON CONFLICT construct.
+    advance = (
+        text(_ADVANCE_HEAD_SQL[dialect])
+        .bindparams(genesis=GENESIS_HASH)
+        .columns(seq=BigInteger(), hash=String(), occurred_at=UTCDateTime())
+    )
     move_head = (
         update(HEADS)
         .where(HEADS.c.user_id == bindparam("head_user"))
