@@ -152,3 +152,12 @@ def test_truncating_tasks_or_dropping_chain_heads_is_refused(
     assert chain_head(database.engine, user.user_id) == head
     got = client.get(user.url(f"/{task['id']}"), headers=user.headers)
     assert got.status_code == 200
+
+
+def test_guard_lookup_is_planned_per_call(database: Database) -> None:
+    """A cached generic plan from an empty table would make every COMMIT scan the whole log."""
+    with database.engine.connect() as conn:
+        config = conn.execute(
+            sa.text("SELECT proconfig FROM pg_proc WHERE proname = 'tasks_require_audit_event'")
+        ).scalar_one()
+    assert config == ["plan_cache_mode=force_custom_plan"]
