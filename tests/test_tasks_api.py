@@ -19,6 +19,7 @@ from service import tasks as task_service
 from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database
+from service.models import TaskPublic
 from service.settings import Settings
 from tests.conftest import TEST_SECRET, ApiUser
 
@@ -747,3 +748,22 @@ def test_cors_refuses_other_origins(cors_client: TestClient, user: ApiUser) -> N
     )
     assert resp.status_code == 400
     assert "access-control-allow-origin" not in resp.headers
+
+
+def test_task_bodies_have_exactly_the_public_fields(client: TestClient, user: ApiUser) -> None:
+    """Responses are dumped from the query's records: nothing internal (`version`) leaks."""
+    public = set(TaskPublic.model_fields)
+    created = client.post(user.url(), json={"title": "Fields"}, headers=user.headers)
+    task_id = created.json()["id"]
+    replay_headers = {**user.headers, "Idempotency-Key": "fields"}
+    bodies = [
+        created.json(),
+        client.get(user.url(f"/{task_id}"), headers=user.headers).json(),
+        client.get(user.url(), headers=user.headers).json()[0],
+        client.put(user.url(f"/{task_id}"), json={"title": "F2"}, headers=user.headers).json(),
+        client.patch(user.url(f"/{task_id}/complete"), headers=user.headers).json(),
+        client.post(user.url(), json={"title": "K"}, headers=replay_headers).json(),
+        client.post(user.url(), json={"title": "K"}, headers=replay_headers).json(),
+    ]
+    for body in bodies:
+        assert set(body) == public
