@@ -12,8 +12,9 @@ from alembic.config import Config
 from alembic import command
 from audit.cli import register as register_audit
 from observability import configure_logging
+from service import tasks
 from service.auth import create_dev_token
-from service.database import normalize_database_url, safe_url
+from service.database import Database, normalize_database_url, safe_url
 from service.settings import ConfigError, Settings, get_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +95,26 @@ def _dev_token(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _list_tasks(args: argparse.Namespace, settings: Settings) -> int:
+    """A user's tasks as JSON lines, through the same queries as the API."""
+    db = Database.from_settings(settings)
+    try:
+        with db.unit_of_work() as session:
+            page = tasks.list_tasks(
+                session,
+                args.user_id,
+                status=tasks.StatusFilter(args.status),
+                q=args.q,
+                limit=args.limit,
+            )
+    finally:
+        db.dispose()
+    for task in page.items:
+        print(tasks.public_json(task).decode())
+    print(f"{len(page.items)} of {page.total} tasks", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="todo-api", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
     token.set_defaults(handler=_dev_token)
     register_audit(sub)
+
+    task_cmd = sub.add_parser("tasks", help="read a user's tasks (operators)")
+    task_sub = task_cmd.add_subparsers(dest="tasks_command", required=True)
+    listing = task_sub.add_parser("list", help="print a user's tasks as JSON lines")
+    listing.add_argument("user_id")
+    listing.add_argument("--status", choices=[s.value for s in tasks.StatusFilter], default="all")
+    listing.add_argument("--q", help="case-insensitive search in title and description")
+    listing.add_argument("--limit", type=int, default=100, choices=range(1, 501), metavar="1-500")
+    listing.set_defaults(handler=_list_tasks)
 
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -13,7 +14,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from service.database import Database
-from tests.conftest import TEST_SECRET
+from tests.conftest import TEST_SECRET, ApiUser
 from tests.jwt_helpers import random_id
 
 TODO_API = Path(sys.executable).parent / "todo-api"
@@ -137,3 +138,26 @@ def test_production_with_weak_secret_refuses_to_start_without_printing_it(
     assert result.returncode != 0
     assert "BETTER_AUTH_SECRET" in result.stderr
     assert secret not in result.stderr + result.stdout
+
+
+def test_tasks_list_reads_a_users_tasks_through_the_api_queries(
+    client: TestClient, user: ApiUser, database_url: str, tmp_path: Path
+) -> None:
+    for title in ("Alpha", "Beta", "Gamma"):
+        assert (
+            client.post(user.url(), json={"title": title}, headers=user.headers).status_code == 201
+        )
+    done = client.get(user.url(), headers=user.headers).json()[0]
+    client.patch(user.url(f"/{done['id']}/complete"), headers=user.headers)
+
+    result = run(
+        tmp_path, "tasks", "list", user.user_id, "--status", "pending", DATABASE_URL=database_url
+    )
+    assert result.returncode == 0, result.stderr
+    listed = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [task["title"] for task in listed] == ["Beta", "Alpha"]  # newest first, Gamma done
+    assert listed[0] == client.get(user.url(f"/{listed[0]['id']}"), headers=user.headers).json()
+    assert "2 of 2 tasks" in result.stderr
+
+    other = run(tmp_path, "tasks", "list", "nobody-at-all", DATABASE_URL=database_url)
+    assert other.returncode == 0 and other.stdout == ""
