@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import BigInteger, String, bindparam, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from audit.chain import GENESIS_HASH, HASH_VERSION, compute_hash
+from audit.chain import GENESIS_HASH, HASH_VERSION, HASHED_FIELDS, compute_hash
 from audit.models import AuditChainHead, AuditEvent
 from service.sqltypes import UTCDateTime
 
@@ -56,27 +56,9 @@ def diff(
     return changes
 
 
-# Every column the recorder writes, as bound parameters of statements built once per dialect.
-_EVENT_COLUMNS = (
-    "user_id",
-    "seq",
-    "prev_hash",
-    "occurred_at",
-    "actor_id",
-    "action",
-    "entity_type",
-    "entity_id",
-    "before",
-    "after",
-    "changes",
-    "request_id",
-    "trace_id",
-    "span_id",
-    "client_ip",
-    "user_agent",
-    "hash",
-    "hash_version",
-)
+# Every column the recorder writes (what is hashed, the hash and its version), as bound
+# parameters of statements built once per dialect.
+EVENT_COLUMNS = (*HASHED_FIELDS[HASH_VERSION], "hash", "hash_version")
 
 
 _ADVANCE_HEAD_SQL = {
@@ -105,7 +87,7 @@ class _Statements:
 def _statements(dialect: str) -> _Statements:
     """The recorder's statements, built once: SQLAlchemy reuses their compiled form."""
     values: dict[str, Any] = {
-        name: bindparam(f"ev_{name}", type_=EVENTS.c[name].type) for name in _EVENT_COLUMNS
+        name: bindparam(f"ev_{name}", type_=EVENTS.c[name].type) for name in EVENT_COLUMNS
     }
     # The head upsert locks the user's chain head (appends to one chain queue here, other
     # users' chains are other rows) and takes the next seq, the previous hash (on conflict

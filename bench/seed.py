@@ -24,31 +24,13 @@ import psycopg2
 from psycopg2.extensions import connection as PgConnection
 
 from audit.chain import GENESIS_HASH, HASH_VERSION, compute_hash, format_timestamp
+from audit.recorder import EVENT_COLUMNS as RECORDED_COLUMNS
 from audit.recorder import diff
 from bench.measure import PgTarget
 from service.tasks import DIFF_FIELDS
 
-EVENT_COLUMNS = (
-    "occurred_at",
-    "user_id",
-    "actor_id",
-    "action",
-    "entity_type",
-    "entity_id",
-    "before",
-    "after",
-    "changes",
-    "request_id",
-    "trace_id",
-    "span_id",
-    "client_ip",
-    "user_agent",
-    "seq",
-    "prev_hash",
-    "hash",
-    "hash_version",
-    "xact_id",
-)
+# The recorder's columns, plus the transaction id that the completeness guard checks.
+EVENT_COLUMNS = (*RECORDED_COLUMNS, "xact_id")
 
 
 def pg_target(server_url: str, dbname: str) -> PgTarget:
