@@ -26,6 +26,7 @@ from service.deps import CurrentUser, SessionDep, SettingsDep, TaskIdPath, UserI
 from service.errors import InvalidInput
 from service.middleware import REQUEST_ID_MAX
 from service.openapi import error_responses
+from service.responses import json_response
 
 router = APIRouter(prefix="/api/{user_id}", tags=["audit"])
 
@@ -74,9 +75,11 @@ def list_audit_events(
         request_id=request_id,
         trace_id=trace_id,
     )
-    return AuditPage(
-        items=[AuditEventPublic.from_row(row, settings.jaeger_ui_url) for row in page.items],
-        next_cursor=page.next_cursor,
+    return json_response(
+        AuditPage(
+            items=[AuditEventPublic.from_row(row, settings.jaeger_ui_url) for row in page.items],
+            next_cursor=page.next_cursor,
+        )
     )
 
 
@@ -89,7 +92,7 @@ def list_audit_events(
 )
 def verify_audit_chain(user: CurrentUser, session: SessionDep, user_id: UserIdPath) -> Any:
     report = verify_chain(snapshot(session), user.user_id)
-    return VerifyReport.model_validate(report.as_dict())
+    return json_response(VerifyReport.model_validate(report.as_dict()))
 
 
 @router.get(
@@ -114,16 +117,20 @@ def task_history(
         if cursor is not None:
             raise InvalidInput("`cursor` cannot be combined with `as_of`.")
         row = queries.task_as_of(session, user.user_id, task_id, as_of)
-        return TaskAsOf(
-            task_id=task_id,
-            as_of=as_of,
-            task=TaskSnapshot.model_validate(row["after"]),
-            event_seq=row["seq"],
-            event_occurred_at=row["occurred_at"],
+        return json_response(
+            TaskAsOf(
+                task_id=task_id,
+                as_of=as_of,
+                task=TaskSnapshot.model_validate(row["after"]),
+                event_seq=row["seq"],
+                event_occurred_at=row["occurred_at"],
+            )
         )
     page = queries.task_history(session, user.user_id, task_id, limit=limit, cursor=cursor)
-    return TaskHistory(
-        task_id=task_id,
-        items=[AuditEventPublic.from_row(row, settings.jaeger_ui_url) for row in page.items],
-        next_cursor=page.next_cursor,
+    return json_response(
+        TaskHistory(
+            task_id=task_id,
+            items=[AuditEventPublic.from_row(row, settings.jaeger_ui_url) for row in page.items],
+            next_cursor=page.next_cursor,
+        )
     )

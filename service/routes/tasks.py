@@ -12,6 +12,7 @@ from service.deps import AuditCtx, CurrentUser, SessionDep, TaskIdPath, UserIdPa
 from service.errors import InvalidInput
 from service.models import TaskCompletion, TaskCreate, TaskPublic, TaskUpdate
 from service.openapi import error_responses
+from service.responses import json_response
 from service.tasks import SortField, SortOrder, StatusFilter, TaskRecord
 
 router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"])
@@ -36,19 +37,10 @@ IdempotencyKeyHeader = Annotated[
 SEARCH_MAX = 200
 
 
-# The endpoints return ready-made responses, serialized in the endpoint's own worker thread.
-# Left to FastAPI, serializing a sync endpoint's result waits for another threadpool token
-# while the request still holds its connection (and row locks: the session commits only
-# after that). Under load every token can be taken by requests queued behind those locks
-# or the pool, a deadlock that only the pool timeout breaks, with 503s.
-def _json(body: bytes, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
-
-
 def _task_response(
     task: TaskRecord, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
-    return _json(
+    return json_response(
         tasks.public_json(task),
         status_code,
         {**(headers or {}), "ETag": task.etag},
@@ -93,7 +85,7 @@ def list_tasks(
     if offset + len(page.items) < page.total:
         next_url = request.url.include_query_params(offset=offset + limit, limit=limit)
         headers["Link"] = f'<{next_url}>; rel="next"'
-    return _json(tasks.public_list_json(page.items), headers=headers)
+    return json_response(tasks.public_list_json(page.items), headers=headers)
 
 
 @router.post(
@@ -138,7 +130,7 @@ def _created(
     }
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    return _json(
+    return json_response(
         json.dumps(public, separators=(",", ":")).encode(), status.HTTP_201_CREATED, headers
     )
 
