@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, ConfigDict, StrictBool, model_validator
 from pydantic import Field as PField
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
@@ -37,6 +38,11 @@ class User(SQLModel, table=True):
     id: str = Field(sa_column=Column(String(USER_ID_MAX), primary_key=True))
     email: str | None = Field(default=None, sa_column=Column(String(EMAIL_MAX), nullable=True))
     name: str | None = Field(default=None, sa_column=Column(String(NAME_MAX), nullable=True))
+    # Kept exact by triggers on tasks (migration 0006): the list's X-Total-Count without
+    # counting every row.
+    task_count: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default=text("0"))
+    )
     created_at: datetime = Field(
         sa_column=Column(UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP"))
     )

@@ -767,3 +767,34 @@ def test_task_bodies_have_exactly_the_public_fields(client: TestClient, user: Ap
     ]
     for body in bodies:
         assert set(body) == public
+
+
+def test_total_count_follows_creates_and_deletes(
+    client: TestClient, user: ApiUser, database: Database
+) -> None:
+    """The running count behind X-Total-Count agrees with counting the rows, filters or not."""
+    ids = [
+        client.post(user.url(), json={"title": f"Count {n}"}, headers=user.headers).json()["id"]
+        for n in range(7)
+    ]
+    for task_id in ids[:2]:
+        assert client.delete(user.url(f"/{task_id}"), headers=user.headers).status_code == 204
+    client.patch(user.url(f"/{ids[2]}/complete"), headers=user.headers)
+
+    def total(**params: Any) -> str:
+        resp = client.get(user.url(), params={"limit": 2, **params}, headers=user.headers)
+        return resp.headers["X-Total-Count"]
+
+    assert total() == "5"
+    assert total(offset=4) == "5"
+    assert total(status="pending") == "4"
+    assert total(q="count") == "5"
+    with database.engine.connect() as conn:
+        stored, counted = conn.execute(
+            sa.text(
+                "SELECT task_count, (SELECT count(*) FROM tasks WHERE user_id = :u) "
+                "FROM users WHERE id = :u"
+            ),
+            {"u": user.user_id},
+        ).one()
+    assert stored == counted == 5

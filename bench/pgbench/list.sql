@@ -1,11 +1,12 @@
 -- GET /api/{user}/tasks?limit=50 for a user with more tasks than one page, statement for
 -- statement as the service issues it (service/tasks.py list_tasks: the page, then the total for
--- X-Total-Count). The leading SELECT 1 is SQLAlchemy's pool_pre_ping.
+-- X-Total-Count, which a full unfiltered page reads from the user's running count). The leading
+-- SELECT 1 is SQLAlchemy's pool_pre_ping.
 SELECT 1;
 BEGIN;
 SELECT tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed,
        tasks.created_at, tasks.updated_at, tasks.version
 FROM tasks WHERE tasks.user_id = :list_user
 ORDER BY tasks.created_at DESC, tasks.id DESC LIMIT 50 OFFSET 0;
-SELECT count(*) AS count_1 FROM tasks WHERE tasks.user_id = :list_user;
+SELECT users.task_count FROM users WHERE users.id = :list_user;
 COMMIT;
