@@ -48,6 +48,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if not args.no_migrate:
         migrate(settings)
     if settings.needs_dev_secret:
+        # Creates the secret file now, before the workers start and each reads it.
         settings.with_dev_secret()
         print(
             "Development mode without BETTER_AUTH_SECRET: tokens are signed with a generated "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -18,7 +17,7 @@ from audit.recorder import AuditContext
 from service.auth import AuthError, Principal, TokenVerifier
 from service.database import Database
 from service.errors import Forbidden
-from service.models import EMAIL_MAX, NAME_MAX, USER_ID_MAX
+from service.models import USER_ID_MAX
 from service.settings import Settings
 from service.users import UserProvisioner
 
@@ -103,23 +102,9 @@ async def get_current_user(
         span.set_attribute("enduser.id", principal.user_id)
     request.state.user_id = principal.user_id
     users: UserProvisioner = request.app.state.users
-    storable = _storable(principal)
-    if not users.is_known(storable):
-        await run_in_threadpool(users.ensure, storable)
+    if not users.is_known(principal):
+        await run_in_threadpool(users.ensure, principal)
     return principal
-
-
-def _fits(value: str | None, max_length: int) -> str | None:
-    return value if value is not None and len(value) <= max_length and "\x00" not in value else None
-
-
-def _storable(principal: Principal) -> Principal:
-    """The principal with an email or name the users table cannot hold dropped (not a 500)."""
-    return dataclasses.replace(
-        principal,
-        email=_fits(principal.email, EMAIL_MAX),
-        name=_fits(principal.name, NAME_MAX),
-    )
 
 
 CurrentUser = Annotated[Principal, Depends(get_current_user)]

@@ -36,12 +36,6 @@ class InvalidInput(DomainError):
     title = "Bad Request"
 
 
-class NotAuthenticated(DomainError):
-    status = 401
-    title = "Unauthorized"
-    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
-
-
 class Forbidden(DomainError):
     status = 403
     title = "Forbidden"
@@ -60,12 +54,6 @@ class Conflict(DomainError):
 class PreconditionFailed(DomainError):
     status = 412
     title = "Precondition Failed"
-
-
-class Unavailable(DomainError):
-    status = 503
-    title = "Service Unavailable"
-    headers: ClassVar[dict[str, str] | None] = {"Retry-After": RETRY_AFTER_SECONDS}
 
 
 def problem(

@@ -20,11 +20,11 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 from sqlmodel import Field, SQLModel
 
-from service.errors import Conflict, InvalidInput
+from service.errors import Conflict
 from service.sqltypes import JSONType, UTCDateTime, utcnow
 
 KEY_MAX = 255
-# Printable ASCII, as validate_key() checks; documented on the header.
+# 1 to KEY_MAX printable ASCII characters, checked (as documented) by the header's declaration.
 KEY_PATTERN = r"^[\x20-\x7e]+$"
 # Keys are honoured for at least this long; an older key may be used again.
 RETENTION = timedelta(hours=24)
@@ -51,12 +51,6 @@ KEYS = IdempotencyKey.__table__  # type: ignore[attr-defined]
 class StoredResponse:
     status_code: int
     body: dict[str, Any]
-
-
-def validate_key(key: str) -> str:
-    if not (0 < len(key) <= KEY_MAX and key.isascii() and key.isprintable()):
-        raise InvalidInput(f"Idempotency-Key must be 1 to {KEY_MAX} printable ASCII characters.")
-    return key
 
 
 def request_fingerprint(payload: dict[str, Any]) -> str:

@@ -9,9 +9,18 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from service.auth import Principal
-from service.models import User
+from service.models import EMAIL_MAX, NAME_MAX, User
 
 USERS = User.__table__  # type: ignore[attr-defined]
+
+
+def _fits(value: str | None, max_length: int) -> str | None:
+    return value if value is not None and len(value) <= max_length and "\x00" not in value else None
+
+
+def _storable_claims(principal: Principal) -> tuple[str | None, str | None]:
+    """Email and name as the users table can hold them: one that cannot is left out (no 500)."""
+    return _fits(principal.email, EMAIL_MAX), _fits(principal.name, NAME_MAX)
 
 
 class UserProvisioner:
@@ -29,13 +38,13 @@ class UserProvisioner:
 
     def is_known(self, principal: Principal) -> bool:
         """True when this process already stored these claims: `ensure` would do nothing."""
-        return self._seen.get(principal.user_id) == (principal.email, principal.name)
+        return self._seen.get(principal.user_id) == _storable_claims(principal)
 
     def ensure(self, principal: Principal) -> None:
         if self.is_known(principal):
             return
-        claims = (principal.email, principal.name)
-        values = {"id": principal.user_id, "email": principal.email, "name": principal.name}
+        claims = email, name = _storable_claims(principal)
+        values = {"id": principal.user_id, "email": email, "name": name}
         dialect = self._engine.dialect.name
         insert = pg_insert if dialect == "postgresql" else sqlite_insert
         stmt = insert(USERS).values(values)
@@ -49,7 +58,3 @@ class UserProvisioner:
             if len(self._seen) >= self._max_entries:
                 self._seen.clear()
             self._seen[principal.user_id] = claims
-
-    def forget(self) -> None:
-        with self._lock:
-            self._seen.clear()

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from service.database import Database
-from service.errors import is_disconnect, problem
+from service.errors import RETRY_AFTER_SECONDS, is_disconnect, problem
 from service.openapi import error_responses
 
 router = APIRouter(tags=["health"])
@@ -29,5 +29,6 @@ def readyz(request: Request) -> Any:
     except Exception as exc:
         if not is_disconnect(exc):
             raise
-        return problem(503, "The database is unavailable.", headers={"Retry-After": "2"})
+        headers = {"Retry-After": RETRY_AFTER_SECONDS}
+        return problem(503, "The database is unavailable.", headers=headers)
     return JSONResponse({"status": "ready", "database": "ok"})

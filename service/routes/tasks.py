@@ -104,9 +104,8 @@ def create_task(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Any:
     if idempotency_key is not None:
-        key = idempotency.validate_key(idempotency_key)
         fingerprint = idempotency.request_fingerprint(body.model_dump())
-        stored = idempotency.claim(session, user.user_id, key, fingerprint)
+        stored = idempotency.claim(session, user.user_id, idempotency_key, fingerprint)
         if stored is not None:
             return _created(request, user.user_id, stored.body, replayed=True)
     change = tasks.create_task(
