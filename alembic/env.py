@@ -31,11 +31,7 @@ def run_migrations() -> None:
     engine = build_engine(get_settings(), url)
     try:
         with engine.connect() as conn:
-            context.configure(
-                connection=conn,
-                target_metadata=target_metadata,
-                render_as_batch=conn.dialect.name == "sqlite",
-            )
+            context.configure(connection=conn, target_metadata=target_metadata)
             with context.begin_transaction():
                 context.run_migrations()
     finally:

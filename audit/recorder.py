@@ -7,7 +7,7 @@ together, or neither.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 from sqlalchemy import BigInteger, String, bindparam, func, insert, select, text, update
@@ -57,34 +57,26 @@ def diff(
 
 
 # Every column the recorder writes (what is hashed, the hash and its version), as bound
-# parameters of statements built once per dialect.
+# parameters of statements built once.
 EVENT_COLUMNS = (*HASHED_FIELDS[HASH_VERSION], "hash", "hash_version")
 
 
-_ADVANCE_HEAD_SQL = {
-    # clock_timestamp() is evaluated after the lock is granted: time order follows seq order.
-    "postgresql": (
-        "INSERT INTO audit_chain_heads (user_id, seq, hash) VALUES (:head_user, 1, :genesis) "
-        "ON CONFLICT (user_id) DO UPDATE SET seq = audit_chain_heads.seq + 1 "
-        "RETURNING seq, hash, clock_timestamp() AS occurred_at"
-    ),
-    "sqlite": (
-        "INSERT INTO audit_chain_heads (user_id, seq, hash) VALUES (:head_user, 1, :genesis) "
-        "ON CONFLICT (user_id) DO UPDATE SET seq = audit_chain_heads.seq + 1 "
-        "RETURNING seq, hash, strftime('%Y-%m-%d %H:%M:%f', 'now') AS occurred_at"
-    ),
-}
+# clock_timestamp() is evaluated after the lock is granted: time order follows seq order.
+_ADVANCE_HEAD_SQL = (
+    "INSERT INTO audit_chain_heads (user_id, seq, hash) VALUES (:head_user, 1, :genesis) "
+    "ON CONFLICT (user_id) DO UPDATE SET seq = audit_chain_heads.seq + 1 "
+    "RETURNING seq, hash, clock_timestamp() AS occurred_at"
+)
 
 
 @dataclass(frozen=True, slots=True)
 class _Statements:
     advance_head: Any
     append: Any
-    move_head: Any | None
 
 
-@lru_cache(maxsize=2)
-def _statements(dialect: str) -> _Statements:
+@cache
+def _statements() -> _Statements:
     """The recorder's statements, built once: SQLAlchemy reuses their compiled form."""
     values: dict[str, Any] = {
         name: bindparam(f"ev_{name}", type_=EVENTS.c[name].type) for name in EVENT_COLUMNS
@@ -94,7 +86,7 @@ def _statements(dialect: str) -> _Statements:
     # the returned hash is the unchanged one) and the database's time. Plain SQL: SQLAlchemy
     # cannot cache the compiled form of an ON CONFLICT construct.
     advance = (
-        text(_ADVANCE_HEAD_SQL[dialect])
+        text(_ADVANCE_HEAD_SQL)
         .bindparams(genesis=GENESIS_HASH)
         .columns(seq=BigInteger(), hash=String(), occurred_at=UTCDateTime())
     )
@@ -103,14 +95,11 @@ def _statements(dialect: str) -> _Statements:
         .where(HEADS.c.user_id == bindparam("head_user"))
         .values(hash=bindparam("head_hash"))
     )
-    if dialect == "postgresql":
-        # One round trip: the event and the new head hash in a single statement.
-        values["xact_id"] = func.txid_current()
-        inserted = insert(EVENTS).values(values).returning(EVENTS.c.id).cte("inserted")
-        with_head = move_head.add_cte(inserted).returning(select(inserted.c.id).scalar_subquery())
-        return _Statements(advance_head=advance, append=with_head, move_head=None)
-    alone = insert(EVENTS).values(values).returning(EVENTS.c.id)
-    return _Statements(advance_head=advance, append=alone, move_head=move_head)
+    # One round trip: the event and the new head hash in a single statement.
+    values["xact_id"] = func.txid_current()
+    inserted = insert(EVENTS).values(values).returning(EVENTS.c.id).cte("inserted")
+    with_head = move_head.add_cte(inserted).returning(select(inserted.c.id).scalar_subquery())
+    return _Statements(advance_head=advance, append=with_head)
 
 
 def record_event(
@@ -126,7 +115,7 @@ def record_event(
     diff_fields: tuple[str, ...],
 ) -> RecordedEvent:
     changes = diff(before, after, diff_fields)
-    statements = _statements(session.get_bind().dialect.name)
+    statements = _statements()
     head = session.execute(statements.advance_head, {"head_user": user_id}).one()
     seq, prev_hash, occurred_at = int(head[0]), str(head[1]), head[2]
     event: dict[str, Any] = {
@@ -151,8 +140,6 @@ def record_event(
     params = {f"ev_{name}": value for name, value in event.items()}
     params.update(ev_hash_version=HASH_VERSION, head_user=user_id, head_hash=event["hash"])
     event_id = session.execute(statements.append, params).scalar_one()
-    if statements.move_head is not None:
-        session.execute(statements.move_head, params)
     return RecordedEvent(
         id=int(event_id),
         seq=seq,

@@ -54,13 +54,11 @@ class _ChainBroken(Exception):
 
 
 def snapshot(session: Session) -> Connection:
-    """The session's connection in a read-only REPEATABLE READ transaction (on PostgreSQL).
+    """The session's connection in a read-only REPEATABLE READ transaction.
 
     Must be called before the session has run anything, so that the whole verification sees
     one consistent state of the events and the chain heads.
     """
-    if session.get_bind().dialect.name != "postgresql":
-        return session.connection()
     return session.connection(
         execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
     )

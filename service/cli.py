@@ -32,6 +32,8 @@ def alembic_config(database_url: str) -> Config:
 
 def migrate(settings: Settings) -> None:
     configure_logging(settings, exclusive=True)
+    if settings.database_url is None:
+        raise ConfigError("DATABASE_URL is not set")
     log.info(
         "migrating the database to head",
         extra={"database": safe_url(normalize_database_url(settings.database_url))},
@@ -154,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = get_settings()
+        if args.command != "dev-token" and settings.database_url is None:
+            raise ConfigError("DATABASE_URL is not set: set it to a postgresql:// URL")
     except (ConfigError, ValueError) as exc:
         print(f"todo-api: configuration error: {exc}", file=sys.stderr)
         return 2

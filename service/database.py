@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.settings import Settings
+from service.settings import ConfigError, Settings, check_database_url
 
 
 def normalize_database_url(raw: str) -> URL:
@@ -17,13 +17,8 @@ def normalize_database_url(raw: str) -> URL:
 
     Query parameters such as `sslmode=require` are kept as they are.
     """
-    url = make_url(raw)
-    backend = url.get_backend_name()
-    if backend in {"postgres", "postgresql"}:
-        return url.set(drivername="postgresql+psycopg2")
-    if backend == "sqlite":
-        return url.set(drivername="sqlite+pysqlite")
-    raise ValueError("DATABASE_URL must be a postgresql://, postgres:// or sqlite:/// URL")
+    check_database_url(raw)
+    return make_url(raw).set(drivername="postgresql+psycopg2")
 
 
 def safe_url(url: URL) -> str:
@@ -31,25 +26,11 @@ def safe_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
-def _enable_sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.close()
-
-
 def build_engine(settings: Settings, url: str | None = None) -> Engine:
-    db_url = normalize_database_url(url or settings.database_url)
-    if db_url.get_backend_name() == "sqlite":
-        engine = create_engine(
-            db_url,
-            connect_args={"check_same_thread": False},
-            pool_pre_ping=True,
-            hide_parameters=True,
-        )
-        event.listen(engine, "connect", _enable_sqlite_pragmas)
-        return engine
+    raw = url or settings.database_url
+    if raw is None:
+        raise ConfigError("DATABASE_URL is not set")
+    db_url = normalize_database_url(raw)
     connect_args: dict[str, Any] = {
         "connect_timeout": settings.db_connect_timeout_seconds,
         "application_name": "todo-api",

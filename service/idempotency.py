@@ -15,8 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Column, Integer, String, delete, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 from sqlmodel import Field, SQLModel
 
@@ -60,7 +59,6 @@ def request_fingerprint(payload: dict[str, Any]) -> str:
 
 
 def _insert_claim(session: Session, user_id: str, key: str, fingerprint: str) -> bool:
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     stmt = (
         insert(KEYS)
         .values(user_id=user_id, key=key, request_hash=fingerprint, created_at=utcnow())

@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_SQLITE_URL = "sqlite:///./todo.db"
 DEV_SECRET_FILE = Path(".todo-api-dev-secret")
 
 # Values people paste from tutorials; refused as a production secret.
@@ -47,6 +46,16 @@ def origin_of(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+def check_database_url(url: str) -> None:
+    """Only PostgreSQL runs the audit trail's triggers and guards: refuse anything else."""
+    scheme = url.split(":", 1)[0].lower().split("+", 1)[0]
+    if scheme not in {"postgres", "postgresql"} or "://" not in url:
+        raise ConfigError(
+            "DATABASE_URL must be a postgresql:// or postgres:// URL (SQLite is not supported): "
+            "point it at a PostgreSQL server"
+        )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env",
@@ -60,8 +69,9 @@ class Settings(BaseSettings):
     app_env: AppEnv = AppEnv.development
 
     # Database
-    # Not in repr/str: the URL usually carries the database password.
-    database_url: str = Field(default=DEFAULT_SQLITE_URL, repr=False)
+    # Not in repr/str: the URL usually carries the database password. Unset: the commands that
+    # need a database start the embedded PostgreSQL server (service.embedded).
+    database_url: str | None = Field(default=None, repr=False)
     db_pool_size: int = Field(default=10, ge=1, le=200)
     db_max_overflow: int = Field(default=10, ge=0, le=200)
     db_pool_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
@@ -98,12 +108,9 @@ class Settings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _check_database_url(cls, value: str) -> str:
-        scheme = value.split(":", 1)[0].lower()
-        if scheme.split("+", 1)[0] not in {"postgres", "postgresql", "sqlite"}:
-            raise ValueError(
-                "DATABASE_URL must start with postgresql://, postgres:// or sqlite:///"
-            )
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_database_url(value)
         return value
 
     @field_validator("log_format")
@@ -140,10 +147,6 @@ class Settings(BaseSettings):
         return self
 
     # Derived values -------------------------------------------------------
-
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.lower().startswith("sqlite")
 
     @property
     def effective_log_format(self) -> str:

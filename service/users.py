@@ -5,8 +5,7 @@ from __future__ import annotations
 import threading
 
 from sqlalchemy import Engine
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.dialects.postgresql import insert
 
 from service.auth import Principal
 from service.models import EMAIL_MAX, NAME_MAX, User
@@ -45,8 +44,6 @@ class UserProvisioner:
             return
         claims = email, name = _storable_claims(principal)
         values = {"id": principal.user_id, "email": email, "name": name}
-        dialect = self._engine.dialect.name
-        insert = pg_insert if dialect == "postgresql" else sqlite_insert
         stmt = insert(USERS).values(values)
         stmt = stmt.on_conflict_do_update(
             index_elements=[USERS.c.id],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -31,11 +31,9 @@ APP_VARIABLES = (
 
 
 def run(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    """Run `todo-api` in `tmp_path` (no .env there) with a temporary SQLite database."""
+    """Run `todo-api` in `tmp_path` (no .env there), with only the app variables in `env`."""
     environment = {k: v for k, v in os.environ.items() if k not in APP_VARIABLES}
-    environment.update(
-        {"DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}", "OTEL_SDK_DISABLED": "true", **env}
-    )
+    environment.update({"OTEL_SDK_DISABLED": "true", **env})
     return subprocess.run(
         [str(TODO_API), *args],
         cwd=tmp_path,
@@ -95,23 +93,42 @@ def test_dev_token_signed_with_another_secret_is_rejected(
     assert resp.status_code == 401
 
 
-def test_migrate_creates_the_tables_on_a_fresh_sqlite_file(tmp_path: Path) -> None:
-    database_file = tmp_path / "cli.db"
-    assert not database_file.exists()
-    result = run(tmp_path, "migrate", BETTER_AUTH_SECRET=TEST_SECRET)
-    assert result.returncode == 0, result.stderr
-    with sqlite3.connect(database_file) as conn:
-        tables = {
-            row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-        }
-        assert {"users", "tasks", "audit_events", "audit_chain_heads", "alembic_version"} <= tables
-        (version,) = conn.execute("SELECT version_num FROM alembic_version").fetchone()
-        assert version
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
-        assert {"id", "user_id", "title", "description", "completed", "created_at"} <= columns
+def test_migrate_creates_the_tables_on_an_empty_database(tmp_path: Path, database_url: str) -> None:
+    name = f"todo_cli_{os.getpid()}_{secrets.token_hex(3)}"
+    server = sa.make_url(database_url)
+    admin = sa.create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = server.set(database=name).render_as_string(hide_password=False)
+    engine = sa.create_engine(url)
+    try:
+        result = run(tmp_path, "migrate", DATABASE_URL=url, BETTER_AUTH_SECRET=TEST_SECRET)
+        assert result.returncode == 0, result.stderr
+        with engine.connect() as conn:
+            tables = set(sa.inspect(conn).get_table_names())
+            assert {"users", "tasks", "audit_events", "audit_chain_heads", "alembic_version"} <= (
+                tables
+            )
+            assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
+            columns = {column["name"] for column in sa.inspect(conn).get_columns("tasks")}
+            assert {"id", "user_id", "title", "description", "completed", "created_at"} <= columns
 
-    again = run(tmp_path, "migrate", BETTER_AUTH_SECRET=TEST_SECRET)
-    assert again.returncode == 0, again.stderr
+        again = run(tmp_path, "migrate", DATABASE_URL=url, BETTER_AUTH_SECRET=TEST_SECRET)
+        assert again.returncode == 0, again.stderr
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_a_sqlite_url_is_refused_at_start(tmp_path: Path) -> None:
+    for command in (["serve", "--port", "1"], ["migrate"]):
+        result = run(tmp_path, *command, DATABASE_URL="sqlite:///./todo.db")
+        assert result.returncode == 2
+        assert "DATABASE_URL" in result.stderr and "SQLite is not supported" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "todo.db").exists()
 
 
 def test_production_without_auth_refuses_to_start(tmp_path: Path) -> None:

@@ -57,8 +57,6 @@ def from_env(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
             "postgresql+psycopg2",
             {"sslmode": "require"},
         ),
-        ("sqlite:///./todo.db", "sqlite+pysqlite", {}),
-        ("sqlite:////tmp/absolute.db", "sqlite+pysqlite", {}),
     ],
 )
 def test_database_url_forms_are_accepted_and_normalized(
@@ -86,6 +84,13 @@ def test_other_database_urls_are_refused(monkeypatch: pytest.MonkeyPatch, raw: s
     with pytest.raises(ValidationError) as info:
         from_env(monkeypatch, DATABASE_URL=raw)
     assert "DATABASE_URL" in str(info.value)
+
+
+@pytest.mark.parametrize("raw", ["sqlite:///./todo.db", "sqlite:////tmp/absolute.db", "sqlite://"])
+def test_sqlite_urls_are_refused_by_name(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        from_env(monkeypatch, DATABASE_URL=raw)
+    assert "SQLite is not supported" in str(info.value)
 
 
 # Production guards --------------------------------------------------------------------

@@ -17,9 +17,8 @@ down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# bigint identity on PostgreSQL; SQLite autoincrements only an INTEGER primary key.
-ID_TYPE = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-JSON_TYPE = sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql")
+ID_TYPE = sa.BigInteger()
+JSON_TYPE = postgresql.JSONB(astext_type=sa.Text())
 
 
 def upgrade() -> None:

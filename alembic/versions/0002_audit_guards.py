@@ -81,22 +81,6 @@ PG_DOWNGRADE = [
     "DROP FUNCTION audit_events_reject_change()",
 ]
 
-SQLITE_UPGRADE = [
-    """
-    CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
-    BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: UPDATE is not allowed'); END
-    """,
-    """
-    CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events
-    BEGIN SELECT RAISE(ABORT, 'audit_events is append-only: DELETE is not allowed'); END
-    """,
-]
-
-SQLITE_DOWNGRADE = [
-    "DROP TRIGGER audit_events_no_delete",
-    "DROP TRIGGER audit_events_no_update",
-]
-
 
 def _run(statements: list[str]) -> None:
     for statement in statements:
@@ -104,14 +88,8 @@ def _run(statements: list[str]) -> None:
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        _run(PG_UPGRADE)
-    else:
-        _run(SQLITE_UPGRADE)
+    _run(PG_UPGRADE)
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        _run(PG_DOWNGRADE)
-    else:
-        _run(SQLITE_DOWNGRADE)
+    _run(PG_DOWNGRADE)

@@ -27,7 +27,7 @@ def upgrade() -> None:
         sa.Column("status_code", sa.Integer(), nullable=True),
         sa.Column(
             "response_body",
-            sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), "postgresql"),
+            postgresql.JSONB(astext_type=sa.Text()),
             nullable=True,
         ),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),

@@ -55,15 +55,6 @@ PG_DOWNGRADE = [
     "DROP FUNCTION reject_unaudited_change()",
 ]
 
-SQLITE_UPGRADE = [
-    """
-    CREATE TRIGGER audit_chain_heads_no_delete BEFORE DELETE ON audit_chain_heads
-    BEGIN SELECT RAISE(ABORT, 'DELETE on audit_chain_heads is not allowed'); END
-    """,
-]
-
-SQLITE_DOWNGRADE = ["DROP TRIGGER audit_chain_heads_no_delete"]
-
 
 def _run(statements: list[str]) -> None:
     for statement in statements:
@@ -71,14 +62,8 @@ def _run(statements: list[str]) -> None:
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        _run(PG_UPGRADE)
-    else:
-        _run(SQLITE_UPGRADE)
+    _run(PG_UPGRADE)
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        _run(PG_DOWNGRADE)
-    else:
-        _run(SQLITE_DOWNGRADE)
+    _run(PG_DOWNGRADE)

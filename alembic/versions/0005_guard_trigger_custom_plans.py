@@ -20,12 +20,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute(
-            "ALTER FUNCTION tasks_require_audit_event() SET plan_cache_mode = force_custom_plan"
-        )
+    op.execute("ALTER FUNCTION tasks_require_audit_event() SET plan_cache_mode = force_custom_plan")
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
-        op.execute("ALTER FUNCTION tasks_require_audit_event() RESET plan_cache_mode")
+    op.execute("ALTER FUNCTION tasks_require_audit_event() RESET plan_cache_mode")

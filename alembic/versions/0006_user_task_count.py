@@ -51,34 +51,18 @@ PG_DOWNGRADE = [
     "DROP FUNCTION tasks_count_per_user()",
 ]
 
-SQLITE_UPGRADE = [
-    """
-    CREATE TRIGGER tasks_count_insert AFTER INSERT ON tasks
-    BEGIN UPDATE users SET task_count = task_count + 1 WHERE id = NEW.user_id; END
-    """,
-    """
-    CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks
-    BEGIN UPDATE users SET task_count = task_count - 1 WHERE id = OLD.user_id; END
-    """,
-]
-
-SQLITE_DOWNGRADE = ["DROP TRIGGER tasks_count_delete", "DROP TRIGGER tasks_count_insert"]
-
 
 def upgrade() -> None:
     op.add_column(
         "users",
         sa.Column("task_count", sa.BigInteger(), server_default=sa.text("0"), nullable=False),
     )
-    postgres = op.get_bind().dialect.name == "postgresql"
-    for statement in PG_UPGRADE if postgres else SQLITE_UPGRADE:
+    for statement in PG_UPGRADE:
         op.execute(statement)
     op.execute(BACKFILL)
 
 
 def downgrade() -> None:
-    postgres = op.get_bind().dialect.name == "postgresql"
-    for statement in PG_DOWNGRADE if postgres else SQLITE_DOWNGRADE:
+    for statement in PG_DOWNGRADE:
         op.execute(statement)
-    with op.batch_alter_table("users") as batch:
-        batch.drop_column("task_count")
+    op.drop_column("users", "task_count")
