@@ -97,7 +97,7 @@ def list_events(
 ) -> EventPage:
     """The user's events, newest first; `since` is inclusive and `until` exclusive."""
     if since is not None and until is not None and since >= until:
-        raise InvalidInput("`since` must be earlier than `until`.")
+        raise InvalidInput("`since` must be earlier than `until`.", field="query.since")
     stmt = select(*PUBLIC_COLUMNS).where(EVENTS.c.user_id == user_id)
     if cursor is not None:
         stmt = stmt.where(EVENTS.c.seq < decode_cursor(FEED_CURSOR, cursor))

@@ -115,7 +115,7 @@ def task_history(
 ) -> Any:
     if as_of is not None:
         if cursor is not None:
-            raise InvalidInput("`cursor` cannot be combined with `as_of`.")
+            raise InvalidInput("`cursor` cannot be combined with `as_of`.", field="query.cursor")
         row = queries.task_as_of(session, user.user_id, task_id, as_of)
         return json_response(
             TaskAsOf(

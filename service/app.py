@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from anyio import to_thread
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.trace import TracerProvider
@@ -15,11 +17,18 @@ from observability import configure_logging, configure_tracing, force_flush, obs
 from service.auth import TokenVerifier
 from service.database import Database
 from service.errors import install_error_handlers
-from service.middleware import BodyGuardMiddleware, RequestIdMiddleware
+from service.middleware import (
+    BodyGuardMiddleware,
+    RequestIdMiddleware,
+    TrustedProxyMiddleware,
+    UnhandledErrorMiddleware,
+)
 from service.routes.health import router as health_router
 from service.routes.tasks import router as tasks_router
-from service.settings import Settings, get_settings
+from service.settings import Settings, get_settings, origin_of
 from service.users import UserProvisioner
+
+log = logging.getLogger("service.app")
 
 CORS_ALLOW_HEADERS = [
     "Authorization",
@@ -30,7 +39,20 @@ CORS_ALLOW_HEADERS = [
     "Idempotency-Key",
     "X-Request-ID",
 ]
-CORS_EXPOSE_HEADERS = ["ETag", "Location", "X-Request-ID", "X-Total-Count", "Link", "X-Trace-Id"]
+# Every response header a browser client may need to read.
+CORS_EXPOSE_HEADERS = [
+    "ETag",
+    "Location",
+    "Link",
+    "X-Total-Count",
+    "X-Request-ID",
+    "X-Trace-Id",
+    "Idempotent-Replayed",
+    "Retry-After",
+    "WWW-Authenticate",
+    "RateLimit",
+    "RateLimit-Policy",
+]
 
 
 def create_app(
@@ -60,6 +82,7 @@ def create_app(
         # collector's reach keeps full collections (and the latency spikes they cause) short.
         gc.collect()
         gc.freeze()
+        await check_token_keys(settings, verifier)
         yield
         force_flush(provider)
         if owns_database:
@@ -77,7 +100,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.db = db
-    app.state.verifier = TokenVerifier.from_settings(settings)
+    app.state.verifier = verifier = TokenVerifier.from_settings(settings)
     app.state.users = UserProvisioner(db.engine)
 
     install_error_handlers(app)
@@ -85,20 +108,55 @@ def create_app(
     app.include_router(tasks_router)
     app.include_router(audit_router)
 
-    # The last added is the outermost: CORS headers go on 413 and 415 answers too.
+    # The last added is the outermost: CORS headers and X-Request-ID go on 413, 415 and
+    # unhandled 500 answers too.
+    app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
-    if settings.cors_origins:
+    if settings.effective_cors_origins:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=settings.cors_origins,
+            allow_origins=settings.effective_cors_origins,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=CORS_ALLOW_HEADERS,
             expose_headers=CORS_EXPOSE_HEADERS,
             max_age=600,
         )
     app.add_middleware(RequestIdMiddleware)
+    if settings.trusted_proxies:
+        app.add_middleware(TrustedProxyMiddleware, trusted=settings.trusted_proxies)
     observe_app(app, db.engine, provider)
     return app
+
+
+async def check_token_keys(settings: Settings, verifier: TokenVerifier) -> None:
+    """JWKS mode: say what is misconfigured, and fetch the keys once before serving.
+
+    A failed fetch is a loud warning, not a crash: the frontend that serves the keys may
+    simply start later. /readyz reports whether keys are available.
+    """
+    if not verifier.uses_jwks:
+        return
+    if settings.better_auth_url_has_base_path and not settings.better_auth_jwks_url:
+        assert settings.better_auth_url is not None
+        origin = origin_of(settings.better_auth_url)
+        log.warning(
+            "BETTER_AUTH_URL=%s has a path; using its origin %s (keys from %s, expected "
+            "iss/aud %s). Set BETTER_AUTH_URL=%s.",
+            settings.better_auth_url,
+            origin,
+            settings.jwks_url,
+            settings.expected_issuer,
+            origin,
+        )
+    if not await to_thread.run_sync(verifier.prefetch_keys):
+        log.warning(
+            "No token signing keys could be fetched from %s (BETTER_AUTH_JWKS_URL / "
+            "BETTER_AUTH_URL). Requests with Better Auth tokens get 503 until the keys can "
+            "be fetched: is the frontend running, and is BETTER_AUTH_URL its origin?",
+            settings.jwks_url,
+        )
+    else:
+        log.info("token signing keys fetched from %s", settings.jwks_url)
 
 
 def __getattr__(name: str) -> FastAPI:

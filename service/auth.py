@@ -10,6 +10,7 @@ algorithm family it was meant for:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -59,6 +60,14 @@ class Principal:
 
 class AuthError(Exception):
     """The token is not acceptable (401). The message is safe to show to the client."""
+
+
+class TokenMissing(AuthError):
+    """No bearer token at all: the caller is not signed in."""
+
+
+class TokenExpired(AuthError):
+    """A token that was valid and has expired: get a fresh one and retry."""
 
 
 class AuthUnavailable(Exception):
@@ -123,7 +132,7 @@ def _find_key(keys: tuple[_Jwk, ...], kid: str | None) -> _Jwk | None:
 
 def _auth_error_for(exc: jwt.PyJWTError) -> AuthError:
     if isinstance(exc, jwt.ExpiredSignatureError):
-        return AuthError("token expired")
+        return TokenExpired("token expired")
     if isinstance(exc, jwt.ImmatureSignatureError):
         return AuthError("token not yet valid")
     if isinstance(exc, jwt.InvalidSignatureError):
@@ -288,11 +297,40 @@ class TokenVerifier:
                 leeway=self._leeway,
                 options={"require": required, "verify_aud": audience is not None},
             )
+        except (jwt.InvalidIssuerError, jwt.InvalidAudienceError) as exc:
+            self._log_mismatch(token, issuer, audience)
+            raise _auth_error_for(exc) from None
         except jwt.PyJWTError as exc:
             raise _auth_error_for(exc) from None
         except (ValueError, TypeError, OverflowError):
             raise AuthError("malformed token") from None
         return self._principal_from(claims)
+
+    @staticmethod
+    def _log_mismatch(token: str, issuer: str | None, audience: str | None) -> None:
+        """Say what was expected and what came: the usual cause is a misconfigured URL
+        (`localhost` vs `127.0.0.1`, Better Auth without `baseURL`). Never the token."""
+        try:
+            claims = jwt.decode(token, options={"verify_signature": False})
+        except jwt.PyJWTError:
+            return
+
+        def shown(value: Any) -> str:
+            return repr(value)[:200]
+
+        logger.warning(
+            "token issuer/audience mismatch: expected iss=%s aud=%s, received iss=%s aud=%s",
+            shown(issuer),
+            shown(audience),
+            shown(claims.get("iss")),
+            shown(claims.get("aud")),
+            extra={
+                "expected_issuer": issuer,
+                "expected_audience": audience,
+                "received_issuer": shown(claims.get("iss")),
+                "received_audience": shown(claims.get("aud")),
+            },
+        )
 
     @staticmethod
     def _principal_from(claims: dict[str, Any]) -> Principal:
@@ -313,6 +351,27 @@ class TokenVerifier:
         )
 
     # JWKS -----------------------------------------------------------------
+
+    @property
+    def uses_jwks(self) -> bool:
+        return self._jwks_url is not None
+
+    @property
+    def keys_available(self) -> bool:
+        return bool(self._jwks.keys)
+
+    def prefetch_keys(self) -> bool:
+        """Fetch the key set now (at start-up, or when /readyz finds none); True if any key.
+
+        Honours the refetch interval, so a probe cannot make it hammer the key server.
+        """
+        if self._jwks_url is None:
+            return False
+        if self._jwks.keys:
+            return True
+        with contextlib.suppress(AuthError, AuthUnavailable):
+            self._refresh_and_find(None)
+        return bool(self._jwks.keys)
 
     def _jwks_key(self, kid: str | None, alg: str) -> jwt.PyJWK:
         entry = _find_key(self._jwks.keys, kid)
@@ -393,7 +452,7 @@ class TokenVerifier:
                 return None
             if principal.expires_at <= self._clock() - self._leeway:
                 del self._cache[cache_key]
-                raise AuthError("token expired")
+                raise TokenExpired("token expired")
             self._cache.move_to_end(cache_key)
             return principal
 

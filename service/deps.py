@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -14,7 +13,7 @@ from opentelemetry import trace
 from sqlalchemy.orm import Session
 
 from audit.recorder import AuditContext
-from service.auth import AuthError, Principal, TokenVerifier
+from service.auth import Principal, TokenMissing, TokenVerifier
 from service.database import Database
 from service.errors import Forbidden
 from service.models import USER_ID_MAX
@@ -90,7 +89,7 @@ async def get_current_user(
     a cached token of a known user, does not.
     """
     if credentials is None or credentials.scheme.lower() != "bearer":
-        raise AuthError("missing bearer token")
+        raise TokenMissing("missing bearer token")
     verifier: TokenVerifier = request.app.state.verifier
     principal = verifier.cached(credentials.credentials)
     if principal is None:
@@ -110,27 +109,7 @@ async def get_current_user(
 CurrentUser = Annotated[Principal, Depends(get_current_user)]
 
 
-def _client_ip(request: Request, trusted: list[str]) -> str | None:
-    """The socket's peer; X-Forwarded-For only when that peer is a trusted proxy."""
-    peer = request.client.host if request.client else None
-    if peer is None or not trusted or peer not in trusted:
-        return peer
-    forwarded = request.headers.get("x-forwarded-for", "")
-    hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
-    # Walk from the nearest hop; the first address that is not our proxy is the client.
-    for hop in reversed(hops):
-        if hop in trusted:
-            continue
-        try:
-            return str(ipaddress.ip_address(hop))
-        except ValueError:
-            return peer
-    return peer
-
-
-async def get_audit_context(
-    request: Request, user: CurrentUser, settings: SettingsDep
-) -> AuditContext:
+async def get_audit_context(request: Request, user: CurrentUser) -> AuditContext:
     span_context = trace.get_current_span().get_span_context()
     trace_id = span_id = None
     if span_context.is_valid:
@@ -139,7 +118,8 @@ async def get_audit_context(
     return AuditContext(
         actor_id=user.user_id,
         request_id=getattr(request.state, "request_id", None),
-        client_ip=_client_ip(request, settings.trusted_proxies),
+        # The socket's peer, or the client a trusted proxy named (service.middleware).
+        client_ip=request.client.host if request.client else None,
         user_agent=request.headers.get("user-agent"),
         trace_id=trace_id,
         span_id=span_id,

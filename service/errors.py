@@ -13,8 +13,9 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.auth import AuthError, AuthUnavailable
+from service.auth import AuthError, AuthUnavailable, TokenExpired, TokenMissing
 from service.openapi import PROBLEM_JSON, install_problem_docs
+from service.problem_types import BY_STATUS, ProblemType
 
 log = logging.getLogger("service.errors")
 
@@ -22,51 +23,47 @@ RETRY_AFTER_SECONDS = "2"
 
 
 class DomainError(Exception):
-    status: int = 400
-    title: str = "Bad Request"
+    kind: ClassVar[ProblemType] = ProblemType.validation
     headers: ClassVar[dict[str, str] | None] = None
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, *, field: str | None = None) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.field = field  # named as in validation errors: "query.q", "body.title"
 
 
 class InvalidInput(DomainError):
-    status = 400
-    title = "Bad Request"
+    kind = ProblemType.validation
 
 
 class Forbidden(DomainError):
-    status = 403
-    title = "Forbidden"
+    kind = ProblemType.user_mismatch
 
 
 class NotFound(DomainError):
-    status = 404
-    title = "Not Found"
+    kind = ProblemType.not_found
 
 
-class Conflict(DomainError):
-    status = 409
-    title = "Conflict"
+class IdempotencyConflict(DomainError):
+    kind = ProblemType.idempotency_conflict
 
 
 class PreconditionFailed(DomainError):
-    status = 412
-    title = "Precondition Failed"
+    kind = ProblemType.precondition_failed
 
 
 def problem(
     status: int,
     detail: str,
     *,
-    title: str | None = None,
+    kind: ProblemType | None = None,
     headers: dict[str, str] | None = None,
     errors: list[dict[str, str]] | None = None,
 ) -> JSONResponse:
+    kind = kind or BY_STATUS.get(status)
     body: dict[str, Any] = {
-        "type": "about:blank",
-        "title": title or HTTPStatus(status).phrase,
+        "type": kind.uri if kind else "about:blank",
+        "title": kind.title if kind else HTTPStatus(status).phrase,
         "status": status,
         "detail": detail,
     }
@@ -75,18 +72,42 @@ def problem(
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
 
 
+# Pydantic prefixes the message of an error raised in a validator; the client needs only the
+# message itself.
+_MESSAGE_PREFIXES = ("Value error, ", "Assertion failed, ")
+
+
+def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
+    """Where the input was, as `<location>.<name>[.<index or key>...]`: `body.title`,
+    `query.limit`, `path.task_id`, `header.idempotency-key`; `body` for the body as a whole."""
+    return ".".join(str(part) for part in loc) or "body"
+
+
+def clean_message(message: str) -> str:
+    for prefix in _MESSAGE_PREFIXES:
+        if message.startswith(prefix):
+            return message[len(prefix) :]
+    return message
+
+
 def _field_errors(exc: RequestValidationError) -> list[dict[str, str]]:
     out = []
     for err in exc.errors():
-        loc = [str(part) for part in err.get("loc", ()) if part not in ("body",)]
+        loc = tuple(err.get("loc", ()))
+        if err.get("type") == "json_invalid":
+            loc = loc[:1]  # ("body", <character offset>): the body is what is wrong
         # Messages only: pydantic's `input` may echo secrets or huge values back.
-        out.append({"field": ".".join(loc) or "body", "message": str(err.get("msg", "invalid"))})
+        message = clean_message(str(err.get("msg", "invalid")))
+        out.append({"field": field_path(loc), "message": message})
     return out
 
 
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, DomainError)
-    return problem(exc.status, exc.detail, title=exc.title, headers=exc.headers)
+    errors = None
+    if exc.field is not None:
+        errors = [{"field": exc.field, "message": exc.detail}]
+    return problem(exc.kind.status, exc.detail, kind=exc.kind, headers=exc.headers, errors=errors)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
@@ -106,9 +127,16 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _auth_error(_: Request, exc: Exception) -> JSONResponse:
     log.warning("authentication failed", extra={"reason": str(exc)})
+    if isinstance(exc, TokenExpired):
+        kind = ProblemType.token_expired
+    elif isinstance(exc, TokenMissing):
+        kind = ProblemType.token_missing
+    else:
+        kind = ProblemType.token_invalid
     return problem(
         401,
         f"Invalid or missing bearer token: {exc}.",
+        kind=kind,
         headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
     )
 

@@ -19,7 +19,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 from sqlmodel import Field, SQLModel
 
-from service.errors import Conflict
+from service.errors import IdempotencyConflict
 from service.sqltypes import JSONType, UTCDateTime, utcnow
 
 KEY_MAX = 255
@@ -88,16 +88,18 @@ def claim(session: Session, user_id: str, key: str, fingerprint: str) -> StoredR
         if row is not None:
             break
     if row is None:  # pragma: no cover
-        raise Conflict("This Idempotency-Key is in use by another request; retry.")
+        raise IdempotencyConflict("This Idempotency-Key is in use by another request; retry.")
     if row.created_at < utcnow() - RETENTION:
         session.execute(delete(KEYS).where(*owned))
         if not _insert_claim(session, user_id, key, fingerprint):  # pragma: no cover
-            raise Conflict("This Idempotency-Key is in use by another request; retry.")
+            raise IdempotencyConflict("This Idempotency-Key is in use by another request; retry.")
         return None
     if row.request_hash != fingerprint:
-        raise Conflict("This Idempotency-Key was already used with a different request body.")
+        raise IdempotencyConflict(
+            "This Idempotency-Key was already used with a different request body."
+        )
     if row.status_code is None or row.response_body is None:  # pragma: no cover
-        raise Conflict("This Idempotency-Key is in use by another request; retry.")
+        raise IdempotencyConflict("This Idempotency-Key is in use by another request; retry.")
     return StoredResponse(status_code=row.status_code, body=row.response_body)
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from observability.tracing import record_server_error
 from service.errors import problem
+
+log = logging.getLogger("service.errors")
 
 REQUEST_ID_HEADER = "x-request-id"
 REQUEST_ID_MAX = 128
@@ -104,3 +109,69 @@ class BodyGuardMiddleware:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class UnhandledErrorMiddleware:
+    """Turns an exception no handler took into a problem+json 500 *inside* the middleware
+    stack, so the answer still gets CORS headers and `X-Request-ID` (Starlette's own 500
+    handler runs outside every middleware, and a browser would report a CORS error)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            record_server_error(exc)
+            log.exception("unhandled error", exc_info=exc)
+            await problem(500, "An unexpected error occurred.")(scope, receive, send)
+
+
+def _valid_host(value: str) -> bool:
+    return (
+        0 < len(value) <= 255
+        and value.isascii()
+        and value.isprintable()
+        and not any(c in value for c in " /\\?#@")
+    )
+
+
+class TrustedProxyMiddleware:
+    """`X-Forwarded-Proto`, `-For` and `-Host`, believed only from `TRUSTED_PROXIES`.
+
+    uvicorn's ProxyHeadersMiddleware sets the scheme and the client address; this adds the
+    host, so that `Location`, `Link` and the audit log's `client_ip` are what the client
+    used and was. From any other peer the headers are ignored.
+    """
+
+    def __init__(self, app: ASGIApp, trusted: list[str]) -> None:
+        self.proxy = ProxyHeadersMiddleware(app, trusted_hosts=trusted)  # type: ignore[arg-type]
+        self.trusted = self.proxy.trusted_hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            client = scope.get("client")
+            if client and client[0] in self.trusted:
+                forwarded = [v for k, v in scope["headers"] if k == b"x-forwarded-host"]
+                if forwarded:
+                    # The nearest proxy's value: the last one it appended or set.
+                    host = forwarded[-1].decode("latin-1").split(",")[-1].strip()
+                    if _valid_host(host):
+                        scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"host"] + [
+                            (b"host", host.encode("latin-1"))
+                        ]
+        await self.proxy(scope, receive, send)  # type: ignore[arg-type]

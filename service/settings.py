@@ -38,6 +38,10 @@ class ConfigError(ValueError):
     """The configuration cannot run; the message names the variables to set."""
 
 
+BETTER_AUTH_BASE_PATH = "/api/auth"
+DEV_CORS_ORIGINS = ("http://localhost:3000", "http://127.0.0.1:3000")
+
+
 def origin_of(url: str) -> str:
     """The scheme://host[:port] part of a URL: what Better Auth puts in `iss` and `aud`."""
     parts = urlsplit(url)
@@ -90,7 +94,8 @@ class Settings(BaseSettings):
     jwks_timeout_seconds: float = Field(default=3.0, gt=0, le=30)
 
     # HTTP
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # None: the Next.js dev server's origins in development, none otherwise.
+    cors_origins: Annotated[list[str] | None, NoDecode] = None
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=10 * 1024 * 1024)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -105,6 +110,35 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @field_validator("better_auth_url")
+    @classmethod
+    def _check_better_auth_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ConfigError(
+                f"BETTER_AUTH_URL must be the frontend's URL, e.g. http://localhost:3000 "
+                f"(got {value!r})"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_better_auth_path(self) -> Settings:
+        """A path in BETTER_AUTH_URL used to double up in the JWKS URL (503 forever)."""
+        if not self.better_auth_url or self.better_auth_jwks_url:
+            return self
+        parts = urlsplit(self.better_auth_url)
+        path = parts.path.rstrip("/")
+        if path and path != BETTER_AUTH_BASE_PATH:
+            raise ConfigError(
+                f"BETTER_AUTH_URL must be the origin Better Auth runs on, without a path "
+                f"(got path {parts.path!r}): set BETTER_AUTH_URL={parts.scheme}://{parts.netloc}"
+                f" and, if Better Auth is not mounted at {BETTER_AUTH_BASE_PATH}, "
+                f"BETTER_AUTH_JWKS_URL to its /jwks URL"
+            )
+        return self
 
     @field_validator("database_url")
     @classmethod
@@ -155,12 +189,25 @@ class Settings(BaseSettings):
         return "console" if self.app_env is AppEnv.development else "json"
 
     @property
+    def better_auth_url_has_base_path(self) -> bool:
+        """BETTER_AUTH_URL ends in /api/auth: a common slip, corrected (and warned about)."""
+        if not self.better_auth_url:
+            return False
+        return urlsplit(self.better_auth_url).path.rstrip("/") == BETTER_AUTH_BASE_PATH
+
+    @property
     def jwks_url(self) -> str | None:
         if self.better_auth_jwks_url:
             return self.better_auth_jwks_url
         if self.better_auth_url:
-            return self.better_auth_url.rstrip("/") + "/api/auth/jwks"
+            return origin_of(self.better_auth_url) + BETTER_AUTH_BASE_PATH + "/jwks"
         return None
+
+    @property
+    def effective_cors_origins(self) -> list[str]:
+        if self.cors_origins is not None:
+            return self.cors_origins
+        return list(DEV_CORS_ORIGINS) if self.app_env is AppEnv.development else []
 
     @property
     def expected_issuer(self) -> str | None:

@@ -104,7 +104,7 @@ def test_body_over_64_kib_is_413_with_content_length(
 def test_body_of_exactly_64_kib_is_not_413(client: TestClient, user: ApiUser) -> None:
     headers = {**user.headers, "Content-Type": "application/json"}
     resp = client.post(user.url(), content=_json_of_size(LIMIT), headers=headers)
-    assert_validation_error(resp, "title")  # read in full, then refused as a too-long title
+    assert_validation_error(resp, "body.title")  # read in full, then refused as a too-long title
 
 
 def _chunks(total: int, size: int = 4096) -> Iterator[bytes]:
@@ -222,7 +222,7 @@ def test_validation_errors_list_fields_and_do_not_echo_input(
         json={"title": "x" * 300 + marker, "description": marker * 100, "extra": marker},
         headers=user.headers,
     )
-    body = assert_validation_error(resp, "title", "description", "extra")
+    body = assert_validation_error(resp, "body.title", "body.description", "body.extra")
     assert body["detail"]
     assert_no_leak(resp, marker)
 

@@ -160,7 +160,7 @@ def test_secret_is_never_in_repr_or_str(monkeypatch: pytest.MonkeyPatch) -> None
         ("https://auth.example.com", "https://auth.example.com"),
         ("https://auth.example.com/", "https://auth.example.com"),
         ("http://127.0.0.1:3000", "http://127.0.0.1:3000"),
-        ("https://example.com:8443/app/", "https://example.com:8443"),
+        ("https://example.com:8443/api/auth/", "https://example.com:8443"),
     ],
 )
 def test_issuer_and_audience_default_to_the_origin(

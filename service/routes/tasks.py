@@ -49,7 +49,7 @@ def _task_response(
 
 def _no_nul(value: str | None) -> str | None:
     if value is not None and "\x00" in value:
-        raise InvalidInput("The search text must not contain NUL characters.")
+        raise InvalidInput("The search text must not contain NUL characters.", field="query.q")
     return value
 
 

@@ -1,0 +1,129 @@
+"""The kinds of problem an error response can report: one stable `type` URI each.
+
+A client branches on `type` (never on the English `detail`). The README's table of problem
+types is checked against this list by the tests.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+# A tag URI (RFC 4151): stable, and by design not something a client fetches.
+PROBLEM_TYPE_BASE = "tag:todo-api,2026:problems/"
+
+
+class ProblemType(Enum):
+    """(slug, status, title, when a client meets it and what it should do)."""
+
+    validation = (
+        "validation",
+        400,
+        "Invalid input",
+        "The request is malformed or a field is out of bounds; `errors` lists each field.",
+    )
+    token_missing = (
+        "token-missing",
+        401,
+        "Missing token",
+        "No `Authorization: Bearer` header: sign in, get a token, send it.",
+    )
+    token_invalid = (
+        "token-invalid",
+        401,
+        "Invalid token",
+        "Bad signature, issuer, audience or format: get a new token; retrying will not help.",
+    )
+    token_expired = (
+        "token-expired",
+        401,
+        "Token expired",
+        "The token's `exp` has passed: fetch a fresh token and retry once.",
+    )
+    user_mismatch = (
+        "user-mismatch",
+        403,
+        "Wrong user",
+        "The token's `sub` is not the `{user_id}` in the URL.",
+    )
+    not_found = (
+        "not-found",
+        404,
+        "Not found",
+        "No such task for this user (or no such route).",
+    )
+    method_not_allowed = (
+        "method-not-allowed",
+        405,
+        "Method not allowed",
+        "The route exists but not with this HTTP method.",
+    )
+    idempotency_conflict = (
+        "idempotency-conflict",
+        409,
+        "Idempotency-Key conflict",
+        "The `Idempotency-Key` was used with another body, or its first request is still "
+        "running: use a new key, or retry later.",
+    )
+    precondition_failed = (
+        "precondition-failed",
+        412,
+        "Precondition failed",
+        "`If-Match` does not match the task's current `ETag`: reload the task and retry.",
+    )
+    body_too_large = (
+        "body-too-large",
+        413,
+        "Body too large",
+        "The body is larger than `MAX_BODY_BYTES`.",
+    )
+    unsupported_media_type = (
+        "unsupported-media-type",
+        415,
+        "Unsupported media type",
+        "The body is not `application/json`.",
+    )
+    rate_limited = (
+        "rate-limited",
+        429,
+        "Too many requests",
+        "Slow down: retry after `Retry-After` seconds.",
+    )
+    internal = (
+        "internal",
+        500,
+        "Internal error",
+        "A bug on the server; the `X-Request-ID` finds it in the logs.",
+    )
+    unavailable = (
+        "unavailable",
+        503,
+        "Service unavailable",
+        "The database or the token keys are unreachable: retry after `Retry-After` seconds.",
+    )
+
+    def __init__(self, slug: str, status: int, title: str, description: str) -> None:
+        self.slug = slug
+        self.status = status
+        self.title = title
+        self.description = description
+
+    @property
+    def uri(self) -> str:
+        return PROBLEM_TYPE_BASE + self.slug
+
+
+# The type of an error that only has a status (Starlette's own 404/405/413...).
+BY_STATUS: dict[int, ProblemType] = {
+    400: ProblemType.validation,
+    401: ProblemType.token_invalid,
+    403: ProblemType.user_mismatch,
+    404: ProblemType.not_found,
+    405: ProblemType.method_not_allowed,
+    409: ProblemType.idempotency_conflict,
+    412: ProblemType.precondition_failed,
+    413: ProblemType.body_too_large,
+    415: ProblemType.unsupported_media_type,
+    429: ProblemType.rate_limited,
+    500: ProblemType.internal,
+    503: ProblemType.unavailable,
+}
