@@ -1,14 +1,18 @@
-"""`todo-api audit verify|export`: the operators' side of the audit trail.
+"""`todo-api audit verify|export|checkpoint|public-key`: the operators' side of the audit trail.
 
-verify prints one JSON line per chain (`{"record": "chain", "user_id", "ok", "events",
-"head_seq", "head_hash", "first_bad_seq", "reason"}`) and a closing `{"record": "summary", ...}`
-line. Exit status: 0 every chain verifies, 1 a chain does not (or the export file is unusable),
-2 bad usage, 3 the database is unreachable.
+verify prints, with `--checkpoint`, one `{"record": "checkpoint", "file", "ok", "created_at",
+"tree_size", "key_id", "reason"}` line per file and a `{"record": "succession", "earlier",
+"later", "user_id", "reason"}` line per chain that a later checkpoint does not extend; then one
+JSON line per chain (`{"record": "chain", "user_id", "ok", "events", "head_seq", "head_hash",
+"first_bad_seq", "reason"}`) and a closing `{"record": "summary", ...}` line. Exit status: 0
+everything verifies, 1 something does not (or a given file is unusable), 2 bad usage or
+configuration, 3 the database is unreachable.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -21,10 +25,20 @@ from typing import Any, TextIO
 from sqlalchemy import Connection
 from sqlalchemy.exc import OperationalError
 
-from audit.verify import snapshot, verify_all, verify_chain
+from audit.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    make_checkpoint,
+    read_checkpoint_file,
+    signing_key,
+    successor_problems,
+    write_atomically,
+)
+from audit.signing import KeyFormatError, PublicKey, key_ring, parse_public_keys
+from audit.verify import Anchor, snapshot, verify_all, verify_chain
 from service.database import Database
 from service.models import USER_ID_MAX
-from service.settings import Settings
+from service.settings import ConfigError, Settings
 
 # `audit.export` (and FastAPI, through it) is imported when a command runs, so that
 # `todo-api --help` and the other commands start without it.
@@ -74,22 +88,95 @@ def _print(record: dict[str, Any], out: TextIO) -> None:
     out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def _trusted_keys(paths: list[Path], settings: Settings) -> dict[str, PublicKey]:
+    """The public keys given as files, and the configured signing key's own."""
+    keys: list[PublicKey] = []
+    for path in paths:
+        try:
+            keys.extend(parse_public_keys(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, KeyFormatError) as exc:
+            raise ConfigError(f"cannot use {path} as a public key: {exc}") from None
+    configured = signing_key(settings)
+    if configured is not None:
+        keys.append(configured.public)
+    return key_ring(keys)
+
+
+def _check_checkpoints(
+    paths: list[Path], keys: dict[str, PublicKey], out: TextIO
+) -> tuple[list[Checkpoint], int]:
+    """Each file's signature and root, then each later checkpoint against the earlier one.
+    Returns the checkpoints that verify (oldest first) and the number of failures."""
+    good: list[tuple[Checkpoint, Path]] = []
+    failures = 0
+    for path in paths:
+        record: dict[str, Any] = {"record": "checkpoint", "file": str(path), "ok": False}
+        try:
+            checkpoint = read_checkpoint_file(path)
+            record |= {
+                "created_at": checkpoint.head.created_at,
+                "tree_size": checkpoint.head.tree_size,
+                "key_id": checkpoint.head.key_id,
+            }
+            checkpoint.verify(keys)
+        except CheckpointError as exc:
+            failures += 1
+            _print({**record, "reason": str(exc)}, out)
+            continue
+        good.append((checkpoint, path))
+        _print({**record, "ok": True, "reason": None}, out)
+    good.sort(key=lambda pair: pair[0].head.created_at)
+    for (earlier, earlier_path), (later, later_path) in itertools.pairwise(good):
+        for user_id, reason in successor_problems(earlier, later):
+            failures += 1
+            record = {"record": "succession", "earlier": str(earlier_path)}
+            _print({**record, "later": str(later_path), "user_id": user_id, "reason": reason}, out)
+    return [checkpoint for checkpoint, _ in good], failures
+
+
+def _checkpoint_anchors(checkpoints: list[Checkpoint]) -> dict[str, list[Anchor]]:
+    anchors: dict[str, list[Anchor]] = {}
+    for checkpoint in checkpoints:
+        source = f"the checkpoint of {checkpoint.head.created_at}"
+        for leaf in checkpoint.leaves:
+            anchors.setdefault(leaf.user_id, []).append(Anchor(leaf.seq, leaf.hash, source))
+    return anchors
+
+
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from audit.export import ExportFileError, read_anchors
 
-    anchors = None
+    anchors: dict[str, list[Anchor]] = {}
     if args.against is not None:
         try:
-            anchors = read_anchors(args.against)
+            exported = read_anchors(args.against)
         except (OSError, ExportFileError, UnicodeDecodeError) as exc:
             print(f"todo-api: cannot use {args.against} as an export: {exc}", file=sys.stderr)
             return EXIT_FAILED
+        anchors = {user_id: [anchor] for user_id, anchor in exported.items()}
+    failed_checkpoints = 0
+    if args.checkpoint:
+        try:
+            keys = _trusted_keys(args.public_key, settings)
+        except ConfigError as exc:
+            print(f"todo-api: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        if not keys:
+            print(
+                "todo-api: --checkpoint needs the public keys: --public-key FILE, or "
+                "AUDIT_SIGNING_KEY(_FILE) configured",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        checkpoints, failed_checkpoints = _check_checkpoints(args.checkpoint, keys, sys.stdout)
+        for user_id, found in _checkpoint_anchors(checkpoints).items():
+            anchors.setdefault(user_id, []).extend(found)
     chains = events = failed = 0
     try:
         with _snapshot(settings) as conn:
             if args.user is not None:
-                anchor = anchors.get(args.user) if anchors else None
-                reports = iter([verify_chain(conn, args.user, anchor=anchor)])
+                found = anchors.get(args.user, [])
+                reports = iter([verify_chain(conn, args.user, anchors=found)])
             else:
                 reports = verify_all(conn, anchors=anchors)
             for report in reports:
@@ -101,9 +188,60 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     except OperationalError as exc:
         print(f"todo-api: the database is unreachable: {exc.orig}", file=sys.stderr)
         return EXIT_DATABASE
-    summary = {"record": "summary", "ok": not failed, "chains": chains, "events": events}
+    ok = not failed and not failed_checkpoints
+    summary = {"record": "summary", "ok": ok, "chains": chains, "events": events}
+    if args.checkpoint:
+        summary["checkpoint_failures"] = failed_checkpoints
     _print({**summary, "failed": failed}, sys.stdout)
-    return EXIT_FAILED if failed else EXIT_OK
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _make_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
+    key = signing_key(settings)
+    if key is None:
+        print(
+            "todo-api: checkpoints are signed: set AUDIT_SIGNING_KEY or AUDIT_SIGNING_KEY_FILE",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    db = Database.from_settings(settings)
+    try:
+        with db.unit_of_work() as session:
+            checkpoint = make_checkpoint(session, key)
+    except OperationalError as exc:
+        print(f"todo-api: the database is unreachable: {exc.orig}", file=sys.stderr)
+        return EXIT_DATABASE
+    finally:
+        db.dispose()
+    assert checkpoint is not None  # only a periodic checkpoint can find its interval taken
+    if args.output is None:
+        sys.stdout.write(checkpoint.to_json())
+    else:
+        try:
+            write_atomically(args.output, checkpoint.to_json())
+        except OSError as exc:
+            print(f"todo-api: the checkpoint is stored but not written: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    head = checkpoint.head
+    print(
+        f"Checkpoint of {head.tree_size} chains at {head.created_at}: root {head.root_hash}, "
+        f"key {head.key_id}, written to {args.output or 'stdout'}",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def _public_key(args: argparse.Namespace, settings: Settings) -> int:
+    key = signing_key(settings)
+    if key is None:
+        print("todo-api: set AUDIT_SIGNING_KEY or AUDIT_SIGNING_KEY_FILE", file=sys.stderr)
+        return EXIT_USAGE
+    if args.format == "jwks":
+        _print({"keys": [key.public.jwk()]}, sys.stdout)
+    else:
+        sys.stdout.write(key.public.pem())
+    print(f"key id: {key.key_id}", file=sys.stderr)
+    return EXIT_OK
 
 
 @contextmanager
@@ -148,8 +286,8 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Add `audit verify` and `audit export` to the `todo-api` parser."""
-    audit = subparsers.add_parser("audit", help="verify or export the audit trail")
+    """Add the `audit` commands to the `todo-api` parser."""
+    audit = subparsers.add_parser("audit", help="verify, export or checkpoint the audit trail")
     commands = audit.add_subparsers(dest="audit_command", required=True)
 
     verify = commands.add_parser(
@@ -164,9 +302,40 @@ def register(subparsers: Any) -> None:
         help="also check that each chain head recorded in this export is still in the chain",
     )
     verify.add_argument(
+        "--checkpoint",
+        type=Path,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FILE",
+        help="also check these checkpoint files (signature, root, succession) and that every "
+        "chain still has the heads they recorded",
+    )
+    verify.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a trusted public key (PEM or JWK set) for --checkpoint; repeat for old keys. "
+        "The configured signing key's is always trusted",
+    )
+    verify.add_argument(
         "--failures-only", action="store_true", help="print only the chains that fail"
     )
     verify.set_defaults(handler=_verify)
+
+    checkpoint = commands.add_parser(
+        "checkpoint", help="sign every chain head now; store it and write it out"
+    )
+    checkpoint.add_argument("--output", type=Path, help="write to this file instead of stdout")
+    checkpoint.set_defaults(handler=_make_checkpoint)
+
+    public_key = commands.add_parser(
+        "public-key", help="print the public key that verifies checkpoints"
+    )
+    public_key.add_argument("--format", choices=("pem", "jwks"), default="pem")
+    public_key.set_defaults(handler=_public_key)
 
     export = commands.add_parser(
         "export", help="write events and a closing record of each chain's head"

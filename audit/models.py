@@ -64,3 +64,34 @@ class AuditChainHead(SQLModel, table=True):
     user_id: str = Field(sa_column=Column(String(128), primary_key=True))
     seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     hash: str = Field(sa_column=Column(String(64), nullable=False))
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    """A signed commitment to every chain head at one moment (see `audit.checkpoint`).
+
+    Append-only like the events. The copy that counts is the one kept outside the database;
+    this one serves proofs and links each checkpoint to the previous root.
+    """
+
+    __tablename__ = "audit_checkpoints"
+    __table_args__ = (
+        # The periodic maker's interval: at most one checkpoint per interval, across instances.
+        Index("uq_audit_checkpoints_interval", "interval_start", unique=True),
+    )
+
+    id: int | None = Field(
+        default=None, sa_column=Column(ID_TYPE, Identity(always=False), primary_key=True)
+    )
+    created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    interval_start: datetime | None = Field(
+        default=None, sa_column=Column(UTCDateTime, nullable=True)
+    )
+    tree_size: int = Field(sa_column=Column(BigInteger, nullable=False))
+    root_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    previous_root_hash: str | None = Field(
+        default=None, sa_column=Column(String(64), nullable=True)
+    )
+    key_id: str = Field(sa_column=Column(String(64), nullable=False))
+    signature: str = Field(sa_column=Column(String(128), nullable=False))
+    # [[user_id, head seq, head hash], ...] in user-id order: the tree's leaves.
+    leaves: list[Any] = Field(sa_column=Column(JSONType, nullable=False))

@@ -1,4 +1,5 @@
-"""The audit endpoints: the caller's feed, chain verification and a task's history.
+"""The audit endpoints: the caller's feed, chain verification, proof and a task's history;
+and the public keys that verify checkpoints, at a well-known path.
 
 Thin: queries in `audit.queries`, verification in `audit.verify`. The `{user_id}` must be the
 token's user (CurrentUser), and every query filters by it.
@@ -8,13 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 
 from audit import queries
+from audit.checkpoint import latest_checkpoint
+from audit.proof import build_proof
 from audit.schemas import (
     AuditAction,
     AuditEventPublic,
+    AuditKeys,
     AuditPage,
+    AuditProof,
     ClientTime,
     TaskAsOf,
     TaskHistory,
@@ -23,12 +28,13 @@ from audit.schemas import (
 )
 from audit.verify import snapshot, verify_chain
 from service.deps import CurrentUser, SessionDep, SettingsDep, TaskIdPath, UserIdPath
-from service.errors import InvalidInput
+from service.errors import InvalidInput, NotFound
 from service.middleware import REQUEST_ID_MAX
 from service.openapi import error_responses
 from service.responses import json_response
 
 router = APIRouter(prefix="/api/{user_id}", tags=["audit"])
+keys_router = APIRouter(tags=["audit"])
 
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size")]
 Cursor = Annotated[
@@ -93,6 +99,34 @@ def list_audit_events(
 def verify_audit_chain(user: CurrentUser, session: SessionDep, user_id: UserIdPath) -> Any:
     report = verify_chain(snapshot(session), user.user_id)
     return json_response(VerifyReport.model_validate(report.as_dict()))
+
+
+@router.get(
+    "/audit-events/proof",
+    response_model=AuditProof,
+    responses=error_responses(401, 403, 404),
+    summary="The caller's chain head in the latest signed checkpoint, with its Merkle path",
+    description="404 when no checkpoint has been made since the caller's first event.",
+)
+def audit_proof(user: CurrentUser, session: SessionDep, user_id: UserIdPath) -> Any:
+    checkpoint = latest_checkpoint(session)
+    proof = build_proof(checkpoint, user.user_id) if checkpoint is not None else None
+    if proof is None:
+        raise NotFound("No checkpoint covers this user's audit events yet.")
+    return json_response(AuditProof.model_validate(proof))
+
+
+@keys_router.get(
+    "/.well-known/audit-keys.json",
+    response_model=AuditKeys,
+    responses=error_responses(404),
+    summary="The public key that verifies audit checkpoints (a JWK set)",
+)
+async def audit_keys(request: Request) -> Any:
+    key = request.app.state.audit_signing_key
+    if key is None:
+        raise NotFound("This service does not sign audit checkpoints.")
+    return AuditKeys.model_validate({"keys": [key.public.jwk()]})
 
 
 @router.get(

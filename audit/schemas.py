@@ -159,3 +159,47 @@ class TaskAsOf(BaseModel):
     task: TaskSnapshot
     event_seq: int = Field(description="The chain seq of the event that produced this state")
     event_occurred_at: UtcTimestamp
+
+
+class SignedCheckpoint(BaseModel):
+    """A checkpoint's signed statement and signature, without its leaves (see
+    `audit/checkpoint.py` for how the statement is built from these fields)."""
+
+    format: str
+    created_at: str
+    tree_size: int
+    root_hash: str
+    previous_root_hash: str | None
+    key_id: str = Field(description="Which public key (at /.well-known/audit-keys.json) signed")
+    signature: str = Field(description="Ed25519 signature, base64")
+
+
+class AuditProof(BaseModel):
+    """The caller's chain head at the latest checkpoint and its RFC 9162 inclusion path.
+
+    Verify it with `audit.proof.verify_proof` (or by hand: see the README): the signature with
+    the public key, the path from the leaf to the signed root, and the caller's own events up
+    to `seq`.
+    """
+
+    format: str
+    user_id: str
+    seq: int = Field(description="The caller's head seq when the checkpoint was made")
+    hash: str = Field(description="The hash of the event at that seq")
+    leaf_index: int
+    inclusion_path: list[str] = Field(description="Sibling hashes, nearest first, hex")
+    checkpoint: SignedCheckpoint
+
+
+class PublicJwk(BaseModel):
+    kty: str
+    crv: str
+    x: str
+    kid: str
+    alg: str
+
+
+class AuditKeys(BaseModel):
+    """The public keys that verify audit checkpoints, as an RFC 7517 JWK set."""
+
+    keys: list[PublicJwk]

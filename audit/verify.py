@@ -8,7 +8,7 @@ the last event must match the chain head row, so deleting the newest events is d
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,11 +25,12 @@ _COLUMNS = tuple(column for column in EVENTS.c if column.name not in {"id", "xac
 
 @dataclass(frozen=True, slots=True)
 class Anchor:
-    """A chain head written down earlier (by an export): the event at `seq` must still hash
-    to `hash`."""
+    """A chain head written down earlier (by an export or a checkpoint): the event at `seq`
+    must still hash to `hash`. `source` names where it was written down, for the report."""
 
     seq: int
     hash: str
+    source: str = "an export"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +101,7 @@ def _check_event(row: Mapping[Any, Any], expected_seq: int, prev_hash: str) -> N
 
 
 def _check_end(
-    last_seq: int, last_hash: str, head: Any | None, events: int, anchor: Anchor | None
+    last_seq: int, last_hash: str, head: Any | None, events: int, anchors: Sequence[Anchor]
 ) -> None:
     if head is None:
         if events:
@@ -118,11 +119,29 @@ def _check_end(
         )
     elif head.hash != last_hash:
         raise _ChainBroken(last_seq, "the chain head's hash differs from the last event's hash")
-    if anchor is not None and anchor.seq > last_seq:
+    beyond = [anchor for anchor in anchors if anchor.seq > last_seq]
+    if beyond:
+        anchor = max(beyond, key=lambda a: a.seq)
         raise _ChainBroken(
             last_seq + 1,
-            f"the chain ends at seq {last_seq} but an export recorded its head at seq {anchor.seq}",
+            f"the chain ends at seq {last_seq} but {anchor.source} recorded its head at "
+            f"seq {anchor.seq}",
         )
+
+
+def _check_anchors(row: Mapping[Any, Any], due: list[Anchor], matched: int) -> int:
+    """Check the anchors at this event's seq; return the highest seq known to match."""
+    seq = int(row["seq"])
+    for anchor in due:
+        if anchor.hash != row["hash"]:
+            changed = f"seq {seq}" if matched + 1 == seq else f"seqs {matched + 1} to {seq}"
+            raise _ChainBroken(
+                seq,
+                f"seq {seq}: hash differs from the one {anchor.source} recorded; the chain "
+                f"links up on its own, so the events were rewritten and re-hashed "
+                f"(the change is in {changed})",
+            )
+    return seq
 
 
 def verify_chain(
@@ -130,24 +149,30 @@ def verify_chain(
     user_id: str,
     *,
     batch_size: int = BATCH_SIZE,
-    anchor: Anchor | None = None,
+    anchors: Sequence[Anchor] = (),
 ) -> ChainReport:
-    """Recompute one user's chain; the report names the first bad seq, if any."""
+    """Recompute one user's chain; the report names the first bad seq, if any.
+
+    Each anchor's seq must still have its hash. A rewrite between two anchors can be placed
+    only that precisely: the reason names the range since the last anchor that matched.
+    """
     head = conn.execute(select(HEADS.c.seq, HEADS.c.hash).where(HEADS.c.user_id == user_id)).first()
     head_seq = int(head.seq) if head is not None else 0
     head_hash = str(head.hash) if head is not None else None
-    expected_seq, prev_hash, events = 1, GENESIS_HASH, 0
+    expected_seq, prev_hash, events, matched = 1, GENESIS_HASH, 0, 0
+    by_seq: dict[int, list[Anchor]] = {}
+    for anchor in anchors:
+        by_seq.setdefault(anchor.seq, []).append(anchor)
     try:
         for row in _events(conn, user_id, batch_size):
             _check_event(row, expected_seq, prev_hash)
-            if anchor is not None and row["seq"] == anchor.seq and row["hash"] != anchor.hash:
-                raise _ChainBroken(
-                    anchor.seq, f"seq {anchor.seq}: hash differs from the one an export recorded"
-                )
+            due = by_seq.get(expected_seq)
+            if due:
+                matched = _check_anchors(row, due, matched)
             prev_hash = str(row["hash"])
             expected_seq += 1
             events += 1
-        _check_end(expected_seq - 1, prev_hash, head, events, anchor)
+        _check_end(expected_seq - 1, prev_hash, head, events, anchors)
     except _ChainBroken as broken:
         return ChainReport(
             user_id,
@@ -187,12 +212,13 @@ def verify_all(
     conn: Connection,
     *,
     batch_size: int = BATCH_SIZE,
-    anchors: Mapping[str, Anchor] | None = None,
+    anchors: Mapping[str, Sequence[Anchor]] | None = None,
 ) -> Iterator[ChainReport]:
-    """Every chain, one report each; chains an export knew of but which are gone fail too."""
+    """Every chain, one report each; chains an export or checkpoint knew of but which are
+    gone fail too."""
     pending = dict(anchors or {})
     for user_id in chain_user_ids(conn, batch_size):
-        anchor = pending.pop(user_id, None)
-        yield verify_chain(conn, user_id, batch_size=batch_size, anchor=anchor)
-    for user_id, anchor in sorted(pending.items()):
-        yield verify_chain(conn, user_id, batch_size=batch_size, anchor=anchor)
+        found = pending.pop(user_id, ())
+        yield verify_chain(conn, user_id, batch_size=batch_size, anchors=found)
+    for user_id, found in sorted(pending.items()):
+        yield verify_chain(conn, user_id, batch_size=batch_size, anchors=found)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -12,6 +14,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.trace import TracerProvider
 
+from audit.checkpoint import PeriodicCheckpoints, signing_key
+from audit.routes import keys_router as audit_keys_router
 from audit.routes import router as audit_router
 from observability import configure_logging, configure_tracing, force_flush, observe_app
 from service.auth import TokenVerifier
@@ -75,6 +79,7 @@ def create_app(
     provider = tracer_provider or configure_tracing(settings)
     owns_database = database is None
     db = database or Database.from_settings(settings)
+    audit_key = signing_key(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -83,7 +88,20 @@ def create_app(
         gc.collect()
         gc.freeze()
         await check_token_keys(settings, verifier)
+        checkpoints = None
+        if audit_key is not None and settings.audit_checkpoint_interval_seconds:
+            maker = PeriodicCheckpoints(
+                db,
+                audit_key,
+                settings.audit_checkpoint_interval_seconds,
+                settings.audit_checkpoint_dir,
+            )
+            checkpoints = asyncio.create_task(maker.run(), name="audit-checkpoints")
         yield
+        if checkpoints is not None:
+            checkpoints.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checkpoints
         force_flush(provider)
         if owns_database:
             db.dispose()
@@ -102,11 +120,13 @@ def create_app(
     app.state.db = db
     app.state.verifier = verifier = TokenVerifier.from_settings(settings)
     app.state.users = UserProvisioner(db.engine)
+    app.state.audit_signing_key = audit_key
 
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(tasks_router)
     app.include_router(audit_router)
+    app.include_router(audit_keys_router)
 
     # The last added is the outermost: CORS headers and X-Request-ID go on 413, 415 and
     # unhandled 500 answers too.

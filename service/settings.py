@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     log_format: str | None = None  # json | console; json unless development
     jaeger_ui_url: str | None = None
 
+    # Audit checkpoints (see audit/checkpoint.py)
+    audit_signing_key: SecretStr | None = Field(default=None, repr=False)
+    audit_signing_key_file: Path | None = None
+    audit_checkpoint_interval_seconds: int = Field(default=0, ge=0, le=7 * 86400)
+    audit_checkpoint_dir: Path | None = None
+
     @field_validator("cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:
@@ -163,6 +169,17 @@ class Settings(BaseSettings):
         return level
 
     @model_validator(mode="after")
+    def _check_audit_signing(self) -> Settings:
+        if self.audit_signing_key is not None and self.audit_signing_key_file is not None:
+            raise ConfigError("set AUDIT_SIGNING_KEY or AUDIT_SIGNING_KEY_FILE, not both")
+        if self.audit_checkpoint_interval_seconds and not self.has_audit_signing_key:
+            raise ConfigError(
+                "AUDIT_CHECKPOINT_INTERVAL_SECONDS needs a signing key: set AUDIT_SIGNING_KEY "
+                "or AUDIT_SIGNING_KEY_FILE"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_production(self) -> Settings:
         if self.app_env is not AppEnv.production:
             return self
@@ -181,6 +198,10 @@ class Settings(BaseSettings):
         return self
 
     # Derived values -------------------------------------------------------
+
+    @property
+    def has_audit_signing_key(self) -> bool:
+        return self.audit_signing_key is not None or self.audit_signing_key_file is not None
 
     @property
     def effective_log_format(self) -> str:

@@ -52,6 +52,8 @@ NOTHING_TO_NEGATE = {
     "GET /healthz",
     "GET /readyz",
     "GET /api/{user_id}/audit-events/verify",
+    "GET /api/{user_id}/audit-events/proof",
+    "GET /.well-known/audit-keys.json",
 }
 
 

@@ -1,0 +1,535 @@
+"""Signed checkpoints against a superuser who rewrites the audit log (PostgreSQL).
+
+Each test gets a database of its own: the tampering below would break `audit verify` for every
+other test, and the whole-database verify is what an operator runs. The tamperer disables the
+triggers, rewrites a chain and recomputes every later hash with the project's own function, so
+that plain `audit verify` passes (each test shows it passing); a checkpoint file kept outside
+the database still catches it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from audit.checkpoint import (
+    CHECKPOINTS,
+    Checkpoint,
+    PeriodicCheckpoints,
+    make_checkpoint,
+    read_checkpoint_file,
+)
+from audit.signing import SigningKey, parse_public_keys
+from service.app import create_app
+from service.settings import Settings
+from tests.audit_helpers import events_of, json_lines, tampering
+from tests.checkpoint_helpers import (
+    KEY,
+    World,
+    checkpoint_world,
+    extend_chain,
+    make_chain,
+    rehash,
+    with_key,
+)
+
+
+@pytest.fixture
+def world(base_settings: Settings, tmp_path: Path) -> Iterator[World]:
+    with checkpoint_world(base_settings, tmp_path) as made:
+        yield made
+
+
+def chains(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {r["user_id"]: r for r in records if r["record"] == "chain"}
+
+
+def assert_plain_verify_passes(world: World) -> None:
+    status, records = world.verify()
+    assert status == 0, records
+    assert all(r["ok"] for r in records), records
+
+
+def assert_caught(world: World, files: list[Path], user_id: str, seq: int) -> dict[str, Any]:
+    """verify --checkpoint fails, naming this user and seq (and no other chain)."""
+    status, records = world.verify("--checkpoint", *map(str, files))
+    assert status == 1
+    assert all(r["ok"] for r in records if r["record"] == "checkpoint"), records
+    bad = [r for r in records if r["record"] == "chain" and not r["ok"]]
+    assert [(r["user_id"], r["first_bad_seq"]) for r in bad] == [(user_id, seq)], bad
+    assert records[-1]["ok"] is False
+    return bad[0]
+
+
+# --- making checkpoints --------------------------------------------------------------------
+
+
+def test_a_checkpoint_signs_every_chain_head_in_user_id_order(world: World, make_user) -> None:  # type: ignore[no-untyped-def]
+    users = [make_user() for _ in range(3)]
+    for n, user in enumerate(users, start=1):
+        make_chain(world, user, n)
+    path = world.checkpoint("cp.json")
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "todo-api/audit-checkpoint/v1"
+    assert doc["key_id"] == KEY.key_id
+    assert doc["previous_root_hash"] is None
+    expected = sorted(
+        [
+            u.user_id,
+            len(events_of(world.engine, u.user_id)),
+            events_of(world.engine, u.user_id)[-1]["hash"],
+        ]
+        for u in users
+    )
+    assert doc["leaves"] == expected
+    assert doc["tree_size"] == 3
+    checkpoint = read_checkpoint_file(path)
+    checkpoint.verify({KEY.key_id: KEY.public})
+    # Stored too, identical; the next one links to it.
+    with world.engine.connect() as conn:
+        row = conn.execute(sa.select(CHECKPOINTS)).one()
+    assert (row.root_hash, row.signature, row.leaves) == (
+        doc["root_hash"],
+        doc["signature"],
+        doc["leaves"],
+    )
+    second = json.loads(world.checkpoint("cp2.json").read_text())
+    assert second["previous_root_hash"] == doc["root_hash"]
+
+
+def test_checkpoint_to_stdout_and_the_signed_statement(world: World, user: Any) -> None:
+    make_chain(world, user, 2)
+    status, out, err = world.cli("audit", "checkpoint")
+    assert status == 0, err
+    doc = json.loads(out)
+    statement = json.dumps(
+        {
+            k: doc[k]
+            for k in (
+                "format",
+                "created_at",
+                "tree_size",
+                "root_hash",
+                "previous_root_hash",
+                "key_id",
+            )
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    KEY.public.key.verify(base64.b64decode(doc["signature"]), statement)  # raises if not
+    assert "Checkpoint of 1 chains" in err
+
+
+def test_a_checkpoint_reads_only_the_chain_heads(world: World, user: Any) -> None:
+    make_chain(world, user, 3)
+    statements: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    sa.event.listen(world.engine, "before_cursor_execute", record)
+    try:
+        with world.db.unit_of_work() as session:
+            assert make_checkpoint(session, KEY) is not None
+    finally:
+        sa.event.remove(world.engine, "before_cursor_execute", record)
+    assert any("audit_chain_heads" in s for s in statements)
+    assert not any("audit_events" in s for s in statements), statements
+
+
+def test_checkpoint_without_a_signing_key_is_a_usage_error(world: World) -> None:
+    unsigned = world.settings.model_copy(update={"audit_signing_key": None})
+    status, out, err = world.cli("audit", "checkpoint", settings=unsigned)
+    assert (status, out) == (2, "")
+    assert "AUDIT_SIGNING_KEY" in err
+
+
+def test_stored_checkpoints_are_append_only(world: World, user: Any) -> None:
+    make_chain(world, user, 1)
+    world.checkpoint("cp.json")
+    for statement in (
+        "UPDATE audit_checkpoints SET root_hash = repeat('0', 64)",
+        "DELETE FROM audit_checkpoints",
+        "TRUNCATE audit_checkpoints",
+    ):
+        with pytest.raises(sa.exc.DBAPIError, match="not allowed"), world.engine.begin() as conn:
+            conn.execute(sa.text(statement))
+
+
+def test_the_public_key_is_printed_and_served(world: World) -> None:
+    status, pem, err = world.cli("audit", "public-key")
+    assert status == 0
+    assert pem.startswith("-----BEGIN PUBLIC KEY-----")
+    assert f"key id: {KEY.key_id}" in err
+    [from_pem] = parse_public_keys(pem)
+    status, jwks, _ = world.cli("audit", "public-key", "--format", "jwks")
+    [from_jwks] = parse_public_keys(jwks)
+    response = world.client.get("/.well-known/audit-keys.json")
+    assert response.status_code == 200
+    [served] = parse_public_keys(response.text)
+    assert from_pem.key_id == from_jwks.key_id == served.key_id == KEY.key_id
+    assert response.json()["keys"][0]["kid"] == KEY.key_id
+
+
+# --- exactly one periodic checkpoint per interval -------------------------------------------
+
+
+def test_concurrent_periodic_makers_make_exactly_one_per_interval(world: World, make_user) -> None:  # type: ignore[no-untyped-def]
+    make_chain(world, make_user(), 2)
+    makers = 8
+    barrier = threading.Barrier(makers)
+    results: list[Checkpoint | None] = []
+    errors: list[BaseException] = []
+
+    def maker() -> None:
+        try:
+            barrier.wait()
+            with world.db.unit_of_work() as session:
+                results.append(make_checkpoint(session, KEY, interval_seconds=3600))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=maker) for _ in range(makers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert len(results) == makers
+    assert sum(r is not None for r in results) == 1
+    with world.engine.connect() as conn:
+        rows = conn.execute(sa.select(CHECKPOINTS.c.interval_start)).all()
+    assert len(rows) == 1 and rows[0].interval_start is not None
+
+
+def test_concurrent_manual_checkpoints_link_into_one_line(world: World, user: Any) -> None:
+    make_chain(world, user, 1)
+    barrier = threading.Barrier(5)
+
+    def maker() -> None:
+        barrier.wait()
+        with world.db.unit_of_work() as session:
+            make_checkpoint(session, KEY)
+
+    threads = [threading.Thread(target=maker) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    with world.engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(CHECKPOINTS.c.root_hash, CHECKPOINTS.c.previous_root_hash).order_by(
+                CHECKPOINTS.c.id
+            )
+        ).all()
+    assert len(rows) == 5
+    assert rows[0].previous_root_hash is None
+    assert all(rows[i].previous_root_hash == rows[i - 1].root_hash for i in range(1, 5))
+
+
+def test_the_service_makes_periodic_checkpoints(world: World, user: Any, tmp_path: Path) -> None:
+    """Two app instances on one database, a 1-second interval: checkpoints appear, one per
+    interval, and each instance's copies land in the checkpoint directory."""
+    make_chain(world, user, 2)
+    directory = tmp_path / "checkpoints"
+    directory.mkdir()
+    settings = world.settings.model_copy(
+        update={"audit_checkpoint_interval_seconds": 1, "audit_checkpoint_dir": directory}
+    )
+    import time
+
+    with (
+        TestClient(create_app(settings, world.db)),
+        TestClient(create_app(settings, world.db)),
+    ):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with world.engine.connect() as conn:
+                count = conn.execute(sa.select(sa.func.count()).select_from(CHECKPOINTS)).scalar()
+            if count and count >= 3:
+                break
+            time.sleep(0.2)
+    with world.engine.connect() as conn:
+        starts = conn.execute(sa.select(CHECKPOINTS.c.interval_start)).scalars().all()
+    assert len(starts) >= 3
+    assert None not in starts and len(set(starts)) == len(starts)
+    files = sorted(directory.glob("checkpoint-*.json"))
+    assert len(files) >= 3
+    status, records = world.verify("--checkpoint", *map(str, files))
+    assert status == 0, records
+
+
+def test_the_periodic_maker_skips_a_taken_interval(world: World, user: Any) -> None:
+    make_chain(world, user, 1)
+    maker = PeriodicCheckpoints(world.db, KEY, 3600)
+    first = maker.run_once()
+    assert first is not None
+    assert maker.run_once() is None
+    assert 0 < maker.seconds_to_next_interval() <= 3600 + 5
+
+
+# --- tampering that plain verify cannot see -------------------------------------------------
+
+
+def test_a_rewritten_and_rehashed_event_is_caught(world: World, make_user) -> None:  # type: ignore[no-untyped-def]
+    victim, bystander = make_user(), make_user()
+    task = make_chain(world, victim, 3)
+    make_chain(world, bystander, 2)
+    early = world.checkpoint("early.json")
+    extend_chain(world, victim, task, 4, 6)
+    late = world.checkpoint("late.json")
+    with tampering(world.engine) as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE audit_events SET after = jsonb_set(after, '{title}', '\"Forged\"'), "
+                "changes = jsonb_set(changes, '{title,1}', '\"Forged\"') "
+                "WHERE user_id = :u AND seq = 5"
+            ),
+            {"u": victim.user_id},
+        )
+        rehash(conn, victim.user_id, 5)
+    assert events_of(world.engine, victim.user_id)[4]["after"]["title"] == "Forged"
+    assert_plain_verify_passes(world)
+    bad = assert_caught(world, [early, late], victim.user_id, 6)
+    assert "the checkpoint of" in bad["reason"]
+    assert "seqs 4 to 6" in bad["reason"]  # the early checkpoint still matches up to seq 3
+    # With only the latest checkpoint, the rewrite is placed in seqs 1 to 6.
+    bad = assert_caught(world, [late], victim.user_id, 6)
+    assert "seqs 1 to 6" in bad["reason"]
+
+
+def test_a_rewrite_before_an_earlier_checkpoint_is_named_at_that_checkpoint(
+    world: World, user: Any
+) -> None:
+    task = make_chain(world, user, 2)
+    early = world.checkpoint("early.json")
+    extend_chain(world, user, task, 3, 5)
+    late = world.checkpoint("late.json")
+    with tampering(world.engine) as conn:
+        conn.execute(
+            sa.text("UPDATE audit_events SET actor_id = 'mallory' WHERE user_id = :u AND seq = 1"),
+            {"u": user.user_id},
+        )
+        rehash(conn, user.user_id, 1)
+    assert_plain_verify_passes(world)
+    bad = assert_caught(world, [late, early], user.user_id, 2)
+    assert "seqs 1 to 2" in bad["reason"]
+
+
+def test_a_deleted_tail_is_caught(world: World, make_user) -> None:  # type: ignore[no-untyped-def]
+    victim, erased = make_user(), make_user()
+    make_chain(world, victim, 6)
+    make_chain(world, erased, 2)
+    checkpoint = world.checkpoint("cp.json")
+    with tampering(world.engine) as conn:
+        conn.execute(
+            sa.text("DELETE FROM audit_events WHERE user_id = :u AND seq > 4"),
+            {"u": victim.user_id},
+        )
+        rehash(conn, victim.user_id, 5)  # no events left to rehash: moves the head to seq 4
+        # A whole history gone, head and all.
+        conn.execute(sa.text("DELETE FROM audit_events WHERE user_id = :u"), {"u": erased.user_id})
+        conn.execute(
+            sa.text("DELETE FROM audit_chain_heads WHERE user_id = :u"), {"u": erased.user_id}
+        )
+    assert_plain_verify_passes(world)
+    status, records = world.verify("--checkpoint", str(checkpoint))
+    assert status == 1
+    by_user = chains(records)
+    assert by_user[victim.user_id]["first_bad_seq"] == 5
+    assert "ends at seq 4 but the checkpoint of" in by_user[victim.user_id]["reason"]
+    assert "recorded its head at seq 6" in by_user[victim.user_id]["reason"]
+    assert by_user[erased.user_id]["ok"] is False
+    assert by_user[erased.user_id]["first_bad_seq"] == 1
+
+
+def test_swapped_events_are_caught(world: World, user: Any) -> None:
+    make_chain(world, user, 6)
+    checkpoint = world.checkpoint("cp.json")
+    swapped = ("occurred_at", "action", "before", "after", "changes", "request_id", "trace_id")
+    with tampering(world.engine) as conn:
+        rows = {
+            int(r["seq"]): r
+            for r in conn.execute(
+                sa.text("SELECT * FROM audit_events WHERE user_id = :u AND seq IN (3, 4)"),
+                {"u": user.user_id},
+            ).mappings()
+        }
+        for seq, other in ((3, 4), (4, 3)):
+            assignments = ", ".join(f"{c} = :{c}" for c in swapped)
+            values = {
+                c: json.dumps(rows[other][c])
+                if c in {"before", "after", "changes"}
+                else rows[other][c]
+                for c in swapped
+            }
+            conn.execute(
+                sa.text(f"UPDATE audit_events SET {assignments} WHERE user_id = :u AND seq = :s"),
+                {**values, "u": user.user_id, "s": seq},
+            )
+        rehash(conn, user.user_id, 3)
+    events = events_of(world.engine, user.user_id)
+    assert events[2]["after"]["title"] == "Step 4" and events[3]["after"]["title"] == "Step 3"
+    assert_plain_verify_passes(world)
+    assert_caught(world, [checkpoint], user.user_id, 6)
+
+
+def test_a_forged_extra_event_before_the_head_is_caught(world: World, user: Any) -> None:
+    make_chain(world, user, 6)
+    checkpoint = world.checkpoint("cp.json")
+    with tampering(world.engine) as conn:
+        # Make room at seq 3 (through a high range: the (user_id, seq) index is unique).
+        conn.execute(
+            sa.text("UPDATE audit_events SET seq = seq + 1000 WHERE user_id = :u AND seq >= 3"),
+            {"u": user.user_id},
+        )
+        conn.execute(
+            sa.text("UPDATE audit_events SET seq = seq - 999 WHERE user_id = :u AND seq > 1000"),
+            {"u": user.user_id},
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO audit_events (occurred_at, user_id, actor_id, action, entity_type, "
+                "entity_id, before, after, changes, seq, prev_hash, hash, hash_version) "
+                "SELECT occurred_at, user_id, actor_id, action, entity_type, entity_id, before, "
+                "after, changes, 3, prev_hash, hash, hash_version FROM audit_events "
+                "WHERE user_id = :u AND seq = 2"
+            ),
+            {"u": user.user_id},
+        )
+        rehash(conn, user.user_id, 3)
+    assert len(events_of(world.engine, user.user_id)) == 7
+    assert_plain_verify_passes(world)
+    assert_caught(world, [checkpoint], user.user_id, 6)
+
+
+@pytest.mark.parametrize("alteration", ["signature", "root", "leaf", "other-key", "format"])
+def test_an_altered_checkpoint_file_is_refused(
+    world: World,
+    make_user,
+    alteration: str,  # type: ignore[no-untyped-def]
+) -> None:
+    victim = make_user()
+    make_chain(world, victim, 3)
+    make_chain(world, make_user(), 1)
+    path = world.checkpoint("cp.json")
+    doc = json.loads(path.read_text())
+    if alteration == "signature":
+        raw = bytearray(base64.b64decode(doc["signature"]))
+        raw[10] ^= 1
+        doc["signature"] = base64.b64encode(bytes(raw)).decode()
+        expected = "signature does not verify"
+    elif alteration == "root":
+        doc["root_hash"] = ("0" if doc["root_hash"][0] != "0" else "1") + doc["root_hash"][1:]
+        expected = "signature does not verify"
+    elif alteration == "leaf":
+        # What a tamperer would need after rehashing: the victim's head hash in the file.
+        index = [leaf[0] for leaf in doc["leaves"]].index(victim.user_id)
+        doc["leaves"][index][2] = "ab" * 32
+        expected = "leaves do not hash to the signed root"
+    elif alteration == "other-key":
+        # Re-signed whole with a key of the tamperer's own.
+        other = SigningKey.generate()
+        path2 = world.tmp / "resigned.json"
+        status, _, _ = world.cli(
+            "audit", "checkpoint", "--output", str(path2), settings=with_key(world.settings, other)
+        )
+        assert status == 0
+        doc = json.loads(path2.read_text())
+        expected = "not among the trusted public keys"
+    else:
+        doc["tree_size"] = doc["tree_size"] + 1
+        expected = "`tree_size` is"
+    path.write_text(json.dumps(doc))
+    status, records = world.verify("--checkpoint", str(path))
+    assert status == 1
+    [record] = [r for r in records if r["record"] == "checkpoint"]
+    assert record["ok"] is False
+    assert expected in record["reason"]
+    assert records[-1]["checkpoint_failures"] == 1
+    # The chains themselves are intact; only the file is refused.
+    assert all(r["ok"] for r in records if r["record"] == "chain")
+
+
+# --- successive checkpoints ------------------------------------------------------------------
+
+
+def test_successive_checkpoints_of_a_growing_log_verify(world: World, make_user) -> None:  # type: ignore[no-untyped-def]
+    first_user = make_user()
+    task = make_chain(world, first_user, 2)
+    one = world.checkpoint("1.json")
+    extend_chain(world, first_user, task, 3, 4)
+    make_chain(world, make_user(), 2)  # a new user between checkpoints
+    two = world.checkpoint("2.json")
+    status, records = world.verify("--checkpoint", str(two), str(one))
+    assert status == 0, records
+    assert [r["record"] for r in records].count("checkpoint") == 2
+    assert not [r for r in records if r["record"] == "succession"]
+
+
+def test_a_later_checkpoint_that_truncates_a_history_is_inconsistent(
+    world: World, user: Any
+) -> None:
+    make_chain(world, user, 5)
+    before = world.checkpoint("before.json")
+    with tampering(world.engine) as conn:
+        conn.execute(
+            sa.text("DELETE FROM audit_events WHERE user_id = :u AND seq > 3"),
+            {"u": user.user_id},
+        )
+        rehash(conn, user.user_id, 4)
+    after = world.checkpoint("after.json")  # signed honestly, over the truncated heads
+    status, records = world.verify("--checkpoint", str(before), str(after))
+    assert status == 1
+    [succession] = [r for r in records if r["record"] == "succession"]
+    assert succession["user_id"] == user.user_id
+    assert "went back from seq 5" in succession["reason"] and "truncated" in succession["reason"]
+    assert chains(records)[user.user_id]["first_bad_seq"] == 4
+
+
+def test_old_checkpoints_verify_with_the_old_public_key_after_rotation(
+    world: World, user: Any
+) -> None:
+    task = make_chain(world, user, 2)
+    old = world.checkpoint("old.json")
+    old_public = world.tmp / "old.pem"
+    old_public.write_text(KEY.public.pem())
+    rotated = with_key(world.settings, SigningKey.generate())
+    extend_chain(world, user, task, 3, 3)
+    new = world.checkpoint("new.json", settings=rotated)
+    assert json.loads(new.read_text())["key_id"] != KEY.key_id
+
+    def verify(*argv: str) -> tuple[int, list[dict[str, Any]]]:
+        status, out, _ = world.cli("audit", "verify", *argv, settings=rotated)
+        return status, json_lines(out)
+
+    status, records = verify("--checkpoint", str(old), str(new), "--public-key", str(old_public))
+    assert status == 0, records
+    status, records = verify("--checkpoint", str(old), str(new))
+    assert status == 1
+    refused = [r for r in records if r["record"] == "checkpoint" and not r["ok"]]
+    assert [r["file"] for r in refused] == [str(old)]
+
+
+def test_verify_checkpoint_needs_trusted_keys(world: World, user: Any) -> None:
+    make_chain(world, user, 1)
+    path = world.checkpoint("cp.json")
+    unsigned = world.settings.model_copy(update={"audit_signing_key": None})
+    status, out, err = world.cli("audit", "verify", "--checkpoint", str(path), settings=unsigned)
+    assert (status, out) == (2, "")
+    assert "--public-key" in err
+    garbage = world.tmp / "garbage.pem"
+    garbage.write_text("not a key")
+    status, _, err = world.cli(
+        "audit", "verify", "--checkpoint", str(path), "--public-key", str(garbage)
+    )
+    assert status == 2 and "cannot use" in err

@@ -1,0 +1,175 @@
+"""`GET /api/{user_id}/audit-events/proof` and `audit.proof.verify_proof`, which a user or an
+auditor runs without the server: with the public key from the well-known path and the user's
+own events from the feed, and nothing of any other user."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from audit.checkpoint import make_checkpoint
+from audit.proof import verify_proof
+from audit.signing import SigningKey, parse_public_keys
+from service.database import Database
+from service.settings import Settings
+from tests.audit_helpers import change, create_task, tampering
+from tests.checkpoint_helpers import KEY, World, checkpoint_world, rehash
+
+
+@pytest.fixture
+def world(base_settings: Settings, tmp_path: Path) -> Iterator[World]:
+    with checkpoint_world(base_settings, tmp_path) as made:
+        yield made
+
+
+def make_events(client: TestClient, user: Any, count: int) -> None:
+    task = create_task(client, user, "Step 1")
+    for n in range(2, count + 1):
+        change(client, "PUT", f"/{task['id']}", user, json={"title": f"Step {n}"})
+
+
+def checkpoint(db: Database) -> None:
+    with db.unit_of_work() as session:
+        make_checkpoint(session, KEY)
+
+
+def feed(client: TestClient, user: Any) -> list[dict[str, Any]]:
+    response = client.get(
+        f"/api/{user.user_id}/audit-events", params={"limit": 500}, headers=user.headers
+    )
+    assert response.status_code == 200, response.text
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items
+
+
+def get_proof(client: TestClient, user: Any) -> dict[str, Any]:
+    response = client.get(f"/api/{user.user_id}/audit-events/proof", headers=user.headers)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def served_keys(client: TestClient) -> Any:
+    return parse_public_keys(client.get("/.well-known/audit-keys.json").text)
+
+
+def test_a_proof_verifies_independently(world: World, make_user) -> None:  # type: ignore[no-untyped-def]
+    users = [make_user() for _ in range(5)]
+    for n, user in enumerate(users, start=1):
+        make_events(world.client, user, n + 1)
+    checkpoint(world.db)
+    me = users[2]
+    make_events(world.client, me, 2)  # events after the checkpoint do not matter
+    proof = get_proof(world.client, me)
+    assert (proof["user_id"], proof["seq"]) == (me.user_id, 4)
+    assert proof["checkpoint"]["tree_size"] == 5
+    assert proof["checkpoint"]["key_id"] == KEY.key_id
+    assert len(proof["inclusion_path"]) == 3
+    # Nothing of another user but hashes.
+    text = json.dumps(proof)
+    assert not any(u.user_id in text for u in users if u is not me)
+    # Round-trip through JSON, the public key from the well-known path, the user's own feed.
+    report = verify_proof(json.loads(text), served_keys(world.client), feed(world.client, me))
+    assert report.ok, report
+    assert (report.user_id, report.seq) == (me.user_id, 4)
+    # Without the events, the proof still shows the head is in the signed checkpoint.
+    assert verify_proof(proof, [KEY.public]).ok
+
+
+def test_a_proof_for_a_rewritten_chain_does_not_verify(world: World, user: Any) -> None:
+    make_events(world.client, user, 4)
+    checkpoint(world.db)
+    proof = get_proof(world.client, user)
+    with tampering(world.engine) as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE audit_events SET after = jsonb_set(after, '{title}', '\"Forged\"') "
+                "WHERE user_id = :u AND seq = 2"
+            ),
+            {"u": user.user_id},
+        )
+        rehash(conn, user.user_id, 2)
+    events = feed(world.client, user)
+    assert [e["after"]["title"] for e in events if e["seq"] == 2] == ["Forged"]
+    report = verify_proof(proof, [KEY.public], events)
+    assert not report.ok
+    assert "rewritten" in (report.reason or "")
+    # The tamperer also rewrites the stored checkpoint's leaf: the server's proof now carries
+    # the forged head, which no longer leads to the signed root.
+    with tampering(world.engine) as conn:
+        conn.execute(sa.text("ALTER TABLE audit_checkpoints DISABLE TRIGGER USER"))
+        forged_head = events[0]["hash"]
+        conn.execute(
+            sa.text(
+                "UPDATE audit_checkpoints "
+                "SET leaves = jsonb_set(leaves, '{0,2}', to_jsonb(CAST(:h AS text)))"
+            ),
+            {"h": forged_head},
+        )
+        for name in ("audit_checkpoints_append_only", "audit_checkpoints_no_truncate"):
+            conn.execute(sa.text(f"ALTER TABLE audit_checkpoints ENABLE ALWAYS TRIGGER {name}"))
+    forged = get_proof(world.client, user)
+    assert forged["hash"] == forged_head
+    report = verify_proof(forged, [KEY.public], events)
+    assert not report.ok
+    assert "does not lead to the signed root" in (report.reason or "")
+
+
+def test_a_proof_under_another_key_does_not_verify(world: World, user: Any) -> None:
+    make_events(world.client, user, 2)
+    checkpoint(world.db)
+    proof = get_proof(world.client, user)
+    other = SigningKey.generate()
+    report = verify_proof(proof, [other.public], feed(world.client, user))
+    assert not report.ok and "not among the trusted public keys" in (report.reason or "")
+    # Claiming the other key's id does not help: the signature is checked with that key.
+    claimed = {**proof, "checkpoint": {**proof["checkpoint"], "key_id": other.key_id}}
+    report = verify_proof(claimed, [other.public])
+    assert not report.ok and "signature does not verify" in (report.reason or "")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p.update(seq=p["seq"] + 1),
+        lambda p: p.update(leaf_index=p["leaf_index"] + 1),
+        lambda p: p.update(inclusion_path=p["inclusion_path"][:-1]),
+        lambda p: p.update(inclusion_path=["00" * 32, *p["inclusion_path"][1:]]),
+        lambda p: p["checkpoint"].update(tree_size=p["checkpoint"]["tree_size"] + 1),
+        lambda p: p.update(hash="zz"),
+        lambda p: p.pop("checkpoint"),
+    ],
+)
+def test_a_damaged_proof_does_not_verify(world: World, make_user, damage: Any) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(3):
+        make_events(world.client, make_user(), 1)
+    me = make_user()
+    make_events(world.client, me, 2)
+    checkpoint(world.db)
+    proof = get_proof(world.client, me)
+    assert verify_proof(proof, [KEY.public]).ok
+    damage(proof)
+    assert not verify_proof(proof, [KEY.public]).ok
+
+
+def test_proof_errors(world: World, make_user) -> None:  # type: ignore[no-untyped-def]
+    me, other = make_user(), make_user()
+    url = f"/api/{me.user_id}/audit-events/proof"
+    assert world.client.get(url).status_code == 401
+    assert world.client.get(url, headers=other.headers).status_code == 403
+    response = world.client.get(url, headers=me.headers)
+    assert response.status_code == 404  # no checkpoint yet
+    assert response.headers["content-type"].startswith("application/problem+json")
+    make_events(world.client, other, 1)
+    checkpoint(world.db)
+    assert world.client.get(url, headers=me.headers).status_code == 404  # not in it
+    make_events(world.client, me, 1)
+    assert world.client.get(url, headers=me.headers).status_code == 404  # not yet
+    checkpoint(world.db)
+    assert world.client.get(url, headers=me.headers).status_code == 200
