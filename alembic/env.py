@@ -7,8 +7,9 @@ from logging.config import fileConfig
 from sqlmodel import SQLModel
 
 import audit.models  # noqa: F401  (registers the audit tables)
-import service.idempotency
-import service.models  # noqa: F401  (registers the task tables)
+import service.tasks.idempotency
+import service.tasks.models
+import service.users  # noqa: F401  (registers the users table)
 from alembic import context
 from service.database import build_engine
 from service.settings import get_settings

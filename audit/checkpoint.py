@@ -47,8 +47,7 @@ from sqlalchemy.orm import Session
 
 from audit import merkle
 from audit.chain import format_timestamp
-from audit.models import AuditCheckpoint
-from audit.recorder import HEADS
+from audit.models import CHECKPOINTS, HEADS
 from audit.signing import KeyFormatError, PublicKey, SigningKey, load_signing_key
 from audit.signing import load_signing_key_file as _load_key_file
 from service.database import Database
@@ -56,7 +55,6 @@ from service.settings import ConfigError, Settings
 from service.sqltypes import UTCDateTime
 
 FORMAT = "todo-api/audit-checkpoint/v1"
-CHECKPOINTS = AuditCheckpoint.__table__  # type: ignore[attr-defined]
 # pg_advisory_xact_lock key: checkpoint makers take turns, so each links to the one before.
 LOCK_KEY = 0x746F646F_61756474  # "todoaudt"
 SIGNED_FIELDS = ("format", "created_at", "tree_size", "root_hash", "previous_root_hash", "key_id")

@@ -37,7 +37,7 @@ from audit.checkpoint import (
 from audit.signing import KeyFormatError, PublicKey, key_ring, parse_public_keys
 from audit.verify import Anchor, snapshot, verify_all, verify_chain
 from service.database import Database
-from service.models import USER_ID_MAX
+from service.limits import USER_ID_MAX
 from service.settings import ConfigError, Settings
 
 # `audit.export` (and FastAPI, through it) is imported when a command runs, so that

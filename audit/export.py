@@ -30,8 +30,8 @@ from typing import Any, TextIO
 from sqlalchemy import Connection, func, select
 
 from audit.chain import format_timestamp
+from audit.models import EVENTS, HEADS
 from audit.queries import PUBLIC_COLUMNS
-from audit.recorder import EVENTS, HEADS
 from audit.verify import Anchor
 from service.sqltypes import UTCDateTime
 

@@ -8,7 +8,11 @@ from typing import Any
 from sqlalchemy import BigInteger, Column, Identity, Index, SmallInteger, String, text
 from sqlmodel import Field, SQLModel
 
+from service.limits import REQUEST_ID_MAX, USER_ID_MAX
 from service.sqltypes import ID_TYPE, JSONType, UTCDateTime
+
+# Longer User-Agent headers are cut to this length before they are recorded.
+USER_AGENT_MAX = 256
 
 
 class AuditEvent(SQLModel, table=True):
@@ -34,19 +38,23 @@ class AuditEvent(SQLModel, table=True):
     occurred_at: datetime = Field(
         sa_column=Column(UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP"))
     )
-    user_id: str = Field(sa_column=Column(String(128), nullable=False))
-    actor_id: str = Field(sa_column=Column(String(128), nullable=False))
+    user_id: str = Field(sa_column=Column(String(USER_ID_MAX), nullable=False))
+    actor_id: str = Field(sa_column=Column(String(USER_ID_MAX), nullable=False))
     action: str = Field(sa_column=Column(String(32), nullable=False))
     entity_type: str = Field(sa_column=Column(String(32), nullable=False))
     entity_id: str = Field(sa_column=Column(String(64), nullable=False))
     before: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType, nullable=True))
     after: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONType, nullable=True))
     changes: dict[str, Any] = Field(sa_column=Column(JSONType, nullable=False))
-    request_id: str | None = Field(default=None, sa_column=Column(String(128), nullable=True))
+    request_id: str | None = Field(
+        default=None, sa_column=Column(String(REQUEST_ID_MAX), nullable=True)
+    )
     trace_id: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
     span_id: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
     client_ip: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
-    user_agent: str | None = Field(default=None, sa_column=Column(String(256), nullable=True))
+    user_agent: str | None = Field(
+        default=None, sa_column=Column(String(USER_AGENT_MAX), nullable=True)
+    )
     seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     prev_hash: str = Field(sa_column=Column(String(64), nullable=False))
     hash: str = Field(sa_column=Column(String(64), nullable=False))
@@ -61,7 +69,7 @@ class AuditChainHead(SQLModel, table=True):
 
     __tablename__ = "audit_chain_heads"
 
-    user_id: str = Field(sa_column=Column(String(128), primary_key=True))
+    user_id: str = Field(sa_column=Column(String(USER_ID_MAX), primary_key=True))
     seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     hash: str = Field(sa_column=Column(String(64), nullable=False))
 
@@ -95,3 +103,8 @@ class AuditCheckpoint(SQLModel, table=True):
     signature: str = Field(sa_column=Column(String(128), nullable=False))
     # [[user_id, head seq, head hash], ...] in user-id order: the tree's leaves.
     leaves: list[Any] = Field(sa_column=Column(JSONType, nullable=False))
+
+
+EVENTS = AuditEvent.__table__  # type: ignore[attr-defined]
+HEADS = AuditChainHead.__table__  # type: ignore[attr-defined]
+CHECKPOINTS = AuditCheckpoint.__table__  # type: ignore[attr-defined]

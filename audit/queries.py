@@ -20,9 +20,9 @@ from sqlalchemy import RowMapping, Select, exists, select
 from sqlalchemy.orm import Session
 
 from audit.chain import format_timestamp
-from audit.recorder import EVENTS
+from audit.models import EVENTS
 from audit.schemas import AuditAction
-from service.errors import InvalidInput, NotFound
+from service.exceptions import InvalidInput, NotFound
 
 ENTITY_TASK = "task"
 # Every column but xact_id, a PostgreSQL transaction number with no meaning outside it.

@@ -14,12 +14,8 @@ from sqlalchemy import BigInteger, String, bindparam, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from audit.chain import GENESIS_HASH, HASH_VERSION, HASHED_FIELDS, compute_hash
-from audit.models import AuditChainHead, AuditEvent
+from audit.models import EVENTS, HEADS, USER_AGENT_MAX
 from service.sqltypes import UTCDateTime
-
-EVENTS = AuditEvent.__table__  # type: ignore[attr-defined]
-HEADS = AuditChainHead.__table__  # type: ignore[attr-defined]
-USER_AGENT_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)

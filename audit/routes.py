@@ -28,8 +28,8 @@ from audit.schemas import (
 )
 from audit.verify import snapshot, verify_chain
 from service.deps import CurrentUser, SessionDep, SettingsDep, TaskIdPath, UserIdPath
-from service.errors import InvalidInput, NotFound
-from service.middleware import REQUEST_ID_MAX
+from service.exceptions import InvalidInput, NotFound
+from service.limits import REQUEST_ID_MAX
 from service.openapi import error_responses
 from service.responses import json_response
 

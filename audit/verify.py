@@ -16,7 +16,7 @@ from sqlalchemy import Connection, RowMapping, exists, select
 from sqlalchemy.orm import Session
 
 from audit.chain import GENESIS_HASH, HASHED_FIELDS, compute_hash
-from audit.recorder import EVENTS, HEADS
+from audit.models import EVENTS, HEADS
 
 BATCH_SIZE = 1000
 # Everything a hash covers (in any version), the stored hash and its version.

@@ -27,7 +27,7 @@ from audit.chain import GENESIS_HASH, HASH_VERSION, compute_hash, format_timesta
 from audit.recorder import EVENT_COLUMNS as RECORDED_COLUMNS
 from audit.recorder import diff
 from bench.measure import PgTarget
-from service.tasks import DIFF_FIELDS
+from service.tasks.rules import DIFF_FIELDS
 
 # The recorder's columns, plus the transaction id that the completeness guard checks.
 EVENT_COLUMNS = (*RECORDED_COLUMNS, "xact_id")

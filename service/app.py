@@ -21,15 +21,15 @@ from observability import configure_logging, configure_tracing, force_flush, obs
 from service.auth import TokenVerifier
 from service.database import Database
 from service.errors import install_error_handlers
+from service.health import router as health_router
 from service.middleware import (
     BodyGuardMiddleware,
     RequestIdMiddleware,
     TrustedProxyMiddleware,
     UnhandledErrorMiddleware,
 )
-from service.routes.health import router as health_router
-from service.routes.tasks import router as tasks_router
 from service.settings import Settings, get_settings, origin_of
+from service.tasks.routes import router as tasks_router
 from service.users import UserProvisioner
 
 log = logging.getLogger("service.app")

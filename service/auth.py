@@ -26,6 +26,7 @@ import httpx
 import jwt
 from jwt.exceptions import InvalidSubjectError
 
+from service.exceptions import AuthError, AuthUnavailable, TokenExpired
 from service.settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
@@ -56,22 +57,6 @@ class Principal:
     email: str | None
     name: str | None
     expires_at: int
-
-
-class AuthError(Exception):
-    """The token is not acceptable (401). The message is safe to show to the client."""
-
-
-class TokenMissing(AuthError):
-    """No bearer token at all: the caller is not signed in."""
-
-
-class TokenExpired(AuthError):
-    """A token that was valid and has expired: get a fresh one and retry."""
-
-
-class AuthUnavailable(Exception):
-    """The signing keys cannot be fetched, so the token cannot be judged (503, not 401)."""
 
 
 class _JwksUnavailable(Exception):

@@ -1,4 +1,4 @@
-"""The `todo-api` command: serve, migrate, dev-token, audit."""
+"""The `todo-api` command: serve, migrate, dev-token, audit, tasks."""
 
 from __future__ import annotations
 
@@ -6,16 +6,20 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic.config import Config
-
-from alembic import command
 from audit.cli import register as register_audit
-from observability import configure_logging
-from service import tasks
-from service.auth import create_dev_token
 from service.database import Database, normalize_database_url, safe_url
 from service.settings import ConfigError, Settings, get_settings
+from service.tasks import queries
+from service.tasks.queries import StatusFilter
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# The web stack (FastAPI, uvicorn, the token libraries, OpenTelemetry) and Alembic are
+# imported by the commands that use them, so that `todo-api audit verify|export` start
+# without them (tests/test_layout.py checks it).
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("service.cli")
@@ -23,6 +27,8 @@ log = logging.getLogger("service.cli")
 
 def alembic_config(database_url: str) -> Config:
     """Alembic's configuration; its log lines go through the app's logging, not its own."""
+    from alembic.config import Config
+
     config = Config(str(REPO_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
     config.attributes["database_url"] = database_url
@@ -31,6 +37,9 @@ def alembic_config(database_url: str) -> Config:
 
 
 def migrate(settings: Settings) -> None:
+    from alembic import command
+    from observability.logging import configure_logging
+
     configure_logging(settings, exclusive=True)
     if settings.database_url is None:
         raise ConfigError("DATABASE_URL is not set")
@@ -43,6 +52,8 @@ def migrate(settings: Settings) -> None:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
+
+    from observability.logging import configure_logging
 
     # Every line, uvicorn's supervisor included, is ours; each worker configures itself
     # again when it imports the app.
@@ -80,6 +91,8 @@ def _migrate(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _dev_token(args: argparse.Namespace, settings: Settings) -> int:
+    from service.auth import create_dev_token
+
     settings = settings.with_dev_secret()
     if settings.better_auth_secret is None:
         print("dev-token signs HS256 tokens: set BETTER_AUTH_SECRET.", file=sys.stderr)
@@ -103,17 +116,17 @@ def _list_tasks(args: argparse.Namespace, settings: Settings) -> int:
     db = Database.from_settings(settings)
     try:
         with db.unit_of_work() as session:
-            page = tasks.list_tasks(
+            page = queries.list_tasks(
                 session,
                 args.user_id,
-                status=tasks.StatusFilter(args.status),
+                status=StatusFilter(args.status),
                 q=args.q,
                 limit=args.limit,
             )
     finally:
         db.dispose()
     for task in page.items:
-        print(tasks.public_json(task).decode())
+        print(queries.public_json(task).decode())
     print(f"{len(page.items)} of {page.total} tasks", file=sys.stderr)
     return 0
 
@@ -144,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     task_sub = task_cmd.add_subparsers(dest="tasks_command", required=True)
     listing = task_sub.add_parser("list", help="print a user's tasks as JSON lines")
     listing.add_argument("user_id")
-    listing.add_argument("--status", choices=[s.value for s in tasks.StatusFilter], default="all")
+    listing.add_argument("--status", choices=[s.value for s in StatusFilter], default="all")
     listing.add_argument("--q", help="case-insensitive search in title and description")
     listing.add_argument("--limit", type=int, default=100, choices=range(1, 501), metavar="1-500")
     listing.set_defaults(handler=_list_tasks)

@@ -12,11 +12,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry import trace
 from sqlalchemy.orm import Session
 
-from audit.recorder import AuditContext
-from service.auth import Principal, TokenMissing, TokenVerifier
+from service.auth import Principal, TokenVerifier
 from service.database import Database
-from service.errors import Forbidden
-from service.models import USER_ID_MAX
+from service.exceptions import Forbidden, TokenMissing
+from service.limits import USER_ID_MAX
 from service.settings import Settings
 from service.users import UserProvisioner
 
@@ -107,23 +106,3 @@ async def get_current_user(
 
 
 CurrentUser = Annotated[Principal, Depends(get_current_user)]
-
-
-async def get_audit_context(request: Request, user: CurrentUser) -> AuditContext:
-    span_context = trace.get_current_span().get_span_context()
-    trace_id = span_id = None
-    if span_context.is_valid:
-        trace_id = trace.format_trace_id(span_context.trace_id)
-        span_id = trace.format_span_id(span_context.span_id)
-    return AuditContext(
-        actor_id=user.user_id,
-        request_id=getattr(request.state, "request_id", None),
-        # The socket's peer, or the client a trusted proxy named (service.middleware).
-        client_ip=request.client.host if request.client else None,
-        user_agent=request.headers.get("user-agent"),
-        trace_id=trace_id,
-        span_id=span_id,
-    )
-
-
-AuditCtx = Annotated[AuditContext, Depends(get_audit_context)]

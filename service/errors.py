@@ -1,10 +1,13 @@
-"""The domain exceptions and the one handler family that renders every error as RFC 9457."""
+"""The one handler family that renders every error as RFC 9457 problem+json.
+
+The exceptions themselves live in `service.exceptions`, free of any web framework.
+"""
 
 from __future__ import annotations
 
 import logging
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,43 +16,19 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.auth import AuthError, AuthUnavailable, TokenExpired, TokenMissing
+from service.exceptions import (
+    AuthError,
+    AuthUnavailable,
+    DomainError,
+    TokenExpired,
+    TokenMissing,
+)
 from service.openapi import PROBLEM_JSON, install_problem_docs
 from service.problem_types import BY_STATUS, ProblemType
 
 log = logging.getLogger("service.errors")
 
 RETRY_AFTER_SECONDS = "2"
-
-
-class DomainError(Exception):
-    kind: ClassVar[ProblemType] = ProblemType.validation
-    headers: ClassVar[dict[str, str] | None] = None
-
-    def __init__(self, detail: str, *, field: str | None = None) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.field = field  # named as in validation errors: "query.q", "body.title"
-
-
-class InvalidInput(DomainError):
-    kind = ProblemType.validation
-
-
-class Forbidden(DomainError):
-    kind = ProblemType.user_mismatch
-
-
-class NotFound(DomainError):
-    kind = ProblemType.not_found
-
-
-class IdempotencyConflict(DomainError):
-    kind = ProblemType.idempotency_conflict
-
-
-class PreconditionFailed(DomainError):
-    kind = ProblemType.precondition_failed
 
 
 def problem(

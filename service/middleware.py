@@ -12,11 +12,11 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from observability.tracing import record_server_error
 from service.errors import problem
+from service.limits import REQUEST_ID_MAX
 
 log = logging.getLogger("service.errors")
 
 REQUEST_ID_HEADER = "x-request-id"
-REQUEST_ID_MAX = 128
 
 
 def valid_request_id(value: str) -> bool:

@@ -1,14 +1,41 @@
-"""Creating a user row, or refreshing its email and name, when a token's user is first seen."""
+"""The `users` table, and creating a user row (or refreshing its email and name) when a
+token's user is first seen."""
 
 from __future__ import annotations
 
 import threading
+from datetime import datetime
+from typing import TYPE_CHECKING
 
-from sqlalchemy import Engine
+from sqlalchemy import BigInteger, Column, Engine, String, text
 from sqlalchemy.dialects.postgresql import insert
+from sqlmodel import Field, SQLModel
 
-from service.auth import Principal
-from service.models import EMAIL_MAX, NAME_MAX, User
+from service.limits import USER_ID_MAX
+from service.sqltypes import UTCDateTime
+
+if TYPE_CHECKING:
+    from service.auth import Principal
+
+EMAIL_MAX = 320
+NAME_MAX = 200
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+
+    id: str = Field(sa_column=Column(String(USER_ID_MAX), primary_key=True))
+    email: str | None = Field(default=None, sa_column=Column(String(EMAIL_MAX), nullable=True))
+    name: str | None = Field(default=None, sa_column=Column(String(NAME_MAX), nullable=True))
+    # Kept exact by triggers on tasks (migration 0006): the list's X-Total-Count without
+    # counting every row.
+    task_count: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default=text("0"))
+    )
+    created_at: datetime = Field(
+        sa_column=Column(UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP"))
+    )
+
 
 USERS = User.__table__  # type: ignore[attr-defined]
 

@@ -12,10 +12,10 @@ from fastapi.testclient import TestClient
 
 from audit.chain import compute_hash
 from audit.recorder import AuditContext
-from service import tasks
 from service.app import create_app
 from service.database import Database
 from service.settings import Settings
+from service.tasks import rules
 from tests.audit_helpers import change, create_task, events_of
 
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
@@ -149,7 +149,7 @@ def test_trace_filter_and_trace_url(
     trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     ctx = AuditContext(actor_id=user.user_id, trace_id=trace_id, span_id=span_id)
     with database.unit_of_work() as session:
-        tasks.set_completed(session, ctx, user.user_id, task["id"], True)
+        rules.set_completed(session, ctx, user.user_id, task["id"], True)
 
     items = get_feed(client, user, trace_id=trace_id)["items"]
     assert [(e["action"], e["trace_id"], e["span_id"]) for e in items] == [

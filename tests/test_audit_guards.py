@@ -13,9 +13,9 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from audit.recorder import AuditContext
-from service import tasks
 from service.database import Database
-from service.models import TaskUpdate
+from service.tasks import rules
+from service.tasks.models import TaskUpdate
 from tests.audit_helpers import chain_head, create_task, events_of
 
 APPEND_ONLY = {
@@ -92,7 +92,7 @@ def test_an_event_for_another_task_does_not_cover_a_change(
     ctx = AuditContext(actor_id=user.user_id)
     with pytest.raises(sa.exc.IntegrityError), database.unit_of_work() as session:
         session.execute(sa.text("UPDATE tasks SET title = 'Sneaky' WHERE id = :id"), first)
-        tasks.update_task(session, ctx, user.user_id, second["id"], TaskUpdate(title="Legit"))
+        rules.update_task(session, ctx, user.user_id, second["id"], TaskUpdate(title="Legit"))
     titles = {t["id"]: t["title"] for t in client.get(user.url(), headers=user.headers).json()}
     assert titles == {first["id"]: "First", second["id"]: "Second"}
     assert chain_head(database.engine, user.user_id) == head

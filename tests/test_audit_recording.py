@@ -14,12 +14,12 @@ from sqlalchemy.orm import Session
 
 from audit.chain import GENESIS_HASH, HASH_VERSION, compute_hash, format_timestamp
 from audit.recorder import AuditContext
-from service import tasks
 from service.app import create_app
 from service.database import Database
-from service.errors import NotFound
-from service.models import TaskUpdate
+from service.exceptions import NotFound
 from service.settings import Settings
+from service.tasks import queries, rules
+from service.tasks.models import TaskUpdate
 from tests.audit_helpers import chain_head, change, create_task, events_of
 
 ACTIONS = ("task.created", "task.updated", "task.completed", "task.reopened", "task.deleted")
@@ -123,15 +123,15 @@ def test_each_action_records_exactly_one_event(
 def _inject(action: str, session: Session, ctx: AuditContext, user_id: str, task_id: int) -> Any:
     """Run one action through the service layer (what the routes call)."""
     calls: dict[str, Callable[[], Any]] = {
-        "task.created": lambda: tasks.create_task(
+        "task.created": lambda: rules.create_task(
             session, ctx, user_id, title="Never committed", description=None
         ),
-        "task.updated": lambda: tasks.update_task(
+        "task.updated": lambda: rules.update_task(
             session, ctx, user_id, task_id, TaskUpdate(title="Never committed")
         ),
-        "task.completed": lambda: tasks.set_completed(session, ctx, user_id, task_id, True),
-        "task.reopened": lambda: tasks.set_completed(session, ctx, user_id, task_id, False),
-        "task.deleted": lambda: tasks.delete_task(session, ctx, user_id, task_id),
+        "task.completed": lambda: rules.set_completed(session, ctx, user_id, task_id, True),
+        "task.reopened": lambda: rules.set_completed(session, ctx, user_id, task_id, False),
+        "task.deleted": lambda: rules.delete_task(session, ctx, user_id, task_id),
     }
     return calls[action]()
 
@@ -166,7 +166,7 @@ def test_failure_after_the_audit_insert_leaves_neither_row(
     assert _get(client, user, task["id"]) == task_before
     if created_id is not None:
         with database.unit_of_work() as session, pytest.raises(NotFound):
-            tasks.get_task(session, user.user_id, created_id)
+            queries.get_task(session, user.user_id, created_id)
     # The chain goes on without a gap.
     change(client, "PUT", f"/{task['id']}", user, json={"title": "Next change"})
     assert events_of(engine, user.user_id)[-1]["seq"] == head_before[0] + 1
@@ -185,8 +185,8 @@ def test_failure_at_commit_leaves_neither_row(
     ctx = AuditContext(actor_id=user.user_id)
     with pytest.raises(InjectedFailure), database.unit_of_work() as session:
         sa_event.listen(session, "before_commit", fail)
-        tasks.update_task(session, ctx, user.user_id, task["id"], TaskUpdate(title="Lost"))
-        tasks.set_completed(session, ctx, user.user_id, task["id"], True)
+        rules.update_task(session, ctx, user.user_id, task["id"], TaskUpdate(title="Lost"))
+        rules.set_completed(session, ctx, user.user_id, task["id"], True)
 
     assert events_of(database.engine, user.user_id) == events_before
     assert _get(client, user, task["id"])["title"] == "Keep me"

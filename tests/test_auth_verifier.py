@@ -13,13 +13,8 @@ from typing import Any
 import jwt
 import pytest
 
-from service.auth import (
-    AuthError,
-    AuthUnavailable,
-    Principal,
-    TokenVerifier,
-    create_dev_token,
-)
+from service.auth import Principal, TokenVerifier, create_dev_token
+from service.exceptions import AuthError, AuthUnavailable
 from service.settings import ConfigError, Settings
 from tests.jwt_helpers import (
     JWKS_ALGORITHMS,

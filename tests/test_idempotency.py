@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from service.database import Database
-from service.idempotency import KEY_MAX
 from service.sqltypes import utcnow
+from service.tasks.idempotency import KEY_MAX
 from tests.conftest import ApiUser, LiveServer
 from tests.reliability_helpers import live, tracked_app, wait_until
 from tests.test_tasks_api import assert_problem, assert_validation_error, list_all

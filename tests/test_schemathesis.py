@@ -35,7 +35,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.models import NO_NUL_PATTERN, TITLE_PATTERN, TaskCreate
+from service.tasks.models import NO_NUL_PATTERN, TITLE_PATTERN, TaskCreate
 from tests.conftest import ApiUser
 from tests.test_tasks_api import create
 

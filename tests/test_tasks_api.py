@@ -15,12 +15,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from audit.recorder import AuditContext
-from service import tasks as task_service
 from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database
-from service.models import TaskPublic
 from service.settings import Settings
+from service.tasks import rules
+from service.tasks.models import TaskPublic
 from tests.conftest import TEST_SECRET, ApiUser
 
 PROBLEM_JSON = "application/problem+json"
@@ -347,7 +347,7 @@ def test_default_limit_is_100(client: TestClient, user: ApiUser, database: Datab
     client.get(user.url(), headers=user.headers)  # provisions the user row
     with database.unit_of_work() as session:
         for i in range(101):
-            task_service.create_task(
+            rules.create_task(
                 session,
                 AuditContext(actor_id=user.user_id),
                 user.user_id,

@@ -19,7 +19,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 from sqlmodel import Field, SQLModel
 
-from service.errors import IdempotencyConflict
+from service.exceptions import IdempotencyConflict
+from service.limits import USER_ID_MAX
 from service.sqltypes import JSONType, UTCDateTime, utcnow
 
 KEY_MAX = 255
@@ -32,7 +33,7 @@ RETENTION = timedelta(hours=24)
 class IdempotencyKey(SQLModel, table=True):
     __tablename__ = "idempotency_keys"
 
-    user_id: str = Field(sa_column=Column(String(128), primary_key=True))
+    user_id: str = Field(sa_column=Column(String(USER_ID_MAX), primary_key=True))
     key: str = Field(sa_column=Column(String(KEY_MAX), primary_key=True))
     request_hash: str = Field(sa_column=Column(String(64), nullable=False))
     # Null only inside the claiming transaction, never once committed.

@@ -1,37 +1,24 @@
-"""Every task query, for the routes and the CLI alike.
-
-Each write changes the task and appends its audit event in the caller's session, under the
-task's row lock; nothing here commits.
+"""Every task statement, built once, and the records they return: for the API, the rules and
+the CLI alike. Reads filter by the owner; nothing here commits.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any
 
-from opentelemetry import trace
 from pydantic import TypeAdapter
 from sqlalchemy import Row, String, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from audit.chain import format_timestamp
-from audit.recorder import AuditContext, RecordedEvent, record_event
-from service.database import on_commit
-from service.errors import NotFound, PreconditionFailed
-from service.models import Task, TaskUpdate, User
-from service.sqltypes import utcnow
+from service.exceptions import NotFound
+from service.tasks.models import TASKS
+from service.users import USERS
 
-log = logging.getLogger("service.tasks")
-
-TASKS = Task.__table__  # type: ignore[attr-defined]
-USERS = User.__table__  # type: ignore[attr-defined]
-ENTITY_TYPE = "task"
-# What a task's audit events diff; timestamps and version change on every write anyway.
-DIFF_FIELDS = ("title", "description", "completed")
 _COLUMNS = (
     TASKS.c.id,
     TASKS.c.user_id,
@@ -119,67 +106,9 @@ def public_list_json(records: list[TaskRecord]) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class TaskChange:
-    """A write's outcome: the task as it is now and the audit event, if anything changed."""
-
-    task: TaskRecord | None
-    event: RecordedEvent | None
-
-
-@dataclass(frozen=True, slots=True)
 class TaskPage:
     items: list[TaskRecord]
     total: int
-
-
-def _log_on_commit(session: Session, user_id: str, task_id: int, event: RecordedEvent) -> None:
-    """One INFO line per change, once it is durable, and the event on the request's span.
-
-    Never the title or description text.
-    """
-
-    def emit() -> None:
-        span = trace.get_current_span()
-        if span.is_recording():
-            span.set_attributes(
-                {"audit.event_id": event.id, "audit.action": event.action, "task.id": task_id}
-            )
-        log.info(
-            event.action,
-            extra={
-                "event": event.action,
-                "task_id": task_id,
-                "user_id": user_id,
-                "audit_event_id": event.id,
-                "changed_fields": list(event.changed_fields),
-            },
-        )
-
-    on_commit(session, emit)
-
-
-def _record(
-    session: Session,
-    ctx: AuditContext,
-    action: str,
-    task_id: int,
-    user_id: str,
-    before: TaskRecord | None,
-    after: TaskRecord | None,
-) -> RecordedEvent:
-    event = record_event(
-        session,
-        ctx,
-        user_id=user_id,
-        action=action,
-        entity_type=ENTITY_TYPE,
-        entity_id=str(task_id),
-        before=before.state() if before else None,
-        after=after.state() if after else None,
-        diff_fields=DIFF_FIELDS,
-    )
-    _log_on_commit(session, user_id, task_id, event)
-    return event
 
 
 # The hot statements are built once, with bound parameters: SQLAlchemy then reuses their
@@ -254,20 +183,6 @@ def _contains_pattern(text: str) -> str:
     return f"%{escaped}%"
 
 
-def _next_timestamp(previous: datetime) -> datetime:
-    """Now, but strictly after `previous`, so updated_at advances on every change."""
-    now = utcnow()
-    return now if now > previous else previous + timedelta(microseconds=1)
-
-
-def _check_version(task: TaskRecord, if_match: str | None) -> None:
-    if if_match is None:
-        return
-    tags = {tag.strip() for tag in if_match.split(",")}
-    if "*" not in tags and task.etag not in tags and f"W/{task.etag}" not in tags:
-        raise PreconditionFailed("The task has changed since you read it (ETag mismatch).")
-
-
 def get_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
     row = session.execute(_SELECT_OWNED, {"task_id": task_id, "owner": user_id}).first()
     if row is None:
@@ -275,7 +190,7 @@ def get_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
     return TaskRecord.from_row(row)
 
 
-def _lock_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
+def lock_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
     """Read the before-state under a row lock: concurrent writers to one task queue here."""
     row = session.execute(_LOCK_OWNED, {"task_id": task_id, "owner": user_id}).first()
     if row is None:
@@ -309,93 +224,22 @@ def list_tasks(
     return TaskPage(items=items, total=int(total))
 
 
-def create_task(
-    session: Session,
-    ctx: AuditContext,
-    user_id: str,
-    *,
-    title: str,
-    description: str | None,
-) -> TaskChange:
-    params = {"owner": user_id, "title": title, "description": description, "now": utcnow()}
-    row = session.execute(_INSERT, params).one()
-    task = TaskRecord.from_row(row)
-    event = _record(session, ctx, "task.created", task.id, user_id, None, task)
-    return TaskChange(task=task, event=event)
+def insert_task(
+    session: Session, user_id: str, title: str, description: str | None, now: datetime
+) -> TaskRecord:
+    params = {"owner": user_id, "title": title, "description": description, "now": now}
+    return TaskRecord.from_row(session.execute(_INSERT, params).one())
 
 
-def _completion_action(completed: bool) -> str:
-    return "task.completed" if completed else "task.reopened"
+def update_fields(
+    session: Session, task_id: int, values: dict[str, Any], now: datetime
+) -> TaskRecord:
+    """Write these fields (a subset of title, description, completed) and bump the version."""
+    fields = tuple(column.name for column in TASKS.c if column.name in values)  # table order
+    params = {f"new_{name}": values[name] for name in fields}
+    params.update(task_id=task_id, now=now)
+    return TaskRecord.from_row(session.execute(_update_statement(fields), params).one())
 
 
-def _apply(
-    session: Session,
-    ctx: AuditContext,
-    current: TaskRecord,
-    values: dict[str, Any],
-) -> TaskChange:
-    """Write the changed fields of a locked task and record the event; a no-op writes nothing.
-
-    A change of the completion flag alone is `task.completed` / `task.reopened`, whichever
-    endpoint made it; any other change is `task.updated`.
-    """
-    changed = {k: v for k, v in values.items() if getattr(current, k) != v}
-    action = (
-        _completion_action(changed["completed"])
-        if changed.keys() == {"completed"}
-        else "task.updated"
-    )
-    if not changed:
-        return TaskChange(task=current, event=None)
-    fields = tuple(name for name in DIFF_FIELDS if name in changed)
-    params = {f"new_{name}": changed[name] for name in fields}
-    params.update(task_id=current.id, now=_next_timestamp(current.updated_at))
-    row = session.execute(_update_statement(fields), params).one()
-    task = TaskRecord.from_row(row)
-    event = _record(session, ctx, action, task.id, task.user_id, current, task)
-    return TaskChange(task=task, event=event)
-
-
-def update_task(
-    session: Session,
-    ctx: AuditContext,
-    user_id: str,
-    task_id: int,
-    data: TaskUpdate,
-    *,
-    if_match: str | None = None,
-) -> TaskChange:
-    current = _lock_task(session, user_id, task_id)
-    _check_version(current, if_match)
-    return _apply(session, ctx, current, data.changes())
-
-
-def set_completed(
-    session: Session,
-    ctx: AuditContext,
-    user_id: str,
-    task_id: int,
-    completed: bool | None,
-    *,
-    if_match: str | None = None,
-) -> TaskChange:
-    """Set the completion flag, or toggle it when `completed` is None (atomic under the lock)."""
-    current = _lock_task(session, user_id, task_id)
-    _check_version(current, if_match)
-    target = (not current.completed) if completed is None else completed
-    return _apply(session, ctx, current, {"completed": target})
-
-
-def delete_task(
-    session: Session,
-    ctx: AuditContext,
-    user_id: str,
-    task_id: int,
-    *,
-    if_match: str | None = None,
-) -> TaskChange:
-    current = _lock_task(session, user_id, task_id)
-    _check_version(current, if_match)
-    session.execute(_DELETE, {"task_id": current.id})
-    event = _record(session, ctx, "task.deleted", current.id, user_id, current, None)
-    return TaskChange(task=None, event=event)
+def delete_row(session: Session, task_id: int) -> None:
+    session.execute(_DELETE, {"task_id": task_id})

@@ -1,4 +1,4 @@
-"""Tables (`User`, `Task`) and the API's request and response models."""
+"""The `tasks` table and the task API's request and response models."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, ConfigDict, StrictBool, model_validator
 from pydantic import Field as PField
 from sqlalchemy import (
-    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
@@ -23,37 +22,19 @@ from sqlalchemy import (
 )
 from sqlmodel import Field, SQLModel
 
+from service.limits import USER_ID_MAX
 from service.sqltypes import ID_TYPE, UTCDateTime
 
 TITLE_MAX = 200
 DESCRIPTION_MAX = 1000
-USER_ID_MAX = 128
-EMAIL_MAX = 320
-NAME_MAX = 200
-
-
-class User(SQLModel, table=True):
-    __tablename__ = "users"
-
-    id: str = Field(sa_column=Column(String(USER_ID_MAX), primary_key=True))
-    email: str | None = Field(default=None, sa_column=Column(String(EMAIL_MAX), nullable=True))
-    name: str | None = Field(default=None, sa_column=Column(String(NAME_MAX), nullable=True))
-    # Kept exact by triggers on tasks (migration 0006): the list's X-Total-Count without
-    # counting every row.
-    task_count: int = Field(
-        default=0, sa_column=Column(BigInteger, nullable=False, server_default=text("0"))
-    )
-    created_at: datetime = Field(
-        sa_column=Column(UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP"))
-    )
 
 
 class Task(SQLModel, table=True):
     __tablename__ = "tasks"
     __table_args__ = (
-        CheckConstraint("length(title) BETWEEN 1 AND 200", name="ck_tasks_title_length"),
+        CheckConstraint(f"length(title) BETWEEN 1 AND {TITLE_MAX}", name="ck_tasks_title_length"),
         CheckConstraint(
-            "description IS NULL OR length(description) <= 1000",
+            f"description IS NULL OR length(description) <= {DESCRIPTION_MAX}",
             name="ck_tasks_description_length",
         ),
         # The list endpoint pages a user's tasks by these orders.
@@ -79,6 +60,9 @@ class Task(SQLModel, table=True):
     version: int = Field(
         default=1, sa_column=Column(Integer, nullable=False, server_default=text("1"))
     )
+
+
+TASKS = Task.__table__  # type: ignore[attr-defined]
 
 
 # --- API models ------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The six task endpoints. Thin: validation in the models, queries in `service.tasks`."""
+"""The six task endpoints. Thin: validation in `models`, reads in `queries`, writes in `rules`."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 
-from service import idempotency, tasks
-from service.deps import AuditCtx, CurrentUser, SessionDep, TaskIdPath, UserIdPath
-from service.errors import InvalidInput
-from service.models import TaskCompletion, TaskCreate, TaskPublic, TaskUpdate
+from audit.deps import AuditCtx
+from service.deps import CurrentUser, SessionDep, TaskIdPath, UserIdPath
+from service.exceptions import InvalidInput
 from service.openapi import error_responses
 from service.responses import json_response
-from service.tasks import SortField, SortOrder, StatusFilter, TaskRecord
+from service.tasks import idempotency, queries, rules
+from service.tasks.models import TaskCompletion, TaskCreate, TaskPublic, TaskUpdate
+from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskRecord
 
 router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"])
 
@@ -41,7 +42,7 @@ def _task_response(
     task: TaskRecord, status_code: int = 200, headers: dict[str, str] | None = None
 ) -> Response:
     return json_response(
-        tasks.public_json(task),
+        queries.public_json(task),
         status_code,
         {**(headers or {}), "ETag": task.etag},
     )
@@ -71,7 +72,7 @@ def list_tasks(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> Any:
-    page = tasks.list_tasks(
+    page = queries.list_tasks(
         session,
         user.user_id,
         status=status_,
@@ -85,7 +86,7 @@ def list_tasks(
     if offset + len(page.items) < page.total:
         next_url = request.url.include_query_params(offset=offset + limit, limit=limit)
         headers["Link"] = f'<{next_url}>; rel="next"'
-    return json_response(tasks.public_list_json(page.items), headers=headers)
+    return json_response(queries.public_list_json(page.items), headers=headers)
 
 
 @router.post(
@@ -108,11 +109,10 @@ def create_task(
         stored = idempotency.claim(session, user.user_id, idempotency_key, fingerprint)
         if stored is not None:
             return _created(request, user.user_id, stored.body, replayed=True)
-    change = tasks.create_task(
+    change = rules.create_task(
         session, ctx, user.user_id, title=body.title, description=body.description
     )
-    assert change.task is not None
-    public = tasks.public(change.task)
+    public = queries.public(change.task)
     if idempotency_key is not None:
         idempotency.store_response(session, user.user_id, idempotency_key, 201, public)
     return _created(request, user.user_id, public)
@@ -125,7 +125,7 @@ def _created(
     headers = {
         "Location": str(request.url_for("get_task", user_id=user_id, task_id=task_id)),
         # A new task is at version 1; a replay answers exactly as the first response did.
-        "ETag": tasks.etag_for(task_id, 1),
+        "ETag": queries.etag_for(task_id, 1),
     }
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -142,7 +142,7 @@ def _created(
     name="get_task",
 )
 def get_task(user: CurrentUser, session: SessionDep, task_id: TaskIdPath) -> Any:
-    return _task_response(tasks.get_task(session, user.user_id, task_id))
+    return _task_response(queries.get_task(session, user.user_id, task_id))
 
 
 @router.put(
@@ -159,8 +159,7 @@ def update_task(
     body: TaskUpdate,
     if_match: IfMatch = None,
 ) -> Any:
-    change = tasks.update_task(session, ctx, user.user_id, task_id, body, if_match=if_match)
-    assert change.task is not None
+    change = rules.update_task(session, ctx, user.user_id, task_id, body, if_match=if_match)
     return _task_response(change.task)
 
 
@@ -178,7 +177,7 @@ def delete_task(
     task_id: TaskIdPath,
     if_match: IfMatch = None,
 ) -> None:
-    tasks.delete_task(session, ctx, user.user_id, task_id, if_match=if_match)
+    rules.delete_task(session, ctx, user.user_id, task_id, if_match=if_match)
 
 
 @router.patch(
@@ -196,6 +195,5 @@ def complete_task(
     if_match: IfMatch = None,
 ) -> Any:
     completed = body.completed if body is not None else None
-    change = tasks.set_completed(session, ctx, user.user_id, task_id, completed, if_match=if_match)
-    assert change.task is not None
+    change = rules.set_completed(session, ctx, user.user_id, task_id, completed, if_match=if_match)
     return _task_response(change.task)

@@ -1,0 +1,158 @@
+"""The layout holds: import contracts, no import cycles, and an audit CLI without the web stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import grimp
+
+from tests.conftest import TEST_SECRET, ApiUser
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("service", "audit", "observability")
+WEB_STACK = ("fastapi", "starlette", "httpx", "jwt", "uvicorn", "opentelemetry")
+
+
+def test_import_contracts_are_kept() -> None:
+    """The contracts in pyproject.toml: audit never imports the task package, the plumbing
+    imports no feature, the audit commands' modules import no web stack, no sibling cycles."""
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run(
+        [str(lint), "--no-cache", "--no-logo"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan, iteratively)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    counter = 0
+
+    def imported_by(module: str) -> Iterator[str]:
+        return iter(sorted(graph.find_modules_directly_imported_by(module) & graph.modules))
+
+    for root in sorted(graph.modules):
+        if root in index:
+            continue
+        work = [(root, imported_by(root))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            for child in children:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append(
+                        (child, iter(sorted(graph.find_modules_directly_imported_by(child))))
+                    )
+                    break
+                if child in on_stack:
+                    low[node] = min(low[node], index[child])
+            else:
+                work.pop()
+                if work:
+                    parent = work[-1][0]
+                    low[parent] = min(low[parent], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        found.append(sorted(component))
+    return found
+
+
+def test_no_import_cycle_between_modules() -> None:
+    """Across all three packages, counting imports inside functions too: a module never
+    imports, even indirectly, a module that imports it."""
+    graph = grimp.build_graph(*PACKAGES, cache_dir=None)
+    assert graph.direct_import_exists(importer="service.app", imported="service.tasks.routes")
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    graph = grimp.ImportGraph()
+    for module in ("p.a", "p.b", "p.c"):
+        graph.add_module(module)
+    graph.add_import(importer="p.a", imported="p.b")
+    graph.add_import(importer="p.b", imported="p.c")
+    graph.add_import(importer="p.c", imported="p.a")
+    assert _cycles(graph) == [["p.a", "p.b", "p.c"]]
+
+
+_PROBE = """
+import json, sys
+from service.cli import main
+status = main(sys.argv[1:])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in %r)
+print(json.dumps({"status": status, "loaded": loaded}))
+"""
+
+
+def _run_cli(args: list[str], database_url: str) -> dict[str, object]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "APP_ENV": "test",
+        "BETTER_AUTH_SECRET": TEST_SECRET,
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE % (WEB_STACK,), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    last: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return last
+
+
+def test_audit_commands_do_not_load_the_web_stack(  # type: ignore[no-untyped-def]
+    client, user: ApiUser, database_url: str, tmp_path: Path
+) -> None:
+    response = client.post(user.url(), json={"title": "Audited"}, headers=user.headers)
+    assert response.status_code == 201
+
+    verified = _run_cli(["audit", "verify", "--user", user.user_id], database_url)
+    assert verified == {"status": 0, "loaded": []}
+
+    export = tmp_path / "audit.ndjson"
+    exported = _run_cli(
+        ["audit", "export", "--user", user.user_id, "--format", "ndjson", "--output", str(export)],
+        database_url,
+    )
+    assert exported == {"status": 0, "loaded": []}
+    records = [json.loads(line) for line in export.read_text().splitlines()]
+    assert [r["action"] for r in records if r["record"] == "event"] == ["task.created"]
+
+    # The probe does see the web stack where it is loaded: `dev-token` signs with PyJWT.
+    token = _run_cli(["dev-token", "someone"], database_url)
+    assert token["status"] == 0
+    assert "jwt" in token["loaded"]  # type: ignore[operator]
