@@ -138,7 +138,11 @@ class TaskHistory(BaseModel):
 
 
 class TaskSnapshot(BaseModel):
-    """A task's state as an audit event recorded it."""
+    """A task's state as an audit event recorded it.
+
+    Declared here, apart from the task package (audit does not import it), because it reads
+    what hashed events hold; tests/test_task_fields.py pins it to `TaskPublic`.
+    """
 
     model_config = ConfigDict(extra="ignore")
 

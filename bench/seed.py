@@ -14,7 +14,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,15 @@ from urllib.parse import quote, unquote, urlsplit
 import psycopg2
 from psycopg2.extensions import connection as PgConnection
 
-from audit.chain import GENESIS_HASH, HASH_VERSION, compute_hash, format_timestamp
+from audit.chain import GENESIS_HASH, HASH_VERSION, compute_hash
 from audit.recorder import EVENT_COLUMNS as RECORDED_COLUMNS
 from audit.recorder import diff
 from bench.measure import PgTarget
+from service.tasks.models import TaskRecord
 from service.tasks.rules import DIFF_FIELDS
 
+# A task row as the service reads it, for the audit snapshot the service would record.
+_RECORD_COLUMNS = ", ".join(field.name for field in fields(TaskRecord))
 # The recorder's columns, plus the transaction id that the completeness guard checks.
 EVENT_COLUMNS = (*RECORDED_COLUMNS, "xact_id")
 
@@ -137,8 +140,8 @@ def _seed_user(conn: PgConnection, user_id: str, tasks: int) -> SeededUser:
                    1
             FROM generate_series(1, %(n)s) AS g
             ORDER BY g
-            RETURNING id, user_id, title, description, completed, created_at, updated_at
-            """,
+            RETURNING """
+            + _RECORD_COLUMNS,
             {"user": user_id, "n": tasks, "start": now - timedelta(milliseconds=tasks + 1)},
         )
         rows = sorted(cur.fetchall())
@@ -151,16 +154,8 @@ def _seed_user(conn: PgConnection, user_id: str, tasks: int) -> SeededUser:
         writer = csv.writer(buffer)
         occurred = now.astimezone(UTC)
         for row in rows:
-            task_id, owner, title, description, completed, created_at, updated_at = row
-            after = {
-                "id": task_id,
-                "user_id": owner,
-                "title": title,
-                "description": description,
-                "completed": completed,
-                "created_at": format_timestamp(created_at),
-                "updated_at": format_timestamp(updated_at),
-            }
+            task = TaskRecord.from_row(row)
+            task_id, after = task.id, task.state()
             seq += 1
             occurred += timedelta(microseconds=1)
             event: dict[str, Any] = {

@@ -19,7 +19,7 @@ from service.database import Database
 from service.exceptions import NotFound
 from service.settings import Settings
 from service.tasks import queries, rules
-from service.tasks.models import TaskUpdate
+from service.tasks.models import TaskCreate, TaskUpdate
 from tests.audit_helpers import chain_head, change, create_task, events_of
 
 ACTIONS = ("task.created", "task.updated", "task.completed", "task.reopened", "task.deleted")
@@ -124,7 +124,7 @@ def _inject(action: str, session: Session, ctx: AuditContext, user_id: str, task
     """Run one action through the service layer (what the routes call)."""
     calls: dict[str, Callable[[], Any]] = {
         "task.created": lambda: rules.create_task(
-            session, ctx, user_id, title="Never committed", description=None
+            session, ctx, user_id, TaskCreate(title="Never committed")
         ),
         "task.updated": lambda: rules.update_task(
             session, ctx, user_id, task_id, TaskUpdate(title="Never committed")

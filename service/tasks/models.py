@@ -1,7 +1,12 @@
-"""The `tasks` table and the task API's request and response models."""
+"""A task's fields: the `tasks` table, the request bodies, and the record every query returns
+(whose public part is the response body and the audit log's snapshot).
+
+To add a field, see "Where to add a new task field" in the README.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -22,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlmodel import Field, SQLModel
 
+from audit.chain import format_timestamp
 from service.limits import USER_ID_MAX
 from service.sqltypes import ID_TYPE, UTCDateTime
 
@@ -63,6 +69,8 @@ class Task(SQLModel, table=True):
 
 
 TASKS = Task.__table__  # type: ignore[attr-defined]
+# Columns a client may not set to null (absent is fine in an update).
+_NOT_NULL = frozenset(column.name for column in TASKS.c if not column.nullable)
 
 
 # --- API models ------------------------------------------------------------
@@ -122,13 +130,13 @@ class TaskCreate(SQLModel):
 
 
 def _update_schema(schema: dict[str, Any]) -> None:
-    """Document what `_at_least_one` enforces: a field may be absent, but not null (except
-    description), and the body names at least one field."""
+    """Document what `_at_least_one` enforces: a field may be absent, but not null (unless its
+    column is nullable), and the body names at least one field."""
     schema["minProperties"] = 1
-    for name in ("title", "completed"):
-        prop = schema["properties"][name]
-        (value,) = [branch for branch in prop.pop("anyOf") if branch.get("type") != "null"]
-        prop.update(value)
+    for name, prop in schema["properties"].items():
+        if name in _NOT_NULL:
+            (value,) = [branch for branch in prop.pop("anyOf") if branch.get("type") != "null"]
+            prop.update(value)
 
 
 class TaskUpdate(SQLModel):
@@ -144,11 +152,10 @@ class TaskUpdate(SQLModel):
     @model_validator(mode="after")
     def _at_least_one(self) -> TaskUpdate:
         if not self.model_fields_set:
-            raise ValueError("give at least one of title, description, completed")
-        if "title" in self.model_fields_set and self.title is None:
-            raise ValueError("title cannot be null")
-        if "completed" in self.model_fields_set and self.completed is None:
-            raise ValueError("completed cannot be null")
+            raise ValueError(f"give at least one of {', '.join(type(self).model_fields)}")
+        for name in type(self).model_fields:
+            if name in self.model_fields_set and name in _NOT_NULL and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null")
         return self
 
     def changes(self) -> dict[str, Any]:
@@ -163,7 +170,11 @@ class TaskCompletion(SQLModel):
     completed: StrictBool
 
 
-class TaskPublic(SQLModel):
+# A task as the API returns it, and as the audit log records it in `before`/`after`
+# (`audit.schemas.TaskSnapshot` reads it back; tests/test_task_fields.py pins the two). No
+# docstring: it would become the schema's description in /openapi.json.
+@dataclass(frozen=True, slots=True)
+class TaskPublic:
     id: int
     user_id: str
     title: str
@@ -171,3 +182,39 @@ class TaskPublic(SQLModel):
     completed: bool
     created_at: datetime
     updated_at: datetime
+
+
+PUBLIC_FIELDS = tuple(field.name for field in fields(TaskPublic))
+
+
+def etag_for(task_id: int, version: int) -> str:
+    return f'"{task_id}-{version}"'
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord(TaskPublic):
+    """A row of `tasks` as every query returns it: the public fields, then the internal ones.
+
+    Its fields are the table's columns (the queries select them in this order); responses are
+    dumped from it as `TaskPublic`, without building a model per task.
+    """
+
+    # Bumped on every change; the ETag is derived from it.
+    version: int
+
+    @classmethod
+    def from_row(cls, row: Any) -> TaskRecord:
+        return cls(*row)
+
+    def state(self) -> dict[str, Any]:
+        """The public fields as JSON, as the audit log records them (hashed: timestamps are
+        always `format_timestamp`'s fixed-width UTC)."""
+        state: dict[str, Any] = {}
+        for name in PUBLIC_FIELDS:
+            value = getattr(self, name)
+            state[name] = format_timestamp(value) if isinstance(value, datetime) else value
+        return state
+
+    @property
+    def etag(self) -> str:
+        return etag_for(self.id, self.version)

@@ -13,8 +13,15 @@ from service.exceptions import InvalidInput
 from service.openapi import error_responses
 from service.responses import json_response
 from service.tasks import idempotency, queries, rules
-from service.tasks.models import TaskCompletion, TaskCreate, TaskPublic, TaskUpdate
-from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskRecord
+from service.tasks.models import (
+    TaskCompletion,
+    TaskCreate,
+    TaskPublic,
+    TaskRecord,
+    TaskUpdate,
+    etag_for,
+)
+from service.tasks.queries import SortField, SortOrder, StatusFilter
 
 router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"])
 
@@ -109,9 +116,7 @@ def create_task(
         stored = idempotency.claim(session, user.user_id, idempotency_key, fingerprint)
         if stored is not None:
             return _created(request, user.user_id, stored.body, replayed=True)
-    change = rules.create_task(
-        session, ctx, user.user_id, title=body.title, description=body.description
-    )
+    change = rules.create_task(session, ctx, user.user_id, body)
     public = queries.public(change.task)
     if idempotency_key is not None:
         idempotency.store_response(session, user.user_id, idempotency_key, 201, public)
@@ -125,7 +130,7 @@ def _created(
     headers = {
         "Location": str(request.url_for("get_task", user_id=user_id, task_id=task_id)),
         # A new task is at version 1; a replay answers exactly as the first response did.
-        "ETag": queries.etag_for(task_id, 1),
+        "ETag": etag_for(task_id, 1),
     }
     if replayed:
         headers["Idempotent-Replayed"] = "true"

@@ -19,14 +19,14 @@ from service.database import on_commit
 from service.exceptions import PreconditionFailed
 from service.sqltypes import utcnow
 from service.tasks import queries
-from service.tasks.models import TaskUpdate
-from service.tasks.queries import TaskRecord
+from service.tasks.models import TaskCreate, TaskRecord, TaskUpdate
 
 log = logging.getLogger("service.tasks")
 
 ENTITY_TYPE = "task"
-# What a task's audit events diff; timestamps and version change on every write anyway.
-DIFF_FIELDS = ("title", "description", "completed")
+# What a task's audit events diff: what a client can change (timestamps and version change on
+# every write anyway, the id and owner never).
+DIFF_FIELDS = tuple(TaskUpdate.model_fields)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,11 +113,9 @@ def create_task(
     session: Session,
     ctx: AuditContext,
     user_id: str,
-    *,
-    title: str,
-    description: str | None,
+    data: TaskCreate,
 ) -> TaskChange:
-    task = queries.insert_task(session, user_id, title, description, utcnow())
+    task = queries.insert_task(session, user_id, data.model_dump(), utcnow())
     event = _record(session, ctx, "task.created", task.id, user_id, None, task)
     return TaskChange(task=task, event=event)
 
