@@ -77,7 +77,7 @@ class Leaf:
     hash: str
 
     def data(self) -> bytes:
-        return _compact([self.user_id, self.seq, self.hash]).encode("utf-8")
+        return _encode_leaf([self.user_id, self.seq, self.hash]).encode("utf-8")
 
     def leaf_hash(self) -> bytes:
         return merkle.leaf_hash(self.data())
@@ -147,6 +147,11 @@ class Checkpoint:
             else:
                 hi = mid
         return lo if lo < len(self.leaves) and self.leaves[lo].user_id == user_id else None
+
+
+# Compact JSON of [user_id, seq, hash]; one encoder, built once (a checkpoint encodes a leaf
+# per user).
+_encode_leaf = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _compact(value: Any) -> str:
@@ -340,11 +345,20 @@ def make_checkpoint(
     return checkpoint
 
 
+def latest_checkpoint_id(session: Session) -> int | None:
+    stmt = select(CHECKPOINTS.c.id).order_by(CHECKPOINTS.c.id.desc()).limit(1)
+    found = session.execute(stmt).scalar()
+    return None if found is None else int(found)
+
+
 def latest_checkpoint(session: Session) -> Checkpoint | None:
     """The newest stored checkpoint, as stored (the caller verifies it if it must)."""
-    row = session.execute(select(CHECKPOINTS).order_by(CHECKPOINTS.c.id.desc()).limit(1)).first()
-    if row is None:
-        return None
+    found = latest_checkpoint_id(session)
+    return None if found is None else load_checkpoint(session, found)
+
+
+def load_checkpoint(session: Session, checkpoint_id: int) -> Checkpoint:
+    row = session.execute(select(CHECKPOINTS).where(CHECKPOINTS.c.id == checkpoint_id)).one()
     head = CheckpointHead(
         created_at=format_timestamp(row.created_at),
         tree_size=int(row.tree_size),

@@ -29,8 +29,9 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(NODE_PREFIX + left + right).digest()
 
 
-def _levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
-    """Every level of the tree, leaf hashes first, the root's level last."""
+def tree_levels(leaves: Sequence[bytes]) -> list[list[bytes]]:
+    """Every level of the tree, leaf hashes first, the root's level last (keep it to answer
+    many paths of one tree)."""
     levels = [list(leaves)]
     while len(levels[-1]) > 1:
         below = levels[-1]
@@ -45,15 +46,20 @@ def root(leaves: Sequence[bytes]) -> bytes:
     """The Merkle Tree Hash of these leaf hashes (SHA-256 of nothing for no leaves)."""
     if not leaves:
         return EMPTY_ROOT
-    return _levels(leaves)[-1][0]
+    return tree_levels(leaves)[-1][0]
 
 
 def inclusion_path(leaves: Sequence[bytes], index: int) -> list[bytes]:
     """The audit path of leaf `index`, nearest sibling first (RFC 9162 section 2.1.3.1)."""
-    if not 0 <= index < len(leaves):
-        raise IndexError(f"leaf {index} is not in a tree of {len(leaves)}")
+    return path_in(tree_levels(leaves), index)
+
+
+def path_in(levels: Sequence[Sequence[bytes]], index: int) -> list[bytes]:
+    """`inclusion_path` from the levels `tree_levels` made."""
+    if not 0 <= index < len(levels[0]):
+        raise IndexError(f"leaf {index} is not in a tree of {len(levels[0])}")
     path: list[bytes] = []
-    for level in _levels(leaves)[:-1]:
+    for level in levels[:-1]:
         sibling = index ^ 1
         if sibling < len(level):
             path.append(level[sibling])

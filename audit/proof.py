@@ -17,13 +17,23 @@ the event at `seq` has the proven hash, so the history up to it is the one that 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from audit import merkle
 from audit.chain import GENESIS_HASH, HASHED_FIELDS, compute_hash
-from audit.checkpoint import Checkpoint, CheckpointError, Leaf, parse_head
+from audit.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    Leaf,
+    latest_checkpoint_id,
+    load_checkpoint,
+    parse_head,
+)
 from audit.signing import PublicKey, key_ring
 
 FORMAT = "todo-api/audit-proof/v1"
@@ -39,13 +49,48 @@ class ProofReport:
     reason: str | None = None
 
 
+class _Tree:
+    """A checkpoint with its tree built, to answer every user's proof from it."""
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.levels = merkle.tree_levels([leaf.leaf_hash() for leaf in checkpoint.leaves])
+
+    def proof(self, user_id: str) -> dict[str, Any] | None:
+        index = self.checkpoint.index_of(user_id)
+        if index is None:
+            return None
+        return _proof(self.checkpoint, index, merkle.path_in(self.levels, index))
+
+
 def build_proof(checkpoint: Checkpoint, user_id: str) -> dict[str, Any] | None:
     """The proof for `user_id` in this checkpoint, or None if the user has no leaf in it."""
-    index = checkpoint.index_of(user_id)
-    if index is None:
-        return None
+    return _Tree(checkpoint).proof(user_id)
+
+
+class LatestProofs:
+    """Proofs from the latest stored checkpoint. Its tree is built once per process and
+    checkpoint (stored checkpoints never change), not for every request."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tree: tuple[int, _Tree] | None = None
+
+    def proof(self, session: Session, user_id: str) -> dict[str, Any] | None:
+        latest = latest_checkpoint_id(session)
+        if latest is None:
+            return None
+        cached = self._tree
+        if cached is None or cached[0] != latest:
+            cached = (latest, _Tree(load_checkpoint(session, latest)))
+            with self._lock:
+                if self._tree is None or self._tree[0] < latest:
+                    self._tree = cached
+        return cached[1].proof(user_id)
+
+
+def _proof(checkpoint: Checkpoint, index: int, path: list[bytes]) -> dict[str, Any]:
     leaf = checkpoint.leaves[index]
-    path = merkle.inclusion_path([x.leaf_hash() for x in checkpoint.leaves], index)
     return {
         "format": FORMAT,
         "user_id": leaf.user_id,

@@ -12,8 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 
 from audit import queries
-from audit.checkpoint import latest_checkpoint
-from audit.proof import build_proof
+from audit.proof import LatestProofs
 from audit.schemas import (
     AuditAction,
     AuditEventPublic,
@@ -108,9 +107,11 @@ def verify_audit_chain(user: CurrentUser, session: SessionDep, user_id: UserIdPa
     summary="The caller's chain head in the latest signed checkpoint, with its Merkle path",
     description="404 when no checkpoint has been made since the caller's first event.",
 )
-def audit_proof(user: CurrentUser, session: SessionDep, user_id: UserIdPath) -> Any:
-    checkpoint = latest_checkpoint(session)
-    proof = build_proof(checkpoint, user.user_id) if checkpoint is not None else None
+def audit_proof(
+    request: Request, user: CurrentUser, session: SessionDep, user_id: UserIdPath
+) -> Any:
+    proofs: LatestProofs = request.app.state.audit_proofs
+    proof = proofs.proof(session, user.user_id)
     if proof is None:
         raise NotFound("No checkpoint covers this user's audit events yet.")
     return json_response(AuditProof.model_validate(proof))

@@ -15,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.trace import TracerProvider
 
 from audit.checkpoint import PeriodicCheckpoints, signing_key
+from audit.proof import LatestProofs
 from audit.routes import keys_router as audit_keys_router
 from audit.routes import router as audit_router
 from observability import configure_logging, configure_tracing, force_flush, observe_app
@@ -121,6 +122,7 @@ def create_app(
     app.state.verifier = verifier = TokenVerifier.from_settings(settings)
     app.state.users = UserProvisioner(db.engine)
     app.state.audit_signing_key = audit_key
+    app.state.audit_proofs = LatestProofs()
 
     install_error_handlers(app)
     app.include_router(health_router)

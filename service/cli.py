@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from audit.checkpoint import signing_key
 from audit.cli import register as register_audit
 from service.database import Database, normalize_database_url, safe_url
 from service.settings import ConfigError, Settings, get_settings
@@ -52,6 +53,13 @@ def migrate(settings: Settings) -> None:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
+
+    try:
+        # A configured but unusable checkpoint key stops here, not in every worker.
+        signing_key(settings)
+    except ConfigError as exc:
+        print(f"todo-api: configuration error: {exc}", file=sys.stderr)
+        return 2
 
     from observability.logging import configure_logging
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from pydantic import SecretStr, ValidationError
 
 from audit.checkpoint import (
     CHECKPOINTS,
@@ -26,10 +30,11 @@ from audit.checkpoint import (
     PeriodicCheckpoints,
     make_checkpoint,
     read_checkpoint_file,
+    signing_key,
 )
 from audit.signing import SigningKey, parse_public_keys
 from service.app import create_app
-from service.settings import Settings
+from service.settings import ConfigError, Settings
 from tests.audit_helpers import events_of, json_lines, tampering
 from tests.checkpoint_helpers import (
     KEY,
@@ -533,3 +538,82 @@ def test_verify_checkpoint_needs_trusted_keys(world: World, user: Any) -> None:
         "audit", "verify", "--checkpoint", str(path), "--public-key", str(garbage)
     )
     assert status == 2 and "cannot use" in err
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_signing_key_configuration(base_settings: Settings, tmp_path: Path) -> None:
+    seed = KEY.private.private_bytes_raw()
+    for text in (
+        KEY.private_pem(),
+        base64.b64encode(seed).decode(),
+        base64.urlsafe_b64encode(seed).decode().rstrip("="),
+    ):
+        configured = signing_key(
+            base_settings.model_copy(update={"audit_signing_key": SecretStr(text)})
+        )
+        assert configured is not None and configured.key_id == KEY.key_id
+    key_file = tmp_path / "audit.pem"
+    key_file.write_text(KEY.private_pem())
+    from_file = signing_key(base_settings.model_copy(update={"audit_signing_key_file": key_file}))
+    assert from_file is not None and from_file.key_id == KEY.key_id
+    assert signing_key(base_settings) is None
+    for bad in ("not a key", base64.b64encode(b"short").decode(), "-----BEGIN PRIVATE KEY-----"):
+        with pytest.raises(ConfigError, match="unusable"):
+            signing_key(base_settings.model_copy(update={"audit_signing_key": SecretStr(bad)}))
+    missing = base_settings.model_copy(update={"audit_signing_key_file": tmp_path / "nope.pem"})
+    with pytest.raises(ConfigError, match="unusable"):
+        signing_key(missing)
+
+
+def test_settings_refuse_an_interval_without_a_key_and_two_keys(base_settings: Settings) -> None:
+    common = {"database_url": base_settings.database_url, "_env_file": None}
+    with pytest.raises(ValidationError, match="needs a signing key"):
+        Settings(**common, audit_checkpoint_interval_seconds=60)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="not both"):
+        Settings(  # type: ignore[arg-type]
+            **common, audit_signing_key=KEY.private_pem(), audit_signing_key_file="/k.pem"
+        )
+    made = Settings(
+        **common, audit_signing_key=KEY.private_pem(), audit_checkpoint_interval_seconds=60
+    )  # type: ignore[arg-type]
+    assert made.audit_checkpoint_interval_seconds == 60
+    assert KEY.private_pem() not in repr(made)
+
+
+def test_the_real_command_with_a_key_file_and_with_an_unusable_key(
+    world: World, user: Any, tmp_path: Path
+) -> None:
+    """`todo-api` as a subprocess: checkpoint and public-key from AUDIT_SIGNING_KEY_FILE; a
+    broken AUDIT_SIGNING_KEY stops `serve` with a message, not a traceback or the key."""
+    make_chain(world, user, 2)
+    key_file = tmp_path / "audit-signing.pem"
+    key_file.write_text(KEY.private_pem())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIT_", "DATABASE_", "APP_"))}
+    env |= {"OTEL_SDK_DISABLED": "true", "DATABASE_URL": world.settings.database_url}
+    todo_api = str(Path(sys.executable).parent / "todo-api")
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [todo_api, *args],
+            cwd=tmp_path,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    made = run("audit", "checkpoint", AUDIT_SIGNING_KEY_FILE=str(key_file))
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["leaves"] == [
+        [user.user_id, 2, events_of(world.engine, user.user_id)[-1]["hash"]]
+    ]
+    printed = run("audit", "public-key", AUDIT_SIGNING_KEY_FILE=str(key_file))
+    assert printed.stdout == KEY.public.pem()
+    broken = "c2VjcmV0LWJ1dC1ub3QtYS1rZXk"
+    refused = run("serve", "--no-migrate", "--port", "1", AUDIT_SIGNING_KEY=broken)
+    assert refused.returncode == 2
+    assert "audit signing key is unusable" in refused.stderr
+    assert "Traceback" not in refused.stderr and broken not in refused.stderr

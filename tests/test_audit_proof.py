@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from audit.checkpoint import make_checkpoint
-from audit.proof import verify_proof
+from audit.proof import LatestProofs, verify_proof
 from audit.signing import SigningKey, parse_public_keys
 from service.database import Database
 from service.settings import Settings
@@ -70,7 +70,10 @@ def test_a_proof_verifies_independently(world: World, make_user) -> None:  # typ
     assert (proof["user_id"], proof["seq"]) == (me.user_id, 4)
     assert proof["checkpoint"]["tree_size"] == 5
     assert proof["checkpoint"]["key_id"] == KEY.key_id
-    assert len(proof["inclusion_path"]) == 3
+    index = sorted(u.user_id for u in users).index(me.user_id)
+    assert proof["leaf_index"] == index
+    # In a tree of 5 the fifth leaf hangs off the root; the others are 3 levels down.
+    assert len(proof["inclusion_path"]) == (1 if index == 4 else 3)
     # Nothing of another user but hashes.
     text = json.dumps(proof)
     assert not any(u.user_id in text for u in users if u is not me)
@@ -114,6 +117,8 @@ def test_a_proof_for_a_rewritten_chain_does_not_verify(world: World, user: Any) 
         )
         for name in ("audit_checkpoints_append_only", "audit_checkpoints_no_truncate"):
             conn.execute(sa.text(f"ALTER TABLE audit_checkpoints ENABLE ALWAYS TRIGGER {name}"))
+    # As a freshly started instance serves it (each process builds the tree once per checkpoint).
+    world.client.app.state.audit_proofs = LatestProofs()  # type: ignore[attr-defined]
     forged = get_proof(world.client, user)
     assert forged["hash"] == forged_head
     report = verify_proof(forged, [KEY.public], events)
