@@ -4,22 +4,34 @@
 PYTHON ?= python3
 UV_VERSION := 0.13.9
 UV := .uv/bin/uv
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
+# uv installs into $(VENV), whichever directory that is.
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
+SYNC := $(UV) sync --frozen --python "$$($(PYTHON) -c 'import sys; print(sys.executable)')"
 
-.PHONY: run test lint install bench
+.PHONY: run test lint install install-runtime bench
 
 $(UV):
 	$(PYTHON) -m venv .uv
 	.uv/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
 
-$(VENV)/.installed: pyproject.toml uv.lock $(UV)
-	$(UV) sync --frozen --python "$$($(PYTHON) -c 'import sys; print(sys.executable)')"
+# Runtime dependencies only (what `make run` and the image need); `--inexact` leaves the dev
+# tools of an earlier `make test` in place instead of uninstalling them.
+$(VENV)/.runtime: pyproject.toml uv.lock $(UV)
+	$(SYNC) --no-dev --inexact
 	touch $@
+
+# Everything, the dev group (pytest, ruff, mypy, ...) included: for tests, lint and benchmarks.
+$(VENV)/.installed: pyproject.toml uv.lock $(UV)
+	$(SYNC)
+	touch $@ $(VENV)/.runtime
+
+install-runtime: $(VENV)/.runtime
 
 install: $(VENV)/.installed
 
-run: install
+run: install-runtime
 	$(BIN)/todo-api serve --host 127.0.0.1 --port 8000
 
 test: install

@@ -19,10 +19,12 @@ from audit.proof import LatestProofs
 from audit.routes import keys_router as audit_keys_router
 from audit.routes import router as audit_router
 from observability import configure_logging, configure_tracing, force_flush, observe_app
+from observability.tracing import service_version
 from service.auth import TokenVerifier
 from service.database import Database
 from service.errors import install_error_handlers
 from service.health import router as health_router
+from service.lifecycle import Drain
 from service.middleware import (
     BodyGuardMiddleware,
     RequestIdMiddleware,
@@ -81,6 +83,7 @@ def create_app(
     owns_database = database is None
     db = database or Database.from_settings(settings)
     audit_key = signing_key(settings)
+    drain = Drain(settings.shutdown_drain_seconds)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -98,6 +101,8 @@ def create_app(
                 settings.audit_checkpoint_dir,
             )
             checkpoints = asyncio.create_task(maker.run(), name="audit-checkpoints")
+        # Under `todo-api serve`, SIGTERM first drains (/readyz 503), then uvicorn stops.
+        drain.install()
         yield
         if checkpoints is not None:
             checkpoints.cancel()
@@ -109,7 +114,7 @@ def create_app(
 
     app = FastAPI(
         title="todo-api",
-        version="0.1.0",
+        version=service_version(),
         summary="Tasks of signed-in users, with an audit trail.",
         lifespan=lifespan,
         # Tracing is set up by `observability` with the OpenTelemetry instrumentation;
@@ -120,6 +125,7 @@ def create_app(
     app.state.settings = settings
     app.state.db = db
     app.state.verifier = verifier = TokenVerifier.from_settings(settings)
+    app.state.drain = drain
     app.state.users = UserProvisioner(db.engine)
     app.state.audit_signing_key = audit_key
     app.state.audit_proofs = LatestProofs()

@@ -89,6 +89,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         # from its middleware, with the route, the status and the request's trace id.
         log_config=None,
         access_log=False,
+        # SIGTERM: in-flight requests get this long, then the app's shutdown runs (spans are
+        # flushed, the pool closed). The drain before it is service.lifecycle's.
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_seconds)),
     )
     return 0
 

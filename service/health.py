@@ -8,27 +8,36 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from observability.tracing import service_version
 from service.auth import TokenVerifier
 from service.database import Database
 from service.errors import RETRY_AFTER_SECONDS, is_disconnect, problem
+from service.lifecycle import Drain
 from service.openapi import error_responses
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="The process is up")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/healthz", summary="The process is up, and its version")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok", "version": service_version()}
 
 
 @router.get(
     "/readyz",
-    summary="The database answers and, with BETTER_AUTH_URL, the token keys are available",
+    summary="The database answers, the token keys (with BETTER_AUTH_URL) are available, and the "
+    "instance is not shutting down",
     responses=error_responses(),
 )
 def readyz(request: Request) -> Any:
     db: Database = request.app.state.db
     verifier: TokenVerifier = request.app.state.verifier
+    drain: Drain = request.app.state.drain
+    if drain.draining:
+        # Shutting down: a load balancer should stop sending here (requests are still served).
+        return problem(
+            503, "The instance is shutting down.", headers={"Retry-After": RETRY_AFTER_SECONDS}
+        )
     try:
         with db.engine.connect() as conn:
             conn.execute(text("SELECT 1"))

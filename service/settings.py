@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=10 * 1024 * 1024)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # Shutdown (SIGTERM): /readyz answers 503 for the drain period while requests are still
+    # served, so a load balancer stops sending; then the listener closes and in-flight requests
+    # get the timeout to finish. The container's stop grace period must exceed their sum.
+    shutdown_drain_seconds: float = Field(default=0.0, ge=0, le=60)
+    shutdown_timeout_seconds: float = Field(default=20.0, gt=0, le=300)
+
     # Observability
     log_level: str = "INFO"
     log_format: str | None = None  # json | console; json unless development

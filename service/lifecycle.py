@@ -1,0 +1,67 @@
+"""Graceful shutdown on SIGTERM: drain (readiness fails, requests still served), then stop.
+
+Uvicorn handles SIGTERM by closing its listener, giving in-flight requests
+`timeout_graceful_shutdown` to finish, and then running the app's shutdown (which flushes spans
+and closes the pool). A load balancer that still sends to the instance in the meantime gets
+refused connections, so before that, for `SHUTDOWN_DRAIN_SECONDS`, the instance keeps serving
+but answers `/readyz` with 503, and the balancer takes it out of rotation.
+
+The drain wraps uvicorn's own signal handler from inside the app's start-up (each worker
+process runs its own), so it works for `serve --workers N` too.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger("service.lifecycle")
+
+SignalHandler = Callable[[int, FrameType | None], Any]
+
+
+class Drain:
+    """One per app: `draining` turns true when SIGTERM arrives."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._event = threading.Event()
+        self._timer: threading.Timer | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self._event.is_set()
+
+    def begin(self, then: Callable[[], None]) -> None:
+        """Start draining; call `then` (which stops the server) after the drain period."""
+        if self._event.is_set():
+            then()  # a second SIGTERM: stop now
+            return
+        self._event.set()
+        log.info("draining before shutdown", extra={"drain_seconds": self.seconds})
+        if self.seconds <= 0:
+            then()
+            return
+        self._timer = threading.Timer(self.seconds, then)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def install(self) -> bool:
+        """Wrap the server's SIGTERM handler (uvicorn's), if this is the main thread and one is
+        installed. Returns whether it did; an app served any other way keeps its handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        server_handler = signal.getsignal(signal.SIGTERM)
+        if not callable(server_handler):
+            return False
+        handler: SignalHandler = server_handler
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            self.begin(lambda: handler(signum, frame))
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        return True
