@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from audit import queries
 from audit.proof import LatestProofs
@@ -30,6 +30,7 @@ from service.deps import CurrentUser, SessionDep, SettingsDep, TaskIdPath, UserI
 from service.exceptions import InvalidInput, NotFound
 from service.limits import REQUEST_ID_MAX
 from service.openapi import error_responses
+from service.ratelimit import expensive_operation
 from service.responses import json_response
 
 router = APIRouter(prefix="/api/{user_id}", tags=["audit"])
@@ -93,6 +94,7 @@ def list_audit_events(
     response_model=VerifyReport,
     responses=error_responses(401, 403),
     summary="Recompute the caller's hash chain",
+    dependencies=[Depends(expensive_operation)],
     description="200 with `ok: false` and the first bad seq when the chain does not verify.",
 )
 def verify_audit_chain(user: CurrentUser, session: SessionDep, user_id: UserIdPath) -> Any:
@@ -135,6 +137,7 @@ async def audit_keys(request: Request) -> Any:
     response_model=TaskHistory | TaskAsOf,
     responses=error_responses(400, 401, 403, 404),
     summary="A task's events, oldest first; or with `as_of`, the task as it was then",
+    dependencies=[Depends(expensive_operation)],
     description="Kept after the task is deleted. 404 if the task never existed for this user "
     "or, with `as_of`, did not exist at that time.",
 )

@@ -31,6 +31,7 @@ from service.middleware import (
     TrustedProxyMiddleware,
     UnhandledErrorMiddleware,
 )
+from service.ratelimit import RateLimiter, RateLimitHeadersMiddleware, install_rate_limits
 from service.settings import Settings, get_settings, origin_of
 from service.tasks.routes import router as tasks_router
 from service.users import UserProvisioner
@@ -131,6 +132,7 @@ def create_app(
     app.state.audit_proofs = LatestProofs()
 
     install_error_handlers(app)
+    install_rate_limits(app, RateLimiter(settings))
     app.include_router(health_router)
     app.include_router(tasks_router)
     app.include_router(audit_router)
@@ -140,6 +142,7 @@ def create_app(
     # unhandled 500 answers too.
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(BodyGuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RateLimitHeadersMiddleware)
     if settings.effective_cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from service.auth import Principal, TokenVerifier
 from service.database import Database
-from service.exceptions import Forbidden, TokenMissing
+from service.exceptions import AuthError, Forbidden, TokenMissing
 from service.limits import USER_ID_MAX
+from service.ratelimit import Category, RateLimiter, category_for
 from service.settings import Settings
 from service.users import UserProvisioner
 
@@ -87,12 +88,21 @@ async def get_current_user(
     Blocking work (a JWKS fetch, a first-seen user's row) goes to a thread; the common case,
     a cached token of a known user, does not.
     """
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise TokenMissing("missing bearer token")
-    verifier: TokenVerifier = request.app.state.verifier
-    principal = verifier.cached(credentials.credentials)
-    if principal is None:
-        principal = await run_in_threadpool(verifier.verify, credentials.credentials)
+    limiter: RateLimiter = request.app.state.rate_limiter
+    try:
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise TokenMissing("missing bearer token")
+        verifier: TokenVerifier = request.app.state.verifier
+        principal = verifier.cached(credentials.credentials)
+        if principal is None:
+            principal = await run_in_threadpool(verifier.verify, credentials.credentials)
+    except AuthError:
+        # Without a valid token, the client's address is all there is to count by
+        # (the proxy's client, per TRUSTED_PROXIES).
+        client = request.client.host if request.client else "unknown"
+        await limiter.check(request, Category.anonymous, "ip", client)
+        raise
+    await limiter.check(request, category_for(request), "user", principal.user_id)
     if principal.user_id != user_id:
         raise Forbidden("The token does not belong to this user.")
     span = trace.get_current_span()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
@@ -14,6 +15,7 @@ from service.database import Database
 from service.errors import RETRY_AFTER_SECONDS, is_disconnect, problem
 from service.lifecycle import Drain
 from service.openapi import error_responses
+from service.ratelimit import RateLimiter
 
 router = APIRouter(tags=["health"])
 
@@ -26,10 +28,10 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="The database answers, the token keys (with BETTER_AUTH_URL) are available, and the "
-    "instance is not shutting down",
+    "instance is not shutting down; also reports the rate-limit store",
     responses=error_responses(),
 )
-def readyz(request: Request) -> Any:
+async def readyz(request: Request) -> Any:
     db: Database = request.app.state.db
     verifier: TokenVerifier = request.app.state.verifier
     drain: Drain = request.app.state.drain
@@ -39,8 +41,7 @@ def readyz(request: Request) -> Any:
             503, "The instance is shutting down.", headers={"Retry-After": RETRY_AFTER_SECONDS}
         )
     try:
-        with db.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        await run_in_threadpool(_ping_database, db)
     except Exception as exc:
         if not is_disconnect(exc):
             raise
@@ -49,9 +50,19 @@ def readyz(request: Request) -> Any:
     keys = "not used"
     if verifier.uses_jwks:
         # Fetches when none are held yet (at most once per JWKS_MIN_REFETCH_SECONDS).
-        keys = "ok" if verifier.prefetch_keys() else "unavailable"
+        keys = "ok" if await run_in_threadpool(verifier.prefetch_keys) else "unavailable"
         if keys == "unavailable":
             headers = {"Retry-After": RETRY_AFTER_SECONDS}
             detail = "The token signing keys (JWKS) are unavailable."
             return problem(503, detail, headers=headers)
-    return JSONResponse({"status": "ready", "database": "ok", "keys": keys})
+    # Reported, never a reason to be unready: the limits fail open (see service.ratelimit).
+    limiter: RateLimiter = request.app.state.rate_limiter
+    store = {"backend": limiter.store_name, "status": "ok" if await limiter.ping() else "down"}
+    return JSONResponse(
+        {"status": "ready", "database": "ok", "keys": keys, "rate_limit_store": store}
+    )
+
+
+def _ping_database(db: Database) -> None:
+    with db.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))

@@ -35,14 +35,17 @@ _DESCRIPTIONS = {
     412: "If-Match does not match the task's current ETag",
     413: "Request body too large",
     415: "Request body is not JSON",
+    429: "Rate limit exceeded; retry after Retry-After seconds (see the RateLimit headers)",
     503: "Database or token keys unavailable; retry after Retry-After seconds",
 }
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The error responses of a route, always with 500 and 503 (any route can meet them)."""
+    """The error responses of a route, always with 500 and 503 (any route can meet them);
+    a route that takes a token (401) is rate limited (429)."""
     out: dict[int | str, dict[str, Any]] = {}
-    for code in (*codes, 500, 503):
+    limited = (429,) if 401 in codes else ()
+    for code in (*codes, *limited, 500, 503):
         out[code] = {
             "model": Problem,
             "description": _DESCRIPTIONS.get(code, HTTPStatus(code).phrase),

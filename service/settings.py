@@ -99,6 +99,16 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=10 * 1024 * 1024)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # Rate limits (`limits` notation: "120/minute", "10/second"), counted in Redis when
+    # REDIS_URL is set (shared by all instances), else in each process's memory.
+    redis_url: SecretStr | None = None
+    rate_limit_enabled: bool = True
+    rate_limit_read: str = "300/minute"
+    rate_limit_write: str = "120/minute"
+    rate_limit_expensive: str = "10/minute"
+    rate_limit_anonymous: str = "60/minute"
+    rate_limit_key_prefix: str = Field(default="todo-api", min_length=1, max_length=64)
+
     # Shutdown (SIGTERM): /readyz answers 503 for the drain period while requests are still
     # served, so a load balancer stops sending; then the listener closes and in-flight requests
     # get the timeout to finish. The container's stop grace period must exceed their sum.
@@ -151,6 +161,28 @@ class Settings(BaseSettings):
                 f"BETTER_AUTH_JWKS_URL to its /jwks URL"
             )
         return self
+
+    @field_validator(
+        "rate_limit_read", "rate_limit_write", "rate_limit_expensive", "rate_limit_anonymous"
+    )
+    @classmethod
+    def _check_rate(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(
+                f"not a rate limit: {value!r} (write it like 120/minute or 10/second)"
+            ) from None
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("redis://", "rediss://")):
+            raise ValueError("REDIS_URL must start with redis:// or rediss://")
+        return value
 
     @field_validator("database_url")
     @classmethod

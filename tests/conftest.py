@@ -76,6 +76,11 @@ def base_settings(database_url: str) -> Settings:
         better_auth_secret=TEST_SECRET,
         db_pool_size=10,
         db_max_overflow=20,
+        # Counted, but out of reach: tests of the limits themselves set their own.
+        rate_limit_read="100000/minute",
+        rate_limit_write="100000/minute",
+        rate_limit_expensive="100000/minute",
+        rate_limit_anonymous="100000/minute",
     )
 
 

@@ -1,0 +1,212 @@
+"""Request rate limits (OWASP API4): per user for signed-in requests, per client IP otherwise.
+
+Counting is done by the `limits` library with a moving window, so at most N requests are
+admitted in any window of the limit's length. With `REDIS_URL` the counters live in Redis and
+every instance counts against the same keys; without it each process counts alone (in memory).
+
+If Redis fails, requests are admitted (fail open): a warning is logged and a metric counts it,
+and Redis is left alone for a short while so that an outage does not add a timeout to every
+request. The limits protect capacity; refusing all traffic because the counter store is down
+would turn a Redis outage into a full API outage, which is worse than a few minutes unlimited.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import problem
+from service.settings import Settings
+
+log = logging.getLogger("service.ratelimit")
+
+# How long a failing Redis is bypassed (requests admitted) before it is tried again.
+REDIS_RETRY_SECONDS = 2.0
+# A request never waits longer than this for Redis.
+REDIS_TIMEOUT_SECONDS = 0.5
+# Where the headers computed for a request wait for its response.
+_STATE_KEY = "ratelimit_headers"
+
+
+class Category(StrEnum):
+    read = "read"
+    write = "write"
+    expensive = "expensive"
+    anonymous = "anonymous"
+
+
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def category_for(request: Request) -> Category:
+    marked = getattr(request.state, "rate_limit_category", None)
+    if isinstance(marked, Category):
+        return marked
+    return Category.write if request.method in _WRITE_METHODS else Category.read
+
+
+async def expensive_operation(request: Request) -> None:
+    """Route dependency: count this route against the stricter `RATE_LIMIT_EXPENSIVE`."""
+    request.state.rate_limit_category = Category.expensive
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    category: Category
+    limit: int
+    window_seconds: int
+    remaining: int
+    reset_seconds: int
+
+    def headers(self) -> dict[str, str]:
+        """IETF draft-ietf-httpapi-ratelimit-headers: the policy, and what is left of it."""
+        name = self.category.value
+        headers = {
+            "RateLimit-Policy": f'"{name}";q={self.limit};w={self.window_seconds}',
+            "RateLimit": f'"{name}";r={self.remaining};t={self.reset_seconds}',
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(max(1, self.reset_seconds))
+        return headers
+
+
+class RateLimited(Exception):
+    def __init__(self, decision: Decision) -> None:
+        super().__init__("rate limited")
+        self.decision = decision
+
+
+class RateLimiter:
+    """The app's limiter: one storage, one limit per category."""
+
+    def __init__(self, settings: Settings, metrics: Any = None) -> None:
+        self.enabled = settings.rate_limit_enabled
+        self.items: dict[Category, RateLimitItem] = {
+            Category.read: parse(settings.rate_limit_read),
+            Category.write: parse(settings.rate_limit_write),
+            Category.expensive: parse(settings.rate_limit_expensive),
+            Category.anonymous: parse(settings.rate_limit_anonymous),
+        }
+        self.shared = settings.redis_url is not None
+        self.storage: Storage
+        if settings.redis_url is not None:
+            url = settings.redis_url.get_secret_value()
+            self.storage = RedisStorage(
+                f"async+{url}",
+                implementation="redispy",
+                key_prefix=settings.rate_limit_key_prefix,
+                socket_timeout=REDIS_TIMEOUT_SECONDS,
+                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+            )
+        else:
+            self.storage = MemoryStorage()
+        self.strategy = MovingWindowRateLimiter(self.storage)
+        self.metrics = metrics
+        self._bypass_until = 0.0
+
+    @property
+    def store_name(self) -> str:
+        return "redis" if self.shared else "memory"
+
+    async def hit(self, category: Category, *identity: str) -> Decision | None:
+        """Count one request; None when the store failed (the request is admitted)."""
+        item = self.items[category]
+        if self.shared and time.monotonic() < self._bypass_until:
+            self._count_store_error()
+            return None
+        try:
+            allowed = await self.strategy.hit(item, category.value, *identity)
+            stats = await self.strategy.get_window_stats(item, category.value, *identity)
+        except Exception as exc:  # the store's client raises its own family of errors
+            self._bypass_until = time.monotonic() + REDIS_RETRY_SECONDS
+            self._count_store_error()
+            log.warning(
+                "rate-limit store unavailable; admitting requests (fail open)",
+                extra={"store": self.store_name, "error_type": type(exc).__name__},
+            )
+            return None
+        reset = max(0, math.ceil(stats.reset_time - time.time()))
+        decision = Decision(
+            allowed=allowed,
+            category=category,
+            limit=item.amount,
+            window_seconds=item.get_expiry(),
+            remaining=max(0, stats.remaining),
+            reset_seconds=reset,
+        )
+        if not allowed and self.metrics is not None:
+            self.metrics.rate_limited(category.value)
+        return decision
+
+    async def check(self, request: Request, category: Category, *identity: str) -> None:
+        """Count the request; raise RateLimited over the limit. Headers go on the response."""
+        if not self.enabled:
+            return
+        decision = await self.hit(category, *identity)
+        if decision is None:
+            return
+        request.scope.setdefault("state", {})[_STATE_KEY] = decision.headers()
+        if not decision.allowed:
+            raise RateLimited(decision)
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.storage.check())
+        except Exception:
+            return False
+
+    def _count_store_error(self) -> None:
+        if self.metrics is not None:
+            self.metrics.rate_limit_store_error()
+
+
+class RateLimitHeadersMiddleware:
+    """Puts the headers of the request's rate-limit decision on its response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = scope.get("state", {}).get(_STATE_KEY)
+                if headers:
+                    response_headers = MutableHeaders(scope=message)
+                    for name, value in headers.items():
+                        response_headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def _rate_limited(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RateLimited)
+    decision = exc.decision
+    return problem(
+        429,
+        f"Too many requests ({decision.category.value} limit: {decision.limit} per "
+        f"{decision.window_seconds} s); retry after {max(1, decision.reset_seconds)} s.",
+        headers=decision.headers(),
+    )
+
+
+def install_rate_limits(app: FastAPI, limiter: RateLimiter) -> None:
+    app.state.rate_limiter = limiter
+    app.add_exception_handler(RateLimited, _rate_limited)

@@ -1,0 +1,203 @@
+"""Rate limits: per user and per client IP, in memory and shared through this machine's Redis."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Iterator
+
+import pytest
+import redis
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from pydantic import SecretStr, ValidationError
+
+from service.app import create_app
+from service.database import Database
+from service.settings import Settings
+from tests.conftest import ApiUser
+from tests.serve_helpers import free_port
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _client(settings: Settings, database: Database, **limits: object) -> TestClient:
+    app = create_app(settings.model_copy(update=limits), database)
+    return TestClient(app, raise_server_exceptions=False)
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the shared Redis; its keys are deleted afterwards."""
+    prefix = f"todo-api-test-{secrets.token_hex(6)}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def _assert_rate_limited(response, category: str, limit: int, window: int) -> None:  # type: ignore[no-untyped-def]
+    assert response.status_code == 429, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == 429
+    assert body["type"] == "tag:todo-api,2026:problems/rate-limited"
+    retry_after = int(response.headers["Retry-After"])
+    assert 1 <= retry_after <= window
+    assert response.headers["RateLimit-Policy"] == f'"{category}";q={limit};w={window}'
+    assert response.headers["RateLimit"].startswith(f'"{category}";r=0;t=')
+
+
+def test_writes_over_the_user_limit_are_429_with_retry_after_and_ratelimit_headers(
+    settings: Settings, database: Database, make_user
+) -> None:  # type: ignore[no-untyped-def]
+    alice, bob = make_user(), make_user()
+    with _client(settings, database, rate_limit_write="3/minute") as client:
+        for remaining in (2, 1, 0):
+            created = client.post(alice.url(), json={"title": "t"}, headers=alice.headers)
+            assert created.status_code == 201
+            assert created.headers["RateLimit-Policy"] == '"write";q=3;w=60'
+            assert created.headers["RateLimit"].startswith(f'"write";r={remaining};t=')
+        refused = client.post(alice.url(), json={"title": "t"}, headers=alice.headers)
+        _assert_rate_limited(refused, "write", 3, 60)
+        # Nothing was written by the refused request.
+        listed = client.get(alice.url(), headers=alice.headers)
+        assert listed.status_code == 200 and len(listed.json()) == 3
+        # Reads have their own budget, and other users theirs.
+        assert listed.headers["RateLimit-Policy"].startswith('"read";')
+        assert client.post(bob.url(), json={"title": "t"}, headers=bob.headers).status_code == 201
+
+
+def test_expensive_operations_have_a_stricter_limit(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    with _client(settings, database, rate_limit_expensive="2/minute") as client:
+        created = client.post(user.url(), json={"title": "t"}, headers=user.headers)
+        task_id = created.json()["id"]
+        verify = f"/api/{user.user_id}/audit-events/verify"
+        history = user.url(f"/{task_id}/history")
+        assert client.get(verify, headers=user.headers).status_code == 200
+        assert client.get(history, headers=user.headers).status_code == 200
+        _assert_rate_limited(client.get(verify, headers=user.headers), "expensive", 2, 60)
+        _assert_rate_limited(client.get(history, headers=user.headers), "expensive", 2, 60)
+        # Plain reads are not expensive.
+        assert client.get(user.url(), headers=user.headers).status_code == 200
+
+
+def test_unauthenticated_requests_are_limited_per_client_ip(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    with _client(settings, database, rate_limit_anonymous="2/minute") as client:
+        assert client.get(user.url()).status_code == 401
+        bad = {"Authorization": "Bearer not-a-token"}
+        assert client.get(user.url(), headers=bad).status_code == 401
+        _assert_rate_limited(client.get(user.url(), headers=bad), "anonymous", 2, 60)
+        # A valid token is counted by its user, not by the address.
+        assert client.get(user.url(), headers=user.headers).status_code == 200
+
+
+def test_rate_limit_headers_are_exposed_to_browsers(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    origin = "https://app.example.com"
+    with _client(settings, database, cors_origins=[origin], rate_limit_read="1/minute") as client:
+        response = client.get(user.url(), headers={**user.headers, "Origin": origin})
+        exposed = {
+            h.strip().lower() for h in response.headers["access-control-expose-headers"].split(",")
+        }
+        assert {"ratelimit", "ratelimit-policy", "retry-after"} <= exposed
+        refused = client.get(user.url(), headers={**user.headers, "Origin": origin})
+        assert refused.status_code == 429
+        assert refused.headers["access-control-allow-origin"] == origin
+
+
+def test_redis_counts_for_every_instance(
+    settings: Settings, database: Database, make_user, redis_prefix: str
+) -> None:  # type: ignore[no-untyped-def]
+    """Two apps (two instances) with one Redis: one user's writes share one budget."""
+    user = make_user()
+    shared = {
+        "redis_url": SecretStr(REDIS_URL),
+        "rate_limit_key_prefix": redis_prefix,
+        "rate_limit_write": "5/minute",
+    }
+    with (
+        _client(settings, database, **shared) as first,
+        _client(settings, database, **shared) as second,
+    ):
+        statuses = []
+        for i in range(8):
+            client = first if i % 2 == 0 else second
+            statuses.append(
+                client.post(user.url(), json={"title": f"t{i}"}, headers=user.headers).status_code
+            )
+        assert statuses == [201] * 5 + [429] * 3
+        ready = first.get("/readyz").json()
+        assert ready["rate_limit_store"] == {"backend": "redis", "status": "ok"}
+    keys = redis.Redis.from_url(REDIS_URL).keys(f"{redis_prefix}*")
+    assert keys, "the counters are in Redis, under the configured prefix"
+
+
+def test_memory_store_counts_per_instance(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    with (
+        _client(settings, database, rate_limit_write="1/minute") as first,
+        _client(settings, database, rate_limit_write="1/minute") as second,
+    ):
+        assert first.post(user.url(), json={"title": "a"}, headers=user.headers).status_code == 201
+        assert second.post(user.url(), json={"title": "b"}, headers=user.headers).status_code == 201
+        assert first.get("/readyz").json()["rate_limit_store"]["backend"] == "memory"
+
+
+def test_redis_down_fails_open_with_a_warning(
+    settings: Settings, database: Database, user: ApiUser, caplog: pytest.LogCaptureFixture
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    caplog.set_level(logging.WARNING, logger="service.ratelimit")
+    with _client(
+        settings, database, redis_url=SecretStr(dead), rate_limit_write="1/minute"
+    ) as client:
+        for i in range(3):
+            created = client.post(user.url(), json={"title": f"t{i}"}, headers=user.headers)
+            assert created.status_code == 201  # over the limit, but the counter is unreachable
+            assert "RateLimit" not in created.headers
+        ready = client.get("/readyz")
+        assert ready.status_code == 200  # the API still works, so it is still ready
+        assert ready.json()["rate_limit_store"] == {"backend": "redis", "status": "down"}
+    warnings = [r for r in caplog.records if r.name == "service.ratelimit"]
+    assert warnings and "fail open" in warnings[0].getMessage()
+    assert dead.split("//")[1] not in warnings[0].getMessage()
+
+
+def test_disabled_limits_count_nothing(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    with _client(
+        settings, database, rate_limit_enabled=False, rate_limit_write="1/minute"
+    ) as client:
+        for i in range(3):
+            created = client.post(user.url(), json={"title": f"t{i}"}, headers=user.headers)
+            assert created.status_code == 201
+            assert "RateLimit" not in created.headers
+
+
+@pytest.mark.parametrize("value", ["fast", "10/fortnight", "", "-1/minute"])
+def test_invalid_rate_settings_are_refused(value: str) -> None:
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, rate_limit_write=value)  # type: ignore[call-arg]
+
+
+def test_redis_url_must_be_redis() -> None:
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, redis_url="http://127.0.0.1:6379")  # type: ignore[call-arg]
+
+
+def test_openapi_documents_429_on_api_routes(app: FastAPI) -> None:
+    schema = app.openapi()
+    create = schema["paths"]["/api/{user_id}/tasks"]["post"]["responses"]
+    assert "429" in create
+    assert "429" not in schema["paths"]["/healthz"]["get"]["responses"]
