@@ -15,6 +15,8 @@ from sqlalchemy.orm import Session
 
 from audit.chain import GENESIS_HASH, HASH_VERSION, HASHED_FIELDS, compute_hash
 from audit.models import EVENTS, HEADS, USER_AGENT_MAX
+from observability import metrics
+from service.database import on_commit
 from service.sqltypes import UTCDateTime
 
 
@@ -136,6 +138,7 @@ def record_event(
     params = {f"ev_{name}": value for name, value in event.items()}
     params.update(ev_hash_version=HASH_VERSION, head_user=user_id, head_hash=event["hash"])
     event_id = session.execute(statements.append, params).scalar_one()
+    on_commit(session, lambda: metrics.audit_event_committed(action))
     return RecordedEvent(
         id=int(event_id),
         seq=seq,

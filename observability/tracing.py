@@ -39,8 +39,8 @@ from service.settings import ConfigError, Settings
 SERVICE_NAME = "todo-api"
 TRACE_ID_HEADER = "X-Trace-Id"
 # Probes are not traced: a span per probe per second would bury the real traffic.
-HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
-_EXCLUDED_URLS = r"^[a-z]+://[^/]+/(?:healthz|readyz)/?$"
+HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_EXCLUDED_URLS = r"^[a-z]+://[^/]+/(?:healthz|readyz|metrics)/?$"
 _OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 _SEMCONV_OPT_IN = "OTEL_SEMCONV_STABILITY_OPT_IN"
 # Query parameters that carry what people typed (task search text): kept out of `url.query`.

@@ -19,10 +19,17 @@ from audit.proof import LatestProofs
 from audit.routes import keys_router as audit_keys_router
 from audit.routes import router as audit_router
 from observability import configure_logging, configure_tracing, force_flush, observe_app
-from observability.tracing import service_version
+from observability.metrics import (
+    configure_metrics,
+    observe_pool,
+    shutdown_metrics,
+    start_metrics_server,
+)
+from observability.tracing import build_resource, service_version
 from service.auth import TokenVerifier
 from service.database import Database
 from service.errors import install_error_handlers
+from service.health import metrics_router
 from service.health import router as health_router
 from service.lifecycle import Drain
 from service.middleware import (
@@ -81,6 +88,7 @@ def create_app(
     # its middleware stack is built.
     configure_logging(settings)
     provider = tracer_provider or configure_tracing(settings)
+    meter_provider = configure_metrics(settings, build_resource(settings))
     owns_database = database is None
     db = database or Database.from_settings(settings)
     audit_key = signing_key(settings)
@@ -104,12 +112,16 @@ def create_app(
             checkpoints = asyncio.create_task(maker.run(), name="audit-checkpoints")
         # Under `todo-api serve`, SIGTERM first drains (/readyz 503), then uvicorn stops.
         drain.install()
+        metrics_server = start_metrics_server(settings)
         yield
+        if metrics_server is not None:
+            metrics_server.shutdown()
         if checkpoints is not None:
             checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checkpoints
         force_flush(provider)
+        shutdown_metrics(meter_provider)
         if owns_database:
             db.dispose()
 
@@ -134,6 +146,8 @@ def create_app(
     install_error_handlers(app)
     install_rate_limits(app, RateLimiter(settings))
     app.include_router(health_router)
+    if settings.metrics_enabled and settings.metrics_port is None:
+        app.include_router(metrics_router)
     app.include_router(tasks_router)
     app.include_router(audit_router)
     app.include_router(audit_keys_router)
@@ -155,6 +169,7 @@ def create_app(
     app.add_middleware(RequestIdMiddleware)
     if settings.trusted_proxies:
         app.add_middleware(TrustedProxyMiddleware, trusted=settings.trusted_proxies)
+    observe_pool(db.engine)
     observe_app(app, db.engine, provider)
     return app
 

@@ -16,6 +16,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from observability import metrics
 from service.exceptions import (
     AuthError,
     AuthUnavailable,
@@ -122,6 +123,7 @@ async def _auth_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _auth_unavailable(_: Request, exc: Exception) -> JSONResponse:
     log.error("token keys unavailable", extra={"reason": str(exc)})
+    metrics.unavailable("token_keys")
     return problem(
         503,
         "Token verification keys are unavailable; try again shortly.",
@@ -131,6 +133,7 @@ async def _auth_unavailable(_: Request, exc: Exception) -> JSONResponse:
 
 async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
     log.error("database unavailable", extra={"error_type": type(exc).__name__})
+    metrics.unavailable("database")
     return problem(
         503,
         "The database is unavailable; try again shortly.",

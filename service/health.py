@@ -6,9 +6,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from observability import metrics
 from observability.tracing import service_version
 from service.auth import TokenVerifier
 from service.database import Database
@@ -37,6 +39,7 @@ async def readyz(request: Request) -> Any:
     drain: Drain = request.app.state.drain
     if drain.draining:
         # Shutting down: a load balancer should stop sending here (requests are still served).
+        metrics.unavailable("draining")
         return problem(
             503, "The instance is shutting down.", headers={"Retry-After": RETRY_AFTER_SECONDS}
         )
@@ -45,6 +48,7 @@ async def readyz(request: Request) -> Any:
     except Exception as exc:
         if not is_disconnect(exc):
             raise
+        metrics.unavailable("database")
         headers = {"Retry-After": RETRY_AFTER_SECONDS}
         return problem(503, "The database is unavailable.", headers=headers)
     keys = "not used"
@@ -66,3 +70,12 @@ async def readyz(request: Request) -> Any:
 def _ping_database(db: Database) -> None:
     with db.engine.connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+metrics_router = APIRouter(tags=["health"])
+
+
+@metrics_router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics() -> Response:
+    """For a Prometheus scraper: no auth (nothing about users is in it), not rate limited."""
+    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -17,7 +17,6 @@ import math
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -27,6 +26,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from observability import metrics
 from service.errors import problem
 from service.settings import Settings
 
@@ -92,7 +92,7 @@ class RateLimited(Exception):
 class RateLimiter:
     """The app's limiter: one storage, one limit per category."""
 
-    def __init__(self, settings: Settings, metrics: Any = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.enabled = settings.rate_limit_enabled
         self.items: dict[Category, RateLimitItem] = {
             Category.read: parse(settings.rate_limit_read),
@@ -114,7 +114,6 @@ class RateLimiter:
         else:
             self.storage = MemoryStorage()
         self.strategy = MovingWindowRateLimiter(self.storage)
-        self.metrics = metrics
         self._bypass_until = 0.0
 
     @property
@@ -125,14 +124,14 @@ class RateLimiter:
         """Count one request; None when the store failed (the request is admitted)."""
         item = self.items[category]
         if self.shared and time.monotonic() < self._bypass_until:
-            self._count_store_error()
+            metrics.rate_limit_store_error()
             return None
         try:
             allowed = await self.strategy.hit(item, category.value, *identity)
             stats = await self.strategy.get_window_stats(item, category.value, *identity)
         except Exception as exc:  # the store's client raises its own family of errors
             self._bypass_until = time.monotonic() + REDIS_RETRY_SECONDS
-            self._count_store_error()
+            metrics.rate_limit_store_error()
             log.warning(
                 "rate-limit store unavailable; admitting requests (fail open)",
                 extra={"store": self.store_name, "error_type": type(exc).__name__},
@@ -147,8 +146,8 @@ class RateLimiter:
             remaining=max(0, stats.remaining),
             reset_seconds=reset,
         )
-        if not allowed and self.metrics is not None:
-            self.metrics.rate_limited(category.value)
+        if not allowed:
+            metrics.rate_limited(category.value)
         return decision
 
     async def check(self, request: Request, category: Category, *identity: str) -> None:
@@ -167,10 +166,6 @@ class RateLimiter:
             return bool(await self.storage.check())
         except Exception:
             return False
-
-    def _count_store_error(self) -> None:
-        if self.metrics is not None:
-            self.metrics.rate_limit_store_error()
 
 
 class RateLimitHeadersMiddleware:

@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     shutdown_timeout_seconds: float = Field(default=20.0, gt=0, le=300)
 
     # Observability
+    # Prometheus metrics: on the API's port at /metrics, or on METRICS_PORT (never behind auth).
+    metrics_enabled: bool = False
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
     log_level: str = "INFO"
     log_format: str | None = None  # json | console; json unless development
     jaeger_ui_url: str | None = None

@@ -90,7 +90,7 @@ def ts(value: str) -> datetime:
 
 def test_health_endpoints_need_no_auth(client: TestClient) -> None:
     """Probes run without credentials; readiness really asks the database."""
-    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/healthz").json() == {"status": "ok", "version": "0.1.0"}
     resp = client.get("/readyz")
     assert resp.status_code == 200
     assert resp.json()["database"] == "ok"

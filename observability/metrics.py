@@ -1,0 +1,212 @@
+"""OpenTelemetry metrics: one MeterProvider per process, read by Prometheus (`/metrics`) and/or
+pushed over OTLP (`OTEL_METRICS_EXPORTER=otlp`).
+
+The instruments are made once, from the global meter; until a provider is configured they are
+the API's no-op proxies, so recording costs nothing when metrics are off. Labels never carry a
+user id, a task's content or a path with ids in it: routes are templates.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine
+from sqlalchemy.pool import QueuePool
+
+from service.settings import ConfigError, Settings
+
+log = logging.getLogger("observability.metrics")
+
+# The process's Prometheus registry: what /metrics (or METRICS_PORT) renders.
+REGISTRY = CollectorRegistry(auto_describe=True)
+METER_NAME = "todo-api"
+
+_lock = threading.Lock()
+_configured = False
+_pools: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+_meter = metrics.get_meter(METER_NAME)
+_audit_events = _meter.create_counter(
+    "todo_api.audit.events",
+    unit="{event}",
+    description="Audit events committed, by action.",
+)
+_unavailable = _meter.create_counter(
+    "todo_api.http.unavailable",
+    unit="{response}",
+    description="503 answers, by cause (database, token_keys, draining).",
+)
+_rate_limited = _meter.create_counter(
+    "todo_api.rate_limit.rejections",
+    unit="{request}",
+    description="Requests refused with 429, by limit category.",
+)
+_store_errors = _meter.create_counter(
+    "todo_api.rate_limit.store_errors",
+    unit="{request}",
+    description="Requests admitted without counting because the rate-limit store failed.",
+)
+
+
+def audit_event_committed(action: str) -> None:
+    _audit_events.add(1, {"audit.action": action})
+
+
+def unavailable(cause: str) -> None:
+    _unavailable.add(1, {"cause": cause})
+
+
+def rate_limited(category: str) -> None:
+    _rate_limited.add(1, {"rate_limit.category": category})
+
+
+def rate_limit_store_error() -> None:
+    _store_errors.add(1)
+
+
+def _pool_name(engine: Engine) -> str:
+    url = engine.url
+    return f"{url.host}:{url.port or 5432}/{url.database}"
+
+
+def _pools_observed() -> Iterable[tuple[dict[str, str], QueuePool]]:
+    for engine in list(_pools):
+        pool = engine.pool
+        if isinstance(pool, QueuePool):
+            yield {"db.client.connection.pool.name": _pool_name(engine)}, pool
+
+
+def _connection_count(_: CallbackOptions) -> Iterable[Observation]:
+    for attributes, pool in _pools_observed():
+        yield Observation(pool.checkedout(), {**attributes, "db.client.connection.state": "used"})
+        yield Observation(pool.checkedin(), {**attributes, "db.client.connection.state": "idle"})
+
+
+def _connection_overflow(_: CallbackOptions) -> Iterable[Observation]:
+    for attributes, pool in _pools_observed():
+        yield Observation(max(0, pool.overflow()), attributes)
+
+
+def _connection_max(_: CallbackOptions) -> Iterable[Observation]:
+    for attributes, pool in _pools_observed():
+        yield Observation(pool.size() + max(0, pool._max_overflow), attributes)
+
+
+_meter.create_observable_up_down_counter(
+    "db.client.connection.count",
+    callbacks=[_connection_count],
+    unit="{connection}",
+    description="Connections of the pool, by state (used, idle).",
+)
+_meter.create_observable_up_down_counter(
+    "db.client.connection.overflow",
+    callbacks=[_connection_overflow],
+    unit="{connection}",
+    description="Connections open beyond the pool size (DB_MAX_OVERFLOW); not a semantic "
+    "convention, SQLAlchemy's own notion.",
+)
+_meter.create_observable_up_down_counter(
+    "db.client.connection.max",
+    callbacks=[_connection_max],
+    unit="{connection}",
+    description="The most connections the pool may open (pool size + overflow).",
+)
+
+
+def observe_pool(engine: Engine) -> None:
+    """Report this engine's pool in the db.client.connection.* metrics."""
+    _pools.add(engine)
+
+
+def _otlp_reader() -> MetricReader:
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
+        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+    if protocol != "http/protobuf":
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported for metrics")
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+    # Endpoint, headers and interval come from the OTEL_* variables.
+    return PeriodicExportingMetricReader(OTLPMetricExporter())
+
+
+def metric_readers(settings: Settings) -> list[MetricReader]:
+    readers: list[MetricReader] = []
+    if settings.metrics_enabled:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        readers.append(PrometheusMetricReader(registry=REGISTRY))
+    names = os.environ.get("OTEL_METRICS_EXPORTER", "").strip().lower()
+    for name in (part.strip() for part in names.split(",")):
+        if name in ("", "none", "prometheus"):
+            continue
+        if name == "otlp":
+            readers.append(_otlp_reader())
+        else:
+            raise ConfigError(f"OTEL_METRICS_EXPORTER must be otlp, prometheus or none: {name!r}")
+    return readers
+
+
+def configure_metrics(settings: Settings, resource: Any) -> MeterProvider | None:
+    """The process's MeterProvider, made and registered globally on the first call.
+
+    None if there is nothing to export to (metrics off) or the SDK is disabled. A provider
+    someone registered before us (the tests' in-memory one) is used as it is.
+    """
+    global _configured
+    with _lock:
+        current = metrics.get_meter_provider()
+        if isinstance(current, MeterProvider):
+            return current
+        if _configured:
+            return None
+        _configured = True
+        if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return None
+        readers = metric_readers(settings)
+        if not readers:
+            return None
+        provider = MeterProvider(metric_readers=readers, resource=resource)
+        metrics.set_meter_provider(provider)
+        return provider
+
+
+def shutdown_metrics(provider: MeterProvider | None) -> None:
+    """Push what the OTLP reader holds before the process exits."""
+    if provider is not None:
+        provider.force_flush(timeout_millis=5_000)
+
+
+def start_metrics_server(settings: Settings) -> Any:
+    """With METRICS_PORT, serve /metrics there (a port the load balancer does not expose).
+
+    Each process binds it; with `serve --workers N` only the first worker gets the port (the
+    others log a warning), so use one worker per container with a separate metrics port.
+    """
+    if not settings.metrics_enabled or settings.metrics_port is None:
+        return None
+    from prometheus_client import start_http_server
+
+    try:
+        server, _thread = start_http_server(
+            settings.metrics_port, addr=settings.metrics_host, registry=REGISTRY
+        )
+    except OSError as exc:
+        log.warning(
+            "metrics port unavailable; this process's metrics are not served",
+            extra={"port": settings.metrics_port, "error": str(exc)},
+        )
+        return None
+    return server

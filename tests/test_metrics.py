@@ -1,0 +1,294 @@
+"""Metrics: Prometheus at /metrics (off by default, optionally on its own port) and OTLP push."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from pydantic import SecretStr
+
+from observability import metrics
+from service.app import create_app
+from service.auth import create_dev_token
+from service.database import Database, build_engine
+from service.settings import Settings
+from tests.conftest import TEST_SECRET, ApiUser
+from tests.jwt_helpers import random_id
+from tests.serve_helpers import ServeProcess, free_port
+
+_reader: InMemoryMetricReader | None = None
+
+
+@pytest.fixture(scope="session")
+def metric_reader() -> InMemoryMetricReader:
+    """The test process's MeterProvider: in memory, and Prometheus for /metrics. Set once (the
+    global provider cannot be replaced); values are cumulative, so tests compare deltas."""
+    global _reader
+    if _reader is None:
+        current = otel_metrics.get_meter_provider()
+        assert not isinstance(current, MeterProvider), "another test set a provider"
+        _reader = InMemoryMetricReader()
+        provider = MeterProvider(
+            metric_readers=[_reader, PrometheusMetricReader(registry=metrics.REGISTRY)]
+        )
+        otel_metrics.set_meter_provider(provider)
+    return _reader
+
+
+def value(reader: InMemoryMetricReader, name: str, **attributes: Any) -> float:
+    """The sum of the points of `name` whose attributes include `attributes`."""
+    data = reader.get_metrics_data()
+    total = 0.0
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name != name:
+                    continue
+                for point in metric.data.data_points:
+                    if all(point.attributes.get(k) == v for k, v in attributes.items()):
+                        total += getattr(point, "value", None) or getattr(point, "count", 0)
+    return total
+
+
+def _client(settings: Settings, database: Database, **update: object) -> TestClient:
+    app = create_app(settings.model_copy(update=update), database)
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def test_metrics_endpoint_is_off_by_default(client: TestClient) -> None:
+    assert client.get("/metrics").status_code == 404
+
+
+def test_prometheus_endpoint_reports_requests_pool_and_audit_without_user_data(
+    settings: Settings, database: Database, user: ApiUser, metric_reader: InMemoryMetricReader
+) -> None:
+    with _client(settings, database, metrics_enabled=True) as client:
+        created = client.post(user.url(), json={"title": "secret title"}, headers=user.headers)
+        assert created.status_code == 201
+        task_id = created.json()["id"]
+        assert client.get(user.url(f"/{task_id}"), headers=user.headers).status_code == 200
+        assert client.get(user.url("/999999999"), headers=user.headers).status_code == 404
+        scrape = client.get("/metrics")  # no token: never behind the user auth
+    assert scrape.status_code == 200
+    assert scrape.headers["content-type"].startswith("text/plain")
+    text = scrape.text
+    # The instrumentation's standard histogram, by route template and status.
+    assert "http_server_request_duration_seconds_bucket{" in text
+    created_line = [
+        line
+        for line in text.splitlines()
+        if line.startswith("http_server_request_duration_seconds_count{")
+        and 'http_route="/api/{user_id}/tasks"' in line
+        and 'http_response_status_code="201"' in line
+        and 'http_request_method="POST"' in line
+    ]
+    assert created_line, text
+    assert 'http_route="/api/{user_id}/tasks/{task_id}"' in text
+    assert 'http_response_status_code="404"' in text
+    # The pool, by state, with the semantic conventions' names.
+    assert "db_client_connection_count{" in text
+    assert 'db_client_connection_state="idle"' in text
+    assert 'db_client_connection_state="used"' in text
+    assert "db_client_connection_max{" in text
+    assert "db_client_connection_overflow{" in text
+    assert 'todo_api_audit_events_total{audit_action="task.created"' in text
+    # Nothing about the user or the task's content; probes and /metrics are not measured.
+    assert user.user_id not in text
+    assert "secret title" not in text
+    assert not re.search(r"/tasks/\d", text)  # paths with ids never become labels
+    assert 'http_route="/metrics"' not in text and 'http_route="/readyz"' not in text
+
+
+def test_audit_events_are_counted_by_action_once_committed(
+    client: TestClient, user: ApiUser, metric_reader: InMemoryMetricReader
+) -> None:
+    before = {
+        action: value(metric_reader, "todo_api.audit.events", **{"audit.action": action})
+        for action in ("task.created", "task.deleted")
+    }
+    task = client.post(user.url(), json={"title": "t"}, headers=user.headers).json()
+    assert client.delete(user.url(f"/{task['id']}"), headers=user.headers).status_code == 204
+    # A rolled-back write (If-Match mismatch) records nothing.
+    stale = {**user.headers, "If-Match": '"0-0"'}
+    assert client.put(
+        user.url(f"/{task['id']}"), json={"title": "x"}, headers=stale
+    ).status_code in (404, 412)
+    after = {
+        action: value(metric_reader, "todo_api.audit.events", **{"audit.action": action})
+        for action in before
+    }
+    assert after["task.created"] - before["task.created"] == 1
+    assert after["task.deleted"] - before["task.deleted"] == 1
+
+
+def test_503s_are_counted_by_cause(
+    base_settings: Settings, client: TestClient, metric_reader: InMemoryMetricReader
+) -> None:
+    def count(cause: str) -> float:
+        return value(metric_reader, "todo_api.http.unavailable", cause=cause)
+
+    draining, database_down = count("draining"), count("database")
+    client.app.state.drain.begin(lambda: None)  # type: ignore[attr-defined]
+    assert client.get("/readyz").status_code == 503
+    assert count("draining") - draining == 1
+
+    dead_url = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
+    dead = Database(build_engine(base_settings, dead_url))
+    user_id = random_id()
+    headers = {"Authorization": f"Bearer {create_dev_token(TEST_SECRET, user_id)}"}
+    try:
+        with _client(base_settings, dead) as down:
+            assert down.get("/readyz").status_code == 503
+            listed = down.get(f"/api/{user_id}/tasks", headers=headers)
+            assert listed.status_code == 503
+    finally:
+        dead.dispose()
+    assert count("database") - database_down == 2
+
+
+def test_rate_limit_rejections_and_store_errors_are_counted(
+    settings: Settings, database: Database, user: ApiUser, metric_reader: InMemoryMetricReader
+) -> None:
+    rejected = value(
+        metric_reader, "todo_api.rate_limit.rejections", **{"rate_limit.category": "write"}
+    )
+    with _client(settings, database, rate_limit_write="1/minute") as client:
+        for _ in range(3):
+            client.post(user.url(), json={"title": "t"}, headers=user.headers)
+    after = value(
+        metric_reader, "todo_api.rate_limit.rejections", **{"rate_limit.category": "write"}
+    )
+    assert after - rejected == 2
+
+    errors = value(metric_reader, "todo_api.rate_limit.store_errors")
+    dead = SecretStr(f"redis://127.0.0.1:{free_port()}/0")
+    with _client(settings, database, redis_url=dead) as client:
+        for _ in range(3):
+            assert client.get(user.url(), headers=user.headers).status_code == 200
+    assert value(metric_reader, "todo_api.rate_limit.store_errors") - errors == 3
+
+
+def test_metrics_on_a_separate_port(
+    settings: Settings, database: Database, user: ApiUser, metric_reader: InMemoryMetricReader
+) -> None:
+    port = free_port()
+    with _client(settings, database, metrics_enabled=True, metrics_port=port) as client:
+        assert client.post(user.url(), json={"title": "t"}, headers=user.headers).status_code == 201
+        assert client.get("/metrics").status_code == 404  # not on the API's port
+        scrape = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert scrape.status_code == 200
+        assert "http_server_request_duration_seconds_bucket{" in scrape.text
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)  # closed with the app
+
+
+class MetricsReceiver:
+    """An OTLP/HTTP receiver for metrics: decodes every POST /v1/metrics."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.attributes: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                if self.path != "/v1/metrics":
+                    self.send_error(404)
+                    return
+                request = ExportMetricsServiceRequest()
+                request.ParseFromString(body)
+                receiver.keep(request)
+                reply = ExportMetricsServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def keep(self, request: ExportMetricsServiceRequest) -> None:
+        with self._lock:
+            for resource in request.resource_metrics:
+                for scope in resource.scope_metrics:
+                    for metric in scope.metrics:
+                        self.names.add(metric.name)
+                        if metric.name == "http.server.request.duration":
+                            for point in metric.histogram.data_points:
+                                self.attributes.append(
+                                    {
+                                        kv.key: kv.value.string_value or str(kv.value.int_value)
+                                        for kv in point.attributes
+                                    }
+                                )
+
+
+@pytest.fixture
+def metrics_receiver() -> Iterator[MetricsReceiver]:
+    receiver = MetricsReceiver()
+    receiver.thread.start()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
+def test_otlp_metrics_export_from_a_served_process(
+    database_url: str, tmp_path: Path, metrics_receiver: MetricsReceiver
+) -> None:
+    server = ServeProcess(
+        tmp_path,
+        {
+            "APP_ENV": "production",
+            "DATABASE_URL": database_url,
+            "BETTER_AUTH_SECRET": TEST_SECRET,
+            "OTEL_SDK_DISABLED": "false",
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_TRACES_EXPORTER": "none",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": metrics_receiver.url,
+            "OTEL_METRIC_EXPORT_INTERVAL": "300",
+        },
+    ).start()
+    user_id = random_id()
+    headers = {"Authorization": f"Bearer {create_dev_token(TEST_SECRET, user_id)}"}
+    try:
+        created = httpx.post(
+            f"{server.url}/api/{user_id}/tasks", json={"title": "t"}, headers=headers, timeout=10
+        )
+        assert created.status_code == 201
+        deadline = time.monotonic() + 20
+        while "todo_api.audit.events" not in metrics_receiver.names:
+            assert time.monotonic() < deadline, metrics_receiver.names
+            time.sleep(0.1)
+        assert httpx.get(f"{server.url}/metrics").status_code == 404  # Prometheus is off
+    finally:
+        assert server.stop() in (0, -15)
+    assert {"http.server.request.duration", "db.client.connection.count"} <= metrics_receiver.names
+    routes = {a.get("http.route") for a in metrics_receiver.attributes}
+    assert "/api/{user_id}/tasks" in routes
+    assert not [a for a in metrics_receiver.attributes if user_id in a.values()]
