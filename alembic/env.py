@@ -6,7 +6,8 @@ from logging.config import fileConfig
 
 from sqlmodel import SQLModel
 
-import audit.models  # noqa: F401  (registers the audit tables)
+import audit.models
+import audit.verified  # noqa: F401  (the verify endpoint's last verified points)
 import service.tasks.idempotency
 import service.tasks.models
 import service.users  # noqa: F401  (registers the users table)

@@ -25,6 +25,7 @@ from audit.schemas import (
     TaskSnapshot,
     VerifyReport,
 )
+from audit.verified import last_verified, remember_verified
 from audit.verify import snapshot, verify_chain
 from service.deps import CurrentUser, SessionDep, SettingsDep, TaskIdPath, UserIdPath
 from service.exceptions import InvalidInput, NotFound
@@ -93,12 +94,23 @@ def list_audit_events(
     "/audit-events/verify",
     response_model=VerifyReport,
     responses=error_responses(401, 403),
-    summary="Recompute the caller's hash chain",
+    summary="Verify the caller's hash chain, from where it was last verified",
     dependencies=[Depends(expensive_operation)],
-    description="200 with `ok: false` and the first bad seq when the chain does not verify.",
+    description="200 with `ok: false` and the first bad seq when the chain does not verify. "
+    "Checks the events appended since the last call that found the chain intact (and that the "
+    "last verified event is unchanged); `full=true` recomputes every event from seq 1.",
 )
-def verify_audit_chain(user: CurrentUser, session: SessionDep, user_id: UserIdPath) -> Any:
-    report = verify_chain(snapshot(session), user.user_id)
+def verify_audit_chain(
+    user: CurrentUser,
+    session: SessionDep,
+    user_id: UserIdPath,
+    full: Annotated[bool, Query(description="Recompute the whole chain from seq 1")] = False,
+) -> Any:
+    conn = snapshot(session)
+    since = None if full else last_verified(conn, user.user_id)
+    report = verify_chain(conn, user.user_id, since=since)
+    if report.ok and report.head_hash is not None:
+        remember_verified(conn.engine, user.user_id, report.head_seq, report.head_hash)
     return json_response(VerifyReport.model_validate(report.as_dict()))
 
 

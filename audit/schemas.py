@@ -119,6 +119,8 @@ class VerifyReport(BaseModel):
 
     `head_seq`/`head_hash` are the chain head as the database records it (0 and null for a user
     without events); `events` counts the events checked, up to the first bad one.
+    `verified_from_seq` is 0 for a check from seq 1, else the last verified seq the check
+    continued from (the events up to it were verified by an earlier call).
     """
 
     ok: bool
@@ -127,6 +129,7 @@ class VerifyReport(BaseModel):
     head_hash: str | None
     first_bad_seq: int | None
     reason: str | None
+    verified_from_seq: int = 0
 
 
 class TaskHistory(BaseModel):

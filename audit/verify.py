@@ -42,6 +42,8 @@ class ChainReport:
     head_hash: str | None
     first_bad_seq: int | None = None
     reason: str | None = None
+    # 0: checked from seq 1; else the last verified seq this check continued from.
+    verified_from_seq: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,10 +67,13 @@ def snapshot(session: Session) -> Connection:
     )
 
 
-def _events(conn: Connection, user_id: str, batch_size: int) -> Iterator[RowMapping]:
-    """The chain in seq order, one batch in memory at a time (keyset on the (user_id, seq)
-    index). The first batch has no lower bound, so a seq below 1 is seen too."""
-    last: int | None = None
+def _events(
+    conn: Connection, user_id: str, batch_size: int, after: int | None = None
+) -> Iterator[RowMapping]:
+    """The chain in seq order (after `after`, if given), one batch in memory at a time (keyset
+    on the (user_id, seq) index). Without `after` the first batch has no lower bound, so a seq
+    below 1 is seen too."""
+    last = after
     while True:
         stmt = select(*_COLUMNS).where(EVENTS.c.user_id == user_id)
         if last is not None:
@@ -144,17 +149,40 @@ def _check_anchors(row: Mapping[Any, Any], due: list[Anchor], matched: int) -> i
     return seq
 
 
+def _check_verified_point(conn: Connection, user_id: str, since: Anchor) -> None:
+    """The last verified event must still be there, unaltered: it is where the check resumes."""
+    row: Mapping[Any, Any] | None = (
+        conn.execute(
+            select(*_COLUMNS).where(EVENTS.c.user_id == user_id, EVENTS.c.seq == since.seq)
+        )
+        .mappings()
+        .first()
+    )
+    if row is None:
+        raise _ChainBroken(since.seq, f"seq {since.seq}, the last verified event, is missing")
+    version = row["hash_version"]
+    if (
+        row["hash"] != since.hash
+        or version not in HASHED_FIELDS
+        or compute_hash(row, version) != since.hash
+    ):
+        raise _ChainBroken(since.seq, f"seq {since.seq}: altered since it was last verified")
+
+
 def verify_chain(
     conn: Connection,
     user_id: str,
     *,
     batch_size: int = BATCH_SIZE,
     anchors: Sequence[Anchor] = (),
+    since: Anchor | None = None,
 ) -> ChainReport:
     """Recompute one user's chain; the report names the first bad seq, if any.
 
     Each anchor's seq must still have its hash. A rewrite between two anchors can be placed
     only that precisely: the reason names the range since the last anchor that matched.
+    With `since` (a point an earlier check found intact), only the events after it are
+    checked, linked to it; the events before it are not recomputed.
     """
     head = conn.execute(select(HEADS.c.seq, HEADS.c.hash).where(HEADS.c.user_id == user_id)).first()
     head_seq = int(head.seq) if head is not None else 0
@@ -163,8 +191,13 @@ def verify_chain(
     by_seq: dict[int, list[Anchor]] = {}
     for anchor in anchors:
         by_seq.setdefault(anchor.seq, []).append(anchor)
+    after: int | None = None
+    from_seq = since.seq if since is not None and since.seq > 0 else 0
     try:
-        for row in _events(conn, user_id, batch_size):
+        if since is not None and from_seq:
+            _check_verified_point(conn, user_id, since)
+            expected_seq, prev_hash, after = since.seq + 1, since.hash, since.seq
+        for row in _events(conn, user_id, batch_size, after):
             _check_event(row, expected_seq, prev_hash)
             due = by_seq.get(expected_seq)
             if due:
@@ -172,7 +205,7 @@ def verify_chain(
             prev_hash = str(row["hash"])
             expected_seq += 1
             events += 1
-        _check_end(expected_seq - 1, prev_hash, head, events, anchors)
+        _check_end(expected_seq - 1, prev_hash, head, events + from_seq, anchors)
     except _ChainBroken as broken:
         return ChainReport(
             user_id,
@@ -182,8 +215,16 @@ def verify_chain(
             head_hash=head_hash,
             first_bad_seq=broken.seq,
             reason=broken.reason,
+            verified_from_seq=from_seq,
         )
-    return ChainReport(user_id, ok=True, events=events, head_seq=head_seq, head_hash=head_hash)
+    return ChainReport(
+        user_id,
+        ok=True,
+        events=events,
+        head_seq=head_seq,
+        head_hash=head_hash,
+        verified_from_seq=from_seq,
+    )
 
 
 def chain_user_ids(conn: Connection, batch_size: int = BATCH_SIZE) -> Iterator[str]:

@@ -32,6 +32,7 @@ from service.errors import install_error_handlers
 from service.health import metrics_router
 from service.health import router as health_router
 from service.lifecycle import Drain
+from service.maintenance import background_upkeep
 from service.middleware import (
     BodyGuardMiddleware,
     RequestIdMiddleware,
@@ -113,7 +114,8 @@ def create_app(
         # Under `todo-api serve`, SIGTERM first drains (/readyz 503), then uvicorn stops.
         drain.install()
         metrics_server = start_metrics_server(settings)
-        yield
+        async with background_upkeep(db, settings):
+            yield
         if metrics_server is not None:
             metrics_server.shutdown()
         if checkpoints is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -108,6 +109,11 @@ class Settings(BaseSettings):
     rate_limit_expensive: str = "10/minute"
     rate_limit_anonymous: str = "60/minute"
     rate_limit_key_prefix: str = Field(default="todo-api", min_length=1, max_length=64)
+
+    # Idempotency-Key: how long a key is honoured; expired keys are deleted in the background
+    # every IDEMPOTENCY_PURGE_INTERVAL_SECONDS (by every instance, in small batches).
+    idempotency_retention_seconds: int = Field(default=86_400, ge=1, le=30 * 86_400)
+    idempotency_purge_interval_seconds: float = Field(default=300.0, gt=0, le=86_400)
 
     # Shutdown (SIGTERM): /readyz answers 503 for the drain period while requests are still
     # served, so a load balancer stops sending; then the listener closes and in-flight requests
@@ -244,6 +250,10 @@ class Settings(BaseSettings):
     @property
     def has_audit_signing_key(self) -> bool:
         return self.audit_signing_key is not None or self.audit_signing_key_file is not None
+
+    @property
+    def idempotency_retention(self) -> timedelta:
+        return timedelta(seconds=self.idempotency_retention_seconds)
 
     @property
     def effective_log_format(self) -> str:

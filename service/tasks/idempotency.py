@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Column, Integer, String, delete, select, update
+from sqlalchemy import Column, Engine, Integer, String, delete, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 from sqlmodel import Field, SQLModel
@@ -26,8 +26,8 @@ from service.sqltypes import JSONType, UTCDateTime, utcnow
 KEY_MAX = 255
 # 1 to KEY_MAX printable ASCII characters, checked (as documented) by the header's declaration.
 KEY_PATTERN = r"^[\x20-\x7e]+$"
-# Keys are honoured for at least this long; an older key may be used again.
-RETENTION = timedelta(hours=24)
+# Expired keys are deleted this many at a time, each batch its own short transaction.
+PURGE_BATCH = 500
 
 
 class IdempotencyKey(SQLModel, table=True):
@@ -41,7 +41,8 @@ class IdempotencyKey(SQLModel, table=True):
     response_body: dict[str, Any] | None = Field(
         default=None, sa_column=Column(JSONType, nullable=True)
     )
-    created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    # Indexed for the purge of expired keys.
+    created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False, index=True))
 
 
 KEYS = IdempotencyKey.__table__  # type: ignore[attr-defined]
@@ -69,10 +70,13 @@ def _insert_claim(session: Session, user_id: str, key: str, fingerprint: str) ->
     return session.execute(stmt).first() is not None
 
 
-def claim(session: Session, user_id: str, key: str, fingerprint: str) -> StoredResponse | None:
+def claim(
+    session: Session, user_id: str, key: str, fingerprint: str, retention: timedelta
+) -> StoredResponse | None:
     """None if the key is now this request's; else the earlier response to replay.
 
-    The same key with a different body is a 409.
+    The same key with a different body is a 409. A key older than `retention`
+    (IDEMPOTENCY_RETENTION_SECONDS) may be used again.
     """
     owned = (KEYS.c.user_id == user_id, KEYS.c.key == key)
     row = None
@@ -90,7 +94,7 @@ def claim(session: Session, user_id: str, key: str, fingerprint: str) -> StoredR
             break
     if row is None:  # pragma: no cover
         raise IdempotencyConflict("This Idempotency-Key is in use by another request; retry.")
-    if row.created_at < utcnow() - RETENTION:
+    if row.created_at < utcnow() - retention:
         session.execute(delete(KEYS).where(*owned))
         if not _insert_claim(session, user_id, key, fingerprint):  # pragma: no cover
             raise IdempotencyConflict("This Idempotency-Key is in use by another request; retry.")
@@ -112,3 +116,34 @@ def store_response(
         .where(KEYS.c.user_id == user_id, KEYS.c.key == key)
         .values(status_code=status_code, response_body=body)
     )
+
+
+_PURGE = text(
+    """
+    DELETE FROM idempotency_keys
+    WHERE (user_id, key) IN (
+        SELECT user_id, key FROM idempotency_keys
+        WHERE created_at < :cutoff
+        ORDER BY created_at
+        LIMIT :batch
+        FOR UPDATE SKIP LOCKED
+    )
+    """
+)
+
+
+def purge_expired(
+    engine: Engine, retention: timedelta, *, batch_size: int = PURGE_BATCH, max_batches: int = 100
+) -> int:
+    """Delete keys older than `retention`, `batch_size` rows per transaction, so no lock is held
+    for long and a key being claimed or reclaimed right now is skipped, not waited for.
+    Several instances may purge at once. Returns how many were deleted."""
+    deleted = 0
+    cutoff = utcnow() - retention
+    for _ in range(max_batches):
+        with engine.begin() as conn:
+            count = conn.execute(_PURGE, {"cutoff": cutoff, "batch": batch_size}).rowcount
+        deleted += count
+        if count < batch_size:
+            break
+    return deleted

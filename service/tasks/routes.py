@@ -113,7 +113,8 @@ def create_task(
 ) -> Any:
     if idempotency_key is not None:
         fingerprint = idempotency.request_fingerprint(body.model_dump())
-        stored = idempotency.claim(session, user.user_id, idempotency_key, fingerprint)
+        retention = request.app.state.settings.idempotency_retention
+        stored = idempotency.claim(session, user.user_id, idempotency_key, fingerprint, retention)
         if stored is not None:
             return _created(request, user.user_id, stored.body, replayed=True)
     change = rules.create_task(session, ctx, user.user_id, body)

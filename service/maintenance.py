@@ -1,0 +1,45 @@
+"""Background upkeep each process runs while it serves: purging expired idempotency keys.
+
+Every instance runs it; the purge skips rows another one holds, so they share the work.
+A failure (the database is away) is logged and tried again at the next interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+from anyio import to_thread
+
+from service import idempotency
+from service.database import Database
+from service.settings import Settings
+
+log = logging.getLogger("service.maintenance")
+
+
+async def _purge_forever(db: Database, settings: Settings) -> None:
+    while True:
+        await asyncio.sleep(settings.idempotency_purge_interval_seconds)
+        try:
+            deleted = await to_thread.run_sync(
+                idempotency.purge_expired, db.engine, settings.idempotency_retention
+            )
+        except Exception as exc:
+            log.warning("idempotency key purge failed", extra={"error_type": type(exc).__name__})
+            continue
+        if deleted:
+            log.info("purged expired idempotency keys", extra={"deleted": deleted})
+
+
+@asynccontextmanager
+async def background_upkeep(db: Database, settings: Settings) -> AsyncIterator[None]:
+    task = asyncio.create_task(_purge_forever(db, settings), name="idempotency-purge")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,162 @@
+"""The verify endpoint checks only what was appended since its last successful check; the full
+re-verification stays available (`?full=true`, the CLI). Tampering runs on a scratch database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from service.database import Database, build_engine
+from service.settings import Settings
+from tests.audit_helpers import change, create_task, scratch_database, tampering
+
+
+@pytest.fixture(scope="module")
+def scratch_url() -> Iterator[str]:
+    with scratch_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def database(base_settings: Settings, scratch_url: str) -> Iterator[Database]:
+    db = Database(build_engine(base_settings, scratch_url))
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def settings(base_settings: Settings, scratch_url: str) -> Settings:
+    return base_settings.model_copy(update={"database_url": scratch_url})
+
+
+def verify(client: TestClient, user: Any, *, full: bool = False) -> dict[str, Any]:
+    url = f"/api/{user.user_id}/audit-events/verify" + ("?full=true" if full else "")
+    response = client.get(url, headers=user.headers)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def grow(client: TestClient, user: Any, task_id: int, count: int) -> None:
+    for n in range(count):
+        change(client, "PUT", f"/{task_id}", user, json={"title": f"Edit {n}"})
+
+
+def stored_point(database: Database, user_id: str) -> tuple[int, str] | None:
+    with database.engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT seq, hash FROM audit_verified_heads WHERE user_id = :u"), {"u": user_id}
+        ).first()
+    return (int(row.seq), str(row.hash)) if row is not None else None
+
+
+def test_each_call_checks_only_the_events_since_the_last_verified_one(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 4)  # seq 1..5
+    first = verify(client, user)
+    assert (first["ok"], first["events"], first["verified_from_seq"]) == (True, 5, 0)
+    assert stored_point(database, user.user_id) == (5, first["head_hash"])
+
+    grow(client, user, task["id"], 3)  # seq 6..8
+    second = verify(client, user)
+    assert (second["ok"], second["events"], second["verified_from_seq"]) == (True, 3, 5)
+    assert second["head_seq"] == 8
+    assert stored_point(database, user.user_id) == (8, second["head_hash"])
+
+    nothing_new = verify(client, user)
+    assert (nothing_new["ok"], nothing_new["events"], nothing_new["verified_from_seq"]) == (
+        True,
+        0,
+        8,
+    )
+    # The explicit full check recomputes everything.
+    full = verify(client, user, full=True)
+    assert (full["ok"], full["events"], full["verified_from_seq"]) == (True, 8, 0)
+
+
+def test_a_user_without_events_stores_no_point(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    report = verify(client, user)
+    assert (report["ok"], report["events"], report["head_seq"]) == (True, 0, 0)
+    assert stored_point(database, user.user_id) is None
+
+
+def test_tampering_after_the_verified_point_is_found(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 2)  # seq 1..3
+    assert verify(client, user)["ok"] is True
+    grow(client, user, task["id"], 3)  # seq 4..6
+    with tampering(database.engine) as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE audit_events SET client_ip = '10.6.6.6' WHERE user_id = :u AND seq = 5"
+            ),
+            {"u": user.user_id},
+        )
+    report = verify(client, user)
+    assert (report["ok"], report["first_bad_seq"], report["verified_from_seq"]) == (False, 5, 3)
+    assert "seq 5: hash mismatch" in report["reason"]
+    point = stored_point(database, user.user_id)
+    assert point is not None and point[0] == 3
+    # A failed check does not move the point: the next one still reports it.
+    assert verify(client, user)["first_bad_seq"] == 5
+
+
+def test_the_last_verified_event_must_be_unchanged(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 3)  # seq 1..4
+    assert verify(client, user)["ok"] is True
+    with tampering(database.engine) as conn:
+        conn.execute(
+            sa.text("UPDATE audit_events SET user_agent = 'forged' WHERE user_id = :u AND seq = 4"),
+            {"u": user.user_id},
+        )
+    report = verify(client, user)
+    assert (report["ok"], report["first_bad_seq"]) == (False, 4)
+    assert "altered since it was last verified" in report["reason"]
+
+
+def test_deleting_the_verified_tail_is_found(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 3)  # seq 1..4
+    assert verify(client, user)["ok"] is True
+    with tampering(database.engine) as conn:
+        conn.execute(
+            sa.text("DELETE FROM audit_events WHERE user_id = :u AND seq >= 3"),
+            {"u": user.user_id},
+        )
+    report = verify(client, user)
+    assert (report["ok"], report["first_bad_seq"]) == (False, 4)
+    assert "the last verified event, is missing" in report["reason"]
+
+
+def test_tampering_before_the_verified_point_needs_the_full_check(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    """What the incremental check does not do, by design: recompute verified events."""
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 4)  # seq 1..5
+    assert verify(client, user)["ok"] is True
+    with tampering(database.engine) as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE audit_events SET client_ip = '10.6.6.6' WHERE user_id = :u AND seq = 2"
+            ),
+            {"u": user.user_id},
+        )
+    assert verify(client, user)["ok"] is True
+    full = verify(client, user, full=True)
+    assert (full["ok"], full["first_bad_seq"]) == (False, 2)
