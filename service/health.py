@@ -56,6 +56,7 @@ async def readyz(request: Request) -> Any:
         # Fetches when none are held yet (at most once per JWKS_MIN_REFETCH_SECONDS).
         keys = "ok" if await run_in_threadpool(verifier.prefetch_keys) else "unavailable"
         if keys == "unavailable":
+            metrics.unavailable("token_keys")
             headers = {"Retry-After": RETRY_AFTER_SECONDS}
             detail = "The token signing keys (JWKS) are unavailable."
             return problem(503, detail, headers=headers)
