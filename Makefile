@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 SYNC := $(UV) sync --frozen --python "$$($(PYTHON) -c 'import sys; print(sys.executable)')"
 
-.PHONY: run test lint install install-runtime bench
+.PHONY: run test lint install install-runtime bench bench-ratelimit
 
 $(UV):
 	$(PYTHON) -m venv .uv
@@ -47,3 +47,7 @@ lint: install
 # The benchmark (PostgreSQL at 127.0.0.1:5432, wrk and pgbench): see bench/README.md.
 bench: install
 	$(BIN)/python bench/run.py
+
+# What rate limiting (in memory, in Redis) costs on the create path: see bench/README.md.
+bench-ratelimit: install
+	$(BIN)/python bench/ratelimit.py

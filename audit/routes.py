@@ -93,7 +93,7 @@ def list_audit_events(
 @router.get(
     "/audit-events/verify",
     response_model=VerifyReport,
-    responses=error_responses(401, 403),
+    responses=error_responses(400, 401, 403),
     summary="Verify the caller's hash chain, from where it was last verified",
     dependencies=[Depends(expensive_operation)],
     description="200 with `ok: false` and the first bad seq when the chain does not verify. "

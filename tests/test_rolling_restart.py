@@ -10,6 +10,7 @@ were admitted at most up to the shared rate limit.
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 import threading
 import time
@@ -28,7 +29,7 @@ from tests.conftest import TEST_SECRET
 from tests.jwt_helpers import random_id
 from tests.serve_helpers import ServeProcess
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DRAIN_SECONDS = 0.5
 SHUTDOWN_TIMEOUT_SECONDS = 3
 WRITE_LIMIT = 40  # per user per minute, shared through Redis
