@@ -13,9 +13,9 @@ from contextlib import asynccontextmanager, suppress
 
 from anyio import to_thread
 
-from service import idempotency
 from service.database import Database
 from service.settings import Settings
+from service.tasks import idempotency
 
 log = logging.getLogger("service.maintenance")
 

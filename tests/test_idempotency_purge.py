@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.database import Database
-from service.idempotency import purge_expired
 from service.settings import Settings
 from service.sqltypes import utcnow
+from service.tasks.idempotency import purge_expired
 from tests.conftest import ApiUser
 
 
