@@ -80,7 +80,10 @@ def _write(
         started = time.monotonic()
         try:
             response = httpx.post(
-                f"{url}/api/{user_id}/tasks", json={"title": key}, headers=headers, timeout=15
+                f"{url}/api/{user_id}/tasks",
+                json={"title": key},
+                headers=headers,
+                timeout=SHUTDOWN_TIMEOUT_SECONDS + 10,
             )
         except httpx.TransportError:
             response = None
@@ -196,8 +199,8 @@ def test_two_instances_rolling_restart_under_load(
         assert code in (0, -15)
         assert DRAIN_SECONDS <= seconds < DRAIN_SECONDS + SHUTDOWN_TIMEOUT_SECONDS + 5
     assert not outcome.failures, outcome.failures[:10]
-    # No request waited longer than the shutdown timeout (plus a loaded machine's slack).
-    assert outcome.longest_attempt < SHUTDOWN_TIMEOUT_SECONDS + 2
+    # No request hung: none outlived the shutdown timeout (plus a loaded machine's slack).
+    assert outcome.longest_attempt < SHUTDOWN_TIMEOUT_SECONDS + 5
 
     engine = sa.create_engine(database_url.replace("postgresql://", "postgresql+psycopg2://"))
     try:
@@ -238,5 +241,8 @@ def test_two_instances_rolling_restart_under_load(
     assert admitted == WRITE_LIMIT, (admitted, refused)
     assert admitted + refused == GREEDY_ATTEMPTS
     normal = len(outcome.acknowledged) - admitted
+    print(  # shown with -s: what the run went through
+        f"acknowledged {len(outcome.acknowledged)}, retries {outcome.retries}, longest attempt "
+        f"{outcome.longest_attempt:.2f} s, stops {stops}, greedy {admitted}/{refused}"
+    )
     assert normal > 20, "enough load went through the restarts"
-    assert outcome.retries >= 0
