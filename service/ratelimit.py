@@ -34,8 +34,6 @@ log = logging.getLogger("service.ratelimit")
 
 # How long a failing Redis is bypassed (requests admitted) before it is tried again.
 REDIS_RETRY_SECONDS = 2.0
-# A request never waits longer than this for Redis.
-REDIS_TIMEOUT_SECONDS = 0.5
 # Where the headers computed for a request wait for its response.
 _STATE_KEY = "ratelimit_headers"
 
@@ -108,8 +106,9 @@ class RateLimiter:
                 f"async+{url}",
                 implementation="redispy",
                 key_prefix=settings.rate_limit_key_prefix,
-                socket_timeout=REDIS_TIMEOUT_SECONDS,
-                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+                # A request never waits longer than this for Redis.
+                socket_timeout=settings.rate_limit_redis_timeout_seconds,
+                socket_connect_timeout=settings.rate_limit_redis_timeout_seconds,
             )
         else:
             self.storage = MemoryStorage()

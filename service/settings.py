@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     rate_limit_expensive: str = "10/minute"
     rate_limit_anonymous: str = "60/minute"
     rate_limit_key_prefix: str = Field(default="todo-api", min_length=1, max_length=64)
+    # Longer than this, and the request is admitted without counting (fail open).
+    rate_limit_redis_timeout_seconds: float = Field(default=0.5, gt=0, le=10)
 
     # Idempotency-Key: how long a key is honoured; expired keys are deleted in the background
     # every IDEMPOTENCY_PURGE_INTERVAL_SECONDS (by every instance, in small batches).
