@@ -116,6 +116,22 @@ def list_events(
     return _page(session, stmt.order_by(EVENTS.c.seq.desc()), FEED_CURSOR, limit)
 
 
+def events_after(session: Session, user_id: str, after: int, limit: int) -> Sequence[RowMapping]:
+    """The user's events with seq > `after`, oldest first: what a change feed has not sent.
+
+    Appends to a chain commit in seq order (the chain head's row lock is held to the commit),
+    so whatever this returns has no holes, and reading on from its last seq neither repeats
+    nor skips an event.
+    """
+    stmt = (
+        select(*PUBLIC_COLUMNS)
+        .where(EVENTS.c.user_id == user_id, EVENTS.c.seq > after)
+        .order_by(EVENTS.c.seq.asc())
+        .limit(limit)
+    )
+    return session.execute(stmt).mappings().all()
+
+
 def _task_ever_existed(session: Session, user_id: str, task_id: int) -> bool:
     """Every task write records an event, so a task that had none never existed."""
     return bool(session.execute(select(exists().where(_of_task(user_id, task_id)))).scalar())

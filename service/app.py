@@ -29,6 +29,8 @@ from observability.tracing import build_resource, service_version
 from service.auth import TokenVerifier
 from service.database import Database
 from service.errors import install_error_handlers
+from service.events.hub import FeedHub
+from service.events.routes import router as events_router
 from service.health import metrics_router
 from service.health import router as health_router
 from service.lifecycle import Drain
@@ -54,6 +56,7 @@ CORS_ALLOW_HEADERS = [
     "If-Match",
     "Idempotency-Key",
     "X-Request-ID",
+    "Last-Event-ID",
 ]
 # Every response header a browser client may need to read.
 CORS_EXPOSE_HEADERS = [
@@ -113,9 +116,14 @@ def create_app(
             checkpoints = asyncio.create_task(maker.run(), name="audit-checkpoints")
         # Under `todo-api serve`, SIGTERM first drains (/readyz 503), then uvicorn stops.
         drain.install()
+        drain.on_stop(feed.close_streams_threadsafe)
         metrics_server = start_metrics_server(settings)
-        async with background_upkeep(db, settings):
-            yield
+        await feed.start()
+        try:
+            async with background_upkeep(db, settings):
+                yield
+        finally:
+            await feed.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
         if checkpoints is not None:
@@ -144,6 +152,12 @@ def create_app(
     app.state.users = UserProvisioner(db.engine)
     app.state.audit_signing_key = audit_key
     app.state.audit_proofs = LatestProofs()
+    feed = FeedHub(
+        lambda: db.dedicated_connection(settings, "todo-api-feed"),
+        max_streams_per_user=settings.feed_max_streams_per_user,
+        max_streams_per_worker=settings.feed_max_streams_per_worker,
+    )
+    app.state.feed = feed
 
     install_error_handlers(app)
     install_rate_limits(app, RateLimiter(settings))
@@ -153,6 +167,7 @@ def create_app(
     app.include_router(tasks_router)
     app.include_router(audit_router)
     app.include_router(audit_keys_router)
+    app.include_router(events_router)
 
     # The last added is the outermost: CORS headers and X-Request-ID go on 413, 415 and
     # unhandled 500 answers too.

@@ -26,12 +26,9 @@ def safe_url(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
-def build_engine(settings: Settings, url: str | None = None) -> Engine:
-    raw = url or settings.database_url
-    if raw is None:
-        raise ConfigError("DATABASE_URL is not set")
-    db_url = normalize_database_url(raw)
-    connect_args: dict[str, Any] = {
+def connect_args(settings: Settings) -> dict[str, Any]:
+    """psycopg2 connection options, for the pool's connections and the feed's listener."""
+    args: dict[str, Any] = {
         "connect_timeout": settings.db_connect_timeout_seconds,
         "application_name": "todo-api",
         # Dead peers are noticed within seconds instead of the kernel's two hours: idle
@@ -43,10 +40,18 @@ def build_engine(settings: Settings, url: str | None = None) -> Engine:
         "tcp_user_timeout": 10_000,
     }
     if settings.db_statement_timeout_ms:
-        connect_args["options"] = f"-c statement_timeout={settings.db_statement_timeout_ms}"
+        args["options"] = f"-c statement_timeout={settings.db_statement_timeout_ms}"
+    return args
+
+
+def build_engine(settings: Settings, url: str | None = None) -> Engine:
+    raw = url or settings.database_url
+    if raw is None:
+        raise ConfigError("DATABASE_URL is not set")
+    db_url = normalize_database_url(raw)
     return create_engine(
         db_url,
-        connect_args=connect_args,
+        connect_args=connect_args(settings),
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
@@ -102,6 +107,16 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    def dedicated_connection(self, settings: Settings, application_name: str) -> Any:
+        """A psycopg2 connection of its own, outside the pool (and untraced), in autocommit:
+        for a long-lived LISTEN."""
+        _, params = self.engine.dialect.create_connect_args(self.engine.url)
+        options = {**params, **connect_args(settings), "application_name": application_name}
+        options.pop("options", None)  # no statement timeout on a connection that only waits
+        connection = self.engine.dialect.loaded_dbapi.connect(**options)
+        connection.autocommit = True
+        return connection
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -31,6 +31,20 @@ class Drain:
         self.seconds = seconds
         self._event = threading.Event()
         self._timer: threading.Timer | None = None
+        self._on_stop: list[Callable[[], None]] = []
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Call `callback` when the drain ends, just before the server stops (from the signal
+        handler or the drain's timer thread): long-lived streams end then, not at the timeout."""
+        self._on_stop.append(callback)
+
+    def _stop(self, then: Callable[[], None]) -> None:
+        for callback in self._on_stop:
+            try:
+                callback()
+            except Exception:
+                log.exception("shutdown callback failed")
+        then()
 
     @property
     def draining(self) -> bool:
@@ -39,14 +53,14 @@ class Drain:
     def begin(self, then: Callable[[], None]) -> None:
         """Start draining; call `then` (which stops the server) after the drain period."""
         if self._event.is_set():
-            then()  # a second SIGTERM: stop now
+            self._stop(then)  # a second SIGTERM: stop now
             return
         self._event.set()
         log.info("draining before shutdown", extra={"drain_seconds": self.seconds})
         if self.seconds <= 0:
-            then()
+            self._stop(then)
             return
-        self._timer = threading.Timer(self.seconds, then)
+        self._timer = threading.Timer(self.seconds, self._stop, args=(then,))
         self._timer.daemon = True
         self._timer.start()
 

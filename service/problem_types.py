@@ -82,6 +82,13 @@ class ProblemType(Enum):
         "Unsupported media type",
         "The body is not `application/json`.",
     )
+    not_acceptable = (
+        "not-acceptable",
+        406,
+        "Not acceptable",
+        "The endpoint cannot answer in a type the `Accept` header allows (the change feed "
+        "is `text/event-stream` only).",
+    )
     rate_limited = (
         "rate-limited",
         429,

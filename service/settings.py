@@ -123,6 +123,13 @@ class Settings(BaseSettings):
     shutdown_drain_seconds: float = Field(default=0.0, ge=0, le=60)
     shutdown_timeout_seconds: float = Field(default=20.0, gt=0, le=300)
 
+    # Change feed (service.events): limits per worker process
+    feed_max_streams_per_user: int = Field(default=10, ge=1, le=1000)
+    feed_max_streams_per_worker: int = Field(default=5000, ge=1, le=100_000)
+    feed_heartbeat_seconds: float = Field(default=15.0, gt=0, le=300)
+    feed_send_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    feed_ticket_ttl_seconds: int = Field(default=30, ge=1, le=300)
+
     # Observability
     # Prometheus metrics: on the API's port at /metrics, or on METRICS_PORT (never behind auth).
     metrics_enabled: bool = False

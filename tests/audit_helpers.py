@@ -22,7 +22,7 @@ from service.cli import alembic_config, build_parser
 from service.settings import Settings
 
 # The audit_events triggers and how 0002 enables them; restored exactly after tampering.
-AUDIT_TRIGGERS = ("audit_events_append_only", "audit_events_no_truncate")
+AUDIT_TRIGGERS = ("audit_events_append_only", "audit_events_no_truncate", "audit_events_notify")
 CHAIN_HEAD_TRIGGERS = ("audit_chain_heads_no_delete", "audit_chain_heads_no_truncate")
 
 

@@ -284,7 +284,11 @@ def test_the_triggers_are_back_after_tampering(database: Database) -> None:
                 "WHERE tgrelid = 'audit_events'::regclass AND NOT tgisinternal"
             )
         ).all()
-    assert dict(rows) == {"audit_events_append_only": "A", "audit_events_no_truncate": "A"}
+    assert dict(rows) == {
+        "audit_events_append_only": "A",
+        "audit_events_no_truncate": "A",
+        "audit_events_notify": "A",
+    }
 
 
 def test_cli_checks_every_chain(client: TestClient, make_user: Any, database: Database) -> None:

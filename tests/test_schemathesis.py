@@ -54,6 +54,7 @@ NOTHING_TO_NEGATE = {
     "GET /readyz",
     "GET /api/{user_id}/audit-events/proof",
     "GET /.well-known/audit-keys.json",
+    "POST /api/{user_id}/events/tickets",
 }
 
 
@@ -93,7 +94,13 @@ def test_the_api_conforms_to_its_openapi_document(
     ids = [create(client, user, f"seed {i}")["id"] for i in range(10)]
     config = schemathesis.Config.from_dict({"headers": user.headers})
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
-    operations = [result.ok() for result in schema.get_all_operations()]
+    # The change feed is an endless text/event-stream: a request/response checker would wait
+    # for it forever. tests/test_feed.py drives it over real HTTP, its 4xx answers included.
+    operations = [
+        operation
+        for operation in (result.ok() for result in schema.get_all_operations())
+        if operation.label != "GET /api/{user_id}/events"
+    ]
     assert len(operations) >= 11, [op.label for op in operations]
 
     failures: list[str] = []

@@ -1,0 +1,291 @@
+"""The change feed: `GET /api/{user_id}/events` (Server-Sent Events) and its stream tickets.
+
+Each event of the user's audit chain is sent once, in seq order: `id` is its seq, `event` its
+action, `data` the same JSON as an item of `GET /audit-events`. A stream first sends what
+follows `Last-Event-ID` (or `?after=`) from the table, then waits for the hub to wake it and
+reads on from its last seq: replay and live are one loop over the table, so there is no gap
+and no duplicate between them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials
+from opentelemetry import trace
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from pydantic import BaseModel, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
+
+from audit.queries import SEQ_MAX, events_after
+from audit.schemas import AuditEventPublic, UtcTimestamp
+from service.auth import Principal
+from service.database import Database
+from service.deps import (
+    CurrentUser,
+    SessionDep,
+    SettingsDep,
+    UserIdPath,
+    bearer_scheme,
+    get_current_user,
+)
+from service.events import tickets
+from service.events.hub import FeedHub, Subscription
+from service.exceptions import DomainError, InvalidInput, TokenMissing
+from service.openapi import error_responses
+from service.problem_types import ProblemType
+from service.responses import json_response
+
+log = logging.getLogger("service.events")
+
+router = APIRouter(prefix="/api/{user_id}", tags=["events"])
+
+# Events read from the table at a time: the most a stream holds in memory.
+PAGE_SIZE = 100
+# Sent first: how long EventSource waits before reconnecting (milliseconds).
+RECONNECT_MS = 2000
+# After the shutdown signal, how long a stream has to send its final event.
+SHUTDOWN_GRACE_SECONDS = 2.0
+END_EVENT = "end"
+
+
+class NotAcceptable(DomainError):
+    kind = ProblemType.not_acceptable
+
+
+class StreamTicket(BaseModel):
+    """Open the stream with `GET {stream_url}` before `expires_at`; the ticket works once."""
+
+    ticket: str
+    expires_at: UtcTimestamp
+    stream_url: str = Field(description="The stream's path with the ticket, for EventSource")
+
+
+async def get_feed(request: Request) -> FeedHub:
+    hub: FeedHub = request.app.state.feed
+    return hub
+
+
+FeedDep = Annotated[FeedHub, Depends(get_feed)]
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+
+
+@router.post(
+    "/events/tickets",
+    response_model=StreamTicket,
+    status_code=status.HTTP_201_CREATED,
+    responses=error_responses(401, 403),
+    summary="A single-use ticket to open the change feed from a browser's EventSource",
+)
+def create_stream_ticket(
+    user: CurrentUser, session: SessionDep, settings: SettingsDep, user_id: UserIdPath
+) -> Any:
+    issued = tickets.issue(session, user, settings.feed_ticket_ttl_seconds)
+    body = StreamTicket(
+        ticket=issued.ticket,
+        expires_at=issued.expires_at,
+        stream_url=f"/api/{user.user_id}/events?ticket={issued.ticket}",
+    )
+    return json_response(body, status.HTTP_201_CREATED, {"Cache-Control": "no-store"})
+
+
+def _accepts_event_stream(accept: str | None) -> bool:
+    if not accept:
+        return True
+    for part in accept.split(","):
+        media, *params = (piece.strip().lower() for piece in part.split(";"))
+        if media in {"text/event-stream", "text/*", "*/*"} and not any(
+            param.replace(" ", "") in {"q=0", "q=0.0", "q=0.00", "q=0.000"} for param in params
+        ):
+            return True
+    return False
+
+
+def _start_seq(after: int | None, last_event_id: str | None) -> int:
+    """`Last-Event-ID` (sent by EventSource when it reconnects) wins over `?after=`."""
+    if last_event_id is not None and last_event_id.strip():
+        text = last_event_id.strip()
+        if not text.isdigit() or len(text) > 19 or int(text) > SEQ_MAX:
+            raise InvalidInput("Last-Event-ID must be the id (a seq) of an event of this feed.")
+        return int(text)
+    return after or 0
+
+
+async def _principal(
+    request: Request, database: Database, user_id: str, bearer: Any, ticket: str | None
+) -> Principal:
+    if bearer is not None:
+        return await get_current_user(request, user_id, bearer)
+    if ticket is None:
+        raise TokenMissing("missing bearer token or stream ticket")
+    principal = await run_in_threadpool(tickets.redeem, database, ticket, user_id)
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("enduser.id", principal.user_id)
+    request.state.user_id = principal.user_id
+    return principal
+
+
+def _read(
+    database: Database, user_id: str, after: int, jaeger_ui_url: str | None, traced: bool
+) -> list[ServerSentEvent]:
+    """The next page of the user's events, encoded; in a worker thread.
+
+    Only the first read of a stream is traced: the live reads of a stream open for hours
+    would otherwise pile up under one server span.
+    """
+
+    def read() -> list[ServerSentEvent]:
+        with database.unit_of_work() as session:
+            rows = events_after(session, user_id, after, PAGE_SIZE)
+        return [
+            ServerSentEvent(
+                AuditEventPublic.from_row(row, jaeger_ui_url).model_dump_json(),
+                id=str(row["seq"]),
+                event=row["action"],
+            )
+            for row in rows
+        ]
+
+    if traced:
+        return read()
+    with suppress_instrumentation():
+        return read()
+
+
+def _end(reason: str) -> ServerSentEvent:
+    return ServerSentEvent(json.dumps({"reason": reason}), event=END_EVENT)
+
+
+async def _events(
+    hub: FeedHub,
+    database: Database,
+    subscription: Subscription,
+    expires_at: float,
+    jaeger_ui_url: str | None,
+) -> AsyncIterator[ServerSentEvent]:
+    traced = True
+    try:
+        yield ServerSentEvent(retry=RECONNECT_MS)
+        while True:
+            # Cleared before reading: a commit notified during the read wakes the next wait.
+            subscription.clear()
+            while subscription.reason is None:
+                page = await run_in_threadpool(
+                    _read,
+                    database,
+                    subscription.user_id,
+                    subscription.last_seq,
+                    jaeger_ui_url,
+                    traced,
+                )
+                traced = False
+                for event in page:
+                    yield event
+                    subscription.last_seq = int(event.id or 0)
+                if len(page) < PAGE_SIZE:
+                    break
+            if subscription.reason is not None:
+                yield _end(subscription.reason)
+                return
+            remaining = expires_at - time.time()
+            if remaining <= 0:
+                yield _end("token_expired")
+                return
+            await subscription.wait(remaining)
+    finally:
+        hub.unsubscribe(subscription)
+
+
+class FeedResponse(EventSourceResponse):
+    """An SSE response that gives its stream's slot back however it ends, and closes a
+    stalled client's stream without an error trace."""
+
+    def __init__(
+        self, content: Any, *, hub: FeedHub, subscription: Subscription, **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self.hub = hub
+        self.subscription = subscription
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            # The client stopped reading and its buffers are full: it resumes from its
+            # last id when it reconnects.
+            log.warning(
+                "feed client too slow; stream closed",
+                extra={"user_id": self.subscription.user_id},
+            )
+        finally:
+            self.hub.unsubscribe(self.subscription)
+
+
+@router.get(
+    "/events",
+    response_class=FeedResponse,
+    status_code=status.HTTP_200_OK,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "Server-Sent Events: `id` = seq, `event` = action, `data` = the "
+            "audit event as JSON; a final `end` event says why the server closed the stream.",
+        },
+        **error_responses(400, 401, 403, 406, 429),
+    },
+    summary="The caller's audit events as they commit (Server-Sent Events)",
+    description="Authenticate with `Authorization: Bearer` or, from EventSource, with "
+    "`?ticket=` from `POST /events/tickets`. Resume with `Last-Event-ID` or `?after=`.",
+)
+async def stream_events(
+    request: Request,
+    user_id: UserIdPath,
+    settings: SettingsDep,
+    hub: FeedDep,
+    bearer: BearerDep,
+    ticket: Annotated[
+        str | None, Query(max_length=64, description="From POST /events/tickets; single use")
+    ] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=SEQ_MAX, description="Send the events after this seq")
+    ] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)] = None,
+) -> FeedResponse:
+    database: Database = request.app.state.db
+    principal = await _principal(request, database, user_id, bearer, ticket)
+    if not _accepts_event_stream(request.headers.get("accept")):
+        raise NotAcceptable("This endpoint answers with text/event-stream only.")
+    start = _start_seq(after, last_event_id)
+    subscription = hub.subscribe(principal.user_id, start)
+    shutdown = anyio.Event()
+
+    async def close_on_shutdown() -> None:
+        await shutdown.wait()
+        subscription.close("server_shutdown")
+
+    try:
+        return FeedResponse(
+            _events(hub, database, subscription, principal.expires_at, settings.jaeger_ui_url),
+            hub=hub,
+            subscription=subscription,
+            headers={"Cache-Control": "no-store"},
+            ping=settings.feed_heartbeat_seconds,
+            ping_message_factory=lambda: ServerSentEvent(comment="heartbeat"),
+            send_timeout=settings.feed_send_timeout_seconds,
+            data_sender_callable=close_on_shutdown,
+            shutdown_event=shutdown,
+            shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+        )
+    except BaseException:
+        hub.unsubscribe(subscription)
+        raise

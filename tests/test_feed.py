@@ -1,0 +1,428 @@
+"""GET /api/{user_id}/events: the change feed over real HTTP, read by a streaming client."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from audit.recorder import AuditContext, record_event
+from service.app import create_app
+from service.auth import create_dev_token
+from service.database import Database
+from service.settings import Settings
+from tests.conftest import TEST_SECRET, ApiUser, LiveServer
+from tests.feed_helpers import FeedReader, wait_listening, wait_streams
+from tests.reliability_helpers import terminate, wait_until
+
+
+@contextmanager
+def serve(settings: Settings, database: Database, **overrides: Any) -> Iterator[LiveServer]:
+    app = create_app(settings.model_copy(update=overrides), database)
+    with LiveServer(app) as server:
+        wait_listening(app)
+        server.app = app  # type: ignore[attr-defined]
+        yield server
+
+
+@pytest.fixture
+def server(settings: Settings, database: Database) -> Iterator[LiveServer]:
+    with serve(settings, database) as live:
+        yield live
+
+
+def feed(server: LiveServer, user: ApiUser, **kwargs: Any) -> FeedReader:
+    headers = kwargs.pop("headers", user.headers)
+    return FeedReader(server.url, f"/api/{user.user_id}/events", headers=headers, **kwargs)
+
+
+def write(http: httpx.Client, user: ApiUser, method: str, path: str = "", **kwargs: Any) -> Any:
+    response = http.request(method, user.url(path), headers=user.headers, **kwargs)
+    assert response.status_code in (200, 201, 204), response.text
+    return response.json() if response.content else None
+
+
+def audit_items(http: httpx.Client, user: ApiUser) -> list[dict[str, Any]]:
+    response = http.get(f"/api/{user.user_id}/audit-events?limit=500", headers=user.headers)
+    assert response.status_code == 200
+    return list(reversed(response.json()["items"]))
+
+
+def test_changes_stream_as_they_commit_with_the_audit_feed_json(
+    server: LiveServer, user: ApiUser
+) -> None:
+    with server.client() as http, feed(server, user) as reader:
+        assert reader.status == 200
+        assert reader.response_headers is not None
+        assert reader.response_headers["content-type"].startswith("text/event-stream")
+        assert reader.response_headers["cache-control"] == "no-store"
+        task = write(http, user, "POST", json={"title": "Live", "description": "d"})
+        write(http, user, "PUT", f"/{task['id']}", json={"title": "Live 2"})
+        write(http, user, "PATCH", f"/{task['id']}/complete")
+        write(http, user, "DELETE", f"/{task['id']}")
+        reader.wait_for_seq(4)
+        items = audit_items(http, user)
+    assert reader.retry_ms == 2000
+    assert reader.seqs == [1, 2, 3, 4]
+    assert [e.event for e in reader.task_events] == [
+        "task.created",
+        "task.updated",
+        "task.completed",
+        "task.deleted",
+    ]
+    assert [e.json() for e in reader.task_events] == items
+
+
+def test_only_the_users_own_events_arrive(server: LiveServer, make_user: Any) -> None:
+    alice, bob = make_user(), make_user()
+    with server.client() as http, feed(server, alice) as reader:
+        write(http, bob, "POST", json={"title": "Bob's"})
+        write(http, alice, "POST", json={"title": "Alice's"})
+        reader.wait_for_seq(1)
+        write(http, bob, "POST", json={"title": "Bob's again"})
+        write(http, alice, "POST", json={"title": "Alice's again"})
+        reader.wait_for_seq(2)
+    assert [e.json()["user_id"] for e in reader.task_events] == [alice.user_id] * 2
+    assert [e.json()["after"]["title"] for e in reader.task_events] == [
+        "Alice's",
+        "Alice's again",
+    ]
+
+
+def test_resume_with_after_or_last_event_id_replays_then_goes_live(
+    server: LiveServer, user: ApiUser
+) -> None:
+    with server.client() as http:
+        task = write(http, user, "POST", json={"title": "t0"})
+        for n in range(1, 5):
+            write(http, user, "PUT", f"/{task['id']}", json={"title": f"t{n}"})
+        with feed(server, user, params={"after": 2}) as by_query:
+            by_query.wait_for_seq(5)
+            write(http, user, "PUT", f"/{task['id']}", json={"title": "t5"})
+            by_query.wait_for_seq(6)
+        headers = {**user.headers, "Last-Event-ID": "4"}
+        # The header (what EventSource sends on reconnect) wins over the query.
+        with feed(server, user, headers=headers, params={"after": 1}) as by_header:
+            by_header.wait_for_seq(6)
+    assert by_query.seqs == [3, 4, 5, 6]
+    assert by_header.seqs == [5, 6]
+
+
+def test_reconnects_during_racing_writes_lose_and_repeat_nothing(
+    server: LiveServer, user: ApiUser
+) -> None:
+    """Writers keep committing while the client drops and resumes from its last id, again
+    and again: what it received, end to end, is exactly seq 1..N once each, in order."""
+    writers, per_writer = 3, 25
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            with server.client() as http:
+                task = write(http, user, "POST", json={"title": f"w{n}"})
+                for i in range(per_writer - 1):
+                    write(http, user, "PUT", f"/{task['id']}", json={"title": f"w{n}-{i}"})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
+    received: list[int] = []
+    for thread in threads:
+        thread.start()
+    try:
+        reconnects = 0
+        total = writers * per_writer
+        while not received or received[-1] < total:
+            headers = dict(user.headers)
+            if received:
+                headers["Last-Event-ID"] = str(received[-1])
+            with feed(server, user, headers=headers) as reader:
+                # Read a few events (or until the writes are over), then drop the connection.
+                wait_until(
+                    lambda r=reader: (
+                        len(r.task_events) >= 7 or not any(t.is_alive() for t in threads)
+                    ),
+                    "some events",
+                )
+                if not any(t.is_alive() for t in threads):
+                    reader.wait_for_seq(total)
+            received.extend(reader.seqs)
+            reconnects += 1
+            if reconnects > 200:
+                break
+    finally:
+        for thread in threads:
+            thread.join()
+    assert not errors
+    assert reconnects >= 3
+    assert received == list(range(1, total + 1))
+
+
+def test_a_stream_ticket_opens_the_feed_once(server: LiveServer, user: ApiUser) -> None:
+    with server.client() as http:
+        answer = http.post(f"/api/{user.user_id}/events/tickets", headers=user.headers)
+        assert answer.status_code == 201, answer.text
+        assert answer.headers["cache-control"] == "no-store"
+        body = answer.json()
+        ticket = body["ticket"]
+        assert body["stream_url"] == f"/api/{user.user_id}/events?ticket={ticket}"
+        with FeedReader(server.url, body["stream_url"]) as reader:
+            assert reader.status == 200
+            write(http, user, "POST", json={"title": "via ticket"})
+            reader.wait_for_seq(1)
+        # Single use: the same URL again is refused.
+        with FeedReader(server.url, body["stream_url"]) as again:
+            assert again.status == 401
+            assert b"invalid or already used stream ticket" in again.body
+
+
+def test_a_ticket_is_refused_when_expired_for_another_user_or_made_up(
+    settings: Settings, database: Database, make_user: Any
+) -> None:
+    alice, bob = make_user(), make_user()
+    with serve(settings, database, feed_ticket_ttl_seconds=1) as server, server.client() as http:
+        tickets = [
+            http.post(f"/api/{alice.user_id}/events/tickets", headers=alice.headers).json()[
+                "ticket"
+            ]
+            for _ in range(2)
+        ]
+        stolen = http.get(f"/api/{bob.user_id}/events", params={"ticket": tickets[0]})
+        assert stolen.status_code == 403
+        time.sleep(1.5)
+        expired = http.get(f"/api/{alice.user_id}/events", params={"ticket": tickets[1]})
+        assert expired.status_code == 401
+        assert "stream ticket expired" in expired.json()["detail"]
+        bogus = http.get(f"/api/{alice.user_id}/events", params={"ticket": "x" * 43})
+        assert bogus.status_code == 401
+        missing = http.get(f"/api/{alice.user_id}/events")
+        assert missing.status_code == 401
+        assert missing.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+        wrong_user = http.get(f"/api/{bob.user_id}/events", headers=alice.headers)
+        assert wrong_user.status_code == 403
+
+
+def test_the_ticket_never_reaches_traces_or_logs(
+    settings: Settings, database: Database, user: ApiUser, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = create_app(settings, database, tracer_provider=provider)
+    caplog.set_level(logging.DEBUG)
+    with LiveServer(app) as server, server.client() as http:
+        wait_listening(app)
+        ticket = http.post(f"/api/{user.user_id}/events/tickets", headers=user.headers).json()[
+            "ticket"
+        ]
+        with FeedReader(server.url, f"/api/{user.user_id}/events?ticket={ticket}") as reader:
+            write(http, user, "POST", json={"title": "traced"})
+            reader.wait_for_seq(1)
+    spans = exporter.get_finished_spans()
+    stream_spans = [
+        s for s in spans if (s.attributes or {}).get("http.route") == ("/api/{user_id}/events")
+    ]
+    assert stream_spans, [s.name for s in spans]
+    assert stream_spans[0].attributes is not None
+    assert stream_spans[0].attributes.get("url.query") == "ticket=REDACTED"
+    assert stream_spans[0].attributes.get("enduser.id") == user.user_id
+    for span in spans:
+        assert ticket not in repr(dict(span.attributes or {}))
+        for event in span.events:
+            assert ticket not in repr(dict(event.attributes or {}))
+    # The server's own lines (the test's HTTP client logs its URLs, ticket included).
+    server_lines = [
+        record.getMessage() + repr(record.__dict__)
+        for record in caplog.records
+        if not record.name.startswith(("httpx", "httpcore"))
+    ]
+    assert any("/events" in line for line in server_lines)  # the access line was written
+    assert not [line for line in server_lines if ticket in line]
+
+
+def test_an_expired_token_ends_the_stream_at_its_expiry(
+    server: LiveServer, settings: Settings, make_user: Any
+) -> None:
+    user = make_user()
+    assert settings.better_auth_secret is not None
+    token = create_dev_token(TEST_SECRET, user.user_id, ttl_seconds=2)
+    short = ApiUser(user.user_id, token)
+    with server.client() as http, feed(server, short) as reader:
+        write(http, user, "POST", json={"title": "before expiry"})
+        reader.wait_for_seq(1)
+        end = reader.wait_for_end(timeout=20)
+        ended_at = time.time()
+    assert end.json() == {"reason": "token_expired"}
+    exp = int(__import__("jwt").decode(token, options={"verify_signature": False})["exp"])
+    assert ended_at >= exp
+    wait_streams(server.app, 0)  # type: ignore[attr-defined]
+
+
+def test_the_ticket_stream_ends_when_the_token_it_came_from_expires(
+    server: LiveServer, make_user: Any
+) -> None:
+    user = make_user()
+    short = ApiUser(user.user_id, create_dev_token(TEST_SECRET, user.user_id, ttl_seconds=2))
+    with server.client() as http:
+        body = http.post(f"/api/{user.user_id}/events/tickets", headers=short.headers).json()
+        with FeedReader(server.url, body["stream_url"]) as reader:
+            end = reader.wait_for_end(timeout=20)
+    assert end.json() == {"reason": "token_expired"}
+
+
+def test_bad_resume_points_and_accept_headers_are_4xx(server: LiveServer, user: ApiUser) -> None:
+    url = f"/api/{user.user_id}/events"
+    with server.client() as http:
+        for header in ("abc", "-1", "1.5", "99999999999999999999"):
+            answer = http.get(url, headers={**user.headers, "Last-Event-ID": header})
+            assert answer.status_code == 400, header
+            assert answer.headers["content-type"] == "application/problem+json"
+        assert http.get(url, headers=user.headers, params={"after": -1}).status_code == 400
+        answer = http.get(url, headers={**user.headers, "Accept": "application/json"})
+        assert answer.status_code == 406
+        answer = http.get(url, headers={**user.headers, "Accept": "text/event-stream;q=0"})
+        assert answer.status_code == 406
+
+
+def test_streams_are_capped_per_user_and_per_worker(
+    settings: Settings, database: Database, make_user: Any
+) -> None:
+    alice, bob, carol = make_user(), make_user(), make_user()
+    limits = {"feed_max_streams_per_user": 2, "feed_max_streams_per_worker": 3}
+    with serve(settings, database, **limits) as server:
+        with feed(server, alice) as a1, feed(server, alice) as a2:
+            assert (a1.status, a2.status) == (200, 200)
+            with feed(server, alice) as a3:
+                assert a3.status == 429
+                assert a3.response_headers is not None
+                assert a3.response_headers["retry-after"] == "10"
+            with feed(server, bob) as b1:
+                assert b1.status == 200
+                with feed(server, carol) as c1:
+                    assert c1.status == 429
+                    problem = json.loads(c1.body)
+                    assert problem["type"] == "tag:todo-api,2026:problems/rate-limited"
+                    assert "3 feed streams" in problem["detail"]
+        # Closed streams give their slots back.
+        wait_streams(server.app, 0)  # type: ignore[attr-defined]
+        with feed(server, carol) as c2:
+            assert c2.status == 200
+
+
+def test_heartbeat_comments_flow_on_an_idle_stream(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    with (
+        serve(settings, database, feed_heartbeat_seconds=0.2) as server,
+        server.client() as http,
+        http.stream(
+            "GET",
+            f"/api/{user.user_id}/events",
+            headers={**user.headers, "Accept": "text/event-stream"},
+        ) as response,
+    ):
+        seen = b""
+        for chunk in response.iter_bytes():
+            seen += chunk
+            if seen.count(b": heartbeat") >= 2:
+                break
+    assert b": heartbeat\r\n\r\n" in seen
+
+
+def test_the_listener_reconnects_and_nothing_committed_meanwhile_is_lost(
+    server: LiveServer, user: ApiUser, database: Database
+) -> None:
+    app = server.app  # type: ignore[attr-defined]
+    with server.client() as http, feed(server, user) as reader:
+        write(http, user, "POST", json={"title": "before"})
+        reader.wait_for_seq(1)
+        with database.engine.connect() as conn:
+            pids = (
+                conn.execute(
+                    sa.text(
+                        "SELECT pid FROM pg_stat_activity WHERE application_name = 'todo-api-feed'"
+                        " AND query ILIKE 'LISTEN%'"
+                    )
+                )
+                .scalars()
+                .all()
+            )
+        before = app.state.feed.connections_made
+        assert terminate(database.engine, list(pids)) >= 1
+        # Written while the listener may be down: delivered once it is back.
+        write(http, user, "POST", json={"title": "during"})
+        wait_until(lambda: app.state.feed.connections_made > before, "the listener to reconnect")
+        write(http, user, "POST", json={"title": "after"})
+        reader.wait_for_seq(3)
+    assert reader.seqs == [1, 2, 3]
+
+
+def append_filler_events(database: Database, user_id: str, written: int, count: int) -> int:
+    """`count` large events appended to the user's chain by the real recorder, in one
+    transaction (faster than as many HTTP writes; the feed does not care what they are)."""
+    state = {"text": "x" * 8000}
+    with database.unit_of_work() as session:
+        for n in range(written + 1, written + count + 1):
+            record_event(
+                session,
+                AuditContext(actor_id=user_id),
+                user_id=user_id,
+                action="test.filler",
+                entity_type="test",
+                entity_id=str(n),
+                before=None,
+                after=state,
+                diff_fields=(),
+            )
+    return written + count
+
+
+def test_a_client_that_stops_reading_is_disconnected_and_resumes_from_its_last_id(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    """The server holds at most a page of events per stream; a client that stops reading
+    fills its socket buffers, the next write waits FEED_SEND_TIMEOUT_SECONDS, and the server
+    closes the stream. The client then resumes with Last-Event-ID and misses nothing."""
+    with serve(settings, database, feed_send_timeout_seconds=0.5) as server:
+        app = server.app  # type: ignore[attr-defined]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        request = (
+            f"GET /api/{user.user_id}/events HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {user.token}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        sock.sendall(request.encode())
+        wait_streams(app, 1)
+        written = 0
+        # Not reading: keep committing large events until the server gives up on us.
+        while app.state.feed.stream_count == 1 and written < 20_000:
+            written = append_filler_events(database, user.user_id, written, 100)
+        wait_streams(app, 0)
+        # Now read what reached the socket; the server has closed the connection.
+        sock.settimeout(10)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+        sock.close()
+        # Events whose terminating blank line arrived (the last one may be cut short).
+        complete = raw.rsplit(b"\r\n\r\n", 1)[0]
+        seqs = [int(line[4:]) for line in complete.split(b"\r\n") if line.startswith(b"id: ")]
+        assert seqs == list(range(1, len(seqs) + 1))
+        assert len(seqs) < written
+        headers = {**user.headers, "Last-Event-ID": str(seqs[-1] if seqs else 0)}
+        with feed(server, user, headers=headers) as resumed:
+            resumed.wait_for_seq(written)
+    assert seqs + resumed.seqs == list(range(1, written + 1))
