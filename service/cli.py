@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import FrameType
+from typing import TYPE_CHECKING, NoReturn
 
 from audit.checkpoint import signing_key
 from audit.cli import register as register_audit
@@ -176,16 +179,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> NoReturn:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: let the clean-up finish
+    raise SystemExit(128 + signum)
+
+
+def _on_embedded_server(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the command on the embedded PostgreSQL server, stopped when the command ends."""
+    from service import embedded
+
+    # SIGTERM must unwind through the `with` below (uvicorn re-raises it after its shutdown).
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with embedded.running() as url:
+            # Uvicorn's workers and Alembic read the settings from the environment.
+            os.environ["DATABASE_URL"] = url
+            get_settings.cache_clear()
+            return int(args.handler(args, settings.model_copy(update={"database_url": url})))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = get_settings()
-        if args.command != "dev-token" and settings.database_url is None:
-            raise ConfigError("DATABASE_URL is not set: set it to a postgresql:// URL")
     except (ConfigError, ValueError) as exc:
         print(f"todo-api: configuration error: {exc}", file=sys.stderr)
         return 2
-    return int(args.handler(args, settings))
+    try:
+        if settings.database_url is None and args.command != "dev-token":
+            return _on_embedded_server(args, settings)
+        return int(args.handler(args, settings))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

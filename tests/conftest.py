@@ -1,5 +1,8 @@
 """Test fixtures: one migrated PostgreSQL database per run; each test isolated by its own users.
 
+The server is TEST_DATABASE_URL's (CI sets it to the system server), or, when it is unset, the
+embedded server of this checkout, started for the run and stopped after it.
+
 Every row in this product belongs to a user and every query filters by owner, so a test that
 works only with fresh user ids cannot see or disturb another test's rows; the audit log is
 append-only (TRUNCATE is refused by design), so tests do not clean up by deleting.
@@ -14,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,23 +30,37 @@ from service.app import create_app
 from service.auth import create_dev_token
 from service.cli import alembic_config
 from service.database import Database, build_engine
+from service.embedded import EmbeddedPostgres
 from service.settings import AppEnv, Settings
 from tests.jwt_helpers import random_id
 
-DEFAULT_TEST_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+REPO = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-" + "s" * 40
 
 
-def _server_url() -> sa.URL:
-    return sa.make_url(os.environ.get("TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL))
+@pytest.fixture(scope="session", autouse=True)
+def postgres_server() -> Iterator[sa.URL]:
+    """The server of the run. The embedded one's URL goes into TEST_DATABASE_URL, where the
+    helpers and the subprocesses of the tests look for the server, as with CI's."""
+    configured = os.environ.get("TEST_DATABASE_URL")
+    if configured:
+        yield sa.make_url(configured)
+        return
+    embedded = EmbeddedPostgres(REPO / ".todo-api-pg")
+    os.environ["TEST_DATABASE_URL"] = embedded.acquire()
+    try:
+        yield sa.make_url(os.environ["TEST_DATABASE_URL"])
+    finally:
+        del os.environ["TEST_DATABASE_URL"]
+        embedded.release()
 
 
 @pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+def database_url(postgres_server: sa.URL) -> Iterator[str]:
     """A new database on the test server, migrated to head with Alembic, dropped at the end."""
     from alembic import command
 
-    server = _server_url()
+    server = postgres_server
     if server.get_backend_name() not in {"postgresql", "postgres"}:
         pytest.exit("TEST_DATABASE_URL must point at PostgreSQL", returncode=3)
     name = f"todo_test_{os.getpid()}_{secrets.token_hex(3)}"
@@ -55,7 +73,8 @@ def database_url() -> Iterator[str]:
     except sa.exc.OperationalError as exc:
         pytest.exit(
             f"PostgreSQL at {server.render_as_string(hide_password=True)} is unreachable: "
-            f"{exc.orig}. The suite needs it (start it with pg_ctlcluster 15 main start).",
+            f"{exc.orig}. The suite needs it: start it, or unset TEST_DATABASE_URL to run on "
+            "the embedded server.",
             returncode=3,
         )
     url = server.set(database=name).render_as_string(hide_password=False)

@@ -130,11 +130,39 @@ def _close_listener(listener: socket.socket) -> None:
     listener.close()
 
 
-class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; `cut()` drops the listener and every open
-    connection (the database is gone), `restore()` listens on the same port again."""
+def server_address(url: sa.URL) -> tuple[str, int] | str:
+    """Where the server of `url` listens: (host, port), or the path of its Unix socket."""
+    socket_dir = url.query.get("host")
+    if isinstance(socket_dir, str) and socket_dir.startswith("/"):
+        return f"{socket_dir}/.s.PGSQL.{url.port or 5432}"
+    return (url.host or "127.0.0.1", url.port or 5432)
 
-    def __init__(self, target: tuple[str, int]) -> None:
+
+def proxied_url(url: sa.URL, port: int) -> str:
+    """`url`, reaching its server through a proxy at 127.0.0.1:`port`."""
+    direct = url.difference_update_query(["host"])
+    return direct.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+
+
+def _connect(target: tuple[str, int] | str) -> socket.socket:
+    if isinstance(target, tuple):
+        return socket.create_connection(target, timeout=5)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    try:
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to a target (host and port, or a Unix socket); `cut()` drops
+    the listener and every open connection (the database is gone), `restore()` listens on the
+    same port again."""
+
+    def __init__(self, target: tuple[str, int] | str) -> None:
         self.target = target
         self._listener: socket.socket | None = _listen()
         self.port = int(self._listener.getsockname()[1])
@@ -166,7 +194,7 @@ class TcpProxy:
             except OSError:
                 return  # the listener was closed
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = _connect(self.target)
                 upstream.settimeout(None)
             except OSError:
                 client.close()

@@ -35,6 +35,8 @@ from tests.reliability_helpers import (
     TcpProxy,
     TrackedApp,
     live,
+    proxied_url,
+    server_address,
     terminate,
     tracked_app,
     wait_until,
@@ -295,8 +297,8 @@ def test_database_down_then_back_recovers_without_a_restart(
     """Through a proxy we can cut: 2xx, then 503s and a failing /readyz while the database is
     gone (pooled connections included), then 2xx again once it is back."""
     target = admin.url
-    with TcpProxy((target.host or "127.0.0.1", target.port or 5432)) as proxy:
-        url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    with TcpProxy(server_address(target)) as proxy:
+        url = proxied_url(target, proxy.port)
         with (
             tracked_app(settings, url, db_connect_timeout_seconds=2) as tracked,
             live(tracked.app) as server,
@@ -346,8 +348,8 @@ def test_connection_lost_after_the_server_committed_is_503_and_the_write_is_dura
     the create's Idempotency-Key returns that task instead of making a second one."""
     target = admin.url
     key = uuid.uuid4().hex
-    with TcpProxy((target.host or "127.0.0.1", target.port or 5432)) as proxy:
-        url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    with TcpProxy(server_address(target)) as proxy:
+        url = proxied_url(target, proxy.port)
         with (
             tracked_app(settings, url) as tracked,
             live(tracked.app) as server,
