@@ -1,7 +1,9 @@
 # Two commands on a fresh machine (only Python >= 3.11 and make needed):
-#   make run    create the environment, install, migrate, serve on 127.0.0.1:8000
-#   make test   the whole test suite (PostgreSQL at TEST_DATABASE_URL)
+#   make run    create the environment, install, migrate, serve on 127.0.0.1:8000 (PORT=...)
+#               on DATABASE_URL, or on the embedded PostgreSQL server when it is unset
+#   make test   the whole test suite, on TEST_DATABASE_URL's server or the embedded one
 PYTHON ?= python3
+PORT ?= 8000
 UV_VERSION := 0.13.9
 UV := .uv/bin/uv
 VENV ?= .venv
@@ -32,7 +34,7 @@ install-runtime: $(VENV)/.runtime
 install: $(VENV)/.installed
 
 run: install-runtime
-	$(BIN)/todo-api serve --host 127.0.0.1 --port 8000
+	$(BIN)/todo-api serve --host 127.0.0.1 --port $(PORT)
 
 test: install
 	$(BIN)/ruff check .

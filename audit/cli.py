@@ -335,7 +335,7 @@ def register(subparsers: Any) -> None:
         "public-key", help="print the public key that verifies checkpoints"
     )
     public_key.add_argument("--format", choices=("pem", "jwks"), default="pem")
-    public_key.set_defaults(handler=_public_key)
+    public_key.set_defaults(handler=_public_key, needs_database=False)
 
     export = commands.add_parser(
         "export", help="write events and a closing record of each chain's head"

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--email")
     token.add_argument("--name")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
-    token.set_defaults(handler=_dev_token)
+    token.set_defaults(handler=_dev_token, needs_database=False)
     register_audit(sub)
 
     task_cmd = sub.add_parser("tasks", help="read a user's tasks (operators)")
@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"todo-api: configuration error: {exc}", file=sys.stderr)
         return 2
     try:
-        if settings.database_url is None and args.command != "dev-token":
+        # Commands that need no database say so (needs_database=False).
+        if settings.database_url is None and getattr(args, "needs_database", True):
             return _on_embedded_server(args, settings)
         return int(args.handler(args, settings))
     except KeyboardInterrupt:
