@@ -65,8 +65,10 @@ def _is_our_postmaster(pid: int, data_dir: Path) -> bool:
             and process.name() == "postgres"
             and str(data_dir) in process.cmdline()
         )
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
+    except psutil.AccessDenied:
+        return True  # cannot tell: never remove the pid file of what may be a live server
 
 
 def remove_stale_lock_files(data_dir: Path) -> bool:
@@ -84,6 +86,9 @@ def remove_stale_lock_files(data_dir: Path) -> bool:
     port = lines[3].strip() if len(lines) > 3 and lines[3].strip() else "5432"
     (socket_dir / f".s.PGSQL.{port}.lock").unlink(missing_ok=True)
     pid_file.unlink(missing_ok=True)
+    log.warning(
+        "removed a stale postmaster.pid: pid %s is not a PostgreSQL server of %s", pid, data_dir
+    )
     return True
 
 
