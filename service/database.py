@@ -110,8 +110,12 @@ class Database:
 
     def dedicated_connection(self, settings: Settings, application_name: str) -> Any:
         """A psycopg2 connection of its own, outside the pool (and untraced), in autocommit:
-        for a long-lived LISTEN."""
-        _, params = self.engine.dialect.create_connect_args(self.engine.url)
+        for a long-lived LISTEN. To FEED_DATABASE_URL if set (a pooler does not relay LISTEN),
+        else to the pool's database."""
+        url = self.engine.url
+        if settings.feed_database_url is not None:
+            url = normalize_database_url(settings.feed_database_url)
+        _, params = self.engine.dialect.create_connect_args(url)
         options = {**params, **connect_args(settings), "application_name": application_name}
         options.pop("options", None)  # no statement timeout on a connection that only waits
         connection = self.engine.dialect.loaded_dbapi.connect(**options)

@@ -123,7 +123,10 @@ class Settings(BaseSettings):
     shutdown_drain_seconds: float = Field(default=0.0, ge=0, le=60)
     shutdown_timeout_seconds: float = Field(default=20.0, gt=0, le=300)
 
-    # Change feed (service.events): limits per worker process
+    # Change feed (service.events). Its LISTEN connection needs a direct (session) connection:
+    # behind a transaction pooler such as Neon's `-pooler` endpoint, set the direct URL here.
+    feed_database_url: str | None = Field(default=None, repr=False)
+    # Limits per worker process
     feed_max_streams_per_user: int = Field(default=10, ge=1, le=1000)
     feed_max_streams_per_worker: int = Field(default=5000, ge=1, le=100_000)
     feed_heartbeat_seconds: float = Field(default=15.0, gt=0, le=300)
@@ -203,7 +206,7 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_URL must start with redis:// or rediss://")
         return value
 
-    @field_validator("database_url")
+    @field_validator("database_url", "feed_database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
         if value is not None:

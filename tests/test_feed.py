@@ -25,7 +25,7 @@ from service.database import Database
 from service.settings import Settings
 from tests.conftest import TEST_SECRET, ApiUser, LiveServer
 from tests.feed_helpers import FeedReader, wait_listening, wait_streams
-from tests.reliability_helpers import terminate, wait_until
+from tests.reliability_helpers import TcpProxy, terminate, wait_until
 
 
 @contextmanager
@@ -426,3 +426,27 @@ def test_a_client_that_stops_reading_is_disconnected_and_resumes_from_its_last_i
         with feed(server, user, headers=headers) as resumed:
             resumed.wait_for_seq(written)
     assert seqs + resumed.seqs == list(range(1, written + 1))
+
+
+def test_the_listener_connects_to_feed_database_url_and_survives_its_loss(
+    settings: Settings, database: Database, database_url: str, user: ApiUser
+) -> None:
+    """FEED_DATABASE_URL (the direct endpoint, where the pool goes through a pooler that does
+    not relay LISTEN): here the same database behind a proxy that only the listener uses, cut
+    and restored while writes go on through the pool."""
+    target = sa.make_url(database_url)
+    with TcpProxy((target.host or "127.0.0.1", target.port or 5432)) as proxy:
+        feed_url = target.set(port=proxy.port).render_as_string(hide_password=False)
+        with serve(settings, database, feed_database_url=feed_url) as server:
+            app = server.app  # type: ignore[attr-defined]
+            with server.client() as http, feed(server, user) as reader:
+                write(http, user, "POST", json={"title": "one"})
+                reader.wait_for_seq(1)
+                proxy.cut()
+                wait_until(lambda: not app.state.feed.listening, "the listener to notice")
+                write(http, user, "POST", json={"title": "two, unheard"})
+                proxy.restore()
+                wait_until(lambda: app.state.feed.connections_made >= 2, "a new listener")
+                write(http, user, "POST", json={"title": "three"})
+                reader.wait_for_seq(3)
+    assert reader.seqs == [1, 2, 3]
