@@ -25,7 +25,13 @@ from service.database import Database
 from service.settings import Settings
 from tests.conftest import TEST_SECRET, ApiUser, LiveServer
 from tests.feed_helpers import FeedReader, wait_listening, wait_streams
-from tests.reliability_helpers import TcpProxy, terminate, wait_until
+from tests.reliability_helpers import (
+    TcpProxy,
+    proxied_url,
+    server_address,
+    terminate,
+    wait_until,
+)
 
 
 @contextmanager
@@ -435,8 +441,8 @@ def test_the_listener_connects_to_feed_database_url_and_survives_its_loss(
     not relay LISTEN): here the same database behind a proxy that only the listener uses, cut
     and restored while writes go on through the pool."""
     target = sa.make_url(database_url)
-    with TcpProxy((target.host or "127.0.0.1", target.port or 5432)) as proxy:
-        feed_url = target.set(port=proxy.port).render_as_string(hide_password=False)
+    with TcpProxy(server_address(target)) as proxy:
+        feed_url = proxied_url(target, proxy.port)
         with serve(settings, database, feed_database_url=feed_url) as server:
             app = server.app  # type: ignore[attr-defined]
             with server.client() as http, feed(server, user) as reader:
