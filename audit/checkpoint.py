@@ -414,7 +414,15 @@ class PeriodicCheckpoints:
             checkpoint = make_checkpoint(session, self.key, interval_seconds=self.interval)
         if checkpoint is not None:
             if self.directory is not None:
-                write_atomically(self.directory / file_name(checkpoint), checkpoint.to_json())
+                path = self.directory / file_name(checkpoint)
+                try:
+                    write_atomically(path, checkpoint.to_json())
+                except OSError as exc:
+                    # Stored and signed all the same; `audit checkpoint` can write the next.
+                    log.error(
+                        "audit checkpoint stored but not written to AUDIT_CHECKPOINT_DIR",
+                        extra={"path": str(path), "error": str(exc)},
+                    )
             log.info(
                 "audit checkpoint made",
                 extra={

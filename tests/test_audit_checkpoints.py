@@ -10,6 +10,7 @@ the database still catches it.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import subprocess
@@ -273,13 +274,28 @@ def test_the_service_makes_periodic_checkpoints(world: World, user: Any, tmp_pat
     assert status == 0, records
 
 
-def test_the_periodic_maker_skips_a_taken_interval(world: World, user: Any) -> None:
+def test_the_periodic_maker_skips_a_taken_interval(
+    world: World, user: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     make_chain(world, user, 1)
-    maker = PeriodicCheckpoints(world.db, KEY, 3600)
+    # A directory that cannot be written: the checkpoint is still stored, and the log says so.
+    maker = PeriodicCheckpoints(world.db, KEY, 3600, tmp_path / "missing")
     first = maker.run_once()
     assert first is not None
+    assert "stored but not written" in caplog.text
     assert maker.run_once() is None
     assert 0 < maker.seconds_to_next_interval() <= 3600 + 5
+    with world.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(CHECKPOINTS)).scalar() == 1
+
+
+def test_a_checkpoint_of_an_empty_log_verifies(world: World) -> None:
+    path = world.checkpoint("empty.json")
+    doc = json.loads(path.read_text())
+    assert (doc["tree_size"], doc["leaves"]) == (0, [])
+    assert doc["root_hash"] == hashlib.sha256(b"").hexdigest()  # RFC 9162's empty tree
+    status, records = world.verify("--checkpoint", str(path))
+    assert status == 0, records
 
 
 # --- tampering that plain verify cannot see -------------------------------------------------
