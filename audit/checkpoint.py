@@ -21,7 +21,8 @@ fields `format`, `created_at`, `tree_size`, `root_hash`, `previous_root_hash` an
 leaves are bound to it through the root: leaf i's data is the compact JSON array
 `["user_id",seq,"hash"]` in UTF-8, hashed as SHA-256(0x00 || data).
 
-Making one reads only the chain-head rows (one per user), never the events.
+Making one reads only the chain-head rows (one per user) and the previous checkpoint, never the
+events. A head that went back since the previous checkpoint is logged as an error at once.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from service.sqltypes import UTCDateTime
 FORMAT = "todo-api/audit-checkpoint/v1"
 # pg_advisory_xact_lock key: checkpoint makers take turns, so each links to the one before.
 LOCK_KEY = 0x746F646F_61756474  # "todoaudt"
+ALERTS_MAX = 20
 SIGNED_FIELDS = ("format", "created_at", "tree_size", "root_hash", "previous_root_hash", "key_id")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -324,11 +326,13 @@ def make_checkpoint(
         taken = exists().where(CHECKPOINTS.c.interval_start == interval_start)
         if session.execute(select(taken)).scalar():
             return None
-    previous = session.execute(
-        select(CHECKPOINTS.c.root_hash).order_by(CHECKPOINTS.c.id.desc()).limit(1)
-    ).scalar()
+    previous_id = latest_checkpoint_id(session)
+    previous = load_checkpoint(session, previous_id) if previous_id is not None else None
     rows = session.execute(select(HEADS.c.user_id, HEADS.c.seq, HEADS.c.hash))
-    checkpoint = sign_leaves(key, [Leaf(r[0], int(r[1]), r[2]) for r in rows], now, previous)
+    leaves = [Leaf(r[0], int(r[1]), r[2]) for r in rows]
+    checkpoint = sign_leaves(key, leaves, now, previous.head.root_hash if previous else None)
+    if previous is not None:
+        _alert_on_regressions(previous, checkpoint)
     head = checkpoint.head
     session.execute(
         insert(CHECKPOINTS).values(
@@ -343,6 +347,23 @@ def make_checkpoint(
         )
     )
     return checkpoint
+
+
+def _alert_on_regressions(previous: Checkpoint, checkpoint: Checkpoint) -> None:
+    """An early alarm: a chain that went back since the previous stored checkpoint was
+    truncated or rewritten in the database. The new checkpoint is signed all the same (it
+    records what is there); `audit verify --checkpoint` with the kept files is the proof."""
+    problems = list(successor_problems(previous, checkpoint))
+    for user_id, reason in problems[:ALERTS_MAX]:
+        log.error(
+            "audit chain does not extend the previous checkpoint",
+            extra={"user_id": user_id, "reason": reason},
+        )
+    if len(problems) > ALERTS_MAX:
+        log.error(
+            "audit chains that do not extend the previous checkpoint",
+            extra={"count": len(problems)},
+        )
 
 
 def latest_checkpoint_id(session: Session) -> int | None:

@@ -484,7 +484,9 @@ def test_an_altered_checkpoint_file_is_refused(
 # --- successive checkpoints ------------------------------------------------------------------
 
 
-def test_successive_checkpoints_of_a_growing_log_verify(world: World, make_user) -> None:  # type: ignore[no-untyped-def]
+def test_successive_checkpoints_of_a_growing_log_verify(  # type: ignore[no-untyped-def]
+    world: World, make_user, caplog: pytest.LogCaptureFixture
+) -> None:
     first_user = make_user()
     task = make_chain(world, first_user, 2)
     one = world.checkpoint("1.json")
@@ -495,10 +497,11 @@ def test_successive_checkpoints_of_a_growing_log_verify(world: World, make_user)
     assert status == 0, records
     assert [r["record"] for r in records].count("checkpoint") == 2
     assert not [r for r in records if r["record"] == "succession"]
+    assert "does not extend the previous checkpoint" not in caplog.text
 
 
 def test_a_later_checkpoint_that_truncates_a_history_is_inconsistent(
-    world: World, user: Any
+    world: World, user: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     make_chain(world, user, 5)
     before = world.checkpoint("before.json")
@@ -509,6 +512,10 @@ def test_a_later_checkpoint_that_truncates_a_history_is_inconsistent(
         )
         rehash(conn, user.user_id, 4)
     after = world.checkpoint("after.json")  # signed honestly, over the truncated heads
+    # ... and the maker raised the alarm as it signed.
+    alarms = [r for r in caplog.records if r.getMessage().startswith("audit chain does not")]
+    assert [getattr(r, "user_id", None) for r in alarms] == [user.user_id]
+    assert "went back from seq 5" in alarms[0].reason  # type: ignore[attr-defined]
     status, records = world.verify("--checkpoint", str(before), str(after))
     assert status == 1
     [succession] = [r for r in records if r["record"] == "succession"]
