@@ -26,18 +26,6 @@ AUDIT_TRIGGERS = ("audit_events_append_only", "audit_events_no_truncate", "audit
 CHAIN_HEAD_TRIGGERS = ("audit_chain_heads_no_delete", "audit_chain_heads_no_truncate")
 
 
-def create_task(
-    client: TestClient, user: Any, title: str = "Task", description: str | None = None
-) -> dict[str, Any]:
-    body: dict[str, Any] = {"title": title}
-    if description is not None:
-        body["description"] = description
-    response = client.post(user.url(), json=body, headers=user.headers)
-    assert response.status_code == 201, response.text
-    result: dict[str, Any] = response.json()
-    return result
-
-
 def change(client: TestClient, method: str, path: str, user: Any, **kwargs: Any) -> Any:
     """A task write through the API that must succeed."""
     response = client.request(method, user.url(path), headers=user.headers, **kwargs)

@@ -18,7 +18,8 @@ from audit.signing import SigningKey
 from service.app import create_app
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.audit_helpers import change, create_task, json_lines, run_cli, scratch_database
+from tests.audit_helpers import change, json_lines, run_cli, scratch_database
+from tests.support import create_task
 
 KEY = SigningKey.generate()
 

@@ -12,17 +12,11 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import sqlalchemy as sa
-import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -33,9 +27,11 @@ from service.database import Database, build_engine
 from service.embedded import EmbeddedPostgres
 from service.settings import AppEnv, Settings
 from tests.jwt_helpers import random_id
+from tests.support import TEST_SECRET, ApiUser, LiveServer, clean_env
+
+__all__ = ["clean_env"]  # the shared fixture, defined with the helpers
 
 REPO = Path(__file__).resolve().parent.parent
-TEST_SECRET = "test-secret-" + "s" * 40
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -127,19 +123,6 @@ def client(app: FastAPI) -> Iterator[TestClient]:
         yield test_client
 
 
-@dataclass
-class ApiUser:
-    user_id: str
-    token: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def url(self, path: str = "") -> str:
-        return f"/api/{self.user_id}/tasks{path}"
-
-
 @pytest.fixture
 def make_user(settings: Settings) -> Iterator[object]:
     """Make users with fresh Better-Auth-shaped ids and HS256 tokens signed with the secret."""
@@ -161,41 +144,6 @@ def make_user(settings: Settings) -> Iterator[object]:
 @pytest.fixture
 def user(make_user) -> ApiUser:  # type: ignore[no-untyped-def]
     return make_user()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class LiveServer:
-    """The app under uvicorn on a real socket, for tests that need real concurrency."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, workers=1
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("live server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture

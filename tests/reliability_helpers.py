@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from service.app import create_app
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.conftest import LiveServer
+from tests.support import LiveServer
 
 POLL_SECONDS = 0.02
 

@@ -16,14 +16,8 @@ from audit.chain import compute_hash
 from service.app import create_app
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.audit_helpers import (
-    change,
-    create_task,
-    events_of,
-    json_lines,
-    run_cli,
-    scratch_database,
-)
+from tests.audit_helpers import change, events_of, json_lines, run_cli, scratch_database
+from tests.support import create_task
 
 EVENT_FIELDS = [
     "id", "occurred_at", "user_id", "actor_id", "action", "entity_type", "entity_id", "before",

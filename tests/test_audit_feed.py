@@ -16,7 +16,8 @@ from service.app import create_app
 from service.database import Database
 from service.settings import Settings
 from service.tasks import rules
-from tests.audit_helpers import change, create_task, events_of
+from tests.audit_helpers import change, events_of
+from tests.support import create_task
 
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 EVENT_FIELDS = {

@@ -16,7 +16,8 @@ from audit.recorder import AuditContext
 from service.database import Database
 from service.tasks import rules
 from service.tasks.models import TaskUpdate
-from tests.audit_helpers import chain_head, create_task, events_of
+from tests.audit_helpers import chain_head, events_of
+from tests.support import create_task
 
 APPEND_ONLY = {
     "update": "UPDATE audit_events SET action = 'task.forged' WHERE id = :id",

@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 
 from audit.chain import format_timestamp
 from service.database import Database
-from tests.audit_helpers import change, create_task, events_of
+from tests.audit_helpers import change, events_of
+from tests.support import create_task
 
 
 def history_url(user: Any, task_id: int) -> str:

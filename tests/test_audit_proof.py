@@ -18,8 +18,9 @@ from audit.proof import LatestProofs, verify_proof
 from audit.signing import SigningKey, parse_public_keys
 from service.database import Database
 from service.settings import Settings
-from tests.audit_helpers import change, create_task, tampering
+from tests.audit_helpers import change, tampering
 from tests.checkpoint_helpers import KEY, World, checkpoint_world, rehash
+from tests.support import create_task
 
 
 @pytest.fixture

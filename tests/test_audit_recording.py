@@ -20,7 +20,8 @@ from service.exceptions import NotFound
 from service.settings import Settings
 from service.tasks import queries, rules
 from service.tasks.models import TaskCreate, TaskUpdate
-from tests.audit_helpers import chain_head, change, create_task, events_of
+from tests.audit_helpers import chain_head, change, events_of
+from tests.support import create_task
 
 ACTIONS = ("task.created", "task.updated", "task.completed", "task.reopened", "task.deleted")
 USER_AGENT = "audit-test/1.0"

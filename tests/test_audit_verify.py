@@ -23,15 +23,8 @@ from audit.verify import verify_chain
 from service.app import create_app
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.audit_helpers import (
-    change,
-    create_task,
-    events_of,
-    json_lines,
-    run_cli,
-    scratch_database,
-    tampering,
-)
+from tests.audit_helpers import change, events_of, json_lines, run_cli, scratch_database, tampering
+from tests.support import create_task
 
 REPO = Path(__file__).resolve().parent.parent
 CHAIN_LENGTH = 6

@@ -12,7 +12,6 @@ import hmac
 import socket
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,6 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.database import Database
 from service.settings import Settings
-from tests.conftest import TEST_SECRET, ApiUser
 from tests.jwt_helpers import (
     JwksServer,
     SigningKey,
@@ -36,31 +34,15 @@ from tests.jwt_helpers import (
     sign_hs256,
     unsigned_token,
 )
-from tests.test_tasks_api import assert_problem, create
-
-MakeUser = Callable[..., ApiUser]
-WWW_AUTHENTICATE = 'Bearer error="invalid_token"'
-
-
-@contextmanager
-def jwks_app(
-    settings: Settings, database: Database, *keys: SigningKey, **update: Any
-) -> Iterator[tuple[TestClient, JwksServer]]:
-    """The app configured for Better Auth at a local JWKS server (HS256 stays enabled)."""
-    with JwksServer(keys) as jwks:
-        changes = {
-            "better_auth_url": jwks.origin,
-            # Rotation is picked up on the first unknown kid, with no waiting in tests.
-            "jwks_min_refetch_seconds": 0,
-            **update,
-        }
-        app = create_app(settings.model_copy(update=changes), database)
-        with TestClient(app, raise_server_exceptions=False) as client:
-            yield client, jwks
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+from tests.support import (
+    TEST_SECRET,
+    WWW_AUTHENTICATE,
+    MakeUser,
+    assert_problem,
+    bearer,
+    create_task,
+    jwks_app,
+)
 
 
 def user_exists(database: Database, user_id: str) -> bool:
@@ -329,7 +311,7 @@ def test_other_users_task_is_indistinguishable_from_a_missing_one(
 ) -> None:
     """B, on B's own URL, asking for A's task id gets exactly what a missing id gets."""
     alice, bob = make_user(), make_user()
-    task = create(client, alice, "alice's", description="private")
+    task = create_task(client, alice, "alice's", description="private")
     missing_id = task["id"] + 10_000_000
 
     for (method, path, body), (_, missing_path, _) in zip(
@@ -355,7 +337,7 @@ def test_token_for_another_user_id_is_403_on_every_method(
     client: TestClient, make_user: MakeUser
 ) -> None:
     alice, bob = make_user(), make_user()
-    task = create(client, alice, "alice's")
+    task = create_task(client, alice, "alice's")
     requests: list[tuple[str, str, Any]] = [
         ("GET", "", None),
         ("POST", "", {"title": "planted"}),

@@ -647,20 +647,6 @@ def test_concurrent_verification(
 # Configuration -----------------------------------------------------------------
 
 
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (
-        "APP_ENV",
-        "BETTER_AUTH_SECRET",
-        "BETTER_AUTH_URL",
-        "BETTER_AUTH_JWKS_URL",
-        "JWT_ISSUER",
-        "JWT_AUDIENCE",
-        "JWT_LEEWAY_SECONDS",
-    ):
-        monkeypatch.delenv(name, raising=False)
-
-
 @pytest.mark.usefixtures("clean_env")
 def test_from_settings_uses_origin_for_jwks_and_explicit_values_for_hs256(
     ed_key: SigningKey, server: JwksServer

@@ -14,26 +14,15 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from service.database import Database
-from tests.conftest import TEST_SECRET, ApiUser
 from tests.jwt_helpers import random_id
+from tests.support import TEST_SECRET, ApiUser, clean_environ
 
 TODO_API = Path(sys.executable).parent / "todo-api"
-# Variables of the parent environment that would change what the command does.
-APP_VARIABLES = (
-    "APP_ENV",
-    "DATABASE_URL",
-    "BETTER_AUTH_SECRET",
-    "BETTER_AUTH_URL",
-    "BETTER_AUTH_JWKS_URL",
-    "JWT_ISSUER",
-    "JWT_AUDIENCE",
-)
 
 
 def run(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """Run `todo-api` in `tmp_path` (no .env there), with only the app variables in `env`."""
-    environment = {k: v for k, v in os.environ.items() if k not in APP_VARIABLES}
-    environment.update({"OTEL_SDK_DISABLED": "true", **env})
+    environment = clean_environ(OTEL_SDK_DISABLED="true", **env)
     return subprocess.run(
         [str(TODO_API), *args],
         cwd=tmp_path,

@@ -15,8 +15,7 @@ import httpx
 import sqlalchemy as sa
 
 from service.database import Database
-from tests.conftest import ApiUser, LiveServer
-from tests.test_tasks_api import assert_problem, create
+from tests.support import ApiUser, LiveServer, assert_problem, create_task
 
 T = TypeVar("T")
 
@@ -40,7 +39,7 @@ def test_concurrent_toggles_never_lose_an_update(
 ) -> None:
     """Two toggles at once: one sees false->true, the other true->false; back to the start."""
     with live_server.client() as http:
-        task = create(http, user, "toggle me")
+        task = create_task(http, user, "toggle me")
     url = user.url(f"/{task['id']}/complete")
     for _ in range(5):
         results = run_together(
@@ -67,7 +66,7 @@ def test_fifty_parallel_creates_make_exactly_fifty_tasks(
     live_server: LiveServer, user: ApiUser, database: Database
 ) -> None:
     def make(http: httpx.Client, index: int) -> dict[str, Any]:
-        return create(http, user, f"parallel {index}")
+        return create_task(http, user, f"parallel {index}")
 
     made = run_together(50, make, live_server)
     assert len({task["id"] for task in made}) == 50
@@ -96,7 +95,7 @@ def test_two_writers_with_the_same_etag_exactly_one_wins(
     live_server: LiveServer, user: ApiUser
 ) -> None:
     with live_server.client() as http:
-        task = create(http, user, "contended")
+        task = create_task(http, user, "contended")
         url = user.url(f"/{task['id']}")
     for round_ in range(3):
         with live_server.client() as http:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import secrets
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
@@ -21,30 +20,18 @@ from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.conftest import TEST_SECRET, ApiUser, LiveServer
-from tests.test_tasks_api import assert_problem, assert_validation_error, create
-
-MakeUser = Callable[..., ApiUser]
-LIMIT = 64 * 1024
-
-# What must never reach a client: internals of the code, the database or the token.
-LEAK_MARKERS = (
-    "Traceback",
-    'File "',
-    "sqlalchemy",
-    "psycopg",
-    "SELECT ",
-    "INSERT ",
-    "UPDATE ",
-    "DELETE FROM",
-    "forced commit failure",
+from tests.support import (
+    TEST_SECRET,
+    ApiUser,
+    LiveServer,
+    MakeUser,
+    assert_no_leak,
+    assert_problem,
+    assert_validation_error,
+    create_task,
 )
 
-
-def assert_no_leak(resp: httpx.Response, *secrets_: str) -> None:
-    for marker in (*LEAK_MARKERS, *secrets_):
-        assert marker not in resp.text, (marker, resp.text)
-
+LIMIT = 64 * 1024
 
 # Routing: 404 / 405 -------------------------------------------------------------------
 
@@ -324,7 +311,7 @@ def test_failed_commit_is_an_error_response_and_leaves_nothing(
     assert client.get(user.url(), headers=user.headers).json() == []
     assert _audit_count(database, user.user_id) == 0
 
-    task = create(client, user, "stays", description=commit_failure.doomed_description)
+    task = create_task(client, user, "stays", description=commit_failure.doomed_description)
     url = user.url(f"/{task['id']}")
     events = _audit_count(database, user.user_id)
     for method, path, body in (
@@ -350,7 +337,7 @@ def test_every_request_returns_its_connection(
     client: TestClient, make_user: MakeUser, database: Database
 ) -> None:
     alice, bob = make_user(), make_user()
-    task = create(client, alice, "pooled")
+    task = create_task(client, alice, "pooled")
     url = alice.url(f"/{task['id']}")
     stale = '"stale"'
     json_headers = {**alice.headers, "Content-Type": "application/json"}

@@ -15,7 +15,7 @@ import random
 import threading
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +29,6 @@ from audit.chain import format_timestamp
 from audit.verify import verify_chain
 from service.database import Database
 from service.settings import Settings
-from tests.conftest import ApiUser, LiveServer
 from tests.reliability_helpers import (
     SilentServer,
     TcpProxy,
@@ -41,10 +40,8 @@ from tests.reliability_helpers import (
     tracked_app,
     wait_until,
 )
-from tests.test_errors import assert_no_leak
-from tests.test_tasks_api import assert_problem
+from tests.support import ApiUser, LiveServer, MakeUser, assert_no_leak, assert_problem
 
-MakeUser = Callable[..., ApiUser]
 ACCEPTED = {200, 201, 204, 404, 412, 503}
 
 

@@ -20,9 +20,8 @@ from service.app import CORS_EXPOSE_HEADERS, create_app
 from service.database import Database
 from service.problem_types import ProblemType
 from service.settings import AppEnv, Settings
-from tests.conftest import TEST_SECRET, ApiUser
 from tests.jwt_helpers import JwksServer, better_auth_claims, generate_key, random_id, sign_hs256
-from tests.test_tasks_api import assert_problem, assert_validation_error, create
+from tests.support import TEST_SECRET, ApiUser, assert_problem, assert_validation_error, create_task
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 FRONTEND = "http://localhost:3000"
@@ -82,7 +81,7 @@ def test_each_kind_of_problem_has_its_own_type(client: TestClient, user: ApiUser
     resp = client.post(url, json={"title": ""}, headers=user.headers)
     problem_type(resp, 400, ProblemType.validation)
 
-    task = create(client, user, "typed")
+    task = create_task(client, user, "typed")
     stale = {**user.headers, "If-Match": '"stale"'}
     resp = client.put(user.url(f"/{task['id']}"), json={"title": "x"}, headers=stale)
     problem_type(resp, 412, ProblemType.precondition_failed)
@@ -240,7 +239,7 @@ def test_forwarded_headers_from_a_trusted_proxy_shape_urls_and_audit(
         assert resp.status_code == 201
         assert resp.headers["Location"].startswith(f"https://api.example.com/api/{user.user_id}/")
         assert _last_client_ip(database, user.user_id) == "203.0.113.7"
-        create(client, user, "b")
+        create_task(client, user, "b")
         listed = client.get(user.url(), params={"limit": 1}, headers=headers)
         assert listed.headers["Link"].startswith(f"<https://api.example.com/api/{user.user_id}/")
 
@@ -252,7 +251,7 @@ def test_forwarded_headers_from_anyone_else_are_ignored(
     resp = client.post(user.url(), json={"title": "a"}, headers=headers)
     assert resp.headers["Location"].startswith("http://testserver/")
     assert _last_client_ip(database, user.user_id) == "testclient"
-    create(client, user, "b")
+    create_task(client, user, "b")
     listed = client.get(user.url(), params={"limit": 1}, headers=headers)
     assert listed.headers["Link"].startswith("<http://testserver/")
 

@@ -25,7 +25,6 @@ from jwt.warnings import InsecureKeyLengthWarning
 
 from service.database import Database
 from service.settings import Settings
-from tests.conftest import TEST_SECRET, ApiUser, LiveServer
 from tests.jwt_helpers import (
     JwksServer,
     SigningKey,
@@ -36,17 +35,24 @@ from tests.jwt_helpers import (
     unsigned_token,
 )
 from tests.reliability_helpers import CountingHttpServer
-from tests.test_auth_api import WWW_AUTHENTICATE, jwks_app
-from tests.test_errors import assert_no_leak
-from tests.test_tasks_api import assert_problem, create
+from tests.support import (
+    TEST_SECRET,
+    WWW_AUTHENTICATE,
+    ApiUser,
+    LiveServer,
+    MakeUser,
+    assert_no_leak,
+    assert_problem,
+    create_task,
+    jwks_app,
+)
 
-MakeUser = Callable[..., ApiUser]
 JSON = "application/json"
 
 
 @pytest.fixture
 def task(client: TestClient, user: ApiUser) -> dict[str, Any]:
-    return create(client, user, "original", description="unchanged")
+    return create_task(client, user, "original", description="unchanged")
 
 
 def _unchanged(client: TestClient, user: ApiUser, task: dict[str, Any]) -> None:
@@ -122,7 +128,7 @@ def test_oversized_body_on_a_real_socket_is_413_for_every_write(
     body = b'{"title": "' + b"x" * (70 * 1024) + b'"}'
     headers = {**user.headers, "Content-Type": JSON}
     with live_server.client() as http:
-        task = create(http, user, "kept")
+        task = create_task(http, user, "kept")
         for method, path in (
             ("POST", ""),
             ("PUT", f"/{task['id']}"),

@@ -22,11 +22,15 @@ from fastapi.testclient import TestClient
 from service.database import Database
 from service.sqltypes import utcnow
 from service.tasks.idempotency import KEY_MAX
-from tests.conftest import ApiUser, LiveServer
 from tests.reliability_helpers import live, tracked_app, wait_until
-from tests.test_tasks_api import assert_problem, assert_validation_error, list_all
-
-MakeUser = Callable[..., ApiUser]
+from tests.support import (
+    ApiUser,
+    LiveServer,
+    MakeUser,
+    assert_problem,
+    assert_validation_error,
+    list_all,
+)
 
 
 def post(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import ast
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grimp
 
-from tests.conftest import TEST_SECRET, ApiUser
+from tests.support import TEST_SECRET, ApiUser, clean_environ
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("service", "audit", "observability")
@@ -114,12 +114,7 @@ print(json.dumps({"status": status, "loaded": loaded}))
 
 
 def _run_cli(args: list[str], database_url: str) -> dict[str, object]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "APP_ENV": "test",
-        "BETTER_AUTH_SECRET": TEST_SECRET,
-    }
+    env = clean_environ(DATABASE_URL=database_url, APP_ENV="test", BETTER_AUTH_SECRET=TEST_SECRET)
     result = subprocess.run(
         [sys.executable, "-c", _PROBE % (WEB_STACK,), *args],
         cwd=REPO,
@@ -156,3 +151,21 @@ def test_audit_commands_do_not_load_the_web_stack(  # type: ignore[no-untyped-de
     token = _run_cli(["dev-token", "someone"], database_url)
     assert token["status"] == 0
     assert "jwt" in token["loaded"]  # type: ignore[operator]
+
+
+def test_test_modules_share_helpers_through_support_only() -> None:
+    """No test module (nor helper) imports from a test module or from conftest: shared helpers
+    live in tests/support.py and the topic helper modules."""
+    offenders = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            for name in names:
+                last = name.rsplit(".", 1)[-1]
+                if name.startswith("tests.") and (last.startswith("test_") or last == "conftest"):
+                    offenders.append(f"{path.name}: {name}")
+    assert offenders == []

@@ -36,8 +36,8 @@ from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database, build_engine
 from service.settings import AppEnv, ConfigError, Settings
-from tests.conftest import ApiUser
 from tests.jwt_helpers import random_id
+from tests.support import ApiUser
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -384,11 +384,10 @@ def test_fastapi_native_telemetry_never_doubles_the_server_span(
 # Configuration ----------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("clean_env")
 def test_resource_names_the_service_and_honours_otel_service_name(
     base_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
-    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
     attributes = build_resource(base_settings.model_copy(update={"app_env": AppEnv.production}))
     assert attributes.attributes["service.name"] == "todo-api"
     assert attributes.attributes["service.version"] == metadata.version("todo-api")
@@ -412,17 +411,10 @@ def test_resource_names_the_service_and_honours_otel_service_name(
         ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://j:4318"}, []),
     ],
 )
+@pytest.mark.usefixtures("clean_env")
 def test_exporter_is_chosen_by_the_standard_variables(
     env: dict[str, str], expected: list[type], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for name in (
-        "OTEL_TRACES_EXPORTER",
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_PROTOCOL",
-        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-    ):
-        monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert [type(e) for e in span_exporters()] == expected
@@ -444,11 +436,10 @@ def test_unsupported_exporter_settings_are_refused(
         span_exporters()
 
 
+@pytest.mark.usefixtures("clean_env")
 def test_sampler_comes_from_the_standard_variables(
     base_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
-    monkeypatch.delenv("OTEL_TRACES_SAMPLER_ARG", raising=False)
     default = build_tracer_provider(base_settings)
     assert isinstance(default.sampler, sampling.ParentBased)
     assert "AlwaysOnSampler" in default.sampler.get_description()  # type: ignore[no-untyped-call]

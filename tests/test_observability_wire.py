@@ -8,10 +8,8 @@ through the flush each worker does when it shuts down.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,21 +24,15 @@ import pytest
 import sqlalchemy as sa
 
 from service.auth import create_dev_token
-from tests.conftest import TEST_SECRET
 from tests.jwt_helpers import random_id
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.support import TEST_SECRET, clean_environ, free_port
 
 # The console script installed next to the interpreter running the tests.
 TODO_API = Path(sys.executable).with_name("todo-api")
 SPAN_KIND_SERVER = 2
 SPAN_KIND_CLIENT = 3
 WORKERS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -58,13 +50,8 @@ def receiver() -> Iterator[OtlpReceiver]:
 
 @pytest.fixture
 def served(database_url: str, receiver: OtlpReceiver, tmp_path: Path) -> Iterator[Served]:
-    port = _free_port()
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("OTEL_", "LOG_", "JAEGER_"))
-    }
-    env.update(
+    port = free_port()
+    env = clean_environ(
         APP_ENV="production",
         DATABASE_URL=database_url,
         BETTER_AUTH_SECRET=TEST_SECRET,

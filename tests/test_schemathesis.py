@@ -36,8 +36,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.tasks.models import NO_NUL_PATTERN, TITLE_PATTERN, TaskCreate
-from tests.conftest import ApiUser
-from tests.test_tasks_api import create
+from tests.support import ApiUser, create_task
 
 CHECKS = [
     not_a_server_error,
@@ -91,7 +90,7 @@ def _run(strategy: Any, statuses: Counter[int]) -> None:
 def test_the_api_conforms_to_its_openapi_document(
     app: FastAPI, client: TestClient, user: ApiUser
 ) -> None:
-    ids = [create(client, user, f"seed {i}")["id"] for i in range(10)]
+    ids = [create_task(client, user, f"seed {i}")["id"] for i in range(10)]
     config = schemathesis.Config.from_dict({"headers": user.headers})
     schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
     # The change feed is an endless text/event-stream: a request/response checker would wait

@@ -9,24 +9,8 @@ from service.database import build_engine, normalize_database_url
 from service.settings import AppEnv, Settings
 
 GOOD_SECRET = "k3Qb9Z0rV8yWm2Lx7Pq4Tn6Hs1Jd5Fg0Ae8Uc3Yi"  # 41 characters, not a placeholder
-AUTH_ENV = (
-    "APP_ENV",
-    "DATABASE_URL",
-    "BETTER_AUTH_SECRET",
-    "BETTER_AUTH_URL",
-    "BETTER_AUTH_JWKS_URL",
-    "JWT_ISSUER",
-    "JWT_AUDIENCE",
-    "JWT_LEEWAY_SECONDS",
-    "CORS_ORIGINS",
-)
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test sets exactly the variables it is about."""
-    for name in AUTH_ENV:
-        monkeypatch.delenv(name, raising=False)
+# Each test sets exactly the variables it is about.
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def from_env(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable
 from dataclasses import fields
 from datetime import datetime
 from typing import Any
@@ -22,59 +21,17 @@ from service.database import Database
 from service.settings import Settings
 from service.tasks import rules
 from service.tasks.models import TaskCreate, TaskPublic
-from tests.conftest import TEST_SECRET, ApiUser
-
-PROBLEM_JSON = "application/problem+json"
-MakeUser = Callable[..., ApiUser]
-
-
-# Helpers shared by the other API test modules ---------------------------------------
-
-
-def assert_problem(resp: httpx.Response, status: int) -> dict[str, Any]:
-    """An RFC 9457 body with the right status, as every error must be."""
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"].split(";")[0] == PROBLEM_JSON
-    body: dict[str, Any] = resp.json()
-    assert body["status"] == status
-    assert isinstance(body["type"], str) and body["type"]
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    return body
-
-
-def assert_validation_error(resp: httpx.Response, *fields: str) -> dict[str, Any]:
-    """400 with an `errors` list of {field, message} naming each of `fields`."""
-    body = assert_problem(resp, 400)
-    errors = body["errors"]
-    assert isinstance(errors, list) and errors
-    for error in errors:
-        assert set(error) == {"field", "message"}
-        assert isinstance(error["field"], str) and isinstance(error["message"], str)
-    named = {error["field"] for error in errors}
-    for field in fields:
-        assert field in named, body
-    return body
-
-
-def create(
-    client: TestClient | httpx.Client, user: ApiUser, title: str = "Task", **fields: Any
-) -> dict[str, Any]:
-    resp = client.post(user.url(), json={"title": title, **fields}, headers=user.headers)
-    assert resp.status_code == 201, resp.text
-    task: dict[str, Any] = resp.json()
-    return task
-
-
-def list_all(client: TestClient, user: ApiUser, **params: Any) -> list[dict[str, Any]]:
-    resp = client.get(user.url(), params=params, headers=user.headers)
-    assert resp.status_code == 200, resp.text
-    items: list[dict[str, Any]] = resp.json()
-    return items
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+from tests.support import (
+    PROBLEM_JSON,
+    TEST_SECRET,
+    ApiUser,
+    MakeUser,
+    assert_problem,
+    assert_validation_error,
+    bearer,
+    create_task,
+    list_all,
+)
 
 
 def titles(items: list[dict[str, Any]]) -> list[str]:
@@ -133,13 +90,13 @@ def test_title_is_trimmed_and_bounded_after_trimming(
     client: TestClient, user: ApiUser, title: str, stored: str
 ) -> None:
     """The 1..200 limit applies to the trimmed title, counted in characters."""
-    assert create(client, user, title)["title"] == stored
+    assert create_task(client, user, title)["title"] == stored
 
 
 def test_description_bounds_and_null(client: TestClient, user: ApiUser) -> None:
-    assert create(client, user, description="d" * 1000)["description"] == "d" * 1000
-    assert create(client, user, description=None)["description"] is None
-    assert create(client, user)["description"] is None
+    assert create_task(client, user, description="d" * 1000)["description"] == "d" * 1000
+    assert create_task(client, user, description=None)["description"] is None
+    assert create_task(client, user)["description"] is None
 
 
 @pytest.mark.parametrize(
@@ -198,8 +155,8 @@ def test_create_rejects_bad_json_without_500(client: TestClient, user: ApiUser, 
 
 
 def test_list_defaults_to_all_newest_first(client: TestClient, user: ApiUser) -> None:
-    first = create(client, user, "first")
-    second = create(client, user, "second")
+    first = create_task(client, user, "first")
+    second = create_task(client, user, "second")
     client.patch(user.url(f"/{first['id']}/complete"), headers=user.headers)
     resp = client.get(user.url(), headers=user.headers)
     assert resp.status_code == 200
@@ -209,8 +166,8 @@ def test_list_defaults_to_all_newest_first(client: TestClient, user: ApiUser) ->
 
 
 def test_status_filter(client: TestClient, user: ApiUser) -> None:
-    done = create(client, user, "done")
-    create(client, user, "open")
+    done = create_task(client, user, "done")
+    create_task(client, user, "open")
     client.patch(user.url(f"/{done['id']}/complete"), headers=user.headers)
     assert titles(list_all(client, user, status="completed")) == ["done"]
     assert titles(list_all(client, user, status="pending")) == ["open"]
@@ -222,9 +179,9 @@ def test_status_filter(client: TestClient, user: ApiUser) -> None:
 def test_search_is_case_insensitive_in_title_and_description(
     client: TestClient, user: ApiUser
 ) -> None:
-    create(client, user, "Buy MILK")
-    create(client, user, "Groceries", description="oat milk and bread")
-    create(client, user, "Call mum")
+    create_task(client, user, "Buy MILK")
+    create_task(client, user, "Groceries", description="oat milk and bread")
+    create_task(client, user, "Call mum")
     assert sorted(titles(list_all(client, user, q="milk"))) == ["Buy MILK", "Groceries"]
     assert titles(list_all(client, user, q="BREAD")) == ["Groceries"]
     assert titles(list_all(client, user, q="mUm")) == ["Call mum"]
@@ -247,14 +204,14 @@ def test_search_takes_wildcards_literally(
 ) -> None:
     """`%` and `_` are characters to find, not LIKE patterns."""
     for title in ("100% sure", "1000 things", "a_b", "axb", "c/d", "back\\slash"):
-        create(client, user, title)
+        create_task(client, user, title)
     assert titles(list_all(client, user, q=q)) == expected
 
 
 def test_search_with_status_filter_and_count(client: TestClient, user: ApiUser) -> None:
-    done = create(client, user, "report A")
-    create(client, user, "report B")
-    create(client, user, "other")
+    done = create_task(client, user, "report A")
+    create_task(client, user, "report B")
+    create_task(client, user, "other")
     client.patch(user.url(f"/{done['id']}/complete"), headers=user.headers)
     resp = client.get(user.url(), params={"q": "report", "status": "pending"}, headers=user.headers)
     assert titles(resp.json()) == ["report B"]
@@ -263,10 +220,10 @@ def test_search_with_status_filter_and_count(client: TestClient, user: ApiUser) 
 
 def test_sort_and_order(client: TestClient, user: ApiUser) -> None:
     """Every sort field in both orders; equal keys are ordered by id, the same way."""
-    a = create(client, user, "bravo")
-    b = create(client, user, "alpha")
-    c = create(client, user, "charlie")
-    d = create(client, user, "alpha")  # ties with b on title
+    a = create_task(client, user, "bravo")
+    b = create_task(client, user, "alpha")
+    c = create_task(client, user, "charlie")
+    d = create_task(client, user, "alpha")  # ties with b on title
     ids = {t["id"]: name for t, name in ((a, "a"), (b, "b"), (c, "c"), (d, "d"))}
 
     def order(**params: str) -> list[str]:
@@ -286,7 +243,7 @@ def test_sort_and_order(client: TestClient, user: ApiUser) -> None:
 
 def test_sort_ties_are_broken_by_id(client: TestClient, user: ApiUser) -> None:
     """Same title everywhere: the only stable order is the id."""
-    made = [create(client, user, "same")["id"] for _ in range(4)]
+    made = [create_task(client, user, "same")["id"] for _ in range(4)]
     assert [t["id"] for t in list_all(client, user, sort="title")] == sorted(made, reverse=True)
     assert [t["id"] for t in list_all(client, user, sort="title", order="asc")] == sorted(made)
 
@@ -302,7 +259,7 @@ def _next_link(resp: httpx.Response) -> str | None:
 
 def test_pagination_with_total_and_next_link(client: TestClient, user: ApiUser) -> None:
     """Following rel="next" visits every task once, in order; the last page has no Link."""
-    made = [create(client, user, f"t{i}")["id"] for i in range(5)]
+    made = [create_task(client, user, f"t{i}")["id"] for i in range(5)]
     resp = client.get(user.url(), params={"limit": 2}, headers=user.headers)
     seen: list[int] = []
     pages = 0
@@ -328,8 +285,8 @@ def test_pagination_with_total_and_next_link(client: TestClient, user: ApiUser) 
 
 def test_pagination_keeps_filters_in_next_link(client: TestClient, user: ApiUser) -> None:
     for i in range(3):
-        create(client, user, f"match {i}")
-    create(client, user, "other")
+        create_task(client, user, f"match {i}")
+    create_task(client, user, "other")
     resp = client.get(
         user.url(),
         params={"q": "match", "limit": 2, "sort": "title", "order": "asc"},
@@ -395,7 +352,7 @@ def test_search_with_nul_is_400(client: TestClient, user: ApiUser) -> None:
 
 def test_put_is_partial(client: TestClient, user: ApiUser) -> None:
     """Absent fields stay; description null clears it; created_at never moves."""
-    task = create(client, user, "Write report", description="by Friday")
+    task = create_task(client, user, "Write report", description="by Friday")
     url = user.url(f"/{task['id']}")
 
     done = client.put(url, json={"completed": True}, headers=user.headers).json()
@@ -426,7 +383,7 @@ def test_put_is_partial(client: TestClient, user: ApiUser) -> None:
 
 
 def test_updated_at_strictly_increases_on_every_change(client: TestClient, user: ApiUser) -> None:
-    task = create(client, user, "tick")
+    task = create_task(client, user, "tick")
     url = user.url(f"/{task['id']}")
     stamps = [ts(task["updated_at"])]
     for i in range(6):
@@ -460,7 +417,7 @@ def test_updated_at_strictly_increases_on_every_change(client: TestClient, user:
 def test_put_rejects_invalid_bodies_and_changes_nothing(
     client: TestClient, user: ApiUser, body: Any, field: str
 ) -> None:
-    task = create(client, user, "keep", description="as is")
+    task = create_task(client, user, "keep", description="as is")
     url = user.url(f"/{task['id']}")
     kwargs: dict[str, Any] = {"json": body} if body is not None else {}
     assert_validation_error(client.put(url, headers=user.headers, **kwargs), field)
@@ -471,7 +428,7 @@ def test_put_rejects_invalid_bodies_and_changes_nothing(
 
 
 def test_delete_then_gone_for_every_method(client: TestClient, user: ApiUser) -> None:
-    task = create(client, user, "temporary")
+    task = create_task(client, user, "temporary")
     url = user.url(f"/{task['id']}")
     resp = client.delete(url, headers=user.headers)
     assert resp.status_code == 204 and resp.content == b""
@@ -486,7 +443,7 @@ def test_delete_then_gone_for_every_method(client: TestClient, user: ApiUser) ->
 
 
 def test_patch_without_body_toggles(client: TestClient, user: ApiUser) -> None:
-    task = create(client, user)
+    task = create_task(client, user)
     url = user.url(f"/{task['id']}/complete")
     assert client.patch(url, headers=user.headers).json()["completed"] is True
     assert client.patch(url, headers=user.headers).json()["completed"] is False
@@ -498,7 +455,7 @@ def test_patch_without_body_toggles(client: TestClient, user: ApiUser) -> None:
 
 def test_patch_with_body_sets(client: TestClient, user: ApiUser) -> None:
     """Setting is idempotent: true twice stays true (and the second is not a change)."""
-    task = create(client, user)
+    task = create_task(client, user)
     url = user.url(f"/{task['id']}/complete")
     first = client.patch(url, json={"completed": True}, headers=user.headers)
     assert first.json()["completed"] is True
@@ -516,7 +473,7 @@ def test_patch_with_body_sets(client: TestClient, user: ApiUser) -> None:
     "body", [{}, {"completed": None}, {"completed": "sure"}, {"completed": True, "x": 1}, [True]]
 )
 def test_patch_rejects_invalid_bodies(client: TestClient, user: ApiUser, body: Any) -> None:
-    task = create(client, user)
+    task = create_task(client, user)
     url = user.url(f"/{task['id']}")
     assert_validation_error(client.patch(url + "/complete", json=body, headers=user.headers))
     assert client.get(url, headers=user.headers).json()["completed"] is False
@@ -551,7 +508,7 @@ def test_etag_on_every_task_response_and_changes_with_the_task(
 )
 def test_if_match(client: TestClient, user: ApiUser, method: str, path: str, body: Any) -> None:
     """A stale tag is 412 and changes nothing; the current tag (or none) goes through."""
-    task = create(client, user, "original")
+    task = create_task(client, user, "original")
     url = user.url(f"/{task['id']}")
     stale = client.get(url, headers=user.headers).headers["ETag"]
     client.put(url, json={"description": "moved on"}, headers=user.headers)

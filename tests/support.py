@@ -1,0 +1,210 @@
+"""What the test modules share: the API user, a live server, the task-creating helper, the
+assertions every error response must pass, and a clean environment.
+
+Test modules import helpers from here (or from the topic helpers beside it: jwt_helpers,
+audit_helpers, reliability_helpers, ...), never from each other or from conftest;
+tests/test_layout.py checks it. Fixtures live in conftest.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.database import Database
+from service.settings import Settings
+from tests.jwt_helpers import JwksServer, SigningKey
+
+TEST_SECRET = "test-secret-" + "s" * 40
+PROBLEM_JSON = "application/problem+json"
+WWW_AUTHENTICATE = 'Bearer error="invalid_token"'
+
+
+# Users and servers --------------------------------------------------------------------
+
+
+@dataclass
+class ApiUser:
+    user_id: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def url(self, path: str = "") -> str:
+        return f"/api/{self.user_id}/tasks{path}"
+
+
+MakeUser = Callable[..., ApiUser]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """The app under uvicorn on a real socket, for tests that need real concurrency."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, workers=1
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("live server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+
+@contextmanager
+def jwks_app(
+    settings: Settings, database: Database, *keys: SigningKey, **update: Any
+) -> Iterator[tuple[TestClient, JwksServer]]:
+    """The app configured for Better Auth at a local JWKS server (HS256 stays enabled)."""
+    with JwksServer(keys) as jwks:
+        changes = {
+            "better_auth_url": jwks.origin,
+            # Rotation is picked up on the first unknown kid, with no waiting in tests.
+            "jwks_min_refetch_seconds": 0,
+            **update,
+        }
+        app = create_app(settings.model_copy(update=changes), database)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield client, jwks
+
+
+# Tasks through the API ----------------------------------------------------------------
+
+_OMITTED: Any = object()
+
+
+def create_task(
+    client: TestClient | httpx.Client,
+    user: ApiUser,
+    title: str = "Task",
+    description: Any = _OMITTED,
+    **fields: Any,
+) -> dict[str, Any]:
+    """POST a task that must be created (201); `description=None` sends an explicit null."""
+    body: dict[str, Any] = {"title": title, **fields}
+    if description is not _OMITTED:
+        body["description"] = description
+    resp = client.post(user.url(), json=body, headers=user.headers)
+    assert resp.status_code == 201, resp.text
+    task: dict[str, Any] = resp.json()
+    return task
+
+
+def list_all(client: TestClient, user: ApiUser, **params: Any) -> list[dict[str, Any]]:
+    resp = client.get(user.url(), params=params, headers=user.headers)
+    assert resp.status_code == 200, resp.text
+    items: list[dict[str, Any]] = resp.json()
+    return items
+
+
+# What every error response must be ----------------------------------------------------
+
+
+def assert_problem(resp: httpx.Response, status: int) -> dict[str, Any]:
+    """An RFC 9457 body with the right status, as every error must be."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].split(";")[0] == PROBLEM_JSON
+    body: dict[str, Any] = resp.json()
+    assert body["status"] == status
+    assert isinstance(body["type"], str) and body["type"]
+    assert isinstance(body["title"], str) and body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    return body
+
+
+def assert_validation_error(resp: httpx.Response, *fields: str) -> dict[str, Any]:
+    """400 with an `errors` list of {field, message} naming each of `fields`."""
+    body = assert_problem(resp, 400)
+    errors = body["errors"]
+    assert isinstance(errors, list) and errors
+    for error in errors:
+        assert set(error) == {"field", "message"}
+        assert isinstance(error["field"], str) and isinstance(error["message"], str)
+    named = {error["field"] for error in errors}
+    for field in fields:
+        assert field in named, body
+    return body
+
+
+# What must never reach a client: internals of the code, the database or the token.
+LEAK_MARKERS = (
+    "Traceback",
+    'File "',
+    "sqlalchemy",
+    "psycopg",
+    "SELECT ",
+    "INSERT ",
+    "UPDATE ",
+    "DELETE FROM",
+    "forced commit failure",
+)
+
+
+def assert_no_leak(resp: httpx.Response, *secrets_: str) -> None:
+    for marker in (*LEAK_MARKERS, *secrets_):
+        assert marker not in resp.text, (marker, resp.text)
+
+
+# The environment ----------------------------------------------------------------------
+
+# Every variable the settings read (pydantic-settings: the field name, upper-cased).
+APP_ENV_VARS = tuple(name.upper() for name in Settings.model_fields)
+
+
+def _outside(name: str) -> bool:
+    return name in APP_ENV_VARS or name.startswith("OTEL_")
+
+
+def clean_environ(**env: str) -> dict[str, str]:
+    """os.environ without the app's and OpenTelemetry's variables, plus `env`: for a
+    subprocess that must see exactly the configuration a test gives it."""
+    return {**{k: v for k, v in os.environ.items() if not _outside(k)}, **env}
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No app or OpenTelemetry variable from the caller's shell: each test sets exactly the
+    variables it is about."""
+    for name in list(os.environ):
+        if _outside(name):
+            monkeypatch.delenv(name)
