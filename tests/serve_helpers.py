@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +10,9 @@ from pathlib import Path
 
 import httpx
 
+from tests.support import clean_environ, free_port
+
 TODO_API = Path(sys.executable).parent / "todo-api"
-# Variables of the parent environment that would change what the server does.
-_INHERITED_PREFIXES = ("OTEL_", "LOG_", "JAEGER_", "BETTER_AUTH_", "JWT_", "METRICS_", "RATE_")
-_INHERITED_NAMES = {"APP_ENV", "DATABASE_URL", "REDIS_URL", "CORS_ORIGINS", "TRUSTED_PROXIES"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class ServeProcess:
@@ -40,12 +31,8 @@ class ServeProcess:
         return self.launch().wait_ready(timeout)
 
     def launch(self) -> ServeProcess:
-        environment = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(_INHERITED_PREFIXES) and key not in _INHERITED_NAMES
-        }
-        environment.update({"OTEL_SDK_DISABLED": "true", "LOG_FORMAT": "json", **self.env})
+        # None of the parent's app or OpenTelemetry variables: only what the test gives.
+        environment = clean_environ(OTEL_SDK_DISABLED="true", LOG_FORMAT="json", **self.env)
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [

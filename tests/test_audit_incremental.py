@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.audit_helpers import change, create_task, scratch_database, tampering
+from tests.audit_helpers import change, scratch_database, tampering
+from tests.support import create_task
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from dockerfile_parse import DockerfileParser
 from service.auth import create_dev_token
 from service.cli import build_parser
 from service.settings import Settings
-from tests.conftest import TEST_SECRET
 from tests.jwt_helpers import random_id
 from tests.serve_helpers import ServeProcess
+from tests.support import TEST_SECRET
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -15,7 +15,7 @@ from service.database import Database
 from service.settings import Settings
 from service.sqltypes import utcnow
 from service.tasks.idempotency import purge_expired
-from tests.conftest import ApiUser
+from tests.support import ApiUser
 
 
 def _insert_keys(database: Database, user_id: str, count: int, age: timedelta) -> None:

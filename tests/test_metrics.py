@@ -29,9 +29,9 @@ from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.conftest import TEST_SECRET, ApiUser
 from tests.jwt_helpers import random_id
-from tests.serve_helpers import ServeProcess, free_port
+from tests.serve_helpers import ServeProcess
+from tests.support import TEST_SECRET, ApiUser, free_port
 
 _reader: InMemoryMetricReader | None = None
 

@@ -16,8 +16,7 @@ from pydantic import SecretStr, ValidationError
 from service.app import create_app
 from service.database import Database
 from service.settings import Settings
-from tests.conftest import ApiUser
-from tests.serve_helpers import free_port
+from tests.support import ApiUser, free_port
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

@@ -25,9 +25,9 @@ import sqlalchemy as sa
 
 from audit.verify import verify_chain
 from service.auth import create_dev_token
-from tests.conftest import TEST_SECRET
 from tests.jwt_helpers import random_id
 from tests.serve_helpers import ServeProcess
+from tests.support import TEST_SECRET
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DRAIN_SECONDS = 0.5
