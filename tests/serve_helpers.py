@@ -32,7 +32,8 @@ class ServeProcess:
 
     def launch(self) -> ServeProcess:
         # None of the parent's app or OpenTelemetry variables: only what the test gives.
-        environment = clean_environ(OTEL_SDK_DISABLED="true", LOG_FORMAT="json", **self.env)
+        defaults = {"OTEL_SDK_DISABLED": "true", "LOG_FORMAT": "json"}
+        environment = clean_environ(**{**defaults, **self.env})
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(
                 [

@@ -6,6 +6,7 @@ import ast
 import json
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,22 @@ def test_import_contracts_are_kept() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 broken" in result.stdout
+
+
+# Modules of `service` that may import the features: they wire them in.
+WIRING = {"service.app", "service.cli", "service.maintenance"}
+FEATURES = {"service.tasks"}
+
+
+def test_every_service_module_is_wiring_feature_or_plumbing() -> None:
+    """A new module of `service` must be classified, so that the plumbing contract covers it."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["importlinter"]
+    (plumbing,) = [c for c in config["contracts"] if c["id"] == "plumbing-without-features"]
+    classified = WIRING | FEATURES | {m for m in plumbing["source_modules"] if m != "observability"}
+    graph = grimp.build_graph("service", cache_dir=None)
+    top_level = {m for m in graph.modules if m.count(".") == 1}
+    assert top_level == classified
+    assert set(plumbing["forbidden_modules"]) >= WIRING | FEATURES | {"audit"}
 
 
 def _cycles(graph: grimp.ImportGraph) -> list[list[str]]:
