@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import TEST_SECRET, _free_port
+from tests.support import TEST_SECRET, free_port
 
 TODO_API = Path(sys.executable).parent / "todo-api"
 
@@ -22,7 +22,7 @@ class Instance:
     """One `todo-api serve --no-migrate` process; its output goes to a temporary file."""
 
     def __init__(self, database_url: str, **env: Any) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="todo-api-", suffix=".log")  # noqa: SIM115
         environment = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,11 +21,11 @@ import pytest
 import sqlalchemy as sa
 
 from service.embedded import EmbeddedPostgres
+from tests.support import clean_environ, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TODO_API = Path(sys.executable).parent / "todo-api"
 # What would make the command use another database or another configuration.
-APP_VARIABLES = ("APP_ENV", "DATABASE_URL", "BETTER_AUTH_SECRET", "BETTER_AUTH_URL")
 
 
 def postgres_processes(data_dir: Path) -> list[psutil.Process]:
@@ -196,16 +195,8 @@ def test_a_postmaster_pid_file_left_by_a_crash_is_recovered(home: Path) -> None:
 # `todo-api serve` with no DATABASE_URL --------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _environment() -> dict[str, str]:
-    environment = {k: v for k, v in os.environ.items() if k not in APP_VARIABLES}
-    environment["OTEL_SDK_DISABLED"] = "true"
-    return environment
+    return clean_environ(OTEL_SDK_DISABLED="true")
 
 
 def serve(workdir: Path, port: int) -> subprocess.Popen[str]:
@@ -237,7 +228,7 @@ def stop(process: subprocess.Popen[str], signum: int) -> str:
 
 def test_serve_without_database_url_keeps_tasks_across_a_restart(workdir: Path) -> None:
     data_dir = workdir / ".todo-api-pg" / "data"
-    port = _free_port()
+    port = free_port()
     token = subprocess.run(
         [str(TODO_API), "dev-token", "alice"],
         cwd=workdir,

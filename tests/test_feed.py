@@ -23,7 +23,6 @@ from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database
 from service.settings import Settings
-from tests.conftest import TEST_SECRET, ApiUser, LiveServer
 from tests.feed_helpers import FeedReader, wait_listening, wait_streams
 from tests.reliability_helpers import (
     TcpProxy,
@@ -32,6 +31,7 @@ from tests.reliability_helpers import (
     terminate,
     wait_until,
 )
+from tests.support import TEST_SECRET, ApiUser, LiveServer
 
 
 @contextmanager

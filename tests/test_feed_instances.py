@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ApiUser
 from tests.feed_helpers import FeedReader
 from tests.instances import Instance
+from tests.support import ApiUser
 
 
 @pytest.fixture
