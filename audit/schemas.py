@@ -70,6 +70,10 @@ def trace_url(base: str | None, trace_id: str | None) -> str | None:
     return f"{base.rstrip('/')}/trace/{trace_id}"
 
 
+# Stored as recorded (JSON), documented as the task's shape.
+TaskState = Annotated[dict[str, Any], WithJsonSchema({"$ref": "#/components/schemas/TaskSnapshot"})]
+
+
 class AuditEventPublic(BaseModel):
     """One audit event: every stored column except `xact_id` (a PostgreSQL transaction
     number, meaningful only inside the database)."""
@@ -79,11 +83,11 @@ class AuditEventPublic(BaseModel):
     occurred_at: UtcTimestamp = Field(description="Database clock when the change was recorded")
     user_id: str
     actor_id: str
-    action: str = Field(examples=[a.value for a in AuditAction])
+    action: AuditAction
     entity_type: str
     entity_id: str
-    before: dict[str, Any] | None = Field(description="Full task state; null on create")
-    after: dict[str, Any] | None = Field(description="Full task state; null on delete")
+    before: TaskState | None = Field(description="Full task state; null on create")
+    after: TaskState | None = Field(description="Full task state; null on delete")
     changes: dict[str, Any] = Field(description="`{field: [old, new]}`")
     request_id: str | None
     trace_id: str | None

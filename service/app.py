@@ -28,6 +28,7 @@ from observability.metrics import (
 from observability.tracing import build_resource, service_version
 from service.auth import TokenVerifier
 from service.database import Database
+from service.docs import install_docs
 from service.errors import install_error_handlers
 from service.events.hub import FeedHub
 from service.events.routes import router as events_router
@@ -42,6 +43,7 @@ from service.middleware import (
     UnhandledErrorMiddleware,
 )
 from service.ratelimit import RateLimiter, RateLimitHeadersMiddleware, install_rate_limits
+from service.openapi import operation_id
 from service.settings import Settings, get_settings, origin_of
 from service.tasks.routes import router as tasks_router
 from service.users import UserProvisioner
@@ -140,6 +142,10 @@ def create_app(
         version=service_version(),
         summary="Tasks of signed-in users, with an audit trail.",
         lifespan=lifespan,
+        servers=[{"url": "/", "description": "This server"}],
+        generate_unique_id_function=operation_id,
+        docs_url=None,  # self-hosted assets: service.docs
+        redoc_url=None,
         # Tracing is set up by `observability` with the OpenTelemetry instrumentation;
         # FastAPI's own telemetry would add a second SERVER span and operation spans to
         # every request (tests/test_observability.py checks there is one).
@@ -161,6 +167,7 @@ def create_app(
 
     install_error_handlers(app)
     install_rate_limits(app, RateLimiter(settings))
+    install_docs(app)
     app.include_router(health_router)
     if settings.metrics_enabled and settings.metrics_port is None:
         app.include_router(metrics_router)

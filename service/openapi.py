@@ -6,7 +6,10 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, Field
+
+from service.problem_types import PROBLEM_TYPE_BASE
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -19,7 +22,12 @@ class FieldError(BaseModel):
 class Problem(BaseModel):
     """RFC 9457 problem details: the body of every error response."""
 
-    type: str = "about:blank"
+    type: str = Field(
+        default="about:blank",
+        description=f"What kind of problem: `{PROBLEM_TYPE_BASE}<kind>` (see the README's "
+        "table), or `about:blank`. Branch on this, not on `detail`.",
+        examples=[f"{PROBLEM_TYPE_BASE}token-expired"],
+    )
     title: str
     status: int
     detail: str
@@ -53,6 +61,63 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
+# Response headers, documented once; routes name the ones they send.
+_HEADERS: dict[str, dict[str, Any]] = {
+    "ETag": {
+        "description": "The task's version; send it back in `If-Match` to update safely.",
+        "schema": {"type": "string", "examples": ['"7-3"']},
+    },
+    "Location": {
+        "description": "URL of the created task.",
+        "schema": {"type": "string", "format": "uri"},
+    },
+    "Link": {
+        "description": 'RFC 8288 `<url>; rel="next"` while more tasks remain.',
+        "schema": {"type": "string"},
+    },
+    "X-Total-Count": {
+        "description": "How many tasks match the filters, over all pages.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    "Idempotent-Replayed": {
+        "description": "`true` when this is the stored answer to an earlier request with the "
+        "same `Idempotency-Key`.",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+    "X-Request-ID": {
+        "description": "The request's id (the client's if well-formed), also in the logs and "
+        "the audit log.",
+        "schema": {"type": "string", "maxLength": 128},
+    },
+    "X-Trace-Id": {
+        "description": "The OpenTelemetry trace id of the request.",
+        "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    "WWW-Authenticate": {
+        "description": 'RFC 6750 challenge: `Bearer error="invalid_token"`.',
+        "schema": {"type": "string"},
+    },
+}
+
+# Operations that carry no bearer token.
+_PUBLIC_OPERATIONS = {"healthz", "readyz"}
+
+
+def with_headers(*names: str) -> dict[str, Any]:
+    """A `responses` entry documenting the headers a success response carries."""
+    return {"headers": {name: _HEADERS[name] for name in names}}
+
+
+def operation_id(route: APIRoute) -> str:
+    """`list_tasks` -> `listTasks`: names that read well in generated clients."""
+    head, *rest = route.name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
 def _problem_docs(schema: dict[str, Any]) -> None:
     """Rewrite FastAPI's generated schema in place to match what the handlers send.
 
@@ -65,10 +130,21 @@ def _problem_docs(schema: dict[str, Any]) -> None:
                 continue
             responses = operation.get("responses", {})
             responses.pop("422", None)
+            public = operation.get("operationId") in _PUBLIC_OPERATIONS
+            if public:
+                operation["security"] = []
             for code, response in responses.items():
                 content = response.get("content", {})
                 if code[:1] in {"4", "5"} and "application/json" in content:
                     content[PROBLEM_JSON] = content.pop("application/json")
+                headers = response.setdefault("headers", {})
+                names = ["X-Request-ID"] + ([] if public else ["X-Trace-Id"])
+                if code == "401":
+                    names.append("WWW-Authenticate")
+                if code in {"429", "503"}:
+                    names.append("Retry-After")
+                for name in names:
+                    headers.setdefault(name, _HEADERS[name])
     schemas = schema.get("components", {}).get("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)

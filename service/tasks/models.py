@@ -104,7 +104,8 @@ Title = Annotated[
         min_length=1,
         max_length=TITLE_MAX * 4,
         examples=["Buy milk"],
-        json_schema_extra={"pattern": TITLE_PATTERN},
+        # The documented limit is the one that counts (after trimming), not the raw bound.
+        json_schema_extra={"pattern": TITLE_PATTERN, "maxLength": TITLE_MAX},
     ),
     AfterValidator(_no_nul),
     AfterValidator(_clean_title),

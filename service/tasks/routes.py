@@ -10,7 +10,7 @@ from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 from audit.deps import AuditCtx
 from service.deps import CurrentUser, SessionDep, TaskIdPath, UserIdPath
 from service.exceptions import InvalidInput
-from service.openapi import error_responses
+from service.openapi import error_responses, with_headers
 from service.responses import json_response
 from service.tasks import idempotency, queries, rules
 from service.tasks.models import (
@@ -64,7 +64,7 @@ def _no_nul(value: str | None) -> str | None:
 @router.get(
     "",
     response_model=list[TaskPublic],
-    responses=error_responses(400, 401, 403),
+    responses={200: with_headers("X-Total-Count", "Link"), **error_responses(400, 401, 403)},
     summary="List the user's tasks",
 )
 def list_tasks(
@@ -100,7 +100,10 @@ def list_tasks(
     "",
     response_model=TaskPublic,
     status_code=status.HTTP_201_CREATED,
-    responses=error_responses(400, 401, 403, 409, 413, 415),
+    responses={
+        201: with_headers("Location", "ETag", "Idempotent-Replayed"),
+        **error_responses(400, 401, 403, 409, 413, 415),
+    },
     summary="Create a task",
 )
 def create_task(
@@ -143,7 +146,7 @@ def _created(
 @router.get(
     "/{task_id}",
     response_model=TaskPublic,
-    responses=error_responses(400, 401, 403, 404),
+    responses={200: with_headers("ETag"), **error_responses(400, 401, 403, 404)},
     summary="Get a task",
     name="get_task",
 )
@@ -154,7 +157,7 @@ def get_task(user: CurrentUser, session: SessionDep, task_id: TaskIdPath) -> Any
 @router.put(
     "/{task_id}",
     response_model=TaskPublic,
-    responses=error_responses(400, 401, 403, 404, 412, 413, 415),
+    responses={200: with_headers("ETag"), **error_responses(400, 401, 403, 404, 412, 413, 415)},
     summary="Update a task (partial: absent fields stay as they are)",
 )
 def update_task(
@@ -189,7 +192,7 @@ def delete_task(
 @router.patch(
     "/{task_id}/complete",
     response_model=TaskPublic,
-    responses=error_responses(400, 401, 403, 404, 412, 413, 415),
+    responses={200: with_headers("ETag"), **error_responses(400, 401, 403, 404, 412, 413, 415)},
     summary='Toggle completion, or set it with {"completed": true|false}',
 )
 def complete_task(

@@ -1,0 +1,147 @@
+"""The documentation a frontend developer reads and generates clients from: self-hosted
+Swagger UI and ReDoc, and an OpenAPI document that says what the server does."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from openapi_spec_validator import validate
+
+from service.models import DESCRIPTION_MAX, TITLE_MAX
+from service.problem_types import PROBLEM_TYPE_BASE
+
+OPERATION_IDS = {
+    ("/healthz", "get"): "healthz",
+    ("/readyz", "get"): "readyz",
+    ("/api/{user_id}/tasks", "get"): "listTasks",
+    ("/api/{user_id}/tasks", "post"): "createTask",
+    ("/api/{user_id}/tasks/{task_id}", "get"): "getTask",
+    ("/api/{user_id}/tasks/{task_id}", "put"): "updateTask",
+    ("/api/{user_id}/tasks/{task_id}", "delete"): "deleteTask",
+    ("/api/{user_id}/tasks/{task_id}/complete", "patch"): "completeTask",
+    ("/api/{user_id}/audit-events", "get"): "listAuditEvents",
+    ("/api/{user_id}/audit-events/verify", "get"): "verifyAuditChain",
+    ("/api/{user_id}/tasks/{task_id}/history", "get"): "taskHistory",
+}
+
+
+@pytest.fixture
+def spec(client: TestClient) -> dict[str, Any]:
+    document: dict[str, Any] = client.get("/openapi.json").json()
+    return document
+
+
+def _operations(spec: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {
+        (path, method): operation
+        for path, item in spec["paths"].items()
+        for method, operation in item.items()
+    }
+
+
+# Swagger UI and ReDoc -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_load_nothing_from_another_host(client: TestClient, page: str) -> None:
+    resp = client.get(page)
+    assert resp.status_code == 200
+    html = resp.text
+    # Every src/href is a path on this server: no CDN, no fonts from elsewhere.
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html)
+    assert urls, html
+    for url in urls:
+        assert url.startswith("/") and not url.startswith("//"), url
+    assert "cdn." not in html and "googleapis" not in html and "unpkg" not in html
+    for url in urls:
+        asset = client.get(url)
+        assert asset.status_code == 200, url
+        assert len(asset.content) > 100, url
+
+
+def test_swagger_ui_and_redoc_bundles_are_the_real_scripts(client: TestClient) -> None:
+    swagger = client.get("/docs-assets/swagger-ui-bundle.js")
+    assert "SwaggerUIBundle" in swagger.text[:2000]
+    redoc = client.get("/docs-assets/redoc.standalone.js")
+    assert "Redoc" in redoc.text[:2000]
+
+
+# The OpenAPI document -------------------------------------------------------------------
+
+
+def test_openapi_document_is_valid(spec: dict[str, Any]) -> None:
+    validate(spec)  # raises on any violation of the OpenAPI 3.1 schema
+
+
+def test_operation_ids_read_well_in_generated_code(spec: dict[str, Any]) -> None:
+    found = {key: op["operationId"] for key, op in _operations(spec).items()}
+    assert found == OPERATION_IDS
+
+
+def test_servers_are_declared(spec: dict[str, Any]) -> None:
+    assert spec["servers"] == [{"url": "/", "description": "This server"}]
+
+
+def test_every_api_route_has_security_and_health_routes_have_none(spec: dict[str, Any]) -> None:
+    for (path, method), operation in _operations(spec).items():
+        if path.startswith("/api/"):
+            assert operation["security"] == [{"HTTPBearer": []}], (path, method)
+        else:
+            assert operation["security"] == [], (path, method)
+
+
+def _headers(spec: dict[str, Any], op_id: str, code: str) -> set[str]:
+    for operation in _operations(spec).values():
+        if operation["operationId"] == op_id:
+            return set(operation["responses"][code].get("headers", {}))
+    raise AssertionError(op_id)
+
+
+def test_response_headers_are_documented_per_operation(spec: dict[str, Any]) -> None:
+    assert {"X-Total-Count", "Link", "X-Request-ID", "X-Trace-Id"} <= _headers(
+        spec, "listTasks", "200"
+    )
+    assert {"Location", "ETag", "Idempotent-Replayed"} <= _headers(spec, "createTask", "201")
+    for op_id in ("getTask", "updateTask", "completeTask"):
+        assert "ETag" in _headers(spec, op_id, "200"), op_id
+    assert "WWW-Authenticate" in _headers(spec, "listTasks", "401")
+    assert "Retry-After" in _headers(spec, "createTask", "503")
+    for (path, method), operation in _operations(spec).items():
+        for code, response in operation["responses"].items():
+            assert "X-Request-ID" in response.get("headers", {}), (path, method, code)
+
+
+def test_documented_limits_match_the_server(spec: dict[str, Any], client: TestClient) -> None:
+    schemas = spec["components"]["schemas"]
+    for name in ("TaskCreate", "TaskUpdate"):
+        properties = schemas[name]["properties"]
+        title = properties["title"]
+        title = next((s for s in title.get("anyOf", [title]) if s.get("type") == "string"), title)
+        assert title["maxLength"] == TITLE_MAX, name
+        description = properties["description"]
+        strings = [s for s in description.get("anyOf", [description]) if s.get("type") == "string"]
+        assert strings[0]["maxLength"] == DESCRIPTION_MAX, name
+
+
+def test_audit_fields_are_typed(spec: dict[str, Any]) -> None:
+    schemas = spec["components"]["schemas"]
+    event = schemas["AuditEventPublic"]["properties"]
+    assert event["action"] == {"$ref": "#/components/schemas/AuditAction"}
+    assert set(schemas["AuditAction"]["enum"]) == {
+        "task.created",
+        "task.updated",
+        "task.completed",
+        "task.reopened",
+        "task.deleted",
+    }
+    for side in ("before", "after"):
+        refs = [s.get("$ref") for s in event[side]["anyOf"]]
+        assert "#/components/schemas/TaskSnapshot" in refs, side
+
+
+def test_problem_type_is_documented(spec: dict[str, Any]) -> None:
+    problem = spec["components"]["schemas"]["Problem"]["properties"]["type"]
+    assert PROBLEM_TYPE_BASE in problem["description"]
