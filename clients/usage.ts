@@ -94,6 +94,13 @@ const calls: { [K in keyof operations]: () => Promise<unknown> } = {
     });
     return data;
   },
+  auditProof: async () => {
+    const { data } = await api.GET("/api/{user_id}/audit-events/proof", {
+      params: { path: { user_id } },
+    });
+    return data;
+  },
+  auditKeys: () => api.GET("/.well-known/audit-keys.json"),
 };
 
 export default calls;

@@ -103,8 +103,8 @@ _HEADERS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Operations that carry no bearer token.
-_PUBLIC_OPERATIONS = {"healthz", "readyz"}
+# The probes are not traced (observability.tracing.HEALTH_PATHS): no X-Trace-Id.
+_UNTRACED_OPERATIONS = {"healthz", "readyz"}
 
 
 def with_headers(*names: str) -> dict[str, Any]:
@@ -130,15 +130,15 @@ def _problem_docs(schema: dict[str, Any]) -> None:
                 continue
             responses = operation.get("responses", {})
             responses.pop("422", None)
-            public = operation.get("operationId") in _PUBLIC_OPERATIONS
-            if public:
-                operation["security"] = []
+            # Explicit on every route: `[]` says "no token" rather than "not documented".
+            operation.setdefault("security", [])
+            untraced = operation.get("operationId") in _UNTRACED_OPERATIONS
             for code, response in responses.items():
                 content = response.get("content", {})
                 if code[:1] in {"4", "5"} and "application/json" in content:
                     content[PROBLEM_JSON] = content.pop("application/json")
                 headers = response.setdefault("headers", {})
-                names = ["X-Request-ID"] + ([] if public else ["X-Trace-Id"])
+                names = ["X-Request-ID"] + ([] if untraced else ["X-Trace-Id"])
                 if code == "401":
                     names.append("WWW-Authenticate")
                 if code in {"429", "503"}:
