@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 SYNC := $(UV) sync --frozen --python "$$($(PYTHON) -c 'import sys; print(sys.executable)')"
 
-.PHONY: run test lint install install-runtime bench bench-ratelimit
+.PHONY: run test lint install install-runtime bench bench-ratelimit frontend-check
 
 $(UV):
 	$(PYTHON) -m venv .uv
@@ -53,3 +53,14 @@ bench: install
 # What rate limiting (in memory, in Redis) costs on the create path: see bench/README.md.
 bench-ratelimit: install
 	$(BIN)/python bench/ratelimit.py
+
+# What a frontend sees: OpenAPI lint, a typed TypeScript client compiled with tsc --strict,
+# and browser tests in Debian's chromium. Needs npm and chromium (installed here when root).
+frontend-check: install
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } || \
+		{ echo "frontend-check needs Debian's chromium: sudo apt-get install chromium" >&2; exit 1; }
+	cd clients && npm ci --no-audit --no-fund
+	$(BIN)/python clients/export_openapi.py clients/build/openapi.json
+	cd clients && npm run --silent lint && npm run --silent types && npm run --silent check
+	$(BIN)/pytest -m browser tests/browser

@@ -4,6 +4,7 @@ Swagger UI and ReDoc, and an OpenAPI document that says what the server does."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -147,3 +148,17 @@ def test_audit_fields_are_typed(spec: dict[str, Any]) -> None:
 def test_problem_type_is_documented(spec: dict[str, Any]) -> None:
     problem = spec["components"]["schemas"]["Problem"]["properties"]["type"]
     assert PROBLEM_TYPE_BASE in problem["description"]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_docs_pages_forbid_loading_from_elsewhere(client: TestClient, page: str) -> None:
+    policy = client.get(page).headers["Content-Security-Policy"]
+    assert "default-src 'self'" in policy and "img-src 'self' data:" in policy
+    assert "http" not in policy
+
+
+def test_readme_quotes_the_fetch_wrapper_the_browser_tests_run() -> None:
+    root = Path(__file__).resolve().parent.parent
+    wrapper = (root / "clients" / "todo-api-fetch.js").read_text(encoding="utf-8")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    assert f"```js\n{wrapper}```" in readme
