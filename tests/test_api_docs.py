@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
 
-from service.models import DESCRIPTION_MAX, TITLE_MAX
 from service.problem_types import PROBLEM_TYPE_BASE
+from service.tasks.models import DESCRIPTION_MAX, TITLE_MAX
 
 OPERATION_IDS = {
     ("/healthz", "get"): "healthz",
