@@ -42,8 +42,8 @@ from service.middleware import (
     TrustedProxyMiddleware,
     UnhandledErrorMiddleware,
 )
-from service.ratelimit import RateLimiter, RateLimitHeadersMiddleware, install_rate_limits
 from service.openapi import operation_id
+from service.ratelimit import RateLimiter, RateLimitHeadersMiddleware, install_rate_limits
 from service.settings import Settings, get_settings, origin_of
 from service.tasks.routes import router as tasks_router
 from service.users import UserProvisioner
