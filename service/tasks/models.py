@@ -96,16 +96,16 @@ _WHITESPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u
 TITLE_PATTERN = rf"^[^\x00]*[^\x00{_WHITESPACE}][^\x00]*$"
 NO_NUL_PATTERN = r"^[^\x00]*$"
 
-# Length is checked after trimming, so the schema only bounds the raw input loosely. The
+# The raw title is bounded by the same limit as the stored one, so the documented
+# `maxLength` is exactly what the server enforces (a generated client can rely on it). The
 # patterns only document what the validators enforce.
 Title = Annotated[
     str,
     PField(
         min_length=1,
-        max_length=TITLE_MAX * 4,
+        max_length=TITLE_MAX,
         examples=["Buy milk"],
-        # The documented limit is the one that counts (after trimming), not the raw bound.
-        json_schema_extra={"pattern": TITLE_PATTERN, "maxLength": TITLE_MAX},
+        json_schema_extra={"pattern": TITLE_PATTERN},
     ),
     AfterValidator(_no_nul),
     AfterValidator(_clean_title),
