@@ -101,6 +101,14 @@ const calls: { [K in keyof operations]: () => Promise<unknown> } = {
     return data;
   },
   auditKeys: () => api.GET("/.well-known/audit-keys.json"),
+  createStreamTicket: () =>
+    api.POST("/api/{user_id}/events/tickets", { params: { path: { user_id } } }),
+  // The stream itself is read with EventSource; the typed call documents its parameters.
+  streamEvents: () =>
+    api.GET("/api/{user_id}/events", {
+      params: { path: { user_id }, query: { ticket: "t", after: 0 } },
+      parseAs: "stream",
+    }),
 };
 
 export default calls;

@@ -28,6 +28,8 @@ OPERATION_IDS = {
     ("/api/{user_id}/tasks/{task_id}/history", "get"): "taskHistory",
     ("/api/{user_id}/audit-events/proof", "get"): "auditProof",
     ("/.well-known/audit-keys.json", "get"): "auditKeys",
+    ("/api/{user_id}/events/tickets", "post"): "createStreamTicket",
+    ("/api/{user_id}/events", "get"): "streamEvents",
 }
 
 
