@@ -83,7 +83,10 @@ class AuditEventPublic(BaseModel):
     occurred_at: UtcTimestamp = Field(description="Database clock when the change was recorded")
     user_id: str
     actor_id: str
-    action: AuditAction
+    # Documented as the enum; read as stored, so an action a newer writer added still shows.
+    action: Annotated[
+        str, WithJsonSchema({"type": "string", "enum": [a.value for a in AuditAction]})
+    ]
     entity_type: str
     entity_id: str
     before: TaskState | None = Field(description="Full task state; null on create")
