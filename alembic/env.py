@@ -9,6 +9,7 @@ from sqlmodel import SQLModel
 import audit.models
 import audit.verified  # noqa: F401  (the verify endpoint's last verified points)
 import service.events.tickets
+import service.tags.models
 import service.tasks.idempotency
 import service.tasks.models
 import service.users  # noqa: F401  (registers the users table)

@@ -13,28 +13,33 @@ from datetime import UTC, datetime
 from typing import Any
 
 GENESIS_HASH = "0" * 64
-HASH_VERSION = 1
+HASH_VERSION = 2
 
 # The fields covered by the hash, per version. `prev_hash` links the chain.
+_V1 = (
+    "user_id",
+    "seq",
+    "prev_hash",
+    "occurred_at",
+    "actor_id",
+    "action",
+    "entity_type",
+    "entity_id",
+    "before",
+    "after",
+    "changes",
+    "request_id",
+    "trace_id",
+    "span_id",
+    "client_ip",
+    "user_agent",
+)
 HASHED_FIELDS: dict[int, tuple[str, ...]] = {
-    1: (
-        "user_id",
-        "seq",
-        "prev_hash",
-        "occurred_at",
-        "actor_id",
-        "action",
-        "entity_type",
-        "entity_id",
-        "before",
-        "after",
-        "changes",
-        "request_id",
-        "trace_id",
-        "span_id",
-        "client_ip",
-        "user_agent",
-    ),
+    1: _V1,
+    # 2: the event that caused this one (a recurring task's completion, for the next
+    # occurrence's task.created). Task states from here on also carry priority, due_at, tags,
+    # recurrence and the series links (the hash covers `before`/`after` whole, in any version).
+    2: (*_V1, "caused_by_seq"),
 }
 
 
@@ -42,7 +47,8 @@ def format_timestamp(value: datetime) -> str:
     """UTC at microsecond precision, always the same width."""
     if value.tzinfo is None:
         raise ValueError("naive datetime in an audit event")
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat pads the year to four digits (strftime's %Y does not below year 1000).
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def _canonical_value(value: Any) -> Any:

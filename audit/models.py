@@ -59,6 +59,9 @@ class AuditEvent(SQLModel, table=True):
     prev_hash: str = Field(sa_column=Column(String(64), nullable=False))
     hash: str = Field(sa_column=Column(String(64), nullable=False))
     hash_version: int = Field(sa_column=Column(SmallInteger, nullable=False))
+    # The seq (same chain) of the event that caused this one, e.g. the completion that
+    # created a recurring task's next occurrence. Hashed from hash_version 2 on.
+    caused_by_seq: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     # The writing transaction (txid_current() on PostgreSQL): lets the completeness guard
     # check that a task change and its event committed together.
     xact_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))

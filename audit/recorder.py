@@ -111,6 +111,7 @@ def record_event(
     before: dict[str, Any] | None,
     after: dict[str, Any] | None,
     diff_fields: tuple[str, ...],
+    caused_by_seq: int | None = None,
 ) -> RecordedEvent:
     changes = diff(before, after, diff_fields)
     statements = _statements()
@@ -133,6 +134,7 @@ def record_event(
         "span_id": ctx.span_id,
         "client_ip": ctx.client_ip,
         "user_agent": ctx.user_agent[:USER_AGENT_MAX] if ctx.user_agent else None,
+        "caused_by_seq": caused_by_seq,
     }
     event["hash"] = compute_hash(event)
     params = {f"ev_{name}": value for name, value in event.items()}

@@ -99,7 +99,15 @@ class AuditEventPublic(BaseModel):
     user_agent: str | None
     prev_hash: str
     hash: str = Field(description="SHA-256 (hex) of the canonical encoding of the event")
-    hash_version: int
+    hash_version: int = Field(
+        description="Which field list the hash covers: 1 for events written before "
+        "`caused_by_seq` existed, 2 since"
+    )
+    caused_by_seq: int | None = Field(
+        default=None,
+        description="The seq of the event that caused this one: on a recurring task's next "
+        "occurrence, its `task.created` names the completion that created it",
+    )
     trace_url: str | None = Field(
         default=None, description="Link to the trace in Jaeger, when JAEGER_UI_URL is set"
     )
@@ -148,7 +156,8 @@ class TaskHistory(BaseModel):
 
 
 class TaskSnapshot(BaseModel):
-    """A task's state as an audit event recorded it.
+    """A task's state as an audit event recorded it. Events written before a field existed
+    show its default (priority `none`, no due date, no tags, no rule).
 
     Declared here, apart from the task package (audit does not import it), because it reads
     what hashed events hold; tests/test_task_fields.py pins it to `TaskPublic`.
@@ -163,6 +172,13 @@ class TaskSnapshot(BaseModel):
     completed: bool
     created_at: UtcTimestamp
     updated_at: UtcTimestamp
+    # The task package's Priority values (audit does not import it).
+    priority: str = "none"
+    due_at: UtcTimestamp | None = None
+    tags: tuple[str, ...] = ()
+    recurrence: str | None = None
+    previous_task_id: int | None = None
+    next_task_id: int | None = None
 
 
 class TaskAsOf(BaseModel):

@@ -43,9 +43,9 @@ HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _EXCLUDED_URLS = r"^[a-z]+://[^/]+/(?:healthz|readyz|metrics)/?$"
 _OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 _SEMCONV_OPT_IN = "OTEL_SEMCONV_STABILITY_OPT_IN"
-# Query parameters kept out of `url.query`: what people typed (task search text), and the
-# change feed's stream ticket (a credential, if only for seconds).
-PRIVATE_QUERY_PARAMETERS = frozenset({"q", "ticket"})
+# Query parameters kept out of `url.query`: what people typed (task search text, tag names),
+# and the change feed's stream ticket (a credential, if only for seconds).
+PRIVATE_QUERY_PARAMETERS = frozenset({"q", "tag", "ticket"})
 
 _lock = threading.Lock()
 _configured = False

@@ -46,6 +46,7 @@ from service.openapi import operation_id
 from service.ratelimit import RateLimiter, RateLimitHeadersMiddleware, install_rate_limits
 from service.settings import Settings, get_settings, origin_of
 from service.tasks.routes import router as tasks_router
+from service.tasks.tag_routes import router as tags_router
 from service.users import UserProvisioner
 
 log = logging.getLogger("service.app")
@@ -172,6 +173,7 @@ def create_app(
     if settings.metrics_enabled and settings.metrics_port is None:
         app.include_router(metrics_router)
     app.include_router(tasks_router)
+    app.include_router(tags_router)
     app.include_router(audit_router)
     app.include_router(audit_keys_router)
     app.include_router(events_router)

@@ -37,6 +37,10 @@ class IdempotencyConflict(DomainError):
     kind = ProblemType.idempotency_conflict
 
 
+class TagConflict(DomainError):
+    kind = ProblemType.tag_conflict
+
+
 class PreconditionFailed(DomainError):
     kind = ProblemType.precondition_failed
 

@@ -49,7 +49,7 @@ class ProblemType(Enum):
         "not-found",
         404,
         "Not found",
-        "No such task for this user (or no such route).",
+        "No such task or tag for this user (or no such route).",
     )
     method_not_allowed = (
         "method-not-allowed",
@@ -63,6 +63,13 @@ class ProblemType(Enum):
         "Idempotency-Key conflict",
         "The `Idempotency-Key` was used with another body, or its first request is still "
         "running: use a new key, or retry later.",
+    )
+    tag_conflict = (
+        "tag-conflict",
+        409,
+        "Tag conflict",
+        "Another of the user's tags has that name (names ignore case), or the user has the "
+        "maximum number of tags: pick another name, or delete unused tags.",
     )
     precondition_failed = (
         "precondition-failed",

@@ -22,7 +22,7 @@ from tests.support import create_task
 EVENT_FIELDS = [
     "id", "occurred_at", "user_id", "actor_id", "action", "entity_type", "entity_id", "before",
     "after", "changes", "request_id", "trace_id", "span_id", "client_ip", "user_agent", "seq",
-    "prev_hash", "hash", "hash_version",
+    "prev_hash", "hash", "hash_version", "caused_by_seq",
 ]  # fmt: skip
 RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 
@@ -90,6 +90,8 @@ def _from_csv(row: dict[str, str]) -> dict[str, Any]:
         event[key] = json.loads(event[key]) if event[key] is not None else None
     for key in ("id", "seq", "hash_version"):
         event[key] = int(event[key])
+    if event["caused_by_seq"] is not None:
+        event["caused_by_seq"] = int(event["caused_by_seq"])
     return event
 
 

@@ -23,7 +23,7 @@ RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 EVENT_FIELDS = {
     "id", "seq", "occurred_at", "user_id", "actor_id", "action", "entity_type", "entity_id",
     "before", "after", "changes", "request_id", "trace_id", "span_id", "client_ip",
-    "user_agent", "prev_hash", "hash", "hash_version", "trace_url",
+    "user_agent", "prev_hash", "hash", "hash_version", "caused_by_seq", "trace_url",
 }  # fmt: skip
 
 

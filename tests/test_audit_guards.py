@@ -129,7 +129,8 @@ def test_every_api_write_passes_the_guard(
 
 
 UNAUDITED_WIPES = {
-    "truncate tasks": "TRUNCATE tasks",
+    # CASCADE: task_tags references tasks, and a plain TRUNCATE would stop at that first.
+    "truncate tasks": "TRUNCATE tasks CASCADE",
     "delete chain head": "DELETE FROM audit_chain_heads WHERE user_id = :user_id",
     "truncate chain heads": "TRUNCATE audit_chain_heads",
 }

@@ -41,7 +41,24 @@ def _state(api_task: dict[str, Any]) -> dict[str, Any]:
         "completed": api_task["completed"],
         "created_at": format_timestamp(datetime.fromisoformat(api_task["created_at"])),
         "updated_at": format_timestamp(datetime.fromisoformat(api_task["updated_at"])),
+        "priority": api_task["priority"],
+        "due_at": api_task["due_at"],
+        "tags": api_task["tags"],
+        "recurrence": api_task["recurrence"],
+        "previous_task_id": api_task["previous_task_id"],
+        "next_task_id": api_task["next_task_id"],
     }
+
+
+# A task's new fields at their defaults, as a create or delete records them in `changes`.
+DEFAULTS = {
+    "priority": "none",
+    "due_at": None,
+    "tags": [],
+    "recurrence": None,
+    "previous_task_id": None,
+    "next_task_id": None,
+}
 
 
 def _get(client: TestClient, user: Any, task_id: int) -> dict[str, Any]:
@@ -95,6 +112,7 @@ def test_each_action_records_exactly_one_event(
             "title": [None, "Buy milk"],
             "description": [None, "2 litres"],
             "completed": [None, False],
+            **{name: [None, value] for name, value in DEFAULTS.items()},
         },
         "task.updated": {"title": ["Buy milk", "Buy oat milk"]},
         "task.completed": {"completed": [False, True]},
@@ -103,6 +121,7 @@ def test_each_action_records_exactly_one_event(
             "title": ["Buy milk", None],
             "description": ["2 litres", None],
             "completed": [False, None],
+            **{name: [value, None] for name, value in DEFAULTS.items()},
         },
     }[action]
     assert event["changes"] == expected_changes

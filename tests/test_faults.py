@@ -67,6 +67,12 @@ def _task_state(row: Any) -> dict[str, Any]:
         "completed": row.completed,
         "created_at": format_timestamp(row.created_at),
         "updated_at": format_timestamp(row.updated_at),
+        "priority": row.priority,
+        "due_at": format_timestamp(row.due_at) if row.due_at else None,
+        "tags": list(row.tags),
+        "recurrence": row.recurrence,
+        "previous_task_id": row.previous_task_id,
+        "next_task_id": row.next_task_id,
     }
 
 
@@ -92,7 +98,14 @@ def _events(conn: sa.Connection, user_id: str) -> list[dict[str, Any]]:
 
 
 def _tasks(conn: sa.Connection, user_id: str) -> dict[int, dict[str, Any]]:
-    rows = conn.execute(sa.text("SELECT * FROM tasks WHERE user_id = :u"), {"u": user_id})
+    rows = conn.execute(
+        sa.text(
+            "SELECT t.*, ARRAY(SELECT g.name FROM task_tags x JOIN tags g ON g.id = x.tag_id "
+            "WHERE x.task_id = t.id ORDER BY lower(g.name), g.name) AS tags "
+            "FROM tasks t WHERE t.user_id = :u"
+        ),
+        {"u": user_id},
+    )
     return {int(row.id): _task_state(row) for row in rows}
 
 

@@ -36,6 +36,7 @@ from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database, build_engine
 from service.settings import AppEnv, ConfigError, Settings
+from service.tasks.rules import DIFF_FIELDS
 from tests.jwt_helpers import random_id
 from tests.support import ApiUser
 
@@ -518,10 +519,10 @@ def test_each_change_logs_one_json_line_carrying_the_trace_of_its_span_and_audit
     changes = [line for line in lines if line["logger"] == "service.tasks"]
     rows = audit_rows(traced_database, user.user_id)
     expected = [
-        (created, "task.created", ["title", "description", "completed"]),
+        (created, "task.created", list(DIFF_FIELDS)),
         (updated, "task.updated", ["title"]),
         (completed, "task.completed", ["completed"]),
-        (deleted, "task.deleted", ["title", "description", "completed"]),
+        (deleted, "task.deleted", list(DIFF_FIELDS)),
     ]
     assert len(changes) == len(rows) == len(expected)
     for line, row, (resp, event, fields) in zip(changes, rows, expected, strict=True):
@@ -552,6 +553,60 @@ def test_each_change_logs_one_json_line_carrying_the_trace_of_its_span_and_audit
         assert line["trace_id"] == resp.headers["X-Trace-Id"]
         assert line["request_id"] == resp.headers["X-Request-ID"]
         assert line["user_id"] == user.user_id
+
+
+def test_tag_names_and_task_text_stay_out_of_spans_and_logs(
+    traced: TestClient,
+    user: ApiUser,
+    spans: InMemorySpanExporter,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Tags are user content: not in log lines, span attributes or the traced query."""
+    secret = f"tag-{secrets.token_hex(6)}"
+    text = f"text-{secrets.token_hex(6)}"
+    capsys.readouterr()
+    task = traced.post(
+        user.url(),
+        json={
+            "title": text,
+            "tags": [secret],
+            "due_at": "2027-01-01T00:00:00Z",
+            "recurrence": "FREQ=DAILY",
+        },
+        headers=user.headers,
+    ).json()
+    listed = traced.get(user.url(), params={"tag": secret, "q": text}, headers=user.headers)
+    assert [t["id"] for t in listed.json()] == [task["id"]]
+    server = server_span(spans, listed.headers["X-Trace-Id"])
+    assert dict(server.attributes or {})["url.query"] == "tag=REDACTED&q=REDACTED"
+    traced.patch(user.url(f"/{task['id']}/complete"), headers=user.headers).raise_for_status()
+    tags_url = f"/api/{user.user_id}/tags"
+    tag = traced.get(tags_url, headers=user.headers).json()[0]
+    renamed = traced.patch(
+        f"{tags_url}/{tag['id']}", json={"name": secret + "-2"}, headers=user.headers
+    )
+    assert renamed.status_code == 200
+    created = traced.post(tags_url, json={"name": secret + "-3"}, headers=user.headers)
+    assert created.status_code == 201
+    assert traced.delete(f"{tags_url}/{tag['id']}", headers=user.headers).status_code == 204
+    # The service's lines; `httpx` is the test's own client logging its request URL.
+    lines = [line for line in json_lines(capsys.readouterr().out) if line["logger"] != "httpx"]
+    logged = json.dumps(lines)
+    assert secret not in logged and text not in logged
+    assert secret not in all_attribute_text(spans) and text not in all_attribute_text(spans)
+    tag_lines = [line for line in lines if line["logger"] == "service.tags"]
+    assert [line["event"] for line in tag_lines] == ["tag.renamed", "tag.created", "tag.deleted"]
+    assert [line["tasks_changed"] for line in tag_lines] == [2, 0, 2]
+    task_lines = [line["event"] for line in lines if line["logger"] == "service.tasks"]
+    assert task_lines == [
+        "task.created",
+        "task.completed",
+        "task.created",
+        "task.updated",
+        "task.updated",
+        "task.updated",
+        "task.updated",
+    ]
 
 
 def test_failed_authentication_logs_a_warning_without_the_token(

@@ -24,6 +24,7 @@ from service.tasks.idempotency import KEYS
 from service.tasks.models import (
     PUBLIC_FIELDS,
     TASKS,
+    Priority,
     TaskCreate,
     TaskPublic,
     TaskRecord,
@@ -49,16 +50,22 @@ def _split_optional(annotation: Any) -> tuple[Any, bool]:
 
 
 def test_the_record_is_the_table_row() -> None:
-    """Every column, in TaskRecord's order (what the queries select), of the same type."""
+    """Every column, in TaskRecord's order (what the queries select), of the same type; and
+    the tags, which live in task_tags (a list of names)."""
     hints = typing.get_type_hints(TaskRecord, include_extras=True)
     record = [field.name for field in fields(TaskRecord)]
-    assert sorted(record) == sorted(TASKS.c.keys())
+    assert sorted(record) == sorted([*TASKS.c.keys(), "tags"])
+    assert _plain(hints["tags"]) == tuple[str, ...]
     for column in TASKS.c:
         python_type, nullable = _split_optional(hints[column.name])
         sql_type = column.type.impl if isinstance(column.type, TypeDecorator) else column.type
+        if isinstance(sql_type, sa.Enum):  # priority: the enum's values
+            assert [m.value for m in python_type] == sql_type.enums, column.name
+            continue
         assert python_type is sql_type.python_type, column.name
         assert nullable is column.nullable, column.name
     assert [column.name for column in queries._COLUMNS] == record
+    assert [column.name for column in queries._NEW_COLUMNS] == record
 
 
 def test_the_public_fields_are_the_record_less_the_internal_ones() -> None:
@@ -74,6 +81,9 @@ def test_the_audit_snapshot_has_exactly_the_public_fields() -> None:
     snapshot = typing.get_type_hints(TaskSnapshot, include_extras=True)
     assert tuple(TaskSnapshot.model_fields) == PUBLIC_FIELDS
     for name in PUBLIC_FIELDS:
+        if name == "priority":  # a str there (audit does not import the task package)
+            assert _plain(snapshot[name]) is str and issubclass(Priority, str)
+            continue
         assert _split_optional(snapshot[name]) == _split_optional(public[name]), name
 
 
@@ -87,6 +97,12 @@ def _record() -> TaskRecord:
         completed=True,
         created_at=moment,
         updated_at=moment.replace(microsecond=5),
+        priority=Priority.high,
+        due_at=moment.replace(year=2027),
+        tags=("a", "B"),
+        recurrence="FREQ=DAILY",
+        previous_task_id=6,
+        next_task_id=None,
         version=3,
     )
 
@@ -98,10 +114,24 @@ def test_the_recorded_state_is_the_public_fields_and_reads_back() -> None:
     # The hashed form: fixed-width UTC timestamps (never pydantic's shortened ones).
     assert state["created_at"] == "2026-11-24T10:00:00.000000Z"
     assert state["updated_at"] == "2026-11-24T10:00:00.000005Z"
+    assert state["due_at"] == "2027-11-24T10:00:00.000000Z"
+    assert (state["priority"], state["tags"]) == ("high", ["a", "B"])
     snapshot = TaskSnapshot.model_validate(state)
     assert {name: getattr(snapshot, name) for name in PUBLIC_FIELDS} == {
         name: getattr(record, name) for name in PUBLIC_FIELDS
     }
+
+
+def test_an_old_snapshot_reads_back_with_the_new_fields_defaults() -> None:
+    """Events hashed before priorities, tags, due dates and recurrence (hash_version 1)."""
+    old = {k: v for k, v in _record().state().items() if k in PUBLIC_FIELDS[:7]}
+    snapshot = TaskSnapshot.model_validate(old)
+    assert (snapshot.priority, snapshot.due_at, snapshot.tags, snapshot.recurrence) == (
+        "none",
+        None,
+        (),
+        None,
+    )
 
 
 def test_responses_show_the_public_fields_only() -> None:
@@ -113,9 +143,10 @@ def test_responses_show_the_public_fields_only() -> None:
 
 
 def test_what_a_client_writes_is_in_the_table() -> None:
-    """Create and update bodies name columns; the audit diff covers what an update can change."""
+    """Create and update bodies name public fields; the audit diff covers what an update can
+    change, and the series links a completion sets."""
     assert set(TaskCreate.model_fields) <= set(TaskUpdate.model_fields) <= set(PUBLIC_FIELDS)
-    assert tuple(TaskUpdate.model_fields) == rules.DIFF_FIELDS
+    assert (*TaskUpdate.model_fields, *rules.SERIES_FIELDS) == rules.DIFF_FIELDS
     for name in TaskUpdate.model_fields:
         assert name not in {"id", "user_id", "created_at", "updated_at"}
 

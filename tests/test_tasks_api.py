@@ -333,7 +333,7 @@ def test_default_limit_is_100(client: TestClient, user: ApiUser, database: Datab
         ({"limit": "ten"}, "query.limit"),
         ({"offset": -1}, "query.offset"),
         ({"status": "done"}, "query.status"),
-        ({"sort": "priority"}, "query.sort"),
+        ({"sort": "rank"}, "query.sort"),
         ({"sort": "id; DROP TABLE tasks"}, "query.sort"),
         ({"order": "sideways"}, "query.order"),
         ({"q": "x" * 201}, "query.q"),

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from datetime import datetime
+from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, ConfigDict, StrictBool, model_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, StrictBool, model_validator
 from pydantic import Field as PField
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
@@ -22,17 +24,36 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     false,
+    func,
     text,
 )
+from sqlalchemy.dialects.postgresql import ENUM
 from sqlmodel import Field, SQLModel
 
 from audit.chain import format_timestamp
+from audit.schemas import ClientTime
 from service.limits import USER_ID_MAX
 from service.sqltypes import ID_TYPE, UTCDateTime
+from service.tags.rules import TagNames, sorted_names
+from service.tasks import recurrence
 
 TITLE_MAX = 200
 DESCRIPTION_MAX = 1000
+
+
+class Priority(StrEnum):
+    """Sorted by rank (none < low < medium < high), not alphabetically: a PostgreSQL enum
+    orders its values as declared."""
+
+    none = "none"
+    low = "low"
+    medium = "medium"
+    high = "high"
+
+
+PRIORITY_TYPE = ENUM(*Priority, name="task_priority", create_type=False)
 
 
 class Task(SQLModel, table=True):
@@ -46,6 +67,24 @@ class Task(SQLModel, table=True):
         # The list endpoint pages a user's tasks by these orders.
         Index("ix_tasks_user_created", "user_id", "created_at", "id"),
         Index("ix_tasks_user_updated", "user_id", "updated_at", "id"),
+        Index("ix_tasks_user_title", "user_id", "title", "id"),
+        # Due dates both ways, tasks without one last in each (NULLS LAST).
+        Index("ix_tasks_user_due", "user_id", "due_at", "id"),
+        Index("ix_tasks_user_due_desc", "user_id", text("due_at DESC NULLS LAST"), text("id DESC")),
+        Index("ix_tasks_user_priority", "user_id", "priority", "id"),
+        Index("ix_tasks_user_completed", "user_id", "completed", "created_at", "id"),
+        # The target of task_tags' foreign key: a task carries only its own user's tags.
+        UniqueConstraint("id", "user_id", name="uq_tasks_id_user"),
+        # A task makes at most one next occurrence of its series.
+        Index(
+            "uq_tasks_previous",
+            "previous_task_id",
+            unique=True,
+            postgresql_where=text("previous_task_id IS NOT NULL"),
+        ),
+        CheckConstraint(
+            "recurrence IS NULL OR due_at IS NOT NULL", name="ck_tasks_recurrence_needs_due"
+        ),
     )
 
     id: int | None = Field(
@@ -62,6 +101,17 @@ class Task(SQLModel, table=True):
     )
     created_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    priority: Priority = Field(
+        default=Priority.none,
+        sa_column=Column(PRIORITY_TYPE, nullable=False, server_default=text("'none'")),
+    )
+    due_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+    recurrence: str | None = Field(
+        default=None, sa_column=Column(String(recurrence.RULE_MAX), nullable=True)
+    )
+    # The series of a recurring task (no foreign keys: a deleted task keeps its place).
+    previous_task_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    next_task_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     # Bumped on every change; the ETag is derived from it.
     version: int = Field(
         default=1, sa_column=Column(Integer, nullable=False, server_default=text("1"))
@@ -69,8 +119,25 @@ class Task(SQLModel, table=True):
 
 
 TASKS = Task.__table__  # type: ignore[attr-defined]
-# Columns a client may not set to null (absent is fine in an update).
-_NOT_NULL = frozenset(column.name for column in TASKS.c if not column.nullable)
+
+
+def _trigram_index(name: str, column: str) -> Index:
+    """`q` searches with `lower(column) LIKE '%text%'`: a trigram index serves it."""
+    label = f"{column}_lower"
+    return Index(
+        name,
+        func.lower(TASKS.c[column]).label(label),
+        postgresql_using="gin",
+        postgresql_ops={label: "gin_trgm_ops"},
+    )
+
+
+_trigram_index("ix_tasks_title_trgm", "title")
+_trigram_index("ix_tasks_description_trgm", "description")
+
+# Fields a client may not set to null (absent is fine in an update): the NOT NULL columns,
+# and the tags (`[]` removes them).
+_NOT_NULL = frozenset(column.name for column in TASKS.c if not column.nullable) | {"tags"}
 
 
 # --- API models ------------------------------------------------------------
@@ -121,6 +188,49 @@ Description = Annotated[
 ]
 
 
+def _text_only(value: Any) -> Any:
+    """A JSON string only: not a number read as a Unix time."""
+    if value is not None and not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 date-time with a zone, e.g. 2026-11-24T10:00:00Z")
+    return value
+
+
+def _rule(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return recurrence.normalize(value)
+    except recurrence.RuleError as exc:
+        raise ValueError(str(exc)) from None
+
+
+PriorityField = Annotated[
+    Priority, PField(description="none (default), low, medium or high; sorts by this rank")
+]
+DueAt = Annotated[
+    ClientTime | None,
+    BeforeValidator(_text_only),
+    PField(
+        description="RFC 3339 with a UTC offset (a time without one is refused); returned in "
+        "UTC. `null` clears it.",
+        examples=["2026-12-24T18:00:00+01:00"],
+    ),
+]
+Recurrence = Annotated[
+    str | None,
+    PField(
+        max_length=recurrence.RULE_MAX + len("RRULE:"),
+        description=recurrence.DESCRIPTION,
+        examples=recurrence.EXAMPLES,
+    ),
+    AfterValidator(_rule),
+]
+
+
+# A field named `recurrence` shadows the module inside a class body.
+RuleText = Annotated[str | None, PField(description=recurrence.DESCRIPTION)]
+
+
 class TaskCreate(SQLModel):
     """Body of POST. Unknown fields (id, user_id, completed, timestamps) are rejected."""
 
@@ -128,6 +238,16 @@ class TaskCreate(SQLModel):
 
     title: Title
     description: Description = None
+    priority: PriorityField = Priority.none
+    due_at: DueAt = None
+    tags: TagNames = PField(default_factory=list)
+    recurrence: Recurrence = None
+
+    @model_validator(mode="after")
+    def _recurring_needs_due(self) -> TaskCreate:
+        if self.recurrence is not None and self.due_at is None:
+            raise ValueError("a recurring task needs a due_at")
+        return self
 
 
 def _update_schema(schema: dict[str, Any]) -> None:
@@ -149,6 +269,10 @@ class TaskUpdate(SQLModel):
     description: Description = None
     # Strict: a JSON boolean only, not 0, 0.0 or "yes" (the schema says boolean).
     completed: StrictBool | None = None
+    priority: PriorityField | None = None
+    due_at: DueAt = None
+    tags: TagNames | None = None
+    recurrence: Recurrence = None
 
     @model_validator(mode="after")
     def _at_least_one(self) -> TaskUpdate:
@@ -183,9 +307,26 @@ class TaskPublic:
     completed: bool
     created_at: datetime
     updated_at: datetime
+    priority: Priority
+    due_at: Annotated[datetime | None, PField(description="In UTC")]
+    tags: Annotated[tuple[str, ...], PField(description="Tag names, sorted case-insensitively")]
+    recurrence: RuleText
+    previous_task_id: Annotated[
+        int | None,
+        PField(description="In a recurring series: the task whose completion created this one"),
+    ]
+    next_task_id: Annotated[
+        int | None,
+        PField(
+            description="Once a recurring task is completed: its next occurrence (null when the "
+            'rule is exhausted). Also sent as `Link: <...>; rel="next-occurrence"`.'
+        ),
+    ]
 
 
 PUBLIC_FIELDS = tuple(field.name for field in fields(TaskPublic))
+_PRIORITY = PUBLIC_FIELDS.index("priority")
+_TAGS = PUBLIC_FIELDS.index("tags")
 
 
 def etag_for(task_id: int, version: int) -> str:
@@ -205,7 +346,10 @@ class TaskRecord(TaskPublic):
 
     @classmethod
     def from_row(cls, row: Any) -> TaskRecord:
-        return cls(*row)
+        values = list(row)
+        values[_PRIORITY] = Priority(values[_PRIORITY])
+        values[_TAGS] = tuple(sorted_names(values[_TAGS] or ()))
+        return cls(*values)
 
     def state(self) -> dict[str, Any]:
         """The public fields as JSON, as the audit log records them (hashed: timestamps are
@@ -213,7 +357,11 @@ class TaskRecord(TaskPublic):
         state: dict[str, Any] = {}
         for name in PUBLIC_FIELDS:
             value = getattr(self, name)
-            state[name] = format_timestamp(value) if isinstance(value, datetime) else value
+            if isinstance(value, datetime):
+                value = format_timestamp(value)
+            elif isinstance(value, tuple):
+                value = list(value)  # the tags, sorted
+            state[name] = value
         return state
 
     @property

@@ -11,15 +11,50 @@ from functools import lru_cache
 from typing import Any, cast
 
 from pydantic import TypeAdapter
-from sqlalchemy import String, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ARRAY,
+    String,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from service.exceptions import NotFound
-from service.tasks.models import TASKS, TaskCreate, TaskPublic, TaskRecord
+from service.sqltypes import utcnow
+from service.tags.models import Tag, TaskTag
+from service.tasks.models import TASKS, Priority, TaskCreate, TaskPublic, TaskRecord
 from service.users import USERS
 
-# Every query returns whole records: the columns in TaskRecord's order.
-_COLUMNS = tuple(TASKS.c[field.name] for field in fields(TaskRecord))
+TAGS = Tag.__table__  # type: ignore[attr-defined]
+TASK_TAGS = TaskTag.__table__  # type: ignore[attr-defined]
+# A task's tag names in one array per row (TaskRecord sorts them: the same on every server).
+_TAG_NAMES = (
+    select(
+        func.coalesce(func.array_agg(TAGS.c.name, type_=ARRAY(String)), literal([], ARRAY(String)))
+    )
+    .select_from(TASK_TAGS.join(TAGS, TAGS.c.id == TASK_TAGS.c.tag_id))
+    .where(TASK_TAGS.c.task_id == TASKS.c.id)
+    .correlate(TASKS)
+    .scalar_subquery()
+    .label("tags")
+)
+# Every query returns whole records: the columns in TaskRecord's order (tags from task_tags).
+_COLUMNS = tuple(
+    _TAG_NAMES if field.name == "tags" else TASKS.c[field.name] for field in fields(TaskRecord)
+)
+# A new task has no tags yet (they are linked after the insert); a correlated subquery in an
+# INSERT's RETURNING would not be correlated to the new row.
+_NEW_COLUMNS = tuple(
+    literal([], ARRAY(String)).label("tags") if column is _TAG_NAMES else column
+    for column in _COLUMNS
+)
 
 
 class StatusFilter(StrEnum):
@@ -32,6 +67,8 @@ class SortField(StrEnum):
     created_at = "created_at"
     updated_at = "updated_at"
     title = "title"  # type: ignore[assignment]  # shadows str.title; only the value is used
+    due_at = "due_at"
+    priority = "priority"
 
 
 class SortOrder(StrEnum):
@@ -69,27 +106,33 @@ class TaskPage:
 # cache key and compiled form instead of rebuilding both on every request.
 _OWNED = and_(TASKS.c.id == bindparam("task_id"), TASKS.c.user_id == bindparam("owner"))
 _SELECT_OWNED = select(*_COLUMNS).where(_OWNED)
-_LOCK_OWNED = _SELECT_OWNED.with_for_update()
-_INSERT = (
-    insert(TASKS)
-    .values(
-        user_id=bindparam("owner"),
-        # What the client gives (TaskCreate's fields), each bound under its own name.
-        **{name: bindparam(name) for name in TaskCreate.model_fields},
-        completed=False,
-        created_at=bindparam("now"),
-        updated_at=bindparam("now"),
-        version=1,
-    )
-    .returning(*_COLUMNS)
+_LOCK_OWNED = _SELECT_OWNED.with_for_update(of=TASKS)
+# The columns a client gives (TaskCreate's fields but the tags), each bound under its name.
+INSERTED_FIELDS = tuple(name for name in TaskCreate.model_fields if name != "tags")
+_INSERT_VALUES: dict[str, Any] = {
+    "user_id": bindparam("owner"),
+    **{name: bindparam(name) for name in INSERTED_FIELDS},
+    "previous_task_id": bindparam("previous_task_id"),
+    "completed": False,
+    "created_at": bindparam("now"),
+    "updated_at": bindparam("now"),
+    "version": 1,
+}
+_INSERT = insert(TASKS).values(_INSERT_VALUES).returning(*_NEW_COLUMNS)
+# A recurring task's next occurrence, with the id its predecessor already names.
+_INSERT_WITH_ID = (
+    insert(TASKS).values(id=bindparam("id"), **_INSERT_VALUES).returning(*_NEW_COLUMNS)
 )
+# An id for a recurring task's next occurrence, taken before the completion is recorded, so
+# the completed task's event can already name it.
+_NEXT_ID = select(func.nextval(func.pg_get_serial_sequence("tasks", "id")))
 _DELETE = delete(TASKS).where(TASKS.c.id == bindparam("task_id"))
 _TASK_COUNT = select(USERS.c.task_count).where(USERS.c.id == bindparam("owner"))
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=256)
 def _update_statement(fields: tuple[str, ...]) -> Any:
-    """UPDATE of these fields (at most 7 combinations of title, description, completed)."""
+    """UPDATE of these columns (one statement per combination in use)."""
     values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in fields}
     return (
         update(TASKS)
@@ -99,9 +142,51 @@ def _update_statement(fields: tuple[str, ...]) -> Any:
     )
 
 
-@lru_cache(maxsize=64)
-def _list_statements(status: StatusFilter, search: bool, sort: SortField, order: SortOrder) -> Any:
-    """The page query and its count, per combination of filters and order."""
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    """The list's filters; each one given narrows the list (tags: all of them)."""
+
+    status: StatusFilter = StatusFilter.all
+    q: str | None = None
+    priorities: tuple[Priority, ...] = ()
+    tags: tuple[str, ...] = ()
+    due_before: datetime | None = None
+    due_after: datetime | None = None
+    overdue: bool = False
+
+    @property
+    def narrows(self) -> bool:
+        return self != TaskFilter()
+
+    def shape(self) -> tuple[Any, ...]:
+        """What the statement depends on (not the values, which are bound)."""
+        return (
+            self.status,
+            bool(self.q),
+            bool(self.priorities),
+            len({tag.lower() for tag in self.tags}),
+            self.due_before is not None,
+            self.due_after is not None,
+            self.overdue,
+        )
+
+    def params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        if self.q:
+            params["pattern"] = _contains_pattern(self.q)
+        if self.priorities:
+            params["priorities"] = [p.value for p in self.priorities]
+        if self.due_before is not None:
+            params["due_before"] = self.due_before
+        if self.due_after is not None:
+            params["due_after"] = self.due_after
+        if self.overdue:
+            params["now"] = utcnow()
+        return params
+
+
+def _conditions(shape: tuple[Any, ...], *, counting: bool) -> list[Any]:
+    status, search, priorities, tags, due_before, due_after, overdue = shape
     conditions: list[Any] = [TASKS.c.user_id == bindparam("owner")]
     if status is StatusFilter.pending:
         conditions.append(TASKS.c.completed.is_(False))
@@ -115,11 +200,50 @@ def _list_statements(status: StatusFilter, search: bool, sort: SortField, order:
                 func.lower(TASKS.c.description).like(func.lower(pattern), escape="\\"),
             )
         )
+    if priorities:
+        conditions.append(TASKS.c.priority.in_(bindparam("priorities", expanding=True)))
+    if tags == 1 and not counting:
+        # A page with one tag: the tasks in the page's order, each one's link probed
+        # (task_tags_pkey); the planner may instead start from the tag's links.
+        conditions.append(
+            select(TASK_TAGS.c.task_id)
+            .where(TASK_TAGS.c.task_id == TASKS.c.id, TASK_TAGS.c.tag_id == bindparam("tag_0"))
+            .exists()
+        )
+    elif tags:
+        # The tasks carrying all the tags, from the tags' links (ix_task_tags_tag): bounded by
+        # the links of those tags, however rarely they come together.
+        tag_ids: list[Any] = [bindparam(f"tag_{n}") for n in range(tags)]
+        tagged = (
+            select(TASK_TAGS.c.task_id)
+            .where(TASK_TAGS.c.tag_id.in_(tag_ids))
+            .group_by(TASK_TAGS.c.task_id)
+            .having(func.count() == tags)
+        )
+        conditions.append(TASKS.c.id.in_(tagged))
+    if due_before:
+        conditions.append(TASKS.c.due_at < bindparam("due_before"))
+    if due_after:
+        conditions.append(TASKS.c.due_at > bindparam("due_after"))
+    if overdue:
+        conditions.append(TASKS.c.due_at < bindparam("now"))
+        conditions.append(TASKS.c.completed.is_(False))
+    return conditions
+
+
+@lru_cache(maxsize=512)
+def _list_statements(shape: tuple[Any, ...], sort: SortField, order: SortOrder) -> Any:
+    """The page query and its count, per combination of filters and order."""
+    conditions = _conditions(shape, counting=False)
     sort_column = TASKS.c[sort.value]
     if order is SortOrder.desc:
-        ordering = (sort_column.desc(), TASKS.c.id.desc())
+        key = sort_column.desc()
+        # Tasks without a due date come last in both orders: ix_tasks_user_due_desc has this
+        # order. The other sort columns are NOT NULL, and a NULLS LAST there would keep
+        # PostgreSQL from reading their indexes backwards.
+        ordering = (key.nulls_last() if sort is SortField.due_at else key, TASKS.c.id.desc())
     else:
-        ordering = (sort_column.asc(), TASKS.c.id.asc())
+        ordering = (sort_column.asc(), TASKS.c.id.asc())  # NULLS LAST is the ascending default
     page = (
         select(*_COLUMNS)
         .where(*conditions)
@@ -127,7 +251,7 @@ def _list_statements(status: StatusFilter, search: bool, sort: SortField, order:
         .limit(bindparam("limit"))
         .offset(bindparam("offset"))
     )
-    count = select(func.count()).select_from(TASKS).where(*conditions)
+    count = select(func.count()).select_from(TASKS).where(*_conditions(shape, counting=True))
     return page, count
 
 
@@ -156,6 +280,7 @@ def list_tasks(
     session: Session,
     user_id: str,
     *,
+    filters: TaskFilter | None = None,
     status: StatusFilter = StatusFilter.all,
     q: str | None = None,
     sort: SortField = SortField.created_at,
@@ -163,14 +288,20 @@ def list_tasks(
     limit: int = 100,
     offset: int = 0,
 ) -> TaskPage:
-    page, count = _list_statements(status, bool(q), sort, order)
+    if filters is None:
+        filters = TaskFilter(status=status, q=q or None)
+    page, count = _list_statements(filters.shape(), sort, order)
     params: dict[str, Any] = {"owner": user_id, "limit": limit, "offset": offset}
-    if q:
-        params["pattern"] = _contains_pattern(q)
+    params.update(filters.params())
+    if filters.tags:
+        tag_ids = _tag_ids(session, user_id, filters.tags)
+        if tag_ids is None:  # a name the user has no tag of: nothing can match
+            return TaskPage(items=[], total=0)
+        params.update({f"tag_{n}": tag_id for n, tag_id in enumerate(tag_ids)})
     items = [TaskRecord.from_row(row) for row in session.execute(page, params)]
     if offset == 0 and len(items) < limit:
         total = len(items)
-    elif status is StatusFilter.all and not q:
+    elif not filters.narrows:
         # Kept by the database on every insert and delete: no need to count the rows.
         total = session.execute(_TASK_COUNT, {"owner": user_id}).scalar() or 0
     else:
@@ -178,18 +309,45 @@ def list_tasks(
     return TaskPage(items=items, total=int(total))
 
 
+_TAG_IDS = select(TAGS.c.id).where(
+    TAGS.c.user_id == bindparam("owner"),
+    func.lower(TAGS.c.name).in_(bindparam("keys", expanding=True)),
+)
+
+
+def _tag_ids(session: Session, user_id: str, names: tuple[str, ...]) -> list[int] | None:
+    """The ids of the user's tags of these names (ignoring case); None if one is unknown."""
+    keys = sorted({name.lower() for name in names})
+    ids = session.execute(_TAG_IDS, {"owner": user_id, "keys": keys}).scalars().all()
+    return [int(i) for i in ids] if len(ids) == len(keys) else None
+
+
 def insert_task(
-    session: Session, user_id: str, values: dict[str, Any], now: datetime
+    session: Session,
+    user_id: str,
+    values: dict[str, Any],
+    now: datetime,
+    *,
+    task_id: int | None = None,
+    previous_task_id: int | None = None,
 ) -> TaskRecord:
-    """Insert a task with these client-given values (TaskCreate's fields)."""
-    params = {**values, "owner": user_id, "now": now}
-    return TaskRecord.from_row(session.execute(_INSERT, params).one())
+    """Insert a task with these client-given values (INSERTED_FIELDS; tags are linked apart)."""
+    params = {name: values[name] for name in INSERTED_FIELDS}
+    params.update(owner=user_id, now=now, previous_task_id=previous_task_id)
+    if task_id is None:
+        return TaskRecord.from_row(session.execute(_INSERT, params).one())
+    return TaskRecord.from_row(session.execute(_INSERT_WITH_ID, {**params, "id": task_id}).one())
+
+
+def next_task_id(session: Session) -> int:
+    return int(session.execute(_NEXT_ID).scalar_one())
 
 
 def update_fields(
     session: Session, task_id: int, values: dict[str, Any], now: datetime
 ) -> TaskRecord:
-    """Write these fields (a subset of title, description, completed) and bump the version."""
+    """Write these columns (none: only the version and updated_at, as for a change of the
+    tags alone) and bump the version."""
     fields = tuple(column.name for column in TASKS.c if column.name in values)  # table order
     params = {f"new_{name}": values[name] for name in fields}
     params.update(task_id=task_id, now=now)

@@ -8,12 +8,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 
 from audit.deps import AuditCtx
+from audit.schemas import ClientTime
 from service.deps import CurrentUser, SessionDep, TaskIdPath, UserIdPath
 from service.exceptions import InvalidInput
 from service.openapi import error_responses, with_headers
 from service.responses import json_response
+from service.tags.rules import TAG_NAME_MAX, TAGS_PER_TASK_MAX, clean_tag_name
 from service.tasks import idempotency, queries, rules
 from service.tasks.models import (
+    Priority,
     TaskCompletion,
     TaskCreate,
     TaskPublic,
@@ -21,7 +24,7 @@ from service.tasks.models import (
     TaskUpdate,
     etag_for,
 )
-from service.tasks.queries import SortField, SortOrder, StatusFilter
+from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskFilter
 
 router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"])
 
@@ -45,14 +48,23 @@ IdempotencyKeyHeader = Annotated[
 SEARCH_MAX = 200
 
 
-def _task_response(
-    task: TaskRecord, status_code: int = 200, headers: dict[str, str] | None = None
-) -> Response:
-    return json_response(
-        queries.public_json(task),
-        status_code,
-        {**(headers or {}), "ETag": task.etag},
-    )
+def _task_response(request: Request, task: TaskRecord) -> Response:
+    headers = {"ETag": task.etag}
+    if task.next_task_id is not None:
+        url = request.url_for("get_task", user_id=task.user_id, task_id=task.next_task_id)
+        headers["Link"] = f'<{url}>; rel="next-occurrence"'
+    return json_response(queries.public_json(task), headers=headers)
+
+
+def _tag_filter(names: list[str] | None) -> tuple[str, ...]:
+    if not names:
+        return ()
+    if len(names) > TAGS_PER_TASK_MAX:
+        raise InvalidInput(f"Filter by at most {TAGS_PER_TASK_MAX} tags.", field="query.tag")
+    try:
+        return tuple(clean_tag_name(name) for name in names)
+    except ValueError as exc:
+        raise InvalidInput(f"{exc}.", field="query.tag") from None
 
 
 def _no_nul(value: str | None) -> str | None:
@@ -73,17 +85,55 @@ def list_tasks(
     session: SessionDep,
     user_id: UserIdPath,
     status_: Annotated[StatusFilter, Query(alias="status")] = StatusFilter.all,
-    q: Annotated[str | None, Query(max_length=SEARCH_MAX)] = None,
-    sort: SortField = SortField.created_at,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=SEARCH_MAX,
+            description="Case-insensitive search in title and description; `%` and `_` are literal",
+        ),
+    ] = None,
+    priority: Annotated[
+        list[Priority] | None,
+        Query(description="Repeatable: tasks with any of these priorities"),
+    ] = None,
+    tag: Annotated[
+        list[Annotated[str, Query(max_length=TAG_NAME_MAX * 4)]] | None,
+        Query(
+            max_length=TAGS_PER_TASK_MAX,
+            description="Repeatable: tasks carrying every one of these tags (names ignore case)",
+        ),
+    ] = None,
+    due_before: Annotated[
+        ClientTime | None, Query(description="Due strictly before this time (RFC 3339)")
+    ] = None,
+    due_after: Annotated[
+        ClientTime | None, Query(description="Due strictly after this time (RFC 3339)")
+    ] = None,
+    overdue: Annotated[
+        bool,
+        Query(description="`true`: due in the past and not completed (`false`: no filter)"),
+    ] = False,
+    sort: Annotated[
+        SortField,
+        Query(description="`priority` sorts by rank; tasks without due_at come last"),
+    ] = SortField.created_at,
     order: SortOrder = SortOrder.desc,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> Any:
+    filters = TaskFilter(
+        status=status_,
+        q=_no_nul(q) or None,
+        priorities=tuple(dict.fromkeys(priority or ())),
+        tags=_tag_filter(tag),
+        due_before=due_before,
+        due_after=due_after,
+        overdue=overdue,
+    )
     page = queries.list_tasks(
         session,
         user.user_id,
-        status=status_,
-        q=_no_nul(q),
+        filters=filters,
         sort=sort,
         order=order,
         limit=limit,
@@ -115,7 +165,11 @@ def create_task(
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Any:
     if idempotency_key is not None:
-        fingerprint = idempotency.request_fingerprint(body.model_dump())
+        # Fields at their defaults are left out: a body of the first release (title and
+        # description) keeps the fingerprint it had then.
+        fields = body.model_dump(mode="json", exclude_defaults=True)
+        fields.update(title=body.title, description=body.description)
+        fingerprint = idempotency.request_fingerprint(fields)
         retention = request.app.state.settings.idempotency_retention
         stored = idempotency.claim(session, user.user_id, idempotency_key, fingerprint, retention)
         if stored is not None:
@@ -150,8 +204,8 @@ def _created(
     summary="Get a task",
     name="get_task",
 )
-def get_task(user: CurrentUser, session: SessionDep, task_id: TaskIdPath) -> Any:
-    return _task_response(queries.get_task(session, user.user_id, task_id))
+def get_task(request: Request, user: CurrentUser, session: SessionDep, task_id: TaskIdPath) -> Any:
+    return _task_response(request, queries.get_task(session, user.user_id, task_id))
 
 
 @router.put(
@@ -161,6 +215,7 @@ def get_task(user: CurrentUser, session: SessionDep, task_id: TaskIdPath) -> Any
     summary="Update a task (partial: absent fields stay as they are)",
 )
 def update_task(
+    request: Request,
     user: CurrentUser,
     ctx: AuditCtx,
     session: SessionDep,
@@ -169,7 +224,7 @@ def update_task(
     if_match: IfMatch = None,
 ) -> Any:
     change = rules.update_task(session, ctx, user.user_id, task_id, body, if_match=if_match)
-    return _task_response(change.task)
+    return _task_response(request, change.task)
 
 
 @router.delete(
@@ -196,6 +251,7 @@ def delete_task(
     summary='Toggle completion, or set it with {"completed": true|false}',
 )
 def complete_task(
+    request: Request,
     user: CurrentUser,
     ctx: AuditCtx,
     session: SessionDep,
@@ -205,4 +261,4 @@ def complete_task(
 ) -> Any:
     completed = body.completed if body is not None else None
     change = rules.set_completed(session, ctx, user.user_id, task_id, completed, if_match=if_match)
-    return _task_response(change.task)
+    return _task_response(request, change.task)

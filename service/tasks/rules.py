@@ -7,7 +7,8 @@ task's row lock, and never commits: the caller's unit of work commits both, or n
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,17 +17,20 @@ from sqlalchemy.orm import Session
 
 from audit.recorder import AuditContext, RecordedEvent, record_event
 from service.database import on_commit
-from service.exceptions import PreconditionFailed
+from service.exceptions import InvalidInput, PreconditionFailed
 from service.sqltypes import utcnow
-from service.tasks import queries
+from service.tags import queries as tag_queries
+from service.tags.rules import sorted_names
+from service.tasks import queries, recurrence
 from service.tasks.models import TaskCreate, TaskRecord, TaskUpdate
 
 log = logging.getLogger("service.tasks")
 
 ENTITY_TYPE = "task"
-# What a task's audit events diff: what a client can change (timestamps and version change on
-# every write anyway, the id and owner never).
-DIFF_FIELDS = tuple(TaskUpdate.model_fields)
+# What a task's audit events diff: what a client can change, and the task's place in its
+# recurring series (timestamps and version change on every write anyway, id and owner never).
+SERIES_FIELDS = ("previous_task_id", "next_task_id")
+DIFF_FIELDS = (*TaskUpdate.model_fields, *SERIES_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,8 @@ def _record(
     user_id: str,
     before: TaskRecord | None,
     after: TaskRecord | None,
+    *,
+    caused_by_seq: int | None = None,
 ) -> RecordedEvent:
     event = record_event(
         session,
@@ -90,6 +96,7 @@ def _record(
         before=before.state() if before else None,
         after=after.state() if after else None,
         diff_fields=DIFF_FIELDS,
+        caused_by_seq=caused_by_seq,
     )
     _log_on_commit(session, user_id, task_id, event)
     return event
@@ -115,9 +122,36 @@ def create_task(
     user_id: str,
     data: TaskCreate,
 ) -> TaskChange:
-    task = queries.insert_task(session, user_id, data.model_dump(), utcnow())
+    task = _insert(session, user_id, data.model_dump())
     event = _record(session, ctx, "task.created", task.id, user_id, None, task)
     return TaskChange(task=task, event=event)
+
+
+def _insert(
+    session: Session,
+    user_id: str,
+    values: dict[str, Any],
+    *,
+    task_id: int | None = None,
+    previous_task_id: int | None = None,
+) -> TaskRecord:
+    """Insert a task and link its tags (unknown names are created for the user)."""
+    _check_rule(values.get("due_at"), values.get("recurrence"))
+    task = queries.insert_task(
+        session, user_id, values, utcnow(), task_id=task_id, previous_task_id=previous_task_id
+    )
+    if not values.get("tags"):
+        return task
+    names = tag_queries.attach(session, user_id, task.id, list(values["tags"]))
+    return replace(task, tags=tuple(names))
+
+
+def _check_rule(due_at: datetime | None, rule: str | None) -> None:
+    if rule is not None and due_at is None:
+        raise InvalidInput(
+            "A recurring task needs a due_at: set due_at, or remove recurrence.",
+            field="body.recurrence",
+        )
 
 
 def _completion_action(completed: bool) -> str:
@@ -133,19 +167,66 @@ def _apply(
     """Write the changed fields of a locked task and record the event; a no-op writes nothing.
 
     A change of the completion flag alone is `task.completed` / `task.reopened`, whichever
-    endpoint made it; any other change is `task.updated`.
+    endpoint made it; any other change is `task.updated`. Completing a recurring task that has
+    not made its next occurrence yet makes it, in the same transaction (`_next_occurrence`).
     """
-    changed = {k: v for k, v in values.items() if getattr(current, k) != v}
+    changed = {k: v for k, v in values.items() if k != "tags" and getattr(current, k) != v}
+    tags_changed = False
+    if "tags" in values:
+        resolved = tag_queries.resolve(session, current.user_id, list(values["tags"]))
+        if tuple(sorted_names([name for _, name in resolved])) != current.tags:
+            tags_changed = True
+            tag_queries.set_links(session, current.user_id, current.id, [i for i, _ in resolved])
+    if not changed and not tags_changed:
+        return TaskChange(task=current, event=None)
     action = (
         _completion_action(changed["completed"])
-        if changed.keys() == {"completed"}
+        if changed.keys() == {"completed"} and not tags_changed
         else "task.updated"
     )
-    if not changed:
-        return TaskChange(task=current, event=None)
+    due_at = changed.get("due_at", current.due_at)
+    rule = changed.get("recurrence", current.recurrence)
+    _check_rule(due_at, rule)
+    following: recurrence.Occurrence | None = None
+    if changed.get("completed") is True and rule and due_at and current.next_task_id is None:
+        following = recurrence.next_occurrence(rule, due_at)
+        if following is not None:
+            changed["next_task_id"] = queries.next_task_id(session)
     task = queries.update_fields(session, current.id, changed, _next_timestamp(current.updated_at))
     event = _record(session, ctx, action, task.id, task.user_id, current, task)
+    if following is not None:
+        _next_occurrence(session, ctx, task, following, event)
     return TaskChange(task=task, event=event)
+
+
+def _next_occurrence(
+    session: Session,
+    ctx: AuditContext,
+    completed: TaskRecord,
+    following: recurrence.Occurrence,
+    cause: RecordedEvent,
+) -> TaskRecord:
+    """The series' next task: a copy of the completed one, due at the rule's next date, with
+    the rest of the rule; its `task.created` names the completion as its cause."""
+    values = {
+        "title": completed.title,
+        "description": completed.description,
+        "priority": completed.priority,
+        "due_at": following.due_at,
+        "tags": completed.tags,
+        "recurrence": following.rule,
+    }
+    task = _insert(
+        session,
+        completed.user_id,
+        values,
+        task_id=completed.next_task_id,
+        previous_task_id=completed.id,
+    )
+    _record(
+        session, ctx, "task.created", task.id, task.user_id, None, task, caused_by_seq=cause.seq
+    )
+    return task
 
 
 def update_task(
@@ -191,3 +272,49 @@ def delete_task(
     queries.delete_row(session, current.id)
     event = _record(session, ctx, "task.deleted", current.id, user_id, current, None)
     return TaskDeletion(task=current, event=event)
+
+
+def _change_tag(
+    session: Session,
+    ctx: AuditContext,
+    user_id: str,
+    tag_id: int,
+    change: Callable[[], None],
+) -> list[RecordedEvent]:
+    """Rename or delete a tag, recording the change of every task that carries it.
+
+    The tasks are locked first (id order), then the tag, then the tasks tagged meanwhile
+    (their writers have committed by then: tagging takes a key-share lock on the tag). So a
+    task write that holds its task's lock and waits for the tag cannot deadlock with this.
+    """
+    tagged = tag_queries.tagged_task_ids(session, tag_id)
+    befores = {task_id: queries.lock_task(session, user_id, task_id) for task_id in tagged}
+    tag_queries.lock_tag(session, user_id, tag_id)
+    for task_id in tag_queries.tagged_task_ids(session, tag_id):
+        if task_id not in befores:
+            befores[task_id] = queries.lock_task(session, user_id, task_id)
+    change()
+    events = []
+    for task_id, before in sorted(befores.items()):
+        after = queries.update_fields(session, task_id, {}, _next_timestamp(before.updated_at))
+        events.append(_record(session, ctx, "task.updated", task_id, user_id, before, after))
+    return events
+
+
+def rename_tag(
+    session: Session, ctx: AuditContext, user_id: str, tag_id: int, name: str
+) -> list[RecordedEvent]:
+    """Rename a tag; each task carrying it records the new name in its history."""
+    if tag_queries.get_tag(session, user_id, tag_id).name == name:  # 404 before any lock
+        return []
+    return _change_tag(
+        session, ctx, user_id, tag_id, lambda: tag_queries.rename(session, user_id, tag_id, name)
+    )
+
+
+def delete_tag(
+    session: Session, ctx: AuditContext, user_id: str, tag_id: int
+) -> list[RecordedEvent]:
+    """Delete a tag; each task that carried it records the removal in its history."""
+    tag_queries.get_tag(session, user_id, tag_id)
+    return _change_tag(session, ctx, user_id, tag_id, lambda: tag_queries.remove(session, tag_id))

@@ -1,0 +1,171 @@
+"""The tag tables' queries. Nothing here commits; writes run in the caller's unit of work.
+
+A tag is looked up by its lower-cased name (the unique index `uq_tags_user_name`), so `Work`
+and `work` are one tag and the first spelling stays. Tags used by a write are read
+`FOR KEY SHARE`: a concurrent delete of the tag waits for the write, or the write sees the
+tag gone and creates it again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, delete, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from service.exceptions import NotFound, TagConflict
+from service.sqltypes import utcnow
+from service.tags.models import Tag, TaskTag
+from service.tags.rules import TAGS_PER_USER_MAX, sorted_names, tag_key, unique_names
+
+TAGS = Tag.__table__  # type: ignore[attr-defined]
+TASK_TAGS = TaskTag.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, slots=True)
+class TagRecord:
+    id: int
+    name: str
+    task_count: int
+    created_at: datetime
+
+
+_BY_KEYS = (
+    select(TAGS.c.id, TAGS.c.name)
+    .where(
+        TAGS.c.user_id == bindparam("owner"),
+        func.lower(TAGS.c.name).in_(bindparam("keys", expanding=True)),
+    )
+    .with_for_update(read=True, key_share=True)
+)
+_INSERT = (
+    pg_insert(TAGS)
+    .values(user_id=bindparam("owner"), name=bindparam("name"), created_at=bindparam("now"))
+    .on_conflict_do_nothing(index_elements=[TAGS.c.user_id, text("lower(name)")])
+)
+_COUNT = select(func.count()).select_from(TAGS).where(TAGS.c.user_id == bindparam("owner"))
+_USAGE = (
+    select(func.count())
+    .select_from(TASK_TAGS)
+    .where(TASK_TAGS.c.tag_id == TAGS.c.id)
+    .scalar_subquery()
+    .label("task_count")
+)
+_LIST = (
+    select(TAGS.c.id, TAGS.c.name, _USAGE, TAGS.c.created_at)
+    .where(TAGS.c.user_id == bindparam("owner"))
+    .order_by(func.lower(TAGS.c.name), TAGS.c.name, TAGS.c.id)
+)
+_ONE = select(TAGS.c.id, TAGS.c.name, _USAGE, TAGS.c.created_at).where(
+    TAGS.c.user_id == bindparam("owner"), TAGS.c.id == bindparam("tag_id")
+)
+_LOCK = (
+    select(TAGS.c.id, TAGS.c.name)
+    .where(TAGS.c.user_id == bindparam("owner"), TAGS.c.id == bindparam("tag_id"))
+    .with_for_update()
+)
+_TAGGED = (
+    select(TASK_TAGS.c.task_id)
+    .where(TASK_TAGS.c.tag_id == bindparam("tag_id"))
+    .order_by(TASK_TAGS.c.task_id)
+)
+
+
+def _existing(session: Session, user_id: str, keys: list[str]) -> dict[str, tuple[int, str]]:
+    rows = session.execute(_BY_KEYS, {"owner": user_id, "keys": keys}).all()
+    return {tag_key(row.name): (int(row.id), str(row.name)) for row in rows}
+
+
+def resolve(session: Session, user_id: str, names: list[str]) -> list[tuple[int, str]]:
+    """(id, name) of each named tag, creating the unknown ones; the stored spelling wins."""
+    wanted = unique_names(names)
+    if not wanted:
+        return []
+    keys = [tag_key(name) for name in wanted]
+    for _ in range(3):  # a tag deleted meanwhile is created again on the next round
+        found = _existing(session, user_id, keys)
+        missing = [name for name in wanted if tag_key(name) not in found]
+        if not missing:
+            return [found[key] for key in keys]
+        count = session.execute(_COUNT, {"owner": user_id}).scalar_one()
+        if count + len(missing) > TAGS_PER_USER_MAX:
+            raise TagConflict(
+                f"A user has at most {TAGS_PER_USER_MAX} tags; delete unused tags first."
+            )
+        now = utcnow()
+        session.execute(_INSERT, [{"owner": user_id, "name": name, "now": now} for name in missing])
+    raise TagConflict("The tags changed concurrently; try again.")
+
+
+def set_links(
+    session: Session, user_id: str, task_id: int, tag_ids: list[int], *, new: bool = False
+) -> None:
+    """Make the task's tags exactly these (a new task has none to remove)."""
+    if not new:
+        session.execute(
+            delete(TASK_TAGS).where(
+                TASK_TAGS.c.task_id == task_id, TASK_TAGS.c.tag_id.not_in(tag_ids)
+            )
+        )
+    if tag_ids:
+        session.execute(
+            pg_insert(TASK_TAGS)
+            .values([{"task_id": task_id, "tag_id": i, "user_id": user_id} for i in tag_ids])
+            .on_conflict_do_nothing()
+        )
+
+
+def attach(session: Session, user_id: str, task_id: int, names: list[str]) -> list[str]:
+    """Tag a new task; the tags' names as stored."""
+    resolved = resolve(session, user_id, names)
+    set_links(session, user_id, task_id, [tag_id for tag_id, _ in resolved], new=True)
+    return sorted_names([name for _, name in resolved])
+
+
+def _record(row: Any) -> TagRecord:
+    return TagRecord(int(row.id), str(row.name), int(row.task_count), row.created_at)
+
+
+def list_tags(session: Session, user_id: str) -> list[TagRecord]:
+    return [_record(row) for row in session.execute(_LIST, {"owner": user_id})]
+
+
+def get_tag(session: Session, user_id: str, tag_id: int) -> TagRecord:
+    row = session.execute(_ONE, {"owner": user_id, "tag_id": tag_id}).first()
+    if row is None:
+        raise NotFound(f"Tag {tag_id} not found.")
+    return _record(row)
+
+
+def create_tag(session: Session, user_id: str, name: str) -> tuple[TagRecord, bool]:
+    """The tag of that name, and whether it is new (an existing one, in any case, is kept)."""
+    before = _existing(session, user_id, [tag_key(name)])
+    ((tag_id, _),) = resolve(session, user_id, [name])
+    return get_tag(session, user_id, tag_id), not before
+
+
+def lock_tag(session: Session, user_id: str, tag_id: int) -> tuple[int, str]:
+    """The tag under a row lock: no task can be tagged with it until the caller commits."""
+    row = session.execute(_LOCK, {"owner": user_id, "tag_id": tag_id}).first()
+    if row is None:
+        raise NotFound(f"Tag {tag_id} not found.")
+    return int(row.id), str(row.name)
+
+
+def tagged_task_ids(session: Session, tag_id: int) -> list[int]:
+    return [int(i) for i in session.execute(_TAGGED, {"tag_id": tag_id}).scalars()]
+
+
+def rename(session: Session, user_id: str, tag_id: int, name: str) -> None:
+    clash = _existing(session, user_id, [tag_key(name)]).get(tag_key(name))
+    if clash is not None and clash[0] != tag_id:
+        raise TagConflict(f"Another tag is already named {clash[1]!r} (names ignore case).")
+    session.execute(update(TAGS).where(TAGS.c.id == tag_id).values(name=name))
+
+
+def remove(session: Session, tag_id: int) -> None:
+    """Delete the tag; its links to tasks go with it (ON DELETE CASCADE)."""
+    session.execute(delete(TAGS).where(TAGS.c.id == tag_id))

@@ -1,0 +1,68 @@
+"""What a tag name may be. One rule for the tag endpoints and for names given on a task."""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Annotated
+
+from pydantic import AfterValidator
+from pydantic import Field as PField
+
+TAG_NAME_MAX = 50
+TAGS_PER_TASK_MAX = 20
+TAGS_PER_USER_MAX = 1000
+# What the validator enforces, for the schema: no control characters (Unicode category Cc).
+TAG_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+
+
+def clean_tag_name(value: str) -> str:
+    """No control characters (not even a trailing newline), trimmed, 1-50 characters."""
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        raise ValueError("a tag name must not contain control characters")
+    value = value.strip()
+    if not value:
+        raise ValueError("a tag name must not be blank")
+    if len(value) > TAG_NAME_MAX:
+        raise ValueError(f"a tag name must be at most {TAG_NAME_MAX} characters")
+    return value
+
+
+def tag_key(name: str) -> str:
+    """Names that differ only in case are one tag."""
+    return name.lower()
+
+
+def sorted_names(names: list[str] | tuple[str, ...]) -> list[str]:
+    """The order tags are shown and recorded in: case-insensitive, then exact."""
+    return sorted(names, key=lambda name: (tag_key(name), name))
+
+
+def unique_names(names: list[str]) -> list[str]:
+    """Each tag once (names differing only in case are one), the first spelling kept."""
+    seen: dict[str, str] = {}
+    for name in names:
+        seen.setdefault(tag_key(name), name)
+    return list(seen.values())
+
+
+TagName = Annotated[
+    str,
+    PField(
+        min_length=1,
+        max_length=TAG_NAME_MAX * 4,
+        examples=["work"],
+        json_schema_extra={"pattern": TAG_NAME_PATTERN},
+    ),
+    AfterValidator(clean_tag_name),
+]
+# The list on a task; names differing only in case collapse into one.
+TagNames = Annotated[
+    list[TagName],
+    PField(
+        max_length=TAGS_PER_TASK_MAX,
+        description=f"Tag names, at most {TAGS_PER_TASK_MAX}; "
+        "unknown names are created. Responses list them sorted.",
+        examples=[["home", "urgent"]],
+    ),
+    AfterValidator(unique_names),
+]

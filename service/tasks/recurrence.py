@@ -1,0 +1,138 @@
+"""Recurrence rules: the RFC 5545 RRULE subset people use, parsed by python-dateutil.
+
+A task's rule describes the rest of its series, starting at its own `due_at` (the rule's
+DTSTART). Completing the task creates the next occurrence at the rule's first date after that
+`due_at`; with `COUNT=n` the next occurrence carries `COUNT=n-1` (the count includes the task
+itself), so `COUNT=1` means "this is the last one". Dates are computed in UTC, the zone
+`due_at` is stored and returned in.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from dateutil.rrule import rrule, rrulestr
+
+RULE_MAX = 200
+INTERVAL_MAX = 1000
+COUNT_MAX = 1000
+FREQUENCIES = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
+# The supported parts, in the order the stored rule lists them.
+PARTS = ("FREQ", "INTERVAL", "BYDAY", "BYMONTHDAY", "COUNT", "UNTIL")
+_PREFIX = re.compile(r"^RRULE:", re.IGNORECASE)
+_WEEKDAY = re.compile(r"^(MO|TU|WE|TH|FR|SA|SU)$")
+# Any aware time works for checking a rule's syntax; UNTIL must then be in UTC (`...Z`).
+_REFERENCE = datetime(2000, 1, 1, tzinfo=UTC)
+
+EXAMPLES = ["FREQ=WEEKLY;BYDAY=MO,WE,FR", "FREQ=MONTHLY;BYMONTHDAY=-1;COUNT=12"]
+DESCRIPTION = (
+    "iCalendar RRULE (RFC 5545), without the `RRULE:` prefix. Supported: `FREQ=DAILY|WEEKLY|"
+    "MONTHLY|YEARLY`, `INTERVAL` (1-1000), `BYDAY` (weekly, e.g. `MO,WE`), `BYMONTHDAY` (monthly, "
+    "1-31 or -31 to -1 counting from the month's end), and at most one of `COUNT` (1-1000, "
+    "this task included) or `UNTIL` (UTC, e.g. `20271231T235959Z`). Needs `due_at`; "
+    "`null` removes it. Dates are computed in UTC."
+)
+
+
+class RuleError(ValueError):
+    """A rule that is not valid or uses a part that is not supported; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class Occurrence:
+    due_at: datetime
+    rule: str
+
+
+def _split(text: str) -> dict[str, str]:
+    parts: dict[str, str] = {}
+    for chunk in text.split(";"):
+        name, sep, value = chunk.partition("=")
+        name = name.strip().upper()
+        if not sep or not name or not value.strip():
+            raise RuleError(f"'{chunk}' is not a NAME=VALUE part")
+        if name not in PARTS:
+            raise RuleError(
+                f"{name} is not supported (supported parts: {', '.join(PARTS)})",
+            )
+        if name in parts:
+            raise RuleError(f"{name} is given twice")
+        parts[name] = value.strip().upper()
+    return parts
+
+
+def _check_supported(parts: dict[str, str]) -> None:
+    """What dateutil accepted (so the numbers parse) but this product does not support."""
+    freq = parts["FREQ"]
+    if freq not in FREQUENCIES:
+        raise RuleError(f"FREQ={freq} is not supported (use DAILY, WEEKLY, MONTHLY or YEARLY)")
+    if "COUNT" in parts and "UNTIL" in parts:
+        raise RuleError("give COUNT or UNTIL, not both")
+    if not 1 <= int(parts.get("INTERVAL", "1")) <= INTERVAL_MAX:
+        raise RuleError(f"INTERVAL must be between 1 and {INTERVAL_MAX}")
+    if "COUNT" in parts and not 1 <= int(parts["COUNT"]) <= COUNT_MAX:
+        raise RuleError(f"COUNT must be between 1 and {COUNT_MAX}")
+    if "BYDAY" in parts:
+        if freq != "WEEKLY":
+            raise RuleError(f"BYDAY is supported with FREQ=WEEKLY only, not FREQ={freq}")
+        for day in parts["BYDAY"].split(","):
+            if not _WEEKDAY.match(day.strip()):
+                raise RuleError(f"BYDAY={day} is not supported (use weekdays such as MO,WE)")
+    if "BYMONTHDAY" in parts:
+        if freq != "MONTHLY":
+            raise RuleError(f"BYMONTHDAY is supported with FREQ=MONTHLY only, not FREQ={freq}")
+        for day in parts["BYMONTHDAY"].split(","):
+            if not day.strip().lstrip("+-").isdigit() or not 1 <= abs(int(day)) <= 31:
+                raise RuleError(f"BYMONTHDAY={day} is not a day of the month (1-31 or -31 to -1)")
+
+
+def _parse(text: str, dtstart: datetime) -> rrule:
+    try:
+        parsed = rrulestr(text, dtstart=dtstart)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise RuleError(f"not a valid RRULE: {exc}") from None
+    if not isinstance(parsed, rrule):  # an rruleset (several lines): refused earlier
+        raise RuleError("only a single RRULE is supported")
+    return parsed
+
+
+def normalize(text: str) -> str:
+    """The rule as stored: validated, upper case, parts in a fixed order, no `RRULE:` prefix.
+
+    Raises RuleError naming the part that is wrong or not supported.
+    """
+    text = _PREFIX.sub("", text.strip())
+    if not text:
+        raise RuleError("must not be empty")
+    if len(text) > RULE_MAX:
+        raise RuleError(f"must be at most {RULE_MAX} characters")
+    if any(ch in text for ch in "\r\n\x00") or ":" in text:
+        raise RuleError("only the RRULE value is supported (no DTSTART, RDATE or EXDATE lines)")
+    parts = _split(text)
+    if "FREQ" not in parts:
+        raise RuleError("FREQ is required")
+    canonical = ";".join(f"{name}={parts[name]}" for name in PARTS if name in parts)
+    _parse(canonical, _REFERENCE)
+    _check_supported(parts)
+    return canonical
+
+
+def next_occurrence(rule: str, due_at: datetime) -> Occurrence | None:
+    """The occurrence after the one due at `due_at`, or None when the rule is exhausted."""
+    parts = _split(rule)
+    remaining = int(parts.pop("COUNT")) if "COUNT" in parts else None
+    if remaining is not None and remaining <= 1:
+        return None
+    rest = ";".join(f"{name}={value}" for name, value in parts.items())
+    try:
+        following = _parse(rest, due_at.astimezone(UTC)).after(due_at, inc=False)
+    except (ValueError, OverflowError):  # past year 9999
+        return None
+    if following is None:
+        return None
+    if remaining is not None:
+        parts["COUNT"] = str(remaining - 1)
+    next_rule = ";".join(f"{name}={parts[name]}" for name in PARTS if name in parts)
+    return Occurrence(due_at=following.astimezone(UTC), rule=next_rule)

@@ -1,0 +1,187 @@
+"""The tag endpoints over HTTP: listing with counts, creation (case-insensitive uniqueness,
+first spelling kept), rename and delete (each affected task audited in the same
+transaction), ownership (another user's tag is 404) and validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from service.database import Database
+from tests.audit_helpers import events_of
+from tests.support import ApiUser, assert_problem, assert_validation_error
+from tests.support import create_task as create
+
+
+def tags_url(user: ApiUser, path: str = "") -> str:
+    return f"/api/{user.user_id}/tags{path}"
+
+
+def list_tags(client: TestClient, user: ApiUser) -> list[dict[str, Any]]:
+    resp = client.get(tags_url(user), headers=user.headers)
+    assert resp.status_code == 200, resp.text
+    result: list[dict[str, Any]] = resp.json()
+    return result
+
+
+def test_create_list_and_get(client: TestClient, user: ApiUser) -> None:
+    resp = client.post(tags_url(user), json={"name": "  Work  "}, headers=user.headers)
+    assert resp.status_code == 201, resp.text
+    tag = resp.json()
+    assert set(tag) == {"id", "name", "task_count", "created_at"}
+    assert (tag["name"], tag["task_count"]) == ("Work", 0)
+    assert resp.headers["Location"].endswith(f"/api/{user.user_id}/tags/{tag['id']}")
+    got = client.get(tags_url(user, f"/{tag['id']}"), headers=user.headers)
+    assert got.json() == tag
+    create(client, user, "A", tags=["work", "home"])
+    create(client, user, "B", tags=["Home"])
+    assert [(t["name"], t["task_count"]) for t in list_tags(client, user)] == [
+        ("home", 2),
+        ("Work", 1),
+    ]
+
+
+def test_names_are_unique_ignoring_case_and_the_first_spelling_stays(
+    client: TestClient, user: ApiUser
+) -> None:
+    first = client.post(tags_url(user), json={"name": "Work"}, headers=user.headers)
+    again = client.post(tags_url(user), json={"name": "wORK"}, headers=user.headers)
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"] and again.json()["name"] == "Work"
+    assert [t["name"] for t in list_tags(client, user)] == ["Work"]
+
+
+def test_another_users_tag_is_404(client: TestClient, user: ApiUser, make_user: Any) -> None:
+    other = make_user()
+    theirs = client.post(tags_url(other), json={"name": "secret"}, headers=other.headers).json()
+    task = create(client, other, "Theirs", tags=["secret"])
+    for method, body in (("GET", None), ("PATCH", {"name": "mine"}), ("DELETE", None)):
+        resp = client.request(
+            method, tags_url(user, f"/{theirs['id']}"), json=body, headers=user.headers
+        )
+        assert_problem(resp, 404)
+    # Their tag and task are untouched; my list does not show it; the same name is mine anew.
+    assert [t["name"] for t in list_tags(client, other)] == ["secret"]
+    assert client.get(other.url(f"/{task['id']}"), headers=other.headers).json()["tags"] == [
+        "secret"
+    ]
+    assert list_tags(client, user) == []
+    mine = client.post(tags_url(user), json={"name": "Secret"}, headers=user.headers)
+    assert mine.status_code == 201 and mine.json()["id"] != theirs["id"]
+    # And another user's token cannot reach my tags at all.
+    assert_problem(client.get(tags_url(other), headers=user.headers), 403)
+
+
+def test_rename_is_recorded_on_every_tagged_task(
+    client: TestClient, user: ApiUser, database: Database
+) -> None:
+    tag = client.post(tags_url(user), json={"name": "wrk"}, headers=user.headers).json()
+    tagged = [create(client, user, f"T{i}", tags=["wrk", "other"]) for i in range(3)]
+    untagged = create(client, user, "Untagged", tags=["other"])
+    before = len(events_of(database.engine, user.user_id))
+    resp = client.patch(
+        tags_url(user, f"/{tag['id']}"), json={"name": "Work"}, headers=user.headers
+    )
+    assert resp.status_code == 200, resp.text
+    assert (resp.json()["name"], resp.json()["task_count"]) == ("Work", 3)
+    events = events_of(database.engine, user.user_id)[before:]
+    assert sorted(int(e["entity_id"]) for e in events) == [t["id"] for t in tagged]
+    for event in events:
+        assert event["action"] == "task.updated"
+        assert event["changes"] == {"tags": [["other", "wrk"], ["other", "Work"]]}
+    for task in tagged:
+        now = client.get(user.url(f"/{task['id']}"), headers=user.headers)
+        assert now.json()["tags"] == ["other", "Work"]
+        assert now.headers["ETag"] != f'"{task["id"]}-1"'
+    assert client.get(user.url(f"/{untagged['id']}"), headers=user.headers).json()["tags"] == [
+        "other"
+    ]
+
+
+def test_rename_to_another_tags_name_is_409(client: TestClient, user: ApiUser) -> None:
+    a = client.post(tags_url(user), json={"name": "a"}, headers=user.headers).json()
+    client.post(tags_url(user), json={"name": "B"}, headers=user.headers)
+    body = assert_problem(
+        client.patch(tags_url(user, f"/{a['id']}"), json={"name": "b"}, headers=user.headers),
+        409,
+    )
+    assert body["type"].endswith("/tag-conflict")
+    # Changing only the case of its own name is a rename.
+    resp = client.patch(tags_url(user, f"/{a['id']}"), json={"name": "A"}, headers=user.headers)
+    assert resp.status_code == 200 and resp.json()["name"] == "A"
+
+
+def test_delete_removes_the_tag_from_tasks_and_audits_each(
+    client: TestClient, user: ApiUser, database: Database
+) -> None:
+    tasks = [create(client, user, f"T{i}", tags=["gone", "kept"]) for i in range(2)]
+    tag_id = next(t["id"] for t in list_tags(client, user) if t["name"] == "gone")
+    before = len(events_of(database.engine, user.user_id))
+    resp = client.delete(tags_url(user, f"/{tag_id}"), headers=user.headers)
+    assert resp.status_code == 204
+    events = events_of(database.engine, user.user_id)[before:]
+    assert [e["action"] for e in events] == ["task.updated", "task.updated"]
+    assert {int(e["entity_id"]) for e in events} == {t["id"] for t in tasks}
+    assert all(e["changes"] == {"tags": [["gone", "kept"], ["kept"]]} for e in events)
+    assert len({e["xact_id"] for e in events}) == 1  # one transaction
+    for task in tasks:
+        assert client.get(user.url(f"/{task['id']}"), headers=user.headers).json()["tags"] == [
+            "kept"
+        ]
+    assert_problem(client.get(tags_url(user, f"/{tag_id}"), headers=user.headers), 404)
+    assert_problem(client.delete(tags_url(user, f"/{tag_id}"), headers=user.headers), 404)
+    verify = client.get(f"/api/{user.user_id}/audit-events/verify", headers=user.headers).json()
+    assert verify["ok"] is True
+
+
+def test_deleting_a_task_keeps_its_tags_for_other_tasks(client: TestClient, user: ApiUser) -> None:
+    a = create(client, user, "A", tags=["shared"])
+    create(client, user, "B", tags=["shared"])
+    assert client.delete(user.url(f"/{a['id']}"), headers=user.headers).status_code == 204
+    assert [(t["name"], t["task_count"]) for t in list_tags(client, user)] == [("shared", 1)]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"name": ""}, "at least 1 character"),
+        ({"name": "   "}, "a tag name must not be blank"),
+        ({"name": "x" * 51}, "at most 50 characters"),
+        ({"name": "tab\there"}, "control characters"),
+        ({"name": "nul\x00"}, "control characters"),
+        ({"name": None}, "valid string"),
+        ({}, "Field required"),
+        ({"name": "ok", "color": "red"}, "Extra inputs"),
+    ],
+)
+def test_tag_name_validation(
+    client: TestClient, user: ApiUser, body: dict[str, Any], message: str
+) -> None:
+    error = assert_validation_error(client.post(tags_url(user), json=body, headers=user.headers))
+    assert message in " ".join(e["message"] for e in error["errors"]), error
+    tag = client.post(tags_url(user), json={"name": "fine"}, headers=user.headers).json()
+    error = assert_validation_error(
+        client.patch(tags_url(user, f"/{tag['id']}"), json=body, headers=user.headers)
+    )
+    assert list_tags(client, user)[0]["name"] == "fine"
+
+
+def test_fifty_characters_after_trimming_is_allowed(client: TestClient, user: ApiUser) -> None:
+    name = "y" * 50
+    resp = client.post(tags_url(user), json={"name": f"  {name}  "}, headers=user.headers)
+    assert resp.status_code == 201 and resp.json()["name"] == name
+
+
+def test_tables_enforce_ownership(database: Database, client: TestClient, make_user: Any) -> None:
+    """The composite foreign keys refuse a link between one user's task and another's tag."""
+    alice, bob = make_user(), make_user()
+    task = create(client, alice, "Alice's")
+    tag = client.post(tags_url(bob), json={"name": "bobs"}, headers=bob.headers).json()
+    with pytest.raises(sa.exc.IntegrityError), database.engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO task_tags (task_id, tag_id, user_id) VALUES (:t, :g, :u)"),
+            {"t": task["id"], "g": tag["id"], "u": alice.user_id},
+        )

@@ -1,0 +1,268 @@
+"""Filters and sorts of `GET /api/{user_id}/tasks` over HTTP, alone and combined, page by page
+(X-Total-Count and Link on every combination), checked against the same rules applied in
+Python to what the API returned for each task."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.support import ApiUser, assert_validation_error
+from tests.support import create_task as create
+
+RANK = {"none": 0, "low": 1, "medium": 2, "high": 3}
+NOW = datetime.now(UTC)
+
+
+def iso(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def seed(client: TestClient, user: ApiUser) -> list[dict[str, Any]]:
+    """Twelve tasks covering every priority, due dates past/future/none, tags, completion,
+    and equal sort keys (ties), created in this order."""
+    specs: list[dict[str, Any]] = [
+        {"title": "alpha report", "priority": "high", "due": -2, "tags": ["work"], "done": False},
+        {"title": "Bravo", "priority": "low", "due": 3, "tags": ["home"], "done": False},
+        {"title": "charlie", "priority": "none", "due": None, "tags": [], "done": False},
+        {"title": "delta report", "priority": "medium", "due": -1, "tags": ["work", "urgent"],
+         "done": True},
+        {"title": "Echo", "priority": "high", "due": 3, "tags": ["Work", "home"], "done": False},
+        {"title": "foxtrot", "priority": "low", "due": None, "tags": ["urgent"], "done": True},
+        {"title": "golf", "priority": "medium", "due": -5, "tags": ["urgent", "work"],
+         "done": False},
+        {"title": "Bravo", "priority": "none", "due": 10, "tags": [], "done": False},
+        {"title": "hotel 100%", "priority": "high", "due": None, "tags": ["home"], "done": False},
+        {"title": "india", "priority": "none", "due": -3, "tags": ["work"], "done": False},
+        {"title": "juliet_x", "priority": "medium", "due": 3, "tags": [], "done": True},
+        {"title": "kilo", "priority": "low", "due": 1, "tags": ["work", "home", "urgent"],
+         "done": False},
+    ]  # fmt: skip
+    base = NOW.replace(microsecond=0)
+    tasks = []
+    for spec in specs:
+        body: dict[str, Any] = {"priority": spec["priority"], "tags": spec["tags"]}
+        if spec["due"] is not None:
+            body["due_at"] = iso(base + timedelta(days=spec["due"]))
+        task = create(client, user, spec["title"], **body)
+        if spec["done"]:
+            resp = client.patch(user.url(f"/{task['id']}/complete"), headers=user.headers)
+            task = resp.json()
+        tasks.append(task)
+    # Updated in another order than created, so the two sorts differ.
+    for task in tasks[::3]:
+        resp = client.put(
+            user.url(f"/{task['id']}"), json={"description": "touched"}, headers=user.headers
+        )
+        tasks[tasks.index(task)] = resp.json()
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def seeded(app_module: Any) -> tuple[ApiUser, list[dict[str, Any]], TestClient]:
+    client, user = app_module
+    return user, seed(client, user), client
+
+
+@pytest.fixture(scope="module")
+def app_module(request: pytest.FixtureRequest) -> Any:
+    """One user and their tasks for the whole module (the reads do not change them)."""
+    from service.app import create_app
+
+    settings = request.getfixturevalue("base_settings")
+    database = request.getfixturevalue("database")
+    from service.auth import create_dev_token
+    from tests.jwt_helpers import random_id
+
+    user_id = random_id()
+    token = create_dev_token(
+        settings.better_auth_secret.get_secret_value(), user_id, email=None, name=None
+    )
+    with TestClient(create_app(settings, database), raise_server_exceptions=False) as client:
+        yield client, ApiUser(user_id, token)
+
+
+def parse_time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+def expected(
+    tasks: list[dict[str, Any]], params: dict[str, Any], now: datetime
+) -> list[dict[str, Any]]:
+    """The documented rules, in Python."""
+    out = list(tasks)
+    status = params.get("status", "all")
+    if status == "pending":
+        out = [t for t in out if not t["completed"]]
+    elif status == "completed":
+        out = [t for t in out if t["completed"]]
+    if "priority" in params:
+        out = [t for t in out if t["priority"] in params["priority"]]
+    if "tag" in params:
+        wanted = {name.lower() for name in params["tag"]}
+        out = [t for t in out if wanted <= {name.lower() for name in t["tags"]}]
+    if "due_before" in params:
+        limit = parse_time(params["due_before"])
+        out = [t for t in out if t["due_at"] and parse_time(t["due_at"]) < limit]  # type: ignore[operator]
+    if "due_after" in params:
+        limit = parse_time(params["due_after"])
+        out = [t for t in out if t["due_at"] and parse_time(t["due_at"]) > limit]  # type: ignore[operator]
+    if params.get("overdue") == "true":
+        out = [
+            t for t in out if t["due_at"] and parse_time(t["due_at"]) < now and not t["completed"]
+        ]
+    if "q" in params:
+        needle = params["q"].lower()
+        out = [
+            t
+            for t in out
+            if needle in t["title"].lower() or needle in (t["description"] or "").lower()
+        ]
+    sort = params.get("sort", "created_at")
+    desc = params.get("order", "desc") == "desc"
+
+    def key(task: dict[str, Any]) -> Any:
+        value = task[sort]
+        if sort == "priority":
+            value = RANK[value]
+        elif sort in ("created_at", "updated_at", "due_at") and value is not None:
+            value = parse_time(value)
+        return value
+
+    with_value = [t for t in out if key(t) is not None]
+    without = [t for t in out if key(t) is None]
+    with_value.sort(key=lambda t: (key(t), t["id"]), reverse=desc)
+    without.sort(key=lambda t: t["id"], reverse=desc)
+    return with_value + without  # no due date: last in both orders
+
+
+def fetch_all_pages(
+    client: TestClient, user: ApiUser, params: dict[str, Any], limit: int
+) -> tuple[list[dict[str, Any]], set[int]]:
+    """Follow `Link: rel="next"` from the first page; every page's X-Total-Count."""
+    items: list[dict[str, Any]] = []
+    totals: set[int] = set()
+    query: Any = [*_flatten(params), ("limit", limit)]
+    url = user.url()
+    for _ in range(50):
+        resp = client.get(url, params=query, headers=user.headers)
+        assert resp.status_code == 200, resp.text
+        page = resp.json()
+        assert len(page) <= limit
+        items.extend(page)
+        totals.add(int(resp.headers["X-Total-Count"]))
+        link = resp.headers.get("Link")
+        if link is None:
+            return items, totals
+        assert link.endswith('; rel="next"')
+        target = urlsplit(link[1 : link.index(">")])
+        url, query = target.path, parse_qsl(target.query)
+    raise AssertionError("too many pages")
+
+
+def _flatten(params: dict[str, Any]) -> list[tuple[str, str]]:
+    pairs = []
+    for name, value in params.items():
+        for one in value if isinstance(value, list) else [value]:
+            pairs.append((name, one))
+    return pairs
+
+
+SORTS = ["created_at", "updated_at", "title", "due_at", "priority"]
+FILTERS: list[dict[str, Any]] = [
+    {},
+    {"status": "pending"},
+    {"status": "completed"},
+    {"priority": ["high"]},
+    {"priority": ["low", "medium"]},
+    {"tag": ["work"]},
+    {"tag": ["WORK", "urgent"]},
+    {"tag": ["work", "home", "urgent"]},
+    {"tag": ["no-such-tag"]},
+    {"due_before": iso(NOW)},
+    {"due_after": iso(NOW)},
+    {"due_after": iso(NOW - timedelta(days=4)), "due_before": iso(NOW + timedelta(days=2))},
+    {"overdue": "true"},
+    {"q": "report"},
+    {"q": "%"},
+    {"q": "_"},
+    {"status": "pending", "priority": ["high", "medium"], "tag": ["work"]},
+    {"overdue": "true", "tag": ["work"], "priority": ["high", "none"]},
+    {"q": "o", "status": "pending", "due_after": iso(NOW - timedelta(days=30))},
+]
+
+
+@pytest.mark.parametrize("filters", FILTERS, ids=lambda f: ",".join(f) or "none")
+def test_each_filter_with_every_sort_and_order_page_by_page(
+    seeded: tuple[ApiUser, list[dict[str, Any]], TestClient], filters: dict[str, Any]
+) -> None:
+    user, tasks, client = seeded
+    current = [client.get(user.url(f"/{t['id']}"), headers=user.headers).json() for t in tasks]
+    for sort, order in itertools.product(SORTS, ["asc", "desc"]):
+        params = {**filters, "sort": sort, "order": order}
+        want = expected(current, params, datetime.now(UTC))
+        got, totals = fetch_all_pages(client, user, params, limit=3)
+        assert [t["id"] for t in got] == [t["id"] for t in want], params
+        assert totals == {len(want)} or (not want and totals == {0}), params
+
+
+def test_priority_sorts_by_rank_not_alphabet(
+    seeded: tuple[ApiUser, list[dict[str, Any]], TestClient],
+) -> None:
+    user, _, client = seeded
+    ranks = [
+        RANK[t["priority"]]
+        for t in client.get(
+            user.url(), params={"sort": "priority", "order": "desc"}, headers=user.headers
+        ).json()
+    ]
+    assert ranks == sorted(ranks, reverse=True) and ranks[0] == 3 and ranks[-1] == 0
+
+
+def test_tasks_without_due_date_come_last_in_both_orders(
+    seeded: tuple[ApiUser, list[dict[str, Any]], TestClient],
+) -> None:
+    user, _, client = seeded
+    for order in ("asc", "desc"):
+        page = client.get(
+            user.url(), params={"sort": "due_at", "order": order}, headers=user.headers
+        ).json()
+        dues = [t["due_at"] for t in page]
+        assert dues[-3:] == [None, None, None] and None not in dues[:-3]
+
+
+def test_filter_by_tag_is_per_user(
+    seeded: tuple[ApiUser, list[dict[str, Any]], TestClient], make_user: Any
+) -> None:
+    user, _, client = seeded
+    other = make_user()
+    create(client, other, "Other's work", tags=["work"])
+    mine = client.get(user.url(), params={"tag": "work"}, headers=user.headers).json()
+    theirs = client.get(other.url(), params={"tag": "work"}, headers=other.headers).json()
+    assert [t["title"] for t in theirs] == ["Other's work"]
+    assert "Other's work" not in [t["title"] for t in mine]
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"priority": "urgent"}, "query.priority.0"),
+        ({"due_before": "2026-01-01T00:00:00"}, "query.due_before"),
+        ({"due_after": "yesterday"}, "query.due_after"),
+        ({"overdue": "perhaps"}, "query.overdue"),
+        ({"sort": "tags"}, "query.sort"),
+        ({"tag": "x" * 51}, "query.tag"),
+        ({"tag": " "}, "query.tag"),
+        ({"tag": [f"t{i}" for i in range(21)]}, "query.tag"),
+    ],
+)
+def test_list_rejects_bad_filters(
+    client: TestClient, user: ApiUser, params: dict[str, Any], field: str
+) -> None:
+    resp = client.get(user.url(), params=params, headers=user.headers)
+    assert_validation_error(resp, field)
