@@ -27,7 +27,7 @@ show() {
   shift; api "$@"; sleep 0.3
   tail -n +"$((before + 1))" "$LOG" | grep -v '^\s*$' | sed -E "s/^.*$DB LOG:  statement: /  /"
 }
-echo "== create";  show create -X POST -d '{"title":"second","description":"d"}' "localhost:$PORT/api/alice/tasks"
+echo "== create";  show create -X POST -d '{"title":"second","description":"d","priority":"medium","due_at":"2027-01-05T09:00:00Z","tags":["tag1","tag4"]}' "localhost:$PORT/api/alice/tasks"
 echo "== update";  show update -X PUT -d '{"title":"renamed"}' "localhost:$PORT/api/alice/tasks/1"
 echo "== toggle";  show toggle -X PATCH "localhost:$PORT/api/alice/tasks/1/complete"
 echo "== list";    show list "localhost:$PORT/api/alice/tasks?limit=1"

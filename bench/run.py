@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: make `bench`, `service`, `audit` importable
     sys.path.insert(0, str(REPO))
 
-from bench import pyspy, report, seed  # noqa: E402
+from bench import explain, pyspy, report, seed  # noqa: E402
 from bench.measure import (  # noqa: E402
     CpuMeter,
     LoadResult,
@@ -254,6 +254,7 @@ class Context:
     profiles: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seeded: dict[str, Any] = field(default_factory=dict)
+    explain: list[dict[str, Any]] = field(default_factory=list)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -794,6 +795,14 @@ def write_report(ctx: Context, extra: dict[str, Any]) -> str:
     ]
     if ctx.scale:
         parts += ["## Scale (tracing on, c=1)", "", report.scale_table(ctx.scale), ""]
+    if ctx.explain:
+        big = max(ctx.args.scale)
+        parts += [
+            f"## The list's filters and sorts at {big:,} tasks (EXPLAIN ANALYZE)",
+            "",
+            explain.table(ctx.explain),
+            "",
+        ]
     mem = extra.get("memory", {})
     parts += ["## Memory and checks", ""]
     for kind in (ON, OFF):
@@ -829,6 +838,7 @@ def write_report(ctx: Context, extra: dict[str, Any]) -> str:
         **extra,
         "rows": rows,
         "scale": ctx.scale,
+        "explain": ctx.explain,
         "targets": checks,
         "notes": ctx.notes,
         "seeded": ctx.seeded,
@@ -906,6 +916,9 @@ def main(argv: list[str] | None = None) -> int:
         measure(ctx)
         if not args.no_scale:
             measure_scale(ctx)
+            # Every filter and sort of the list, planned for the largest user (bench/explain.py).
+            big = ctx.seeded["scale_users"][str(max(args.scale))]["user"]
+            ctx.explain = explain.run(seed.database_url(ctx.target), big)
         if args.profile:
             profile_ops(ctx)
         extra["memory"] = {kind: server.memory() for kind, server in ctx.servers.items()}

@@ -1,9 +1,11 @@
 """The benchmark's own database: created, migrated with `todo-api migrate`, seeded through SQL.
 
-Seeded tasks get the audit events the service would have written for them (`task.created`,
-hashed with `audit.chain.compute_hash` and linked into each user's chain, in the same
-transaction with xact_id = txid_current()), so the completeness trigger accepts them and the
-chains stay verifiable. Only the request metadata (request id, trace, client) is left empty.
+Every seeded task has a priority, a due date (from 20 days ago to 40 days ahead) and two of
+its user's ten tags (`tag0`..`tag9`). Seeded tasks get the audit events the service would
+have written for them (`task.created`, hashed with `audit.chain.compute_hash` and linked into
+each user's chain, in the same transaction with xact_id = txid_current()), so the
+completeness trigger accepts them and the chains stay verifiable. Only the request metadata
+(request id, trace, client) is left empty.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,11 +29,17 @@ from audit.chain import GENESIS_HASH, HASH_VERSION, compute_hash
 from audit.recorder import EVENT_COLUMNS as RECORDED_COLUMNS
 from audit.recorder import diff
 from bench.measure import PgTarget
+from service.tags.rules import sorted_names
 from service.tasks.models import TaskRecord
 from service.tasks.rules import DIFF_FIELDS
 
-# A task row as the service reads it, for the audit snapshot the service would record.
-_RECORD_COLUMNS = ", ".join(field.name for field in fields(TaskRecord))
+TAGS_PER_USER = 10
+# A task row as the service reads it, for the audit snapshot the service would record (tags
+# are linked after the insert: added below).
+_RECORD_COLUMNS = ", ".join(
+    "'{}'::varchar[] AS tags" if field.name == "tags" else field.name
+    for field in fields(TaskRecord)
+)
 # The recorder's columns, plus the transaction id that the completeness guard checks.
 EVENT_COLUMNS = (*RECORDED_COLUMNS, "xact_id")
 
@@ -127,24 +135,52 @@ def _seed_user(conn: PgConnection, user_id: str, tasks: int) -> SeededUser:
         )
         cur.execute("SELECT txid_current(), clock_timestamp()")
         xact_id, now = cur.fetchone()
+        cur.execute(
+            """
+            INSERT INTO tags (user_id, name, created_at)
+            SELECT %(user)s, 'tag' || k, %(now)s FROM generate_series(0, %(k)s - 1) AS k
+            ON CONFLICT DO NOTHING
+            """,
+            {"user": user_id, "now": now, "k": TAGS_PER_USER},
+        )
         # Created one millisecond apart, oldest first, so the list order is meaningful.
         cur.execute(
             """
             INSERT INTO tasks (user_id, title, description, completed, created_at, updated_at,
-                               version)
+                               priority, due_at, version)
             SELECT %(user)s, 'seed task ' || g,
                    'seeded description ' || g,
                    g %% 3 = 0,
                    %(start)s + g * interval '1 millisecond',
                    %(start)s + g * interval '1 millisecond',
+                   (ARRAY['none', 'low', 'medium', 'high'])[1 + g %% 4]::task_priority,
+                   %(now)s + ((g * 7919) %% 86400 - 28800) * interval '1 minute',
                    1
             FROM generate_series(1, %(n)s) AS g
             ORDER BY g
             RETURNING """
             + _RECORD_COLUMNS,
-            {"user": user_id, "n": tasks, "start": now - timedelta(milliseconds=tasks + 1)},
+            {
+                "user": user_id,
+                "n": tasks,
+                "now": now,
+                "start": now - timedelta(milliseconds=tasks + 1),
+            },
         )
         rows = sorted(cur.fetchall())
+        first_id = rows[0][0] if rows else 0
+        # Two tags per task: tag(i mod 10) and tag((i + 3) mod 10), i = the task's position.
+        cur.execute(
+            """
+            INSERT INTO task_tags (task_id, tag_id, user_id)
+            SELECT t.id, tg.id, t.user_id
+            FROM tasks t JOIN tags tg ON tg.user_id = t.user_id
+             AND tg.name IN ('tag' || ((t.id - %(first)s) %% 10),
+                             'tag' || ((t.id - %(first)s + 3) %% 10))
+            WHERE t.user_id = %(user)s AND t.id >= %(first)s
+            """,
+            {"user": user_id, "first": first_id},
+        )
         cur.execute(
             "SELECT seq, hash FROM audit_chain_heads WHERE user_id = %s FOR UPDATE", (user_id,)
         )
@@ -155,6 +191,9 @@ def _seed_user(conn: PgConnection, user_id: str, tasks: int) -> SeededUser:
         occurred = now.astimezone(UTC)
         for row in rows:
             task = TaskRecord.from_row(row)
+            position = task.id - first_id
+            tags = sorted_names([f"tag{position % 10}", f"tag{(position + 3) % 10}"])
+            task = replace(task, tags=tuple(tags))
             task_id, after = task.id, task.state()
             seq += 1
             occurred += timedelta(microseconds=1)
@@ -175,6 +214,7 @@ def _seed_user(conn: PgConnection, user_id: str, tasks: int) -> SeededUser:
                 "span_id": None,
                 "client_ip": None,
                 "user_agent": None,
+                "caused_by_seq": None,
             }
             event["hash"] = prev_hash = compute_hash(event)
             writer.writerow(_csv_row(event, xact_id))
@@ -215,7 +255,7 @@ def vacuum_analyze(target: PgTarget) -> None:
     conn = connect(target)
     conn.autocommit = True
     with conn.cursor() as cur:
-        for table in ("users", "tasks", "audit_events", "audit_chain_heads"):
+        for table in ("users", "tasks", "tags", "task_tags", "audit_events", "audit_chain_heads"):
             cur.execute(f"VACUUM (ANALYZE) {table}")
     conn.close()
 

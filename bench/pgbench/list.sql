@@ -5,7 +5,11 @@
 SELECT 1;
 BEGIN;
 SELECT tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed,
-       tasks.created_at, tasks.updated_at, tasks.version
+       tasks.created_at, tasks.updated_at, tasks.priority, tasks.due_at,
+       (SELECT coalesce(array_agg(tags.name), '{}'::VARCHAR[])
+        FROM task_tags JOIN tags ON tags.id = task_tags.tag_id
+        WHERE task_tags.task_id = tasks.id) AS tags,
+       tasks.recurrence, tasks.previous_task_id, tasks.next_task_id, tasks.version
 FROM tasks WHERE tasks.user_id = :list_user
 ORDER BY tasks.created_at DESC, tasks.id DESC LIMIT 50 OFFSET 0;
 SELECT users.task_count FROM users WHERE users.id = :list_user;

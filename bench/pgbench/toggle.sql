@@ -8,13 +8,21 @@
 SELECT 1;
 BEGIN;
 SELECT tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed,
-       tasks.created_at, tasks.updated_at, tasks.version
-FROM tasks WHERE tasks.id = :id AND tasks.user_id = 'bench-w' || :u FOR UPDATE \gset o_
+       tasks.created_at, tasks.updated_at, tasks.priority, tasks.due_at,
+       (SELECT coalesce(array_agg(tags.name), '{}'::VARCHAR[])
+        FROM task_tags JOIN tags ON tags.id = task_tags.tag_id
+        WHERE task_tags.task_id = tasks.id) AS tags,
+       tasks.recurrence, tasks.previous_task_id, tasks.next_task_id, tasks.version
+FROM tasks WHERE tasks.id = :id AND tasks.user_id = 'bench-w' || :u FOR UPDATE OF tasks \gset o_
 UPDATE tasks SET completed = NOT :o_completed::boolean, updated_at = clock_timestamp(),
                  version = (tasks.version + 1)
 WHERE tasks.id = :id
 RETURNING tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed,
-          tasks.created_at, tasks.updated_at, tasks.version \gset t_
+          tasks.created_at, tasks.updated_at, tasks.priority, tasks.due_at,
+          (SELECT coalesce(array_agg(tags.name), '{}'::VARCHAR[])
+           FROM task_tags JOIN tags ON tags.id = task_tags.tag_id
+           WHERE task_tags.task_id = tasks.id) AS tags,
+          tasks.recurrence, tasks.previous_task_id, tasks.next_task_id, tasks.version \gset t_
 INSERT INTO audit_chain_heads (user_id, seq, hash)
 VALUES ('bench-w' || :u, 1, '0000000000000000000000000000000000000000000000000000000000000000')
 ON CONFLICT (user_id) DO UPDATE SET seq = (audit_chain_heads.seq + 1)
@@ -24,7 +32,8 @@ RETURNING audit_chain_heads.seq, audit_chain_heads.hash, clock_timestamp() \gset
 WITH inserted AS (
 INSERT INTO audit_events (occurred_at, user_id, actor_id, action, entity_type, entity_id,
                           before, after, changes, request_id, trace_id, span_id, client_ip,
-                          user_agent, seq, prev_hash, hash, hash_version, xact_id)
+                          user_agent, seq, prev_hash, hash, hash_version, caused_by_seq,
+                          xact_id)
 VALUES (:h_clock_timestamp::timestamptz, 'bench-w' || :u, 'bench-w' || :u,
         CASE WHEN :o_completed::boolean THEN 'task.reopened' ELSE 'task.completed' END,
         'task', :id::text,
@@ -39,7 +48,7 @@ VALUES (:h_clock_timestamp::timestamptz, 'bench-w' || :u, 'bench-w' || :u,
         ('{"completed": [' || :o_completed::boolean::text || ', '
          || :t_completed::boolean::text || ']}')::jsonb,
         md5(:n::text), md5(:n::text || 't'), left(md5(:n::text || 's'), 16), '127.0.0.1',
-        'todo-api-bench/wrk', :h_seq, :h_hash, md5(:n::text) || md5(:id::text), 1,
+        'todo-api-bench/wrk', :h_seq, :h_hash, md5(:n::text) || md5(:id::text), 2, NULL,
         txid_current())
 RETURNING audit_events.id)
 UPDATE audit_chain_heads SET hash = md5(:n::text) || md5(:id::text)

@@ -1,6 +1,6 @@
 -- wrk script: drives one of the service's operations, chosen by BENCH_OP, for the users listed
 -- in BENCH_DATA (lines: user id <TAB> bearer token <TAB> first task id <TAB> number of tasks).
---   create  POST  /api/{user}/tasks                  a new task of a random user
+--   create  POST  /api/{user}/tasks                  a new task (due date, 2 tags) of a random user
 --   list    GET   /api/{user}/tasks?limit=50         the first page of a random user's tasks
 --   update  PUT   /api/{user}/tasks/{id}             a new title (always a real change)
 --   toggle  PATCH /api/{user}/tasks/{id}/complete    flips the completion flag
@@ -39,8 +39,12 @@ request = function()
   local headers = { ["Authorization"] = u.auth, ["User-Agent"] = "todo-api-bench/wrk" }
   if op == "create" then
     headers["Content-Type"] = "application/json"
+    -- Like every seeded task: a priority, a due date and two of the user's ten tags.
+    local k = math.random(0, 9)
     local body = '{"title":"bench task ' .. nonce .. "-" .. n
-      .. '","description":"created by the benchmark"}'
+      .. '","description":"created by the benchmark","priority":"medium"'
+      .. ',"due_at":"2027-01-' .. string.format("%02d", math.random(1, 28)) .. 'T09:00:00Z"'
+      .. ',"tags":["tag' .. k .. '","tag' .. ((k + 3) % 10) .. '"]}'
     return wrk.format("POST", u.path, headers, body)
   elseif op == "list" then
     return wrk.format("GET", u.path .. "?limit=50", headers)
