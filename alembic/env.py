@@ -16,6 +16,7 @@ import service.users  # noqa: F401  (registers the users table)
 from alembic import context
 from service.database import build_engine
 from service.settings import get_settings
+from service.tasks.models import include_object
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logging", True):
@@ -27,7 +28,9 @@ target_metadata = SQLModel.metadata
 def run_migrations() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        context.configure(connection=connection, target_metadata=target_metadata)
+        context.configure(
+            connection=connection, target_metadata=target_metadata, include_object=include_object
+        )
         with context.begin_transaction():
             context.run_migrations()
         return
@@ -35,7 +38,9 @@ def run_migrations() -> None:
     engine = build_engine(get_settings(), url)
     try:
         with engine.connect() as conn:
-            context.configure(connection=conn, target_metadata=target_metadata)
+            context.configure(
+                connection=conn, target_metadata=target_metadata, include_object=include_object
+            )
             with context.begin_transaction():
                 context.run_migrations()
     finally:

@@ -41,8 +41,9 @@ def _server() -> sa.URL:
 
 
 @pytest.fixture(scope="module")
-def old_database() -> Iterator[str]:
-    """A database migrated only up to the revision before this feature."""
+def old_database(database_url: str) -> Iterator[str]:
+    """A database migrated only up to the revision before this feature (on the run's server:
+    `database_url` starts it and sets TEST_DATABASE_URL)."""
     from alembic import command
 
     name = f"todo_upgrade_{os.getpid()}_{secrets.token_hex(4)}"

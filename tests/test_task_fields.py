@@ -29,6 +29,7 @@ from service.tasks.models import (
     TaskPublic,
     TaskRecord,
     TaskUpdate,
+    include_object,
 )
 from service.users import USERS
 
@@ -166,7 +167,8 @@ def test_the_migrations_make_the_tables_the_models_declare(database_url: str) ->
     engine = sa.create_engine(database_url)
     try:
         with engine.connect() as conn:
-            differences = compare_metadata(MigrationContext.configure(conn), metadata)
+            context = MigrationContext.configure(conn, opts={"include_object": include_object})
+            differences = compare_metadata(context, metadata)
     finally:
         engine.dispose()
     assert differences == []
