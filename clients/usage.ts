@@ -40,11 +40,19 @@ const calls: { [K in keyof operations]: () => Promise<unknown> } = {
   createTask: async () => {
     const { data, error, response } = await api.POST("/api/{user_id}/tasks", {
       params: { path: { user_id }, header: { "idempotency-key": "create-1" } },
-      body: { title: "Buy milk", description: "Two litres" },
+      body: {
+        title: "Buy milk",
+        description: "Two litres",
+        priority: "high",
+        due_at: "2026-12-05T09:00:00+01:00",
+        tags: ["errands"],
+        recurrence: "FREQ=WEEKLY;BYDAY=SA",
+      },
     });
     if (error) return describe(error);
     const id: number = data.id;
-    return [id, response.headers.get("Location"), response.headers.get("ETag")];
+    const tags: string[] = data.tags;
+    return [id, tags, data.priority, response.headers.get("Location"), response.headers.get("ETag")];
   },
   getTask: async () => {
     const { data } = await api.GET("/api/{user_id}/tasks/{task_id}", {
@@ -74,6 +82,36 @@ const calls: { [K in keyof operations]: () => Promise<unknown> } = {
       body: { completed: false },
     });
     return [toggled.data?.completed, set.data?.completed];
+  },
+  listTags: async () => {
+    const { data } = await api.GET("/api/{user_id}/tags", { params: { path: { user_id } } });
+    return data?.map((tag) => [tag.name, tag.task_count]);
+  },
+  createTag: async () => {
+    const { data, error } = await api.POST("/api/{user_id}/tags", {
+      params: { path: { user_id } },
+      body: { name: "Work" },
+    });
+    return error ? describe(error) : data?.id;
+  },
+  getTag: async () => {
+    const { data } = await api.GET("/api/{user_id}/tags/{tag_id}", {
+      params: { path: { user_id, tag_id: 1 } },
+    });
+    return data?.name;
+  },
+  renameTag: async () => {
+    const { data, error } = await api.PATCH("/api/{user_id}/tags/{tag_id}", {
+      params: { path: { user_id, tag_id: 1 } },
+      body: { name: "Office" },
+    });
+    return error ? describe(error) : data.name;
+  },
+  deleteTag: async () => {
+    const { error, response } = await api.DELETE("/api/{user_id}/tags/{tag_id}", {
+      params: { path: { user_id, tag_id: 1 } },
+    });
+    return error ? describe(error) : response.status;
   },
   listAuditEvents: async () => {
     const action: AuditAction = "task.completed";
