@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -27,7 +28,7 @@ from service.database import Database, build_engine
 from service.embedded import EmbeddedPostgres
 from service.settings import AppEnv, Settings
 from tests.jwt_helpers import random_id
-from tests.support import TEST_SECRET, ApiUser, LiveServer, clean_env
+from tests.support import REDIS_URL, TEST_SECRET, ApiUser, LiveServer, clean_env
 
 __all__ = ["clean_env"]  # the shared fixture, defined with the helpers
 
@@ -150,3 +151,15 @@ def user(make_user) -> ApiUser:  # type: ignore[no-untyped-def]
 def live_server(app: FastAPI) -> Iterator[LiveServer]:
     with LiveServer(app) as server:
         yield server
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the shared Redis; its keys are deleted afterwards."""
+    prefix = f"todo-api-test-{secrets.token_hex(6)}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()

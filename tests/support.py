@@ -29,6 +29,8 @@ from service.settings import Settings
 from tests.jwt_helpers import JwksServer, SigningKey
 
 TEST_SECRET = "test-secret-" + "s" * 40
+# The shared Redis of the rate-limit tests (each test keeps to a key prefix of its own).
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PROBLEM_JSON = "application/problem+json"
 WWW_AUTHENTICATE = 'Bearer error="invalid_token"'
 

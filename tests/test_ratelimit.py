@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import secrets
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -16,26 +13,12 @@ from pydantic import SecretStr, ValidationError
 from service.app import create_app
 from service.database import Database
 from service.settings import Settings
-from tests.support import ApiUser, free_port
-
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+from tests.support import REDIS_URL, ApiUser, free_port
 
 
 def _client(settings: Settings, database: Database, **limits: object) -> TestClient:
     app = create_app(settings.model_copy(update=limits), database)
     return TestClient(app, raise_server_exceptions=False)
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix of this test's own on the shared Redis; its keys are deleted afterwards."""
-    prefix = f"todo-api-test-{secrets.token_hex(6)}"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def _assert_rate_limited(response, category: str, limit: int, window: int) -> None:  # type: ignore[no-untyped-def]

@@ -10,26 +10,20 @@ were admitted at most up to the shared rate limit.
 from __future__ import annotations
 
 import itertools
-import os
-import secrets
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import pytest
-import redis
 import sqlalchemy as sa
 
 from audit.verify import verify_chain
 from service.auth import create_dev_token
 from tests.jwt_helpers import random_id
 from tests.serve_helpers import ServeProcess
-from tests.support import TEST_SECRET
+from tests.support import REDIS_URL, TEST_SECRET
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 DRAIN_SECONDS = 0.5
 SHUTDOWN_TIMEOUT_SECONDS = 3
 # Per user per hour, shared through Redis: an hour, so that on a slow machine the greedy user's
@@ -105,17 +99,6 @@ def _write(
     with outcome.lock:
         outcome.failures.append(f"{key}: never acknowledged")
     return None
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    prefix = f"todo-api-rolling-{secrets.token_hex(6)}"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
 
 
 def test_two_instances_rolling_restart_under_load(
