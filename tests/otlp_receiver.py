@@ -1,7 +1,7 @@
-"""A real OTLP/HTTP trace receiver on 127.0.0.1: what Jaeger's port 4318 would be sent.
+"""Real OTLP/HTTP receivers on 127.0.0.1: what Jaeger's (or a collector's) port 4318 would be sent.
 
-It decodes each `POST /v1/traces` body as an `ExportTraceServiceRequest` (protobuf, gzip or
-not) and keeps the spans with their resource and scope.
+Each decodes its `POST /v1/...` bodies (protobuf, gzip or not): `OtlpReceiver` keeps the spans
+with their resource and scope, `MetricsReceiver` the metric names and request-duration labels.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -62,12 +66,14 @@ class ReceivedSpan:
         )
 
 
-class OtlpReceiver:
-    """`with OtlpReceiver() as receiver:` then point OTEL_EXPORTER_OTLP_ENDPOINT at `.url`."""
+class _Receiver:
+    """Serves `PATH`, decodes each body as a `REQUEST` and hands it to `_keep`."""
+
+    PATH: str
+    REQUEST: Any
+    RESPONSE: Any
 
     def __init__(self) -> None:
-        self.spans: list[ReceivedSpan] = []
-        self.requests = 0
         self._lock = threading.Lock()
         receiver = self
 
@@ -76,13 +82,13 @@ class OtlpReceiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 if self.headers.get("Content-Encoding") == "gzip":
                     body = gzip.decompress(body)
-                if self.path != "/v1/traces":
+                if self.path != receiver.PATH:
                     self.send_error(404)
                     return
-                request = ExportTraceServiceRequest()
+                request = receiver.REQUEST()
                 request.ParseFromString(body)
                 receiver._keep(request)
-                reply = ExportTraceServiceResponse().SerializeToString()
+                reply = receiver.RESPONSE().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(reply)))
@@ -95,6 +101,29 @@ class OtlpReceiver:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _keep(self, request: Any) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class OtlpReceiver(_Receiver):
+    """`with OtlpReceiver() as receiver:` then point OTEL_EXPORTER_OTLP_ENDPOINT at `.url`."""
+
+    PATH = "/v1/traces"
+    REQUEST = ExportTraceServiceRequest
+    RESPONSE = ExportTraceServiceResponse
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spans: list[ReceivedSpan] = []
+        self.requests = 0
 
     def _keep(self, request: ExportTraceServiceRequest) -> None:
         decoded = []
@@ -112,9 +141,36 @@ class OtlpReceiver:
             return [span for span in self.spans if span.trace_id == trace_id]
 
     def __enter__(self) -> OtlpReceiver:
-        self._thread.start()
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self.stop()
+
+
+class MetricsReceiver(_Receiver):
+    """Keeps every metric name, and the labels of `http.server.request.duration` points."""
+
+    PATH = "/v1/metrics"
+    REQUEST = ExportMetricsServiceRequest
+    RESPONSE = ExportMetricsServiceResponse
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+        self.attributes: list[dict[str, str]] = []
+
+    def _keep(self, request: ExportMetricsServiceRequest) -> None:
+        with self._lock:
+            for resource in request.resource_metrics:
+                for scope in resource.scope_metrics:
+                    for metric in scope.metrics:
+                        self.names.add(metric.name)
+                        if metric.name == "http.server.request.duration":
+                            for point in metric.histogram.data_points:
+                                self.attributes.append(
+                                    {
+                                        kv.key: kv.value.string_value or str(kv.value.int_value)
+                                        for kv in point.attributes
+                                    }
+                                )

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import gzip
 import re
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +13,6 @@ import pytest
 from fastapi.testclient import TestClient
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
-    ExportMetricsServiceRequest,
-    ExportMetricsServiceResponse,
-)
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from pydantic import SecretStr
@@ -30,6 +23,7 @@ from service.auth import create_dev_token
 from service.database import Database, build_engine
 from service.settings import Settings
 from tests.jwt_helpers import random_id
+from tests.otlp_receiver import MetricsReceiver
 from tests.serve_helpers import ServeProcess
 from tests.support import TEST_SECRET, ApiUser, free_port
 
@@ -199,63 +193,12 @@ def test_metrics_on_a_separate_port(
         httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2)  # closed with the app
 
 
-class MetricsReceiver:
-    """An OTLP/HTTP receiver for metrics: decodes every POST /v1/metrics."""
-
-    def __init__(self) -> None:
-        self.names: set[str] = set()
-        self.attributes: list[dict[str, str]] = []
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                if self.path != "/v1/metrics":
-                    self.send_error(404)
-                    return
-                request = ExportMetricsServiceRequest()
-                request.ParseFromString(body)
-                receiver.keep(request)
-                reply = ExportMetricsServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def keep(self, request: ExportMetricsServiceRequest) -> None:
-        with self._lock:
-            for resource in request.resource_metrics:
-                for scope in resource.scope_metrics:
-                    for metric in scope.metrics:
-                        self.names.add(metric.name)
-                        if metric.name == "http.server.request.duration":
-                            for point in metric.histogram.data_points:
-                                self.attributes.append(
-                                    {
-                                        kv.key: kv.value.string_value or str(kv.value.int_value)
-                                        for kv in point.attributes
-                                    }
-                                )
-
-
 @pytest.fixture
 def metrics_receiver() -> Iterator[MetricsReceiver]:
     receiver = MetricsReceiver()
-    receiver.thread.start()
+    receiver.start()
     yield receiver
-    receiver.server.shutdown()
-    receiver.server.server_close()
+    receiver.stop()
 
 
 def test_otlp_metrics_export_from_a_served_process(
