@@ -1,6 +1,7 @@
-"""Appending an event to a user's chain, inside the caller's transaction.
+"""Appending an event to a user's chain inside the caller's transaction, in one statement
+(`audit.append`), with or without the change it records.
 
-The recorder only flushes; the caller's unit of work commits the change and its event
+The recorder never commits; the caller's unit of work commits the change and its event
 together, or neither.
 """
 
@@ -10,14 +11,15 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy import BigInteger, String, bindparam, func, insert, select, text, update
+from sqlalchemy import Select, bindparam
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from audit.chain import GENESIS_HASH, HASH_VERSION, HASHED_FIELDS, compute_hash
-from audit.models import EVENTS, HEADS, USER_AGENT_MAX
+from audit.append import build_append
+from audit.chain import GENESIS_HASH
+from audit.models import HEADS, USER_AGENT_MAX
 from observability import metrics
 from service.database import on_commit
-from service.sqltypes import UTCDateTime
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,50 +56,18 @@ def diff(
     return changes
 
 
-# Every column the recorder writes (what is hashed, the hash and its version), as bound
-# parameters of statements built once.
-EVENT_COLUMNS = (*HASHED_FIELDS[HASH_VERSION], "hash", "hash_version")
-
-
-# clock_timestamp() is evaluated after the lock is granted: time order follows seq order.
-_ADVANCE_HEAD_SQL = (
-    "INSERT INTO audit_chain_heads (user_id, seq, hash) VALUES (:head_user, 1, :genesis) "
-    "ON CONFLICT (user_id) DO UPDATE SET seq = audit_chain_heads.seq + 1 "
-    "RETURNING seq, hash, clock_timestamp() AS occurred_at"
+# A chain's first event: its head, made in the caller's transaction (a concurrent first
+# writer's head is waited for, then kept).
+_MAKE_HEAD = (
+    pg_insert(HEADS)
+    .values(user_id=bindparam("user_id"), seq=0, hash=GENESIS_HASH)
+    .on_conflict_do_nothing(index_elements=[HEADS.c.user_id])
 )
 
 
-@dataclass(frozen=True, slots=True)
-class _Statements:
-    advance_head: Any
-    append: Any
-
-
 @cache
-def _statements() -> _Statements:
-    """The recorder's statements, built once: SQLAlchemy reuses their compiled form."""
-    values: dict[str, Any] = {
-        name: bindparam(f"ev_{name}", type_=EVENTS.c[name].type) for name in EVENT_COLUMNS
-    }
-    # The head upsert locks the user's chain head (appends to one chain queue here, other
-    # users' chains are other rows) and takes the next seq, the previous hash (on conflict
-    # the returned hash is the unchanged one) and the database's time. Plain SQL: SQLAlchemy
-    # cannot cache the compiled form of an ON CONFLICT construct.
-    advance = (
-        text(_ADVANCE_HEAD_SQL)
-        .bindparams(genesis=GENESIS_HASH)
-        .columns(seq=BigInteger(), hash=String(), occurred_at=UTCDateTime())
-    )
-    move_head = (
-        update(HEADS)
-        .where(HEADS.c.user_id == bindparam("head_user"))
-        .values(hash=bindparam("head_hash"))
-    )
-    # One round trip: the event and the new head hash in a single statement.
-    values["xact_id"] = func.txid_current()
-    inserted = insert(EVENTS).values(values).returning(EVENTS.c.id).cte("inserted")
-    with_head = move_head.add_cte(inserted).returning(select(inserted.c.id).scalar_subquery())
-    return _Statements(advance_head=advance, append=with_head)
+def _plain_append() -> Select[Any]:
+    return build_append()
 
 
 def record_event(
@@ -113,38 +83,76 @@ def record_event(
     diff_fields: tuple[str, ...],
     caused_by_seq: int | None = None,
 ) -> RecordedEvent:
+    """Append an event for a change already made in this transaction."""
+    _, event = record_change(
+        session,
+        ctx,
+        _plain_append(),
+        {},
+        user_id=user_id,
+        action=action,
+        entity_type=entity_type,
+        entity_id=entity_id,
+        before=before,
+        after=after,
+        diff_fields=diff_fields,
+        caused_by_seq=caused_by_seq,
+    )
+    return event
+
+
+def record_change(
+    session: Session,
+    ctx: AuditContext,
+    statement: Select[Any],
+    params: dict[str, Any],
+    *,
+    user_id: str,
+    action: str,
+    entity_type: str,
+    entity_id: str,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    diff_fields: tuple[str, ...],
+    caused_by_seq: int | None = None,
+) -> tuple[Any, RecordedEvent]:
+    """Make a change and append its event in one statement (from `build_append`, with the
+    change's own `params`): the change's returned row and the event.
+
+    For a new entity, `entity_id` and the `id` of `after` are placeholders: the statement
+    takes both from the inserted row.
+    """
     changes = diff(before, after, diff_fields)
-    statements = _statements()
-    head = session.execute(statements.advance_head, {"head_user": user_id}).one()
-    seq, prev_hash, occurred_at = int(head[0]), str(head[1]), head[2]
-    event: dict[str, Any] = {
-        "user_id": user_id,
-        "seq": seq,
-        "prev_hash": prev_hash,
-        "occurred_at": occurred_at,
-        "actor_id": ctx.actor_id,
-        "action": action,
-        "entity_type": entity_type,
-        "entity_id": entity_id,
-        "before": before,
-        "after": after,
-        "changes": changes,
-        "request_id": ctx.request_id,
-        "trace_id": ctx.trace_id,
-        "span_id": ctx.span_id,
-        "client_ip": ctx.client_ip,
-        "user_agent": ctx.user_agent[:USER_AGENT_MAX] if ctx.user_agent else None,
-        "caused_by_seq": caused_by_seq,
+    values = {
+        "ev_user_id": user_id,
+        "ev_actor_id": ctx.actor_id,
+        "ev_action": action,
+        "ev_entity_type": entity_type,
+        "ev_entity_id": entity_id,
+        "ev_before": before,
+        "ev_after": after,
+        "ev_changes": changes,
+        "ev_request_id": ctx.request_id,
+        "ev_trace_id": ctx.trace_id,
+        "ev_span_id": ctx.span_id,
+        "ev_client_ip": ctx.client_ip,
+        "ev_user_agent": ctx.user_agent[:USER_AGENT_MAX] if ctx.user_agent else None,
+        "ev_caused_by_seq": caused_by_seq,
+        **params,
     }
-    event["hash"] = compute_hash(event)
-    params = {f"ev_{name}": value for name, value in event.items()}
-    params.update(ev_hash_version=HASH_VERSION, head_user=user_id, head_hash=event["hash"])
-    event_id = session.execute(statements.append, params).scalar_one()
+    row = session.execute(statement, values).first()
+    if row is None:
+        # The user's first event (no head yet): nothing was written; make the head, run again.
+        session.execute(_MAKE_HEAD, {"user_id": user_id})
+        row = session.execute(statement, values).first()
+        if row is None:
+            raise LookupError(f"{entity_type} {entity_id} was not there to change")
     on_commit(session, lambda: metrics.audit_event_committed(action))
-    return RecordedEvent(
-        id=int(event_id),
-        seq=seq,
-        hash=event["hash"],
+    event = RecordedEvent(
+        id=int(row.event_id),
+        seq=int(row.event_seq),
+        hash=str(row.event_hash),
         action=action,
         changed_fields=tuple(changes),
     )
+    return row, event

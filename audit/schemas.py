@@ -100,8 +100,9 @@ class AuditEventPublic(BaseModel):
     prev_hash: str
     hash: str = Field(description="SHA-256 (hex) of the canonical encoding of the event")
     hash_version: int = Field(
-        description="Which field list the hash covers: 1 for events written before "
-        "`caused_by_seq` existed, 2 since"
+        description="Which field list and encoding the hash covers: 1 for events written "
+        "before `caused_by_seq` existed, 2 since, 3 once PostgreSQL computes the hash (jsonb "
+        "text encoding; see the README's Audit trail)"
     )
     caused_by_seq: int | None = Field(
         default=None,

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from audit.chain import HASH_VERSION
 from service.database import Database
 from tests.audit_helpers import events_of
 from tests.support import ApiUser, LiveServer
@@ -172,7 +173,7 @@ def test_completion_creates_a_copy_and_says_which(
     assert creation["caused_by_seq"] == completion["seq"]
     assert creation["after"]["previous_task_id"] == task["id"]
     assert completion["xact_id"] == creation["xact_id"]
-    assert {e["hash_version"] for e in events} == {2}
+    assert {e["hash_version"] for e in events} == {HASH_VERSION}  # caused_by_seq is hashed
     history = client.get(next_url + "/history", headers=user.headers).json()["items"]
     assert history[0]["caused_by_seq"] == completion["seq"]
     verify = client.get(f"/api/{user.user_id}/audit-events/verify", headers=user.headers).json()

@@ -7,16 +7,20 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any, cast
 
 from pydantic import TypeAdapter
 from sqlalchemy import (
     ARRAY,
+    CTE,
+    BigInteger,
+    Select,
     String,
     and_,
     bindparam,
     delete,
+    false,
     func,
     insert,
     literal,
@@ -24,8 +28,10 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy import cast as cast_
 from sqlalchemy.orm import Session
 
+from audit.append import ChangeBuilder, build_append, head_exists
 from service.exceptions import NotFound
 from service.sqltypes import utcnow
 from service.tags.models import Tag, TaskTag
@@ -109,25 +115,118 @@ _SELECT_OWNED = select(*_COLUMNS).where(_OWNED)
 _LOCK_OWNED = _SELECT_OWNED.with_for_update(of=TASKS)
 # The columns a client gives (TaskCreate's fields but the tags), each bound under its name.
 INSERTED_FIELDS = tuple(name for name in TaskCreate.model_fields if name != "tags")
-_INSERT_VALUES: dict[str, Any] = {
-    "user_id": bindparam("owner"),
-    **{name: bindparam(name) for name in INSERTED_FIELDS},
-    "previous_task_id": bindparam("previous_task_id"),
-    "completed": False,
-    "created_at": bindparam("now"),
-    "updated_at": bindparam("now"),
-    "version": 1,
-}
-_INSERT = insert(TASKS).values(_INSERT_VALUES).returning(*_NEW_COLUMNS)
-# A recurring task's next occurrence, with the id its predecessor already names.
-_INSERT_WITH_ID = (
-    insert(TASKS).values(id=bindparam("id"), **_INSERT_VALUES).returning(*_NEW_COLUMNS)
-)
 # An id for a recurring task's next occurrence, taken before the completion is recorded, so
 # the completed task's event can already name it.
 _NEXT_ID = select(func.nextval(func.pg_get_serial_sequence("tasks", "id")))
-_DELETE = delete(TASKS).where(TASKS.c.id == bindparam("task_id"))
 _TASK_COUNT = select(USERS.c.task_count).where(USERS.c.id == bindparam("owner"))
+
+
+# The audited writes: each one statement with its audit event (`audit.recorder.build_append`).
+# The change happens only where the chain head exists (`FROM head`, or `head_exists`).
+
+
+@dataclass(frozen=True, slots=True)
+class Audited:
+    """A change's statement (its event's values still to bind) and the change's parameters."""
+
+    statement: Select[Any]
+    params: dict[str, Any]
+
+
+def _typed(name: str, column: str | None = None) -> Any:
+    """A bound value cast to its column's type (an INSERT ... SELECT does not infer it)."""
+    column_type = TASKS.c[column or name].type
+    return cast_(bindparam(name, type_=column_type), column_type)
+
+
+def _insert_change(with_id: bool) -> ChangeBuilder:
+    def build(head: CTE) -> Any:
+        values: dict[str, Any] = {
+            "user_id": _typed("owner", "user_id"),
+            **{name: _typed(name) for name in INSERTED_FIELDS},
+            "previous_task_id": _typed("previous_task_id"),
+            "completed": false(),
+            "created_at": _typed("now", "created_at"),
+            "updated_at": _typed("now", "updated_at"),
+            "version": literal(1),
+        }
+        if with_id:
+            values["id"] = _typed("id")
+        row = select(*(value.label(name) for name, value in values.items())).select_from(head)
+        return insert(TASKS).from_select(list(values), row).returning(*_NEW_COLUMNS)
+
+    return build
+
+
+def _link_tags(change: CTE) -> Any:
+    """A new task's tag links, from the ids its tags were resolved to."""
+    tag_ids = func.unnest(bindparam("tag_ids", type_=ARRAY(BigInteger)))
+    return insert(TASK_TAGS).from_select(
+        ["task_id", "tag_id", "user_id"], select(change.c.id, tag_ids, change.c.user_id)
+    )
+
+
+@cache
+def _create_statement(with_id: bool) -> Select[Any]:
+    return build_append(_insert_change(with_id), new_entity=not with_id, dependents=[_link_tags])
+
+
+@lru_cache(maxsize=256)
+def _audited_update_statement(fields: tuple[str, ...]) -> Select[Any]:
+    values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in fields}
+
+    def build(head: CTE) -> Any:
+        return (
+            update(TASKS)
+            .where(TASKS.c.id == bindparam("task_id"), head_exists(head))
+            .values(**values, updated_at=bindparam("now"), version=TASKS.c.version + 1)
+            .returning(*_COLUMNS)
+        )
+
+    return build_append(build)
+
+
+@cache
+def _delete_statement() -> Select[Any]:
+    def build(head: CTE) -> Any:
+        return (
+            delete(TASKS)
+            .where(TASKS.c.id == bindparam("task_id"), head_exists(head))
+            .returning(TASKS.c.id)
+        )
+
+    return build_append(build)
+
+
+def record_of(row: Any) -> TaskRecord:
+    """The task's columns of an audited statement's row (the event's columns follow)."""
+    return TaskRecord.from_row(tuple(row)[: len(_COLUMNS)])
+
+
+def create_statement(draft: TaskRecord, tag_ids: list[int], *, explicit_id: bool) -> Audited:
+    """Insert `draft` (its id too with `explicit_id`, else the database's) and its tag links."""
+    params = {name: getattr(draft, name) for name in INSERTED_FIELDS}
+    params.update(
+        owner=draft.user_id,
+        now=draft.created_at,
+        previous_task_id=draft.previous_task_id,
+        tag_ids=tag_ids,
+    )
+    if explicit_id:
+        params["id"] = draft.id
+    return Audited(_create_statement(explicit_id), params)
+
+
+def update_statement(task_id: int, values: dict[str, Any], now: datetime) -> Audited:
+    """Write these columns of a locked task and bump its version."""
+    fields = tuple(column.name for column in TASKS.c if column.name in values)  # table order
+    params = {f"new_{name}": values[name] for name in fields}
+    params.update(task_id=task_id, now=now)
+    return Audited(_audited_update_statement(fields), params)
+
+
+def delete_statement(task_id: int) -> Audited:
+    return Audited(_delete_statement(), {"task_id": task_id})
 
 
 @lru_cache(maxsize=256)
@@ -322,23 +421,6 @@ def _tag_ids(session: Session, user_id: str, names: tuple[str, ...]) -> list[int
     return [int(i) for i in ids] if len(ids) == len(keys) else None
 
 
-def insert_task(
-    session: Session,
-    user_id: str,
-    values: dict[str, Any],
-    now: datetime,
-    *,
-    task_id: int | None = None,
-    previous_task_id: int | None = None,
-) -> TaskRecord:
-    """Insert a task with these client-given values (INSERTED_FIELDS; tags are linked apart)."""
-    params = {name: values[name] for name in INSERTED_FIELDS}
-    params.update(owner=user_id, now=now, previous_task_id=previous_task_id)
-    if task_id is None:
-        return TaskRecord.from_row(session.execute(_INSERT, params).one())
-    return TaskRecord.from_row(session.execute(_INSERT_WITH_ID, {**params, "id": task_id}).one())
-
-
 def next_task_id(session: Session) -> int:
     return int(session.execute(_NEXT_ID).scalar_one())
 
@@ -352,7 +434,3 @@ def update_fields(
     params = {f"new_{name}": values[name] for name in fields}
     params.update(task_id=task_id, now=now)
     return TaskRecord.from_row(session.execute(_update_statement(fields), params).one())
-
-
-def delete_row(session: Session, task_id: int) -> None:
-    session.execute(_DELETE, {"task_id": task_id})

@@ -15,7 +15,7 @@ from typing import Any
 from opentelemetry import trace
 from sqlalchemy.orm import Session
 
-from audit.recorder import AuditContext, RecordedEvent, record_event
+from audit.recorder import AuditContext, RecordedEvent, record_change, record_event
 from service.database import on_commit
 from service.exceptions import InvalidInput, PreconditionFailed
 from service.sqltypes import utcnow
@@ -83,9 +83,8 @@ def _record(
     user_id: str,
     before: TaskRecord | None,
     after: TaskRecord | None,
-    *,
-    caused_by_seq: int | None = None,
 ) -> RecordedEvent:
+    """The event of a change already made in this transaction (a tag's rename or removal)."""
     event = record_event(
         session,
         ctx,
@@ -96,10 +95,43 @@ def _record(
         before=before.state() if before else None,
         after=after.state() if after else None,
         diff_fields=DIFF_FIELDS,
-        caused_by_seq=caused_by_seq,
     )
     _log_on_commit(session, user_id, task_id, event)
     return event
+
+
+def _write(
+    session: Session,
+    ctx: AuditContext,
+    action: str,
+    change: queries.Audited,
+    before: TaskRecord | None,
+    after: TaskRecord | None,
+    *,
+    caused_by_seq: int | None = None,
+) -> tuple[Any, RecordedEvent]:
+    """Make the change and record its event, in one statement; the change's row and the event.
+
+    A new task's `after` carries a placeholder id: the statement sets the real one.
+    """
+    task = after or before
+    assert task is not None
+    row, event = record_change(
+        session,
+        ctx,
+        change.statement,
+        change.params,
+        user_id=task.user_id,
+        action=action,
+        entity_type=ENTITY_TYPE,
+        entity_id=str(task.id),
+        before=before.state() if before else None,
+        after=after.state() if after else None,
+        diff_fields=DIFF_FIELDS,
+        caused_by_seq=caused_by_seq,
+    )
+    _log_on_commit(session, task.user_id, int(row.id), event)
+    return row, event
 
 
 def _next_timestamp(previous: datetime) -> datetime:
@@ -122,28 +154,44 @@ def create_task(
     user_id: str,
     data: TaskCreate,
 ) -> TaskChange:
-    task = _insert(session, user_id, data.model_dump())
-    event = _record(session, ctx, "task.created", task.id, user_id, None, task)
+    task, event = _insert(session, ctx, user_id, data.model_dump())
     return TaskChange(task=task, event=event)
 
 
 def _insert(
     session: Session,
+    ctx: AuditContext,
     user_id: str,
     values: dict[str, Any],
     *,
     task_id: int | None = None,
     previous_task_id: int | None = None,
-) -> TaskRecord:
-    """Insert a task and link its tags (unknown names are created for the user)."""
+    caused_by_seq: int | None = None,
+) -> tuple[TaskRecord, RecordedEvent]:
+    """Insert a task, link its tags (unknown names are created for the user) and record its
+    `task.created`: the tags first, then one statement for the rest."""
     _check_rule(values.get("due_at"), values.get("recurrence"))
-    task = queries.insert_task(
-        session, user_id, values, utcnow(), task_id=task_id, previous_task_id=previous_task_id
+    resolved = tag_queries.resolve(session, user_id, list(values.get("tags") or ()))
+    now = utcnow()
+    draft = TaskRecord(
+        **{name: values[name] for name in queries.INSERTED_FIELDS},
+        id=task_id or 0,  # a new id is the database's
+        user_id=user_id,
+        completed=False,
+        created_at=now,
+        updated_at=now,
+        tags=tuple(sorted_names([name for _, name in resolved])),
+        previous_task_id=previous_task_id,
+        next_task_id=None,
+        version=1,
     )
-    if not values.get("tags"):
-        return task
-    names = tag_queries.attach(session, user_id, task.id, list(values["tags"]))
-    return replace(task, tags=tuple(names))
+    change = queries.create_statement(
+        draft, [tag_id for tag_id, _ in resolved], explicit_id=task_id is not None
+    )
+    row, event = _write(
+        session, ctx, "task.created", change, None, draft, caused_by_seq=caused_by_seq
+    )
+    return replace(queries.record_of(row), tags=draft.tags), event
 
 
 def _check_rule(due_at: datetime | None, rule: str | None) -> None:
@@ -171,11 +219,11 @@ def _apply(
     not made its next occurrence yet makes it, in the same transaction (`_next_occurrence`).
     """
     changed = {k: v for k, v in values.items() if k != "tags" and getattr(current, k) != v}
-    tags_changed = False
+    tags, tags_changed = current.tags, False
     if "tags" in values:
         resolved = tag_queries.resolve(session, current.user_id, list(values["tags"]))
         if tuple(sorted_names([name for _, name in resolved])) != current.tags:
-            tags_changed = True
+            tags, tags_changed = tuple(sorted_names([name for _, name in resolved])), True
             tag_queries.set_links(session, current.user_id, current.id, [i for i, _ in resolved])
     if not changed and not tags_changed:
         return TaskChange(task=current, event=None)
@@ -192,8 +240,14 @@ def _apply(
         following = recurrence.next_occurrence(rule, due_at)
         if following is not None:
             changed["next_task_id"] = queries.next_task_id(session)
-    task = queries.update_fields(session, current.id, changed, _next_timestamp(current.updated_at))
-    event = _record(session, ctx, action, task.id, task.user_id, current, task)
+    now = _next_timestamp(current.updated_at)
+    after = replace(current, **changed, tags=tags, updated_at=now, version=current.version + 1)
+    row, event = _write(
+        session, ctx, action, queries.update_statement(current.id, changed, now), current, after
+    )
+    task = queries.record_of(row)
+    if task != after:  # what the event says is what was stored, or nothing is
+        raise RuntimeError(f"task {task.id}: the recorded state differs from the stored one")
     if following is not None:
         _next_occurrence(session, ctx, task, following, event)
     return TaskChange(task=task, event=event)
@@ -216,15 +270,14 @@ def _next_occurrence(
         "tags": completed.tags,
         "recurrence": following.rule,
     }
-    task = _insert(
+    task, _ = _insert(
         session,
+        ctx,
         completed.user_id,
         values,
         task_id=completed.next_task_id,
         previous_task_id=completed.id,
-    )
-    _record(
-        session, ctx, "task.created", task.id, task.user_id, None, task, caused_by_seq=cause.seq
+        caused_by_seq=cause.seq,
     )
     return task
 
@@ -269,8 +322,9 @@ def delete_task(
 ) -> TaskDeletion:
     current = queries.lock_task(session, user_id, task_id)
     _check_version(current, if_match)
-    queries.delete_row(session, current.id)
-    event = _record(session, ctx, "task.deleted", current.id, user_id, current, None)
+    _, event = _write(
+        session, ctx, "task.deleted", queries.delete_statement(current.id), current, None
+    )
     return TaskDeletion(task=current, event=event)
 
 
