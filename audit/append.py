@@ -59,6 +59,8 @@ _GIVEN = (
     "user_agent",
     "caused_by_seq",
 )
+# Every column an append writes (then `xact_id`, the writing transaction).
+EVENT_COLUMNS = (*HASHED_FIELDS[HASH_VERSION], "hash", "hash_version")
 _JSON_FIELDS = frozenset({"before", "after", "changes"})
 # RFC 3339 UTC at microsecond precision: `audit.chain.format_timestamp`'s text.
 TIMESTAMP_SQL_FORMAT = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
@@ -131,13 +133,12 @@ def build_append(
         func.sha256(func.convert_to(cast(body, String), literal("UTF8"))), literal("hex")
     )
     signed = select(event, digest.label("hash")).cte("signed")
-    columns = (*HASHED_FIELDS[HASH_VERSION], "hash")
     appended = (
         insert(EVENTS)
         .from_select(
-            [*columns, "hash_version", "xact_id"],
+            [*EVENT_COLUMNS, "xact_id"],
             select(
-                *(signed.c[name] for name in columns),
+                *(signed.c[name] for name in EVENT_COLUMNS if name != "hash_version"),
                 literal(HASH_VERSION),
                 func.txid_current(),
             ),

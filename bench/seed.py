@@ -25,8 +25,8 @@ from urllib.parse import quote, unquote, urlsplit
 import psycopg2
 from psycopg2.extensions import connection as PgConnection
 
+from audit.append import EVENT_COLUMNS as RECORDED_COLUMNS
 from audit.chain import GENESIS_HASH, HASH_VERSION, compute_hash
-from audit.recorder import EVENT_COLUMNS as RECORDED_COLUMNS
 from audit.recorder import diff
 from bench.measure import PgTarget
 from service.tags.rules import sorted_names
