@@ -113,18 +113,36 @@ class SeededUser:
     events: int
 
 
-def seed_user(target: PgTarget, user_id: str, tasks: int) -> SeededUser:
-    """`tasks` tasks with contiguous ids and their `task.created` events, in one transaction.
+# Tasks per transaction. The running count's trigger updates the user's row once per task:
+# within one transaction those row versions cannot be pruned, so each update walks all of the
+# earlier ones (100,000 tasks in one transaction: many minutes; in batches: about a minute).
+SEED_BATCH = 5_000
 
-    Each user gets a new connection: PL/pgSQL caches the completeness trigger's plan per
+
+def seed_user(target: PgTarget, user_id: str, tasks: int) -> SeededUser:
+    """`tasks` tasks with contiguous ids and their `task.created` events, `SEED_BATCH` a
+    transaction, each batch's events continuing the user's chain.
+
+    Each batch gets a new connection: PL/pgSQL caches the completeness trigger's plan per
     session, and a plan made while audit_events was tiny (a sequential scan) turns the check
     of 100,000 rows at COMMIT quadratic (minutes instead of seconds).
     """
-    conn = connect(target)
-    try:
-        return _seed_user(conn, user_id, tasks)
-    finally:
-        conn.close()
+    batches: list[SeededUser] = []
+    remaining = tasks
+    while remaining > 0 or not batches:
+        size = min(remaining, SEED_BATCH)
+        conn = connect(target)
+        try:
+            batches.append(_seed_user(conn, user_id, size))
+        finally:
+            conn.close()
+        remaining -= size
+    first = batches[0].first_task_id
+    count = sum(b.task_count for b in batches)
+    last = batches[-1].first_task_id + batches[-1].task_count - 1
+    if count and last - first + 1 != count:
+        raise RuntimeError(f"task ids of {user_id} are not contiguous; is something else writing?")
+    return SeededUser(user_id, first, count, sum(b.events for b in batches))
 
 
 def _seed_user(conn: PgConnection, user_id: str, tasks: int) -> SeededUser:
