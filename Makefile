@@ -46,9 +46,10 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The benchmark (PostgreSQL at 127.0.0.1:5432, wrk and pgbench): see bench/README.md.
+# The benchmark (PostgreSQL at 127.0.0.1:5432, wrk, pgbench and psql): see bench/README.md.
+# About 11 minutes; `make bench BENCH_ARGS=--quick` is a smoke run of every part (~3 minutes).
 bench: install
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # What rate limiting (in memory, in Redis) costs on the create path: see bench/README.md.
 bench-ratelimit: install

@@ -113,7 +113,7 @@ class CpuMeter:
     """Charges CPU to named groups: each server's process tree, and the benchmark database.
 
     PostgreSQL is shared with whatever else runs on the machine (other test suites), so only
-    the backends connected to our database count, plus the shared writers (WAL writer,
+    the backends connected to our databases count, plus the shared writers (WAL writer,
     checkpointer, background writer). Backends can exit during a run (pgbench's at its end,
     pool overflow connections), so `poll()` is called while a load runs and keeps each
     backend's last reading.
@@ -121,8 +121,8 @@ class CpuMeter:
 
     AUX = frozenset({"checkpointer", "background writer", "walwriter"})
 
-    def __init__(self, dbname: str) -> None:
-        self.dbname = dbname
+    def __init__(self, *dbnames: str) -> None:
+        self.dbnames = frozenset(dbnames)
         self.trees: dict[str, int] = {}
         self._titles: dict[int, str] = {}
 
@@ -146,7 +146,7 @@ class CpuMeter:
             # "postgres: [cluster: ]user database host(port) state", or the process's role.
             title = _PG_TITLE.sub("", self._title(pid))
             parts = title.split()
-            if len(parts) >= 3 and parts[1] == self.dbname:
+            if len(parts) >= 3 and parts[1] in self.dbnames:
                 ours[pid] = stat.cpu_ticks
             elif title in self.AUX:
                 aux += stat.cpu_ticks
@@ -395,8 +395,10 @@ def run_pgbench(
     duration: float,
     variables: Mapping[str, str | int],
     meter: CpuMeter | None = None,
+    threads: int = 1,
 ) -> LoadResult:
-    # -j 1: one thread, like wrk -t1; -n: no vacuum of pgbench's own tables (there are none).
+    # -j 1 by default: one thread, like wrk -t1; -n: no vacuum of pgbench's own tables (there
+    # are none).
     cmd = [
         "pgbench",
         "-n",
@@ -407,7 +409,7 @@ def run_pgbench(
         "-c",
         str(concurrency),
         "-j",
-        "1",
+        str(max(1, min(threads, concurrency))),
         "-T",
         str(max(1, round(duration))),
         "-h",

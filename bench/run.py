@@ -1,11 +1,13 @@
-"""Benchmark of the todo-api service against PostgreSQL itself (issue 6). See bench/README.md.
+"""Benchmark of the todo-api service against PostgreSQL itself (issues 6, 10, 11).
 
-    .venv/bin/python bench/run.py            # full run, about 14 minutes
-    .venv/bin/python bench/run.py --quick    # smoke run, about 2 minutes
+    .venv/bin/python bench/run.py            # full run, about 11 minutes
+    .venv/bin/python bench/run.py --quick    # smoke run, about 3 minutes
 
 It creates its own database, starts the service twice with production settings (tracing on
 at 100% sampling exported to a discarding OTLP sink, and tracing off; JSON logs to files),
-drives it with wrk, runs pgbench with the same SQL in between, and prints the ratios.
+drives it with wrk, runs pgbench with the same SQL and the reference transaction
+(bench/reference/, a database of its own) in between, and prints the ratios, the list's
+filters at scale and issue 10's target table. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -45,11 +47,14 @@ from bench.measure import (  # noqa: E402
     run_wrk,
     status_kib,
 )
-from bench.report import OFF, ON, PG, Run  # noqa: E402
+from bench.report import OFF, ON, PG, REF, Run  # noqa: E402
 
 BENCH = REPO / "bench"
 LUA = BENCH / "wrk" / "ops.lua"
 SQL = BENCH / "pgbench"
+# A copy of ../shared/reference/pgbench/ (the reference transaction of issue 10), so that a
+# fresh machine has it; --reference-dir reads another copy.
+REFERENCE = BENCH / "reference"
 VENV_BIN = Path(sys.executable).parent
 TODO_API = VENV_BIN / "todo-api"
 
@@ -75,16 +80,27 @@ class OpSpec:
     data: str  # which users file: pool, list or one
     sql: str
     pg_vars: tuple[str, ...]
+    # The runs of each round, in round 0's order (report.round_order reverses it every other
+    # round). The reference transaction is the denominator of the create ratio (issue 10).
+    kinds: tuple[str, ...] = (ON, PG, OFF)
+    # Measured at these concurrencies only (None: --concurrency).
+    concurrency: tuple[int, ...] | None = None
 
 
+_TASK_VARS = ("nusers", "per_user", "first_id")
 OPS = {
-    "create": OpSpec("create", "pool", "create.sql", ("nusers",)),
+    "create": OpSpec("create", "pool", "create.sql", ("nusers",), kinds=(ON, REF, PG, OFF)),
+    # Every create by one user at c=8: they queue on that user's chain-head row lock. Its
+    # figure is its rate / the many-user create rate of the same round (issue 10).
+    "create-1user": OpSpec(
+        "create", "one", "create.sql", ("nusers",), kinds=(ON, PG), concurrency=(8,)
+    ),
     "list": OpSpec("list", "list", "list.sql", ("list_user",)),
-    "update": OpSpec("update", "pool", "update.sql", ("nusers", "per_user", "first_id")),
-    "toggle": OpSpec("toggle", "pool", "toggle.sql", ("nusers", "per_user", "first_id")),
-    # Every write to one user: they queue on that user's chain-head row lock.
-    "update-1user": OpSpec("update", "one", "update.sql", ("nusers", "per_user", "first_id")),
+    "update": OpSpec("update", "pool", "update.sql", _TASK_VARS),
+    "toggle": OpSpec("toggle", "pool", "toggle.sql", _TASK_VARS),
+    "update-1user": OpSpec("update", "one", "update.sql", _TASK_VARS),
 }
+DEFAULT_OPS = "create,create-1user,list,update,toggle"
 
 
 def log(message: str) -> None:
@@ -240,6 +256,7 @@ def start_with_retries(server: Server, cwd: Path, retries: int, wait: float) -> 
 class Context:
     args: argparse.Namespace
     target: PgTarget
+    reference: PgTarget  # the reference transaction's own database
     work: Path  # temporary: users files with tokens, servers' working directory
     results: Path
     meter: CpuMeter
@@ -261,20 +278,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured run")
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per measured run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median)")
-    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of warm-up per op")
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated")
-    parser.add_argument("--ops", default="create,list,update,toggle", help=", ".join(OPS))
-    parser.add_argument("--quick", action="store_true", help="smoke run: short, one round")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per op")
+    parser.add_argument("--concurrency", default="1,8", help="comma-separated, e.g. 1,8,32")
+    parser.add_argument("--ops", default=DEFAULT_OPS, help=", ".join(OPS))
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: one short round at c=8, 10,000 tasks"
+    )
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432")
-    parser.add_argument("--db-name", default="todo_bench")
+    parser.add_argument("--db-name", default="todo_bench", help="(+ _ref: the reference's)")
+    parser.add_argument("--reference-dir", type=Path, default=REFERENCE)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--users", type=int, default=32, help="users of the write pool")
     parser.add_argument("--pool-tasks", type=int, default=50, help="tasks per pool user")
     parser.add_argument("--list-tasks", type=int, default=1000, help="tasks of the list user")
     parser.add_argument("--scale", default="10,1000,100000", help="task counts for the scale table")
-    parser.add_argument("--scale-duration", type=float, default=None)
+    parser.add_argument("--scale-duration", type=float, default=3.0)
+    parser.add_argument(
+        "--filter-duration",
+        type=float,
+        default=2.0,
+        help="seconds of wrk (c=1) per filter and sort of the list at the largest scale",
+    )
     parser.add_argument("--no-scale", action="store_true")
     parser.add_argument("--no-tracing-off", action="store_true", help="skip the tracing-off server")
     parser.add_argument("--feed-path", help="audit feed path, {user} filled in (default: probe)")
@@ -299,7 +325,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quiet-threshold", type=float, default=20.0, help="%% of all CPUs")
     parser.add_argument("--start-retries", type=int, default=2)
     parser.add_argument("--start-retry-wait", type=float, default=60.0)
-    parser.add_argument("--keep-db", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--keep-db", action="store_true", help="keep the databases afterwards")
     parser.add_argument(
         "--gc-stats",
         action="store_true",
@@ -308,9 +334,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=BENCH / "results")
     args = parser.parse_args(argv)
     if args.quick:
+        # Every part once, briefly: a smoke check, not figures to quote.
         args.duration = min(args.duration, 2.0)
         args.rounds = 1
         args.warmup = min(args.warmup, 1.0)
+        args.scale_duration = min(args.scale_duration, 1.0)
+        args.filter_duration = min(args.filter_duration, 1.0)
+        if args.concurrency == parser.get_default("concurrency"):
+            args.concurrency = "8"
         if args.scale == parser.get_default("scale"):
             args.scale = "10,1000,10000"
     args.concurrency = [int(c) for c in str(args.concurrency).split(",") if c]
@@ -320,20 +351,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"unknown op {op!r}; choose from {', '.join(OPS)}")
     args.scale = [int(n) for n in str(args.scale).split(",") if n]
     args.profile = [op for op in str(args.profile).split(",") if op]
-    if args.scale_duration is None:
-        args.scale_duration = args.duration
     return args
 
 
+def kinds_of(args: argparse.Namespace, op: str) -> list[str]:
+    return [k for k in OPS[op].kinds if not (k == OFF and args.no_tracing_off)]
+
+
+def concurrencies_of(args: argparse.Namespace, op: str) -> list[int]:
+    return list(OPS[op].concurrency or args.concurrency)
+
+
 def estimate_seconds(args: argparse.Namespace) -> float:
-    kinds = 2 if args.no_tracing_off else 3
     per_run = args.duration + args.pause + 0.6
-    main = args.rounds * len(args.ops) * len(args.concurrency) * kinds * per_run
-    warm = len(args.ops) * kinds * (args.warmup + 0.5)
-    scale = 0 if args.no_scale else (len(args.scale) * 2 + 2) * (args.scale_duration + 1)
+    runs = sum(len(kinds_of(args, op)) * len(concurrencies_of(args, op)) for op in args.ops)
+    main = args.rounds * runs * per_run
+    warm = sum(len(kinds_of(args, op)) for op in args.ops) * (args.warmup + 0.6)
+    scale = 0.0
+    if not args.no_scale:
+        scale = (len(args.scale) * 2 + 2) * (args.scale_duration + 1)
+        scale += len(explain.cases("tag0", "tag3")) * (args.filter_duration + 1.5)
     prof = len(args.profile) * (args.profile_duration + 5)
-    setup = 30 + sum(args.scale) / 10_000
-    return main + warm + scale + prof + setup
+    setup = 40 + sum(args.scale) / 3_000  # servers, reference, seeding (~0.3 ms per task)
+    return float(main + warm + scale + prof + setup)
 
 
 def setup_database(ctx: Context, env: dict[str, str]) -> None:
@@ -369,6 +409,18 @@ def setup_database(ctx: Context, env: dict[str, str]) -> None:
             for n, u in scale_users.items()
         },
     }
+
+
+def setup_reference(ctx: Context) -> None:
+    """The reference transaction's own database, made by its schema file (100,000 tasks)."""
+    schema = ctx.args.reference_dir / "reference-schema.sql"
+    log(f"creating database {ctx.reference.dbname} from {schema}")
+    seed.recreate_database(ctx.reference)
+    env = {**os.environ, **ctx.reference.env(), "PGOPTIONS": "-c client_min_messages=warning"}
+    cmd = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", ctx.reference.host]
+    cmd += ["-p", str(ctx.reference.port), "-U", ctx.reference.user]
+    cmd += ["-d", ctx.reference.dbname, "-f", str(schema)]
+    subprocess.run(cmd, env=env, stdout=sys.stderr, check=True, timeout=300)
 
 
 def make_tokens(ctx: Context, env: dict[str, str], users: list[str]) -> None:
@@ -506,24 +558,34 @@ def wrk_op(ctx: Context, server: Server, op: str, conc: int, duration: float) ->
     )
 
 
-def pgbench_op(ctx: Context, op: str, conc: int, duration: float, **extra: Any) -> LoadResult:
+def pgbench_op(
+    ctx: Context, op: str, conc: int, duration: float, *, reference: bool = False, **extra: Any
+) -> LoadResult:
+    """pgbench with the service's SQL for `op`, or with the reference transaction."""
     spec = OPS[op]
     variables = {name: ctx.pg_vars[name] for name in spec.pg_vars}
-    if op == "update-1user":
+    if spec.data == "one":
         variables["nusers"] = 1
     variables.update(extra)
+    if reference:
+        # As the reference README runs it: -c 8 -j 2 (-j at most -c), no variables.
+        target, script, label, threads = ctx.reference, "reference-create.sql", "reference", 2
+        script_path, variables = ctx.args.reference_dir / script, {}
+    else:
+        target, script_path, label, threads = ctx.target, SQL / spec.sql, f"pgbench:{op}", 1
     # PostgreSQL's 100 connections are shared with the servers' pools and with whatever else
     # runs here (test suites): wait for room rather than fail the whole run.
     for attempt in range(7):
         try:
             return run_pgbench(
-                ctx.target,
-                SQL / spec.sql,
-                label=f"pgbench:{op}",
+                target,
+                script_path,
+                label=label,
                 concurrency=conc,
                 duration=duration,
                 variables=variables,
                 meter=ctx.meter,
+                threads=threads,
             )
         except RuntimeError as exc:
             if "too many clients" not in str(exc) or attempt == 6:
@@ -556,29 +618,28 @@ def wait_for_quiet(ctx: Context, when: str) -> None:
         time.sleep(10)
 
 
+def run_kind(ctx: Context, kind: str, op: str, conc: int, duration: float) -> LoadResult:
+    if kind in (PG, REF):
+        return pgbench_op(ctx, op, conc, duration, reference=kind == REF)
+    return wrk_op(ctx, ctx.servers[kind], op, conc, duration)
+
+
 def measure(ctx: Context) -> None:
+    """Each op at each concurrency, each kind of run once per round, in alternating order."""
     args = ctx.args
-    kinds = [ON, PG] + ([] if args.no_tracing_off else [OFF])
     wait_for_quiet(ctx, "before warm-up")
-    log(f"warm-up: {args.warmup:g}s per op and server")
+    log(f"warm-up: {args.warmup:g}s per op and kind of run")
     for op in args.ops:
-        for kind in kinds:
-            if kind == PG:
-                pgbench_op(ctx, op, 8, max(1.0, args.warmup))
-            else:
-                wrk_op(ctx, ctx.servers[kind], op, 8, args.warmup)
+        for kind in kinds_of(args, op):
+            run_kind(ctx, kind, op, 8, max(1.0, args.warmup))
     for rnd in range(args.rounds):
         if rnd:
             wait_for_quiet(ctx, f"before round {rnd}")
-        order = kinds[rnd % len(kinds) :] + kinds[: rnd % len(kinds)]  # rotate against drift
         for op in args.ops:
-            for conc in args.concurrency:
-                for kind in order:
+            for conc in concurrencies_of(args, op):
+                for kind in report.round_order(kinds_of(args, op), rnd):
                     time.sleep(args.pause)
-                    if kind == PG:
-                        result = pgbench_op(ctx, op, conc, args.duration)
-                    else:
-                        result = wrk_op(ctx, ctx.servers[kind], op, conc, args.duration)
+                    result = run_kind(ctx, kind, op, conc, args.duration)
                     ctx.runs.append(Run(op, conc, rnd, kind, result))
                     _log_run(rnd, op, kind, result)
 
@@ -668,6 +729,31 @@ def measure_scale(ctx: Context) -> None:
             entry["note"] = f"`{path}`" + (f", {res.errors} errors!" if res.errors else "")
             log(f"scale {case}: p50 {res.p50_ms:.2f} p99 {res.p99_ms:.2f} ms")
         ctx.scale.append(entry)
+
+
+def measure_filters(ctx: Context) -> None:
+    """Every filter and sort of the list for the largest user: its plans, then its HTTP time."""
+    args = ctx.args
+    big = ctx.seeded["scale_users"][str(max(args.scale))]["user"]
+    ctx.explain = explain.run(seed.database_url(ctx.target), big)
+    server = ctx.servers[ON]
+    for case in ctx.explain:
+        res = run_wrk(
+            f"{server.url}/api/{big}/tasks?{case['query']}",
+            label=f"filter:{case['case']}",
+            concurrency=1,
+            duration=args.filter_duration,
+            headers=[f"Authorization: Bearer {ctx.tokens[big]}"],
+            meter=ctx.meter,
+        )
+        case.update(http_p50_ms=res.p50_ms, http_p99_ms=res.p99_ms, http_rate=res.rate)
+        case["http_errors"] = res.errors
+        if res.errors:
+            ctx.notes.append(f"list `{case['query']}`: {res.errors} errors (non-2xx or socket)")
+        log(f"filter {case['case']}: p50 {res.p50_ms:.2f} p99 {res.p99_ms:.2f} ms")
+    ctx.notes += [
+        f"at {max(args.scale):,} tasks, {note}" for note in explain.unindexed(ctx.explain)
+    ]
 
 
 def profile_ops(ctx: Context) -> None:
@@ -775,7 +861,7 @@ def write_report(ctx: Context, extra: dict[str, Any]) -> str:
     args = ctx.args
     rows = report.summarize(ctx.runs)
     rss = extra.get("memory", {}).get(ON, {}).get("max_rss_mb")
-    checks = report.targets(rows, rss)
+    checks = report.issue_targets(ctx.runs, rows, rss)
     spans = extra.get("spans_per_request")
     parts = [
         f"# todo-api benchmark — {extra['finished']}",
@@ -786,12 +872,25 @@ def write_report(ctx: Context, extra: dict[str, Any]) -> str:
         f" ({extra['git']['dirty_files']} files changed in the tree), "
         f"{os.cpu_count()} CPUs, {extra['postgres']}.",
         "",
+        "## Targets (issue 10)",
+        "",
+        "2 workers, tracing on (100% sampling, OTLP/HTTP to a discarding local sink), JSON logs "
+        "on. *today* is issue 10's baseline (bench/report.py `TODAY`); each ratio is taken "
+        "within a round and the median of the rounds is shown.",
+        "",
+        report.targets_table(checks),
+        "",
+        "## Service and pgbench",
+        "",
         "Service: tracing on (100% sampling, OTLP/HTTP to a discarding local sink), JSON logs "
         "to a file. pgbench: the same statements in one transaction, `-M prepared`, same -c. "
-        "**ratio** = service req/s / pgbench TPS in the same round (median of rounds). CPU "
-        "ms/req = CPU of the server's processes + of the PostgreSQL backends of the bench database "
-        "and the WAL writer, checkpointer and background writer, per request. "
-        "Tracing cost = 1 - (req/s on / req/s off), and CPU per request on / off - 1.",
+        "**ratio** = service req/s / pgbench TPS in the same round (median of rounds). "
+        "**ratio to reference** = service req/s / TPS of the reference transaction "
+        "(bench/reference/: a task row and an audit row, its own database, `-j 2`), same round. "
+        "`create-1user`: every create by one user. CPU ms/req = CPU of the server's processes + "
+        "of the PostgreSQL backends of the bench databases and the WAL writer, checkpointer and "
+        "background writer, per request. Tracing cost = 1 - (req/s on / req/s off), and CPU per "
+        "request on / off - 1.",
         "",
         report.main_table(rows),
         "",
@@ -801,7 +900,12 @@ def write_report(ctx: Context, extra: dict[str, Any]) -> str:
     if ctx.explain:
         big = max(ctx.args.scale)
         parts += [
-            f"## The list's filters and sorts at {big:,} tasks (EXPLAIN ANALYZE)",
+            f"## The list's filters and sorts at {big:,} tasks",
+            "",
+            f"HTTP: `GET /api/{{user}}/tasks?...&limit=50`, tracing on, wrk c=1 for "
+            f"{args.filter_duration:g}s each. Plans and times: EXPLAIN ANALYZE of the service's "
+            "statements; the count (`X-Total-Count`) runs only when the page is full, and an "
+            "unfiltered list reads `users.task_count`.",
             "",
             explain.table(ctx.explain),
             "",
@@ -833,7 +937,7 @@ def write_report(ctx: Context, extra: dict[str, Any]) -> str:
             f"- Log file {check['file']}: {check['lines']} lines, {check['json_lines']} JSON"
         )
     parts += [f"- {note}" for note in ctx.notes]
-    parts += ["", "## Targets (issue 6)", "", report.targets_table(checks), ""]
+    parts.append("")
     for op, text in ctx.profiles.items():
         parts += [f"## Profile: {op}", "", text, ""]
     markdown = "\n".join(parts)
@@ -867,12 +971,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ensure_tool("wrk", "wrk")
     ensure_tool("pgbench", "postgresql-client")
+    ensure_tool("psql", "postgresql-client")
     target = seed.pg_target(args.pg_url, args.db_name)
+    reference = seed.pg_target(args.pg_url, f"{args.db_name}_ref")
     results = args.results.resolve()
     results.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="todo-bench-"))
     ctx = Context(
-        args=args, target=target, work=work, results=results, meter=CpuMeter(target.dbname)
+        args=args,
+        target=target,
+        reference=reference,
+        work=work,
+        results=results,
+        meter=CpuMeter(target.dbname, reference.dbname),
     )
     log(f"estimated time: {estimate_seconds(args) / 60:.1f} min")
     base_env = seed.clean_env()
@@ -886,6 +997,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     extra: dict[str, Any] = {"argv": sys.argv[1:] if argv is None else argv}
     try:
+        if any(REF in kinds_of(args, op) for op in args.ops):
+            setup_reference(ctx)
         setup_database(ctx, cli_env)
         users = [f"{POOL_PREFIX}{k}" for k in range(args.users)] + [LIST_USER]
         users += [u["user"] for u in ctx.seeded["scale_users"].values() if u["user"] not in users]
@@ -919,9 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
         measure(ctx)
         if not args.no_scale:
             measure_scale(ctx)
-            # Every filter and sort of the list, planned for the largest user (bench/explain.py).
-            big = ctx.seeded["scale_users"][str(max(args.scale))]["user"]
-            ctx.explain = explain.run(seed.database_url(ctx.target), big)
+            measure_filters(ctx)
         if args.profile:
             profile_ops(ctx)
         extra["memory"] = {kind: server.memory() for kind, server in ctx.servers.items()}
@@ -938,10 +1049,11 @@ def main(argv: list[str] | None = None) -> int:
             ctx.sink.wait(timeout=10)
         shutil.rmtree(work, ignore_errors=True)
         if not args.keep_db:
-            try:
-                seed.drop_database(target)
-            except Exception as exc:
-                log(f"could not drop {target.dbname}: {exc}")
+            for database in (target, reference):
+                try:
+                    seed.drop_database(database)
+                except Exception as exc:
+                    log(f"could not drop {database.dbname}: {exc}")
 
     sent_on = sum(r.result.requests for r in ctx.runs if r.kind == ON)
     sent_on += sum(int(c.get("result", {}).get("requests", 0)) for c in ctx.scale)
