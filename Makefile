@@ -2,6 +2,7 @@
 #   make run    create the environment, install, migrate, serve on 127.0.0.1:8000 (PORT=...)
 #               on DATABASE_URL, or on the embedded PostgreSQL server when it is unset
 #   make test   the whole test suite, on TEST_DATABASE_URL's server or the embedded one
+#               (and TEST_REDIS_URL's Redis, or a private one it starts)
 PYTHON ?= python3
 PORT ?= 8000
 UV_VERSION := 0.13.9

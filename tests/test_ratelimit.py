@@ -13,7 +13,7 @@ from pydantic import SecretStr, ValidationError
 from service.app import create_app
 from service.database import Database
 from service.settings import Settings
-from tests.support import REDIS_URL, ApiUser, free_port
+from tests.support import ApiUser, free_port, redis_url
 
 
 def _client(settings: Settings, database: Database, **limits: object) -> TestClient:
@@ -102,7 +102,7 @@ def test_redis_counts_for_every_instance(
     """Two apps (two instances) with one Redis: one user's writes share one budget."""
     user = make_user()
     shared = {
-        "redis_url": SecretStr(REDIS_URL),
+        "redis_url": SecretStr(redis_url()),
         "rate_limit_key_prefix": redis_prefix,
         "rate_limit_write": "5/minute",
     }
@@ -119,7 +119,7 @@ def test_redis_counts_for_every_instance(
         assert statuses == [201] * 5 + [429] * 3
         ready = first.get("/readyz").json()
         assert ready["rate_limit_store"] == {"backend": "redis", "status": "ok"}
-    keys = redis.Redis.from_url(REDIS_URL).keys(f"{redis_prefix}*")
+    keys = redis.Redis.from_url(redis_url()).keys(f"{redis_prefix}*")
     assert keys, "the counters are in Redis, under the configured prefix"
 
 

@@ -22,7 +22,7 @@ from audit.verify import verify_chain
 from service.auth import create_dev_token
 from tests.jwt_helpers import random_id
 from tests.serve_helpers import ServeProcess
-from tests.support import REDIS_URL, TEST_SECRET
+from tests.support import TEST_SECRET, redis_url
 
 DRAIN_SECONDS = 0.5
 SHUTDOWN_TIMEOUT_SECONDS = 3
@@ -108,7 +108,7 @@ def test_two_instances_rolling_restart_under_load(
         "APP_ENV": "production",
         "DATABASE_URL": database_url,
         "BETTER_AUTH_SECRET": TEST_SECRET,
-        "REDIS_URL": REDIS_URL,
+        "REDIS_URL": redis_url(),
         "RATE_LIMIT_KEY_PREFIX": redis_prefix,
         "RATE_LIMIT_WRITE": f"{WRITE_LIMIT}/hour",
         # On this shared, loaded machine a Redis answer can be late: the default timeout would
