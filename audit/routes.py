@@ -27,14 +27,21 @@ from audit.schemas import (
 )
 from audit.verified import last_verified, remember_verified
 from audit.verify import snapshot, verify_chain
-from service.deps import CurrentUser, SessionDep, SettingsDep, TaskIdPath, UserIdPath
+from service.deps import (
+    CurrentUser,
+    SessionDep,
+    SettingsDep,
+    TaskIdPath,
+    UnitOfWorkRoute,
+    UserIdPath,
+)
 from service.exceptions import InvalidInput, NotFound
 from service.limits import REQUEST_ID_MAX
 from service.openapi import error_responses
 from service.ratelimit import expensive_operation
 from service.responses import json_response
 
-router = APIRouter(prefix="/api/{user_id}", tags=["audit"])
+router = APIRouter(prefix="/api/{user_id}", tags=["audit"], route_class=UnitOfWorkRoute)
 keys_router = APIRouter(tags=["audit"])
 
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size")]

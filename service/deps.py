@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+import functools
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
 
 from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry import trace
 from sqlalchemy.orm import Session
@@ -53,23 +56,62 @@ async def get_database(request: Request) -> Database:
     return db
 
 
+# The request's open unit of work, in `session.info` until whoever finishes it takes it.
+_UNIT = "request_unit"
+
+
 async def get_session(db: Annotated[Database, Depends(get_database)]) -> AsyncIterator[Session]:
     """One unit of work per request, committed before the response is sent.
 
-    Opening a session does no I/O; the commit (or rollback) and the close run in a worker
-    thread of their own limiter, never waiting for a thread-pool token that requests queued
-    behind this one's row locks could be holding.
+    Opening a session does no I/O. A sync endpoint of a `UnitOfWorkRoute` commits (or rolls
+    back) in its own worker thread, at the end of its body: one thread hop per request, and
+    a transaction holding row locks never waits for a thread-pool token that requests queued
+    behind those locks could be holding. Any other endpoint's unit is finished here, in a
+    worker thread of its own limiter, for the same reason.
     """
     unit = db.unit_of_work()
     session = unit.__enter__()
+    session.info[_UNIT] = unit
     try:
         yield session
     except BaseException as exc:
-        await to_thread.run_sync(
-            unit.__exit__, type(exc), exc, exc.__traceback__, limiter=CapacityLimiter(1)
-        )
+        if session.info.pop(_UNIT, None) is not None:
+            await to_thread.run_sync(
+                unit.__exit__, type(exc), exc, exc.__traceback__, limiter=CapacityLimiter(1)
+            )
         raise
-    await to_thread.run_sync(unit.__exit__, None, None, None, limiter=CapacityLimiter(1))
+    if session.info.pop(_UNIT, None) is not None:
+        await to_thread.run_sync(unit.__exit__, None, None, None, limiter=CapacityLimiter(1))
+
+
+def _finish_in_thread(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """`endpoint`, then the commit (or the rollback) of its SessionDep, in the same thread."""
+
+    @functools.wraps(endpoint)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        session = next((v for v in kwargs.values() if isinstance(v, Session)), None)
+        unit = session.info.pop(_UNIT, None) if session is not None else None
+        if unit is None:
+            return endpoint(*args, **kwargs)
+        try:
+            result = endpoint(*args, **kwargs)
+        except BaseException as exc:
+            unit.__exit__(type(exc), exc, exc.__traceback__)  # rolls back, never swallows
+            raise
+        unit.__exit__(None, None, None)
+        return result
+
+    return run
+
+
+class UnitOfWorkRoute(APIRoute):
+    """The route class of every router whose endpoints take a SessionDep: a sync endpoint's
+    body and its commit run in one worker thread (see `get_session`)."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        if not inspect.iscoroutinefunction(endpoint) and not inspect.isgeneratorfunction(endpoint):
+            endpoint = _finish_in_thread(endpoint)
+        super().__init__(path, endpoint, **kwargs)
 
 
 # scope="function": the commit runs when the route returns, so a failed commit is an

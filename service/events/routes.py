@@ -34,6 +34,7 @@ from service.deps import (
     CurrentUser,
     SessionDep,
     SettingsDep,
+    UnitOfWorkRoute,
     UserIdPath,
     bearer_scheme,
     get_current_user,
@@ -47,7 +48,7 @@ from service.responses import json_response
 
 log = logging.getLogger("service.events")
 
-router = APIRouter(prefix="/api/{user_id}", tags=["events"])
+router = APIRouter(prefix="/api/{user_id}", tags=["events"], route_class=UnitOfWorkRoute)
 
 # Events read from the table at a time: the most a stream holds in memory.
 PAGE_SIZE = 100

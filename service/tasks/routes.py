@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 
 from audit.deps import AuditCtx
 from audit.schemas import ClientTime
-from service.deps import CurrentUser, SessionDep, TaskIdPath, UserIdPath
+from service.deps import CurrentUser, SessionDep, TaskIdPath, UnitOfWorkRoute, UserIdPath
 from service.exceptions import InvalidInput
 from service.openapi import error_responses, with_headers
 from service.responses import json_response
@@ -26,7 +26,7 @@ from service.tasks.models import (
 )
 from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskFilter
 
-router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"])
+router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"], route_class=UnitOfWorkRoute)
 
 IfMatch = Annotated[
     str | None,

@@ -12,7 +12,7 @@ from pydantic import TypeAdapter
 
 from audit.deps import AuditCtx
 from service.database import on_commit
-from service.deps import CurrentUser, SessionDep, UserIdPath
+from service.deps import CurrentUser, SessionDep, UnitOfWorkRoute, UserIdPath
 from service.openapi import error_responses
 from service.responses import json_response
 from service.tags import queries
@@ -20,7 +20,7 @@ from service.tags.models import TagCreate, TagPublic, TagUpdate
 from service.tags.queries import TagRecord
 from service.tasks import rules
 
-router = APIRouter(prefix="/api/{user_id}/tags", tags=["tags"])
+router = APIRouter(prefix="/api/{user_id}/tags", tags=["tags"], route_class=UnitOfWorkRoute)
 log = logging.getLogger("service.tags")
 
 TagIdPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="The tag's id")]
