@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -13,15 +14,18 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry import trace
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from service.auth import Principal, TokenVerifier
-from service.database import Database
+from service.database import Database, sent_nothing
 from service.exceptions import AuthError, Forbidden, TokenMissing
 from service.limits import USER_ID_MAX
 from service.ratelimit import Category, RateLimiter, category_for
 from service.settings import Settings
 from service.users import UserProvisioner
+
+logger = logging.getLogger(__name__)
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -90,11 +94,20 @@ def _finish_in_thread(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(endpoint)
     def run(*args: Any, **kwargs: Any) -> Any:
         session = next((v for v in kwargs.values() if isinstance(v, Session)), None)
-        unit = session.info.pop(_UNIT, None) if session is not None else None
-        if unit is None:
+        if session is None or (unit := session.info.pop(_UNIT, None)) is None:
             return endpoint(*args, **kwargs)
         try:
-            result = endpoint(*args, **kwargs)
+            try:
+                result = endpoint(*args, **kwargs)
+            except DBAPIError as exc:
+                if not sent_nothing(exc):
+                    raise
+                # The pooled connection was dead and nothing of the transaction was sent
+                # (endpoints do nothing but compute before their first statement): again,
+                # once, on a fresh connection.
+                logger.warning("database connection lost before use; retrying on a new one")
+                session.rollback()
+                result = endpoint(*args, **kwargs)
         except BaseException as exc:
             unit.__exit__(type(exc), exc, exc.__traceback__)  # rolls back, never swallows
             raise

@@ -171,7 +171,15 @@ class TcpProxy:
         self._threads: list[threading.Thread] = []
         self._drop_marker: bytes | None = None
         self.dropped = 0
+        self.queries: list[bytes] = []
         self._start_accepting()
+
+    def take_queries(self) -> list[bytes]:
+        """The simple-Query texts clients sent since the last call (psycopg2 sends every
+        statement, BEGIN and COMMIT included, as one): the round trips, in order."""
+        with self._lock:
+            queries, self.queries = self.queries, []
+        return queries
 
     def drop_reply_after(self, marker: bytes) -> None:
         """Once: the next connection whose client sends `marker` is cut when the server
@@ -218,6 +226,7 @@ class TcpProxy:
                         return
                     if source is client:
                         with self._lock:
+                            self.queries.extend(_simple_queries(data))
                             marker = self._drop_marker
                             if marker is not None and marker in data:
                                 self._drop_marker, armed = None, True
@@ -260,6 +269,17 @@ class TcpProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _simple_queries(data: bytes) -> list[bytes]:
+    """The texts of the simple Query messages ('Q', int32 length, text, NUL) that `data`
+    starts with (psycopg2 writes each one whole)."""
+    texts = []
+    while len(data) >= 5 and data[:1] == b"Q":
+        end = 1 + int.from_bytes(data[1:5], "big")
+        texts.append(data[5:end].rstrip(b"\0"))
+        data = data[end:]
+    return texts
 
 
 class SilentServer:

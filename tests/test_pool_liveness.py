@@ -1,0 +1,173 @@
+"""A dead pooled connection is never used for a request, without a ping per request.
+
+The pool used to send `SELECT 1` before lending each connection. Now a connection the server
+closed is noticed at checkout without a round trip (its socket is readable), and a request
+whose first statement fails because its connection died before anything was sent (the
+implicit BEGIN failed) is run again on a fresh connection. A failure after a statement may
+have run is never retried: that is a 503 (tests/test_faults.py).
+"""
+
+from __future__ import annotations
+
+import select
+import time
+import uuid
+from typing import Any
+
+import sqlalchemy as sa
+
+from audit.verify import verify_chain
+from service.database import Database
+from service.settings import Settings
+from tests.reliability_helpers import (
+    TcpProxy,
+    live,
+    proxied_url,
+    server_address,
+    terminate,
+    tracked_app,
+    wait_until,
+)
+from tests.support import ApiUser, MakeUser
+
+
+def _titles(admin: sa.Engine, user: ApiUser) -> list[str]:
+    with admin.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT title FROM tasks WHERE user_id = :u ORDER BY id"), {"u": user.user_id}
+        )
+        return list(rows.scalars())
+
+
+def _events_of(admin: sa.Engine, request_id: str) -> int:
+    with admin.connect() as conn:
+        query = "SELECT count(*) FROM audit_events WHERE request_id = :r"
+        return int(conn.execute(sa.text(query), {"r": request_id}).scalar_one())
+
+
+def _chain_ok(admin: sa.Engine, user: ApiUser) -> bool:
+    with admin.connect() as conn:
+        return verify_chain(conn, user.user_id).ok
+
+
+def test_requests_send_no_ping(settings: Settings, database: Database, user: ApiUser) -> None:
+    """On the wire (a proxy reading the client's messages): each request is one transaction,
+    BEGIN first, and no `SELECT 1` anywhere."""
+    target = database.engine.url
+    with TcpProxy(server_address(target)) as proxy:
+        url = proxied_url(target, proxy.port)
+        with (
+            tracked_app(settings, url) as tracked,
+            live(tracked.app) as server,
+            server.client(headers=user.headers) as http,
+        ):
+            task = http.post(user.url(), json={"title": "warm"}).json()  # user provisioned
+            proxy.take_queries()
+            requests = [
+                ("GET", user.url(), None),
+                ("POST", user.url(), {"title": "second"}),
+                ("PUT", user.url(f"/{task['id']}"), {"title": "renamed"}),
+                ("GET", user.url(f"/{task['id']}"), None),
+            ]
+            for method, path, body in requests:
+                assert http.request(method, path, json=body).is_success
+                queries = proxy.take_queries()
+                assert queries[0] == b"BEGIN", queries
+                assert queries[-1] == b"COMMIT", queries
+                assert queries.count(b"BEGIN") == 1, queries
+                assert b"SELECT 1" not in queries, queries
+
+
+def test_connections_terminated_between_requests_are_replaced(
+    settings: Settings, make_user: MakeUser, database: Database
+) -> None:
+    """Every pooled connection terminated while idle: the next requests all succeed, on new
+    connections, and each write is there once with its event."""
+    admin = database.engine
+    users = [make_user() for _ in range(2)]
+    with tracked_app(settings) as tracked, live(tracked.app) as server, server.client() as http:
+        for user in users:
+            assert http.post(user.url(), json={"title": "warm"}, headers=user.headers).is_success
+        engine = tracked.database.engine
+        held = [engine.connect() for _ in range(4)]
+        for conn in held:
+            conn.close()
+        for round_ in range(3):
+            idle = tracked.live_pids(admin, state="idle")
+            assert terminate(admin, idle) == len(idle) >= 1
+            wait_until(lambda idle=idle: not set(tracked.live_pids(admin)) & set(idle), "exits")
+            for n, user in enumerate(users * 3):
+                request_id = uuid.uuid4().hex
+                headers = {**user.headers, "X-Request-ID": request_id}
+                created = http.post(user.url(), json={"title": f"r{round_}-{n}"}, headers=headers)
+                assert created.status_code == 201, created.text
+                assert _events_of(admin, request_id) == 1
+                assert http.get(user.url(), headers=user.headers).status_code == 200
+    for user in users:
+        assert len(_titles(admin, user)) == 1 + 3 * 3
+        assert _chain_ok(admin, user)
+
+
+def test_connections_closed_by_idle_session_timeout_are_replaced(
+    settings: Settings, user: ApiUser, database: Database
+) -> None:
+    """The server closes connections idle for 200 ms (what Neon and poolers do after a
+    while): requests after a pause still succeed."""
+    admin = database.engine
+    with tracked_app(settings) as tracked, live(tracked.app) as server, server.client() as http:
+
+        def short_idle_timeout(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.autocommit = True
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET idle_session_timeout = 200")
+            dbapi_connection.autocommit = False
+
+        sa.event.listen(tracked.database.engine, "connect", short_idle_timeout)
+        for round_ in range(4):
+            for n in range(3):
+                created = http.post(
+                    user.url(), json={"title": f"p{round_}-{n}"}, headers=user.headers
+                )
+                assert created.status_code == 201, created.text
+                assert http.get(user.url(), headers=user.headers).status_code == 200
+            time.sleep(0.5)  # every pooled connection times out
+        assert len(tracked.pids) >= 4  # closed connections were replaced
+    assert len(_titles(admin, user)) == 12
+    assert _chain_ok(admin, user)
+
+
+def test_connection_dying_between_checkout_and_begin_is_retried_once(
+    settings: Settings, user: ApiUser, database: Database
+) -> None:
+    """The race the checkout test cannot see: the connection dies right after it was lent.
+    Its BEGIN fails, nothing was sent, and the request runs again on a new connection: the
+    client gets its 201 and the write is there once, with one event."""
+    admin = database.engine
+    with tracked_app(settings) as tracked, live(tracked.app) as server, server.client() as http:
+        http.post(user.url(), json={"title": "warm"}, headers=user.headers)
+        killed: list[int] = []
+
+        def die_after_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+            if armed and not killed:
+                killed.append(int(dbapi_connection.get_backend_pid()))
+                assert terminate(admin, killed) == 1
+                select.select([dbapi_connection.fileno()], [], [], 5)  # the goodbye arrived
+
+        sa.event.listen(tracked.database.engine, "checkout", die_after_checkout)
+        for method, path, body, expected in (
+            ("POST", user.url(), {"title": "retried"}, 201),
+            ("GET", user.url(), None, 200),
+        ):
+            killed.clear()
+            armed = True
+            request_id = uuid.uuid4().hex
+            headers = {**user.headers, "X-Request-ID": request_id}
+            resp = http.request(method, path, json=body, headers=headers)
+            armed = False
+            assert len(killed) == 1
+            assert resp.status_code == expected, resp.text
+            if method == "POST":
+                assert _events_of(admin, request_id) == 1
+        assert killed[0] not in tracked.live_pids(admin)
+    assert _titles(admin, user) == ["warm", "retried"]
+    assert _chain_ok(admin, user)
