@@ -8,6 +8,7 @@ be replaced by an explicit one, which is how the tests collect spans in memory.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import traceback
@@ -18,20 +19,21 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from fastapi import FastAPI
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.instrumentation.propagators import (
     ResponsePropagator,
     get_global_response_propagator,
     set_global_response_propagator,
 )
-from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.instrumentation.sqlalchemy.version import __version__ as _SQLA_INSTR_VERSION
+from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Status, StatusCode
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import StatementError
 
 from service.settings import ConfigError, Settings
@@ -207,12 +209,7 @@ def instrument_app(app: FastAPI, tracer_provider: trace.TracerProvider) -> None:
 
 
 def instrument_engine(engine: Engine, tracer_provider: trace.TracerProvider) -> None:
-    """A CLIENT span per statement (its text, never its parameters), once per engine.
-
-    `SQLAlchemyInstrumentor().instrument()` is once per process and patches `create_engine`
-    and `Engine.connect` globally (a span per connection checkout, every later engine bound
-    to the first provider); its `EngineTracer` listens on this engine only.
-    """
+    """A CLIENT span per statement (its text, never its parameters), once per engine."""
     _prepare_instrumentation()
     with _lock:
         if engine in _traced_engines:
@@ -220,12 +217,91 @@ def instrument_engine(engine: Engine, tracer_provider: trace.TracerProvider) -> 
         tracer = trace.get_tracer(
             "opentelemetry.instrumentation.sqlalchemy", _SQLA_INSTR_VERSION, tracer_provider
         )
-        connections = metrics.get_meter("opentelemetry.instrumentation.sqlalchemy")
-        usage = connections.create_up_down_counter(
-            "db.client.connections.usage", unit="connections"
-        )
-        EngineTracer(tracer, engine, usage)  # type: ignore[no-untyped-call]
+        StatementSpans(tracer, engine)
         _traced_engines.add(engine)
+
+
+class StatementSpans:
+    """One CLIENT span per statement, its name and attributes worked out once per statement
+    text and given whole to `start_span`.
+
+    Instead of the instrumentation's `EngineTracer`, which for every statement reads the URL
+    again, runs a regex over the whole text and sets the attributes one by one (about 115 us
+    of CPU per statement here), and counts pool checkouts and checkins in a metric that
+    `observability.metrics` already reports from the pool. The spans have the same names and
+    attributes. The statements are prebuilt, so their texts are few; past `MAX_CACHED` a
+    text is described each time rather than stored.
+    """
+
+    MAX_CACHED = 1024
+
+    def __init__(self, tracer: trace.Tracer, engine: Engine) -> None:
+        self._tracer = tracer
+        url = engine.url
+        self._db_name = url.database
+        self._system = "postgresql" if engine.name == "postgresql" else engine.name
+        base: dict[str, str | int] = {}
+        if url.host:
+            base["server.address"] = url.host
+        if url.port:
+            base["server.port"] = url.port
+        if url.database:
+            base["db.name"] = url.database
+        if url.username:
+            base["db.user"] = url.username
+        self._base = base
+        self._described: dict[str, tuple[str, dict[str, str | int]]] = {}
+        event.listen(engine, "before_cursor_execute", self._start)
+        event.listen(engine, "after_cursor_execute", _end_statement_span)
+        event.listen(engine, "handle_error", _fail_statement_span)
+
+    def _describe(self, statement: str) -> tuple[str, dict[str, str | int]]:
+        described = self._described.get(statement)
+        if described is not None:
+            return described
+        words = _LEADING_COMMENT.sub("", statement, count=1).split(None, 1)
+        name = " ".join(filter(None, (words[0] if words else None, self._db_name)))
+        name = name or self._system
+        attributes = {
+            **self._base,
+            "db.statement": statement,
+            "db.system": self._system,
+            "db.operation": name,
+        }
+        described = (name, attributes)
+        if len(self._described) < self.MAX_CACHED:
+            self._described[statement] = described
+        return described
+
+    def _start(
+        self, _conn: Any, _cursor: Any, statement: str, _params: Any, context: Any, _many: bool
+    ) -> None:
+        if context is None or not is_instrumentation_enabled():
+            return
+        name, attributes = self._describe(statement)
+        context._otel_span = self._tracer.start_span(
+            name, kind=trace.SpanKind.CLIENT, attributes=attributes
+        )
+
+
+_LEADING_COMMENT = re.compile(r"^\s*/\*.*?\*/")
+
+
+def _end_statement_span(
+    _conn: Any, _cursor: Any, _statement: str, _params: Any, context: Any, _many: bool
+) -> None:
+    span = getattr(context, "_otel_span", None)
+    if span is not None:
+        span.end()
+
+
+def _fail_statement_span(exception_context: ExceptionContext) -> None:
+    span = getattr(exception_context.execution_context, "_otel_span", None)
+    if span is None:
+        return
+    if span.is_recording():
+        span.set_status(Status(StatusCode.ERROR, str(exception_context.original_exception)))
+    span.end()
 
 
 def _exception_attributes(exc: BaseException) -> dict[str, str] | None:
