@@ -85,8 +85,11 @@ def _closed_by_server(
     """
     if dbapi_connection.closed:
         raise DisconnectionError("the connection is closed")
-    readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 0)
-    if readable:
+    # poll, not select: a worker holding thousands of change-feed streams has descriptors
+    # past select()'s limit of 1024.
+    poller = select.poll()
+    poller.register(dbapi_connection.fileno(), select.POLLIN)
+    if poller.poll(0):
         raise DisconnectionError("the server closed the idle connection")
 
 

@@ -9,6 +9,8 @@ have run is never retried: that is a 503 (tests/test_faults.py).
 
 from __future__ import annotations
 
+import os
+import resource
 import select
 import time
 import uuid
@@ -171,3 +173,33 @@ def test_connection_dying_between_checkout_and_begin_is_retried_once(
         assert killed[0] not in tracked.live_pids(admin)
     assert _titles(admin, user) == ["warm", "retried"]
     assert _chain_ok(admin, user)
+
+
+def test_the_checkout_check_works_past_1024_descriptors(
+    settings: Settings, user: ApiUser, database: Database
+) -> None:
+    """A worker with thousands of open change-feed streams has socket descriptors past
+    select()'s limit: connections opened there are checked, and replaced when dead, too."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(2048, hard), hard))
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    admin = database.engine
+    try:
+        with (
+            tracked_app(settings) as tracked,
+            live(tracked.app) as server,
+            server.client(headers=user.headers) as http,
+        ):
+            assert http.post(user.url(), json={"title": "high"}).status_code == 201
+            with tracked.database.engine.connect() as conn:
+                assert conn.connection.dbapi_connection.fileno() > 1024  # type: ignore[union-attr]
+            idle = tracked.live_pids(admin, state="idle")
+            assert terminate(admin, idle) == len(idle) >= 1
+            wait_until(lambda: not set(tracked.live_pids(admin)) & set(idle), "exits")
+            assert http.post(user.url(), json={"title": "again"}).status_code == 201
+    finally:
+        for fd in spare:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert _titles(admin, user) == ["high", "again"]
