@@ -61,6 +61,8 @@ class AuditAction(StrEnum):
     completed = "task.completed"
     reopened = "task.reopened"
     deleted = "task.deleted"
+    # Written by the service (its own actor id) when a task's `remind_at` passes.
+    reminder_fired = "reminder.fired"
 
 
 def trace_url(base: str | None, trace_id: str | None) -> str | None:
@@ -180,6 +182,7 @@ class TaskSnapshot(BaseModel):
     recurrence: str | None = None
     previous_task_id: int | None = None
     next_task_id: int | None = None
+    remind_at: UtcTimestamp | None = None
 
 
 class TaskAsOf(BaseModel):

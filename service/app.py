@@ -44,6 +44,7 @@ from service.middleware import (
 )
 from service.openapi import operation_id
 from service.ratelimit import RateLimiter, RateLimitHeadersMiddleware, install_rate_limits
+from service.reminders.routes import router as reminders_router
 from service.settings import Settings, get_settings, origin_of
 from service.tasks.routes import router as tasks_router
 from service.tasks.tag_routes import router as tags_router
@@ -174,6 +175,7 @@ def create_app(
         app.include_router(metrics_router)
     app.include_router(tasks_router)
     app.include_router(tags_router)
+    app.include_router(reminders_router)
     app.include_router(audit_router)
     app.include_router(audit_keys_router)
     app.include_router(events_router)

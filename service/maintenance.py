@@ -1,6 +1,7 @@
-"""Background upkeep each process runs while it serves: purging expired idempotency keys.
+"""Background work each process runs while it serves: purging expired idempotency keys, and
+firing due reminders (unless REMINDERS_ENABLED=false).
 
-Every instance runs it; the purge skips rows another one holds, so they share the work.
+Every instance runs both; they skip rows another one holds, so they share the work.
 A failure (the database is away) is logged and tried again at the next interval.
 """
 
@@ -14,6 +15,7 @@ from contextlib import asynccontextmanager, suppress
 from anyio import to_thread
 
 from service.database import Database
+from service.reminders.firing import ReminderWorker
 from service.settings import Settings
 from service.tasks import idempotency
 
@@ -37,9 +39,14 @@ async def _purge_forever(db: Database, settings: Settings) -> None:
 @asynccontextmanager
 async def background_upkeep(db: Database, settings: Settings) -> AsyncIterator[None]:
     task = asyncio.create_task(_purge_forever(db, settings), name="idempotency-purge")
+    reminders = ReminderWorker(db, settings) if settings.reminders_enabled else None
+    if reminders is not None:
+        reminders.start()
     try:
         yield
     finally:
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
+        if reminders is not None:
+            await to_thread.run_sync(reminders.stop)

@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.limits import USER_ID_MAX
+
 DEV_SECRET_FILE = Path(".todo-api-dev-secret")
 
 # Values people paste from tutorials; refused as a production secret.
@@ -132,6 +134,20 @@ class Settings(BaseSettings):
     feed_heartbeat_seconds: float = Field(default=15.0, gt=0, le=300)
     feed_send_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
     feed_ticket_ttl_seconds: int = Field(default=30, ge=1, le=300)
+
+    # Reminders (service.reminders): every worker process polls for due reminders and fires
+    # them in batches (SKIP LOCKED shares them out); one later than the grace period is late.
+    reminders_enabled: bool = True
+    reminder_poll_seconds: float = Field(default=5.0, gt=0, le=3600)
+    reminder_batch_size: int = Field(default=20, ge=1, le=500)
+    reminder_grace_seconds: float = Field(default=300.0, ge=0, le=30 * 86_400)
+    # The actor of `reminder.fired` audit events: the service, not a user.
+    reminder_actor_id: str = Field(
+        default="system:reminders",
+        min_length=1,
+        max_length=USER_ID_MAX,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+    )
 
     # Observability
     # Prometheus metrics: on the API's port at /metrics, or on METRICS_PORT (never behind auth).

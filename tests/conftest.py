@@ -114,6 +114,8 @@ def base_settings(database_url: str) -> Settings:
         rate_limit_write="100000/minute",
         rate_limit_expensive="100000/minute",
         rate_limit_anonymous="100000/minute",
+        # The reminder workers fire any user's due reminders: only their own tests run them.
+        reminders_enabled=False,
     )
 
 

@@ -28,6 +28,7 @@ OPERATION_IDS = {
     ("/api/{user_id}/tags/{tag_id}", "get"): "getTag",
     ("/api/{user_id}/tags/{tag_id}", "patch"): "renameTag",
     ("/api/{user_id}/tags/{tag_id}", "delete"): "deleteTag",
+    ("/api/{user_id}/reminders", "get"): "listReminders",
     ("/api/{user_id}/audit-events", "get"): "listAuditEvents",
     ("/api/{user_id}/audit-events/verify", "get"): "verifyAuditChain",
     ("/api/{user_id}/tasks/{task_id}/history", "get"): "taskHistory",
@@ -149,6 +150,7 @@ def test_audit_fields_are_typed(spec: dict[str, Any]) -> None:
             "task.completed",
             "task.reopened",
             "task.deleted",
+            "reminder.fired",
         }
     )
     for side in ("before", "after"):

@@ -37,7 +37,7 @@ def test_import_contracts_are_kept() -> None:
 
 # Modules of `service` that may import the features: they wire them in.
 WIRING = {"service.app", "service.cli", "service.maintenance"}
-FEATURES = {"service.tasks", "service.tags", "service.events"}
+FEATURES = {"service.tasks", "service.tags", "service.events", "service.reminders"}
 
 
 def test_every_service_module_is_wiring_feature_or_plumbing() -> None:

@@ -104,7 +104,11 @@ def _record() -> TaskRecord:
         recurrence="FREQ=DAILY",
         previous_task_id=6,
         next_task_id=None,
+        remind_at=moment.replace(year=2027, hour=9),
         version=3,
+        reminder_fired_for=None,
+        reminder_fired_at=None,
+        reminder_late=False,
     )
 
 
@@ -116,6 +120,9 @@ def test_the_recorded_state_is_the_public_fields_and_reads_back() -> None:
     assert state["created_at"] == "2026-11-24T10:00:00.000000Z"
     assert state["updated_at"] == "2026-11-24T10:00:00.000005Z"
     assert state["due_at"] == "2027-11-24T10:00:00.000000Z"
+    assert state["remind_at"] == "2027-11-24T09:00:00.000000Z"
+    # The reminder's firing state is internal: not in responses, snapshots or the ETag.
+    assert not {"reminder_fired_for", "reminder_fired_at", "reminder_late"} & set(state)
     assert (state["priority"], state["tags"]) == ("high", ["a", "B"])
     snapshot = TaskSnapshot.model_validate(state)
     assert {name: getattr(snapshot, name) for name in PUBLIC_FIELDS} == {

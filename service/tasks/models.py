@@ -40,6 +40,11 @@ from service.tasks import recurrence
 
 TITLE_MAX = 200
 DESCRIPTION_MAX = 1000
+# A reminder still to fire: set, on a task not completed, and not fired for this time yet
+# (a changed `remind_at` no longer equals the time that fired: it is armed again).
+REMINDER_UNFIRED = (
+    "remind_at IS NOT NULL AND NOT completed AND reminder_fired_for IS DISTINCT FROM remind_at"
+)
 
 
 class Priority(StrEnum):
@@ -84,6 +89,25 @@ class Task(SQLModel, table=True):
         CheckConstraint(
             "recurrence IS NULL OR due_at IS NOT NULL", name="ck_tasks_recurrence_needs_due"
         ),
+        CheckConstraint(
+            "remind_at IS NULL OR due_at IS NULL OR remind_at <= due_at",
+            name="ck_tasks_remind_before_due",
+        ),
+        # The reminder workers' claim: due reminders not fired yet, oldest first.
+        Index(
+            "ix_tasks_reminder_due",
+            "remind_at",
+            "id",
+            postgresql_where=text(REMINDER_UNFIRED),
+        ),
+        # A user's reminders, by time (GET /reminders).
+        Index(
+            "ix_tasks_user_remind",
+            "user_id",
+            "remind_at",
+            "id",
+            postgresql_where=text("remind_at IS NOT NULL"),
+        ),
     )
 
     id: int | None = Field(
@@ -111,9 +135,22 @@ class Task(SQLModel, table=True):
     # The series of a recurring task (no foreign keys: a deleted task keeps its place).
     previous_task_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     next_task_id: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
+    remind_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
     # Bumped on every change; the ETag is derived from it.
     version: int = Field(
         default=1, sa_column=Column(Integer, nullable=False, server_default=text("1"))
+    )
+    # The reminder that fired last (service.reminders): for which `remind_at`, when, and
+    # whether it was late. Not part of the task's representation, so firing changes neither
+    # `updated_at` nor the ETag.
+    reminder_fired_for: datetime | None = Field(
+        default=None, sa_column=Column(UTCDateTime, nullable=True)
+    )
+    reminder_fired_at: datetime | None = Field(
+        default=None, sa_column=Column(UTCDateTime, nullable=True)
+    )
+    reminder_late: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
     )
 
 
@@ -215,6 +252,15 @@ DueAt = Annotated[
         examples=["2026-12-24T18:00:00+01:00"],
     ),
 ]
+RemindAt = Annotated[
+    ClientTime | None,
+    BeforeValidator(_text_only),
+    PField(
+        description="When to remind: RFC 3339 with a UTC offset, not after `due_at`; returned "
+        "in UTC. At that time the service records one `reminder.fired` event. `null` clears it.",
+        examples=["2026-12-24T17:00:00+01:00"],
+    ),
+]
 Recurrence = Annotated[
     str | None,
     PField(
@@ -230,6 +276,12 @@ Recurrence = Annotated[
 RuleText = Annotated[str | None, PField(description=recurrence.DESCRIPTION)]
 
 
+def check_remind_at(remind_at: datetime | None, due_at: datetime | None) -> None:
+    """A reminder comes at the latest when the task is due."""
+    if remind_at is not None and due_at is not None and remind_at > due_at:
+        raise ValueError("remind_at must not be after due_at")
+
+
 class TaskCreate(SQLModel):
     """Body of POST. Unknown fields (id, user_id, completed, timestamps) are rejected."""
 
@@ -241,11 +293,17 @@ class TaskCreate(SQLModel):
     due_at: DueAt = None
     tags: TagNames = PField(default_factory=list)
     recurrence: Recurrence = None
+    remind_at: RemindAt = None
 
     @model_validator(mode="after")
     def _recurring_needs_due(self) -> TaskCreate:
         if self.recurrence is not None and self.due_at is None:
             raise ValueError("a recurring task needs a due_at")
+        return self
+
+    @model_validator(mode="after")
+    def _remind_before_due(self) -> TaskCreate:
+        check_remind_at(self.remind_at, self.due_at)
         return self
 
 
@@ -272,6 +330,7 @@ class TaskUpdate(SQLModel):
     due_at: DueAt = None
     tags: TagNames | None = None
     recurrence: Recurrence = None
+    remind_at: RemindAt = None
 
     @model_validator(mode="after")
     def _at_least_one(self) -> TaskUpdate:
@@ -321,6 +380,10 @@ class TaskPublic:
             'rule is exhausted). Also sent as `Link: <...>; rel="next-occurrence"`.'
         ),
     ]
+    remind_at: Annotated[
+        datetime | None,
+        PField(description="In UTC; see GET /api/{user_id}/reminders for whether it fired"),
+    ]
 
 
 PUBLIC_FIELDS = tuple(field.name for field in fields(TaskPublic))
@@ -342,6 +405,10 @@ class TaskRecord(TaskPublic):
 
     # Bumped on every change; the ETag is derived from it.
     version: int
+    # The last reminder fired (for which remind_at, when, late): see `Task`.
+    reminder_fired_for: datetime | None
+    reminder_fired_at: datetime | None
+    reminder_late: bool
 
     @classmethod
     def from_row(cls, row: Any) -> TaskRecord:

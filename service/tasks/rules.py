@@ -22,7 +22,7 @@ from service.sqltypes import utcnow
 from service.tags import queries as tag_queries
 from service.tags.rules import sorted_names
 from service.tasks import queries, recurrence
-from service.tasks.models import TaskCreate, TaskRecord, TaskUpdate
+from service.tasks.models import TaskCreate, TaskRecord, TaskUpdate, check_remind_at
 
 log = logging.getLogger("service.tasks")
 
@@ -171,6 +171,7 @@ def _insert(
     """Insert a task, link its tags (unknown names are created for the user) and record its
     `task.created`: the tags first, then one statement for the rest."""
     _check_rule(values.get("due_at"), values.get("recurrence"))
+    _check_remind(values.get("due_at"), values.get("remind_at"))
     resolved = tag_queries.resolve(session, user_id, list(values.get("tags") or ()))
     now = utcnow()
     draft = TaskRecord(
@@ -184,6 +185,9 @@ def _insert(
         previous_task_id=previous_task_id,
         next_task_id=None,
         version=1,
+        reminder_fired_for=None,
+        reminder_fired_at=None,
+        reminder_late=False,
     )
     change = queries.create_statement(
         draft, [tag_id for tag_id, _ in resolved], explicit_id=task_id is not None
@@ -200,6 +204,15 @@ def _check_rule(due_at: datetime | None, rule: str | None) -> None:
             "A recurring task needs a due_at: set due_at, or remove recurrence.",
             field="body.recurrence",
         )
+
+
+def _check_remind(due_at: datetime | None, remind_at: datetime | None) -> None:
+    try:
+        check_remind_at(remind_at, due_at)
+    except ValueError as exc:
+        raise InvalidInput(
+            f"{exc}: move remind_at earlier, or due_at later.", field="body.remind_at"
+        ) from None
 
 
 def _completion_action(completed: bool) -> str:
@@ -235,6 +248,7 @@ def _apply(
     due_at = changed.get("due_at", current.due_at)
     rule = changed.get("recurrence", current.recurrence)
     _check_rule(due_at, rule)
+    _check_remind(due_at, changed.get("remind_at", current.remind_at))
     following: recurrence.Occurrence | None = None
     if changed.get("completed") is True and rule and due_at and current.next_task_id is None:
         following = recurrence.next_occurrence(rule, due_at)
@@ -269,6 +283,10 @@ def _next_occurrence(
         "due_at": following.due_at,
         "tags": completed.tags,
         "recurrence": following.rule,
+        # The reminder keeps its distance from the due date.
+        "remind_at": None
+        if completed.remind_at is None or completed.due_at is None
+        else completed.remind_at + (following.due_at - completed.due_at),
     }
     task, _ = _insert(
         session,

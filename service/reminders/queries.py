@@ -1,0 +1,136 @@
+"""The reminder statements, built once: the workers' claim, marking a reminder fired, and a
+user's reminders. Every statement on a user's tasks names the owner; nothing here commits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from service.tasks.models import TASKS
+
+
+class ReminderState(StrEnum):
+    pending = "pending"
+    fired = "fired"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A due reminder this transaction holds the task's row lock for."""
+
+    task_id: int
+    user_id: str
+    late: bool
+
+
+# The same predicate as the partial index ix_tasks_reminder_due (service.tasks.models), so the
+# planner reads only due, unfired reminders; `remind_at <= now()` implies `IS NOT NULL`.
+_UNFIRED = and_(
+    ~TASKS.c.completed,
+    TASKS.c.reminder_fired_for.is_distinct_from(TASKS.c.remind_at),
+)
+# Oldest first; rows another worker holds are skipped, not waited for. Whoever holds a row
+# holds it to its commit: a worker that dies rolls back, and the row is free again.
+_CLAIM = (
+    select(
+        TASKS.c.id,
+        TASKS.c.user_id,
+        (func.now() - TASKS.c.remind_at > bindparam("grace")).label("late"),
+    )
+    .where(TASKS.c.remind_at <= func.now(), _UNFIRED)
+    .order_by(TASKS.c.remind_at, TASKS.c.id)
+    .limit(bindparam("batch"))
+    .with_for_update(of=TASKS, skip_locked=True)
+)
+# Not `updated_at` nor `version`: a reminder firing is not an edit of the task.
+_MARK_FIRED = (
+    update(TASKS)
+    .where(TASKS.c.id == bindparam("task_id"), TASKS.c.user_id == bindparam("owner"))
+    .values(
+        reminder_fired_for=TASKS.c.remind_at,
+        reminder_fired_at=func.now(),
+        reminder_late=bindparam("late"),
+    )
+)
+
+
+def claim_due(session: Session, batch: int, grace: timedelta) -> list[Claim]:
+    rows = session.execute(_CLAIM, {"batch": batch, "grace": grace})
+    return [Claim(task_id=int(r.id), user_id=r.user_id, late=bool(r.late)) for r in rows]
+
+
+def mark_fired(session: Session, claim: Claim) -> None:
+    session.execute(
+        _MARK_FIRED, {"task_id": claim.task_id, "owner": claim.user_id, "late": claim.late}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Reminder:
+    task_id: int
+    title: str
+    remind_at: datetime
+    due_at: datetime | None
+    state: ReminderState
+    fired_at: datetime | None
+    late: bool
+
+
+_FIRED = TASKS.c.reminder_fired_for == TASKS.c.remind_at
+_STATES: dict[ReminderState | None, Any] = {
+    ReminderState.pending: _UNFIRED,
+    ReminderState.fired: _FIRED,
+    # A reminder of a completed task that never fired is neither: it was cancelled.
+    None: or_(_UNFIRED, _FIRED),
+}
+
+
+def _list_statement(state: ReminderState | None) -> Any:
+    # ix_tasks_user_remind (user_id, remind_at, id) WHERE remind_at IS NOT NULL serves it.
+    return (
+        select(
+            TASKS.c.id,
+            TASKS.c.title,
+            TASKS.c.remind_at,
+            TASKS.c.due_at,
+            _FIRED.label("fired"),
+            TASKS.c.reminder_fired_at,
+            TASKS.c.reminder_late,
+        )
+        .where(
+            TASKS.c.user_id == bindparam("owner"),
+            TASKS.c.remind_at.is_not(None),
+            _STATES[state],
+        )
+        .order_by(TASKS.c.remind_at, TASKS.c.id)
+        .limit(bindparam("limit"))
+        .offset(bindparam("offset"))
+    )
+
+
+_LISTS = {state: _list_statement(state) for state in _STATES}
+
+
+def list_reminders(
+    session: Session, user_id: str, state: ReminderState | None, limit: int, offset: int
+) -> list[Reminder]:
+    """The user's reminders by time; `limit` + 1 rows tell the caller whether more follow."""
+    rows = session.execute(_LISTS[state], {"owner": user_id, "limit": limit, "offset": offset})
+    return [
+        Reminder(
+            task_id=int(r.id),
+            title=r.title,
+            remind_at=r.remind_at,
+            due_at=r.due_at,
+            state=ReminderState.fired if r.fired else ReminderState.pending,
+            fired_at=r.reminder_fired_at if r.fired else None,
+            late=bool(r.reminder_late) if r.fired else False,
+        )
+        for r in rows
+    ]

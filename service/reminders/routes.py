@@ -1,0 +1,65 @@
+"""`GET /api/{user_id}/reminders`: the user's reminders, pending or fired, for a frontend that
+polls (the change feed pushes the same firings as `reminder.fired` events)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field, TypeAdapter
+
+from service.deps import CurrentUser, SessionDep, UserIdPath
+from service.openapi import error_responses, with_headers
+from service.reminders import queries
+from service.reminders.queries import ReminderState
+from service.responses import json_response
+
+router = APIRouter(prefix="/api/{user_id}/reminders", tags=["reminders"])
+
+
+class ReminderPublic(BaseModel):
+    """A task's reminder. `pending`: armed, not fired yet (its time may have passed by less
+    than a poll interval). `fired`: its `reminder.fired` event is in the audit log."""
+
+    task_id: int
+    title: str
+    remind_at: datetime = Field(description="In UTC")
+    due_at: datetime | None = Field(description="In UTC")
+    state: ReminderState
+    fired_at: datetime | None = Field(description="When it fired (database clock); null if pending")
+    late: bool = Field(
+        description="Fired more than REMINDER_GRACE_SECONDS after `remind_at` (e.g. the "
+        "service was down then); false while pending"
+    )
+
+
+_LIST = TypeAdapter(list[ReminderPublic])
+
+
+@router.get(
+    "",
+    response_model=list[ReminderPublic],
+    responses={200: with_headers("Link"), **error_responses(400, 401, 403)},
+    summary="List the user's reminders (pending and fired), by time",
+)
+def list_reminders(
+    request: Request,
+    user: CurrentUser,
+    session: SessionDep,
+    user_id: UserIdPath,
+    state: Annotated[
+        ReminderState | None,
+        Query(description="`pending` or `fired`; both when absent (never a cancelled one)"),
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> Any:
+    rows = queries.list_reminders(session, user.user_id, state, limit + 1, offset)
+    headers = {}
+    if len(rows) > limit:
+        rows = rows[:limit]
+        next_url = request.url.include_query_params(offset=offset + limit, limit=limit)
+        headers["Link"] = f'<{next_url}>; rel="next"'
+    items = [ReminderPublic.model_validate(row, from_attributes=True) for row in rows]
+    return json_response(_LIST.dump_json(items), headers=headers)
