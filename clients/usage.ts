@@ -47,6 +47,7 @@ const calls: { [K in keyof operations]: () => Promise<unknown> } = {
         due_at: "2026-12-05T09:00:00+01:00",
         tags: ["errands"],
         recurrence: "FREQ=WEEKLY;BYDAY=SA",
+        remind_at: "2026-12-05T08:30:00+01:00",
       },
     });
     if (error) return describe(error);
@@ -86,6 +87,13 @@ const calls: { [K in keyof operations]: () => Promise<unknown> } = {
   listTags: async () => {
     const { data } = await api.GET("/api/{user_id}/tags", { params: { path: { user_id } } });
     return data?.map((tag) => [tag.name, tag.task_count]);
+  },
+  listReminders: async () => {
+    const { data, error } = await api.GET("/api/{user_id}/reminders", {
+      params: { path: { user_id }, query: { state: "fired", limit: 20 } },
+    });
+    if (error) return describe(error);
+    return data.map((r) => [r.task_id, r.title, r.remind_at, r.fired_at, r.late ? "late" : r.state]);
   },
   createTag: async () => {
     const { data, error } = await api.POST("/api/{user_id}/tags", {

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.database import Database
 from service.settings import Settings
+from tests.audit_helpers import json_lines, run_cli
 from tests.feed_helpers import FeedReader
 from tests.reminder_helpers import at, fired_events, reminders, verify, wait_fired
 from tests.support import ApiUser, LiveServer, assert_validation_error, create_task
@@ -145,6 +146,25 @@ def test_a_due_reminder_fires_once_as_an_audit_event_of_the_service_on_the_feed(
     ]
     report = verify(http, user)
     assert (report["ok"], report["head_seq"]) == (True, 3)
+    # The operators' tools read it like any other event.
+    status, out, err = run_cli(settings, "audit", "verify", "--user", user.user_id)
+    assert status == 0, out + err
+    status, out, err = run_cli(
+        settings, "audit", "export", "--user", user.user_id, "--format", "ndjson"
+    )
+    assert status == 0, err
+    exported = [e for e in json_lines(out) if e.get("action") == "reminder.fired"]
+    assert [(e["seq"], e["actor_id"], e["changes"]) for e in exported] == [
+        (2, "system:reminders", {"reminder": [None, reminder]})
+    ]
+    # The task as of the firing is the task (the reminder is not a task field).
+    as_of = http.get(
+        user.url(f"/{task['id']}/history"),
+        params={"as_of": event["occurred_at"]},
+        headers=user.headers,
+    )
+    assert as_of.status_code == 200 and as_of.json()["event_seq"] == 2
+    assert as_of.json()["task"]["title"] == "Call the dentist"
 
 
 def test_changing_remind_at_re_arms_the_reminder(http: httpx.Client, user: ApiUser) -> None:
@@ -177,10 +197,13 @@ def test_completing_or_deleting_the_task_cancels_its_reminder(
     due = at(1.5)
     completed = create_task(http, user, title="completed", remind_at=due)
     deleted = create_task(http, user, title="deleted", remind_at=due)
+    cleared = create_task(http, user, title="cleared", remind_at=due)
     control = create_task(http, user, title="control", remind_at=due)
     resp = http.patch(user.url(f"/{completed['id']}/complete"), headers=user.headers)
     assert resp.status_code == 200 and resp.json()["completed"] is True
     assert http.delete(user.url(f"/{deleted['id']}"), headers=user.headers).status_code == 204
+    resp = http.put(user.url(f"/{cleared['id']}"), json={"remind_at": None}, headers=user.headers)
+    assert resp.status_code == 200
     wait_fired(http, user, control["id"])
     settle()
     assert [e["entity_id"] for e in fired_events(http, user)] == [str(control["id"])]
@@ -308,3 +331,42 @@ def test_the_next_occurrence_keeps_the_reminder_as_far_before_its_due_date(
 
 def _utc(text: str) -> datetime:
     return datetime.fromisoformat(text).astimezone(UTC)
+
+
+# Settings ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"REMINDER_ACTOR_ID": ""},
+        {"REMINDER_ACTOR_ID": "system\nreminders"},
+        {"REMINDER_ACTOR_ID": "x" * 129},
+        {"REMINDER_BATCH_SIZE": "0"},
+        {"REMINDER_BATCH_SIZE": "501"},
+        {"REMINDER_POLL_SECONDS": "0"},
+        {"REMINDER_GRACE_SECONDS": "-1"},
+    ],
+)
+def test_reminder_settings_are_bounded(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, clean_env: None
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_reminder_settings_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, clean_env: None
+) -> None:
+    monkeypatch.setenv("REMINDERS_ENABLED", "false")
+    monkeypatch.setenv("REMINDER_ACTOR_ID", "service:todo-reminders")
+    monkeypatch.setenv("REMINDER_GRACE_SECONDS", "60")
+    loaded = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert loaded.reminders_enabled is False
+    assert (loaded.reminder_actor_id, loaded.reminder_grace_seconds) == (
+        "service:todo-reminders",
+        60,
+    )
+    assert (loaded.reminder_poll_seconds, loaded.reminder_batch_size) == (5, 20)
