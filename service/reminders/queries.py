@@ -9,10 +9,10 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from service.tasks.models import TASKS
+from service.tasks.models import REMINDER_UNFIRED, TASKS
 
 
 class ReminderState(StrEnum):
@@ -29,12 +29,9 @@ class Claim:
     late: bool
 
 
-# The same predicate as the partial index ix_tasks_reminder_due (service.tasks.models), so the
-# planner reads only due, unfired reminders; `remind_at <= now()` implies `IS NOT NULL`.
-_UNFIRED = and_(
-    ~TASKS.c.completed,
-    TASKS.c.reminder_fired_for.is_distinct_from(TASKS.c.remind_at),
-)
+# The predicate of the partial index ix_tasks_reminder_due, as declared: the planner reads
+# only due, unfired reminders through it.
+_UNFIRED = text(f"({REMINDER_UNFIRED})")
 # Oldest first; rows another worker holds are skipped, not waited for. Whoever holds a row
 # holds it to its commit: a worker that dies rolls back, and the row is free again.
 _CLAIM = (
