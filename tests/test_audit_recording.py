@@ -47,6 +47,7 @@ def _state(api_task: dict[str, Any]) -> dict[str, Any]:
         "recurrence": api_task["recurrence"],
         "previous_task_id": api_task["previous_task_id"],
         "next_task_id": api_task["next_task_id"],
+        "remind_at": api_task["remind_at"],
     }
 
 
@@ -58,6 +59,7 @@ DEFAULTS = {
     "recurrence": None,
     "previous_task_id": None,
     "next_task_id": None,
+    "remind_at": None,
 }
 
 

@@ -73,6 +73,7 @@ def _task_state(row: Any) -> dict[str, Any]:
         "recurrence": row.recurrence,
         "previous_task_id": row.previous_task_id,
         "next_task_id": row.next_task_id,
+        "remind_at": format_timestamp(row.remind_at) if row.remind_at else None,
     }
 
 
