@@ -17,17 +17,18 @@ WITH head AS (
   SELECT audit_chain_heads.seq AS seq, audit_chain_heads.hash AS hash FROM audit_chain_heads
   WHERE audit_chain_heads.user_id = 'bench-w' || :u::int FOR UPDATE),
 change AS (
-  INSERT INTO tasks (user_id, title, description, priority, due_at, recurrence,
+  INSERT INTO tasks (user_id, title, description, priority, due_at, recurrence, remind_at,
                      previous_task_id, completed, created_at, updated_at, version)
   SELECT CAST('bench-w' || :u::int AS VARCHAR(128)), CAST('bench task ' || :n::int AS VARCHAR(200)),
          CAST('created by the benchmark' AS TEXT), CAST('medium' AS task_priority),
          CAST('2027-01-05T09:00:00+00:00' AS TIMESTAMPTZ), CAST(NULL AS VARCHAR(200)),
-         CAST(NULL AS BIGINT), false, CAST(now() AS TIMESTAMPTZ), CAST(now() AS TIMESTAMPTZ), 1
+         CAST(NULL AS TIMESTAMPTZ), CAST(NULL AS BIGINT), false, CAST(now() AS TIMESTAMPTZ), CAST(now() AS TIMESTAMPTZ), 1
   FROM head
   RETURNING tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed,
             tasks.created_at, tasks.updated_at, tasks.priority, tasks.due_at,
             '{}'::VARCHAR[] AS tags, tasks.recurrence, tasks.previous_task_id,
-            tasks.next_task_id, tasks.version),
+            tasks.next_task_id, tasks.remind_at, tasks.version, tasks.reminder_fired_for,
+            tasks.reminder_fired_at, tasks.reminder_late),
 event AS (
   SELECT CAST('bench-w' || :u::int AS VARCHAR(128)) AS user_id,
          CAST('bench-w' || :u::int AS VARCHAR(128)) AS actor_id,
@@ -38,13 +39,15 @@ event AS (
                || '"created_at": "2026-12-04T18:28:39.693337Z", '
                || '"updated_at": "2026-12-04T18:28:39.693337Z", "priority": "medium", '
                || '"due_at": "2027-01-05T09:00:00.000000Z", "tags": ["tag1", "tag4"], '
-               || '"recurrence": null, "previous_task_id": null, "next_task_id": null}')
+               || '"recurrence": null, "previous_task_id": null, "next_task_id": null, '
+               || '"remind_at": null}')
               AS JSONB) || jsonb_build_object('id', change.id) AS after,
          CAST(('{"title": [null, "bench task ' || :n::int || '"], "description": [null, '
                || '"created by the benchmark"], "completed": [null, false], "priority": [null, '
                || '"medium"], "due_at": [null, "2027-01-05T09:00:00.000000Z"], "tags": [null, '
                || '["tag1", "tag4"]], "recurrence": [null, null], "previous_task_id": [null, '
-               || 'null], "next_task_id": [null, null]}') AS JSONB) AS changes,
+               || 'null], "next_task_id": [null, null], "remind_at": [null, null]}') AS JSONB)
+              AS changes,
          CAST(md5(:n::text) AS VARCHAR(128)) AS request_id,
          CAST(md5(:n::text || 't') AS VARCHAR(32)) AS trace_id,
          CAST(left(md5(:n::text || 's'), 16) AS VARCHAR(16)) AS span_id,

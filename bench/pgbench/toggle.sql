@@ -12,7 +12,8 @@ SELECT tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed,
        (SELECT coalesce(array_agg(tags.name), '{}'::VARCHAR[])
         FROM task_tags JOIN tags ON tags.id = task_tags.tag_id
         WHERE task_tags.task_id = tasks.id) AS tags,
-       tasks.recurrence, tasks.previous_task_id, tasks.next_task_id, tasks.version
+       tasks.recurrence, tasks.previous_task_id, tasks.next_task_id, tasks.remind_at,
+       tasks.version, tasks.reminder_fired_for, tasks.reminder_fired_at, tasks.reminder_late
 FROM tasks WHERE tasks.id = :id AND tasks.user_id = 'bench-w' || :u FOR UPDATE OF tasks \gset o_
 -- One statement: lock the chain head, update the task, hash the event in SQL, append it and
 -- move the head.
@@ -27,7 +28,8 @@ change AS (
             (SELECT coalesce(array_agg(tags.name), '{}'::VARCHAR[])
              FROM task_tags JOIN tags ON tags.id = task_tags.tag_id
              WHERE task_tags.task_id = tasks.id) AS tags,
-            tasks.recurrence, tasks.previous_task_id, tasks.next_task_id, tasks.version),
+            tasks.recurrence, tasks.previous_task_id, tasks.next_task_id, tasks.remind_at,
+       tasks.version, tasks.reminder_fired_for, tasks.reminder_fired_at, tasks.reminder_late),
 event AS (
   SELECT CAST('bench-w' || :u::int AS VARCHAR(128)) AS user_id,
          CAST('bench-w' || :u::int AS VARCHAR(128)) AS actor_id,
@@ -38,13 +40,13 @@ event AS (
                || '", "completed": ' || :o_completed::boolean::text || ', "created_at": "'
                || :o_created_at::text || '", "updated_at": "' || :o_updated_at::text
                || '", "priority": "medium", "due_at": null, "tags": [], "recurrence": null, '
-               || '"previous_task_id": null, "next_task_id": null}') AS JSONB) AS before,
+               || '"previous_task_id": null, "next_task_id": null, "remind_at": null}') AS JSONB) AS before,
          CAST(('{"id": ' || :o_id::text || ', "user_id": "' || :o_user_id::text || '", "title": "'
                || :o_title::text || '", "description": "' || :o_description::text
                || '", "completed": ' || (NOT :o_completed::boolean)::text || ', "created_at": "'
                || :o_created_at::text || '", "updated_at": "' || now()::text
                || '", "priority": "medium", "due_at": null, "tags": [], "recurrence": null, '
-               || '"previous_task_id": null, "next_task_id": null}') AS JSONB) AS after,
+               || '"previous_task_id": null, "next_task_id": null, "remind_at": null}') AS JSONB) AS after,
          CAST(('{"completed": [' || :o_completed::boolean::text || ', ' || (NOT :o_completed::boolean)::text || ']}') AS JSONB) AS changes,
          CAST(md5(:n::text) AS VARCHAR(128)) AS request_id,
          CAST(md5(:n::text || 't') AS VARCHAR(32)) AS trace_id,
