@@ -175,7 +175,7 @@ def _backend_waiting_on_chain_head(engine: sa.Engine) -> int | None:
         pid = conn.execute(
             sa.text(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO audit_chain_heads%'"
+                "AND wait_event_type = 'Lock' AND query LIKE '%audit_chain_heads%'"
             )
         ).scalar()
     return int(pid) if pid is not None else None
