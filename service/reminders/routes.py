@@ -9,13 +9,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field, TypeAdapter
 
-from service.deps import CurrentUser, SessionDep, UserIdPath
+from service.deps import CurrentUser, SessionDep, UnitOfWorkRoute, UserIdPath
 from service.openapi import error_responses, with_headers
 from service.reminders import queries
 from service.reminders.queries import ReminderState
 from service.responses import json_response
 
-router = APIRouter(prefix="/api/{user_id}/reminders", tags=["reminders"])
+router = APIRouter(
+    prefix="/api/{user_id}/reminders", tags=["reminders"], route_class=UnitOfWorkRoute
+)
 
 
 class ReminderPublic(BaseModel):
