@@ -15,6 +15,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
@@ -38,6 +39,7 @@ from service.database import Database, build_engine
 from service.settings import AppEnv, ConfigError, Settings
 from service.tasks.rules import DIFF_FIELDS
 from tests.jwt_helpers import random_id
+from tests.reminder_helpers import at, wait_fired
 from tests.support import ApiUser
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -679,3 +681,36 @@ def test_console_format_and_log_level(
     assert Settings(_env_file=None, log_level="debug").log_level == "DEBUG"
     with pytest.raises(ValueError, match="LOG_LEVEL"):
         Settings(_env_file=None, log_level="verbose")
+
+
+def test_the_reminder_loop_makes_no_spans_and_a_firing_writes_its_log_line(
+    settings: Settings,
+    traced_database: Database,
+    provider: TracerProvider,
+    spans: InMemorySpanExporter,
+    user: ApiUser,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A trace per poll of every worker would bury the requests' traces (README, Reminders)."""
+    on = settings.model_copy(update={"reminders_enabled": True, "reminder_poll_seconds": 0.05})
+    app = make_traced_app(on, traced_database, provider)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        task = client.post(
+            user.url(), json={"title": "t", "remind_at": at(-1)}, headers=user.headers
+        ).json()
+        (event,) = wait_fired(client, user, task["id"])
+        polls_later = len(spans.get_finished_spans())
+        time.sleep(0.5)  # about ten more polls
+        assert len(spans.get_finished_spans()) == polls_later
+    finished = spans.get_finished_spans()
+    traced_requests = {s.context.trace_id for s in finished if s.kind is SpanKind.SERVER}
+    assert {s.context.trace_id for s in finished} == traced_requests
+    statements = [str((s.attributes or {}).get("db.statement", "")) for s in finished]
+    assert not [s for s in statements if "SKIP LOCKED" in s or "reminder_fired_for =" in s]
+    (line,) = [r for r in caplog.records if r.getMessage() == "reminder.fired"]
+    assert (line.task_id, line.user_id, line.audit_event_id, line.late) == (  # type: ignore[attr-defined]
+        task["id"],
+        user.user_id,
+        event["id"],
+        False,
+    )
