@@ -1,11 +1,10 @@
 -- POST /api/{user}/tasks, statement for statement as the service issues it (service/tasks/
 -- rules.py create_task: the tags resolved, then one statement from audit/append.py
 -- build_append), for a random user of the write pool: a task with a priority, a due date and
--- two of the user's tags. The leading SELECT 1 is SQLAlchemy's pool_pre_ping, where enabled.
+-- two of the user's tags.
 \set u random(0, :nusers - 1)
 \set n random(1, 2000000000)
 \set k random(0, 9)
-SELECT 1;
 BEGIN;
 -- The tags by name, key-share locked (a concurrent delete of the tag waits).
 SELECT tags.id, tags.name FROM tags

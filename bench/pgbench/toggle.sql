@@ -1,11 +1,9 @@
 -- PATCH /api/{user}/tasks/{id}/complete (toggle), statement for statement as the service
 -- issues it (service/tasks/rules.py set_completed: the row lock, then one statement from
--- audit/append.py build_append), on a random task of a random user of the write pool. The
--- leading SELECT 1 is SQLAlchemy's pool_pre_ping, where enabled.
+-- audit/append.py build_append), on a random task of a random user of the write pool.
 \set u random(0, :nusers - 1)
 \set id :first_id + :u * :per_user + random(0, :per_user - 1)
 \set n random(1, 2000000000)
-SELECT 1;
 BEGIN;
 SELECT tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed,
        tasks.created_at, tasks.updated_at, tasks.priority, tasks.due_at,
