@@ -77,12 +77,12 @@ class Task(SQLModel, table=True):
         Index("ix_tasks_user_due_desc", "user_id", text("due_at DESC NULLS LAST"), text("id DESC")),
         Index("ix_tasks_user_priority", "user_id", "priority", "id"),
         Index("ix_tasks_user_completed", "user_id", "completed", "created_at", "id"),
-        # Counts of open tasks (status=pending, overdue, with priority) from open tasks alone.
+        # Open tasks by due date: counts of status=pending and overdue=true read only these.
         Index(
             "ix_tasks_user_pending",
             "user_id",
-            "priority",
             "due_at",
+            "priority",
             postgresql_where=text("completed IS FALSE"),
         ),
         # The target of task_tags' foreign key: a task carries only its own user's tags.
