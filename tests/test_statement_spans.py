@@ -101,7 +101,8 @@ def test_a_statements_span_attributes_are_the_same_each_time(
         assert name == f"{operation} {url.database}" == attributes["db.operation"]
         assert attributes["db.system"] == "postgresql"
         assert attributes["db.name"] == url.database
-        assert attributes["server.address"] == url.host
+        # A Unix-socket URL (the embedded server's) has no host to name.
+        assert attributes.get("server.address") == url.host
 
 
 def test_a_failed_statement_ends_its_span_as_an_error(traced: Traced) -> None:
