@@ -1,6 +1,6 @@
 """Benchmark of the todo-api service against PostgreSQL itself (issues 6, 10, 11).
 
-    .venv/bin/python bench/run.py            # full run, about 11 minutes
+    .venv/bin/python bench/run.py            # full run, about 10 minutes
     .venv/bin/python bench/run.py --quick    # smoke run, about 3 minutes
 
 It creates its own database, starts the service twice with production settings (tracing on
