@@ -1,6 +1,6 @@
 """EXPLAIN of every filter and sort of the task list, for a user with many tasks.
 
-The statements are the service's own (`service.tasks._list_statements`), compiled with the
+The statements are the service's own (`service.tasks.queries.list_query`), compiled with the
 query's values, and planned by PostgreSQL on the benchmark's database (seeded, VACUUM
 ANALYZEd). For each case: the indexes the plan uses, whether an index serves the page and the
 count (no sequential scan of `tasks`), and the execution time of each (EXPLAIN ANALYZE).
@@ -25,14 +25,7 @@ from urllib.parse import urlencode
 import sqlalchemy as sa
 
 from service.tasks.models import Priority
-from service.tasks.queries import (
-    SortField,
-    SortOrder,
-    StatusFilter,
-    TaskFilter,
-    _list_statements,
-    _tag_ids,
-)
+from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskFilter, list_query
 
 NOW = datetime.now(UTC)
 
@@ -137,12 +130,12 @@ def run(url: str, user: str, limit: int = 50) -> list[dict[str, Any]]:
             )
             tag, other = [*names, "tag0", "tag3"][:2]
             for case in cases(tag, other):
-                page, count = _list_statements(case.filters.shape(), case.sort, case.order)
-                params: dict[str, Any] = {"owner": user, "limit": limit, "offset": 0}
-                params.update(case.filters.params())
-                if case.filters.tags:
-                    ids = _tag_ids(conn, user, case.filters.tags)
-                    params.update({f"tag_{n}": i for n, i in enumerate(ids or [])})
+                query = list_query(
+                    conn, user, case.filters, case.sort, case.order, limit=limit, offset=0
+                )
+                if query is None:
+                    raise SystemExit(f"{case.label}: {user} has no such tag")
+                page, count, params = query
                 page_idx, page_seq, page_ms = explain(conn, page, params)
                 if case.filters.narrows:
                     count_idx, count_seq, count_ms = explain(conn, count, params)

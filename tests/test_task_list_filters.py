@@ -306,23 +306,25 @@ def test_counts_of_open_tasks_are_read_from_an_index(
     plans at 100,000 tasks)."""
     from bench.explain import explain
     from service.tasks.models import Priority
-    from service.tasks.queries import (
-        SortField,
-        SortOrder,
-        StatusFilter,
-        TaskFilter,
-        _list_statements,
-    )
+    from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskFilter, list_query
 
     task_filter = TaskFilter(
         status=StatusFilter(filters.get("status", "all")),
         priorities=tuple(Priority(p) for p in filters.get("priorities", ())),
         overdue=filters.get("overdue", False),
     )
-    _, count = _list_statements(task_filter.shape(), SortField.created_at, SortOrder.desc)
-    params: dict[str, Any] = {"owner": many_tasks_user, "limit": 50, "offset": 0}
-    params.update(task_filter.params())
     with database.engine.connect() as conn:
+        query = list_query(
+            conn,
+            many_tasks_user,
+            task_filter,
+            SortField.created_at,
+            SortOrder.desc,
+            limit=50,
+            offset=0,
+        )
+        assert query is not None
+        _, count, params = query
         # This user holds most of the test database's rows, where reading the whole table is
         # cheaper; among a production database's many users it is not. The choice among
         # indexes is what is tested.

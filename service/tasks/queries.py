@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
 from functools import cache, lru_cache
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from pydantic import TypeAdapter
 from sqlalchemy import (
@@ -29,6 +29,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import cast as cast_
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from audit.append import ChangeBuilder, build_append, head_exists
@@ -375,6 +376,35 @@ def lock_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
     return TaskRecord.from_row(row)
 
 
+class ListQuery(NamedTuple):
+    page: Any
+    count: Any
+    params: dict[str, Any]
+
+
+def list_query(
+    session: Session | Connection,
+    user_id: str,
+    filters: TaskFilter,
+    sort: SortField,
+    order: SortOrder,
+    *,
+    limit: int,
+    offset: int,
+) -> ListQuery | None:
+    """The list's page and count statements with their values, as the service sends them
+    (bench/explain.py plans the same); None when a tag filter names no tag of the user."""
+    page, count = _list_statements(filters.shape(), sort, order)
+    params: dict[str, Any] = {"owner": user_id, "limit": limit, "offset": offset}
+    params.update(filters.params())
+    if filters.tags:
+        tag_ids = _tag_ids(session, user_id, filters.tags)
+        if tag_ids is None:
+            return None
+        params.update({f"tag_{n}": tag_id for n, tag_id in enumerate(tag_ids)})
+    return ListQuery(page, count, params)
+
+
 def list_tasks(
     session: Session,
     user_id: str,
@@ -389,14 +419,10 @@ def list_tasks(
 ) -> TaskPage:
     if filters is None:
         filters = TaskFilter(status=status, q=q or None)
-    page, count = _list_statements(filters.shape(), sort, order)
-    params: dict[str, Any] = {"owner": user_id, "limit": limit, "offset": offset}
-    params.update(filters.params())
-    if filters.tags:
-        tag_ids = _tag_ids(session, user_id, filters.tags)
-        if tag_ids is None:  # a name the user has no tag of: nothing can match
-            return TaskPage(items=[], total=0)
-        params.update({f"tag_{n}": tag_id for n, tag_id in enumerate(tag_ids)})
+    query = list_query(session, user_id, filters, sort, order, limit=limit, offset=offset)
+    if query is None:  # a name the user has no tag of: nothing can match
+        return TaskPage(items=[], total=0)
+    page, count, params = query
     items = [TaskRecord.from_row(row) for row in session.execute(page, params)]
     if offset == 0 and len(items) < limit:
         total = len(items)
@@ -414,7 +440,9 @@ _TAG_IDS = select(TAGS.c.id).where(
 )
 
 
-def _tag_ids(session: Session, user_id: str, names: tuple[str, ...]) -> list[int] | None:
+def _tag_ids(
+    session: Session | Connection, user_id: str, names: tuple[str, ...]
+) -> list[int] | None:
     """The ids of the user's tags of these names (ignoring case); None if one is unknown."""
     keys = sorted({name.lower() for name in names})
     ids = session.execute(_TAG_IDS, {"owner": user_id, "keys": keys}).scalars().all()
