@@ -16,7 +16,7 @@ from audit.recorder import AuditContext
 from service.database import Database
 from service.tasks import rules
 from service.tasks.models import TaskUpdate
-from tests.audit_helpers import chain_head, events_of
+from tests.audit_helpers import chain_head, events_of, scratch_database
 from tests.support import create_task
 
 APPEND_ONLY = {
@@ -163,3 +163,49 @@ def test_guard_lookup_is_planned_per_call(database: Database) -> None:
             sa.text("SELECT proconfig FROM pg_proc WHERE proname = 'tasks_require_audit_event'")
         ).scalar_one()
     assert config == ["plan_cache_mode=force_custom_plan"]
+
+
+def test_guard_finds_the_event_by_its_task_for_a_user_new_to_the_statistics() -> None:
+    """To statistics that have seen one user only, any other user has one event; planned
+    with that estimate, the guard's lookup walked all of a new user's events, by
+    `(user_id, seq)`, for each task its transaction changed (N tasks: N x N rows). Since
+    0013 it goes by the task (`ix_audit_events_entity`). Read from PostgreSQL's index
+    counters, in a database of its own: the shared one holds every test's users."""
+    from bench.seed import _seed_user
+
+    tasks = 300
+    with scratch_database() as url:
+        engine = sa.create_engine(url)
+        raw = engine.raw_connection()
+        try:
+            conn = raw.dbapi_connection
+            assert conn is not None
+            _seed_user(conn, "known", 200)
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("ANALYZE tasks, audit_events")
+
+            def index_reads() -> dict[str, tuple[int, int]]:
+                with conn.cursor() as cur:
+                    # Flushed when this backend next goes idle, before it answers.
+                    cur.execute("SELECT pg_stat_force_next_flush()")
+                    cur.execute(
+                        "SELECT indexrelname, idx_scan, idx_tup_read FROM pg_stat_user_indexes"
+                        " WHERE relname = 'audit_events'"
+                    )
+                    return {name: (scans, reads) for name, scans, reads in cur.fetchall()}
+
+            before = index_reads()
+            conn.autocommit = False
+            _seed_user(conn, "newcomer", tasks)  # one transaction: the guard checks at COMMIT
+            conn.autocommit = True
+            after = index_reads()
+        finally:
+            raw.close()
+            engine.dispose()
+
+    def delta(index: str, column: int) -> int:
+        return after[index][column] - before[index][column]
+
+    assert delta("ix_audit_events_entity", 0) >= tasks
+    assert delta("uq_audit_events_user_seq", 1) < tasks
