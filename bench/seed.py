@@ -125,10 +125,7 @@ def seed_user(target: PgTarget, user_id: str, tasks: int) -> SeededUser:
 
     Each batch gets a new connection: PL/pgSQL caches the completeness trigger's plan per
     session, and a plan made while audit_events was tiny (a sequential scan) turns the check
-    of 100,000 rows at COMMIT quadratic (minutes instead of seconds). After the first batch the
-    tables are analyzed: to statistics that have never seen this user, its events are one row,
-    and the guard's lookup then walks all of the user's events by `(user_id, seq)` for each
-    task (a second 100,000-task user: 50,000 tasks in 5 minutes, then a minute per batch).
+    of 100,000 rows at COMMIT quadratic (minutes instead of seconds).
     """
     batches: list[SeededUser] = []
     remaining = tasks
@@ -137,10 +134,6 @@ def seed_user(target: PgTarget, user_id: str, tasks: int) -> SeededUser:
         conn = connect(target)
         try:
             batches.append(_seed_user(conn, user_id, size))
-            if len(batches) == 1 and remaining > size:
-                conn.autocommit = True
-                with conn.cursor() as cur:
-                    cur.execute("ANALYZE tasks, audit_events")
         finally:
             conn.close()
         remaining -= size
