@@ -6,12 +6,20 @@ its row locks until the commit). Under load every thread-pool token can be held 
 queued behind that connection or those locks: a deadlock that only the pool timeout breaks,
 with 503s. Endpoints therefore return ready-made responses; `response_model` stays on the
 route for the OpenAPI document.
+
+URLs put into headers and bodies are built here too, with every path parameter
+percent-encoded: Starlette puts a parameter into a URL as it is, and a user id may hold a
+space, `?`, `#`, `%` or non-ASCII characters.
 """
 
 from __future__ import annotations
 
-from fastapi import Response
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import Request, Response
 from pydantic import BaseModel
+from starlette.datastructures import URL
 
 
 def json_response(
@@ -21,3 +29,25 @@ def json_response(
     return Response(
         content, status_code=status_code, headers=headers, media_type="application/json"
     )
+
+
+def _encoded(params: dict[str, Any]) -> dict[str, str]:
+    return {key: quote(str(value), safe="") for key, value in params.items()}
+
+
+def url_for(request: Request, name: str, /, **path_params: Any) -> URL:
+    """The absolute URL of route `name`, as a client can follow it."""
+    return request.url_for(name, **_encoded(path_params))
+
+
+def url_path_for(request: Request, name: str, /, **path_params: Any) -> str:
+    """The path of route `name`, for a client that resolves it against this API's origin."""
+    return str(request.app.url_path_for(name, **_encoded(path_params)))
+
+
+def next_page_url(request: Request, **query: Any) -> URL:
+    """This request's URL with `query` set: the path rebuilt from the route (`request.url`
+    holds it decoded), the rest of the query string kept as the client sent it."""
+    route_name: str = request.scope["route"].name
+    url = url_for(request, route_name, **request.path_params)
+    return url.replace(query=request.url.query).include_query_params(**query)

@@ -10,18 +10,29 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.app import CORS_EXPOSE_HEADERS, create_app
+from service.auth import create_dev_token
 from service.database import Database
 from service.problem_types import ProblemType
 from service.settings import AppEnv, Settings
+from tests.feed_helpers import FeedReader
 from tests.jwt_helpers import JwksServer, better_auth_claims, generate_key, random_id, sign_hs256
-from tests.support import TEST_SECRET, ApiUser, assert_problem, assert_validation_error, create_task
+from tests.support import (
+    TEST_SECRET,
+    ApiUser,
+    LiveServer,
+    assert_problem,
+    assert_validation_error,
+    create_task,
+)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 FRONTEND = "http://localhost:3000"
@@ -348,3 +359,58 @@ def test_issuer_or_audience_mismatch_logs_expected_and_received(
     assert jwks.origin in message and received in message
     assert token not in logs.text()
     assert token.split(".")[2] not in logs.text()
+
+
+# URLs the API hands out -----------------------------------------------------------------
+
+
+def _followable(value: str) -> str:
+    """A URL as a header may carry it: printable ASCII, no spaces."""
+    assert re.fullmatch(r"[!-~]+", value), value
+    return value
+
+
+def _link(resp: httpx.Response, rel: str) -> str:
+    match = re.fullmatch(rf'<([^>]*)>; rel="{rel}"', resp.headers["Link"])
+    assert match, resp.headers["Link"]
+    return _followable(match.group(1))
+
+
+@pytest.mark.parametrize("user_id", ["dan smith", "\u00fc-user", "a?b#c%&d"])
+def test_every_url_handed_out_can_be_followed_whatever_the_user_id(
+    live_server: LiveServer, user_id: str
+) -> None:
+    """Location, Link and stream_url percent-encode the user id: Starlette would put its space,
+    `?`, `#`, `%` or non-ASCII characters into the URL as they are."""
+    token = create_dev_token(TEST_SECRET, user_id, email="odd@example.com", name="Odd")
+    user = ApiUser(quote(user_id, safe=""), token)
+    with live_server.client(headers=user.headers) as http:
+        first = create_task(http, user, "first")
+        created = http.post(user.url(), json={"title": "second"})
+        location = _followable(created.headers["Location"])
+        assert http.get(location).json()["id"] == created.json()["id"]
+
+        page = http.get(user.url(), params={"limit": 1, "sort": "created_at", "order": "asc"})
+        assert [t["id"] for t in page.json()] == [first["id"]]
+        following = http.get(_link(page, "next"))
+        assert [t["id"] for t in following.json()] == [created.json()["id"]]
+
+        series = create_task(
+            http, user, "weekly", due_at="2027-03-01T07:00:00Z", recurrence="FREQ=WEEKLY"
+        )
+        done = http.patch(user.url(f"/{series['id']}/complete"))
+        assert http.get(_link(done, "next-occurrence")).json()["id"] == done.json()["next_task_id"]
+
+        for title in ("r1", "r2"):
+            create_task(
+                http, user, title, due_at="2027-03-01T07:00:00Z", remind_at="2027-03-01T06:00:00Z"
+            )
+        reminders = http.get(f"/api/{user.user_id}/reminders", params={"limit": 1})
+        assert len(http.get(_link(reminders, "next")).json()) == 1
+
+        tag = http.post(f"/api/{user.user_id}/tags", json={"name": "work"})
+        assert http.get(_followable(tag.headers["Location"])).json() == tag.json()
+
+        ticket = http.post(f"/api/{user.user_id}/events/tickets").json()
+        with FeedReader(live_server.url, ticket["stream_url"]) as reader:
+            assert reader.status == 200, reader.body

@@ -44,7 +44,7 @@ from service.events.hub import FeedHub, Subscription
 from service.exceptions import DomainError, InvalidInput, TokenMissing
 from service.openapi import error_responses
 from service.problem_types import ProblemType
-from service.responses import json_response
+from service.responses import json_response, url_path_for
 
 log = logging.getLogger("service.events")
 
@@ -88,13 +88,18 @@ BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme
     summary="A single-use ticket to open the change feed from a browser's EventSource",
 )
 def create_stream_ticket(
-    user: CurrentUser, session: SessionDep, settings: SettingsDep, user_id: UserIdPath
+    request: Request,
+    user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    user_id: UserIdPath,
 ) -> Any:
     issued = tickets.issue(session, user, settings.feed_ticket_ttl_seconds)
     body = StreamTicket(
         ticket=issued.ticket,
         expires_at=issued.expires_at,
-        stream_url=f"/api/{user.user_id}/events?ticket={issued.ticket}",
+        stream_url=f"{url_path_for(request, 'stream_events', user_id=user.user_id)}"
+        f"?ticket={issued.ticket}",
     )
     return json_response(body, status.HTTP_201_CREATED, {"Cache-Control": "no-store"})
 

@@ -13,7 +13,7 @@ from service.deps import CurrentUser, SessionDep, UnitOfWorkRoute, UserIdPath
 from service.openapi import error_responses, with_headers
 from service.reminders import queries
 from service.reminders.queries import ReminderState
-from service.responses import json_response
+from service.responses import json_response, next_page_url
 
 router = APIRouter(
     prefix="/api/{user_id}/reminders", tags=["reminders"], route_class=UnitOfWorkRoute
@@ -61,7 +61,7 @@ def list_reminders(
     headers = {}
     if len(rows) > limit:
         rows = rows[:limit]
-        next_url = request.url.include_query_params(offset=offset + limit, limit=limit)
+        next_url = next_page_url(request, offset=offset + limit, limit=limit)
         headers["Link"] = f'<{next_url}>; rel="next"'
     items = [ReminderPublic.model_validate(row, from_attributes=True) for row in rows]
     return json_response(_LIST.dump_json(items), headers=headers)

@@ -12,7 +12,7 @@ from audit.schemas import ClientTime
 from service.deps import CurrentUser, SessionDep, TaskIdPath, UnitOfWorkRoute, UserIdPath
 from service.exceptions import InvalidInput
 from service.openapi import error_responses, with_headers
-from service.responses import json_response
+from service.responses import json_response, next_page_url, url_for
 from service.tags.rules import TAG_NAME_MAX, TAGS_PER_TASK_MAX, clean_tag_name
 from service.tasks import idempotency, queries, rules
 from service.tasks.models import (
@@ -51,7 +51,7 @@ SEARCH_MAX = 200
 def _task_response(request: Request, task: TaskRecord) -> Response:
     headers = {"ETag": task.etag}
     if task.next_task_id is not None:
-        url = request.url_for("get_task", user_id=task.user_id, task_id=task.next_task_id)
+        url = url_for(request, "get_task", user_id=task.user_id, task_id=task.next_task_id)
         headers["Link"] = f'<{url}>; rel="next-occurrence"'
     return json_response(queries.public_json(task), headers=headers)
 
@@ -141,7 +141,7 @@ def list_tasks(
     )
     headers = {"X-Total-Count": str(page.total)}
     if offset + len(page.items) < page.total:
-        next_url = request.url.include_query_params(offset=offset + limit, limit=limit)
+        next_url = next_page_url(request, offset=offset + limit, limit=limit)
         headers["Link"] = f'<{next_url}>; rel="next"'
     return json_response(queries.public_list_json(page.items), headers=headers)
 
@@ -186,7 +186,7 @@ def _created(
 ) -> Response:
     task_id = public["id"]
     headers = {
-        "Location": str(request.url_for("get_task", user_id=user_id, task_id=task_id)),
+        "Location": str(url_for(request, "get_task", user_id=user_id, task_id=task_id)),
         # A new task is at version 1; a replay answers exactly as the first response did.
         "ETag": etag_for(task_id, 1),
     }

@@ -14,7 +14,7 @@ from audit.deps import AuditCtx
 from service.database import on_commit
 from service.deps import CurrentUser, SessionDep, UnitOfWorkRoute, UserIdPath
 from service.openapi import error_responses
-from service.responses import json_response
+from service.responses import json_response, url_for
 from service.tags import queries
 from service.tags.models import TagCreate, TagPublic, TagUpdate
 from service.tags.queries import TagRecord
@@ -61,7 +61,7 @@ def create_tag(
     if not created:
         return json_response(_ONE.dump_json(tag))
     _log(session, "tag.created", user.user_id, tag.id)
-    location = str(request.url_for("get_tag", user_id=user.user_id, tag_id=tag.id))
+    location = str(url_for(request, "get_tag", user_id=user.user_id, tag_id=tag.id))
     return json_response(_ONE.dump_json(tag), status.HTTP_201_CREATED, {"Location": location})
 
 
