@@ -48,7 +48,9 @@ def encode_cursor(kind: str, seq: int) -> str:
 
 def decode_cursor(kind: str, cursor: str) -> int:
     """The seq a cursor continues from; anything not made by `encode_cursor(kind, ...)` is 400."""
-    invalid = InvalidInput("The cursor is not valid; use a next_cursor value from this endpoint.")
+    invalid = InvalidInput(
+        "The cursor is not valid; use a next_cursor value from this endpoint.", field="query.cursor"
+    )
     if not cursor or len(cursor) > CURSOR_MAX or not cursor.isascii():
         raise invalid
     try:

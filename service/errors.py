@@ -30,6 +30,7 @@ from service.problem_types import BY_STATUS, ProblemType
 log = logging.getLogger("service.errors")
 
 RETRY_AFTER_SECONDS = "2"
+BODY_NOT_JSON = "The request body is not valid JSON."
 
 
 def problem(
@@ -94,12 +95,17 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = _field_errors(exc)
     if any(e["message"].startswith("JSON decode error") for e in errors):
-        return problem(400, "The request body is not valid JSON.", errors=errors)
+        return problem(400, BODY_NOT_JSON, errors=errors)
     return problem(400, "The request is not valid.", errors=errors)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400:
+        # FastAPI's only 400: a body that json.loads could not read (not UTF-8, nested past
+        # the recursion limit, an integer past Python's digit limit).
+        message = "Not UTF-8 JSON, or nested or with numbers beyond what can be read."
+        return problem(400, BODY_NOT_JSON, errors=[{"field": "body", "message": message}])
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     headers = dict(exc.headers) if exc.headers else None
     return problem(exc.status_code, detail, headers=headers)

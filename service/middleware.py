@@ -86,7 +86,10 @@ class BodyGuardMiddleware:
             except ValueError:
                 declared = -1
             if declared < 0:
-                await problem(400, "Invalid Content-Length header.")(scope, receive, send)
+                error = {"field": "header.content-length", "message": "Not a byte count."}
+                await problem(400, "Invalid Content-Length header.", errors=[error])(
+                    scope, receive, send
+                )
                 return
             if declared > limit:
                 await problem(413, too_large)(scope, receive, send)

@@ -128,7 +128,7 @@ def test_chunked_body_over_64_kib_is_413_on_a_real_socket(
 def test_invalid_content_length_is_400(client: TestClient, user: ApiUser) -> None:
     headers = {**user.headers, "Content-Type": "application/json", "Content-Length": "-5"}
     resp = client.post(user.url(), content=b"", headers=headers)
-    assert_problem(resp, 400)
+    assert_validation_error(resp, "header.content-length")
 
 
 @pytest.mark.parametrize(

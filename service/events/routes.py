@@ -121,7 +121,10 @@ def _start_seq(after: int | None, last_event_id: str | None) -> int:
     if last_event_id is not None and last_event_id.strip():
         text = last_event_id.strip()
         if not text.isdigit() or len(text) > 19 or int(text) > SEQ_MAX:
-            raise InvalidInput("Last-Event-ID must be the id (a seq) of an event of this feed.")
+            raise InvalidInput(
+                "Last-Event-ID must be the id (a seq) of an event of this feed.",
+                field="header.last-event-id",
+            )
         return int(text)
     return after or 0
 
