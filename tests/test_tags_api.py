@@ -4,6 +4,7 @@ transaction), ownership (another user's tag is 404) and validation."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -12,7 +13,8 @@ from fastapi.testclient import TestClient
 
 from service.database import Database
 from tests.audit_helpers import events_of
-from tests.support import ApiUser, assert_problem, assert_validation_error
+from tests.reliability_helpers import wait_until
+from tests.support import ApiUser, LiveServer, assert_problem, assert_validation_error
 from tests.support import create_task as create
 
 
@@ -52,6 +54,41 @@ def test_names_are_unique_ignoring_case_and_the_first_spelling_stays(
     assert first.status_code == 201 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"] and again.json()["name"] == "Work"
     assert [t["name"] for t in list_tags(client, user)] == ["Work"]
+
+
+def test_a_create_that_loses_the_race_for_a_name_answers_200(
+    database: Database, live_server: LiveServer, user: ApiUser
+) -> None:
+    """Two creates of one name: the one whose insert waited for the other's and then did
+    nothing did not create the tag, so it answers 200 with the winner's tag, not 201."""
+    with live_server.client(headers=user.headers) as http:
+        assert http.get(tags_url(user)).status_code == 200  # the user exists
+        with database.engine.connect() as rival:
+            rival_id = rival.execute(
+                sa.text(
+                    "INSERT INTO tags (user_id, name, created_at) "
+                    "VALUES (:u, 'Errands', now()) RETURNING id"
+                ),
+                {"u": user.user_id},
+            ).scalar_one()
+            with ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(http.post, tags_url(user), json={"name": "errands"})
+                wait_until(lambda: _waiting_on_tags(database), "the create to wait for the rival")
+                rival.commit()
+                resp = answer.result(timeout=30)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["id"] == rival_id and resp.json()["name"] == "Errands"
+        assert "Location" not in resp.headers
+        assert [t["id"] for t in http.get(tags_url(user)).json()] == [rival_id]
+
+
+def _waiting_on_tags(database: Database) -> bool:
+    with database.engine.connect() as conn:
+        query = (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO tags%'"
+        )
+        return bool(conn.execute(sa.text(query)).scalar_one())
 
 
 def test_another_users_tag_is_404(client: TestClient, user: ApiUser, make_user: Any) -> None:

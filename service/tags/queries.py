@@ -45,6 +45,7 @@ _INSERT = (
     pg_insert(TAGS)
     .values(user_id=bindparam("owner"), name=bindparam("name"), created_at=bindparam("now"))
     .on_conflict_do_nothing(index_elements=[TAGS.c.user_id, text("lower(name)")])
+    .returning(TAGS.c.id)
 )
 _COUNT = select(func.count()).select_from(TAGS).where(TAGS.c.user_id == bindparam("owner"))
 _USAGE = (
@@ -81,22 +82,32 @@ def _existing(session: Session, user_id: str, keys: list[str]) -> dict[str, tupl
 
 def resolve(session: Session, user_id: str, names: list[str]) -> list[tuple[int, str]]:
     """(id, name) of each named tag, creating the unknown ones; the stored spelling wins."""
+    return _resolve(session, user_id, names)[0]
+
+
+def _resolve(
+    session: Session, user_id: str, names: list[str]
+) -> tuple[list[tuple[int, str]], set[int]]:
+    """`resolve`, and the ids of the tags this call inserted: a name that a concurrent
+    transaction inserted first (the insert waited for it, then did nothing) is not among them."""
     wanted = unique_names(names)
     if not wanted:
-        return []
+        return [], set()
     keys = [tag_key(name) for name in wanted]
+    inserted: set[int] = set()
     for _ in range(3):  # a tag deleted meanwhile is created again on the next round
         found = _existing(session, user_id, keys)
         missing = [name for name in wanted if tag_key(name) not in found]
         if not missing:
-            return [found[key] for key in keys]
+            return [found[key] for key in keys], inserted
         count = session.execute(_COUNT, {"owner": user_id}).scalar_one()
         if count + len(missing) > TAGS_PER_USER_MAX:
             raise TagConflict(
                 f"A user has at most {TAGS_PER_USER_MAX} tags; delete unused tags first."
             )
         now = utcnow()
-        session.execute(_INSERT, [{"owner": user_id, "name": name, "now": now} for name in missing])
+        rows = [{"owner": user_id, "name": name, "now": now} for name in missing]
+        inserted.update(session.scalars(_INSERT, rows))
     raise TagConflict("The tags changed concurrently; try again.")
 
 
@@ -141,10 +152,9 @@ def get_tag(session: Session, user_id: str, tag_id: int) -> TagRecord:
 
 
 def create_tag(session: Session, user_id: str, name: str) -> tuple[TagRecord, bool]:
-    """The tag of that name, and whether it is new (an existing one, in any case, is kept)."""
-    before = _existing(session, user_id, [tag_key(name)])
-    ((tag_id, _),) = resolve(session, user_id, [name])
-    return get_tag(session, user_id, tag_id), not before
+    """The tag of that name, and whether this call created it (an existing one is kept)."""
+    ((tag_id, _),), inserted = _resolve(session, user_id, [name])
+    return get_tag(session, user_id, tag_id), tag_id in inserted
 
 
 def lock_tag(session: Session, user_id: str, tag_id: int) -> tuple[int, str]:
