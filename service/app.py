@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 
 from anyio import to_thread
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from opentelemetry.trace import TracerProvider
 
 from audit.checkpoint import PeriodicCheckpoints, signing_key
@@ -38,6 +37,7 @@ from service.lifecycle import Drain
 from service.maintenance import background_upkeep
 from service.middleware import (
     BodyGuardMiddleware,
+    ProblemCORSMiddleware,
     RequestIdMiddleware,
     TrustedProxyMiddleware,
     UnhandledErrorMiddleware,
@@ -187,7 +187,7 @@ def create_app(
     app.add_middleware(RateLimitHeadersMiddleware)
     if settings.effective_cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            ProblemCORSMiddleware,
             allow_origins=settings.effective_cors_origins,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=CORS_ALLOW_HEADERS,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import uuid
 
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
@@ -17,6 +19,38 @@ from service.limits import REQUEST_ID_MAX
 log = logging.getLogger("service.errors")
 
 REQUEST_ID_HEADER = "x-request-id"
+
+
+# What Starlette's preflight check names, and the request header each name stands for.
+_PREFLIGHT_HEADERS = {
+    "origin": "origin",
+    "method": "access-control-request-method",
+    "headers": "access-control-request-headers",
+    "private-network": "access-control-request-private-network",
+}
+
+
+class ProblemCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered in problem+json like every other
+    error (Starlette answers text/plain "Disallowed CORS origin, method")."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ").split(", ")
+        errors = [
+            {"field": f"header.{_PREFLIGHT_HEADERS.get(name, name)}", "message": "Not allowed."}
+            for name in refused
+        ]
+        headers = {
+            key: value
+            for key, value in response.headers.items()
+            if key not in ("content-length", "content-type")
+        }
+        return problem(
+            400, "The CORS preflight request is refused.", headers=headers, errors=errors
+        )
 
 
 def valid_request_id(value: str) -> bool:

@@ -189,6 +189,35 @@ def test_next_dev_server_passes_preflight(
     assert resp.headers["access-control-allow-origin"] == origin
 
 
+def test_a_refused_preflight_is_a_problem_naming_the_refused_headers(
+    dev_client: TestClient, user: ApiUser
+) -> None:
+    resp = dev_client.options(
+        user.url(),
+        headers={
+            "Origin": "https://elsewhere.example",
+            "Access-Control-Request-Method": "TRACE",
+            "Access-Control-Request-Headers": "authorization, x-made-up",
+        },
+    )
+    body = assert_validation_error(
+        resp,
+        "header.origin",
+        "header.access-control-request-method",
+        "header.access-control-request-headers",
+    )
+    assert len(body["errors"]) == 3
+    assert "access-control-allow-origin" not in resp.headers
+    assert resp.headers["x-request-id"]
+    allowed = dev_client.options(
+        user.url(), headers={"Origin": FRONTEND, "Access-Control-Request-Method": "TRACE"}
+    )
+    assert [e["field"] for e in assert_validation_error(allowed)["errors"]] == [
+        "header.access-control-request-method"
+    ]
+    assert allowed.headers["access-control-allow-origin"] == FRONTEND
+
+
 def test_every_useful_header_is_exposed(dev_client: TestClient, user: ApiUser) -> None:
     resp = dev_client.get(user.url(), headers={**user.headers, "Origin": FRONTEND})
     exposed = {h.strip().lower() for h in resp.headers["access-control-expose-headers"].split(",")}
