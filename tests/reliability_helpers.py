@@ -73,6 +73,18 @@ class TrackedApp:
             ]
 
 
+def lock_waiter(engine: sa.Engine, statement: str) -> int | None:
+    """The pid of a backend of this database waiting for a lock in a statement LIKE
+    `statement` (psycopg2 sends the values inside the statement's text)."""
+    query = (
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND query LIKE :statement"
+    )
+    with engine.connect() as conn:
+        pid = conn.execute(sa.text(query), {"statement": statement}).scalar()
+    return int(pid) if pid is not None else None
+
+
 def terminate(admin: sa.Engine, pids: list[int]) -> int:
     """pg_terminate_backend each pid; how many were terminated."""
     if not pids:

@@ -9,6 +9,7 @@ tests/test_layout.py checks it. Fixtures live in conftest.py.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import tempfile
@@ -185,6 +186,16 @@ def list_all(client: TestClient, user: ApiUser, **params: Any) -> list[dict[str,
 
 
 # What every error response must be ----------------------------------------------------
+
+
+def link_url(resp: httpx.Response, rel: str) -> str | None:
+    """The URL of the response's `Link` of relation `rel`; None when there is no `Link`."""
+    header = resp.headers.get("Link")
+    if header is None:
+        return None
+    match = re.fullmatch(rf'<([^>]+)>; rel="{rel}"', header)
+    assert match, header
+    return match.group(1)
 
 
 def assert_problem(resp: httpx.Response, status: int) -> dict[str, Any]:

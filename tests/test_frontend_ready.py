@@ -32,6 +32,7 @@ from tests.support import (
     assert_problem,
     assert_validation_error,
     create_task,
+    link_url,
 )
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -400,9 +401,9 @@ def _followable(value: str) -> str:
 
 
 def _link(resp: httpx.Response, rel: str) -> str:
-    match = re.fullmatch(rf'<([^>]*)>; rel="{rel}"', resp.headers["Link"])
-    assert match, resp.headers["Link"]
-    return _followable(match.group(1))
+    url = link_url(resp, rel)
+    assert url is not None, resp.headers
+    return _followable(url)
 
 
 @pytest.mark.parametrize("user_id", ["dan smith", "\u00fc-user", "a?b#c%&d"])

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from tests.feed_helpers import FeedReader
 from tests.instances import Instance
-from tests.reliability_helpers import wait_until
+from tests.reliability_helpers import lock_waiter, wait_until
 from tests.reminder_helpers import at, fired_events, verify, wait_fired
 from tests.support import ApiUser, create_task
 
@@ -139,7 +139,7 @@ def test_a_reminder_claimed_by_a_worker_killed_before_its_commit_fires_once_late
         )
         doomed.wait_ready()
         waiting = wait_until(
-            lambda: _backend_waiting_on_chain_head(engine),
+            lambda: lock_waiter(engine, "%audit_chain_heads%"),
             "the worker to claim the reminder and wait for the chain head",
             timeout=60,
         )
@@ -168,17 +168,6 @@ def test_a_reminder_claimed_by_a_worker_killed_before_its_commit_fires_once_late
         doomed.stop()
         if survivor is not None:
             survivor.stop()
-
-
-def _backend_waiting_on_chain_head(engine: sa.Engine) -> int | None:
-    with engine.connect() as conn:
-        pid = conn.execute(
-            sa.text(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-                "AND wait_event_type = 'Lock' AND query LIKE '%audit_chain_heads%'"
-            )
-        ).scalar()
-    return int(pid) if pid is not None else None
 
 
 def _backend_alive(engine: sa.Engine, pid: int) -> bool:

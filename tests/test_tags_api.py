@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.database import Database
 from tests.audit_helpers import events_of
-from tests.reliability_helpers import wait_until
+from tests.reliability_helpers import lock_waiter, wait_until
 from tests.support import ApiUser, LiveServer, assert_problem, assert_validation_error
 from tests.support import create_task as create
 
@@ -73,24 +73,14 @@ def test_a_create_that_loses_the_race_for_a_name_answers_200(
             ).scalar_one()
             with ThreadPoolExecutor(1) as pool:
                 answer = pool.submit(http.post, tags_url(user), json={"name": "errands"})
-                wait_until(lambda: _waiting_on_tags(database, user), "the create to wait")
+                waiting = f"INSERT INTO tags%{user.user_id}%"
+                wait_until(lambda: lock_waiter(database.engine, waiting), "the create to wait")
                 rival.commit()
                 resp = answer.result(timeout=30)
         assert resp.status_code == 200, resp.text
         assert resp.json()["id"] == rival_id and resp.json()["name"] == "Errands"
         assert "Location" not in resp.headers
         assert [t["id"] for t in http.get(tags_url(user)).json()] == [rival_id]
-
-
-def _waiting_on_tags(database: Database, user: ApiUser) -> bool:
-    """psycopg2 sends the values inside the statement, so the user's id is in its text."""
-    with database.engine.connect() as conn:
-        query = (
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO tags%' "
-            "AND strpos(query, :u) > 0"
-        )
-        return bool(conn.execute(sa.text(query), {"u": user.user_id}).scalar_one())
 
 
 def test_another_users_tag_is_404(client: TestClient, user: ApiUser, make_user: Any) -> None:

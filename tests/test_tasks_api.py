@@ -30,6 +30,7 @@ from tests.support import (
     assert_validation_error,
     bearer,
     create_task,
+    link_url,
     list_all,
 )
 
@@ -250,15 +251,6 @@ def test_sort_ties_are_broken_by_id(client: TestClient, user: ApiUser) -> None:
     assert [t["id"] for t in list_all(client, user, sort="title", order="asc")] == sorted(made)
 
 
-def _next_link(resp: httpx.Response) -> str | None:
-    header = resp.headers.get("Link")
-    if header is None:
-        return None
-    match = re.fullmatch(r'<([^>]+)>; rel="next"', header)
-    assert match, header
-    return match.group(1)
-
-
 def test_pagination_with_total_and_next_link(client: TestClient, user: ApiUser) -> None:
     """Following rel="next" visits every task once, in order; the last page has no Link."""
     made = [create_task(client, user, f"t{i}")["id"] for i in range(5)]
@@ -270,7 +262,7 @@ def test_pagination_with_total_and_next_link(client: TestClient, user: ApiUser) 
         assert resp.headers["X-Total-Count"] == "5"
         seen += [t["id"] for t in resp.json()]
         pages += 1
-        link = _next_link(resp)
+        link = link_url(resp, "next")
         if link is None:
             break
         assert "limit=2" in link
@@ -295,11 +287,11 @@ def test_pagination_keeps_filters_in_next_link(client: TestClient, user: ApiUser
         headers=user.headers,
     )
     assert resp.headers["X-Total-Count"] == "3"
-    link = _next_link(resp)
+    link = link_url(resp, "next")
     assert link is not None
     last = client.get(link, headers=user.headers)
     assert titles(last.json()) == ["match 2"]
-    assert _next_link(last) is None
+    assert link_url(last, "next") is None
 
 
 def test_default_limit_is_100(client: TestClient, user: ApiUser, database: Database) -> None:
@@ -316,7 +308,7 @@ def test_default_limit_is_100(client: TestClient, user: ApiUser, database: Datab
     resp = client.get(user.url(), headers=user.headers)
     assert len(resp.json()) == 100
     assert resp.headers["X-Total-Count"] == "101"
-    link = _next_link(resp)
+    link = link_url(resp, "next")
     assert link is not None and "offset=100" in link
     rest = client.get(link, headers=user.headers)
     assert titles(rest.json()) == ["bulk 0"]
