@@ -46,8 +46,9 @@ def url_path_for(request: Request, name: str, /, **path_params: Any) -> str:
 
 
 def next_page_url(request: Request, **query: Any) -> URL:
-    """This request's URL with `query` set: the path rebuilt from the route (`request.url`
-    holds it decoded), the rest of the query string kept as the client sent it."""
-    route_name: str = request.scope["route"].name
-    url = url_for(request, route_name, **request.path_params)
-    return url.replace(query=request.url.query).include_query_params(**query)
+    """This request's URL with `query` set, the rest of its query string as the client sent
+    it. `request.url` encodes only `?`, `#` and `\\` of the decoded path, so the path is
+    quoted again from the scope: whole, since no segment can hold a `/` (a `%2F` is decoded
+    before routing)."""
+    path = quote(request.scope.get("root_path", "") + request.scope["path"])
+    return request.url.replace(path=path).include_query_params(**query)
