@@ -66,7 +66,8 @@ def test_remind_at_is_a_task_field_with_an_offset_not_after_due_at(
 
     after_due = {"title": "t", "due_at": due, "remind_at": "2031-05-01T12:00:01+02:00"}
     resp = http.post(user.url(), json=after_due, headers=user.headers)
-    assert "remind_at must not be after due_at" in str(assert_validation_error(resp, "body"))
+    error = assert_validation_error(resp, "body.remind_at")
+    assert "remind_at must not be after due_at" in str(error)
     for naive in ("2031-05-01T11:00:00", "2031-05-01", 1_900_000_000, "tomorrow"):
         resp = http.post(user.url(), json={"title": "t", "remind_at": naive}, headers=user.headers)
         assert_validation_error(resp, "body.remind_at")

@@ -284,12 +284,6 @@ Recurrence = Annotated[
 RuleText = Annotated[str | None, PField(description=recurrence.DESCRIPTION)]
 
 
-def check_remind_at(remind_at: datetime | None, due_at: datetime | None) -> None:
-    """A reminder comes at the latest when the task is due."""
-    if remind_at is not None and due_at is not None and remind_at > due_at:
-        raise ValueError("remind_at must not be after due_at")
-
-
 class TaskCreate(SQLModel):
     """Body of POST. Unknown fields (id, user_id, completed, timestamps) are rejected."""
 
@@ -302,17 +296,8 @@ class TaskCreate(SQLModel):
     tags: TagNames = PField(default_factory=list)
     recurrence: Recurrence = None
     remind_at: RemindAt = None
-
-    @model_validator(mode="after")
-    def _recurring_needs_due(self) -> TaskCreate:
-        if self.recurrence is not None and self.due_at is None:
-            raise ValueError("a recurring task needs a due_at")
-        return self
-
-    @model_validator(mode="after")
-    def _remind_before_due(self) -> TaskCreate:
-        check_remind_at(self.remind_at, self.due_at)
-        return self
+    # The rules between fields (a recurring task needs a due_at, remind_at not after due_at)
+    # live in service.tasks.rules, which checks a create and an update alike.
 
 
 def _update_schema(schema: dict[str, Any]) -> None:

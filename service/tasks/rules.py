@@ -22,7 +22,7 @@ from service.sqltypes import utcnow
 from service.tags import queries as tag_queries
 from service.tags.rules import sorted_names
 from service.tasks import queries, recurrence
-from service.tasks.models import TaskCreate, TaskRecord, TaskUpdate, check_remind_at
+from service.tasks.models import TaskCreate, TaskRecord, TaskUpdate
 
 log = logging.getLogger("service.tasks")
 
@@ -207,12 +207,12 @@ def _check_rule(due_at: datetime | None, rule: str | None) -> None:
 
 
 def _check_remind(due_at: datetime | None, remind_at: datetime | None) -> None:
-    try:
-        check_remind_at(remind_at, due_at)
-    except ValueError as exc:
+    """A reminder comes at the latest when the task is due."""
+    if remind_at is not None and due_at is not None and remind_at > due_at:
         raise InvalidInput(
-            f"{exc}: move remind_at earlier, or due_at later.", field="body.remind_at"
-        ) from None
+            "remind_at must not be after due_at: move remind_at earlier, or due_at later.",
+            field="body.remind_at",
+        )
 
 
 def _completion_action(completed: bool) -> str:
