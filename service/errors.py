@@ -6,6 +6,7 @@ The exceptions themselves live in `service.exceptions`, free of any web framewor
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from observability import metrics
 from service.exceptions import (
@@ -99,7 +101,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     return problem(400, "The request is not valid.", errors=errors)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 400:
         # FastAPI's only 400: a body that json.loads could not read (not UTF-8, nested past
@@ -108,7 +110,32 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
         return problem(400, BODY_NOT_JSON, errors=[{"field": "body", "message": message}])
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     headers = dict(exc.headers) if exc.headers else None
+    if exc.status_code == 405:
+        allow = _allowed_methods(request)
+        headers = {**(headers or {}), "Allow": allow}
+        detail = f"{request.method} is not allowed here; this path answers {allow}."
     return problem(exc.status_code, detail, headers=headers)
+
+
+def every_route(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route of the app, those of included routers too: FastAPI keeps an included
+    router's routes on that router (`original_router`), not in the app's own list."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is None:
+            yield route
+        else:
+            yield from every_route(included.routes)
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the path answers. Starlette's 405 names the methods of the first route
+    whose path matched, so `/tasks/{id}` said `Allow: GET` though PUT and DELETE answer too."""
+    methods: set[str] = set()
+    for route in every_route(request.app.routes):
+        if route.matches(request.scope)[0] is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 async def _auth_error(_: Request, exc: Exception) -> JSONResponse:

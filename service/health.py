@@ -68,6 +68,12 @@ async def readyz(request: Request) -> Any:
     )
 
 
+# Uptime monitors often probe with HEAD: the same answer, without the body (RFC 9110 9.3.2).
+# Undocumented in OpenAPI, where each operation is a GET.
+for _path, _probe in (("/healthz", healthz), ("/readyz", readyz)):
+    router.add_api_route(_path, _probe, methods=["HEAD"], include_in_schema=False)
+
+
 def _ping_database(db: Database) -> None:
     with db.engine.connect() as conn:
         conn.execute(text("SELECT 1"))

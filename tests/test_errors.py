@@ -44,27 +44,47 @@ def test_unknown_routes_are_404_problem(client: TestClient, user: ApiUser, path:
 
 
 @pytest.mark.parametrize(
-    ("method", "path"),
+    ("method", "path", "allowed"),
     [
-        ("DELETE", ""),
-        ("PUT", ""),
-        ("PATCH", ""),
-        ("POST", "/1"),
-        ("PATCH", "/1"),
-        ("GET", "/1/complete"),
-        ("POST", "/1/complete"),
+        ("DELETE", "", "GET, POST"),
+        ("PUT", "", "GET, POST"),
+        ("PATCH", "", "GET, POST"),
+        ("POST", "/1", "DELETE, GET, PUT"),
+        ("PATCH", "/1", "DELETE, GET, PUT"),
+        ("HEAD", "/1", "DELETE, GET, PUT"),
+        ("OPTIONS", "/1", "DELETE, GET, PUT"),
+        ("GET", "/1/complete", "PATCH"),
+        ("POST", "/1/complete", "PATCH"),
     ],
 )
-def test_wrong_methods_are_405_problem(
-    client: TestClient, user: ApiUser, method: str, path: str
+def test_wrong_methods_are_405_problem_allowing_every_method_of_the_path(
+    client: TestClient, user: ApiUser, method: str, path: str, allowed: str
 ) -> None:
+    """`Allow` lists what the path answers (RFC 9110 15.5.6), not just the first route's
+    methods: Starlette said `Allow: GET` on `/tasks/1`, though PUT and DELETE answer there."""
     resp = client.request(method, user.url(path), headers=user.headers)
-    assert_problem(resp, 405)
-    assert resp.headers["Allow"]
+    assert resp.headers["Allow"] == allowed
+    if method == "HEAD":  # the problem without its body
+        assert (resp.status_code, resp.content) == (405, b"")
+        return
+    problem = assert_problem(resp, 405)
+    assert problem["detail"] == f"{method} is not allowed here; this path answers {allowed}."
 
 
 def test_wrong_method_on_health_is_405(client: TestClient) -> None:
-    assert_problem(client.post("/healthz"), 405)
+    resp = client.post("/healthz")
+    assert_problem(resp, 405)
+    assert resp.headers["Allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_health_probes_answer_head_as_get_without_the_body(client: TestClient, path: str) -> None:
+    """Uptime monitors often probe with HEAD."""
+    got, head = client.get(path), client.head(path)
+    assert (got.status_code, head.status_code) == (200, 200)
+    assert head.content == b""
+    assert head.headers["Content-Type"] == got.headers["Content-Type"] == "application/json"
+    assert head.headers["Content-Length"] == got.headers["Content-Length"]
 
 
 # Bodies: 413 / 415 --------------------------------------------------------------------

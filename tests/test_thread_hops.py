@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.database import Database
 from service.deps import UnitOfWorkRoute, get_session
+from service.errors import every_route
 from service.settings import Settings
 from tests.support import ApiUser, LiveServer
 
@@ -125,19 +126,13 @@ def _uses_session(dependant: Any) -> bool:
     return any(d.call is get_session or _uses_session(d) for d in dependant.dependencies)
 
 
-def _api_routes(routes: list[Any]) -> Iterator[APIRoute]:
-    """Every APIRoute, those of included routers too (FastAPI keeps them on the router)."""
-    for route in routes:
-        if isinstance(route, APIRoute):
-            yield route
-        included = getattr(route, "original_router", None)
-        if included is not None:
-            yield from _api_routes(included.routes)
-
-
 def test_every_route_with_a_session_finishes_it_in_the_endpoints_thread(app: FastAPI) -> None:
     """A router that forgets `route_class=UnitOfWorkRoute` pays a second hop per request."""
-    with_session = [route for route in _api_routes(app.routes) if _uses_session(route.dependant)]
+    with_session = [
+        route
+        for route in every_route(app.routes)
+        if isinstance(route, APIRoute) and _uses_session(route.dependant)
+    ]
     assert len(with_session) >= 15
     assert [r.path for r in with_session if not isinstance(r, UnitOfWorkRoute)] == []
 
