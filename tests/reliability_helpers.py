@@ -85,6 +85,18 @@ def lock_waiter(engine: sa.Engine, statement: str) -> int | None:
     return int(pid) if pid is not None else None
 
 
+def lock_waits(engine: sa.Engine) -> int:
+    """How many backends of this database wait for a lock. A connection of its own each time:
+    pg_stat_activity is a snapshot taken once per transaction, so a loop on one connection
+    would read the same count forever."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text(query)).scalar_one())
+
+
 def terminate(admin: sa.Engine, pids: list[int]) -> int:
     """pg_terminate_backend each pid; how many were terminated."""
     if not pids:

@@ -26,6 +26,7 @@ from service.database import Database
 from service.deps import UnitOfWorkRoute, get_session
 from service.errors import every_route
 from service.settings import Settings
+from tests.reliability_helpers import lock_waits, wait_until
 from tests.support import ApiUser, LiveServer
 
 
@@ -162,12 +163,12 @@ def test_writes_queued_behind_one_users_lock_on_a_small_thread_pool_all_commit(
                     pool.submit(http.post, user.url(), json={"title": f"queued {n}"})
                     for n in range(12)
                 ]
-                waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                with database.engine.connect() as conn:
-                    for _ in range(500):
-                        if conn.execute(sa.text(waiting)).scalar_one() >= 3:
-                            break
-                        threading.Event().wait(0.02)
+                # Well within the statement timeout (10 s), which would fail the waiters.
+                wait_until(
+                    lambda: lock_waits(database.engine) >= 3,
+                    "three writers queued on the chain-head lock",
+                    timeout=5,
+                )
                 holder.rollback()
                 statuses = [future.result(timeout=60).status_code for future in futures]
         finally:
