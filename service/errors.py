@@ -63,6 +63,9 @@ _MESSAGE_PREFIXES = ("Value error, ", "Assertion failed, ")
 def field_path(loc: tuple[int | str, ...] | list[int | str]) -> str:
     """Where the input was, as `<location>.<name>[.<index or key>...]`: `body.title`,
     `query.limit`, `path.task_id`, `header.idempotency-key`; `body` for the body as a whole."""
+    if len(loc) > 1 and loc[0] == "header":
+        # HTTP header names are case-insensitive; FastAPI reports a declared alias's spelling.
+        loc = ("header", str(loc[1]).lower(), *loc[2:])
     return ".".join(str(part) for part in loc) or "body"
 
 

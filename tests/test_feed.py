@@ -9,9 +9,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import sqlalchemy as sa
 from opentelemetry.sdk.trace import TracerProvider
@@ -194,6 +196,25 @@ def test_a_stream_ticket_opens_the_feed_once(server: LiveServer, user: ApiUser) 
             assert b"invalid or already used stream ticket" in again.body
 
 
+def test_a_token_expiring_past_year_9999_gets_a_ticket_bounded_by_its_ttl(
+    server: LiveServer, user: ApiUser, settings: Settings
+) -> None:
+    """The ticket's expiry is the earlier of its TTL and the token's `exp`, and an `exp`
+    past what a datetime holds is simply the later one (it was a 500)."""
+    for exp in (253_402_300_800, 10**20):
+        token = jwt.encode({"sub": user.user_id, "exp": exp}, TEST_SECRET, algorithm="HS256")
+        with server.client() as http:
+            before = datetime.now(UTC)
+            answer = http.post(
+                f"/api/{user.user_id}/events/tickets",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert answer.status_code == 201, answer.text
+        expires_at = datetime.fromisoformat(answer.json()["expires_at"])
+        ttl = timedelta(seconds=settings.feed_ticket_ttl_seconds)
+        assert before < expires_at <= datetime.now(UTC) + ttl
+
+
 def test_a_ticket_is_refused_when_expired_for_another_user_or_made_up(
     settings: Settings, database: Database, make_user: Any
 ) -> None:
@@ -291,7 +312,9 @@ def test_the_ticket_stream_ends_when_the_token_it_came_from_expires(
 def test_bad_resume_points_and_accept_headers_are_4xx(server: LiveServer, user: ApiUser) -> None:
     url = f"/api/{user.user_id}/events"
     with server.client() as http:
-        for header in ("abc", "-1", "1.5", "99999999999999999999"):
+        # b"\xb2" is '²' once decoded (Latin-1): str.isdigit() says yes, int() says no.
+        odd: tuple[str | bytes, ...] = ("abc", "-1", "1.5", "99999999999999999999", "1" * 33)
+        for header in (*odd, b"\xb2", b"5\xb9", "\u0661".encode("utf-8")):
             answer = http.get(url, headers={**user.headers, "Last-Event-ID": header})
             assert_validation_error(answer, "header.last-event-id")
         assert http.get(url, headers=user.headers, params={"after": -1}).status_code == 400

@@ -120,7 +120,8 @@ def _start_seq(after: int | None, last_event_id: str | None) -> int:
     """`Last-Event-ID` (sent by EventSource when it reconnects) wins over `?after=`."""
     if last_event_id is not None and last_event_id.strip():
         text = last_event_id.strip()
-        if not text.isdigit() or len(text) > 19 or int(text) > SEQ_MAX:
+        # ASCII digits only: str.isdigit() is true of '²', which int() refuses.
+        if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > SEQ_MAX:
             raise InvalidInput(
                 "Last-Event-ID must be the id (a seq) of an event of this feed.",
                 field="header.last-event-id",

@@ -56,6 +56,9 @@ class IssuedTicket:
     expires_at: datetime
 
 
+_LAST_SECOND = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())
+
+
 def _digest(ticket: str) -> str:
     return hashlib.sha256(ticket.encode("ascii")).hexdigest()
 
@@ -63,7 +66,8 @@ def _digest(ticket: str) -> str:
 def issue(session: Session, principal: Principal, ttl_seconds: int) -> IssuedTicket:
     """A new ticket for this token's user, valid for `ttl_seconds` but never past the token."""
     now = utcnow()
-    token_expires_at = datetime.fromtimestamp(principal.expires_at, UTC)
+    # A token may expire past year 9999, where datetime ends: for a ticket, that is never.
+    token_expires_at = datetime.fromtimestamp(min(principal.expires_at, _LAST_SECOND), UTC)
     expires_at = min(now + timedelta(seconds=ttl_seconds), token_expires_at)
     ticket = secrets.token_urlsafe(32)
     # Expired tickets are dropped here, so the table holds only the last few seconds' worth.
