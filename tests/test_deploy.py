@@ -114,7 +114,7 @@ def test_image_bakes_in_no_secret_and_the_context_excludes_local_state() -> None
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert {".env", ".todo-api-dev-secret", "*.db", ".venv", ".git"} <= ignored
+    assert {".env", ".todo-api-dev-secret", ".todo-api-pg", "*.db", ".venv", ".git"} <= ignored
 
 
 def test_shutdown_timeouts_in_the_image_are_valid_settings_within_the_grace_period() -> None:
