@@ -143,6 +143,19 @@ def test_rename_to_another_tags_name_is_409(client: TestClient, user: ApiUser) -
     assert resp.status_code == 200 and resp.json()["name"] == "A"
 
 
+def test_rename_into_a_clash_only_postgresql_folds_is_409(
+    client: TestClient, user: ApiUser
+) -> None:
+    """Python lower-cases a final capital sigma to the final form, PostgreSQL's lower() to
+    the medial one: the unique index sees the clash the lookup missed; 409, not 500."""
+    client.post(tags_url(user), json={"name": "οδοσ"}, headers=user.headers)
+    other = client.post(tags_url(user), json={"name": "x"}, headers=user.headers).json()
+    url = tags_url(user, f"/{other['id']}")
+    resp = client.patch(url, json={"name": "ΟΔΟΣ"}, headers=user.headers)
+    assert assert_problem(resp, 409)["type"].endswith("/tag-conflict")
+    assert sorted(t["name"] for t in list_tags(client, user)) == ["x", "οδοσ"]
+
+
 def test_delete_removes_the_tag_from_tasks_and_audits_each(
     client: TestClient, user: ApiUser, database: Database
 ) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.exceptions import NotFound, TagConflict
@@ -73,6 +74,9 @@ _TAGGED = (
     .where(TASK_TAGS.c.tag_id == bindparam("tag_id"))
     .order_by(TASK_TAGS.c.task_id)
 )
+
+
+_UNIQUE_NAME = "uq_tags_user_name"
 
 
 def _existing(session: Session, user_id: str, keys: list[str]) -> dict[str, tuple[int, str]]:
@@ -173,7 +177,16 @@ def rename(session: Session, user_id: str, tag_id: int, name: str) -> None:
     clash = _existing(session, user_id, [tag_key(name)]).get(tag_key(name))
     if clash is not None and clash[0] != tag_id:
         raise TagConflict(f"Another tag is already named {clash[1]!r} (names ignore case).")
-    session.execute(update(TAGS).where(TAGS.c.id == tag_id).values(name=name))
+    try:
+        session.execute(update(TAGS).where(TAGS.c.id == tag_id).values(name=name))
+    except IntegrityError as exc:
+        # PostgreSQL's lower() may fold a name Python's did not (a final 'Σ'), or a
+        # concurrent rename took the name first: the unique index is the last word.
+        if getattr(getattr(exc.orig, "diag", None), "constraint_name", None) != _UNIQUE_NAME:
+            raise
+        raise TagConflict(
+            f"Another tag already has the name {name!r} (names ignore case)."
+        ) from None
 
 
 def remove(session: Session, tag_id: int) -> None:
