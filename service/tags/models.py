@@ -23,6 +23,9 @@ from service.limits import USER_ID_MAX
 from service.sqltypes import ID_TYPE, UTCDateTime
 from service.tags.rules import TAG_NAME_MAX, TagName
 
+# A user's tag names are unique by PostgreSQL's lower(); a rename that breaks it is a 409.
+UNIQUE_NAME_INDEX = "uq_tags_user_name"
+
 
 class Tag(SQLModel, table=True):
     """A user's tag. `Work` and `work` are one tag: unique on the lower-cased name."""
@@ -30,7 +33,7 @@ class Tag(SQLModel, table=True):
     __tablename__ = "tags"
     __table_args__ = (
         UniqueConstraint("id", "user_id", name="uq_tags_id_user"),  # target of task_tags' FK
-        Index("uq_tags_user_name", "user_id", text("lower(name)"), unique=True),
+        Index(UNIQUE_NAME_INDEX, "user_id", text("lower(name)"), unique=True),
     )
 
     id: int | None = Field(

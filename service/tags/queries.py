@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from service.exceptions import NotFound, TagConflict
 from service.sqltypes import utcnow
-from service.tags.models import Tag, TaskTag
+from service.tags.models import UNIQUE_NAME_INDEX, Tag, TaskTag
 from service.tags.rules import TAGS_PER_USER_MAX, sorted_names, tag_key, unique_names
 
 TAGS = Tag.__table__  # type: ignore[attr-defined]
@@ -74,9 +74,6 @@ _TAGGED = (
     .where(TASK_TAGS.c.tag_id == bindparam("tag_id"))
     .order_by(TASK_TAGS.c.task_id)
 )
-
-
-_UNIQUE_NAME = "uq_tags_user_name"
 
 
 def _existing(session: Session, user_id: str, keys: list[str]) -> dict[str, tuple[int, str]]:
@@ -182,7 +179,7 @@ def rename(session: Session, user_id: str, tag_id: int, name: str) -> None:
     except IntegrityError as exc:
         # PostgreSQL's lower() may fold a name Python's did not (a final 'Σ'), or a
         # concurrent rename took the name first: the unique index is the last word.
-        if getattr(getattr(exc.orig, "diag", None), "constraint_name", None) != _UNIQUE_NAME:
+        if getattr(getattr(exc.orig, "diag", None), "constraint_name", None) != UNIQUE_NAME_INDEX:
             raise
         raise TagConflict(
             f"Another tag already has the name {name!r} (names ignore case)."
