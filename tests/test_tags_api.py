@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from service.database import Database
+from service.tags.rules import TAG_NAME_MAX, sorted_names
 from tests.audit_helpers import events_of
 from tests.reliability_helpers import lock_waiter, wait_until
 from tests.support import ApiUser, LiveServer, assert_problem, assert_validation_error
@@ -154,6 +155,50 @@ def test_rename_into_a_clash_only_postgresql_folds_is_409(
     resp = client.patch(url, json={"name": "ΟΔΟΣ"}, headers=user.headers)
     assert assert_problem(resp, 409)["type"].endswith("/tag-conflict")
     assert sorted(t["name"] for t in list_tags(client, user)) == ["x", "οδοσ"]
+
+
+@pytest.mark.parametrize("name", ["ΟΔΟΣ", "İstanbul"])
+def test_a_name_python_and_postgresql_lower_differently_is_one_tag(
+    client: TestClient, user: ApiUser, name: str
+) -> None:
+    """PostgreSQL's lower() is the only key: Python's differs for these ('οδος', 'i̇stanbul'),
+    and a lookup keyed by Python never found the tag it had just inserted (409)."""
+    first = client.post(tags_url(user), json={"name": name}, headers=user.headers)
+    assert first.status_code == 201, first.text
+    again = client.post(tags_url(user), json={"name": name}, headers=user.headers)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    task = create(client, user, "T", tags=[name, "other"])
+    assert task["tags"] == sorted_names([name, "other"])
+    other_task = create(client, user, "U", tags=[name])
+    assert other_task["tags"] == [name]
+    renamed = client.patch(
+        tags_url(user, f"/{first.json()['id']}"), json={"name": name}, headers=user.headers
+    )
+    assert renamed.status_code == 200, renamed.text
+    counts = {t["name"]: t["task_count"] for t in list_tags(client, user)}
+    assert counts == {name: 2, "other": 1}
+
+
+def test_a_longest_name_of_multibyte_characters_is_found_again(
+    client: TestClient, user: ApiUser
+) -> None:
+    """200 bytes of UTF-8: the lookup compares whole names (a name type would cut at 63)."""
+    name = "Ü" * TAG_NAME_MAX
+    first = client.post(tags_url(user), json={"name": name}, headers=user.headers)
+    assert first.status_code == 201, first.text
+    assert create(client, user, "T", tags=[name.lower()])["tags"] == [name]
+    again = client.post(tags_url(user), json={"name": name}, headers=user.headers)
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+
+
+def test_names_postgresql_folds_together_in_one_request_are_one_tag(
+    client: TestClient, user: ApiUser
+) -> None:
+    """'ΟΔΟΣ' and 'οδοσ' are different to Python, one key to PostgreSQL: the task gets the
+    tag once, spelled as stored."""
+    task = create(client, user, "T", tags=["οδοσ", "ΟΔΟΣ"])
+    assert task["tags"] == ["οδοσ"]
+    assert [(t["name"], t["task_count"]) for t in list_tags(client, user)] == [("οδοσ", 1)]
 
 
 def test_delete_removes_the_tag_from_tasks_and_audits_each(

@@ -248,6 +248,28 @@ def test_filter_by_tag_is_per_user(
     assert "Other's work" not in [t["title"] for t in mine]
 
 
+def test_filter_by_tag_matches_as_postgresql_lower_cases(client: TestClient, user: ApiUser) -> None:
+    """The filter finds a tag by PostgreSQL's lower(), as the tag was stored: Python's
+    lower-cases 'ΟΔΟΣ' differently ('οδος'), and a name PostgreSQL folds onto another
+    given twice is one tag, not two that no task carries together."""
+    road = create(client, user, "road", tags=["ΟΔΟΣ"])
+    both = create(client, user, "both", tags=["ΟΔΟΣ", "İstanbul"])
+    create(client, user, "neither", tags=["x"])
+
+    def titles(tags: list[str]) -> list[str]:
+        resp = client.get(user.url(), params={"tag": tags}, headers=user.headers)
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["X-Total-Count"] == str(len(resp.json()))
+        return [t["title"] for t in resp.json()]
+
+    assert titles(["ΟΔΟΣ"]) == [both["title"], road["title"]]
+    assert titles(["οδοσ"]) == [both["title"], road["title"]]
+    assert titles(["ΟΔΟΣ", "οδοσ"]) == [both["title"], road["title"]]
+    assert titles(["İstanbul"]) == [both["title"]]
+    assert titles(["ΟΔΟΣ", "İSTANBUL"]) == [both["title"]]
+    assert titles(["ΟΔΟΣ", "nope"]) == []
+
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [

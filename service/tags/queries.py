@@ -1,26 +1,29 @@
 """The tag tables' queries. Nothing here commits; writes run in the caller's unit of work.
 
-A tag is looked up by its lower-cased name (the unique index `uq_tags_user_name`), so `Work`
-and `work` are one tag and the first spelling stays. Tags used by a write are read
-`FOR KEY SHARE`: a concurrent delete of the tag waits for the write, or the write sees the
-tag gone and creates it again.
+A tag is found by PostgreSQL's `lower(name)`, the unique index `uq_tags_user_name`'s key, so
+`Work` and `work` are one tag and the first spelling stays. The key is never computed in
+Python: `str.lower()` differs from PostgreSQL's for some names (a final 'Σ', a dotted 'İ').
+Tags used by a write are read `FOR KEY SHARE`: a concurrent delete of the tag waits for the
+write, or the write sees the tag gone and creates it again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, select, text, update
+from sqlalchemy import ARRAY, Text, and_, bindparam, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.exceptions import NotFound, TagConflict
 from service.sqltypes import utcnow
 from service.tags.models import UNIQUE_NAME_INDEX, Tag, TaskTag
-from service.tags.rules import TAGS_PER_USER_MAX, sorted_names, tag_key, unique_names
+from service.tags.rules import TAGS_PER_USER_MAX, sorted_names, unique_names
 
 TAGS = Tag.__table__  # type: ignore[attr-defined]
 TASK_TAGS = TaskTag.__table__  # type: ignore[attr-defined]
@@ -34,13 +37,32 @@ class TagRecord:
     created_at: datetime
 
 
-_BY_KEYS = (
-    select(TAGS.c.id, TAGS.c.name)
-    .where(
-        TAGS.c.user_id == bindparam("owner"),
-        func.lower(TAGS.c.name).in_(bindparam("keys", expanding=True)),
+_WANTED = (
+    func.unnest(bindparam("names", type_=ARRAY(Text)))
+    .table_valued("name")
+    .render_derived(name="wanted")
+)
+# Each wanted name with the tag it names, if any (at most one: the unique index).
+_NAMED_IDS = select(TAGS.c.id).select_from(
+    _WANTED.outerjoin(
+        TAGS,
+        and_(
+            TAGS.c.user_id == bindparam("owner"),
+            func.lower(TAGS.c.name) == func.lower(_WANTED.c.name),
+        ),
     )
-    .with_for_update(read=True, key_share=True)
+)
+_BY_NAMES = (
+    select(_WANTED.c.name.label("wanted"), TAGS.c.id, TAGS.c.name)
+    .join_from(
+        _WANTED,
+        TAGS,
+        and_(
+            TAGS.c.user_id == bindparam("owner"),
+            func.lower(TAGS.c.name) == func.lower(_WANTED.c.name),
+        ),
+    )
+    .with_for_update(of=TAGS, read=True, key_share=True)
 )
 _INSERT = (
     pg_insert(TAGS)
@@ -76,9 +98,20 @@ _TAGGED = (
 )
 
 
-def _existing(session: Session, user_id: str, keys: list[str]) -> dict[str, tuple[int, str]]:
-    rows = session.execute(_BY_KEYS, {"owner": user_id, "keys": keys}).all()
-    return {tag_key(row.name): (int(row.id), str(row.name)) for row in rows}
+def _existing(session: Session, user_id: str, names: list[str]) -> dict[str, tuple[int, str]]:
+    """Each of these names that names a tag, with the tag's (id, stored name)."""
+    rows = session.execute(_BY_NAMES, {"owner": user_id, "names": names}).all()
+    return {str(row.wanted): (int(row.id), str(row.name)) for row in rows}
+
+
+def tag_ids_named(
+    session: Session | Connection, user_id: str, names: Sequence[str]
+) -> list[int] | None:
+    """The distinct ids of the user's tags of these names; None if one names no tag."""
+    ids = session.execute(_NAMED_IDS, {"owner": user_id, "names": list(names)}).scalars().all()
+    if None in ids:
+        return None
+    return sorted({int(i) for i in ids})
 
 
 def resolve(session: Session, user_id: str, names: list[str]) -> list[tuple[int, str]]:
@@ -94,13 +127,13 @@ def _resolve(
     wanted = unique_names(names)
     if not wanted:
         return [], set()
-    keys = [tag_key(name) for name in wanted]
     inserted: set[int] = set()
     for _ in range(3):  # a tag deleted meanwhile is created again on the next round
-        found = _existing(session, user_id, keys)
-        missing = [name for name in wanted if tag_key(name) not in found]
+        found = _existing(session, user_id, wanted)
+        missing = [name for name in wanted if name not in found]
         if not missing:
-            return [found[key] for key in keys], inserted
+            # Two names PostgreSQL folds together ('ΟΔΟΣ', 'οδοσ') are one tag, listed once.
+            return list(dict.fromkeys(found[name] for name in wanted)), inserted
         count = session.execute(_COUNT, {"owner": user_id}).scalar_one()
         if count + len(missing) > TAGS_PER_USER_MAX:
             raise TagConflict(
@@ -171,14 +204,13 @@ def tagged_task_ids(session: Session, tag_id: int) -> list[int]:
 
 
 def rename(session: Session, user_id: str, tag_id: int, name: str) -> None:
-    clash = _existing(session, user_id, [tag_key(name)]).get(tag_key(name))
+    clash = _existing(session, user_id, [name]).get(name)
     if clash is not None and clash[0] != tag_id:
         raise TagConflict(f"Another tag is already named {clash[1]!r} (names ignore case).")
     try:
         session.execute(update(TAGS).where(TAGS.c.id == tag_id).values(name=name))
     except IntegrityError as exc:
-        # PostgreSQL's lower() may fold a name Python's did not (a final 'Σ'), or a
-        # concurrent rename took the name first: the unique index is the last word.
+        # A concurrent rename or create took the name first: the unique index is the last word.
         if getattr(getattr(exc.orig, "diag", None), "constraint_name", None) != UNIQUE_NAME_INDEX:
             raise
         raise TagConflict(

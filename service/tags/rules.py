@@ -28,7 +28,8 @@ def clean_tag_name(value: str) -> str:
 
 
 def tag_key(name: str) -> str:
-    """Names that differ only in case are one tag."""
+    """Names that differ only in case, for ordering and for folding one request's names.
+    Which names are one stored tag is PostgreSQL's lower() (service.tags.queries)."""
     return name.lower()
 
 

@@ -36,6 +36,7 @@ from audit.append import ChangeBuilder, build_append, head_exists
 from service.exceptions import NotFound
 from service.sqltypes import utcnow
 from service.tags.models import Tag, TaskTag
+from service.tags.queries import tag_ids_named
 from service.tasks.models import TASKS, Priority, TaskCreate, TaskPublic, TaskRecord
 from service.users import USERS
 
@@ -258,13 +259,14 @@ class TaskFilter:
     def narrows(self) -> bool:
         return self != TaskFilter()
 
-    def shape(self) -> tuple[Any, ...]:
-        """What the statement depends on (not the values, which are bound)."""
+    def shape(self, tag_count: int) -> tuple[Any, ...]:
+        """What the statement depends on (not the values, which are bound), with the number
+        of distinct tags the tag filter names."""
         return (
             self.status,
             bool(self.q),
             bool(self.priorities),
-            len({tag.lower() for tag in self.tags}),
+            tag_count,
             self.due_before is not None,
             self.due_after is not None,
             self.overdue,
@@ -394,14 +396,13 @@ def list_query(
 ) -> ListQuery | None:
     """The list's page and count statements with their values, as the service sends them
     (bench/explain.py plans the same); None when a tag filter names no tag of the user."""
-    page, count = _list_statements(filters.shape(), sort, order)
+    tag_ids = tag_ids_named(session, user_id, filters.tags) if filters.tags else []
+    if tag_ids is None:
+        return None
+    page, count = _list_statements(filters.shape(len(tag_ids)), sort, order)
     params: dict[str, Any] = {"owner": user_id, "limit": limit, "offset": offset}
     params.update(filters.params())
-    if filters.tags:
-        tag_ids = _tag_ids(session, user_id, filters.tags)
-        if tag_ids is None:
-            return None
-        params.update({f"tag_{n}": tag_id for n, tag_id in enumerate(tag_ids)})
+    params.update({f"tag_{n}": tag_id for n, tag_id in enumerate(tag_ids)})
     return ListQuery(page, count, params)
 
 
@@ -432,21 +433,6 @@ def list_tasks(
     else:
         total = session.execute(count, params).scalar_one()
     return TaskPage(items=items, total=int(total))
-
-
-_TAG_IDS = select(TAGS.c.id).where(
-    TAGS.c.user_id == bindparam("owner"),
-    func.lower(TAGS.c.name).in_(bindparam("keys", expanding=True)),
-)
-
-
-def _tag_ids(
-    session: Session | Connection, user_id: str, names: tuple[str, ...]
-) -> list[int] | None:
-    """The ids of the user's tags of these names (ignoring case); None if one is unknown."""
-    keys = sorted({name.lower() for name in names})
-    ids = session.execute(_TAG_IDS, {"owner": user_id, "keys": keys}).scalars().all()
-    return [int(i) for i in ids] if len(ids) == len(keys) else None
 
 
 def next_task_id(session: Session) -> int:
