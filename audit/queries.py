@@ -61,7 +61,7 @@ def decode_cursor(kind: str, cursor: str) -> int:
     if match is None or match.group(1) != kind:
         raise invalid
     seq = int(match.group(2))
-    if not 1 <= seq <= SEQ_MAX:
+    if not 1 <= seq <= SEQ_MAX or encode_cursor(kind, seq) != cursor:  # only what we wrote
         raise invalid
     return seq
 

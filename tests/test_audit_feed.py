@@ -185,6 +185,12 @@ def _b64(text: str) -> str:
         {"cursor": _b64("h.5")},  # a history cursor
         {"cursor": _b64("f.5 ")},
         {"cursor": "A" * 65},
+        # Only the cursor the API wrote: not one with junk a lax decoder skips ('Zi4z!!' reads
+        # as 'f.3'), padding, a leading zero or a trailing newline.
+        {"cursor": _b64("f.3") + "!!"},
+        {"cursor": _b64("f.3") + "=="},
+        {"cursor": _b64("f.03")},
+        {"cursor": _b64("f.33") + "\n"},
         {"action": "task.exploded"},
         {"action": "TASK.CREATED"},
         {"task_id": 0},
