@@ -196,6 +196,22 @@ def test_a_stream_ticket_opens_the_feed_once(server: LiveServer, user: ApiUser) 
             assert b"invalid or already used stream ticket" in again.body
 
 
+def test_a_malformed_stream_request_does_not_spend_its_ticket(
+    server: LiveServer, user: ApiUser
+) -> None:
+    """A wrong Accept or Last-Event-ID is refused before the ticket is redeemed: the
+    client fixes the request and opens the stream with the same ticket."""
+    with server.client() as http:
+        body = http.post(f"/api/{user.user_id}/events/tickets", headers=user.headers).json()
+        url = body["stream_url"]
+        assert http.get(url, headers={"Accept": "application/json"}).status_code == 406
+        assert_validation_error(
+            http.get(url, headers={"Last-Event-ID": "x"}), "header.last-event-id"
+        )
+        with FeedReader(server.url, url) as reader:
+            assert reader.status == 200
+
+
 def test_a_token_expiring_past_year_9999_gets_a_ticket_bounded_by_its_ttl(
     server: LiveServer, user: ApiUser, settings: Settings
 ) -> None:

@@ -272,10 +272,11 @@ async def stream_events(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)] = None,
 ) -> FeedResponse:
     database: Database = request.app.state.db
-    principal = await _principal(request, database, user_id, bearer, ticket)
+    # The request's own mistakes first: they must not spend a single-use ticket.
     if not _accepts_event_stream(request.headers.get("accept")):
         raise NotAcceptable("This endpoint answers with text/event-stream only.")
     start = _start_seq(after, last_event_id)
+    principal = await _principal(request, database, user_id, bearer, ticket)
     subscription = hub.subscribe(principal.user_id, start)
     shutdown = anyio.Event()
 
