@@ -7,9 +7,10 @@
 \set k random(0, 9)
 BEGIN;
 -- The tags by name, key-share locked (a concurrent delete of the tag waits).
-SELECT tags.id, tags.name FROM tags
-WHERE tags.user_id = 'bench-w' || :u::int
-  AND lower(tags.name) IN ('tag' || :k::int, 'tag' || ((:k::int + 3) % 10)) FOR KEY SHARE;
+SELECT wanted.name AS wanted, tags.id, tags.name
+FROM unnest(ARRAY['tag' || :k::int, 'tag' || ((:k::int + 3) % 10)]::TEXT[]) AS wanted(name)
+JOIN tags ON tags.user_id = 'bench-w' || :u::int AND lower(tags.name) = lower(wanted.name)
+FOR KEY SHARE OF tags;
 -- One statement: lock the chain head, insert the task and its links, hash the event in SQL,
 -- append it and move the head.
 WITH head AS (
