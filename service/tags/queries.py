@@ -42,26 +42,14 @@ _WANTED = (
     .table_valued("name")
     .render_derived(name="wanted")
 )
-# Each wanted name with the tag it names, if any (at most one: the unique index).
-_NAMED_IDS = select(TAGS.c.id).select_from(
-    _WANTED.outerjoin(
-        TAGS,
-        and_(
-            TAGS.c.user_id == bindparam("owner"),
-            func.lower(TAGS.c.name) == func.lower(_WANTED.c.name),
-        ),
-    )
+# The owner's tag a wanted name names, if any (at most one: the unique index's key).
+_NAMED = and_(
+    TAGS.c.user_id == bindparam("owner"), func.lower(TAGS.c.name) == func.lower(_WANTED.c.name)
 )
+_NAMED_IDS = select(TAGS.c.id).select_from(_WANTED.outerjoin(TAGS, _NAMED))  # NULL: no tag
 _BY_NAMES = (
     select(_WANTED.c.name.label("wanted"), TAGS.c.id, TAGS.c.name)
-    .join_from(
-        _WANTED,
-        TAGS,
-        and_(
-            TAGS.c.user_id == bindparam("owner"),
-            func.lower(TAGS.c.name) == func.lower(_WANTED.c.name),
-        ),
-    )
+    .join_from(_WANTED, TAGS, _NAMED)
     .with_for_update(of=TAGS, read=True, key_share=True)
 )
 _INSERT = (
