@@ -182,7 +182,7 @@ def test_a_name_python_and_postgresql_lower_differently_is_one_tag(
 def test_a_longest_name_of_multibyte_characters_is_found_again(
     client: TestClient, user: ApiUser
 ) -> None:
-    """200 bytes of UTF-8: the lookup compares whole names (a name type would cut at 63)."""
+    """100 bytes of UTF-8: the lookup compares whole names (a name type would cut at 63)."""
     name = "Ü" * TAG_NAME_MAX
     first = client.post(tags_url(user), json={"name": name}, headers=user.headers)
     assert first.status_code == 201, first.text
