@@ -235,8 +235,9 @@ def _apply(
     tags, tags_changed = current.tags, False
     if "tags" in values:
         resolved = tag_queries.resolve(session, current.user_id, list(values["tags"]))
-        if tuple(sorted_names([name for _, name in resolved])) != current.tags:
-            tags, tags_changed = tuple(sorted_names([name for _, name in resolved])), True
+        names = tuple(sorted_names([name for _, name in resolved]))
+        if names != current.tags:
+            tags, tags_changed = names, True
             tag_queries.set_links(session, current.user_id, current.id, [i for i, _ in resolved])
     if not changed and not tags_changed:
         return TaskChange(task=current, event=None)
