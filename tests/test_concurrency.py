@@ -12,9 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from service.database import Database
+from tests.reliability_helpers import wait_until
 from tests.support import ApiUser, LiveServer, assert_problem, create_task
 
 T = TypeVar("T")
@@ -113,3 +115,78 @@ def test_two_writers_with_the_same_etag_exactly_one_wins(
             current = http.get(url, headers=user.headers)
         assert current.json()["title"] == winner.json()["title"]
         assert current.headers["ETag"] == winner.headers["ETag"] != etag
+
+
+def _lock_waiters(database: Database) -> int:
+    """Backends of the test database waiting for a lock (a new transaction each time)."""
+    with database.engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+        )
+
+
+@pytest.mark.parametrize(
+    ("method", "body"),
+    [("PUT", {"title": "renamed"}), ("PUT", {"tags": ["a"]}), ("DELETE", None)],
+    ids=["title", "tags-back", "delete"],
+)
+def test_a_writer_queued_behind_a_tag_change_reads_the_new_tags(
+    live_server: LiveServer,
+    user: ApiUser,
+    database: Database,
+    method: str,
+    body: dict[str, Any] | None,
+) -> None:
+    """A write that waited for the task's lock reads the tags the writer before it committed.
+
+    Its before-state came from one statement whose tags were read with the snapshot taken
+    before the wait: the title change was a 500, tags set back were a 200 that changed
+    nothing, and the delete recorded the old tags.
+    """
+    with live_server.client() as http:
+        task = create_task(http, user, "queued", tags=["a"])
+    url = user.url(f"/{task['id']}")
+    with database.engine.connect() as holder, holder.begin():
+        holder.execute(sa.text("SELECT 1 FROM tasks WHERE id = :id FOR UPDATE"), {"id": task["id"]})
+        with (
+            ThreadPoolExecutor(max_workers=2) as pool,
+            live_server.client() as a,
+            live_server.client() as b,
+        ):
+            first = pool.submit(a.put, url, json={"tags": ["b"]}, headers=user.headers)
+            wait_until(lambda: _lock_waiters(database) == 1, "the first writer to queue")
+            second = pool.submit(b.request, method, url, json=body, headers=user.headers)
+            wait_until(lambda: _lock_waiters(database) == 2, "the second writer to queue")
+            holder.rollback()
+            answers = first.result(timeout=30), second.result(timeout=30)
+    assert answers[0].status_code == 200, answers[0].text
+    assert answers[0].json()["tags"] == ["b"]
+    assert answers[1].status_code == (204 if method == "DELETE" else 200), answers[1].text
+    with live_server.client() as http:
+        events = http.get(
+            f"/api/{user.user_id}/audit-events",
+            params={"task_id": task["id"]},
+            headers=user.headers,
+        ).json()["items"]
+        stored = http.get(url, headers=user.headers)
+    last = events[0]  # newest first
+    assert last["before"]["tags"] == ["b"]
+    if method == "DELETE":
+        assert stored.status_code == 404
+        assert last["action"] == "task.deleted"
+    else:
+        expected = {**answers[0].json(), **body}  # type: ignore[dict-item]
+        assert last["after"]["tags"] == expected["tags"]
+        assert stored.json()["tags"] == expected["tags"]
+        assert stored.json()["title"] == expected["title"]
+        assert answers[1].json()["tags"] == expected["tags"]
+    assert [e["action"] for e in events] == [
+        "task.deleted" if method == "DELETE" else "task.updated",
+        "task.updated",
+        "task.created",
+    ]

@@ -11,7 +11,8 @@ SELECT tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed,
         FROM task_tags JOIN tags ON tags.id = task_tags.tag_id
         WHERE task_tags.task_id = tasks.id) AS tags,
        tasks.recurrence, tasks.previous_task_id, tasks.next_task_id, tasks.remind_at,
-       tasks.version, tasks.reminder_fired_for, tasks.reminder_fired_at, tasks.reminder_late
+       tasks.version, tasks.reminder_fired_for, tasks.reminder_fired_at, tasks.reminder_late,
+       (SELECT seen.version FROM tasks AS seen WHERE seen.id = tasks.id) AS seen
 FROM tasks WHERE tasks.id = :id AND tasks.user_id = 'bench-w' || :u FOR UPDATE OF tasks \gset o_
 -- One statement: lock the chain head, update the task, hash the event in SQL, append it and
 -- move the head.

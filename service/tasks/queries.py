@@ -114,7 +114,14 @@ class TaskPage:
 # cache key and compiled form instead of rebuilding both on every request.
 _OWNED = and_(TASKS.c.id == bindparam("task_id"), TASKS.c.user_id == bindparam("owner"))
 _SELECT_OWNED = select(*_COLUMNS).where(_OWNED)
-_LOCK_OWNED = _SELECT_OWNED.with_for_update(of=TASKS)
+# With the lock, the version as the statement's snapshot saw it. A writer that had to wait
+# gets the task's newest row, but the tags subquery still reads that older snapshot: when
+# the two versions differ, the record is read again (`lock_task`).
+_SEEN = TASKS.alias("seen")
+_SEEN_VERSION = (
+    select(_SEEN.c.version).where(_SEEN.c.id == TASKS.c.id).scalar_subquery().label("seen")
+)
+_LOCK_OWNED = select(*_COLUMNS, _SEEN_VERSION).where(_OWNED).with_for_update(of=TASKS)
 # The columns a client gives (TaskCreate's fields but the tags), each bound under its name.
 INSERTED_FIELDS = tuple(name for name in TaskCreate.model_fields if name != "tags")
 # An id for a recurring task's next occurrence, taken before the completion is recorded, so
@@ -371,11 +378,18 @@ def get_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
 
 
 def lock_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
-    """Read the before-state under a row lock: concurrent writers to one task queue here."""
-    row = session.execute(_LOCK_OWNED, {"task_id": task_id, "owner": user_id}).first()
+    """Read the before-state under a row lock: concurrent writers to one task queue here.
+
+    After a wait, the tags are read again by a second statement, which sees what the writer
+    before this one committed (the lock is already held, so nothing changes in between).
+    """
+    params = {"task_id": task_id, "owner": user_id}
+    row = session.execute(_LOCK_OWNED, params).first()
+    if row is not None and row.seen != row.version:
+        row = session.execute(_LOCK_OWNED, params).first()
     if row is None:
         raise NotFound(f"Task {task_id} not found.")
-    return TaskRecord.from_row(row)
+    return TaskRecord.from_row(row[:-1])  # without `seen`
 
 
 class ListQuery(NamedTuple):
