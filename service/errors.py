@@ -182,6 +182,28 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return problem(500, "An unexpected error occurred.")
 
 
+# SQLSTATEs of a transaction PostgreSQL rolled back to settle a collision with another one
+# (deadlock_detected, serialization_failure): nothing was written, and a retry can succeed.
+_COLLISIONS = frozenset({"40P01", "40001"})
+
+
+def is_collision(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "pgcode", None) in _COLLISIONS
+
+
+async def _collision(_: Request, exc: Exception) -> JSONResponse:
+    orig = getattr(exc, "orig", None)
+    log.warning(
+        "transaction rolled back by the database",
+        extra={"sqlstate": getattr(orig, "pgcode", None)},
+    )
+    return problem(
+        503,
+        "The change collided with a concurrent one and was rolled back; retry it.",
+        headers={"Retry-After": "1"},
+    )
+
+
 def is_disconnect(exc: BaseException) -> bool:
     """A lost or unreachable database, as opposed to a bug or a constraint violation."""
     if isinstance(exc, (OperationalError, PoolTimeoutError)):
@@ -190,6 +212,8 @@ def is_disconnect(exc: BaseException) -> bool:
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if is_collision(exc):
+        return await _collision(request, exc)
     if is_disconnect(exc):
         return await _database_unavailable(request, exc)
     return await _unexpected(request, exc)

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.database import Database
-from tests.reliability_helpers import wait_until
+from tests.reliability_helpers import lock_waits, wait_until
 from tests.support import ApiUser, LiveServer, assert_problem, create_task
 
 T = TypeVar("T")
@@ -117,19 +117,6 @@ def test_two_writers_with_the_same_etag_exactly_one_wins(
         assert current.headers["ETag"] == winner.headers["ETag"] != etag
 
 
-def _lock_waiters(database: Database) -> int:
-    """Backends of the test database waiting for a lock (a new transaction each time)."""
-    with database.engine.connect() as conn:
-        return int(
-            conn.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            ).scalar_one()
-        )
-
-
 @pytest.mark.parametrize(
     ("method", "body"),
     [("PUT", {"title": "renamed"}), ("PUT", {"tags": ["a"]}), ("DELETE", None)],
@@ -159,9 +146,9 @@ def test_a_writer_queued_behind_a_tag_change_reads_the_new_tags(
             live_server.client() as b,
         ):
             first = pool.submit(a.put, url, json={"tags": ["b"]}, headers=user.headers)
-            wait_until(lambda: _lock_waiters(database) == 1, "the first writer to queue")
+            wait_until(lambda: lock_waits(database.engine) == 1, "the first writer to queue")
             second = pool.submit(b.request, method, url, json=body, headers=user.headers)
-            wait_until(lambda: _lock_waiters(database) == 2, "the second writer to queue")
+            wait_until(lambda: lock_waits(database.engine) == 2, "the second writer to queue")
             holder.rollback()
             answers = first.result(timeout=30), second.result(timeout=30)
     assert answers[0].status_code == 200, answers[0].text

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from service.database import Database
 from service.tags.rules import TAG_NAME_MAX, sorted_names
 from tests.audit_helpers import events_of
-from tests.reliability_helpers import lock_waiter, wait_until
+from tests.reliability_helpers import lock_waiter, lock_waits, wait_until
 from tests.support import ApiUser, LiveServer, assert_problem, assert_validation_error
 from tests.support import create_task as create
 
@@ -272,3 +272,124 @@ def test_tables_enforce_ownership(database: Database, client: TestClient, make_u
             sa.text("INSERT INTO task_tags (task_id, tag_id, user_id) VALUES (:t, :g, :u)"),
             {"t": task["id"], "g": tag["id"], "u": alice.user_id},
         )
+
+
+def _hold_task_lock(database: Database, task_id: int) -> sa.Connection:
+    """A connection holding the task's row lock until it rolls back."""
+    holder = database.engine.connect()
+    holder.execute(sa.text("SELECT 1 FROM tasks WHERE id = :id FOR UPDATE"), {"id": task_id})
+    return holder
+
+
+@pytest.mark.parametrize("change", ["rename", "delete"])
+def test_a_tag_change_leaves_out_a_task_deleted_while_it_waited(
+    database: Database, live_server: LiveServer, user: ApiUser, change: str
+) -> None:
+    """The tag's change waits for a task that is then deleted: it records the other tasks and
+    answers 2xx (it was a 404 'Task N not found' and the change was lost)."""
+    with live_server.client(headers=user.headers) as http:
+        kept, gone = (create(http, user, title, tags=["shared"]) for title in ("kept", "gone"))
+        tag = list_tags(http, user)[0]  # type: ignore[arg-type]
+        before = len(events_of(database.engine, user.user_id))
+        holder = _hold_task_lock(database, gone["id"])
+        with ThreadPoolExecutor(2) as pool:
+            deletion = pool.submit(http.delete, user.url(f"/{gone['id']}"))
+            wait_until(lambda: lock_waits(database.engine) == 1, "the task's delete to wait")
+            if change == "rename":
+                answer = pool.submit(
+                    http.patch, tags_url(user, f"/{tag['id']}"), json={"name": "S"}
+                )
+            else:
+                answer = pool.submit(http.delete, tags_url(user, f"/{tag['id']}"))
+            wait_until(lambda: lock_waits(database.engine) == 2, "the tag's change to wait")
+            holder.rollback()
+            holder.close()
+            assert deletion.result(timeout=30).status_code == 204
+            resp = answer.result(timeout=30)
+        assert resp.status_code == (200 if change == "rename" else 204), resp.text
+        events = events_of(database.engine, user.user_id)[before:]
+        assert [(e["action"], int(e["entity_id"])) for e in events] == [
+            ("task.deleted", gone["id"]),
+            ("task.updated", kept["id"]),
+        ]
+        assert events[0]["before"]["tags"] == ["shared"]
+        assert events[1]["after"]["tags"] == (["S"] if change == "rename" else [])
+        assert http.get(user.url(f"/{kept['id']}")).json()["tags"] == events[1]["after"]["tags"]
+
+
+def test_tag_renames_racing_task_tag_updates_all_succeed(
+    database: Database, live_server: LiveServer, user: ApiUser
+) -> None:
+    """Renames of two tags and updates moving them between four tasks, from eight threads:
+    the updates lock their tags before the task, as the renames do, so none deadlocks (a
+    deadlock was a 503 after a second's wait) and every task's last event is its state."""
+    with live_server.client(headers=user.headers) as http:
+        tasks = [create(http, user, f"t{i}", tags=["x", "y"])["id"] for i in range(4)]
+        tag_ids = [tag["id"] for tag in list_tags(http, user)]  # type: ignore[arg-type]
+
+    def one(index: int) -> tuple[str, int, str]:
+        with live_server.client(headers=user.headers) as http:
+            if index % 3 == 0:
+                tag_id = tag_ids[index // 3 % 2]
+                resp = http.patch(tags_url(user, f"/{tag_id}"), json={"name": f"n{tag_id}-{index}"})
+                return "rename", resp.status_code, resp.text
+            names = [tag["name"] for tag in http.get(tags_url(user)).json() if tag["id"] in tag_ids]
+            subset = names[: index % 3] if index % 2 else names[index % 3 :]
+            resp = http.put(user.url(f"/{tasks[index % 4]}"), json={"tags": subset})
+            return "update", resp.status_code, resp.text
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(240)))
+    assert [r for r in results if r[1] != 200] == []
+    events = events_of(database.engine, user.user_id)
+    with live_server.client(headers=user.headers) as http:
+        for task_id in tasks:
+            last = [e for e in events if int(e["entity_id"]) == task_id][-1]
+            assert http.get(user.url(f"/{task_id}")).json()["tags"] == last["after"]["tags"]
+
+
+def test_a_collision_postgresql_settles_by_rolling_back_is_a_503_to_retry(
+    database: Database, live_server: LiveServer, user: ApiUser
+) -> None:
+    """Completing a recurring task tags its next occurrence while holding the task; a rename
+    of that tag holds the tag and waits for the task. PostgreSQL rolls one back: 503 with
+    `Retry-After` (not 'database unavailable'), and the retry succeeds."""
+    with live_server.client(headers=user.headers) as http:
+        task = create(
+            http,
+            user,
+            "daily",
+            tags=["home"],
+            due_at="2027-01-04T09:00:00Z",
+            recurrence="FREQ=DAILY",
+        )
+        tag = list_tags(http, user)[0]  # type: ignore[arg-type]
+        holder = _hold_task_lock(database, task["id"])
+        requests = {
+            "complete": ("PATCH", user.url(f"/{task['id']}/complete"), None),
+            "rename": ("PATCH", tags_url(user, f"/{tag['id']}"), {"name": "Home"}),
+        }
+        with ThreadPoolExecutor(2) as pool:
+            method, url, body = requests["complete"]
+            completion = pool.submit(http.request, method, url, json=body)
+            wait_until(lambda: lock_waits(database.engine) == 1, "the completion to wait")
+            method, url, body = requests["rename"]
+            rename = pool.submit(http.request, method, url, json=body)
+            wait_until(lambda: lock_waits(database.engine) == 2, "the rename to wait")
+            holder.rollback()
+            holder.close()
+            answers = {
+                "complete": completion.result(timeout=30),
+                "rename": rename.result(timeout=30),
+            }
+        statuses = sorted(resp.status_code for resp in answers.values())
+        assert statuses == [200, 503], {k: r.text for k, r in answers.items()}
+        failed = next(name for name, resp in answers.items() if resp.status_code == 503)
+        problem = assert_problem(answers[failed], 503)
+        assert "rolled back; retry it" in problem["detail"]
+        assert answers[failed].headers["Retry-After"] == "1"
+        method, url, body = requests[failed]
+        assert http.request(method, url, json=body).status_code == 200
+        series = [t for t in http.get(user.url()).json() if t["title"] == "daily"]
+        assert len(series) == 2
+        assert all(t["tags"] == ["Home"] for t in series)

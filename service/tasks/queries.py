@@ -378,7 +378,15 @@ def get_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
 
 
 def lock_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
-    """Read the before-state under a row lock: concurrent writers to one task queue here.
+    """Read the before-state under a row lock: concurrent writers to one task queue here."""
+    task = lock_task_if_exists(session, user_id, task_id)
+    if task is None:
+        raise NotFound(f"Task {task_id} not found.")
+    return task
+
+
+def lock_task_if_exists(session: Session, user_id: str, task_id: int) -> TaskRecord | None:
+    """`lock_task`, or None for a task that is gone (also one deleted while this waited).
 
     After a wait, the tags are read again by a second statement, which sees what the writer
     before this one committed (the lock is already held, so nothing changes in between).
@@ -387,9 +395,7 @@ def lock_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
     row = session.execute(_LOCK_OWNED, params).first()
     if row is not None and row.seen != row.version:
         row = session.execute(_LOCK_OWNED, params).first()
-    if row is None:
-        raise NotFound(f"Task {task_id} not found.")
-    return TaskRecord.from_row(row[:-1])  # without `seen`
+    return None if row is None else TaskRecord.from_row(row[:-1])  # without `seen`
 
 
 class ListQuery(NamedTuple):

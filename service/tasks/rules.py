@@ -224,8 +224,12 @@ def _apply(
     ctx: AuditContext,
     current: TaskRecord,
     values: dict[str, Any],
+    resolved: list[tuple[int, str]] | None = None,
 ) -> TaskChange:
     """Write the changed fields of a locked task and record the event; a no-op writes nothing.
+
+    `resolved`: the new tags' ids and names (`values["tags"]`, resolved before the task was
+    locked), or None when the tags are not being set.
 
     A change of the completion flag alone is `task.completed` / `task.reopened`, whichever
     endpoint made it; any other change is `task.updated`. Completing a recurring task that has
@@ -233,8 +237,7 @@ def _apply(
     """
     changed = {k: v for k, v in values.items() if k != "tags" and getattr(current, k) != v}
     tags, tags_changed = current.tags, False
-    if "tags" in values:
-        resolved = tag_queries.resolve(session, current.user_id, list(values["tags"]))
+    if resolved is not None:
         names = tuple(sorted_names([name for _, name in resolved]))
         if names != current.tags:
             tags, tags_changed = names, True
@@ -310,9 +313,14 @@ def update_task(
     *,
     if_match: str | None = None,
 ) -> TaskChange:
+    changes = data.changes()
+    # The tags before the task, as a tag's rename or deletion locks them (`_change_tag`).
+    resolved = (
+        tag_queries.resolve(session, user_id, list(changes["tags"])) if "tags" in changes else None
+    )
     current = queries.lock_task(session, user_id, task_id)
     _check_version(current, if_match)
-    return _apply(session, ctx, current, data.changes())
+    return _apply(session, ctx, current, changes, resolved)
 
 
 def set_completed(
@@ -356,19 +364,22 @@ def _change_tag(
 ) -> list[RecordedEvent]:
     """Rename or delete a tag, recording the change of every task that carries it.
 
-    The tasks are locked first (id order), then the tag, then the tasks tagged meanwhile
-    (their writers have committed by then: tagging takes a key-share lock on the tag). So a
-    task write that holds its task's lock and waits for the tag cannot deadlock with this.
+    The tag is locked first, then its tasks in id order, the order a task's update takes (its
+    tags, then the task), so the two cannot deadlock. Once the tag is locked no task can be
+    tagged with it, so the tasks read then are all of them; one deleted or untagged while this
+    waited for its lock is left alone (its own event says so). One write still takes a tag
+    after its task: completing a recurring task tags the next occurrence. Should that meet a
+    change of the same tag, PostgreSQL rolls one of them back and the client retries (503).
     """
-    tagged = tag_queries.tagged_task_ids(session, tag_id)
-    befores = {task_id: queries.lock_task(session, user_id, task_id) for task_id in tagged}
-    tag_queries.lock_tag(session, user_id, tag_id)
+    _, name = tag_queries.lock_tag(session, user_id, tag_id)
+    befores = {}
     for task_id in tag_queries.tagged_task_ids(session, tag_id):
-        if task_id not in befores:
-            befores[task_id] = queries.lock_task(session, user_id, task_id)
+        before = queries.lock_task_if_exists(session, user_id, task_id)
+        if before is not None and name in before.tags:
+            befores[task_id] = before
     change()
     events = []
-    for task_id, before in sorted(befores.items()):
+    for task_id, before in befores.items():
         after = queries.update_fields(session, task_id, {}, _next_timestamp(before.updated_at))
         events.append(_record(session, ctx, "task.updated", task_id, user_id, before, after))
     return events
