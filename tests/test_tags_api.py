@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from service.database import Database
-from service.tags.rules import TAG_NAME_MAX, sorted_names
+from service.tags.rules import TAG_NAME_MAX, TAGS_PER_USER_MAX, sorted_names
 from tests.audit_helpers import events_of
 from tests.reliability_helpers import lock_waiter, lock_waits, wait_until
 from tests.support import ApiUser, LiveServer, assert_problem, assert_validation_error
@@ -393,3 +393,61 @@ def test_a_collision_postgresql_settles_by_rolling_back_is_a_503_to_retry(
         series = [t for t in http.get(user.url()).json() if t["title"] == "daily"]
         assert len(series) == 2
         assert all(t["tags"] == ["Home"] for t in series)
+
+
+def _seed_tags(database: Database, user: ApiUser, count: int) -> None:
+    with database.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO tags (user_id, name, created_at) "
+                "SELECT :u, 'seed ' || g, now() FROM generate_series(1, :n) AS g"
+            ),
+            {"u": user.user_id, "n": count},
+        )
+
+
+def _tag_count(database: Database, user: ApiUser) -> int:
+    with database.engine.connect() as conn:
+        query = sa.text("SELECT count(*) FROM tags WHERE user_id = :u")
+        return int(conn.execute(query, {"u": user.user_id}).scalar_one())
+
+
+def test_a_user_has_at_most_the_maximum_number_of_tags(
+    database: Database, client: TestClient, user: ApiUser
+) -> None:
+    assert client.get(tags_url(user), headers=user.headers).status_code == 200  # the user exists
+    _seed_tags(database, user, TAGS_PER_USER_MAX - 1)
+    made = client.post(tags_url(user), json={"name": "last"}, headers=user.headers)
+    assert made.status_code == 201, made.text
+    for attempt in (
+        client.post(tags_url(user), json={"name": "one more"}, headers=user.headers),
+        client.post(user.url(), json={"title": "t", "tags": ["another"]}, headers=user.headers),
+    ):
+        problem = assert_problem(attempt, 409)
+        assert problem["type"].endswith("/tag-conflict")
+    # Existing names are still used.
+    create(client, user, "t", tags=["LAST", "seed 7"])
+    assert _tag_count(database, user) == TAGS_PER_USER_MAX
+
+
+def test_concurrent_creates_never_exceed_the_maximum_number_of_tags(
+    database: Database, live_server: LiveServer, user: ApiUser
+) -> None:
+    """Each request counted the tags, then inserted: thirty at once, five short of the
+    maximum, left it seven over."""
+    with live_server.client(headers=user.headers) as http:
+        assert http.get(tags_url(user)).status_code == 200
+    _seed_tags(database, user, TAGS_PER_USER_MAX - 5)
+
+    def one(index: int) -> int:
+        with live_server.client(headers=user.headers) as http:
+            if index % 2:
+                body = {"title": "t", "tags": [f"task {index} {k}" for k in range(3)]}
+                return http.post(user.url(), json=body).status_code
+            return http.post(tags_url(user), json={"name": f"race {index}"}).status_code
+
+    with ThreadPoolExecutor(10) as pool:
+        statuses = list(pool.map(one, range(30)))
+    assert set(statuses) <= {201, 409}
+    assert 201 in statuses
+    assert _tag_count(database, user) <= TAGS_PER_USER_MAX

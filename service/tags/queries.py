@@ -59,6 +59,12 @@ _INSERT = (
     .returning(TAGS.c.id)
 )
 _COUNT = select(func.count()).select_from(TAGS).where(TAGS.c.user_id == bindparam("owner"))
+# Creators of one user's tags take turns (until commit), so that the count each one checks
+# against TAGS_PER_USER_MAX includes the others' new tags. Only a write that creates tags
+# takes it.
+_CREATORS_TAKE_TURNS = select(
+    func.pg_advisory_xact_lock(0x74616773, func.hashtext(bindparam("owner")))  # "tags"
+)
 _USAGE = (
     select(func.count())
     .select_from(TASK_TAGS)
@@ -122,6 +128,7 @@ def _resolve(
         if not missing:
             # Two names PostgreSQL folds together ('ΟΔΟΣ', 'οδοσ') are one tag, listed once.
             return list(dict.fromkeys(found[name] for name in wanted)), inserted
+        session.execute(_CREATORS_TAKE_TURNS, {"owner": user_id})
         count = session.execute(_COUNT, {"owner": user_id}).scalar_one()
         if count + len(missing) > TAGS_PER_USER_MAX:
             raise TagConflict(
