@@ -94,6 +94,26 @@ def test_all_fields_on_create_and_due_at_returned_in_utc(client: TestClient, use
         ),
         ({"recurrence": "FREQ=DAILY;INTERVAL=0"}, "body.recurrence", "INTERVAL must be between"),
         ({"recurrence": "FREQ=DAILY;COUNT=0"}, "body.recurrence", "COUNT must be between"),
+        # RFC 5545's numbers are ASCII digits; Python's int() also reads these (Arabic-Indic).
+        (
+            {"recurrence": "FREQ=DAILY;COUNT=\u0661\u0660"},
+            "body.recurrence",
+            "COUNT must be between",
+        ),
+        ({"recurrence": "FREQ=DAILY;COUNT=1_0"}, "body.recurrence", "COUNT must be between"),
+        ({"recurrence": "FREQ=DAILY;COUNT=+3"}, "body.recurrence", "COUNT must be between"),
+        (
+            {"recurrence": "FREQ=DAILY;INTERVAL=\u0662"},
+            "body.recurrence",
+            "INTERVAL must be between",
+        ),
+        ({"recurrence": "FREQ=DAILY;INTERVAL=1_0"}, "body.recurrence", "INTERVAL must be between"),
+        ({"recurrence": "FREQ=DAILY;INTERVAL=+2"}, "body.recurrence", "INTERVAL must be between"),
+        (
+            {"recurrence": "FREQ=MONTHLY;BYMONTHDAY=\u0661"},
+            "body.recurrence",
+            "BYMONTHDAY=\u0661 is not a day of the month",
+        ),
         (
             {"recurrence": "FREQ=DAILY;UNTIL=20270101"},
             "body.recurrence",
@@ -135,6 +155,10 @@ def test_rule_is_normalized(client: TestClient, user: ApiUser) -> None:
         recurrence="RRULE:count=5;freq=monthly;bymonthday=-1",
     )
     assert task["recurrence"] == "FREQ=MONTHLY;BYMONTHDAY=-1;COUNT=5"
+    weekly = create(
+        client, user, "List", due_at="2026-12-01T09:00:00Z", recurrence="FREQ=WEEKLY;BYDAY=mo , we"
+    )
+    assert weekly["recurrence"] == "FREQ=WEEKLY;BYDAY=MO,WE"
 
 
 def test_tags_are_deduplicated_case_insensitively_first_spelling_kept(

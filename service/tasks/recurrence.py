@@ -23,6 +23,10 @@ FREQUENCIES = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
 PARTS = ("FREQ", "INTERVAL", "BYDAY", "BYMONTHDAY", "COUNT", "UNTIL")
 _PREFIX = re.compile(r"^RRULE:", re.IGNORECASE)
 _WEEKDAY = re.compile(r"^(MO|TU|WE|TH|FR|SA|SU)$")
+# RFC 5545's numbers are ASCII digits; Python's int() also takes other scripts' digits,
+# '1_0' and '+3'.
+_DIGITS = re.compile(r"[0-9]{1,9}")
+_MONTH_DAY = re.compile(r"[+-]?[0-9]{1,2}")
 # Any aware time works for checking a rule's syntax; UNTIL must then be in UTC (`...Z`).
 _REFERENCE = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -59,7 +63,8 @@ def _split(text: str) -> dict[str, str]:
             )
         if name in parts:
             raise RuleError(f"{name} is given twice")
-        parts[name] = value.strip().upper()
+        # A list without the spaces around its commas, which RFC 5545 does not allow.
+        parts[name] = ",".join(item.strip() for item in value.split(",")).upper()
     return parts
 
 
@@ -70,9 +75,9 @@ def _check_supported(parts: dict[str, str]) -> None:
         raise RuleError(f"FREQ={freq} is not supported (use DAILY, WEEKLY, MONTHLY or YEARLY)")
     if "COUNT" in parts and "UNTIL" in parts:
         raise RuleError("give COUNT or UNTIL, not both")
-    if not 1 <= int(parts.get("INTERVAL", "1")) <= INTERVAL_MAX:
+    if not _within(parts.get("INTERVAL", "1"), INTERVAL_MAX):
         raise RuleError(f"INTERVAL must be between 1 and {INTERVAL_MAX}")
-    if "COUNT" in parts and not 1 <= int(parts["COUNT"]) <= COUNT_MAX:
+    if "COUNT" in parts and not _within(parts["COUNT"], COUNT_MAX):
         raise RuleError(f"COUNT must be between 1 and {COUNT_MAX}")
     if "BYDAY" in parts:
         if freq != "WEEKLY":
@@ -84,8 +89,12 @@ def _check_supported(parts: dict[str, str]) -> None:
         if freq != "MONTHLY":
             raise RuleError(f"BYMONTHDAY is supported with FREQ=MONTHLY only, not FREQ={freq}")
         for day in parts["BYMONTHDAY"].split(","):
-            if not day.strip().lstrip("+-").isdigit() or not 1 <= abs(int(day)) <= 31:
+            if not _MONTH_DAY.fullmatch(day.strip()) or not 1 <= abs(int(day)) <= 31:
                 raise RuleError(f"BYMONTHDAY={day} is not a day of the month (1-31 or -31 to -1)")
+
+
+def _within(number: str, maximum: int) -> bool:
+    return bool(_DIGITS.fullmatch(number)) and 1 <= int(number) <= maximum
 
 
 def _parse(text: str, dtstart: datetime) -> rrule:
