@@ -41,7 +41,13 @@ USERS = User.__table__  # type: ignore[attr-defined]
 
 
 def _fits(value: str | None, max_length: int) -> str | None:
-    return value if value is not None and len(value) <= max_length and "\x00" not in value else None
+    if value is None or len(value) > max_length or "\x00" in value:
+        return None
+    try:
+        value.encode("utf-8")  # a lone surrogate ('\\ud800' in the JSON) has no UTF-8
+    except UnicodeEncodeError:
+        return None
+    return value
 
 
 def _storable_claims(principal: Principal) -> tuple[str | None, str | None]:

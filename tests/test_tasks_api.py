@@ -555,7 +555,13 @@ def test_user_row_created_then_refreshed_from_claims(
 
 @pytest.mark.parametrize(
     ("email", "name"),
-    [("e" * 400 + "@example.com", "ok"), ("ok@example.com", "n" * 300), ("a\x00@b.c", "x\x00y")],
+    [
+        ("e" * 400 + "@example.com", "ok"),
+        ("ok@example.com", "n" * 300),
+        ("a\x00@b.c", "x\x00y"),
+        # A lone surrogate: valid JSON ('\\ud800'), but no UTF-8 for PostgreSQL (it was a 500).
+        ("\ud800@example.com", "Bob \ud83d"),
+    ],
 )
 def test_unstorable_claims_do_not_break_requests(
     client: TestClient, make_user: MakeUser, database: Database, email: str, name: str
@@ -565,7 +571,8 @@ def test_unstorable_claims_do_not_break_requests(
     assert client.get(user.url(), headers=user.headers).status_code == 200
     row = _user_row(database, user.user_id)
     assert row is not None
-    assert (row[0] == email) == (len(email) <= 320 and "\x00" not in email)
+    storable = len(email) <= 320 and "\x00" not in email and "\ud800" not in email
+    assert (row[0] == email) == storable
 
 
 # OpenAPI ------------------------------------------------------------------------------
