@@ -37,13 +37,19 @@ def test_guard_triggers_fire_always(database: Database) -> None:
         rows = conn.execute(
             sa.text(
                 "SELECT tgname, tgenabled FROM pg_trigger WHERE tgname IN "
-                "('audit_events_append_only', 'audit_events_no_truncate', 'tasks_audit_guard')"
+                "('audit_events_append_only', 'audit_events_no_truncate', 'tasks_audit_guard', "
+                "'task_tags_audit_guard', 'tags_audit_guard', 'task_tags_no_truncate', "
+                "'tags_no_truncate')"
             )
         ).all()
     assert {name: enabled for name, enabled in rows} == {
         "audit_events_append_only": "A",
         "audit_events_no_truncate": "A",
         "tasks_audit_guard": "A",
+        "task_tags_audit_guard": "A",
+        "tags_audit_guard": "A",
+        "task_tags_no_truncate": "A",
+        "tags_no_truncate": "A",
     }
 
 
@@ -82,6 +88,56 @@ def test_task_change_without_audit_event_fails_at_commit(
     assert "without an audit event in the same transaction" in str(excinfo.value.orig)
     listed = client.get(user.url(), headers=user.headers).json()
     assert listed == [task]
+
+
+RAW_TAG_CHANGES = {
+    "link": "INSERT INTO task_tags (task_id, tag_id, user_id) VALUES (:task, :spare, :user)",
+    "unlink": "DELETE FROM task_tags WHERE task_id = :task AND tag_id = :tag",
+    "relink": "UPDATE task_tags SET tag_id = :spare WHERE task_id = :task AND tag_id = :tag",
+    "rename tag": "UPDATE tags SET name = 'Sneaky' WHERE id = :tag",
+    "delete tag": "DELETE FROM tags WHERE id = :tag",
+}
+
+
+@pytest.mark.parametrize("replica", [False, True], ids=["origin", "replica"])
+@pytest.mark.parametrize("statement", RAW_TAG_CHANGES)
+def test_a_change_of_a_tasks_tags_without_audit_event_fails_at_commit(
+    client: TestClient, user: Any, database: Database, statement: str, replica: bool
+) -> None:
+    """The tags are part of the task's recorded state: its links, and the names of its tags."""
+    task = create_task(client, user, "Tagged", tags=["kept"])
+    spare = client.post(f"/api/{user.user_id}/tags", json={"name": "spare"}, headers=user.headers)
+    tags = {
+        t["name"]: t["id"]
+        for t in client.get(f"/api/{user.user_id}/tags", headers=user.headers).json()
+    }
+    params = {
+        "task": task["id"],
+        "tag": tags["kept"],
+        "spare": spare.json()["id"],
+        "user": user.user_id,
+    }
+    with database.engine.connect() as conn:
+        transaction = conn.begin()
+        if replica:
+            conn.execute(sa.text("SET LOCAL session_replication_role = replica"))
+        assert conn.execute(sa.text(RAW_TAG_CHANGES[statement]), params).rowcount == 1
+        with pytest.raises(sa.exc.IntegrityError) as excinfo:
+            transaction.commit()
+    assert excinfo.value.orig.pgcode == "23000"  # integrity_constraint_violation
+    assert "without an audit event" in str(excinfo.value.orig)
+    assert client.get(user.url(f"/{task['id']}"), headers=user.headers).json() == task
+
+
+def test_a_tag_no_task_carries_can_be_renamed_directly(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    """No task's state changes, so there is nothing to record."""
+    tag = client.post(f"/api/{user.user_id}/tags", json={"name": "unused"}, headers=user.headers)
+    with database.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE tags SET name = 'Unused' WHERE id = :id"), tag.json())
+    got = client.get(f"/api/{user.user_id}/tags/{tag.json()['id']}", headers=user.headers)
+    assert got.json()["name"] == "Unused"
 
 
 def test_an_event_for_another_task_does_not_cover_a_change(
@@ -133,12 +189,14 @@ UNAUDITED_WIPES = {
     "truncate tasks": "TRUNCATE tasks CASCADE",
     "delete chain head": "DELETE FROM audit_chain_heads WHERE user_id = :user_id",
     "truncate chain heads": "TRUNCATE audit_chain_heads",
+    "truncate task tags": "TRUNCATE task_tags",
+    "truncate tags": "TRUNCATE tags CASCADE",
 }
 
 
 @pytest.mark.parametrize("replica", [False, True], ids=["origin", "replica"])
 @pytest.mark.parametrize("statement", UNAUDITED_WIPES)
-def test_truncating_tasks_or_dropping_chain_heads_is_refused(
+def test_truncating_tasks_or_tags_or_dropping_chain_heads_is_refused(
     client: TestClient, user: Any, database: Database, statement: str, replica: bool
 ) -> None:
     """A row trigger does not see TRUNCATE, and a lost head would restart a chain at seq 1."""
@@ -209,3 +267,4 @@ def test_guard_finds_the_event_by_its_task_for_a_user_new_to_the_statistics() ->
 
     assert delta("ix_audit_events_entity", 0) >= tasks
     assert delta("uq_audit_events_user_seq", 1) < tasks
+
