@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Identity, Index, SmallInteger, String, text
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    Identity,
+    Index,
+    SmallInteger,
+    String,
+    text,
+)
 from sqlmodel import Field, SQLModel
 
 from service.limits import REQUEST_ID_MAX, USER_ID_MAX
@@ -13,6 +22,7 @@ from service.sqltypes import ID_TYPE, JSONType, UTCDateTime
 
 # Longer User-Agent headers are cut to this length before they are recorded.
 USER_AGENT_MAX = 256
+SEQ_CHECK = "ck_audit_events_seq_from_1"
 
 
 class AuditEvent(SQLModel, table=True):
@@ -30,6 +40,9 @@ class AuditEvent(SQLModel, table=True):
         Index("ix_audit_events_user_occurred", "user_id", "occurred_at"),
         Index("ix_audit_events_request_id", "request_id"),
         Index("ix_audit_events_trace_id", "trace_id"),
+        # Chains start at 1: the incremental verify reads on from the last verified seq, so a
+        # row inserted below the start would never be read by it (migration 0015).
+        CheckConstraint("seq >= 1", name=SEQ_CHECK),
     )
 
     id: int | None = Field(

@@ -268,3 +268,24 @@ def test_guard_finds_the_event_by_its_task_for_a_user_new_to_the_statistics() ->
     assert delta("ix_audit_events_entity", 0) >= tasks
     assert delta("uq_audit_events_user_seq", 1) < tasks
 
+
+@pytest.mark.parametrize("seq", [0, -5])
+def test_an_event_below_the_start_of_a_chain_is_refused(
+    client: TestClient, user: Any, database: Database, seq: int
+) -> None:
+    """The incremental verify reads on from the last verified seq, so a row below 1 would be
+    served by the API yet never verified by it."""
+    create_task(client, user, "Chained")
+    with pytest.raises(sa.exc.IntegrityError) as excinfo, database.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO audit_events (user_id, seq, occurred_at, actor_id, action, "
+                "entity_type, entity_id, changes, xact_id, prev_hash, hash, hash_version) "
+                "SELECT user_id, :seq, occurred_at, actor_id, action, entity_type, entity_id, "
+                "changes, xact_id, prev_hash, hash, hash_version "
+                "FROM audit_events WHERE user_id = :u"
+            ),
+            {"seq": seq, "u": user.user_id},
+        )
+    assert excinfo.value.orig.pgcode == "23514"  # check_violation
+    assert len(events_of(database.engine, user.user_id)) == 1
