@@ -133,6 +133,19 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
+async def count_anonymous(request: Request) -> None:
+    """Count a request without a valid token: the client's address is all there is to count
+    it by (the proxy's client, per TRUSTED_PROXIES)."""
+    limiter: RateLimiter = request.app.state.rate_limiter
+    client = request.client.host if request.client else "unknown"
+    await limiter.check(request, Category.anonymous, "ip", client)
+
+
+async def count_user(request: Request, user_id: str) -> None:
+    limiter: RateLimiter = request.app.state.rate_limiter
+    await limiter.check(request, category_for(request), "user", user_id)
+
+
 async def get_current_user(
     request: Request,
     user_id: UserIdPath,
@@ -143,7 +156,6 @@ async def get_current_user(
     Blocking work (a JWKS fetch, a first-seen user's row) goes to a thread; the common case,
     a cached token of a known user, does not.
     """
-    limiter: RateLimiter = request.app.state.rate_limiter
     try:
         if credentials is None or credentials.scheme.lower() != "bearer":
             raise TokenMissing("missing bearer token")
@@ -152,12 +164,9 @@ async def get_current_user(
         if principal is None:
             principal = await run_in_threadpool(verifier.verify, credentials.credentials)
     except AuthError:
-        # Without a valid token, the client's address is all there is to count by
-        # (the proxy's client, per TRUSTED_PROXIES).
-        client = request.client.host if request.client else "unknown"
-        await limiter.check(request, Category.anonymous, "ip", client)
+        await count_anonymous(request)
         raise
-    await limiter.check(request, category_for(request), "user", principal.user_id)
+    await count_user(request, principal.user_id)
     if principal.user_id != user_id:
         raise Forbidden("The token does not belong to this user.")
     span = trace.get_current_span()

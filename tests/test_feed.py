@@ -494,3 +494,17 @@ def test_the_listener_connects_to_feed_database_url_and_survives_its_loss(
                 write(http, user, "POST", json={"title": "three"})
                 reader.wait_for_seq(3)
     assert reader.seqs == [1, 2, 3]
+
+
+def test_a_stream_opened_with_a_ticket_counts_against_its_users_read_limit(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    with serve(settings, database, rate_limit_read="1/minute") as server, server.client() as http:
+        url = http.post(f"/api/{user.user_id}/events/tickets", headers=user.headers).json()[
+            "stream_url"
+        ]
+        with FeedReader(server.url, url) as reader:
+            assert reader.status == 200
+        limited = http.get(user.url(), headers=user.headers)
+        assert limited.status_code == 429
+        assert limited.headers["RateLimit-Policy"] == '"read";q=1;w=60'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import redis
@@ -183,3 +184,18 @@ def test_openapi_documents_429_on_api_routes(app: FastAPI) -> None:
     create = schema["paths"]["/api/{user_id}/tasks"]["post"]["responses"]
     assert "429" in create
     assert "429" not in schema["paths"]["/healthz"]["get"]["responses"]
+
+
+def test_the_change_feed_counts_requests_without_a_valid_token_per_client_ip(
+    settings: Settings, database: Database, user: ApiUser, make_user: Any
+) -> None:
+    """No credentials, a made-up stream ticket, or another user's: each counts against the
+    address, as on every other route (and each ticket tried is a database lookup)."""
+    other = make_user()
+    with _client(settings, database, rate_limit_anonymous="3/minute") as client:
+        stream = f"/api/{user.user_id}/events"
+        ticket = client.post(f"/api/{other.user_id}/events/tickets", headers=other.headers)
+        assert client.get(stream).status_code == 401
+        assert client.get(stream, params={"ticket": "x" * 43}).status_code == 401
+        assert client.get(stream, params={"ticket": ticket.json()["ticket"]}).status_code == 403
+        _assert_rate_limited(client.get(stream, params={"ticket": "y" * 43}), "anonymous", 3, 60)

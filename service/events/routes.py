@@ -37,11 +37,13 @@ from service.deps import (
     UnitOfWorkRoute,
     UserIdPath,
     bearer_scheme,
+    count_anonymous,
+    count_user,
     get_current_user,
 )
 from service.events import tickets
 from service.events.hub import FeedHub, Subscription
-from service.exceptions import DomainError, InvalidInput, TokenMissing
+from service.exceptions import AuthError, DomainError, Forbidden, InvalidInput, TokenMissing
 from service.openapi import error_responses
 from service.problem_types import ProblemType
 from service.responses import json_response, url_path_for
@@ -135,9 +137,15 @@ async def _principal(
 ) -> Principal:
     if bearer is not None:
         return await get_current_user(request, user_id, bearer)
-    if ticket is None:
-        raise TokenMissing("missing bearer token or stream ticket")
-    principal = await run_in_threadpool(tickets.redeem, database, ticket, user_id)
+    # Counted as `get_current_user` counts: by address until the ticket proves the user.
+    try:
+        if ticket is None:
+            raise TokenMissing("missing bearer token or stream ticket")
+        principal = await run_in_threadpool(tickets.redeem, database, ticket, user_id)
+    except (AuthError, Forbidden):
+        await count_anonymous(request)
+        raise
+    await count_user(request, principal.user_id)
     span = trace.get_current_span()
     if span.is_recording():
         span.set_attribute("enduser.id", principal.user_id)
