@@ -278,8 +278,10 @@ def test_filter_by_tag_matches_as_postgresql_lower_cases(client: TestClient, use
         ({"due_after": "yesterday"}, "query.due_after"),
         ({"overdue": "perhaps"}, "query.overdue"),
         ({"sort": "tags"}, "query.sort"),
-        ({"tag": "x" * 51}, "query.tag"),
-        ({"tag": " "}, "query.tag"),
+        ({"tag": "x" * 51}, "query.tag.0"),
+        ({"tag": " "}, "query.tag.0"),
+        ({"tag": ["ok", "bad\x07bell"]}, "query.tag.1"),
+        ({"tag": "x" * 201}, "query.tag.0"),
         ({"tag": [f"t{i}" for i in range(21)]}, "query.tag"),
     ],
 )

@@ -61,10 +61,13 @@ def _tag_filter(names: list[str] | None) -> tuple[str, ...]:
         return ()
     if len(names) > TAGS_PER_TASK_MAX:
         raise InvalidInput(f"Filter by at most {TAGS_PER_TASK_MAX} tags.", field="query.tag")
-    try:
-        return tuple(clean_tag_name(name) for name in names)
-    except ValueError as exc:
-        raise InvalidInput(f"{exc}.", field="query.tag") from None
+    cleaned = []
+    for index, name in enumerate(names):
+        try:
+            cleaned.append(clean_tag_name(name))
+        except ValueError as exc:
+            raise InvalidInput(f"{exc}.", field=f"query.tag.{index}") from None
+    return tuple(cleaned)
 
 
 def _no_nul(value: str | None) -> str | None:
