@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from datetime import timedelta
 from enum import StrEnum
@@ -171,6 +172,47 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_cors_origins(cls, value: list[str] | None) -> list[str] | None:
+        """Each as a browser writes `Origin`, or `*`: anything else never matches."""
+        for origin in value or ():
+            if origin == "*":
+                continue
+            parts = urlsplit(origin)
+            if parts.scheme not in {"http", "https"} or not parts.netloc:
+                raise ValueError(
+                    f"{origin!r} is not an origin: write it with its scheme, "
+                    f"e.g. https://{origin.split('://')[-1].strip('/')} or "
+                    f"http://{origin.split('://')[-1].strip('/')}"
+                )
+            if parts.path or parts.query or parts.fragment:
+                raise ValueError(
+                    f"{origin!r}: an origin is a scheme and host without a path, "
+                    f"e.g. {parts.scheme}://{parts.netloc}"
+                )
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_trusted_proxies(cls, value: list[str]) -> list[str]:
+        """Addresses or networks: uvicorn takes anything else for a host name that a client
+        address never equals, and believes no proxy at all."""
+        for entry in value:
+            if entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry)
+            except ValueError:
+                try:
+                    network = ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"{entry!r} is not an IP address or network") from None
+                raise ValueError(
+                    f"{entry!r} has host bits set: write the network, {network}"
+                ) from None
+        return value
+
     @field_validator("better_auth_url")
     @classmethod
     def _check_better_auth_url(cls, value: str | None) -> str | None:
@@ -208,11 +250,16 @@ class Settings(BaseSettings):
         from limits import parse
 
         try:
-            parse(value)
+            limit = parse(value)
         except ValueError:
             raise ValueError(
                 f"not a rate limit: {value!r} (write it like 120/minute or 10/second)"
             ) from None
+        if limit.amount < 1:
+            raise ValueError(
+                f"{value!r} refuses every request; to turn the limits off, set "
+                "RATE_LIMIT_ENABLED=false"
+            )
         return value
 
     @field_validator("redis_url")

@@ -210,3 +210,59 @@ def test_leeway_is_at_most_60_seconds(
 def test_cors_origins_from_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
     settings = from_env(monkeypatch, CORS_ORIGINS="https://a.example, https://b.example ,")
     assert settings.cors_origins == ["https://a.example", "https://b.example"]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("localhost:3000", "http://localhost:3000"),
+        ("http://localhost:3000/", "without a path"),
+        ("https://app.example/login", "without a path"),
+        ("app.example", "https://app.example"),
+    ],
+)
+def test_cors_origins_must_be_origins(
+    monkeypatch: pytest.MonkeyPatch, value: str, message: str
+) -> None:
+    """A browser sends `Origin: http://localhost:3000`: an entry written otherwise would
+    never match it, and every call from the frontend would fail CORS."""
+    with pytest.raises(ValidationError) as excinfo:
+        from_env(monkeypatch, CORS_ORIGINS=f"https://ok.example,{value}")
+    assert message in str(excinfo.value)
+
+
+def test_cors_origins_may_be_any_origin(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert from_env(monkeypatch, CORS_ORIGINS="*").cors_origins == ["*"]
+
+
+@pytest.mark.parametrize(
+    "value", ["127.0.0.1", "10.0.0.0/8", "::1", "fd00::/8", "*", "127.0.0.1, 10.1.0.0/16"]
+)
+def test_trusted_proxies_are_addresses_or_networks(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    assert from_env(monkeypatch, TRUSTED_PROXIES=value).trusted_proxies
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("127.0.0.1/8", "127.0.0.0/8"),  # host bits set: uvicorn took it for a host name
+        ("not-an-ip", "not an IP address or network"),
+        ("10.0.0.300", "not an IP address or network"),
+    ],
+)
+def test_trusted_proxies_that_would_never_match_are_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str, message: str
+) -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        from_env(monkeypatch, TRUSTED_PROXIES=value)
+    assert message in str(excinfo.value)
+
+
+@pytest.mark.parametrize("value", ["0/minute", "0/second"])
+def test_a_rate_limit_of_zero_is_refused(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """It refused every request; RATE_LIMIT_ENABLED=false is how limits are turned off."""
+    with pytest.raises(ValidationError) as excinfo:
+        from_env(monkeypatch, RATE_LIMIT_READ=value)
+    assert "RATE_LIMIT_ENABLED=false" in str(excinfo.value)
