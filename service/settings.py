@@ -47,11 +47,23 @@ DEV_CORS_ORIGINS = ("http://localhost:3000", "http://127.0.0.1:3000")
 
 
 def origin_of(url: str) -> str:
-    """The scheme://host[:port] part of a URL: what Better Auth puts in `iss` and `aud`."""
+    """The URL's origin as JavaScript's `new URL(url).origin` writes it (lower case, no
+    default port): what Better Auth puts in `iss` and `aud`."""
     parts = urlsplit(url)
-    if not parts.scheme or not parts.netloc:
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = None
+    if not parts.scheme or not host:
         raise ConfigError(f"not an absolute URL: {url!r}")
-    return f"{parts.scheme}://{parts.netloc}"
+    scheme = parts.scheme.lower()
+    netloc = f"[{host}]" if ":" in host else host
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        netloc = f"{netloc}:{port}"
+    return f"{scheme}://{netloc}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def check_database_url(url: str) -> None:

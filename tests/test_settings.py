@@ -145,6 +145,11 @@ def test_secret_is_never_in_repr_or_str(monkeypatch: pytest.MonkeyPatch) -> None
         ("https://auth.example.com/", "https://auth.example.com"),
         ("http://127.0.0.1:3000", "http://127.0.0.1:3000"),
         ("https://example.com:8443/api/auth/", "https://example.com:8443"),
+        # As JavaScript's `new URL(base).origin` writes it: lower case, no default port.
+        ("https://app.example.com:443/", "https://app.example.com"),
+        ("HTTP://LocalHost:3917", "http://localhost:3917"),
+        ("http://Example.COM:80", "http://example.com"),
+        ("http://[::1]:3000", "http://[::1]:3000"),
     ],
 )
 def test_issuer_and_audience_default_to_the_origin(
