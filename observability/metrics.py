@@ -128,7 +128,7 @@ def observe_pool(engine: Engine) -> None:
     _pools.add(engine)
 
 
-def _otlp_reader() -> MetricReader:
+def _check_otlp_protocol() -> None:
     protocol = (
         os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
         or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
@@ -136,10 +136,32 @@ def _otlp_reader() -> MetricReader:
     ).strip()
     if protocol != "http/protobuf":
         raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported for metrics")
+
+
+def _otlp_reader() -> MetricReader:
+    _check_otlp_protocol()
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
     # Endpoint, headers and interval come from the OTEL_* variables.
     return PeriodicExportingMetricReader(OTLPMetricExporter())
+
+
+def metric_exporter_names() -> list[str]:
+    """The exporters `OTEL_METRICS_EXPORTER` names besides Prometheus (METRICS_ENABLED).
+
+    Raises ConfigError for what `metric_readers` would refuse, without making any: `serve`
+    checks it before its workers start.
+    """
+    names = os.environ.get("OTEL_METRICS_EXPORTER", "").strip().lower()
+    chosen: list[str] = []
+    for name in (part.strip() for part in names.split(",")):
+        if name in ("", "none", "prometheus"):
+            continue
+        if name != "otlp":
+            raise ConfigError(f"OTEL_METRICS_EXPORTER must be otlp, prometheus or none: {name!r}")
+        _check_otlp_protocol()
+        chosen.append(name)
+    return chosen
 
 
 def metric_readers(settings: Settings) -> list[MetricReader]:
@@ -148,14 +170,7 @@ def metric_readers(settings: Settings) -> list[MetricReader]:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
         readers.append(PrometheusMetricReader(registry=REGISTRY))
-    names = os.environ.get("OTEL_METRICS_EXPORTER", "").strip().lower()
-    for name in (part.strip() for part in names.split(",")):
-        if name in ("", "none", "prometheus"):
-            continue
-        if name == "otlp":
-            readers.append(_otlp_reader())
-        else:
-            raise ConfigError(f"OTEL_METRICS_EXPORTER must be otlp, prometheus or none: {name!r}")
+    readers.extend(_otlp_reader() for _ in metric_exporter_names())
     return readers
 
 

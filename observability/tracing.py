@@ -81,7 +81,7 @@ def build_resource(settings: Settings) -> Resource:
     return Resource.create({**defaults, **from_env})
 
 
-def _otlp_exporter() -> SpanExporter:
+def _check_otlp_protocol() -> None:
     protocol = (
         os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
@@ -92,28 +92,45 @@ def _otlp_exporter() -> SpanExporter:
             f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported: this service exports "
             "OTLP over HTTP/protobuf (Jaeger and collectors listen for it on port 4318)"
         )
+
+
+def _otlp_exporter() -> SpanExporter:
+    _check_otlp_protocol()
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     # The exporter reads the endpoint, headers, timeout and compression variables itself.
     return OTLPSpanExporter()
 
 
-def span_exporters() -> list[SpanExporter]:
-    """The exporters `OTEL_TRACES_EXPORTER` names; unset, OTLP if an OTLP endpoint is set."""
+def span_exporter_names() -> list[str]:
+    """The exporters `OTEL_TRACES_EXPORTER` names; unset, OTLP if an OTLP endpoint is set.
+
+    Raises ConfigError for what `span_exporters` would refuse, without making any: `serve`
+    checks it before its workers start.
+    """
     names = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     if not names:
         names = "otlp" if any(os.environ.get(var) for var in _OTLP_ENDPOINT_VARS) else "none"
-    exporters: list[SpanExporter] = []
+    chosen: list[str] = []
     for name in (part.strip() for part in names.split(",")):
         if name in ("", "none"):
             continue
+        if name not in ("otlp", "console"):
+            raise ConfigError(f"OTEL_TRACES_EXPORTER must be otlp, console or none, not {name!r}")
+        if name == "otlp":
+            _check_otlp_protocol()
+        chosen.append(name)
+    return chosen
+
+
+def span_exporters() -> list[SpanExporter]:
+    exporters: list[SpanExporter] = []
+    for name in span_exporter_names():
         if name == "otlp":
             exporters.append(_otlp_exporter())
-        elif name == "console":
+        else:
             # stderr: stdout carries the JSON log lines.
             exporters.append(ConsoleSpanExporter(out=sys.stderr))
-        else:
-            raise ConfigError(f"OTEL_TRACES_EXPORTER must be otlp, console or none, not {name!r}")
     return exporters
 
 

@@ -20,11 +20,12 @@ from audit.routes import router as audit_router
 from observability import configure_logging, configure_tracing, force_flush, observe_app
 from observability.metrics import (
     configure_metrics,
+    metric_exporter_names,
     observe_pool,
     shutdown_metrics,
     start_metrics_server,
 )
-from observability.tracing import build_resource, service_version
+from observability.tracing import build_resource, sdk_disabled, service_version, span_exporter_names
 from service.auth import TokenVerifier
 from service.database import Database
 from service.docs import install_docs
@@ -200,6 +201,20 @@ def create_app(
     observe_pool(db.engine)
     observe_app(app, db.engine, provider)
     return app
+
+
+def check_settings(settings: Settings) -> None:
+    """Raise ConfigError for what `create_app` would refuse, without starting anything.
+
+    `todo-api serve` calls it before uvicorn starts: a worker whose `create_app` raises prints
+    a traceback, and uvicorn restarts it forever.
+    """
+    signing_key(settings)
+    TokenVerifier.from_settings(settings)
+    RateLimiter(settings)
+    if not sdk_disabled():
+        span_exporter_names()
+        metric_exporter_names()
 
 
 async def check_token_keys(settings: Settings, verifier: TokenVerifier) -> None:

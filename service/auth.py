@@ -167,10 +167,10 @@ class TokenVerifier:
         clock: Callable[[], float] = time.time,
     ) -> None:
         if hs256_secret is not None and not hs256_secret:
-            raise ConfigError("the HS256 secret must not be empty")
+            raise ConfigError("BETTER_AUTH_SECRET must not be empty: set a secret, or unset it")
         if jwks_url is not None:
             if urlsplit(jwks_url).scheme not in {"http", "https"}:
-                raise ConfigError("the JWKS URL must be an http(s) URL")
+                raise ConfigError("BETTER_AUTH_JWKS_URL must be an http:// or https:// URL")
             if not issuer or not audience:
                 raise ConfigError(
                     "verifying JWKS tokens needs an issuer and an audience "

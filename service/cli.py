@@ -11,7 +11,6 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
-from audit.checkpoint import signing_key
 from audit.cli import register as register_audit
 from service.database import Database, normalize_database_url, safe_url
 from service.settings import ConfigError, Settings, get_settings
@@ -57,9 +56,11 @@ def migrate(settings: Settings) -> None:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from service.app import check_settings
+
     try:
-        # A configured but unusable checkpoint key stops here, not in every worker.
-        signing_key(settings)
+        # A bad value stops here, in one line, not in every worker (restarted forever).
+        check_settings(settings)
     except ConfigError as exc:
         print(f"todo-api: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import jwt
+import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
@@ -167,3 +169,68 @@ def test_tasks_list_reads_a_users_tasks_through_the_api_queries(
 
     other = run(tmp_path, "tasks", "list", "nobody-at-all", DATABASE_URL=database_url)
     assert other.returncode == 0 and other.stdout == ""
+
+
+def run_serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`todo-api serve` with two workers, stopped with its workers if it has not exited within
+    20 s (uvicorn restarts a worker that crashes at start-up forever)."""
+    process = subprocess.Popen(
+        [str(TODO_API), "serve", "--port", "1", "--workers", "2", *args],
+        cwd=tmp_path,
+        env=clean_environ(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the workers go with it
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        raise AssertionError(f"serve did not exit:\n{stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+JWKS = "http://127.0.0.1:9/api/auth/jwks"
+OTLP = "http://127.0.0.1:9"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        pytest.param(
+            {
+                "APP_ENV": "production",
+                "BETTER_AUTH_URL": "http://127.0.0.1:3917",
+                "BETTER_AUTH_JWKS_URL": "ftp://x/jwks",
+            },
+            "BETTER_AUTH_JWKS_URL",
+            id="jwks-url-not-http",
+        ),
+        pytest.param({"BETTER_AUTH_JWKS_URL": JWKS}, "JWT_ISSUER", id="jwks-url-alone"),
+        pytest.param(
+            {"BETTER_AUTH_JWKS_URL": JWKS, "JWT_ISSUER": "http://127.0.0.1:3000"},
+            "JWT_AUDIENCE",
+            id="issuer-without-audience",
+        ),
+        pytest.param({"BETTER_AUTH_SECRET": ""}, "BETTER_AUTH_SECRET", id="empty-secret"),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": OTLP},
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            id="otlp-grpc",
+        ),
+        pytest.param({"OTEL_TRACES_EXPORTER": "jaeger"}, "OTEL_TRACES_EXPORTER", id="jaeger"),
+        pytest.param({"OTEL_METRICS_EXPORTER": "statsd"}, "OTEL_METRICS_EXPORTER", id="statsd"),
+        pytest.param({"AUDIT_SIGNING_KEY": "garbage"}, "signing key", id="audit-key"),
+    ],
+)
+def test_a_bad_setting_stops_serve_with_one_line_before_any_worker_starts(
+    tmp_path: Path, database_url: str, env: dict[str, str], named: str
+) -> None:
+    result = run_serve(tmp_path, "--no-migrate", DATABASE_URL=database_url, **env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("todo-api: configuration error: ") and named in line, line
+    assert result.stdout == ""
