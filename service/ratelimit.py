@@ -23,12 +23,13 @@ from fastapi.responses import JSONResponse
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import ConfigurationError
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from observability import metrics
 from service.errors import problem
-from service.settings import Settings
+from service.settings import ConfigError, Settings
 
 log = logging.getLogger("service.ratelimit")
 
@@ -87,6 +88,27 @@ class RateLimited(Exception):
         self.decision = decision
 
 
+def _redis_storage(settings: Settings, url: str) -> RedisStorage:
+    """The Redis counters; an unusable URL is a ConfigError that does not quote it (the URL
+    may carry the password, and `limits` quotes it whole)."""
+    try:
+        return RedisStorage(
+            f"async+{url}",
+            implementation="redispy",
+            key_prefix=settings.rate_limit_key_prefix,
+            # A request never waits longer than this for Redis.
+            socket_timeout=settings.rate_limit_redis_timeout_seconds,
+            socket_connect_timeout=settings.rate_limit_redis_timeout_seconds,
+        )
+    except (ConfigurationError, ValueError):
+        # Not even the reason: with an unencoded "/" in the password, urllib's "Port could not
+        # be cast to integer value as ..." quotes part of it.
+        raise ConfigError(
+            "REDIS_URL is not a usable Redis URL (is its host:port right, and the password "
+            "percent-encoded?): write it like redis://[:password@]host:port/db"
+        ) from None
+
+
 class RateLimiter:
     """The app's limiter: one storage, one limit per category."""
 
@@ -101,15 +123,7 @@ class RateLimiter:
         self.shared = settings.redis_url is not None
         self.storage: Storage
         if settings.redis_url is not None:
-            url = settings.redis_url.get_secret_value()
-            self.storage = RedisStorage(
-                f"async+{url}",
-                implementation="redispy",
-                key_prefix=settings.rate_limit_key_prefix,
-                # A request never waits longer than this for Redis.
-                socket_timeout=settings.rate_limit_redis_timeout_seconds,
-                socket_connect_timeout=settings.rate_limit_redis_timeout_seconds,
-            )
+            self.storage = _redis_storage(settings, settings.redis_url.get_secret_value())
         else:
             self.storage = MemoryStorage()
         self.strategy = MovingWindowRateLimiter(self.storage)

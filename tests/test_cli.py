@@ -223,6 +223,7 @@ OTLP = "http://127.0.0.1:9"
         pytest.param({"OTEL_TRACES_EXPORTER": "jaeger"}, "OTEL_TRACES_EXPORTER", id="jaeger"),
         pytest.param({"OTEL_METRICS_EXPORTER": "statsd"}, "OTEL_METRICS_EXPORTER", id="statsd"),
         pytest.param({"AUDIT_SIGNING_KEY": "garbage"}, "signing key", id="audit-key"),
+        pytest.param({"REDIS_URL": "redis://127.0.0.1:notaport/15"}, "REDIS_URL", id="redis-port"),
     ],
 )
 def test_a_bad_setting_stops_serve_with_one_line_before_any_worker_starts(
@@ -234,3 +235,20 @@ def test_a_bad_setting_stops_serve_with_one_line_before_any_worker_starts(
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("todo-api: configuration error: ") and named in line, line
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("url", "password"),
+    [
+        ("redis://:Sup3rSecretPw@127.0.0.1:notaport/15", "Sup3rSecretPw"),
+        # An unencoded "/" ends the host part early: the port urllib reads is the password's.
+        ("redis://:Sup3r/SecretPw@127.0.0.1:6379/15", "Sup3r"),
+    ],
+)
+def test_an_unusable_redis_url_is_refused_without_its_password(
+    tmp_path: Path, database_url: str, url: str, password: str
+) -> None:
+    result = run_serve(tmp_path, "--no-migrate", DATABASE_URL=database_url, REDIS_URL=url)
+    assert result.returncode == 2, result.stderr
+    assert "REDIS_URL" in result.stderr
+    assert password not in result.stderr + result.stdout
