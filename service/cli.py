@@ -213,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         if settings.database_url is None and getattr(args, "needs_database", True):
             return _on_embedded_server(args, settings)
         return int(args.handler(args, settings))
+    except ConfigError as exc:
+        # Found by the command itself (e.g. an unusable AUDIT_SIGNING_KEY): the same line.
+        print(f"todo-api: configuration error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -252,3 +252,20 @@ def test_an_unusable_redis_url_is_refused_without_its_password(
     assert result.returncode == 2, result.stderr
     assert "REDIS_URL" in result.stderr
     assert password not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("command", [["audit", "checkpoint"], ["audit", "public-key"]])
+@pytest.mark.parametrize(
+    "env",
+    [{"AUDIT_SIGNING_KEY": "garbage-not-a-key"}, {"AUDIT_SIGNING_KEY_FILE": "/nonexistent.pem"}],
+    ids=["key", "file"],
+)
+def test_an_unusable_audit_signing_key_is_a_configuration_error(
+    tmp_path: Path, database_url: str, command: list[str], env: dict[str, str]
+) -> None:
+    result = run(tmp_path, *command, DATABASE_URL=database_url, **env)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("todo-api: configuration error: the audit signing key is unusable")
+    assert "garbage-not-a-key" not in line and result.stdout == ""
