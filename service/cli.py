@@ -11,6 +11,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
+from pydantic import ValidationError
+
 from audit.cli import register as register_audit
 from service.database import Database, normalize_database_url, safe_url
 from service.settings import ConfigError, Settings, get_settings
@@ -201,12 +203,24 @@ def _on_embedded_server(args: argparse.Namespace, settings: Settings) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def describe_config_error(exc: ValueError) -> str:
+    """One line: pydantic's message is several, with a documentation link per error."""
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        message = error["msg"].removeprefix("Value error, ")
+        name = ".".join(str(part) for part in error["loc"]).upper()
+        parts.append(message if not name or name in message else f"{name}: {message}")
+    return "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = get_settings()
     except (ConfigError, ValueError) as exc:
-        print(f"todo-api: configuration error: {exc}", file=sys.stderr)
+        print(f"todo-api: configuration error: {describe_config_error(exc)}", file=sys.stderr)
         return 2
     try:
         # Commands that need no database say so (needs_database=False).

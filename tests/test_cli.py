@@ -224,6 +224,9 @@ OTLP = "http://127.0.0.1:9"
         pytest.param({"OTEL_METRICS_EXPORTER": "statsd"}, "OTEL_METRICS_EXPORTER", id="statsd"),
         pytest.param({"AUDIT_SIGNING_KEY": "garbage"}, "signing key", id="audit-key"),
         pytest.param({"REDIS_URL": "redis://127.0.0.1:notaport/15"}, "REDIS_URL", id="redis-port"),
+        # Refused by the settings themselves, like DATABASE_URL=sqlite://...
+        pytest.param({"JWT_LEEWAY_SECONDS": "600"}, "JWT_LEEWAY_SECONDS", id="settings-bound"),
+        pytest.param({"REDIS_URL": "http://127.0.0.1:6379"}, "REDIS_URL", id="settings-check"),
     ],
 )
 def test_a_bad_setting_stops_serve_with_one_line_before_any_worker_starts(
