@@ -26,7 +26,7 @@ from observability.metrics import (
     start_metrics_server,
 )
 from observability.tracing import build_resource, sdk_disabled, service_version, span_exporter_names
-from service.auth import TokenVerifier
+from service.auth import TokenVerifier, masked_url
 from service.database import Database
 from service.docs import install_docs
 from service.errors import install_error_handlers
@@ -227,14 +227,14 @@ async def check_token_keys(settings: Settings, verifier: TokenVerifier) -> None:
         return
     if settings.better_auth_url_has_base_path and not settings.better_auth_jwks_url:
         assert settings.better_auth_url is not None
-        origin = origin_of(settings.better_auth_url)
+        origin = masked_url(origin_of(settings.better_auth_url))
         log.warning(
             "BETTER_AUTH_URL=%s has a path; using its origin %s (keys from %s, expected "
             "iss/aud %s). Set BETTER_AUTH_URL=%s.",
-            settings.better_auth_url,
+            masked_url(settings.better_auth_url),
             origin,
-            settings.jwks_url,
-            settings.expected_issuer,
+            verifier.jwks_url_shown,
+            masked_url(settings.expected_issuer or ""),
             origin,
         )
     if not await to_thread.run_sync(verifier.prefetch_keys):
@@ -242,10 +242,10 @@ async def check_token_keys(settings: Settings, verifier: TokenVerifier) -> None:
             "No token signing keys could be fetched from %s (BETTER_AUTH_JWKS_URL / "
             "BETTER_AUTH_URL). Requests with Better Auth tokens get 503 until the keys can "
             "be fetched: is the frontend running, and is BETTER_AUTH_URL its origin?",
-            settings.jwks_url,
+            verifier.jwks_url_shown,
         )
     else:
-        log.info("token signing keys fetched from %s", settings.jwks_url)
+        log.info("token signing keys fetched from %s", verifier.jwks_url_shown)
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -108,6 +108,18 @@ def _parse_jwks(document: Any) -> tuple[_Jwk, ...]:
     return keys
 
 
+def masked_url(url: str) -> str:
+    """The URL with its password masked, for logs and messages."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return "(an invalid URL)"
+    if not parsed.password:
+        return str(parsed)
+    mask = "***"  # as SQLAlchemy shows database URLs
+    return str(parsed.copy_with(username=parsed.username, password=mask))
+
+
 def _find_key(keys: tuple[_Jwk, ...], kid: str | None) -> _Jwk | None:
     if kid is None:
         # Without a kid the choice is only unambiguous when the set holds a single key.
@@ -168,9 +180,22 @@ class TokenVerifier:
     ) -> None:
         if hs256_secret is not None and not hs256_secret:
             raise ConfigError("BETTER_AUTH_SECRET must not be empty: set a secret, or unset it")
+        jwks_auth: httpx.BasicAuth | None = None
+        jwks_shown = jwks_url
         if jwks_url is not None:
             if urlsplit(jwks_url).scheme not in {"http", "https"}:
                 raise ConfigError("BETTER_AUTH_JWKS_URL must be an http:// or https:// URL")
+            try:
+                parsed = httpx.URL(jwks_url)
+            except httpx.InvalidURL:
+                raise ConfigError(
+                    "the JWKS URL (BETTER_AUTH_JWKS_URL, or BETTER_AUTH_URL's) is not a valid URL"
+                ) from None
+            if parsed.username or parsed.password:
+                # Sent as auth, not in the URL: httpx logs each request's URL at INFO.
+                jwks_auth = httpx.BasicAuth(parsed.username, parsed.password)
+                jwks_shown = masked_url(jwks_url)
+                jwks_url = str(parsed.copy_with(username=None, password=None))
             if not issuer or not audience:
                 raise ConfigError(
                     "verifying JWKS tokens needs an issuer and an audience "
@@ -182,7 +207,9 @@ class TokenVerifier:
             raise ValueError("jwks_timeout_seconds must be > 0")
 
         self._hs256_secret = hs256_secret
-        self._jwks_url = jwks_url
+        self._jwks_url = jwks_url  # without credentials: they are in _jwks_auth
+        self._jwks_auth = jwks_auth
+        self.jwks_url_shown = jwks_shown  # for logs: the password masked
         self._issuer = issuer
         self._audience = audience
         self._hs256_issuer = hs256_issuer
@@ -382,7 +409,7 @@ class TokenVerifier:
                 try:
                     state = _JwksState(keys=self._fetch_jwks())
                 except _JwksUnavailable as exc:
-                    logger.warning("JWKS fetch from %s failed: %s", self._jwks_url, exc)
+                    logger.warning("JWKS fetch from %s failed: %s", self.jwks_url_shown, exc)
                     state = _JwksState(keys=state.keys, last_fetch_failed=True)
                 self._jwks = state
                 entry = _find_key(state.keys, kid)
@@ -403,7 +430,9 @@ class TokenVerifier:
         deadline = time.monotonic() + self._jwks_timeout
         try:
             with (
-                httpx.Client(timeout=self._jwks_timeout, follow_redirects=False) as client,
+                httpx.Client(
+                    timeout=self._jwks_timeout, follow_redirects=False, auth=self._jwks_auth
+                ) as client,
                 client.stream(
                     "GET", self._jwks_url, headers={"Accept": "application/json"}
                 ) as response,

@@ -148,7 +148,8 @@ class JwksServer:
     """A JWKS endpoint on 127.0.0.1 (random port) in a thread; use as a context manager.
 
     The key set can be swapped at runtime (`set_keys`), or the endpoint made to misbehave
-    (`respond`); `request_count` counts every request it received.
+    (`respond`); `request_count` counts every request it received, and `authorizations` holds
+    each one's `Authorization` header (None when absent).
     """
 
     path = "/api/auth/jwks"
@@ -156,6 +157,7 @@ class JwksServer:
     def __init__(self, keys: Iterable[SigningKey | dict[str, Any]] = ()) -> None:
         self._lock = threading.Lock()
         self._request_count = 0
+        self._authorizations: list[str | None] = []
         self._status = 200
         self._body = b""
         self._headers: dict[str, str] = {}
@@ -177,6 +179,11 @@ class JwksServer:
     def request_count(self) -> int:
         with self._lock:
             return self._request_count
+
+    @property
+    def authorizations(self) -> list[str | None]:
+        with self._lock:
+            return list(self._authorizations)
 
     def set_keys(self, *keys: SigningKey | dict[str, Any]) -> None:
         """Serve these keys (SigningKeys or raw JWK dicts) as a 200 JSON key set."""
@@ -217,6 +224,7 @@ class JwksServer:
             def do_GET(self) -> None:
                 with owner._lock:
                     owner._request_count += 1
+                    owner._authorizations.append(self.headers.get("Authorization"))
                     status, body, headers = owner._status, owner._body, owner._headers
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")

@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,6 +35,7 @@ from tests.jwt_helpers import (
     sign_hs256,
     unsigned_token,
 )
+from tests.serve_helpers import ServeProcess
 from tests.support import (
     TEST_SECRET,
     WWW_AUTHENTICATE,
@@ -266,6 +268,37 @@ def test_jwks_outage_without_cached_key_is_503(
 
         jwks.set_keys(key)  # recovered: the same token now works
         assert client.get(f"/api/{user_id}/tasks", headers=bearer(token)).status_code == 200
+
+
+def test_jwks_url_credentials_are_sent_but_never_logged(database_url: str, tmp_path: Path) -> None:
+    """`todo-api serve`'s own log: the start-up INFO line, the failed-fetch WARNING and
+    httpx's request lines show the JWKS URL without its password."""
+    key = generate_key("EdDSA")
+    with JwksServer([key]) as jwks:
+        url = jwks.url.replace("http://", "http://svc:JwksPw123@")
+        env = {
+            "DATABASE_URL": database_url,
+            "BETTER_AUTH_URL": jwks.origin,
+            "BETTER_AUTH_JWKS_URL": url,
+            "JWKS_MIN_REFETCH_SECONDS": "0",
+        }
+        server = ServeProcess(tmp_path, env).start()
+        try:
+            jwks.respond(500, b"down")
+            user_id = random_id()
+            unknown = generate_key("EdDSA").sign(better_auth_claims(jwks.origin, user_id=user_id))
+            resp = httpx.get(f"{server.url}/api/{user_id}/tasks", headers=bearer(unknown))
+            assert_problem(resp, 503)
+        finally:
+            server.stop()
+    log = server.log.read_text()
+    assert "JwksPw123" not in log
+    shown = f"http://svc:***@127.0.0.1:{jwks.url.split(':')[2]}"
+    assert f"token signing keys fetched from {shown}" in log
+    assert f"JWKS fetch from {shown}" in log
+    assert f"HTTP Request: GET {jwks.url}" in log  # httpx's line, without the credentials
+    basic = "Basic " + base64.b64encode(b"svc:JwksPw123").decode()
+    assert jwks.authorizations == [basic, basic]
 
 
 def test_unreachable_jwks_is_503(settings: Settings, database: Database) -> None:
