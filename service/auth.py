@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -73,6 +73,11 @@ class _Jwk:
 class _JwksState:
     keys: tuple[_Jwk, ...] = ()
     last_fetch_failed: bool = False
+    fetched_at: float | None = None  # by the clock, when `keys` were fetched
+
+
+# A verified token's user, and the key set that verified it (None: HS256).
+_Verified = tuple[Principal, tuple[_Jwk, ...] | None]
 
 
 def _parse_jwk(raw: Any) -> _Jwk | None:
@@ -159,8 +164,13 @@ class TokenVerifier:
     `hs256_issuer` / `hs256_audience` only when those are given, because tutorial frontends
     sign HS256 tokens without `iss`/`aud`.
 
+    The key set is fetched again when a token needs a key it lacks (at most every
+    `jwks_min_refetch_seconds`), and before a token is verified with a set older than
+    `jwks_max_age_seconds`, so that a key removed from it stops being trusted. If that fetch
+    fails, the keys held stay in use.
+
     `clock` (epoch seconds) drives the verified-token cache expiry and the JWKS refetch
-    interval; it exists so tests need not sleep.
+    interval and maximum age; it exists so tests need not sleep.
     """
 
     def __init__(
@@ -174,6 +184,7 @@ class TokenVerifier:
         hs256_audience: str | None = None,
         leeway: int = 30,
         jwks_min_refetch_seconds: float = 30.0,
+        jwks_max_age_seconds: float = 300.0,
         jwks_timeout_seconds: float = 3.0,
         cache_size: int = 4096,
         clock: Callable[[], float] = time.time,
@@ -203,8 +214,8 @@ class TokenVerifier:
                 )
         if leeway < 0 or cache_size < 0 or jwks_min_refetch_seconds < 0:
             raise ValueError("leeway, cache_size and jwks_min_refetch_seconds must be >= 0")
-        if jwks_timeout_seconds <= 0:
-            raise ValueError("jwks_timeout_seconds must be > 0")
+        if jwks_timeout_seconds <= 0 or jwks_max_age_seconds <= 0:
+            raise ValueError("jwks_timeout_seconds and jwks_max_age_seconds must be > 0")
 
         self._hs256_secret = hs256_secret
         self._jwks_url = jwks_url  # without credentials: they are in _jwks_auth
@@ -216,6 +227,7 @@ class TokenVerifier:
         self._hs256_audience = hs256_audience
         self._leeway = leeway
         self._min_refetch = jwks_min_refetch_seconds
+        self._max_age = jwks_max_age_seconds
         self._jwks_timeout = jwks_timeout_seconds
         self._cache_size = cache_size
         self._clock = clock
@@ -225,7 +237,7 @@ class TokenVerifier:
         self._fetch_lock = threading.Lock()
         self._last_fetch_at: float | None = None
 
-        self._cache: OrderedDict[bytes, Principal] = OrderedDict()
+        self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
         self._cache_lock = threading.Lock()
 
     @classmethod
@@ -241,6 +253,7 @@ class TokenVerifier:
             hs256_audience=settings.jwt_audience,
             leeway=settings.jwt_leeway_seconds,
             jwks_min_refetch_seconds=settings.jwks_min_refetch_seconds,
+            jwks_max_age_seconds=settings.jwks_max_age_seconds,
             jwks_timeout_seconds=settings.jwks_timeout_seconds,
         )
 
@@ -250,14 +263,16 @@ class TokenVerifier:
         cached = self.cached(token)
         if cached is not None:
             return cached
-        principal = self._verify_uncached(token)
-        self._cache_put(self._cache_key(token), principal)
+        principal, keys = self._verify_uncached(token)
+        self._cache_put(self._cache_key(token), (principal, keys))
         return principal
 
     def cached(self, token: str) -> Principal | None:
         """The principal of an already verified, unexpired token; never blocks on I/O.
 
         Lets an async caller skip the thread hop that `verify` may need for a JWKS fetch.
+        None for a JWKS token verified with another key set than the current one, or with
+        one due for a refetch: `verify` checks it again.
         """
         return self._cache_get(self._cache_key(token))
 
@@ -269,7 +284,7 @@ class TokenVerifier:
 
     # Verification ---------------------------------------------------------
 
-    def _verify_uncached(self, token: str) -> Principal:
+    def _verify_uncached(self, token: str) -> _Verified:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
@@ -288,12 +303,13 @@ class TokenVerifier:
             raise AuthError("malformed token")
 
         key: jwt.PyJWK | str
+        keys: tuple[_Jwk, ...] | None = None
         required = ["exp", "sub"]
         if alg in HS256_ALGORITHMS and self._hs256_secret is not None:
             key, issuer, audience = self._hs256_secret, self._hs256_issuer, self._hs256_audience
         elif alg in JWKS_ALGORITHMS and self._jwks_url is not None:
             # Only here, after the algorithm passed, may a token cause an outbound request.
-            key = self._jwks_key(kid, alg)
+            key, keys = self._jwks_key(kid, alg)
             issuer, audience = self._issuer, self._audience
             required += ["iss", "aud"]
         else:
@@ -316,7 +332,7 @@ class TokenVerifier:
             raise _auth_error_for(exc) from None
         except (ValueError, TypeError, OverflowError):
             raise AuthError("malformed token") from None
-        return self._principal_from(claims)
+        return self._principal_from(claims), keys
 
     @staticmethod
     def _log_mismatch(token: str, issuer: str | None, audience: str | None) -> None:
@@ -385,39 +401,61 @@ class TokenVerifier:
             self._refresh_and_find(None)
         return bool(self._jwks.keys)
 
-    def _jwks_key(self, kid: str | None, alg: str) -> jwt.PyJWK:
-        entry = _find_key(self._jwks.keys, kid)
+    def _is_stale(self, state: _JwksState) -> bool:
+        """Older than the maximum age (or fetched "in the future": the clock went back)."""
+        if state.fetched_at is None:
+            return False
+        return not 0 <= self._clock() - state.fetched_at < self._max_age
+
+    def _jwks_key(self, kid: str | None, alg: str) -> tuple[jwt.PyJWK, tuple[_Jwk, ...]]:
+        """The key for this token, and the key set it is from."""
+        state = self._jwks
+        entry = _find_key(state.keys, kid)
         if entry is None:
-            entry = self._refresh_and_find(kid)
+            entry, keys = self._refresh_and_find(kid)
+        elif self._is_stale(state) and self._fetch_lock.acquire(blocking=False):
+            # Fetched again before use; meanwhile the other threads use the keys held.
+            try:
+                entry, keys = self._refresh_locked(kid)
+            finally:
+                self._fetch_lock.release()
+        else:
+            keys = state.keys
         key = entry.by_alg.get(alg)
         if key is None:
             raise AuthError("signing key does not match algorithm")
-        return key
+        return key, keys
 
-    def _refresh_and_find(self, kid: str | None) -> _Jwk:
+    def _refresh_and_find(self, kid: str | None) -> tuple[_Jwk, tuple[_Jwk, ...]]:
         with self._fetch_lock:
-            # Another thread may have fetched while this one waited for the lock.
-            state = self._jwks
+            return self._refresh_locked(kid)
+
+    def _refresh_locked(self, kid: str | None) -> tuple[_Jwk, tuple[_Jwk, ...]]:
+        """Fetch the key set if it lacks the kid or is too old, at most every
+        `jwks_min_refetch_seconds`; a failed fetch keeps the keys held. Hold `_fetch_lock`."""
+        # Another thread may have fetched while this one waited for the lock.
+        state = self._jwks
+        entry = _find_key(state.keys, kid)
+        if entry is not None and not self._is_stale(state):
+            return entry, state.keys
+        now = self._clock()
+        last = self._last_fetch_at
+        # A clock that went backwards counts as "interval elapsed".
+        if last is None or not 0 <= now - last < self._min_refetch:
+            self._last_fetch_at = now
+            try:
+                state = _JwksState(keys=self._fetch_jwks(), fetched_at=now)
+            except _JwksUnavailable as exc:
+                kept = "; the keys fetched before stay in use" if state.keys else ""
+                logger.warning("JWKS fetch from %s failed: %s%s", self.jwks_url_shown, exc, kept)
+                state = replace(state, last_fetch_failed=True)
+            self._jwks = state
             entry = _find_key(state.keys, kid)
-            if entry is not None:
-                return entry
-            now = self._clock()
-            last = self._last_fetch_at
-            # A clock that went backwards counts as "interval elapsed".
-            if last is None or not 0 <= now - last < self._min_refetch:
-                self._last_fetch_at = now
-                try:
-                    state = _JwksState(keys=self._fetch_jwks())
-                except _JwksUnavailable as exc:
-                    logger.warning("JWKS fetch from %s failed: %s", self.jwks_url_shown, exc)
-                    state = _JwksState(keys=state.keys, last_fetch_failed=True)
-                self._jwks = state
-                entry = _find_key(state.keys, kid)
-            if entry is not None:
-                return entry
-            if state.last_fetch_failed:
-                raise AuthUnavailable("signing keys are unavailable")
-            raise AuthError("unknown signing key" if kid is not None else "missing key id")
+        if entry is not None:
+            return entry, state.keys
+        if state.last_fetch_failed:
+            raise AuthUnavailable("signing keys are unavailable")
+        raise AuthError("unknown signing key" if kid is not None else "missing key id")
 
     def _fetch_jwks(self) -> tuple[_Jwk, ...]:
         """Fetch and parse the key set; every failure becomes _JwksUnavailable.
@@ -461,20 +499,26 @@ class TokenVerifier:
         if self._cache_size == 0:
             return None
         with self._cache_lock:
-            principal = self._cache.get(cache_key)
-            if principal is None:
+            verified = self._cache.get(cache_key)
+            if verified is None:
                 return None
+            principal, keys = verified
             if principal.expires_at <= self._clock() - self._leeway:
                 del self._cache[cache_key]
                 raise TokenExpired("token expired")
+            if keys is not None:
+                # Its key may have left the set since: verified again with the current one.
+                state = self._jwks
+                if keys is not state.keys or self._is_stale(state):
+                    return None
             self._cache.move_to_end(cache_key)
             return principal
 
-    def _cache_put(self, cache_key: bytes, principal: Principal) -> None:
+    def _cache_put(self, cache_key: bytes, verified: _Verified) -> None:
         if self._cache_size == 0:
             return
         with self._cache_lock:
-            self._cache[cache_key] = principal
+            self._cache[cache_key] = verified
             self._cache.move_to_end(cache_key)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)

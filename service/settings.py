@@ -107,6 +107,8 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
     jwt_leeway_seconds: int = Field(default=30, ge=0, le=60)
     jwks_min_refetch_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # The key set is fetched again before use when older than this (a removed key is dropped).
+    jwks_max_age_seconds: float = Field(default=300.0, gt=0, le=86_400)
     jwks_timeout_seconds: float = Field(default=3.0, gt=0, le=30)
 
     # HTTP

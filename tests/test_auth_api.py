@@ -106,6 +106,21 @@ def test_key_rotation_new_kid_is_accepted(settings: Settings, database: Database
         assert client.get(f"/api/{user_id}/tasks", headers=bearer(old.sign(still_old))).is_success
 
 
+def test_a_withdrawn_key_is_refused_once_the_key_set_is_older_than_its_max_age(
+    settings: Settings, database: Database
+) -> None:
+    old, new = generate_key("EdDSA"), generate_key("EdDSA")
+    with jwks_app(settings, database, old, jwks_max_age_seconds=0.5) as (client, jwks):
+        user_id = random_id()
+        headers = bearer(old.sign(better_auth_claims(jwks.origin, user_id=user_id)))
+        assert client.get(f"/api/{user_id}/tasks", headers=headers).status_code == 200
+        jwks.set_keys(new)  # the old key is withdrawn
+        time.sleep(0.6)
+        body = assert_problem(client.get(f"/api/{user_id}/tasks", headers=headers), 401)
+        assert body["type"] == "tag:todo-api,2026:problems/token-invalid"
+        assert body["detail"].endswith("unknown signing key.")
+
+
 def test_expired_within_leeway_is_accepted(client: TestClient) -> None:
     """Clock skew of a few seconds is tolerated (leeway, at most 60 s, 30 s by default)."""
     user_id = random_id()

@@ -345,6 +345,59 @@ def test_cached_keys_keep_working_while_endpoint_is_down_and_recovery(
     assert server.request_count == 3
 
 
+def test_a_key_removed_from_the_set_is_refused_once_the_set_is_older_than_the_max_age(
+    server: JwksServer, ed_key: SigningKey, clock: FakeClock, make_verifier: MakeVerifier
+) -> None:
+    verifier = make_verifier(jwks_min_refetch_seconds=30, jwks_max_age_seconds=300)
+    token = ed_key.sign(better_auth_claims(ORIGIN, ttl=900))
+    assert verifier.verify(token).user_id
+    new_key = generate_key("EdDSA")
+    server.set_keys(new_key)  # the old key is withdrawn
+
+    clock.advance(299)
+    assert verifier.verify(token).user_id  # the set is young enough: no fetch
+    assert server.request_count == 1
+
+    clock.advance(2)
+    reject(verifier, token, "unknown signing key")  # the verified-token cache included
+    assert server.request_count == 2
+    reject(verifier, ed_key.sign(better_auth_claims(ORIGIN)), "unknown signing key")
+    assert verifier.verify(new_key.sign(better_auth_claims(ORIGIN))).user_id
+    assert server.request_count == 2
+
+
+def test_an_old_set_is_kept_when_its_refetch_fails(
+    server: JwksServer,
+    ed_key: SigningKey,
+    clock: FakeClock,
+    make_verifier: MakeVerifier,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    verifier = make_verifier(jwks_min_refetch_seconds=30, jwks_max_age_seconds=300)
+    token = ed_key.sign(better_auth_claims(ORIGIN, ttl=900))
+    assert verifier.verify(token).user_id
+    server.respond(503, b"down")
+
+    clock.advance(301)
+    with caplog.at_level("WARNING", logger="service.auth"):
+        assert verifier.verify(token).user_id
+        assert verifier.verify(ed_key.sign(better_auth_claims(ORIGIN))).user_id
+    assert server.request_count == 2  # tried once; again only after the refetch interval
+    warnings = [r for r in caplog.records if r.name == "service.auth" and r.levelname == "WARNING"]
+    assert [r.getMessage() for r in warnings] == [
+        f"JWKS fetch from {server.url} failed: HTTP status 503; the keys fetched before stay in use"
+    ]
+
+    clock.advance(31)
+    assert verifier.verify(token).user_id
+    assert server.request_count == 3
+
+    server.set_keys(generate_key("EdDSA"))  # back, without the old key
+    clock.advance(31)
+    reject(verifier, token, "unknown signing key")
+    assert server.request_count == 4
+
+
 # Rejected tokens --------------------------------------------------------------
 
 

@@ -271,3 +271,10 @@ def test_a_rate_limit_of_zero_is_refused(monkeypatch: pytest.MonkeyPatch, value:
     with pytest.raises(ValidationError) as excinfo:
         from_env(monkeypatch, RATE_LIMIT_READ=value)
     assert "RATE_LIMIT_ENABLED=false" in str(excinfo.value)
+
+
+def test_jwks_max_age_defaults_to_five_minutes(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert from_env(monkeypatch).jwks_max_age_seconds == 300
+    assert from_env(monkeypatch, JWKS_MAX_AGE_SECONDS="60").jwks_max_age_seconds == 60
+    with pytest.raises(ValidationError, match="jwks_max_age_seconds"):
+        from_env(monkeypatch, JWKS_MAX_AGE_SECONDS="0")
