@@ -214,6 +214,9 @@ OTLP = "http://127.0.0.1:9"
             "JWT_AUDIENCE",
             id="issuer-without-audience",
         ),
+        pytest.param(
+            {"BETTER_AUTH_URL": "http://127.0.0.1:notaport"}, "JWKS URL", id="jwks-url-port"
+        ),
         pytest.param({"BETTER_AUTH_SECRET": ""}, "BETTER_AUTH_SECRET", id="empty-secret"),
         pytest.param(
             {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": OTLP},
