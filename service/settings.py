@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from service.limits import USER_ID_MAX
 
@@ -74,6 +76,14 @@ def check_database_url(url: str) -> None:
             "DATABASE_URL must be a postgresql:// or postgres:// URL (SQLite is not supported): "
             "point it at a PostgreSQL server"
         )
+    try:
+        make_url(url)
+    except (ValueError, ArgumentError):
+        # Not quoted: the URL carries the password (and a bad "port" may be part of it).
+        raise ConfigError(
+            "DATABASE_URL is not a valid URL (is its port a number, and the password "
+            "percent-encoded?)"
+        ) from None
 
 
 class Settings(BaseSettings):

@@ -275,3 +275,13 @@ def test_an_unusable_audit_signing_key_is_a_configuration_error(
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("todo-api: configuration error: the audit signing key is unusable")
     assert "garbage-not-a-key" not in line and result.stdout == ""
+
+
+def test_an_unparsable_database_url_is_refused_without_its_password(tmp_path: Path) -> None:
+    url = "postgresql://todo:Sup3rDbPw@127.0.0.1:notaport/todo"
+    served = run_serve(tmp_path, "--no-migrate", DATABASE_URL=url)
+    for result in (served, run(tmp_path, "migrate", DATABASE_URL=url)):
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith("todo-api: configuration error: DATABASE_URL is not a valid URL")
+        assert "Sup3rDbPw" not in result.stderr + result.stdout
