@@ -135,10 +135,11 @@ def _edit_and_rehash(conn: sa.Connection, user_id: str, events: list[dict[str, A
     )
 
 
+# Through seqs far above the chain (a seq below 1 is refused by a CHECK constraint).
 SWAP_3_4 = (
-    "UPDATE audit_events SET seq = CASE seq WHEN 3 THEN -4 ELSE -3 END "
+    "UPDATE audit_events SET seq = CASE seq WHEN 3 THEN 1000004 ELSE 1000003 END "
     "WHERE user_id = :u AND seq IN (3, 4);"
-    "UPDATE audit_events SET seq = -seq WHERE user_id = :u AND seq < 0"
+    "UPDATE audit_events SET seq = seq - 1000000 WHERE user_id = :u AND seq > 1000000"
 )
 
 TAMPERS: dict[str, tuple[Tamper, int | None, str]] = {
