@@ -243,7 +243,11 @@ class Settings(BaseSettings):
         if not value:
             return None
         parts = urlsplit(value)
-        if parts.scheme not in {"http", "https"} or not parts.netloc:
+        try:
+            valid_port = parts.port is None or parts.port > 0
+        except ValueError:  # not a number
+            valid_port = False
+        if parts.scheme not in {"http", "https"} or not parts.hostname or not valid_port:
             raise ConfigError(
                 f"BETTER_AUTH_URL must be the frontend's URL, e.g. http://localhost:3000 "
                 f"(got {value!r})"

@@ -215,7 +215,9 @@ OTLP = "http://127.0.0.1:9"
             id="issuer-without-audience",
         ),
         pytest.param(
-            {"BETTER_AUTH_URL": "http://127.0.0.1:notaport"}, "JWKS URL", id="jwks-url-port"
+            {"BETTER_AUTH_URL": "http://127.0.0.1:notaport"},
+            "BETTER_AUTH_URL",
+            id="auth-url-port",
         ),
         pytest.param({"BETTER_AUTH_SECRET": ""}, "BETTER_AUTH_SECRET", id="empty-secret"),
         pytest.param(
