@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import select
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,8 +28,13 @@ def normalize_database_url(raw: str) -> URL:
 
 
 def safe_url(url: URL) -> str:
-    """The URL with the password masked, for logs and messages."""
-    return url.render_as_string(hide_password=True)
+    """The URL with the password masked, for logs and messages: also one given as a query
+    parameter (`?password=`, which libpq accepts)."""
+    shown = url.render_as_string(hide_password=True)
+    return _QUERY_PASSWORD.sub(r"\1***", shown)
+
+
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 
 
 def connect_args(settings: Settings) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.database import build_engine, normalize_database_url
+from service.database import build_engine, normalize_database_url, safe_url
 from service.settings import AppEnv, Settings
 
 GOOD_SECRET = "k3Qb9Z0rV8yWm2Lx7Pq4Tn6Hs1Jd5Fg0Ae8Uc3Yi"  # 41 characters, not a placeholder
@@ -278,3 +278,12 @@ def test_jwks_max_age_defaults_to_five_minutes(monkeypatch: pytest.MonkeyPatch) 
     assert from_env(monkeypatch, JWKS_MAX_AGE_SECONDS="60").jwks_max_age_seconds == 60
     with pytest.raises(ValidationError, match="jwks_max_age_seconds"):
         from_env(monkeypatch, JWKS_MAX_AGE_SECONDS="0")
+
+
+def test_a_password_given_as_a_query_parameter_is_masked_too() -> None:
+    """libpq takes `?password=`; the URL is logged by `migrate`."""
+    url = normalize_database_url("postgresql://u@db.example/todo?password=s3cr3t&sslmode=require")
+    shown = safe_url(url)
+    assert "s3cr3t" not in shown
+    assert "password=***" in shown and "sslmode=require" in shown
+    assert "s3cr3t" not in safe_url(normalize_database_url("postgresql://u:s3cr3t@db.example/x"))
