@@ -196,14 +196,26 @@ def _prepare_instrumentation() -> None:
         set_global_response_propagator(TraceIdResponsePropagator())  # type: ignore[no-untyped-call]
 
 
+# Where the instrumentation puts the query: the stable `url.query`, and with
+# OTEL_SEMCONV_STABILITY_OPT_IN=http/dup also the old names, which carry the whole URL.
+_OLD_URL_ATTRIBUTES = ("http.url", "http.target")
+
+
 def _redact_private_query(span: trace.Span, scope: dict[str, Any]) -> None:
     query = scope.get("query_string")
     if not query or not span.is_recording():
         return
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
     if any(key in PRIVATE_QUERY_PARAMETERS for key, _ in pairs):
-        redacted = [(k, "REDACTED" if k in PRIVATE_QUERY_PARAMETERS else v) for k, v in pairs]
-        span.set_attribute("url.query", urlencode(redacted))
+        redacted = urlencode(
+            [(k, "REDACTED" if k in PRIVATE_QUERY_PARAMETERS else v) for k, v in pairs]
+        )
+        span.set_attribute("url.query", redacted)
+        attributes = getattr(span, "attributes", None) or {}
+        for name in _OLD_URL_ATTRIBUTES:
+            value = attributes.get(name)
+            if isinstance(value, str) and "?" in value:
+                span.set_attribute(name, f"{value.split('?', 1)[0]}?{redacted}")
 
 
 def instrument_app(app: FastAPI, tracer_provider: trace.TracerProvider) -> None:

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
 from anyio import to_thread
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from service.database import Database
 from service.reminders.firing import ReminderWorker
@@ -22,13 +23,17 @@ from service.tasks import idempotency
 log = logging.getLogger("service.maintenance")
 
 
+def _purge_untraced(db: Database, settings: Settings) -> int:
+    """Housekeeping outside any request: its statements would be spans without a trace."""
+    with suppress_instrumentation():
+        return idempotency.purge_expired(db.engine, settings.idempotency_retention)
+
+
 async def _purge_forever(db: Database, settings: Settings) -> None:
     while True:
         await asyncio.sleep(settings.idempotency_purge_interval_seconds)
         try:
-            deleted = await to_thread.run_sync(
-                idempotency.purge_expired, db.engine, settings.idempotency_retention
-            )
+            deleted = await to_thread.run_sync(_purge_untraced, db, settings)
         except Exception as exc:
             log.warning("idempotency key purge failed", extra={"error_type": type(exc).__name__})
             continue

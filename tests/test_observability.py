@@ -18,8 +18,10 @@ import sys
 import time
 from collections.abc import Iterator
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi import FastAPI
@@ -40,7 +42,8 @@ from service.settings import AppEnv, ConfigError, Settings
 from service.tasks.rules import DIFF_FIELDS
 from tests.jwt_helpers import random_id
 from tests.reminder_helpers import at, wait_fired
-from tests.support import ApiUser
+from tests.serve_helpers import ServeProcess
+from tests.support import TEST_SECRET, ApiUser, bearer
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -714,3 +717,67 @@ def test_the_reminder_loop_makes_no_spans_and_a_firing_writes_its_log_line(
         event["id"],
         False,
     )
+
+
+def test_a_recurring_completion_puts_the_completion_on_the_span(
+    traced: TestClient, user: ApiUser, spans: InMemorySpanExporter, traced_database: Database
+) -> None:
+    """The completion's event, not the next occurrence's `task.created` written after it
+    (which overwrote it): searching traces for completions finds this one."""
+    task = traced.post(
+        user.url(),
+        json={"title": "daily", "due_at": "2030-01-01T09:00:00Z", "recurrence": "FREQ=DAILY"},
+        headers=user.headers,
+    ).json()
+    done = traced.patch(user.url(f"/{task['id']}/complete"), headers=user.headers)
+    assert done.status_code == 200 and done.json()["next_task_id"]
+    rows = audit_rows(traced_database, user.user_id)
+    assert [row["action"] for row in rows] == ["task.created", "task.completed", "task.created"]
+    attributes = dict(server_span(spans, done.headers["X-Trace-Id"]).attributes or {})
+    assert attributes["audit.event_id"] == rows[1]["id"]
+    assert attributes["audit.action"] == "task.completed"
+    assert attributes["task.id"] == task["id"]
+
+
+def test_the_idempotency_purge_makes_no_spans(
+    settings: Settings, traced_database: Database, spans: InMemorySpanExporter
+) -> None:
+    """Housekeeping every few minutes in each process: root spans with no request."""
+    from service.maintenance import _purge_untraced
+    from service.tasks.idempotency import purge_expired
+
+    before = len(spans.get_finished_spans())
+    purge_expired(traced_database.engine, settings.idempotency_retention)  # as it was called
+    assert len(spans.get_finished_spans()) > before
+    before = len(spans.get_finished_spans())
+    _purge_untraced(traced_database, settings)
+    assert len(spans.get_finished_spans()) == before
+
+
+def test_old_http_attribute_names_are_redacted_too(database_url: str, tmp_path: Path) -> None:
+    """With OTEL_SEMCONV_STABILITY_OPT_IN=http/dup (which the service accepts) the
+    instrumentation also writes `http.url` and `http.target`, the whole URL with its query."""
+    searched, tagged = f"diary-{secrets.token_hex(6)}", f"tag-{secrets.token_hex(6)}"
+    env = {
+        "DATABASE_URL": database_url,
+        "BETTER_AUTH_SECRET": TEST_SECRET,
+        "OTEL_SDK_DISABLED": "false",
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_SEMCONV_STABILITY_OPT_IN": "http/dup",
+    }
+    server = ServeProcess(tmp_path, env).start()
+    try:
+        user_id = random_id()
+        headers = bearer(create_dev_token(TEST_SECRET, user_id))
+        listed = httpx.get(
+            f"{server.url}/api/{user_id}/tasks",
+            params={"q": searched, "tag": tagged, "limit": 5},
+            headers=headers,
+        )
+        assert listed.status_code == 200
+    finally:
+        server.stop()  # the batch processor exports what it holds
+    log = server.log.read_text()
+    assert '"http.url": "http://127.0.0.1' in log  # the old names are there
+    assert "?q=REDACTED&tag=REDACTED&limit=5" in log
+    assert searched not in log and tagged not in log

@@ -49,15 +49,22 @@ class TaskDeletion:
     event: RecordedEvent
 
 
+# Set in the session once its first event is on its way to the request's span.
+_SPAN_EVENT = "todo_api.span_event"
+
+
 def _log_on_commit(session: Session, user_id: str, task_id: int, event: RecordedEvent) -> None:
-    """One INFO line per change, once it is durable, and the event on the request's span.
+    """One INFO line per change, once it is durable, and the request's first event (the one
+    the client asked for, not a recurring task's next occurrence) on the request's span.
 
     Never the title or description text.
     """
+    first = not session.info.get(_SPAN_EVENT, False)
+    session.info[_SPAN_EVENT] = True
 
     def emit() -> None:
         span = trace.get_current_span()
-        if span.is_recording():
+        if first and span.is_recording():
             span.set_attributes(
                 {"audit.event_id": event.id, "audit.action": event.action, "task.id": task_id}
             )
