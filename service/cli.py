@@ -7,14 +7,17 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 
 from audit.cli import register as register_audit
 from service.database import Database, normalize_database_url, safe_url
+from service.limits import USER_ID_MAX
 from service.settings import ConfigError, Settings, get_settings
 from service.tasks import queries
 from service.tasks.queries import StatusFilter
@@ -148,14 +151,35 @@ def _list_tasks(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high`, said in one line if not."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not between {low} and {high}")
+        return value
+
+    return parse
+
+
+def _user_id(text: str) -> str:
+    if not text.strip() or len(text) > USER_ID_MAX:
+        raise argparse.ArgumentTypeError(f"a user id is 1 to {USER_ID_MAX} characters")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="todo-api", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="apply migrations, then serve the API")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--port", type=_int_between(1, 65535), default=8000)
+    serve.add_argument("--workers", type=_int_between(1, 256), default=1)
     serve.add_argument("--no-migrate", action="store_true", help="do not apply migrations first")
     serve.set_defaults(handler=_serve)
 
@@ -163,20 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     mig.set_defaults(handler=_migrate)
 
     token = sub.add_parser("dev-token", help="print an HS256 token for local use")
-    token.add_argument("user_id")
+    token.add_argument("user_id", type=_user_id)
     token.add_argument("--email")
     token.add_argument("--name")
-    token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    token.add_argument(
+        "--ttl", type=_int_between(1, 366 * 86400), default=3600, help="lifetime in seconds"
+    )
     token.set_defaults(handler=_dev_token, needs_database=False)
     register_audit(sub)
 
     task_cmd = sub.add_parser("tasks", help="read a user's tasks (operators)")
     task_sub = task_cmd.add_subparsers(dest="tasks_command", required=True)
     listing = task_sub.add_parser("list", help="print a user's tasks as JSON lines")
-    listing.add_argument("user_id")
+    listing.add_argument("user_id", type=_user_id)
     listing.add_argument("--status", choices=[s.value for s in StatusFilter], default="all")
     listing.add_argument("--q", help="case-insensitive search in title and description")
-    listing.add_argument("--limit", type=int, default=100, choices=range(1, 501), metavar="1-500")
+    listing.add_argument("--limit", type=_int_between(1, 500), default=100, metavar="1-500")
     listing.set_defaults(handler=_list_tasks)
 
     return parser
@@ -231,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         # Found by the command itself (e.g. an unusable AUDIT_SIGNING_KEY): the same line.
         print(f"todo-api: configuration error: {exc}", file=sys.stderr)
         return 2
+    except OperationalError as exc:
+        # As the audit commands say it (audit/cli.py): no traceback, exit 3.
+        print(f"todo-api: the database is unreachable: {exc.orig}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         return 130
 

@@ -287,3 +287,49 @@ def test_an_unparsable_database_url_is_refused_without_its_password(tmp_path: Pa
         [line] = result.stderr.strip().splitlines()
         assert line.startswith("todo-api: configuration error: DATABASE_URL is not a valid URL")
         assert "Sup3rDbPw" not in result.stderr + result.stdout
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "args", [("migrate",), ("tasks", "list", "alice"), ("serve", "--port", "0")], ids=str
+)
+def test_an_unreachable_database_is_one_line_and_exit_3(tmp_path: Path, args: tuple[str]) -> None:
+    """As the audit commands say it: no traceback (`serve` migrates first)."""
+    url = f"postgresql://todo:Sup3rDbPw@127.0.0.1:{_closed_port()}/todo"
+    argv = ["serve", "--port", str(_closed_port())] if args[0] == "serve" else list(args)
+    result = run(tmp_path, *argv, DATABASE_URL=url, BETTER_AUTH_SECRET=TEST_SECRET)
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
+    assert line.startswith("todo-api: the database is unreachable: ")
+    assert "Sup3rDbPw" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("serve", "--port", "99999"), "99999 is not between 1 and 65535"),
+        (("serve", "--workers", "0"), "0 is not between 1 and 256"),
+        (("dev-token", "alice", "--ttl", "0"), "0 is not between 1 and"),
+        (("dev-token", ""), "a user id is 1 to"),
+        (("tasks", "list", "alice", "--limit", "0"), "0 is not between 1 and 500"),
+        (("tasks", "list", "alice", "--limit", "ten"), "'ten' is not a whole number"),
+    ],
+    ids=str,
+)
+def test_arguments_out_of_range_are_a_usage_error(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    """They were taken as given: a port modulo 65536, one worker for 0, a token expired at
+    birth or for the user '', and a 2.6 KB list of the numbers 1 to 500."""
+    result = run(tmp_path, *args, BETTER_AUTH_SECRET=TEST_SECRET)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr) < 600
