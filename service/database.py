@@ -27,14 +27,14 @@ def normalize_database_url(raw: str) -> URL:
     return make_url(raw).set(drivername="postgresql+psycopg2")
 
 
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
+
+
 def safe_url(url: URL) -> str:
     """The URL with the password masked, for logs and messages: also one given as a query
     parameter (`?password=`, which libpq accepts)."""
     shown = url.render_as_string(hide_password=True)
     return _QUERY_PASSWORD.sub(r"\1***", shown)
-
-
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&]*", re.IGNORECASE)
 
 
 def connect_args(settings: Settings) -> dict[str, Any]:
