@@ -149,11 +149,13 @@ async def _auth_error(_: Request, exc: Exception) -> JSONResponse:
         kind = ProblemType.token_missing
     else:
         kind = ProblemType.token_invalid
+    # RFC 6750 3.1: a request with no credentials (or another scheme's) gets no error code.
+    challenge = "Bearer" if kind is ProblemType.token_missing else 'Bearer error="invalid_token"'
     return problem(
         401,
         f"Invalid or missing bearer token: {exc}.",
         kind=kind,
-        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        headers={"WWW-Authenticate": challenge},
     )
 
 

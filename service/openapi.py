@@ -98,7 +98,8 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "integer", "minimum": 0},
     },
     "WWW-Authenticate": {
-        "description": 'RFC 6750 challenge: `Bearer error="invalid_token"`.',
+        "description": 'RFC 6750 challenge: `Bearer error="invalid_token"`, or `Bearer` when '
+        "no bearer token was sent.",
         "schema": {"type": "string"},
     },
 }

@@ -35,6 +35,8 @@ from tests.jwt_helpers import JwksServer, SigningKey
 TEST_SECRET = "test-secret-" + "s" * 40
 PROBLEM_JSON = "application/problem+json"
 WWW_AUTHENTICATE = 'Bearer error="invalid_token"'
+# RFC 6750 3.1: no error code for a request without credentials (or with another scheme's).
+WWW_AUTHENTICATE_NO_TOKEN = "Bearer"
 
 
 # Users and servers --------------------------------------------------------------------

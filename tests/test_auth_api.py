@@ -39,6 +39,7 @@ from tests.serve_helpers import ServeProcess
 from tests.support import (
     TEST_SECRET,
     WWW_AUTHENTICATE,
+    WWW_AUTHENTICATE_NO_TOKEN,
     MakeUser,
     assert_problem,
     bearer,
@@ -152,6 +153,10 @@ def _session_token() -> str:
 
 
 # Each case gives the Authorization header value (None: no header at all).
+# The cases without a bearer token at all: 401 token-missing, a challenge without error code.
+NO_TOKEN_CASES = frozenset(
+    {"missing", "bearer-without-token", "bearer-blank", "basic-scheme", "token-without-scheme"}
+)
 AUTH_CASES: dict[str, Callable[[Ctx], str | None]] = {
     "missing": lambda c: None,
     "bearer-without-token": lambda c: "Bearer",
@@ -231,8 +236,12 @@ def test_bad_credentials_are_401(
         ("PATCH", "/1/complete", None),
     ):
         resp = client.request(method, f"/api/{ctx.user_id}/tasks{path}", json=body, headers=headers)
-        assert_problem(resp, 401)
-        assert resp.headers["WWW-Authenticate"] == WWW_AUTHENTICATE
+        problem = assert_problem(resp, 401)
+        if case in NO_TOKEN_CASES:
+            assert problem["type"].endswith("/token-missing")
+            assert resp.headers["WWW-Authenticate"] == WWW_AUTHENTICATE_NO_TOKEN
+        else:
+            assert resp.headers["WWW-Authenticate"] == WWW_AUTHENTICATE
         if authorization:
             credentials = authorization.split(" ")[-1]
             if len(credentials) > 8:

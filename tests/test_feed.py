@@ -252,7 +252,7 @@ def test_a_ticket_is_refused_when_expired_for_another_user_or_made_up(
         assert bogus.status_code == 401
         missing = http.get(f"/api/{alice.user_id}/events")
         assert missing.status_code == 401
-        assert missing.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+        assert missing.headers["www-authenticate"] == "Bearer"  # no token: no error code
         wrong_user = http.get(f"/api/{bob.user_id}/events", headers=alice.headers)
         assert wrong_user.status_code == 403
 
