@@ -451,3 +451,83 @@ def test_concurrent_creates_never_exceed_the_maximum_number_of_tags(
     assert set(statuses) <= {201, 409}
     assert 201 in statuses
     assert _tag_count(database, user) <= TAGS_PER_USER_MAX
+
+
+def test_a_rename_into_a_taken_name_is_409_before_it_waits_for_anything(
+    database: Database, live_server: LiveServer, user: ApiUser
+) -> None:
+    """The clash is read without a lock, first: a rename into a name that another tag being
+    deleted holds answered 409, and the delete 503 (the two deadlocked)."""
+    with live_server.client(headers=user.headers) as http:
+        task = create(http, user, "t", tags=["a", "b"])
+        tags = {t["name"]: t["id"] for t in list_tags(http, user)}  # type: ignore[arg-type]
+        holder = _hold_task_lock(database, task["id"])
+        with ThreadPoolExecutor(1) as pool:
+            clash = http.patch(tags_url(user, f"/{tags['a']}"), json={"name": "B"})
+            assert_problem(clash, 409)  # while the task is still locked: it waited for nothing
+            deletion = pool.submit(http.delete, tags_url(user, f"/{tags['b']}"))
+            wait_until(lambda: lock_waits(database.engine) == 1, "the delete to wait")
+            holder.rollback()
+            holder.close()
+            assert deletion.result(timeout=30).status_code == 204
+        assert http.get(user.url(f"/{task['id']}")).json()["tags"] == ["a"]
+
+
+def test_a_rename_and_an_update_creating_that_name_both_succeed(
+    database: Database, live_server: LiveServer, user: ApiUser
+) -> None:
+    """The update creating 'zed' waited for the task that the rename into 'zed' held, and the
+    rename for the update's uncommitted 'zed': one of them was a 503. Creators of a name
+    take turns, so the update finds the renamed tag and uses it."""
+    with live_server.client(headers=user.headers) as http:
+        task = create(http, user, "t", tags=["a", "b"])
+        tags = {t["name"]: t["id"] for t in list_tags(http, user)}  # type: ignore[arg-type]
+        holder = _hold_task_lock(database, task["id"])
+        with ThreadPoolExecutor(2) as pool:
+            rename = pool.submit(http.patch, tags_url(user, f"/{tags['a']}"), json={"name": "zed"})
+            wait_until(lambda: lock_waits(database.engine) == 1, "the rename to wait")
+            update = pool.submit(http.put, user.url(f"/{task['id']}"), json={"tags": ["zed"]})
+            wait_until(lambda: lock_waits(database.engine) == 2, "the update to wait")
+            holder.rollback()
+            holder.close()
+            renamed, updated = rename.result(timeout=30), update.result(timeout=30)
+        assert (renamed.status_code, updated.status_code) == (200, 200), updated.text
+        assert updated.json()["tags"] == ["zed"]
+        assert {t["name"]: t["id"] for t in list_tags(http, user)} == {  # type: ignore[arg-type]
+            "b": tags["b"],
+            "zed": tags["a"],
+        }
+
+
+def test_at_the_tag_limit_a_missing_task_is_404_and_a_stale_etag_412(
+    database: Database, client: TestClient, user: ApiUser
+) -> None:
+    """The task is checked before the tags are resolved: new tags past the limit do not hide
+    what is wrong with the request itself."""
+    task = create(client, user, "t")
+    _seed_tags(database, user, TAGS_PER_USER_MAX - 1)
+    new_tags = {"tags": ["new 1", "new 2", "new 3"]}
+    assert_problem(client.put(user.url("/999999"), json=new_tags, headers=user.headers), 404)
+    stale = {**user.headers, "If-Match": '"0-0"'}
+    assert_problem(client.put(user.url(f"/{task['id']}"), json=new_tags, headers=stale), 412)
+    over = client.put(user.url(f"/{task['id']}"), json=new_tags, headers=user.headers)
+    assert assert_problem(over, 409)["type"].endswith("/tag-conflict")
+
+
+def test_concurrent_creates_of_one_name_at_the_limit_all_get_the_tag(
+    database: Database, live_server: LiveServer, user: ApiUser
+) -> None:
+    """One short of the limit: the first creates it (201), the others find it (200). Each
+    counted the one created before it as missing too, and answered 409."""
+    with live_server.client(headers=user.headers) as http:
+        assert http.get(tags_url(user)).status_code == 200
+    _seed_tags(database, user, TAGS_PER_USER_MAX - 1)
+
+    def one(_: int) -> int:
+        with live_server.client(headers=user.headers) as http:
+            return http.post(tags_url(user), json={"name": "same"}).status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        statuses = sorted(pool.map(one, range(6)))
+    assert statuses == [200, 200, 200, 200, 200, 201]
+    assert _tag_count(database, user) == TAGS_PER_USER_MAX

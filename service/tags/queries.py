@@ -47,11 +47,10 @@ _NAMED = and_(
     TAGS.c.user_id == bindparam("owner"), func.lower(TAGS.c.name) == func.lower(_WANTED.c.name)
 )
 _NAMED_IDS = select(TAGS.c.id).select_from(_WANTED.outerjoin(TAGS, _NAMED))  # NULL: no tag
-_BY_NAMES = (
-    select(_WANTED.c.name.label("wanted"), TAGS.c.id, TAGS.c.name)
-    .join_from(_WANTED, TAGS, _NAMED)
-    .with_for_update(of=TAGS, read=True, key_share=True)
+_NAMED_TAGS = select(_WANTED.c.name.label("wanted"), TAGS.c.id, TAGS.c.name).join_from(
+    _WANTED, TAGS, _NAMED
 )
+_BY_NAMES = _NAMED_TAGS.with_for_update(of=TAGS, read=True, key_share=True)
 _INSERT = (
     pg_insert(TAGS)
     .values(user_id=bindparam("owner"), name=bindparam("name"), created_at=bindparam("now"))
@@ -128,7 +127,12 @@ def _resolve(
         if not missing:
             # Two names PostgreSQL folds together ('ΟΔΟΣ', 'οδοσ') are one tag, listed once.
             return list(dict.fromkeys(found[name] for name in wanted)), inserted
-        session.execute(_CREATORS_TAKE_TURNS, {"owner": user_id})
+        take_turns_creating(session, user_id)
+        # What the one before in the queue created is no longer missing.
+        found = _existing(session, user_id, wanted)
+        missing = [name for name in wanted if name not in found]
+        if not missing:
+            return list(dict.fromkeys(found[name] for name in wanted)), inserted
         count = session.execute(_COUNT, {"owner": user_id}).scalar_one()
         if count + len(missing) > TAGS_PER_USER_MAX:
             raise TagConflict(
@@ -138,6 +142,12 @@ def _resolve(
         rows = [{"owner": user_id, "name": name, "now": now} for name in missing]
         inserted.update(session.scalars(_INSERT, rows))
     raise TagConflict("The tags changed concurrently; try again.")
+
+
+def take_turns_creating(session: Session, user_id: str) -> None:
+    """Wait for the user's other writes that create a tag name (a new tag, a rename) to
+    commit; held until this one commits."""
+    session.execute(_CREATORS_TAKE_TURNS, {"owner": user_id})
 
 
 def set_links(
@@ -198,10 +208,15 @@ def tagged_task_ids(session: Session, tag_id: int) -> list[int]:
     return [int(i) for i in session.execute(_TAGGED, {"tag_id": tag_id}).scalars()]
 
 
-def rename(session: Session, user_id: str, tag_id: int, name: str) -> None:
-    clash = _existing(session, user_id, [name]).get(name)
-    if clash is not None and clash[0] != tag_id:
-        raise TagConflict(f"Another tag is already named {clash[1]!r} (names ignore case).")
+def check_name_free(session: Session, user_id: str, tag_id: int, name: str) -> None:
+    """409 if another of the user's tags has this name, read without a lock: a rename checks
+    it before it locks anything, so a change of that other tag never waits for it."""
+    row = session.execute(_NAMED_TAGS, {"owner": user_id, "names": [name]}).first()
+    if row is not None and int(row.id) != tag_id:
+        raise TagConflict(f"Another tag is already named {row.name!r} (names ignore case).")
+
+
+def rename(session: Session, tag_id: int, name: str) -> None:
     try:
         session.execute(update(TAGS).where(TAGS.c.id == tag_id).values(name=name))
     except IntegrityError as exc:

@@ -265,6 +265,11 @@ def _apply(
         following = recurrence.next_occurrence(rule, due_at)
         if following is not None:
             changed["next_task_id"] = queries.next_task_id(session)
+    if following is not None and tags and resolved is None:
+        # The next occurrence's tags, locked before the completion's statement takes the
+        # chain head: a wait for one of them then holds up only this task, not the user's
+        # other writes.
+        tag_queries.resolve(session, current.user_id, list(tags))
     now = _next_timestamp(current.updated_at)
     after = replace(current, **changed, tags=tags, updated_at=now, version=current.version + 1)
     row, event = _write(
@@ -321,10 +326,13 @@ def update_task(
     if_match: str | None = None,
 ) -> TaskChange:
     changes = data.changes()
-    # The tags before the task, as a tag's rename or deletion locks them (`_change_tag`).
-    resolved = (
-        tag_queries.resolve(session, user_id, list(changes["tags"])) if "tags" in changes else None
-    )
+    resolved = None
+    if "tags" in changes:
+        # A missing task or a stale ETag answers as such before any tag is resolved (one
+        # could be at the limit); resolved, the tags are locked before the task, as a tag's
+        # rename or deletion locks them (`_change_tag`).
+        _check_version(queries.get_task(session, user_id, task_id), if_match)
+        resolved = tag_queries.resolve(session, user_id, list(changes["tags"]))
     current = queries.lock_task(session, user_id, task_id)
     _check_version(current, if_match)
     return _apply(session, ctx, current, changes, resolved)
@@ -368,6 +376,8 @@ def _change_tag(
     user_id: str,
     tag_id: int,
     change: Callable[[], None],
+    *,
+    new_name: bool = False,
 ) -> list[RecordedEvent]:
     """Rename or delete a tag, recording the change of every task that carries it.
 
@@ -379,6 +389,10 @@ def _change_tag(
     change of the same tag, PostgreSQL rolls one of them back and the client retries (503).
     """
     _, name = tag_queries.lock_tag(session, user_id, tag_id)
+    if new_name:
+        # Before the tasks: a write creating that name (it then waits for its task) has
+        # committed by then, so the rename never waits for it while holding the tasks.
+        tag_queries.take_turns_creating(session, user_id)
     befores = {}
     for task_id in tag_queries.tagged_task_ids(session, tag_id):
         before = queries.lock_task_if_exists(session, user_id, task_id)
@@ -398,8 +412,14 @@ def rename_tag(
     """Rename a tag; each task carrying it records the new name in its history."""
     if tag_queries.get_tag(session, user_id, tag_id).name == name:  # 404 before any lock
         return []
+    tag_queries.check_name_free(session, user_id, tag_id, name)  # 409 before any lock
     return _change_tag(
-        session, ctx, user_id, tag_id, lambda: tag_queries.rename(session, user_id, tag_id, name)
+        session,
+        ctx,
+        user_id,
+        tag_id,
+        lambda: tag_queries.rename(session, tag_id, name),
+        new_name=True,
     )
 
 
