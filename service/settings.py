@@ -204,7 +204,7 @@ class Settings(BaseSettings):
             if origin == "*":
                 continue
             parts = urlsplit(origin)
-            if parts.scheme not in {"http", "https"} or not parts.netloc:
+            if "://" not in origin or not parts.netloc:
                 raise ValueError(
                     f"{origin!r} is not an origin: write it with its scheme, "
                     f"e.g. https://{origin.split('://')[-1].strip('/')} or "
@@ -214,6 +214,10 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"{origin!r}: an origin is a scheme and host without a path, "
                     f"e.g. {parts.scheme}://{parts.netloc}"
+                )
+            if origin != origin.lower():
+                raise ValueError(
+                    f"{origin!r}: browsers send the origin in lower case, write {origin.lower()}"
                 )
         return value
 
@@ -253,6 +257,16 @@ class Settings(BaseSettings):
                 f"(got {value!r})"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_jwks_ages(self) -> Settings:
+        """The key set cannot be fetched more often than the refetch interval allows."""
+        if self.jwks_max_age_seconds < self.jwks_min_refetch_seconds:
+            raise ConfigError(
+                f"JWKS_MAX_AGE_SECONDS ({self.jwks_max_age_seconds:g}) must be at least "
+                f"JWKS_MIN_REFETCH_SECONDS ({self.jwks_min_refetch_seconds:g})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_better_auth_path(self) -> Settings:

@@ -238,6 +238,26 @@ def test_cors_origins_must_be_origins(
 
 def test_cors_origins_may_be_any_origin(monkeypatch: pytest.MonkeyPatch) -> None:
     assert from_env(monkeypatch, CORS_ORIGINS="*").cors_origins == ["*"]
+    # Apps in a webview and browser extensions have origins of their own schemes.
+    apps = "capacitor://localhost,tauri://localhost,http://[::1]:3000"
+    assert from_env(monkeypatch, CORS_ORIGINS=apps).cors_origins == apps.split(",")
+
+
+def test_cors_origins_in_upper_case_would_never_match(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        from_env(monkeypatch, CORS_ORIGINS="HTTP://LOCALHOST:3000")
+    assert "write http://localhost:3000" in str(excinfo.value)
+
+
+def test_the_jwks_max_age_is_at_least_the_refetch_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A set older than the maximum age could not be fetched again before the interval."""
+    with pytest.raises(ValidationError) as excinfo:
+        from_env(monkeypatch, JWKS_MAX_AGE_SECONDS="10", JWKS_MIN_REFETCH_SECONDS="30")
+    assert "JWKS_MAX_AGE_SECONDS (10) must be at least JWKS_MIN_REFETCH_SECONDS (30)" in str(
+        excinfo.value
+    )
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,10 @@
 A user's chain runs 1, 2, 3, ... and the incremental verify (`audit_verified_heads`) reads
 only the events after the last seq it verified, so a row inserted with seq 0 or below was
 served by `GET /audit-events` yet never read by it (a full verify did catch it). A CHECK
-constraint makes such a row impossible. Added NOT VALID, then validated: the scan of the
-existing rows does not block writes meanwhile, and fails the upgrade if such a row exists.
+constraint makes such a row impossible. Adding it reads every existing row once, under an
+exclusive lock on `audit_events` (writes wait for that pass; Alembic runs a migration in one
+transaction, so validating separately would not shorten it), and fails the upgrade if such
+a row exists.
 
 Revision ID: 0015
 Revises: 0014
@@ -24,8 +26,7 @@ SEQ_CHECK = "ck_audit_events_seq_from_1"  # as `audit.models` names it
 
 
 def upgrade() -> None:
-    op.execute(f"ALTER TABLE audit_events ADD CONSTRAINT {SEQ_CHECK} CHECK (seq >= 1) NOT VALID")
-    op.execute(f"ALTER TABLE audit_events VALIDATE CONSTRAINT {SEQ_CHECK}")
+    op.create_check_constraint(SEQ_CHECK, "audit_events", "seq >= 1")
 
 
 def downgrade() -> None:
