@@ -174,12 +174,15 @@ def _insert(
     task_id: int | None = None,
     previous_task_id: int | None = None,
     caused_by_seq: int | None = None,
+    resolved: list[tuple[int, str]] | None = None,
 ) -> tuple[TaskRecord, RecordedEvent]:
     """Insert a task, link its tags (unknown names are created for the user) and record its
-    `task.created`: the tags first, then one statement for the rest."""
+    `task.created`: the tags first (unless the caller `resolved` them), then one statement for
+    the rest."""
     _check_rule(values.get("due_at"), values.get("recurrence"))
     _check_remind(values.get("due_at"), values.get("remind_at"))
-    resolved = tag_queries.resolve(session, user_id, list(values.get("tags") or ()))
+    if resolved is None:
+        resolved = tag_queries.resolve(session, user_id, list(values.get("tags") or ()))
     now = utcnow()
     draft = TaskRecord(
         **{name: values[name] for name in queries.INSERTED_FIELDS},
@@ -265,11 +268,16 @@ def _apply(
         following = recurrence.next_occurrence(rule, due_at)
         if following is not None:
             changed["next_task_id"] = queries.next_task_id(session)
-    if following is not None and tags and resolved is None:
+    next_tags: list[tuple[int, str]] = []
+    if following is not None and tags:
         # The next occurrence's tags, locked before the completion's statement takes the
         # chain head: a wait for one of them then holds up only this task, not the user's
         # other writes.
-        tag_queries.resolve(session, current.user_id, list(tags))
+        next_tags = (
+            resolved
+            if resolved is not None
+            else tag_queries.resolve(session, current.user_id, list(tags))
+        )
     now = _next_timestamp(current.updated_at)
     after = replace(current, **changed, tags=tags, updated_at=now, version=current.version + 1)
     row, event = _write(
@@ -279,7 +287,7 @@ def _apply(
     if task != after:  # what the event says is what was stored, or nothing is
         raise RuntimeError(f"task {task.id}: the recorded state differs from the stored one")
     if following is not None:
-        _next_occurrence(session, ctx, task, following, event)
+        _next_occurrence(session, ctx, task, following, event, next_tags)
     return TaskChange(task=task, event=event)
 
 
@@ -289,9 +297,11 @@ def _next_occurrence(
     completed: TaskRecord,
     following: recurrence.Occurrence,
     cause: RecordedEvent,
+    tags: list[tuple[int, str]],
 ) -> TaskRecord:
-    """The series' next task: a copy of the completed one, due at the rule's next date, with
-    the rest of the rule; its `task.created` names the completion as its cause."""
+    """The series' next task: a copy of the completed one (its `tags` already resolved), due
+    at the rule's next date, with the rest of the rule; its `task.created` names the
+    completion as its cause."""
     values = {
         "title": completed.title,
         "description": completed.description,
@@ -312,6 +322,7 @@ def _next_occurrence(
         task_id=completed.next_task_id,
         previous_task_id=completed.id,
         caused_by_seq=cause.seq,
+        resolved=tags,
     )
     return task
 
