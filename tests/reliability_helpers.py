@@ -85,6 +85,16 @@ def lock_waiter(engine: sa.Engine, statement: str) -> int | None:
     return int(pid) if pid is not None else None
 
 
+def locked(engine: sa.Engine, query: str, params: dict[str, Any]) -> sa.Connection:
+    """A connection of its own holding the row locks `query` takes, until it rolls back."""
+    conn = engine.connect()
+    conn.execute(sa.text(query), params)
+    return conn
+
+
+TASK_ROW_LOCK = "SELECT 1 FROM tasks WHERE id = :id FOR UPDATE"
+
+
 def lock_waits(engine: sa.Engine) -> int:
     """How many backends of this database wait for a lock. A connection of its own each time:
     pg_stat_activity is a snapshot taken once per transaction, so a loop on one connection

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.database import Database
-from tests.reliability_helpers import lock_waits, wait_until
+from tests.reliability_helpers import TASK_ROW_LOCK, lock_waits, locked, wait_until
 from tests.support import ApiUser, LiveServer, assert_problem, create_task
 
 T = TypeVar("T")
@@ -138,19 +138,18 @@ def test_a_writer_queued_behind_a_tag_change_reads_the_new_tags(
     with live_server.client() as http:
         task = create_task(http, user, "queued", tags=["a"])
     url = user.url(f"/{task['id']}")
-    with database.engine.connect() as holder, holder.begin():
-        holder.execute(sa.text("SELECT 1 FROM tasks WHERE id = :id FOR UPDATE"), {"id": task["id"]})
-        with (
-            ThreadPoolExecutor(max_workers=2) as pool,
-            live_server.client() as a,
-            live_server.client() as b,
-        ):
-            first = pool.submit(a.put, url, json={"tags": ["b"]}, headers=user.headers)
-            wait_until(lambda: lock_waits(database.engine) == 1, "the first writer to queue")
-            second = pool.submit(b.request, method, url, json=body, headers=user.headers)
-            wait_until(lambda: lock_waits(database.engine) == 2, "the second writer to queue")
-            holder.rollback()
-            answers = first.result(timeout=30), second.result(timeout=30)
+    with (
+        locked(database.engine, TASK_ROW_LOCK, {"id": task["id"]}) as holder,
+        ThreadPoolExecutor(max_workers=2) as pool,
+        live_server.client() as a,
+        live_server.client() as b,
+    ):
+        first = pool.submit(a.put, url, json={"tags": ["b"]}, headers=user.headers)
+        wait_until(lambda: lock_waits(database.engine) == 1, "the first writer to queue")
+        second = pool.submit(b.request, method, url, json=body, headers=user.headers)
+        wait_until(lambda: lock_waits(database.engine) == 2, "the second writer to queue")
+        holder.rollback()
+        answers = first.result(timeout=30), second.result(timeout=30)
     assert answers[0].status_code == 200, answers[0].text
     assert answers[0].json()["tags"] == ["b"]
     assert answers[1].status_code == (204 if method == "DELETE" else 200), answers[1].text

@@ -30,10 +30,12 @@ from audit.verify import verify_chain
 from service.database import Database
 from service.settings import Settings
 from tests.reliability_helpers import (
+    TASK_ROW_LOCK,
     SilentServer,
     TcpProxy,
     TrackedApp,
     live,
+    locked,
     proxied_url,
     server_address,
     terminate,
@@ -162,12 +164,6 @@ def pool() -> Iterator[ThreadPoolExecutor]:
         yield executor
 
 
-def _locked(admin: sa.Engine, query: str, params: dict[str, Any]) -> sa.Connection:
-    conn = admin.connect()
-    conn.execute(sa.text(query), params)
-    return conn
-
-
 @pytest.mark.parametrize("lock", ["task row", "chain head"])
 def test_connection_killed_mid_request_is_503_and_changes_nothing(
     settings: Settings, user: ApiUser, admin: sa.Engine, pool: ThreadPoolExecutor, lock: str
@@ -180,9 +176,9 @@ def test_connection_killed_mid_request_is_503_and_changes_nothing(
         with admin.connect() as conn:
             events_before = _events(conn, user.user_id)
         if lock == "task row":
-            holder = _locked(admin, "SELECT 1 FROM tasks WHERE id = :id FOR UPDATE", task)
+            holder = locked(admin, TASK_ROW_LOCK, task)
         else:
-            holder = _locked(
+            holder = locked(
                 admin,
                 "SELECT 1 FROM audit_chain_heads WHERE user_id = :u FOR UPDATE",
                 {"u": user.user_id},
@@ -216,7 +212,7 @@ def test_create_killed_before_its_event_is_retried_safely_with_its_key(
     headers = {**user.headers, "Idempotency-Key": uuid.uuid4().hex}
     with tracked_app(settings) as tracked, live(tracked.app) as server, server.client() as http:
         http.post(user.url(), json={"title": "first"}, headers=user.headers)  # a chain head
-        holder = _locked(
+        holder = locked(
             admin,
             "SELECT 1 FROM audit_chain_heads WHERE user_id = :u FOR UPDATE",
             {"u": user.user_id},
@@ -256,7 +252,7 @@ def test_statement_timeout_bounds_a_request_blocked_on_a_row_lock(
     ):
         task = http.post(user.url(), json={"title": "locked"}, headers=user.headers).json()
         url = user.url(f"/{task['id']}")
-        holder = _locked(admin, "SELECT 1 FROM tasks WHERE id = :id FOR UPDATE", task)
+        holder = locked(admin, TASK_ROW_LOCK, task)
         try:
             for method, path, body in (
                 ("PUT", "", {"title": "changed"}),

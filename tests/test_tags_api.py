@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from service.database import Database
 from service.tags.rules import TAG_NAME_MAX, TAGS_PER_USER_MAX, sorted_names
 from tests.audit_helpers import events_of
-from tests.reliability_helpers import lock_waiter, lock_waits, wait_until
+from tests.reliability_helpers import TASK_ROW_LOCK, lock_waiter, lock_waits, locked, wait_until
 from tests.support import ApiUser, LiveServer, assert_problem, assert_validation_error
 from tests.support import create_task as create
 
@@ -274,13 +274,6 @@ def test_tables_enforce_ownership(database: Database, client: TestClient, make_u
         )
 
 
-def _hold_task_lock(database: Database, task_id: int) -> sa.Connection:
-    """A connection holding the task's row lock until it rolls back."""
-    holder = database.engine.connect()
-    holder.execute(sa.text("SELECT 1 FROM tasks WHERE id = :id FOR UPDATE"), {"id": task_id})
-    return holder
-
-
 @pytest.mark.parametrize("change", ["rename", "delete"])
 def test_a_tag_change_leaves_out_a_task_deleted_while_it_waited(
     database: Database, live_server: LiveServer, user: ApiUser, change: str
@@ -291,7 +284,7 @@ def test_a_tag_change_leaves_out_a_task_deleted_while_it_waited(
         kept, gone = (create(http, user, title, tags=["shared"]) for title in ("kept", "gone"))
         tag = list_tags(http, user)[0]  # type: ignore[arg-type]
         before = len(events_of(database.engine, user.user_id))
-        holder = _hold_task_lock(database, gone["id"])
+        holder = locked(database.engine, TASK_ROW_LOCK, {"id": gone["id"]})
         with ThreadPoolExecutor(2) as pool:
             deletion = pool.submit(http.delete, user.url(f"/{gone['id']}"))
             wait_until(lambda: lock_waits(database.engine) == 1, "the task's delete to wait")
@@ -364,7 +357,7 @@ def test_a_collision_postgresql_settles_by_rolling_back_is_a_503_to_retry(
             recurrence="FREQ=DAILY",
         )
         tag = list_tags(http, user)[0]  # type: ignore[arg-type]
-        holder = _hold_task_lock(database, task["id"])
+        holder = locked(database.engine, TASK_ROW_LOCK, {"id": task["id"]})
         requests = {
             "complete": ("PATCH", user.url(f"/{task['id']}/complete"), None),
             "rename": ("PATCH", tags_url(user, f"/{tag['id']}"), {"name": "Home"}),
@@ -461,7 +454,7 @@ def test_a_rename_into_a_taken_name_is_409_before_it_waits_for_anything(
     with live_server.client(headers=user.headers) as http:
         task = create(http, user, "t", tags=["a", "b"])
         tags = {t["name"]: t["id"] for t in list_tags(http, user)}  # type: ignore[arg-type]
-        holder = _hold_task_lock(database, task["id"])
+        holder = locked(database.engine, TASK_ROW_LOCK, {"id": task["id"]})
         with ThreadPoolExecutor(1) as pool:
             clash = http.patch(tags_url(user, f"/{tags['a']}"), json={"name": "B"})
             assert_problem(clash, 409)  # while the task is still locked: it waited for nothing
@@ -482,7 +475,7 @@ def test_a_rename_and_an_update_creating_that_name_both_succeed(
     with live_server.client(headers=user.headers) as http:
         task = create(http, user, "t", tags=["a", "b"])
         tags = {t["name"]: t["id"] for t in list_tags(http, user)}  # type: ignore[arg-type]
-        holder = _hold_task_lock(database, task["id"])
+        holder = locked(database.engine, TASK_ROW_LOCK, {"id": task["id"]})
         with ThreadPoolExecutor(2) as pool:
             rename = pool.submit(http.patch, tags_url(user, f"/{tags['a']}"), json={"name": "zed"})
             wait_until(lambda: lock_waits(database.engine) == 1, "the rename to wait")
