@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from tests.support import (
     assert_problem,
     bearer,
     create_task,
+    free_port,
     jwks_app,
 )
 
@@ -269,12 +269,6 @@ def test_hs256_with_public_key_in_jwks_only_mode_is_401(
 # JWKS outage: 503, never 500 ----------------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize(("status", "body"), [(503, b"down"), (500, b"<html>"), (200, b"not json")])
 def test_jwks_outage_without_cached_key_is_503(
     status: int, body: bytes, settings: Settings, database: Database
@@ -327,7 +321,7 @@ def test_jwks_url_credentials_are_sent_but_never_logged(database_url: str, tmp_p
 
 def test_unreachable_jwks_is_503(settings: Settings, database: Database) -> None:
     key = generate_key("EdDSA")
-    origin = f"http://127.0.0.1:{_closed_port()}"
+    origin = f"http://127.0.0.1:{free_port()}"
     app = create_app(settings.model_copy(update={"better_auth_url": origin}), database)
     with TestClient(app, raise_server_exceptions=False) as client:
         user_id = random_id()

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from service.database import Database
 from tests.jwt_helpers import random_id
-from tests.support import TEST_SECRET, ApiUser, clean_environ
+from tests.support import TEST_SECRET, ApiUser, clean_environ, free_port
 
 TODO_API = Path(sys.executable).parent / "todo-api"
 
@@ -289,21 +289,13 @@ def test_an_unparsable_database_url_is_refused_without_its_password(tmp_path: Pa
         assert "Sup3rDbPw" not in result.stderr + result.stdout
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize(
     "args", [("migrate",), ("tasks", "list", "alice"), ("serve", "--port", "0")], ids=str
 )
 def test_an_unreachable_database_is_one_line_and_exit_3(tmp_path: Path, args: tuple[str]) -> None:
     """As the audit commands say it: no traceback (`serve` migrates first)."""
-    url = f"postgresql://todo:Sup3rDbPw@127.0.0.1:{_closed_port()}/todo"
-    argv = ["serve", "--port", str(_closed_port())] if args[0] == "serve" else list(args)
+    url = f"postgresql://todo:Sup3rDbPw@127.0.0.1:{free_port()}/todo"
+    argv = ["serve", "--port", str(free_port())] if args[0] == "serve" else list(args)
     result = run(tmp_path, *argv, DATABASE_URL=url, BETTER_AUTH_SECRET=TEST_SECRET)
     assert result.returncode == 3, result.stderr
     assert "Traceback" not in result.stderr

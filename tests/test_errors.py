@@ -7,7 +7,6 @@ behind, and every request (failing ones included) hands its connection back to t
 from __future__ import annotations
 
 import secrets
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ from tests.support import (
     assert_problem,
     assert_validation_error,
     create_task,
+    free_port,
 )
 
 LIMIT = 64 * 1024
@@ -396,14 +396,8 @@ def test_every_request_returns_its_connection(
 # The database is down: 503, never 500 -------------------------------------------------
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_unreachable_database_is_503(settings: Settings, user: ApiUser) -> None:
-    url = f"postgresql://postgres@127.0.0.1:{_closed_port()}/todo"
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/todo"
     down = Database(
         build_engine(settings.model_copy(update={"db_connect_timeout_seconds": 1}), url)
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.support import (
     assert_problem,
     assert_validation_error,
     create_task,
+    free_port,
     link_url,
 )
 
@@ -327,12 +327,6 @@ def test_better_auth_url_ending_in_api_auth_is_corrected_with_a_warning(
     assert any("BETTER_AUTH_URL" in r.getMessage() for r in warnings), logs.text()
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_keys_are_fetched_at_start_and_readyz_reports_them(
     settings: Settings, database: Database
 ) -> None:
@@ -349,7 +343,7 @@ def test_keys_are_fetched_at_start_and_readyz_reports_them(
 def test_unreachable_keys_at_start_are_a_warning_and_readyz_says_so(
     settings: Settings, database: Database
 ) -> None:
-    origin = f"http://127.0.0.1:{_closed_port()}"
+    origin = f"http://127.0.0.1:{free_port()}"
     configured = settings.model_copy(update={"better_auth_url": origin})
     with captured("service.app") as logs, TestClient(create_app(configured, database)) as client:
         resp = client.get("/readyz")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -43,7 +42,7 @@ from service.tasks.rules import DIFF_FIELDS
 from tests.jwt_helpers import random_id
 from tests.reminder_helpers import at, wait_fired
 from tests.serve_helpers import ServeProcess
-from tests.support import TEST_SECRET, ApiUser, bearer
+from tests.support import TEST_SECRET, ApiUser, bearer, free_port
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -143,12 +142,6 @@ def json_lines(out: str) -> list[dict[str, Any]]:
     """Every stdout line must be one JSON object."""
     lines = [line for line in out.splitlines() if line.strip()]
     return [json.loads(line) for line in lines]
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # Tracing ----------------------------------------------------------------------------------
@@ -333,7 +326,7 @@ def test_database_outage_503_is_an_error_span_with_the_exception(
     settings: Settings, provider: TracerProvider, spans: InMemorySpanExporter, user: ApiUser
 ) -> None:
     """A handled 5xx (the error handler answers 503) is still recorded as a failure."""
-    down = Database(build_engine(settings, f"postgresql://postgres@127.0.0.1:{_closed_port()}/x"))
+    down = Database(build_engine(settings, f"postgresql://postgres@127.0.0.1:{free_port()}/x"))
     try:
         app = make_traced_app(settings, down, provider)
         with TestClient(app, raise_server_exceptions=False) as client:
