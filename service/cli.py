@@ -63,12 +63,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from service.app import check_settings
 
-    try:
-        # A bad value stops here, in one line, not in every worker (restarted forever).
-        check_settings(settings)
-    except ConfigError as exc:
-        print(f"todo-api: configuration error: {exc}", file=sys.stderr)
-        return 2
+    # A bad value stops here (one line from `main`), not in every worker (restarted forever).
+    check_settings(settings)
 
     from observability.logging import configure_logging
 
