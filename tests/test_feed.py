@@ -365,6 +365,26 @@ def test_streams_are_capped_per_user_and_per_worker(
             assert c2.status == 200
 
 
+def test_a_stream_refused_for_capacity_leaves_its_ticket_usable(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    """A 429 for too many streams is the server's refusal, not the ticket's: the same ticket
+    opens the stream once a slot is free (and only once)."""
+    with serve(settings, database, feed_max_streams_per_user=1) as server:
+        with server.client() as http:
+            answer = http.post(f"/api/{user.user_id}/events/tickets", headers=user.headers)
+            url = answer.json()["stream_url"]
+        with feed(server, user) as first:
+            assert first.status == 200
+            with FeedReader(server.url, url) as refused:
+                assert refused.status == 429
+        wait_streams(server.app, 0)  # type: ignore[attr-defined]
+        with FeedReader(server.url, url) as opened:
+            assert opened.status == 200
+        with FeedReader(server.url, url) as again:
+            assert again.status == 401
+
+
 def test_heartbeat_comments_flow_on_an_idle_stream(
     settings: Settings, database: Database, user: ApiUser
 ) -> None:

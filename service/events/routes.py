@@ -42,7 +42,7 @@ from service.deps import (
     get_current_user,
 )
 from service.events import tickets
-from service.events.hub import FeedHub, Subscription
+from service.events.hub import FeedHub, FeedUnavailable, Subscription, TooManyStreams
 from service.exceptions import AuthError, DomainError, Forbidden, InvalidInput, TokenMissing
 from service.openapi import error_responses
 from service.problem_types import ProblemType
@@ -132,25 +132,40 @@ def _start_seq(after: int | None, last_event_id: str | None) -> int:
     return after or 0
 
 
-async def _principal(
-    request: Request, database: Database, user_id: str, bearer: Any, ticket: str | None
-) -> Principal:
-    if bearer is not None:
-        return await get_current_user(request, user_id, bearer)
+async def _redeem(
+    request: Request, database: Database, user_id: str, ticket: str | None
+) -> tickets.RedeemedTicket:
     # Counted as `get_current_user` counts: by address until the ticket proves the user.
     try:
         if ticket is None:
             raise TokenMissing("missing bearer token or stream ticket")
-        principal = await run_in_threadpool(tickets.redeem, database, ticket, user_id)
+        redeemed = await run_in_threadpool(tickets.redeem, database, ticket, user_id)
     except (AuthError, Forbidden):
         await count_anonymous(request)
         raise
-    await count_user(request, principal.user_id)
+    user_id = redeemed.principal.user_id
+    await count_user(request, user_id)
     span = trace.get_current_span()
     if span.is_recording():
-        span.set_attribute("enduser.id", principal.user_id)
-    request.state.user_id = principal.user_id
-    return principal
+        span.set_attribute("enduser.id", user_id)
+    request.state.user_id = user_id
+    return redeemed
+
+
+async def _subscribe(
+    request: Request, hub: FeedHub, user_id: str, bearer: Any, ticket: str | None, start: int
+) -> tuple[Principal, Subscription]:
+    database: Database = request.app.state.db
+    if bearer is not None:
+        principal = await get_current_user(request, user_id, bearer)
+        return principal, hub.subscribe(principal.user_id, start)
+    redeemed = await _redeem(request, database, user_id, ticket)
+    try:
+        return redeemed.principal, hub.subscribe(redeemed.principal.user_id, start)
+    except (TooManyStreams, FeedUnavailable):
+        # Refused for the server's sake: the client may retry later with the same ticket.
+        await run_in_threadpool(tickets.give_back, database, redeemed)
+        raise
 
 
 def _read(
@@ -284,8 +299,7 @@ async def stream_events(
     if not _accepts_event_stream(request.headers.get("accept")):
         raise NotAcceptable("This endpoint answers with text/event-stream only.")
     start = _start_seq(after, last_event_id)
-    principal = await _principal(request, database, user_id, bearer, ticket)
-    subscription = hub.subscribe(principal.user_id, start)
+    principal, subscription = await _subscribe(request, hub, user_id, bearer, ticket, start)
     shutdown = anyio.Event()
 
     async def close_on_shutdown() -> None:

@@ -84,7 +84,14 @@ def issue(session: Session, principal: Principal, ttl_seconds: int) -> IssuedTic
     return IssuedTicket(ticket=ticket, expires_at=expires_at)
 
 
-def redeem(database: Database, ticket: str, user_id: str) -> Principal:
+@dataclass(frozen=True, slots=True)
+class RedeemedTicket:
+    principal: Principal
+    ticket: str
+    expires_at: datetime
+
+
+def redeem(database: Database, ticket: str, user_id: str) -> RedeemedTicket:
     """The principal a ticket stands for. The ticket is spent (committed) before it is judged,
     so a refused ticket cannot be tried again either. Blocking: call it in a thread."""
     invalid = AuthError("invalid or already used stream ticket")
@@ -99,6 +106,23 @@ def redeem(database: Database, ticket: str, user_id: str) -> Principal:
         raise TokenExpired("stream ticket expired")
     if owner != user_id:
         raise Forbidden("The stream ticket does not belong to this user.")
-    return Principal(
+    principal = Principal(
         user_id=owner, email=None, name=None, expires_at=int(token_expires_at.timestamp())
     )
+    return RedeemedTicket(principal, ticket, expires_at)
+
+
+def give_back(database: Database, redeemed: RedeemedTicket) -> None:
+    """Store a redeemed ticket again, as it was: the stream it was to open was refused for
+    the server's sake (too many streams), not the client's. Blocking: call it in a thread."""
+    principal = redeemed.principal
+    with database.unit_of_work() as session:
+        session.execute(
+            _INSERT,
+            {
+                "ticket_hash": _digest(redeemed.ticket),
+                "user_id": principal.user_id,
+                "expires_at": redeemed.expires_at,
+                "token_expires_at": datetime.fromtimestamp(principal.expires_at, UTC),
+            },
+        )
