@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.support import ApiUser, assert_validation_error
+from tests.support import ApiUser, assert_validation_error, link_url
 from tests.support import create_task as create
 
 RANK = {"none": 0, "low": 1, "medium": 2, "high": 3}
@@ -130,6 +130,8 @@ def expected(
         value = task[sort]
         if sort == "priority":
             value = RANK[value]
+        elif sort == "title":  # as people read titles: case aside, then as written
+            value = (value.lower(), value)
         elif sort in ("created_at", "updated_at", "due_at") and value is not None:
             value = parse_time(value)
         return value
@@ -268,6 +270,86 @@ def test_filter_by_tag_matches_as_postgresql_lower_cases(client: TestClient, use
     assert titles(["İstanbul"]) == [both["title"]]
     assert titles(["ΟΔΟΣ", "İSTANBUL"]) == [both["title"]]
     assert titles(["ΟΔΟΣ", "nope"]) == []
+
+
+def test_titles_sort_case_aside(client: TestClient, user: ApiUser) -> None:
+    """Not byte order (every capital before every small letter under the C collations)."""
+    for title in ("banana", "Zucchini", "apple", "Cherry", "cherry", "Apple"):
+        create(client, user, title)
+    for order, want in (
+        ("asc", ["Apple", "apple", "banana", "Cherry", "cherry", "Zucchini"]),
+        ("desc", ["Zucchini", "cherry", "Cherry", "banana", "apple", "Apple"]),
+    ):
+        resp = client.get(
+            user.url(), params={"sort": "title", "order": order}, headers=user.headers
+        )
+        assert [t["title"] for t in resp.json()] == want
+
+
+def _walk(client: TestClient, user: ApiUser, url: str, between: Any) -> list[int]:
+    """Every id a client paging by the links sees, `between(page)` run after each page."""
+    seen: list[int] = []
+    while url:
+        resp = client.get(url, headers=user.headers)
+        assert resp.status_code == 200, resp.text
+        seen += [task["id"] for task in resp.json()]
+        between(resp.json())
+        url = link_url(resp, "next") or ""
+    return seen
+
+
+@pytest.mark.parametrize("change", ["complete", "delete", "create"])
+@pytest.mark.parametrize("sort", ["created_at", "title", "due_at"])
+def test_paging_skips_and_repeats_nothing_while_tasks_change(
+    client: TestClient, user: ApiUser, change: str, sort: str
+) -> None:
+    """A client pages its open tasks and, after each page, completes or deletes the page's
+    first task or adds one: every task that was open throughout is seen exactly once."""
+    due = [NOW + timedelta(days=n % 3) if n % 4 else None for n in range(14)]
+    tasks = [create(client, user, f"t{n % 5}", due_at=due[n] and iso(due[n])) for n in range(14)]
+
+    def between(page: list[dict[str, Any]]) -> None:
+        first = page[0]["id"]
+        if change == "complete":
+            client.patch(user.url(f"/{first}/complete"), headers=user.headers)
+        elif change == "delete":
+            client.delete(user.url(f"/{first}"), headers=user.headers)
+        else:
+            create(client, user, "t0", due_at=iso(NOW))
+
+    url = user.url(f"?status=pending&sort={sort}&order=asc&limit=3")
+    seen = _walk(client, user, url, between)
+    assert len(seen) == len(set(seen)), seen
+    assert {task["id"] for task in tasks} <= set(seen)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"after": "not-a-cursor"},
+        {"after": "W10"},  # []
+        {"after": "WyJ0aXRsZSIsICJhc2MiLCAiYSIsIDFd"},  # a title cursor, asked by created_at
+        {"after": "WyJjcmVhdGVkX2F0IiwgImRlc2MiLCAibm9vbiIsIDFd"},  # not a time
+        {"after": "WyJjcmVhdGVkX2F0IiwgImRlc2MiLCAiMjAyNi0wMS0wMVQwMDowMDowMCIsIDFd"},  # no zone
+        {"after": "WyJjcmVhdGVkX2F0IiwgImRlc2MiLCBudWxsLCAxXQ"},  # null: only due_at has one
+        {"after": "WyJjcmVhdGVkX2F0IiwgImRlc2MiLCAiMjAyNi0wMS0wMVQwMDowMDowMFoiLCAwXQ"},  # id 0
+        {"after": "x" * 1025},
+    ],
+)
+def test_a_bad_after_is_400(client: TestClient, user: ApiUser, params: dict[str, Any]) -> None:
+    assert_validation_error(
+        client.get(user.url(), params=params, headers=user.headers), "query.after"
+    )
+
+
+def test_after_and_offset_together_are_400(client: TestClient, user: ApiUser) -> None:
+    for n in range(3):
+        create(client, user, f"t{n}")
+    link = link_url(client.get(user.url("?limit=1"), headers=user.headers), "next")
+    assert link is not None
+    assert client.get(link, headers=user.headers).status_code == 200
+    resp = client.get(link + "&offset=1", headers=user.headers)
+    assert_validation_error(resp, "query.after")
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 -- GET /api/{user}/tasks?limit=50 for a user with more tasks than one page, statement for
 -- statement as the service issues it (service/tasks.py list_tasks: the page, then the total for
--- X-Total-Count, which a full unfiltered page reads from the user's running count).
+-- X-Total-Count, which a full unfiltered page reads from the user's running count; one task more
+-- than the page says whether a next page follows).
 BEGIN;
 SELECT tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed,
        tasks.created_at, tasks.updated_at, tasks.priority, tasks.due_at,
@@ -10,6 +11,6 @@ SELECT tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed,
        tasks.recurrence, tasks.previous_task_id, tasks.next_task_id, tasks.remind_at,
        tasks.version, tasks.reminder_fired_for, tasks.reminder_fired_at, tasks.reminder_late
 FROM tasks WHERE tasks.user_id = :list_user
-ORDER BY tasks.created_at DESC, tasks.id DESC LIMIT 50 OFFSET 0;
+ORDER BY tasks.created_at DESC, tasks.id DESC LIMIT 51 OFFSET 0;
 SELECT users.task_count FROM users WHERE users.id = :list_user;
 COMMIT;

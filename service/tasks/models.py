@@ -71,7 +71,8 @@ class Task(SQLModel, table=True):
         # The list endpoint pages a user's tasks by these orders.
         Index("ix_tasks_user_created", "user_id", "created_at", "id"),
         Index("ix_tasks_user_updated", "user_id", "updated_at", "id"),
-        Index("ix_tasks_user_title", "user_id", "title", "id"),
+        # Titles as people read them: case aside first (service.tasks.queries._sort_key).
+        Index("ix_tasks_user_title", "user_id", text("lower(title)"), "title", "id"),
         # Due dates both ways, tasks without one last in each (NULLS LAST).
         Index("ix_tasks_user_due", "user_id", "due_at", "id"),
         Index("ix_tasks_user_due_desc", "user_id", text("due_at DESC NULLS LAST"), text("id DESC")),

@@ -4,6 +4,9 @@ the CLI alike. Reads filter by the owner; nothing here commits.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
@@ -26,6 +29,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy import cast as cast_
@@ -33,7 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from audit.append import ChangeBuilder, build_append, head_exists
-from service.exceptions import NotFound
+from service.exceptions import InvalidInput, NotFound
 from service.sqltypes import utcnow
 from service.tags.models import Tag, TaskTag
 from service.tags.queries import tag_ids_named
@@ -84,6 +88,92 @@ class SortOrder(StrEnum):
     desc = "desc"
 
 
+# --- The list's keyset cursor ---------------------------------------------------------
+#
+# `Link: rel="next"` continues after the last task of a page (`?after=`), not at an offset:
+# completing or deleting a task on one page would otherwise shift the next page past a task.
+
+AFTER_MAX = 1024
+_ID_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True, slots=True)
+class After:
+    """Where a page continues: after the task with this sort value and id."""
+
+    value: Any
+    id: int
+
+
+def _sort_value(task: TaskRecord, sort: SortField) -> Any:
+    value = getattr(task, sort.value)
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def encode_after(task: TaskRecord, sort: SortField, order: SortOrder) -> str:
+    """Opaque to clients: the sort, the order and the last task's sort value and id."""
+    text = json.dumps([sort.value, order.value, _sort_value(task, sort), task.id])
+    return base64.urlsafe_b64encode(text.encode()).decode("ascii").rstrip("=")
+
+
+def _parse_value(value: Any, sort: SortField) -> Any:
+    if sort is SortField.title:
+        if isinstance(value, str) and value:
+            return value
+    elif sort is SortField.priority:
+        if isinstance(value, str) and value in Priority.__members__:
+            return Priority(value)
+    elif isinstance(value, str) or (value is None and sort is SortField.due_at):
+        if value is None:
+            return None
+        moment = datetime.fromisoformat(value)
+        if moment.tzinfo is not None:
+            return moment
+    raise ValueError(value)
+
+
+def decode_after(cursor: str, sort: SortField, order: SortOrder) -> After:
+    """What `encode_after` wrote for this sort and order; anything else is a 400."""
+    invalid = InvalidInput(
+        "`after` is not valid here: use the link of a page sorted the same way.",
+        field="query.after",
+    )
+    if len(cursor) > AFTER_MAX or not cursor.isascii():
+        raise invalid
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        sort_, order_, value, task_id = json.loads(text)
+        if (sort_, order_) != (sort.value, order.value):
+            raise ValueError(sort_)
+        if type(task_id) is not int or not 1 <= task_id <= _ID_MAX:
+            raise ValueError(task_id)
+        return After(_parse_value(value, sort), task_id)
+    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):
+        raise invalid from None
+
+
+def _sort_key(sort: SortField) -> tuple[Any, ...]:
+    """The columns a sort orders by, the id last. Titles as people read them, case aside."""
+    if sort is SortField.title:
+        return (func.lower(TASKS.c.title), TASKS.c.title, TASKS.c.id)
+    return (TASKS.c[sort.value], TASKS.c.id)
+
+
+def _after_condition(sort: SortField, order: SortOrder, after_null: bool) -> Any:
+    """The tasks that follow `after` in this order (tasks without a due date last)."""
+    column = TASKS.c[sort.value]
+    value = bindparam("after_value", type_=column.type)
+    after_id = bindparam("after_id", type_=BigInteger)
+    if after_null:  # past the last due date: among the tasks without one, by id
+        later_id = TASKS.c.id > after_id if order is SortOrder.asc else TASKS.c.id < after_id
+        return and_(column.is_(None), later_id)
+    keys = _sort_key(sort)
+    bound = (func.lower(value), value, after_id) if sort is SortField.title else (value, after_id)
+    row, start = tuple_(*keys), tuple_(*bound)
+    later = row > start if order is SortOrder.asc else row < start
+    return or_(later, column.is_(None)) if sort is SortField.due_at else later
+
+
 # Responses are dumped straight from the records as `TaskPublic` (the internal fields left
 # out), without building a model per task: a 50-task page serializes 4x faster.
 _PUBLIC = TypeAdapter(TaskPublic)
@@ -108,6 +198,8 @@ def public_list_json(records: list[TaskRecord]) -> bytes:
 class TaskPage:
     items: list[TaskRecord]
     total: int
+    # Whether tasks follow this page (in its order, after its last task).
+    more: bool = False
 
 
 # The hot statements are built once, with bound parameters: SQLAlchemy then reuses their
@@ -341,18 +433,25 @@ def _conditions(shape: tuple[Any, ...], *, counting: bool) -> list[Any]:
 
 
 @lru_cache(maxsize=512)
-def _list_statements(shape: tuple[Any, ...], sort: SortField, order: SortOrder) -> Any:
-    """The page query and its count, per combination of filters and order."""
+def _list_statements(
+    shape: tuple[Any, ...], sort: SortField, order: SortOrder, after: bool | None
+) -> Any:
+    """The page query and its count, per combination of filters and order; `after` None for
+    a first page, else whether the page continues after a task without a due date."""
     conditions = _conditions(shape, counting=False)
-    sort_column = TASKS.c[sort.value]
+    if after is not None:
+        conditions.append(_after_condition(sort, order, after))
+    *keys, id_key = _sort_key(sort)
     if order is SortOrder.desc:
-        key = sort_column.desc()
         # Tasks without a due date come last in both orders: ix_tasks_user_due_desc has this
         # order. The other sort columns are NOT NULL, and a NULLS LAST there would keep
         # PostgreSQL from reading their indexes backwards.
-        ordering = (key.nulls_last() if sort is SortField.due_at else key, TASKS.c.id.desc())
-    else:
-        ordering = (sort_column.asc(), TASKS.c.id.asc())  # NULLS LAST is the ascending default
+        ordering = [key.desc() for key in keys]
+        if sort is SortField.due_at:
+            ordering = [ordering[0].nulls_last()]
+        ordering.append(id_key.desc())
+    else:  # NULLS LAST is the ascending default
+        ordering = [*(key.asc() for key in keys), id_key.asc()]
     page = (
         select(*_COLUMNS)
         .where(*conditions)
@@ -413,14 +512,19 @@ def list_query(
     *,
     limit: int,
     offset: int,
+    after: After | None = None,
 ) -> ListQuery | None:
     """The list's page and count statements with their values, as the service sends them
-    (bench/explain.py plans the same); None when a tag filter names no tag of the user."""
+    (bench/explain.py plans the same); None when a tag filter names no tag of the user. The
+    page asks for one task more than `limit`: whether another page follows."""
     tag_ids = tag_ids_named(session, user_id, filters.tags) if filters.tags else []
     if tag_ids is None:
         return None
-    page, count = _list_statements(filters.shape(len(tag_ids)), sort, order)
-    params: dict[str, Any] = {"owner": user_id, "limit": limit, "offset": offset}
+    after_null = None if after is None else after.value is None
+    page, count = _list_statements(filters.shape(len(tag_ids)), sort, order, after_null)
+    params: dict[str, Any] = {"owner": user_id, "limit": limit + 1, "offset": offset}
+    if after is not None:
+        params.update(after_value=after.value, after_id=after.id)
     params.update(filters.params())
     params.update({f"tag_{n}": tag_id for n, tag_id in enumerate(tag_ids)})
     return ListQuery(page, count, params)
@@ -437,22 +541,27 @@ def list_tasks(
     order: SortOrder = SortOrder.desc,
     limit: int = 100,
     offset: int = 0,
+    after: After | None = None,
 ) -> TaskPage:
     if filters is None:
         filters = TaskFilter(status=status, q=q or None)
-    query = list_query(session, user_id, filters, sort, order, limit=limit, offset=offset)
+    query = list_query(
+        session, user_id, filters, sort, order, limit=limit, offset=offset, after=after
+    )
     if query is None:  # a name the user has no tag of: nothing can match
         return TaskPage(items=[], total=0)
     page, count, params = query
     items = [TaskRecord.from_row(row) for row in session.execute(page, params)]
-    if offset == 0 and len(items) < limit:
+    more = len(items) > limit
+    del items[limit:]
+    if offset == 0 and after is None and not more:
         total = len(items)
     elif not filters.narrows:
         # Kept by the database on every insert and delete: no need to count the rows.
         total = session.execute(_TASK_COUNT, {"owner": user_id}).scalar() or 0
     else:
         total = session.execute(count, params).scalar_one()
-    return TaskPage(items=items, total=int(total))
+    return TaskPage(items=items, total=int(total), more=more)
 
 
 def next_task_id(session: Session) -> int:

@@ -123,6 +123,14 @@ def list_tasks(
     order: SortOrder = SortOrder.desc,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    after: Annotated[
+        str | None,
+        Query(
+            max_length=queries.AFTER_MAX,
+            description="Continue after the last task of a page: the value in its "
+            '`Link: rel="next"` (not with `offset`)',
+        ),
+    ] = None,
 ) -> Any:
     filters = TaskFilter(
         status=status_,
@@ -133,6 +141,8 @@ def list_tasks(
         due_after=due_after,
         overdue=overdue,
     )
+    if after is not None and offset:
+        raise InvalidInput("Give `after` or `offset`, not both.", field="query.after")
     page = queries.list_tasks(
         session,
         user.user_id,
@@ -141,10 +151,12 @@ def list_tasks(
         order=order,
         limit=limit,
         offset=offset,
+        after=None if after is None else queries.decode_after(after, sort, order),
     )
     headers = {"X-Total-Count": str(page.total)}
-    if offset + len(page.items) < page.total:
-        next_url = next_page_url(request, offset=offset + limit, limit=limit)
+    if page.more:
+        cursor = queries.encode_after(page.items[-1], sort, order)
+        next_url = next_page_url(request, after=cursor, limit=limit).remove_query_params("offset")
         headers["Link"] = f'<{next_url}>; rel="next"'
     return json_response(queries.public_list_json(page.items), headers=headers)
 
