@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry import trace
+from pydantic import BeforeValidator
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -44,7 +45,20 @@ UserIdPath = Annotated[
         description="The signed-in user's id",
     ),
 ]
-TaskIdPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="The task's id")]
+
+
+def _digits_only(value: Any) -> Any:
+    """An id as the API writes it: not `1.0`, `+1`, ` 1` or `01`, which int() would read."""
+    if isinstance(value, str) and not (
+        value.isascii() and value.isdigit() and not value.startswith("0")
+    ):
+        raise ValueError("must be a task id: digits, without a sign or leading zeros")
+    return value
+
+
+TaskIdPath = Annotated[
+    int, Path(ge=1, le=2**63 - 1, description="The task's id"), BeforeValidator(_digits_only)
+]
 
 
 # Dependencies that do no I/O are `async def`: a sync one costs a thread-pool round trip.

@@ -198,6 +198,20 @@ def test_bad_path_ids_are_400_or_404(
     assert_problem(resp, resp.status_code)
 
 
+def test_an_id_written_otherwise_does_not_address_the_task(
+    client: TestClient, user: ApiUser
+) -> None:
+    """`1.0`, `+1`, `01` or ` 1` are not the id the API gave out: 400 on the path, and the
+    task is untouched (int() would read each as the task's id; a DELETE of `1.0` deleted it)."""
+    task = create_task(client, user, "keep")
+    number = task["id"]
+    for alias in (f"{number}.0", f"+{number}", f"0{number}", f"%20{number}", f"{number}%20"):
+        for method in ("GET", "DELETE"):
+            resp = client.request(method, user.url(f"/{alias}"), headers=user.headers)
+            assert_validation_error(resp, "path.task_id")
+    assert client.get(user.url(f"/{number}"), headers=user.headers).json() == task
+
+
 def test_largest_valid_id_is_a_plain_404(client: TestClient, user: ApiUser) -> None:
     assert_problem(client.get(user.url(f"/{2**63 - 1}"), headers=user.headers), 404)
 
