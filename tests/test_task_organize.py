@@ -206,8 +206,8 @@ def test_put_sets_and_clears_each_field(client: TestClient, user: ApiUser) -> No
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"priority": None}, "body"),
-        ({"tags": None}, "body"),
+        ({"priority": None}, "body.priority"),
+        ({"tags": None}, "body.tags"),
         ({"priority": "critical"}, "body.priority"),
         ({"due_at": "2027-01-01T00:00:00"}, "body.due_at"),
         ({"recurrence": "FREQ=MINUTELY"}, "body.recurrence"),

@@ -11,7 +11,15 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, StrictBool, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    StrictBool,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic import Field as PField
 from sqlalchemy import (
     BigInteger,
@@ -302,8 +310,8 @@ class TaskCreate(SQLModel):
 
 
 def _update_schema(schema: dict[str, Any]) -> None:
-    """Document what `_at_least_one` enforces: a field may be absent, but not null (unless its
-    column is nullable), and the body names at least one field."""
+    """Document what `_not_null` and `_at_least_one` enforce: a field may be absent, but not
+    null (unless its column is nullable), and the body names at least one field."""
     schema["minProperties"] = 1
     for name, prop in schema["properties"].items():
         if name in _NOT_NULL:
@@ -326,13 +334,18 @@ class TaskUpdate(SQLModel):
     recurrence: Recurrence = None
     remind_at: RemindAt = None
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any, info: ValidationInfo) -> Any:
+        """Runs only for fields the body gives, so the error names the field."""
+        if value is None and info.field_name in _NOT_NULL:
+            raise ValueError(f"{info.field_name} cannot be null")
+        return value
+
     @model_validator(mode="after")
     def _at_least_one(self) -> TaskUpdate:
         if not self.model_fields_set:
             raise ValueError(f"give at least one of {', '.join(type(self).model_fields)}")
-        for name in type(self).model_fields:
-            if name in self.model_fields_set and name in _NOT_NULL and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null")
         return self
 
     def changes(self) -> dict[str, Any]:
