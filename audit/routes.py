@@ -124,7 +124,7 @@ def verify_audit_chain(
 @router.get(
     "/audit-events/proof",
     response_model=AuditProof,
-    responses=error_responses(401, 403, 404),
+    responses=error_responses(400, 401, 403, 404),
     summary="The caller's chain head in the latest signed checkpoint, with its Merkle path",
     description="404 when no checkpoint has been made since the caller's first event.",
 )

@@ -68,11 +68,12 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string", "examples": ['"7-3"']},
     },
     "Location": {
-        "description": "URL of the created task.",
+        "description": "URL of the created task or tag.",
         "schema": {"type": "string", "format": "uri"},
     },
     "Link": {
-        "description": 'RFC 8288 `<url>; rel="next"` while more tasks remain.',
+        "description": 'RFC 8288: `<url>; rel="next"` on a list while more remain; '
+        '`<url>; rel="next-occurrence"` on a recurring task that has made its next one.',
         "schema": {"type": "string"},
     },
     "X-Total-Count": {

@@ -86,7 +86,8 @@ BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme
     "/events/tickets",
     response_model=StreamTicket,
     status_code=status.HTTP_201_CREATED,
-    responses=error_responses(401, 403),
+    # It reads no body, but one sent must still be JSON and within MAX_BODY_BYTES.
+    responses=error_responses(400, 401, 403, 413, 415),
     summary="A single-use ticket to open the change feed from a browser's EventSource",
 )
 def create_stream_ticket(

@@ -50,7 +50,9 @@ TagName = Annotated[
     str,
     PField(
         min_length=1,
+        # As sent: trimmed, it is at most TAG_NAME_MAX.
         max_length=TAG_NAME_MAX * 4,
+        description=f"Trimmed, 1-{TAG_NAME_MAX} characters, no control characters",
         examples=["work"],
         json_schema_extra={"pattern": TAG_NAME_PATTERN},
     ),

@@ -281,7 +281,7 @@ RemindAt = Annotated[
 Recurrence = Annotated[
     str | None,
     PField(
-        max_length=recurrence.RULE_MAX + len("RRULE:"),
+        max_length=recurrence.RULE_MAX,
         description=recurrence.DESCRIPTION,
         examples=recurrence.EXAMPLES,
     ),

@@ -215,7 +215,7 @@ def _created(
 @router.get(
     "/{task_id}",
     response_model=TaskPublic,
-    responses={200: with_headers("ETag"), **error_responses(400, 401, 403, 404)},
+    responses={200: with_headers("ETag", "Link"), **error_responses(400, 401, 403, 404)},
     summary="Get a task",
     name="get_task",
 )
@@ -226,7 +226,10 @@ def get_task(request: Request, user: CurrentUser, session: SessionDep, task_id: 
 @router.put(
     "/{task_id}",
     response_model=TaskPublic,
-    responses={200: with_headers("ETag"), **error_responses(400, 401, 403, 404, 412, 413, 415)},
+    responses={
+        200: with_headers("ETag", "Link"),
+        **error_responses(400, 401, 403, 404, 412, 413, 415),
+    },
     summary="Update a task (partial: absent fields stay as they are)",
 )
 def update_task(
@@ -262,7 +265,10 @@ def delete_task(
 @router.patch(
     "/{task_id}/complete",
     response_model=TaskPublic,
-    responses={200: with_headers("ETag"), **error_responses(400, 401, 403, 404, 412, 413, 415)},
+    responses={
+        200: with_headers("ETag", "Link"),
+        **error_responses(400, 401, 403, 404, 412, 413, 415),
+    },
     summary='Toggle completion, or set it with {"completed": true|false}',
 )
 def complete_task(

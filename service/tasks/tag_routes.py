@@ -13,7 +13,7 @@ from pydantic import TypeAdapter
 from audit.deps import AuditCtx
 from service.database import on_commit
 from service.deps import CurrentUser, SessionDep, UnitOfWorkRoute, UserIdPath
-from service.openapi import error_responses
+from service.openapi import error_responses, with_headers
 from service.responses import json_response, url_for
 from service.tags import queries
 from service.tags.models import TagCreate, TagPublic, TagUpdate
@@ -49,7 +49,11 @@ def list_tags(user: CurrentUser, session: SessionDep, user_id: UserIdPath) -> An
     response_model=TagPublic,
     status_code=status.HTTP_201_CREATED,
     responses={
-        200: {"description": "A tag of that name (ignoring case) exists: it is returned as is"},
+        200: {
+            "model": TagPublic,
+            "description": "A tag of that name (ignoring case) exists: it is returned as is",
+        },
+        201: with_headers("Location"),
         **error_responses(400, 401, 403, 409, 413, 415),
     },
     summary="Create a tag",
