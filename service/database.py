@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import select
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from psycopg2.extensions import STATUS_READY
+from psycopg2.extensions import STATUS_READY, TRANSACTION_STATUS_IDLE
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.engine import ExceptionContext
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from service.settings import ConfigError, Settings, check_database_url
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def normalize_database_url(raw: str) -> URL:
@@ -91,6 +95,12 @@ def _closed_by_server(
     """
     if dbapi_connection.closed:
         raise DisconnectionError("the connection is closed")
+    # Known locally (libpq), no round trip. A cancel or statement timeout that lands on
+    # psycopg2's own BEGIN leaves the server in an aborted transaction while psycopg2 thinks
+    # none is open, so its rollback() sends nothing: such a connection would fail every
+    # statement of every request it is lent to.
+    if dbapi_connection.info.transaction_status != TRANSACTION_STATUS_IDLE:
+        raise DisconnectionError("the connection was left inside a transaction")
     # poll, not select: a worker holding thousands of change-feed streams has descriptors
     # past select()'s limit of 1024.
     poller = select.poll()
@@ -127,6 +137,19 @@ def sent_nothing(exc: BaseException) -> bool:
     """The error is a statement's that failed on a dead connection before anything of its
     transaction was sent: the work may be redone, once, on a fresh connection."""
     return bool(getattr(exc, _SENT_NOTHING, False))
+
+
+def retried_once(work: Callable[[], T]) -> T:
+    """`work`, a transaction of its own outside a request's unit of work; again, once, on a
+    fresh connection if its pooled one was dead before anything was sent (as endpoints are
+    retried by `service.deps`)."""
+    try:
+        return work()
+    except DBAPIError as exc:
+        if not sent_nothing(exc):
+            raise
+        logger.warning("database connection lost before use; retrying on a new one")
+        return work()
 
 
 _ON_COMMIT = "on_commit"

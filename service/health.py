@@ -9,12 +9,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from observability import metrics
 from observability.tracing import service_version
 from service.auth import TokenVerifier
-from service.database import Database
-from service.errors import RETRY_AFTER_SECONDS, is_disconnect, problem
+from service.database import Database, retried_once
+from service.errors import RETRY_AFTER_SECONDS, problem
 from service.lifecycle import Drain
 from service.openapi import error_responses
 from service.ratelimit import RateLimiter
@@ -45,9 +46,9 @@ async def readyz(request: Request) -> Any:
         )
     try:
         await run_in_threadpool(_ping_database, db)
-    except Exception as exc:
-        if not is_disconnect(exc):
-            raise
+    except DBAPIError:
+        # Any failure of the database, not only a lost connection (a statement timeout, a
+        # server in recovery): not ready.
         metrics.unavailable("database")
         headers = {"Retry-After": RETRY_AFTER_SECONDS}
         return problem(503, "The database is unavailable.", headers=headers)
@@ -75,8 +76,11 @@ for _path, _probe in (("/healthz", healthz), ("/readyz", readyz)):
 
 
 def _ping_database(db: Database) -> None:
-    with db.engine.connect() as conn:
-        conn.execute(text("SELECT 1"))
+    def ping() -> None:
+        with db.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    retried_once(ping)
 
 
 metrics_router = APIRouter(tags=["health"])

@@ -11,6 +11,7 @@ from sqlalchemy import BigInteger, Column, Engine, String, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import Field, SQLModel
 
+from service.database import retried_once
 from service.limits import USER_ID_MAX
 from service.sqltypes import UTCDateTime
 
@@ -82,8 +83,12 @@ class UserProvisioner:
             index_elements=[USERS.c.id],
             set_={"email": stmt.excluded.email, "name": stmt.excluded.name},
         )
-        with self._engine.begin() as conn:
-            conn.execute(stmt)
+
+        def upsert() -> None:
+            with self._engine.begin() as conn:
+                conn.execute(stmt)
+
+        retried_once(upsert)
         with self._lock:
             if len(self._seen) >= self._max_entries:
                 self._seen.clear()

@@ -16,11 +16,14 @@ import time
 import uuid
 from typing import Any
 
+import psycopg2.errors
+import pytest
 import sqlalchemy as sa
 
 from audit.verify import verify_chain
 from service.database import Database
 from service.settings import Settings
+from tests.feed_helpers import FeedReader
 from tests.reliability_helpers import (
     TcpProxy,
     live,
@@ -110,6 +113,34 @@ def test_connections_terminated_between_requests_are_replaced(
         assert _chain_ok(admin, user)
 
 
+def test_a_connection_left_in_an_aborted_transaction_is_not_lent_again(
+    settings: Settings, user: ApiUser
+) -> None:
+    """A cancel or statement timeout landing on psycopg2's own BEGIN leaves the server in an
+    aborted transaction that psycopg2 does not know of (its rollback() sends nothing). Made
+    here directly; the pool's one connection must not carry it into the next requests (it
+    gave a 500 on every request it served, until recycled)."""
+    with (
+        tracked_app(settings, db_pool_size=1, db_max_overflow=0) as tracked,
+        live(tracked.app) as server,
+        server.client() as http,
+    ):
+        assert http.get(user.url(), headers=user.headers).status_code == 200
+        with tracked.database.engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            raw.autocommit = True
+            with raw.cursor() as cursor, pytest.raises(psycopg2.errors.DivisionByZero):
+                cursor.execute("BEGIN; SELECT 1/0")
+            raw.autocommit = False
+            assert raw.info.transaction_status == 3  # TRANSACTION_STATUS_INERROR
+        for _ in range(3):
+            assert http.get(user.url(), headers=user.headers).status_code == 200
+            created = http.post(user.url(), json={"title": "after"}, headers=user.headers)
+            assert created.status_code == 201, created.text
+            assert http.get("/readyz").status_code == 200
+
+
 def test_connections_closed_by_idle_session_timeout_are_replaced(
     settings: Settings, user: ApiUser, database: Database
 ) -> None:
@@ -173,6 +204,57 @@ def test_connection_dying_between_checkout_and_begin_is_retried_once(
         assert killed[0] not in tracked.live_pids(admin)
     assert _titles(admin, user) == ["warm", "retried"]
     assert _chain_ok(admin, user)
+
+
+def test_work_outside_a_request_unit_is_retried_once_too(
+    settings: Settings, make_user: MakeUser, user: ApiUser, database: Database
+) -> None:
+    """Three transactions of their own, outside the endpoint's retried unit of work: a new
+    user's row, /readyz's ping and a stream ticket's redemption. Each one's connection dies
+    right after checkout, and each is run again on a new connection (they were a 503)."""
+    admin = database.engine
+    with tracked_app(settings) as tracked, live(tracked.app) as server, server.client() as http:
+        http.post(user.url(), json={"title": "warm"}, headers=user.headers)
+        ticket = http.post(f"/api/{user.user_id}/events/tickets", headers=user.headers).json()
+        killed: list[int] = []
+        armed = False
+
+        def die_after_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+            if armed and not killed:
+                killed.append(int(dbapi_connection.get_backend_pid()))
+                assert terminate(admin, killed) == 1
+                select.select([dbapi_connection.fileno()], [], [], 5)  # the goodbye arrived
+
+        sa.event.listen(tracked.database.engine, "checkout", die_after_checkout)
+        newcomer = make_user()
+
+        def killed_once(send: Any) -> int:
+            nonlocal armed
+            killed.clear()
+            armed = True
+            try:
+                status = int(send())
+            finally:
+                armed = False
+            assert len(killed) == 1
+            return status
+
+        first = killed_once(lambda: http.get(newcomer.url(), headers=newcomer.headers).status_code)
+        assert first == 200
+        assert _users(admin, newcomer) == 1
+        assert killed_once(lambda: http.get("/readyz").status_code) == 200
+
+        def open_stream() -> int:
+            with FeedReader(server.url, ticket["stream_url"]) as reader:
+                return reader.status or 0
+
+        assert killed_once(open_stream) == 200
+
+
+def _users(admin: sa.Engine, user: ApiUser) -> int:
+    with admin.connect() as conn:
+        query = "SELECT count(*) FROM users WHERE id = :u"
+        return int(conn.execute(sa.text(query), {"u": user.user_id}).scalar_one())
 
 
 def test_the_checkout_check_works_past_1024_descriptors(

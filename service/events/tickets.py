@@ -14,13 +14,14 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Column, String, bindparam, delete, insert
 from sqlalchemy.orm import Session
 from sqlmodel import Field, SQLModel
 
 from service.auth import Principal
-from service.database import Database
+from service.database import Database, retried_once
 from service.exceptions import AuthError, Forbidden, TokenExpired
 from service.limits import USER_ID_MAX
 from service.sqltypes import UTCDateTime, utcnow
@@ -97,8 +98,12 @@ def redeem(database: Database, ticket: str, user_id: str) -> RedeemedTicket:
     invalid = AuthError("invalid or already used stream ticket")
     if len(ticket) != TICKET_LENGTH or not ticket.isascii():
         raise invalid
-    with database.unit_of_work() as session:
-        row = session.execute(_REDEEM, {"ticket_hash": _digest(ticket)}).first()
+
+    def spend() -> Any:
+        with database.unit_of_work() as session:
+            return session.execute(_REDEEM, {"ticket_hash": _digest(ticket)}).first()
+
+    row = retried_once(spend)
     if row is None:
         raise invalid
     owner, expires_at, token_expires_at = row
@@ -116,13 +121,15 @@ def give_back(database: Database, redeemed: RedeemedTicket) -> None:
     """Store a redeemed ticket again, as it was: the stream it was to open was refused for
     the server's sake (too many streams), not the client's. Blocking: call it in a thread."""
     principal = redeemed.principal
-    with database.unit_of_work() as session:
-        session.execute(
-            _INSERT,
-            {
-                "ticket_hash": _digest(redeemed.ticket),
-                "user_id": principal.user_id,
-                "expires_at": redeemed.expires_at,
-                "token_expires_at": datetime.fromtimestamp(principal.expires_at, UTC),
-            },
-        )
+    values = {
+        "ticket_hash": _digest(redeemed.ticket),
+        "user_id": principal.user_id,
+        "expires_at": redeemed.expires_at,
+        "token_expires_at": datetime.fromtimestamp(principal.expires_at, UTC),
+    }
+
+    def store() -> None:
+        with database.unit_of_work() as session:
+            session.execute(_INSERT, values)
+
+    retried_once(store)
