@@ -117,7 +117,11 @@ def verify_audit_chain(
     since = None if full else last_verified(conn, user.user_id)
     report = verify_chain(conn, user.user_id, since=since)
     if report.ok and report.head_hash is not None:
-        remember_verified(conn.engine, user.user_id, report.head_seq, report.head_hash)
+        # The snapshot is read-only: end it, and write in the unit's next transaction, on the
+        # same pooled connection (a second one, taken while holding the first, could wait for
+        # the pool forever with DB_POOL_SIZE=1, and starves other requests under load).
+        session.rollback()
+        remember_verified(session.connection(), user.user_id, report.head_seq, report.head_hash)
     return json_response(VerifyReport.model_validate(report.as_dict()))
 
 

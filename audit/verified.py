@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, Connection, Engine, String, select
+from sqlalchemy import BigInteger, Column, Connection, String, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import Field, SQLModel
 
@@ -36,8 +36,8 @@ def last_verified(conn: Connection, user_id: str) -> Anchor | None:
     return Anchor(seq=int(row.seq), hash=str(row.hash)) if row is not None else None
 
 
-def remember_verified(engine: Engine, user_id: str, seq: int, hash_: str) -> None:
-    """Store the new verified point in its own short transaction; never move it backwards."""
+def remember_verified(conn: Connection, user_id: str, seq: int, hash_: str) -> None:
+    """Store the new verified point (in the caller's transaction); never move it backwards."""
     if seq <= 0:
         return
     stmt = insert(VERIFIED).values(user_id=user_id, seq=seq, hash=hash_, verified_at=utcnow())
@@ -46,5 +46,4 @@ def remember_verified(engine: Engine, user_id: str, seq: int, hash_: str) -> Non
         set_={"seq": stmt.excluded.seq, "hash": stmt.excluded.hash, "verified_at": utcnow()},
         where=VERIFIED.c.seq < stmt.excluded.seq,
     )
-    with engine.begin() as conn:
-        conn.execute(stmt)
+    conn.execute(stmt)

@@ -161,3 +161,27 @@ def test_tampering_before_the_verified_point_needs_the_full_check(
     assert verify(client, user)["ok"] is True
     full = verify(client, user, full=True)
     assert (full["ok"], full["first_bad_seq"]) == (False, 2)
+
+
+def test_verify_holds_one_pooled_connection_at_a_time(
+    settings: Settings, user: Any, database: Database
+) -> None:
+    """The verified point is written on the request's own connection: with a pool of one,
+    verify answered 503 after the pool timeout (it took a second connection for the write
+    while holding the first)."""
+    from tests.reliability_helpers import live, tracked_app
+
+    with (
+        tracked_app(settings, db_pool_size=1, db_max_overflow=0, db_pool_timeout_seconds=1) as app,
+        live(app.app) as server,
+        server.client() as http,
+    ):
+        task = create_task(http, user, "One")
+        http.put(f"{user.url()}/{task['id']}", json={"title": "Two"}, headers=user.headers)
+        url = f"/api/{user.user_id}/audit-events/verify"
+        first = http.get(url, headers=user.headers)
+        assert first.status_code == 200, first.text
+        assert (first.json()["ok"], first.json()["events"]) == (True, 2)
+        assert stored_point(database, user.user_id) == (2, first.json()["head_hash"])
+        again = http.get(url, headers=user.headers).json()
+        assert (again["events"], again["verified_from_seq"]) == (0, 2)
