@@ -313,6 +313,24 @@ def test_an_expired_token_ends_the_stream_at_its_expiry(
     wait_streams(server.app, 0)  # type: ignore[attr-defined]
 
 
+def test_a_token_past_its_exp_within_the_leeway_gets_401_not_a_dead_stream(
+    server: LiveServer, make_user: Any
+) -> None:
+    """Admitted by the leeway, such a token got a ticket that had already expired (then 401
+    on the stream) or a stream that ended at once; the client never learned to refresh."""
+    user = make_user()
+    now = int(time.time())
+    claims = {"sub": user.user_id, "iat": now - 60, "exp": now - 5}
+    stale = ApiUser(user.user_id, __import__("jwt").encode(claims, TEST_SECRET, "HS256"))
+    with server.client() as http:
+        assert http.get(stale.url(), headers=stale.headers).status_code == 200  # the leeway
+        answer = http.post(f"/api/{user.user_id}/events/tickets", headers=stale.headers)
+        assert answer.status_code == 401
+        assert answer.json()["type"].endswith("/token-expired")
+    with feed(server, stale) as reader:
+        assert reader.status == 401
+
+
 def test_the_ticket_stream_ends_when_the_token_it_came_from_expires(
     server: LiveServer, make_user: Any
 ) -> None:

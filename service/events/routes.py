@@ -159,6 +159,7 @@ async def _subscribe(
     database: Database = request.app.state.db
     if bearer is not None:
         principal = await get_current_user(request, user_id, bearer)
+        tickets.check_unexpired(principal)
         return principal, hub.subscribe(principal.user_id, start)
     redeemed = await _redeem(request, database, user_id, ticket)
     try:

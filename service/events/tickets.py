@@ -64,8 +64,16 @@ def _digest(ticket: str) -> str:
     return hashlib.sha256(ticket.encode("ascii")).hexdigest()
 
 
+def check_unexpired(principal: Principal) -> None:
+    """A token past its `exp` (admitted within JWT_LEEWAY_SECONDS) cannot open a stream, which
+    would end at once, nor get a ticket, already expired: a 401 makes the client refresh it."""
+    if principal.expires_at <= utcnow().timestamp():
+        raise TokenExpired("token expired; a stream needs a token that has not")
+
+
 def issue(session: Session, principal: Principal, ttl_seconds: int) -> IssuedTicket:
     """A new ticket for this token's user, valid for `ttl_seconds` but never past the token."""
+    check_unexpired(principal)
     now = utcnow()
     # A token may expire past year 9999, where datetime ends: for a ticket, that is never.
     token_expires_at = datetime.fromtimestamp(min(principal.expires_at, _LAST_SECOND), UTC)
