@@ -76,6 +76,7 @@ CORS_EXPOSE_HEADERS = [
     "WWW-Authenticate",
     "RateLimit",
     "RateLimit-Policy",
+    "Allow",
 ]
 
 

@@ -27,13 +27,15 @@ import jwt
 from jwt.exceptions import InvalidSubjectError
 
 from service.exceptions import AuthError, AuthUnavailable, TokenExpired
+from service.limits import USER_ID_MAX
 from service.settings import ConfigError, Settings
 
 logger = logging.getLogger(__name__)
 
 MAX_TOKEN_LENGTH = 8 * 1024
 MAX_JWKS_BYTES = 64 * 1024
-MAX_SUBJECT_LENGTH = 255
+# No longer than a `{user_id}` in a path may be: a longer subject could never be served.
+MAX_SUBJECT_LENGTH = USER_ID_MAX
 
 HS256_ALGORITHMS = ("HS256",)
 JWKS_ALGORITHMS = ("EdDSA", "ES256", "ES512", "RS256", "PS256")

@@ -84,7 +84,10 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, str]]:
             loc = loc[:1]  # ("body", <character offset>): the body is what is wrong
         # Messages only: pydantic's `input` may echo secrets or huge values back.
         message = clean_message(str(err.get("msg", "invalid")))
-        out.append({"field": field_path(loc), "message": message})
+        error = {"field": field_path(loc), "message": message}
+        # A parameter read by both a route and its dependency is checked twice, the same way.
+        if error not in out:
+            out.append(error)
     return out
 
 

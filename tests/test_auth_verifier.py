@@ -415,6 +415,8 @@ CLAIM_CASES: list[Any] = [
     pytest.param({"sub": "   "}, "invalid subject", id="blank-sub"),
     pytest.param({"sub": 12345}, "invalid subject", id="int-sub"),
     pytest.param({"sub": "x" * 300}, "invalid subject", id="huge-sub"),
+    # Longer than any {user_id} a path may hold: a token no route could serve.
+    pytest.param({"sub": "x" * 129}, "invalid subject", id="sub-longer-than-a-path-id"),
     pytest.param({"exp": str(_now() + 600)}, "invalid expiry", id="string-exp"),
     pytest.param({"exp": "soon"}, "malformed token", id="garbage-exp"),
     pytest.param({"iss": "http://evil.example"}, "invalid issuer", id="wrong-iss"),

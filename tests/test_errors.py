@@ -220,7 +220,10 @@ def test_largest_valid_id_is_a_plain_404(client: TestClient, user: ApiUser) -> N
 def test_bad_user_ids_in_the_path_are_4xx(client: TestClient, user: ApiUser, user_id: str) -> None:
     resp = client.get(f"/api/{user_id}/tasks", headers=user.headers)
     assert resp.status_code in (400, 403, 404)
-    assert_problem(resp, resp.status_code)
+    body = assert_problem(resp, resp.status_code)
+    # Checked by the route and by its auth dependency: listed once.
+    errors = body.get("errors") or []
+    assert len(errors) == len({(e["field"], e["message"]) for e in errors})
 
 
 def test_control_characters_in_a_signed_subject_are_400(client: TestClient) -> None:

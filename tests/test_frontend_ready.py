@@ -225,7 +225,7 @@ def test_every_useful_header_is_exposed(dev_client: TestClient, user: ApiUser) -
     wanted = {
         "etag", "location", "link", "x-total-count", "x-request-id", "x-trace-id",
         "idempotent-replayed", "retry-after", "www-authenticate",
-        "ratelimit", "ratelimit-policy",
+        "ratelimit", "ratelimit-policy", "allow",
     }  # fmt: skip
     assert wanted <= exposed
     assert {h.lower() for h in CORS_EXPOSE_HEADERS} == exposed
