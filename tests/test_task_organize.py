@@ -12,6 +12,7 @@ from tests.support import ApiUser, assert_validation_error
 from tests.support import create_task as create
 
 # POST and PUT word this rule alike, naming the field that breaks it.
+UNTIL_FORM = "UNTIL must be a UTC time written like 20271231T235959Z"
 NEEDS_DUE = "A recurring task needs a due_at"
 NEW_DEFAULTS = {
     "priority": "none",
@@ -119,6 +120,18 @@ def test_all_fields_on_create_and_due_at_returned_in_utc(client: TestClient, use
             "body.recurrence",
             "UNTIL values must be specified in UTC",
         ),
+        *(
+            ({"recurrence": f"FREQ=DAILY;UNTIL={until}"}, "body.recurrence", UNTIL_FORM)
+            # dateutil reads each one (the offset ones not as UTC); RFC 5545 has one form.
+            for until in (
+                "20271231T235959+01",
+                "20271231T235959-0000",
+                "20271231T235959UTC",
+                "20271231T2359Z",
+                "2027-12-31T235959Z",
+                "20271231T235959.5Z",
+            )
+        ),
         ({"recurrence": "FREQ=FORTNIGHTLY"}, "body.recurrence", "not a valid RRULE"),
         ({"recurrence": "INTERVAL=2"}, "body.recurrence", "FREQ is required"),
         (
@@ -159,6 +172,27 @@ def test_rule_is_normalized(client: TestClient, user: ApiUser) -> None:
         client, user, "List", due_at="2026-12-01T09:00:00Z", recurrence="FREQ=WEEKLY;BYDAY=mo , we"
     )
     assert weekly["recurrence"] == "FREQ=WEEKLY;BYDAY=MO,WE"
+    # One spelling per rule: the same rule written otherwise is no change.
+    spelled = create(
+        client,
+        user,
+        "Spelled",
+        due_at="2026-12-01T09:00:00Z",
+        recurrence="FREQ=MONTHLY;INTERVAL=02;BYMONTHDAY=+5,-05,5;COUNT=007",
+    )
+    assert spelled["recurrence"] == "FREQ=MONTHLY;INTERVAL=2;BYMONTHDAY=5,-5;COUNT=7"
+    url = user.url(f"/{spelled['id']}")
+    before = client.get(url, headers=user.headers)
+    again = client.put(
+        url,
+        json={"recurrence": "FREQ=MONTHLY;INTERVAL=2;BYMONTHDAY=5,-5,-5;COUNT=7"},
+        headers=user.headers,
+    )
+    assert again.status_code == 200 and again.headers["ETag"] == before.headers["ETag"]
+    days = create(
+        client, user, "Days", due_at="2026-12-01T09:00:00Z", recurrence="FREQ=WEEKLY;BYDAY=MO,MO"
+    )
+    assert days["recurrence"] == "FREQ=WEEKLY;BYDAY=MO"
 
 
 def test_tags_are_deduplicated_case_insensitively_first_spelling_kept(

@@ -27,6 +27,8 @@ _WEEKDAY = re.compile(r"^(MO|TU|WE|TH|FR|SA|SU)$")
 # '1_0' and '+3'.
 _DIGITS = re.compile(r"[0-9]{1,9}")
 _MONTH_DAY = re.compile(r"[+-]?[0-9]{1,2}")
+# RFC 5545's UTC form only: dateutil also reads `+01`, `UTC`, dashes, no seconds or fractions.
+_UNTIL = re.compile(r"[0-9]{8}T[0-9]{6}Z")
 # Any aware time works for checking a rule's syntax; UNTIL must then be in UTC (`...Z`).
 _REFERENCE = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -79,6 +81,8 @@ def _check_supported(parts: dict[str, str]) -> None:
         raise RuleError(f"INTERVAL must be between 1 and {INTERVAL_MAX}")
     if "COUNT" in parts and not _within(parts["COUNT"], COUNT_MAX):
         raise RuleError(f"COUNT must be between 1 and {COUNT_MAX}")
+    if "UNTIL" in parts and not _UNTIL.fullmatch(parts["UNTIL"]):
+        raise RuleError("UNTIL must be a UTC time written like 20271231T235959Z")
     if "BYDAY" in parts:
         if freq != "WEEKLY":
             raise RuleError(f"BYDAY is supported with FREQ=WEEKLY only, not FREQ={freq}")
@@ -91,6 +95,21 @@ def _check_supported(parts: dict[str, str]) -> None:
         for day in parts["BYMONTHDAY"].split(","):
             if not _MONTH_DAY.fullmatch(day.strip()) or not 1 <= abs(int(day)) <= 31:
                 raise RuleError(f"BYMONTHDAY={day} is not a day of the month (1-31 or -31 to -1)")
+
+
+def _canonical(parts: dict[str, str]) -> str:
+    """One spelling per rule: numbers without sign or leading zeros, each list item once; so
+    a rule sent again as written differently is no change."""
+    parts = dict(parts)
+    for name in ("INTERVAL", "COUNT"):
+        if name in parts:
+            parts[name] = str(int(parts[name]))
+    if "BYMONTHDAY" in parts:
+        parts["BYMONTHDAY"] = ",".join(str(int(day)) for day in parts["BYMONTHDAY"].split(","))
+    for name in ("BYDAY", "BYMONTHDAY"):
+        if name in parts:
+            parts[name] = ",".join(dict.fromkeys(parts[name].split(",")))
+    return ";".join(f"{name}={parts[name]}" for name in PARTS if name in parts)
 
 
 def _within(number: str, maximum: int) -> bool:
@@ -122,10 +141,9 @@ def normalize(text: str) -> str:
     parts = _split(text)
     if "FREQ" not in parts:
         raise RuleError("FREQ is required")
-    canonical = ";".join(f"{name}={parts[name]}" for name in PARTS if name in parts)
-    _parse(canonical, _REFERENCE)
+    _parse(";".join(f"{name}={value}" for name, value in parts.items()), _REFERENCE)
     _check_supported(parts)
-    return canonical
+    return _canonical(parts)
 
 
 def next_occurrence(rule: str, due_at: datetime) -> Occurrence | None:
