@@ -272,6 +272,26 @@ def test_filter_by_tag_matches_as_postgresql_lower_cases(client: TestClient, use
     assert titles(["ΟΔΟΣ", "nope"]) == []
 
 
+def test_search_finds_greek_and_german_words_typed_in_capitals(
+    client: TestClient, user: ApiUser
+) -> None:
+    """lower() maps a capital sigma to the medial one, never to the final one, and leaves 'ß',
+    whose capitals are SS: both sides of `q` fold them too."""
+    odysseus = create(client, user, "Call Οδυσσέας", description="Σίσυφος")
+    street = create(client, user, "Straße fegen")
+    create(client, user, "something else")
+
+    def found(text: str) -> list[int]:
+        resp = client.get(user.url(), params={"q": text}, headers=user.headers)
+        assert resp.status_code == 200, resp.text
+        return [task["id"] for task in resp.json()]
+
+    for text in ("οδυσσέας", "ΟΔΥΣΣΈΑΣ", "Οδυσσέασ", "ΣΊΣΥΦΟΣ", "σίσυφος"):
+        assert found(text) == [odysseus["id"]], text
+    for text in ("straße", "STRASSE", "strasse", "STRAẞE"):
+        assert found(text) == [street["id"]], text
+
+
 def test_titles_sort_case_aside(client: TestClient, user: ApiUser) -> None:
     """Not byte order (every capital before every small letter under the C collations)."""
     for title in ("banana", "Zucchini", "apple", "Cherry", "cherry", "Apple"):

@@ -394,11 +394,11 @@ def _conditions(shape: tuple[Any, ...], *, counting: bool) -> list[Any]:
     elif status is StatusFilter.completed:
         conditions.append(TASKS.c.completed.is_(True))
     if search:
-        pattern = bindparam("pattern", type_=String())
+        pattern = search_fold(bindparam("pattern", type_=String()))
         conditions.append(
             or_(
-                func.lower(TASKS.c.title).like(func.lower(pattern), escape="\\"),
-                func.lower(TASKS.c.description).like(func.lower(pattern), escape="\\"),
+                search_fold(TASKS.c.title).like(pattern, escape="\\"),
+                search_fold(TASKS.c.description).like(pattern, escape="\\"),
             )
         )
     if priorities:
@@ -461,6 +461,14 @@ def _list_statements(
     )
     count = select(func.count()).select_from(TASKS).where(*_conditions(shape, counting=True))
     return page, count
+
+
+def search_fold(text: Any) -> Any:
+    """What `q` compares, on both sides: lower case, and the two letters whose capitals
+    lower() cannot map back (a final sigma, and ß, capitalized SS). The trigram indexes
+    (models.TRIGRAM_INDEXES, migration 0017) are on this expression."""
+    final_sigma, sigma = "\u03c2", "\u03c3"
+    return func.replace(func.translate(func.lower(text), final_sigma, sigma), "ß", "ss")
 
 
 def _contains_pattern(text: str) -> str:
