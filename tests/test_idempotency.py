@@ -70,7 +70,7 @@ def test_retry_with_the_same_key_and_body_replays_the_first_response(
         again = post(client, user, {"title": "once", "description": "d"}, key)
         assert again.status_code == 201
         assert again.headers["Idempotent-Replayed"] == "true"
-        assert again.json() == first.json()
+        assert again.content == first.content  # byte for byte: the fields in their order
         for header in ("Location", "ETag", "Content-Type"):
             assert again.headers[header] == first.headers[header]
     assert [t["id"] for t in list_all(client, user)] == [first.json()["id"]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Annotated, Any
 
@@ -196,6 +197,9 @@ def create_task(
     return _created(request, user.user_id, public)
 
 
+_PUBLIC_ORDER = tuple(field.name for field in dataclasses.fields(TaskPublic))
+
+
 def _created(
     request: Request, user_id: str, public: dict[str, Any], *, replayed: bool = False
 ) -> Response:
@@ -207,6 +211,8 @@ def _created(
     }
     if replayed:
         headers["Idempotent-Replayed"] = "true"
+        # Stored as jsonb, which orders keys its own way: back in the response's order.
+        public = {name: public[name] for name in _PUBLIC_ORDER if name in public} | public
     return json_response(
         json.dumps(public, separators=(",", ":")).encode(), status.HTTP_201_CREATED, headers
     )
