@@ -20,7 +20,7 @@ from service.settings import Settings
 from tests.audit_helpers import json_lines, run_cli
 from tests.feed_helpers import FeedReader
 from tests.reminder_helpers import at, fired_events, reminders, verify, wait_fired
-from tests.support import ApiUser, LiveServer, assert_validation_error, create_task
+from tests.support import ApiUser, LiveServer, assert_validation_error, create_task, link_url
 
 POLL = 0.1
 
@@ -293,14 +293,38 @@ def test_the_reminders_list_by_state_for_its_user_only(
     # Bounded, paged input.
     page = http.get(f"/api/{alice.user_id}/reminders", params={"limit": 1}, headers=alice.headers)
     assert [r["task_id"] for r in page.json()] == [soon["id"]]
-    assert 'rel="next"' in page.headers["Link"] and "offset=1" in page.headers["Link"]
-    last = http.get(
+    next_url = link_url(page, "next")
+    assert next_url is not None and "after=" in next_url
+    last = http.get(next_url, headers=alice.headers)
+    assert [r["task_id"] for r in last.json()] == [later["id"]] and "Link" not in last.headers
+    by_offset = http.get(
         f"/api/{alice.user_id}/reminders", params={"limit": 1, "offset": 1}, headers=alice.headers
     )
-    assert [r["task_id"] for r in last.json()] == [later["id"]] and "Link" not in last.headers
+    assert by_offset.json() == last.json()
     for bad in ({"state": "cancelled"}, {"limit": 0}, {"limit": 501}, {"offset": -1}):
         resp = http.get(f"/api/{alice.user_id}/reminders", params=bad, headers=alice.headers)
         assert_validation_error(resp)
+
+
+def test_paging_pending_reminders_skips_none_when_one_leaves_the_list(
+    http: httpx.Client, user: ApiUser
+) -> None:
+    """The first page's reminder is cancelled (its task completed) before the next page is
+    read: the link continues after it, where an offset would have skipped the second one."""
+    ids = [create_task(http, user, f"r{n}", remind_at=at(3600 * (n + 1)))["id"] for n in range(3)]
+    url = f"/api/{user.user_id}/reminders"
+    page = http.get(url, params={"state": "pending", "limit": 1}, headers=user.headers)
+    assert [r["task_id"] for r in page.json()] == ids[:1]
+    http.patch(user.url(f"/{ids[0]}/complete"), headers=user.headers)
+    seen: list[int] = []
+    next_url = link_url(page, "next")
+    while next_url:
+        page = http.get(next_url, headers=user.headers)
+        seen += [r["task_id"] for r in page.json()]
+        next_url = link_url(page, "next")
+    assert seen == ids[1:]
+    for bad in ({"after": "nope"}, {"after": "nope", "offset": 1}):
+        assert_validation_error(http.get(url, params=bad, headers=user.headers), "query.after")
 
 
 # Recurrence ----------------------------------------------------------------------------

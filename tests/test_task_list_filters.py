@@ -4,7 +4,9 @@ Python to what the API returned for each task."""
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -343,16 +345,23 @@ def test_paging_skips_and_repeats_nothing_while_tasks_change(
     assert {task["id"] for task in tasks} <= set(seen)
 
 
+def _cursor(*values: Any) -> str:
+    """A cursor as the service writes one (base64url JSON), with any values."""
+    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
+
+
 @pytest.mark.parametrize(
     "params",
     [
         {"after": "not-a-cursor"},
-        {"after": "W10"},  # []
-        {"after": "WyJ0aXRsZSIsICJhc2MiLCAiYSIsIDFd"},  # a title cursor, asked by created_at
-        {"after": "WyJjcmVhdGVkX2F0IiwgImRlc2MiLCAibm9vbiIsIDFd"},  # not a time
-        {"after": "WyJjcmVhdGVkX2F0IiwgImRlc2MiLCAiMjAyNi0wMS0wMVQwMDowMDowMCIsIDFd"},  # no zone
-        {"after": "WyJjcmVhdGVkX2F0IiwgImRlc2MiLCBudWxsLCAxXQ"},  # null: only due_at has one
-        {"after": "WyJjcmVhdGVkX2F0IiwgImRlc2MiLCAiMjAyNi0wMS0wMVQwMDowMDowMFoiLCAwXQ"},  # id 0
+        {"after": _cursor()},
+        {"after": _cursor("reminders", "2026-01-01T00:00:00+00:00", 1)},  # another list's
+        {"after": _cursor("tasks", "title", "asc", "a", 1)},  # asked by created_at desc
+        {"after": _cursor("tasks", "created_at", "desc", "noon", 1)},
+        {"after": _cursor("tasks", "created_at", "desc", "2026-01-01T00:00:00", 1)},  # no zone
+        {"after": _cursor("tasks", "created_at", "desc", None, 1)},  # only due_at has nulls
+        {"after": _cursor("tasks", "created_at", "desc", "2026-01-01T00:00:00Z", 0)},
+        {"after": _cursor("tasks", "created_at", "desc", "2026-01-01T00:00:00Z", "1")},
         {"after": "x" * 1025},
     ],
 )

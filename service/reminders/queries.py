@@ -9,9 +9,10 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, text, update
+from sqlalchemy import bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
+from service import paging
 from service.tasks.models import REMINDER_UNFIRED, TASKS
 
 
@@ -88,8 +89,11 @@ _STATES: dict[ReminderState | None, Any] = {
 }
 
 
-def _list_statement(state: ReminderState | None) -> Any:
+def _list_statement(state: ReminderState | None, after: bool) -> Any:
     # ix_tasks_user_remind (user_id, remind_at, id) WHERE remind_at IS NOT NULL serves it.
+    later = tuple_(TASKS.c.remind_at, TASKS.c.id) > tuple_(
+        bindparam("after_at", type_=TASKS.c.remind_at.type), bindparam("after_id")
+    )
     return (
         select(
             TASKS.c.id,
@@ -104,6 +108,7 @@ def _list_statement(state: ReminderState | None) -> Any:
             TASKS.c.user_id == bindparam("owner"),
             TASKS.c.remind_at.is_not(None),
             _STATES[state],
+            *([later] if after else []),
         )
         .order_by(TASKS.c.remind_at, TASKS.c.id)
         .limit(bindparam("limit"))
@@ -111,14 +116,37 @@ def _list_statement(state: ReminderState | None) -> Any:
     )
 
 
-_LISTS = {state: _list_statement(state) for state in _STATES}
+_LISTS = {
+    (state, after): _list_statement(state, after) for state in _STATES for after in (False, True)
+}
+
+
+def encode_after(reminder: Reminder) -> str:
+    return paging.encode("reminders", reminder.remind_at, reminder.task_id)
+
+
+def decode_after(cursor: str) -> tuple[datetime, int]:
+    try:
+        remind_at, task_id = paging.decode(cursor, "reminders")
+        return paging.aware_time(remind_at), paging.item_id(task_id)
+    except (ValueError, TypeError):
+        raise paging.invalid() from None
 
 
 def list_reminders(
-    session: Session, user_id: str, state: ReminderState | None, limit: int, offset: int
+    session: Session,
+    user_id: str,
+    state: ReminderState | None,
+    limit: int,
+    offset: int,
+    after: tuple[datetime, int] | None = None,
 ) -> list[Reminder]:
-    """The user's reminders by time; `limit` + 1 rows tell the caller whether more follow."""
-    rows = session.execute(_LISTS[state], {"owner": user_id, "limit": limit, "offset": offset})
+    """The user's reminders by time (after `after`: a remind_at and a task id); `limit` + 1
+    rows tell the caller whether more follow."""
+    params: dict[str, Any] = {"owner": user_id, "limit": limit, "offset": offset}
+    if after is not None:
+        params.update(after_at=after[0], after_id=after[1])
+    rows = session.execute(_LISTS[state, after is not None], params)
     return [
         Reminder(
             task_id=int(r.id),

@@ -9,7 +9,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field, TypeAdapter
 
+from service import paging
 from service.deps import CurrentUser, SessionDep, UnitOfWorkRoute, UserIdPath
+from service.exceptions import InvalidInput
 from service.openapi import error_responses, with_headers
 from service.reminders import queries
 from service.reminders.queries import ReminderState
@@ -56,12 +58,24 @@ def list_reminders(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    after: Annotated[
+        str | None,
+        Query(
+            max_length=paging.CURSOR_MAX,
+            description="Continue after the last reminder of a page: the value in its `Link: "
+            'rel="next"` (not with `offset`)',
+        ),
+    ] = None,
 ) -> Any:
-    rows = queries.list_reminders(session, user.user_id, state, limit + 1, offset)
+    if after is not None and offset:
+        raise InvalidInput("Give `after` or `offset`, not both.", field=paging.FIELD)
+    start = None if after is None else queries.decode_after(after)
+    rows = queries.list_reminders(session, user.user_id, state, limit + 1, offset, start)
     headers = {}
     if len(rows) > limit:
         rows = rows[:limit]
-        next_url = next_page_url(request, offset=offset + limit, limit=limit)
+        cursor = queries.encode_after(rows[-1])
+        next_url = next_page_url(request, after=cursor, limit=limit).remove_query_params("offset")
         headers["Link"] = f'<{next_url}>; rel="next"'
     items = [ReminderPublic.model_validate(row, from_attributes=True) for row in rows]
     return json_response(_LIST.dump_json(items), headers=headers)

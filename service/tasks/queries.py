@@ -4,9 +4,6 @@ the CLI alike. Reads filter by the owner; nothing here commits.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from dataclasses import dataclass, fields
 from datetime import datetime
 from enum import StrEnum
@@ -37,7 +34,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from audit.append import ChangeBuilder, build_append, head_exists
-from service.exceptions import InvalidInput, NotFound
+from service import paging
+from service.exceptions import NotFound
 from service.sqltypes import utcnow
 from service.tags.models import Tag, TaskTag
 from service.tags.queries import tag_ids_named
@@ -88,13 +86,7 @@ class SortOrder(StrEnum):
     desc = "desc"
 
 
-# --- The list's keyset cursor ---------------------------------------------------------
-#
-# `Link: rel="next"` continues after the last task of a page (`?after=`), not at an offset:
-# completing or deleting a task on one page would otherwise shift the next page past a task.
-
-AFTER_MAX = 1024
-_ID_MAX = 2**63 - 1
+# --- The list's keyset cursor (service.paging) -----------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,15 +97,9 @@ class After:
     id: int
 
 
-def _sort_value(task: TaskRecord, sort: SortField) -> Any:
-    value = getattr(task, sort.value)
-    return value.isoformat() if isinstance(value, datetime) else value
-
-
 def encode_after(task: TaskRecord, sort: SortField, order: SortOrder) -> str:
-    """Opaque to clients: the sort, the order and the last task's sort value and id."""
-    text = json.dumps([sort.value, order.value, _sort_value(task, sort), task.id])
-    return base64.urlsafe_b64encode(text.encode()).decode("ascii").rstrip("=")
+    """The sort, the order, and the last task's sort value and id."""
+    return paging.encode("tasks", sort.value, order.value, getattr(task, sort.value), task.id)
 
 
 def _parse_value(value: Any, sort: SortField) -> Any:
@@ -123,33 +109,20 @@ def _parse_value(value: Any, sort: SortField) -> Any:
     elif sort is SortField.priority:
         if isinstance(value, str) and value in Priority.__members__:
             return Priority(value)
-    elif isinstance(value, str) or (value is None and sort is SortField.due_at):
-        if value is None:
-            return None
-        moment = datetime.fromisoformat(value)
-        if moment.tzinfo is not None:
-            return moment
+    elif value is not None or sort is SortField.due_at:
+        return None if value is None else paging.aware_time(value)
     raise ValueError(value)
 
 
 def decode_after(cursor: str, sort: SortField, order: SortOrder) -> After:
     """What `encode_after` wrote for this sort and order; anything else is a 400."""
-    invalid = InvalidInput(
-        "`after` is not valid here: use the link of a page sorted the same way.",
-        field="query.after",
-    )
-    if len(cursor) > AFTER_MAX or not cursor.isascii():
-        raise invalid
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        sort_, order_, value, task_id = json.loads(text)
+        sort_, order_, value, task_id = paging.decode(cursor, "tasks")
         if (sort_, order_) != (sort.value, order.value):
             raise ValueError(sort_)
-        if type(task_id) is not int or not 1 <= task_id <= _ID_MAX:
-            raise ValueError(task_id)
-        return After(_parse_value(value, sort), task_id)
-    except (binascii.Error, UnicodeDecodeError, ValueError, TypeError):
-        raise invalid from None
+        return After(_parse_value(value, sort), paging.item_id(task_id))
+    except (ValueError, TypeError):
+        raise paging.invalid() from None
 
 
 def _sort_key(sort: SortField) -> tuple[Any, ...]:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, Header, Query, Request, Response, status
 
 from audit.deps import AuditCtx
 from audit.schemas import ClientTime
+from service import paging
 from service.deps import CurrentUser, SessionDep, TaskIdPath, UnitOfWorkRoute, UserIdPath
 from service.exceptions import InvalidInput
 from service.openapi import error_responses, with_headers
@@ -127,7 +128,7 @@ def list_tasks(
     after: Annotated[
         str | None,
         Query(
-            max_length=queries.AFTER_MAX,
+            max_length=paging.CURSOR_MAX,
             description="Continue after the last task of a page: the value in its "
             '`Link: rel="next"` (not with `offset`)',
         ),
@@ -143,7 +144,7 @@ def list_tasks(
         overdue=overdue,
     )
     if after is not None and offset:
-        raise InvalidInput("Give `after` or `offset`, not both.", field="query.after")
+        raise InvalidInput("Give `after` or `offset`, not both.", field=paging.FIELD)
     page = queries.list_tasks(
         session,
         user.user_id,

@@ -1,0 +1,58 @@
+"""Keyset cursors: where a page continues, opaque to clients.
+
+A `Link: rel="next"` carries `?after=<cursor>`: the last item's sort key, not an offset, so
+items completed, deleted or added while a client pages do not make it skip or repeat others.
+A cursor is base64url JSON, `[kind, ...key]`; each list checks the key it reads back.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Any
+
+from service.exceptions import InvalidInput
+
+CURSOR_MAX = 1024
+ID_MAX = 2**63 - 1
+FIELD = "query.after"
+
+
+def encode(kind: str, *key: Any) -> str:
+    values = [kind, *(v.isoformat() if isinstance(v, datetime) else v for v in key)]
+    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode("ascii").rstrip("=")
+
+
+def decode(cursor: str, kind: str) -> list[Any]:
+    """The key `encode(kind, ...)` wrote; raises ValueError for anything else."""
+    if len(cursor) > CURSOR_MAX or not cursor.isascii():
+        raise ValueError("not a cursor")
+    try:
+        values = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError("not a cursor") from exc
+    if not isinstance(values, list) or not values or values[0] != kind:
+        raise ValueError("another list's cursor")
+    return values[1:]
+
+
+def aware_time(value: Any) -> datetime:
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+    if moment is None or moment.tzinfo is None:
+        raise ValueError("not a time with a zone")
+    return moment
+
+
+def item_id(value: Any) -> int:
+    if type(value) is not int or not 1 <= value <= ID_MAX:
+        raise ValueError("not an id")
+    return value
+
+
+def invalid() -> InvalidInput:
+    return InvalidInput(
+        "`after` is not valid here: use the link of a page of this list, sorted the same way.",
+        field=FIELD,
+    )
