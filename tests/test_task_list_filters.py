@@ -362,13 +362,28 @@ def _cursor(*values: Any) -> str:
         {"after": _cursor("tasks", "created_at", "desc", None, 1)},  # only due_at has nulls
         {"after": _cursor("tasks", "created_at", "desc", "2026-01-01T00:00:00Z", 0)},
         {"after": _cursor("tasks", "created_at", "desc", "2026-01-01T00:00:00Z", "1")},
-        {"after": "x" * 1025},
+        {"after": "x" * 2049},
     ],
 )
 def test_a_bad_after_is_400(client: TestClient, user: ApiUser, params: dict[str, Any]) -> None:
     assert_validation_error(
         client.get(user.url(), params=params, headers=user.headers), "query.after"
     )
+
+
+def test_the_longest_titles_page_by_title(client: TestClient, user: ApiUser) -> None:
+    """The cursor holds the last title: 200 characters of four UTF-8 bytes each still fit."""
+    titles = [emoji * 200 for emoji in ("\U0001f600", "\U0001f601", "\U0001f602")]
+    for title in titles:
+        create(client, user, title)
+    seen: list[str] = []
+    url: str | None = user.url("?sort=title&order=asc&limit=1")
+    while url:
+        resp = client.get(url, headers=user.headers)
+        assert resp.status_code == 200, resp.text
+        seen += [task["title"] for task in resp.json()]
+        url = link_url(resp, "next")
+    assert seen == titles
 
 
 def test_after_and_offset_together_are_400(client: TestClient, user: ApiUser) -> None:
