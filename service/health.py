@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from observability import metrics
 from observability.tracing import service_version
@@ -46,9 +47,9 @@ async def readyz(request: Request) -> Any:
         )
     try:
         await run_in_threadpool(_ping_database, db)
-    except DBAPIError:
+    except (DBAPIError, PoolTimeoutError):
         # Any failure of the database, not only a lost connection (a statement timeout, a
-        # server in recovery): not ready.
+        # server in recovery, no free pooled connection): not ready.
         metrics.unavailable("database")
         headers = {"Retry-After": RETRY_AFTER_SECONDS}
         return problem(503, "The database is unavailable.", headers=headers)

@@ -141,6 +141,20 @@ def test_a_connection_left_in_an_aborted_transaction_is_not_lent_again(
             assert http.get("/readyz").status_code == 200
 
 
+def test_readyz_is_503_when_no_pooled_connection_is_free(settings: Settings) -> None:
+    with (
+        tracked_app(
+            settings, db_pool_size=1, db_max_overflow=0, db_pool_timeout_seconds=1
+        ) as tracked,
+        live(tracked.app) as server,
+        server.client() as http,
+        tracked.database.engine.connect() as held,
+    ):
+        held.execute(sa.text("SELECT 1"))
+        resp = http.get("/readyz")
+        assert resp.status_code == 503 and resp.headers["Retry-After"]
+
+
 def test_connections_closed_by_idle_session_timeout_are_replaced(
     settings: Settings, user: ApiUser, database: Database
 ) -> None:
