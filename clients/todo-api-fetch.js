@@ -10,10 +10,12 @@ export function createApiFetch({ baseUrl, getToken }) {
   let pending = null; // one refresh at a time, shared by concurrent calls
 
   function refresh() {
-    pending ??= getToken().finally(() => {
-      pending = null;
-    });
-    return pending.then((fresh) => (token = fresh));
+    pending ??= getToken()
+      .then((fresh) => (token = fresh))
+      .finally(() => {
+        pending = null;
+      });
+    return pending;
   }
 
   async function send(path, init, jwt) {
@@ -30,7 +32,8 @@ export function createApiFetch({ baseUrl, getToken }) {
     const jwt = token ?? (await refresh());
     const response = await send(path, init, jwt);
     if (response.status !== 401) return response;
-    return send(path, init, await refresh());
+    // Sent with a token already replaced: retry with the current one, without a refresh.
+    return send(path, init, token !== jwt ? token : await refresh());
   };
 }
 
