@@ -5,6 +5,7 @@ tests run it against the real API; these pin down its timing.)"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -48,6 +49,9 @@ console.log(JSON.stringify({ issued, sent, statuses }));
 
 def run(**options: Any) -> dict[str, Any]:
     if NODE is None:
+        # `make test` needs only Python; CI has node, and there a missing one is a failure.
+        if os.environ.get("CI"):
+            pytest.fail("node is not installed")
         pytest.skip("needs node")
     script = SCENARIO % {
         "wrapper": json.dumps(WRAPPER.as_uri()),
