@@ -56,6 +56,27 @@ class RequestContextFilter(logging.Filter):
         return True
 
 
+# Set on an exception the app has already answered and logged (a request cancelled at the
+# shutdown timeout): re-raised so the cancellation propagates, it is no unhandled error.
+_ANSWERED = "todo_api_answered"
+
+
+def mark_answered(exc: BaseException) -> None:
+    setattr(exc, _ANSWERED, True)
+
+
+class AnsweredExceptionFilter(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" error (with its traceback) for an
+    exception marked by `mark_answered`: the client got its answer, a warning said why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (exc is not None and getattr(exc, _ANSWERED, False))
+
+
+_answered_filter = AnsweredExceptionFilter()
+
+
 class JsonLogFormatter(JsonFormatter):
     """`timestamp` (RFC 3339, UTC), `level`, `logger`, `message`, then the record's extras."""
 
@@ -135,6 +156,7 @@ def configure_logging(settings: Settings, *, exclusive: bool = False) -> None:
             logger = logging.getLogger(name)
             logger.handlers.clear()
             logger.propagate = True
+        logging.getLogger("uvicorn.error").addFilter(_answered_filter)  # once: same object
         # What uvicorn itself does for access_log=False: it then skips formatting the lines.
         access = logging.getLogger(UVICORN_ACCESS_LOGGER)
         access.handlers.clear()

@@ -44,7 +44,7 @@ _audit_events = _meter.create_counter(
 _unavailable = _meter.create_counter(
     "todo_api.http.unavailable",
     unit="{response}",
-    description="503 answers, by cause (database, token_keys, draining).",
+    description="503 answers, by cause (database, token_keys, draining, shutdown).",
 )
 _rate_limited = _meter.create_counter(
     "todo_api.rate_limit.rejections",

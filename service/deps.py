@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -22,6 +24,7 @@ from service.auth import Principal, TokenVerifier
 from service.database import Database, sent_nothing
 from service.exceptions import AuthError, Forbidden, TokenMissing
 from service.limits import USER_ID_MAX
+from service.middleware import COMMIT_UNCERTAIN
 from service.ratelimit import Category, RateLimiter, category_for
 from service.settings import Settings
 from service.users import UserProvisioner
@@ -76,9 +79,40 @@ async def get_database(request: Request) -> Database:
 
 # The request's open unit of work, in `session.info` until whoever finishes it takes it.
 _UNIT = "request_unit"
+# The request's `_Finish`, in `session.info`.
+_FINISH = "request_finish"
 
 
-async def get_session(db: Annotated[Database, Depends(get_database)]) -> AsyncIterator[Session]:
+class _Finish:
+    """Whether a sync endpoint's worker thread may commit: not once the request was cancelled
+    (uvicorn's shutdown timeout), whose client is told nothing was changed. The thread keeps
+    running after the cancellation, so the two decide under one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._committing = False
+
+    def may_commit(self) -> bool:
+        """In the worker thread, just before committing."""
+        with self._lock:
+            self._committing = not self._abandoned
+            return self._committing
+
+    def abandon(self) -> bool:
+        """On cancellation: False if the commit had already begun (its outcome is unknown)."""
+        with self._lock:
+            self._abandoned = True
+            return not self._committing
+
+
+class RequestAbandoned(Exception):
+    """Raised in the worker thread of a cancelled request, to roll its unit of work back."""
+
+
+async def get_session(
+    request: Request, db: Annotated[Database, Depends(get_database)]
+) -> AsyncIterator[Session]:
     """One unit of work per request, committed before the response is sent.
 
     Opening a session does no I/O. A sync endpoint of a `UnitOfWorkRoute` commits (or rolls
@@ -86,10 +120,14 @@ async def get_session(db: Annotated[Database, Depends(get_database)]) -> AsyncIt
     a transaction holding row locks never waits for a thread-pool token that requests queued
     behind those locks could be holding. Any other endpoint's unit is finished here, in a
     worker thread of its own limiter, for the same reason.
+
+    A request cancelled while its worker thread runs (the thread cannot be stopped) is
+    marked abandoned: the thread rolls back instead of committing.
     """
     unit = db.unit_of_work()
     session = unit.__enter__()
     session.info[_UNIT] = unit
+    finish = session.info[_FINISH] = _Finish()
     try:
         yield session
     except BaseException as exc:
@@ -97,9 +135,15 @@ async def get_session(db: Annotated[Database, Depends(get_database)]) -> AsyncIt
             await to_thread.run_sync(
                 unit.__exit__, type(exc), exc, exc.__traceback__, limiter=CapacityLimiter(1)
             )
+        elif isinstance(exc, asyncio.CancelledError) and not finish.abandon():
+            setattr(request.state, COMMIT_UNCERTAIN, True)
         raise
     if session.info.pop(_UNIT, None) is not None:
-        await to_thread.run_sync(unit.__exit__, None, None, None, limiter=CapacityLimiter(1))
+        try:
+            await to_thread.run_sync(unit.__exit__, None, None, None, limiter=CapacityLimiter(1))
+        except asyncio.CancelledError:
+            setattr(request.state, COMMIT_UNCERTAIN, True)  # the thread commits regardless
+            raise
 
 
 def _finish_in_thread(endpoint: Callable[..., Any]) -> Callable[..., Any]:
@@ -122,6 +166,9 @@ def _finish_in_thread(endpoint: Callable[..., Any]) -> Callable[..., Any]:
                 logger.warning("database connection lost before use; retrying on a new one")
                 session.rollback()
                 result = endpoint(*args, **kwargs)
+            finish: _Finish | None = session.info.get(_FINISH)
+            if finish is not None and not finish.may_commit():
+                raise RequestAbandoned("the request was cancelled; rolled back")
         except BaseException as exc:
             unit.__exit__(type(exc), exc, exc.__traceback__)  # rolls back, never swallows
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -12,8 +13,10 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
+from observability import metrics
+from observability.logging import mark_answered
 from observability.tracing import record_server_error
-from service.errors import problem
+from service.errors import RETRY_AFTER_SECONDS, problem
 from service.limits import REQUEST_ID_MAX
 
 log = logging.getLogger("service.errors")
@@ -148,10 +151,20 @@ class BodyGuardMiddleware:
         await self.app(scope, counting_receive, send)
 
 
+# In the request's ASGI `state`: the request was cancelled while its worker thread was already
+# committing (service.deps), so whether the change was written is unknown.
+COMMIT_UNCERTAIN = "commit_uncertain"
+
+
 class UnhandledErrorMiddleware:
     """Turns an exception no handler took into a problem+json 500 *inside* the middleware
     stack, so the answer still gets CORS headers and `X-Request-ID` (Starlette's own 500
-    handler runs outside every middleware, and a browser would report a CORS error)."""
+    handler runs outside every middleware, and a browser would report a CORS error).
+
+    A request still running when the server's shutdown timeout runs out is cancelled by
+    uvicorn (CancelledError, not an Exception): it is answered 503 with `Retry-After` here,
+    its transaction rolled back (service.deps), and the cancellation re-raised.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -170,12 +183,37 @@ class UnhandledErrorMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError as exc:
+            if started:
+                raise
+            await self._cancelled(scope, receive, send, exc)
+            mark_answered(exc)
+            raise
         except Exception as exc:
             if started:
                 raise
             record_server_error(exc)
             log.exception("unhandled error", exc_info=exc)
             await problem(500, "An unexpected error occurred.")(scope, receive, send)
+
+    async def _cancelled(
+        self, scope: Scope, receive: Receive, send: Send, exc: asyncio.CancelledError
+    ) -> None:
+        uncertain = bool(scope.get("state", {}).get(COMMIT_UNCERTAIN))
+        log.warning(
+            "request cancelled before it finished: the server is stopping",
+            extra={"reason": str(exc) or "cancelled", "commit_uncertain": uncertain},
+        )
+        metrics.unavailable("shutdown")
+        if uncertain:
+            detail = (
+                "The server stopped while the change was being committed: it may have been "
+                "saved. Reload before retrying."
+            )
+        else:
+            detail = "The server stopped before the request finished; nothing was changed."
+        response = problem(503, detail, headers={"Retry-After": RETRY_AFTER_SECONDS})
+        await response(scope, receive, send)
 
 
 def _valid_host(value: str) -> bool:
