@@ -44,7 +44,8 @@ _DESCRIPTIONS = {
     413: "Request body too large",
     415: "Request body is not JSON",
     429: "Rate limit exceeded; retry after Retry-After seconds (see the RateLimit headers)",
-    503: "Database or token keys unavailable; retry after Retry-After seconds",
+    503: "Database or token keys unavailable, a change rolled back by a collision, or the "
+    "server stopping; retry after Retry-After seconds",
 }
 
 
