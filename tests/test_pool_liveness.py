@@ -9,12 +9,14 @@ have run is never retried: that is a 503 (tests/test_faults.py).
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import select
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psycopg2.errors
 import pytest
@@ -34,6 +36,8 @@ from tests.reliability_helpers import (
     wait_until,
 )
 from tests.support import ApiUser, MakeUser
+
+T = TypeVar("T")
 
 
 def _titles(admin: sa.Engine, user: ApiUser) -> list[str]:
@@ -183,6 +187,34 @@ def test_connections_closed_by_idle_session_timeout_are_replaced(
     assert _chain_ok(admin, user)
 
 
+class _KillAfterCheckout:
+    """Terminates the backend of the next connection the pool lends while `once` runs, and
+    waits for its goodbye: the race of a connection dying right after checkout."""
+
+    def __init__(self, admin: sa.Engine, engine: sa.Engine) -> None:
+        self.admin = admin
+        self.killed: list[int] = []
+        self.armed = False
+        sa.event.listen(engine, "checkout", self._die)
+
+    def _die(self, dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+        if self.armed and not self.killed:
+            self.killed.append(int(dbapi_connection.get_backend_pid()))
+            assert terminate(self.admin, self.killed) == 1
+            select.select([dbapi_connection.fileno()], [], [], 5)  # the goodbye arrived
+
+    def once(self, send: Callable[[], T]) -> T:
+        """`send()` with exactly one connection killed after its checkout."""
+        self.killed.clear()
+        self.armed = True
+        try:
+            result = send()
+        finally:
+            self.armed = False
+        assert len(self.killed) == 1
+        return result
+
+
 def test_connection_dying_between_checkout_and_begin_is_retried_once(
     settings: Settings, user: ApiUser, database: Database
 ) -> None:
@@ -192,30 +224,19 @@ def test_connection_dying_between_checkout_and_begin_is_retried_once(
     admin = database.engine
     with tracked_app(settings) as tracked, live(tracked.app) as server, server.client() as http:
         http.post(user.url(), json={"title": "warm"}, headers=user.headers)
-        killed: list[int] = []
-
-        def die_after_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-            if armed and not killed:
-                killed.append(int(dbapi_connection.get_backend_pid()))
-                assert terminate(admin, killed) == 1
-                select.select([dbapi_connection.fileno()], [], [], 5)  # the goodbye arrived
-
-        sa.event.listen(tracked.database.engine, "checkout", die_after_checkout)
+        killer = _KillAfterCheckout(admin, tracked.database.engine)
         for method, path, body, expected in (
             ("POST", user.url(), {"title": "retried"}, 201),
             ("GET", user.url(), None, 200),
         ):
-            killed.clear()
-            armed = True
             request_id = uuid.uuid4().hex
             headers = {**user.headers, "X-Request-ID": request_id}
-            resp = http.request(method, path, json=body, headers=headers)
-            armed = False
-            assert len(killed) == 1
+            send = functools.partial(http.request, method, path, json=body, headers=headers)
+            resp = killer.once(send)
             assert resp.status_code == expected, resp.text
             if method == "POST":
                 assert _events_of(admin, request_id) == 1
-        assert killed[0] not in tracked.live_pids(admin)
+        assert killer.killed[0] not in tracked.live_pids(admin)
     assert _titles(admin, user) == ["warm", "retried"]
     assert _chain_ok(admin, user)
 
@@ -230,39 +251,18 @@ def test_work_outside_a_request_unit_is_retried_once_too(
     with tracked_app(settings) as tracked, live(tracked.app) as server, server.client() as http:
         http.post(user.url(), json={"title": "warm"}, headers=user.headers)
         ticket = http.post(f"/api/{user.user_id}/events/tickets", headers=user.headers).json()
-        killed: list[int] = []
-        armed = False
-
-        def die_after_checkout(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-            if armed and not killed:
-                killed.append(int(dbapi_connection.get_backend_pid()))
-                assert terminate(admin, killed) == 1
-                select.select([dbapi_connection.fileno()], [], [], 5)  # the goodbye arrived
-
-        sa.event.listen(tracked.database.engine, "checkout", die_after_checkout)
+        killer = _KillAfterCheckout(admin, tracked.database.engine)
         newcomer = make_user()
-
-        def killed_once(send: Any) -> int:
-            nonlocal armed
-            killed.clear()
-            armed = True
-            try:
-                status = int(send())
-            finally:
-                armed = False
-            assert len(killed) == 1
-            return status
-
-        first = killed_once(lambda: http.get(newcomer.url(), headers=newcomer.headers).status_code)
-        assert first == 200
+        first = killer.once(lambda: http.get(newcomer.url(), headers=newcomer.headers))
+        assert first.status_code == 200
         assert _users(admin, newcomer) == 1
-        assert killed_once(lambda: http.get("/readyz").status_code) == 200
+        assert killer.once(lambda: http.get("/readyz")).status_code == 200
 
         def open_stream() -> int:
             with FeedReader(server.url, ticket["stream_url"]) as reader:
                 return reader.status or 0
 
-        assert killed_once(open_stream) == 200
+        assert killer.once(open_stream) == 200
 
 
 def _users(admin: sa.Engine, user: ApiUser) -> int:
