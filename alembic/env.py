@@ -35,7 +35,9 @@ def run_migrations() -> None:
             context.run_migrations()
         return
     url = config.attributes.get("database_url") or get_settings().database_url
-    engine = build_engine(get_settings(), url)
+    # Without the requests' statement timeout: an index build on a large table may run longer.
+    settings = get_settings().model_copy(update={"db_statement_timeout_ms": 0})
+    engine = build_engine(settings, url)
     try:
         with engine.connect() as conn:
             context.configure(

@@ -6,7 +6,7 @@ verify prints, with `--checkpoint`, one `{"record": "checkpoint", "file", "ok", 
 JSON line per chain (`{"record": "chain", "user_id", "ok", "events", "head_seq", "head_hash",
 "first_bad_seq", "reason"}`) and a closing `{"record": "summary", ...}` line. Exit status: 0
 everything verifies, 1 something does not (or a given file is unusable), 2 bad usage or
-configuration, 3 the database is unreachable.
+configuration, 3 the database is unreachable or failed the command.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from audit.checkpoint import (
 )
 from audit.signing import KeyFormatError, PublicKey, key_ring, parse_public_keys
 from audit.verify import Anchor, snapshot, verify_all, verify_chain
-from service.database import Database
+from service.database import Database, failure_message
 from service.limits import USER_ID_MAX
 from service.settings import ConfigError, Settings
 
@@ -186,7 +186,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
                 if not (args.failures_only and report.ok):
                     _print({"record": "chain", **report.as_dict()}, sys.stdout)
     except OperationalError as exc:
-        print(f"todo-api: the database is unreachable: {exc.orig}", file=sys.stderr)
+        print(f"todo-api: {failure_message(exc)}", file=sys.stderr)
         return EXIT_DATABASE
     ok = not failed and not failed_checkpoints
     summary = {"record": "summary", "ok": ok, "chains": chains, "events": events}
@@ -209,7 +209,7 @@ def _make_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
         with db.unit_of_work() as session:
             checkpoint = make_checkpoint(session, key)
     except OperationalError as exc:
-        print(f"todo-api: the database is unreachable: {exc.orig}", file=sys.stderr)
+        print(f"todo-api: {failure_message(exc)}", file=sys.stderr)
         return EXIT_DATABASE
     finally:
         db.dispose()
@@ -272,7 +272,7 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
                 conn, out, fmt, user_id=args.user, since=args.since, until=args.until
             )
     except OperationalError as exc:
-        print(f"todo-api: the database is unreachable: {exc.orig}", file=sys.stderr)
+        print(f"todo-api: {failure_message(exc)}", file=sys.stderr)
         return EXIT_DATABASE
     except OSError as exc:
         print(f"todo-api: cannot write the export: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from audit.cli import register as register_audit
-from service.database import Database, normalize_database_url, safe_url
+from service.database import Database, failure_message, normalize_database_url, safe_url
 from service.limits import USER_ID_MAX
 from service.settings import ConfigError, Settings, get_settings
 from service.tasks import queries
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OperationalError as exc:
         # As the audit commands say it (audit/cli.py): no traceback, exit 3.
-        print(f"todo-api: the database is unreachable: {exc.orig}", file=sys.stderr)
+        print(f"todo-api: {failure_message(exc)}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         return 130

@@ -59,6 +59,18 @@ def connect_args(settings: Settings) -> dict[str, Any]:
     return args
 
 
+def failure_message(exc: DBAPIError) -> str:
+    """For the command line: a server that could not be reached, or one that answered with an
+    error (a statement cancelled at DB_STATEMENT_TIMEOUT_MS, a lock wait): not the same fix."""
+    reason = str(exc.orig).strip()
+    code = getattr(exc.orig, "pgcode", None)
+    if code is None:
+        return f"the database is unreachable: {reason}"
+    if code == "57014":  # query_canceled
+        return f"the database cancelled a statement: {reason} (DB_STATEMENT_TIMEOUT_MS)"
+    return f"the database failed the command ({code}): {reason}"
+
+
 def build_engine(settings: Settings, url: str | None = None) -> Engine:
     raw = url or settings.database_url
     if raw is None:

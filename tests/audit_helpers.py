@@ -74,8 +74,8 @@ def _server_url() -> sa.URL:
 
 
 @contextmanager
-def scratch_database() -> Iterator[str]:
-    """A new database migrated to head with Alembic; dropped afterwards."""
+def scratch_database(*, migrated: bool = True) -> Iterator[str]:
+    """A new database, migrated to head with Alembic unless told not to; dropped afterwards."""
     from alembic import command
 
     name = f"todo_audit_{os.getpid()}_{secrets.token_hex(4)}"
@@ -84,8 +84,8 @@ def scratch_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
         url = _server_url().set(database=name).render_as_string(hide_password=False)
-        config = alembic_config(url)
-        command.upgrade(config, "head")
+        if migrated:
+            command.upgrade(alembic_config(url), "head")
         yield url
     finally:
         with admin.connect() as conn:

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from service.database import Database
+from tests.audit_helpers import scratch_database
 from tests.jwt_helpers import random_id
 from tests.support import TEST_SECRET, ApiUser, clean_environ, free_port
 
@@ -302,6 +303,40 @@ def test_an_unreachable_database_is_one_line_and_exit_3(tmp_path: Path, args: tu
     [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
     assert line.startswith("todo-api: the database is unreachable: ")
     assert "Sup3rDbPw" not in result.stderr + result.stdout
+
+
+def test_migrations_are_not_bound_by_the_requests_statement_timeout(tmp_path: Path) -> None:
+    """An index build on a large table outlasts a request's timeout; here every statement does."""
+    with scratch_database(migrated=False) as url:
+        result = run(tmp_path, "migrate", DATABASE_URL=url, DB_STATEMENT_TIMEOUT_MS="1")
+        assert result.returncode == 0, result.stderr
+
+
+def test_a_cancelled_statement_is_not_called_unreachable(
+    tmp_path: Path, database_url: str, user: ApiUser
+) -> None:
+    """The server answered: the line says what it said, and which setting to look at."""
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:  # the command's query waits for this lock, then times out
+            conn.execute(sa.text("LOCK TABLE tasks IN ACCESS EXCLUSIVE MODE"))
+            result = run(
+                tmp_path,
+                "tasks",
+                "list",
+                user.user_id,
+                DATABASE_URL=database_url,
+                DB_STATEMENT_TIMEOUT_MS="200",
+            )
+    finally:
+        engine.dispose()
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
+    assert line == (
+        "todo-api: the database cancelled a statement: canceling statement due to statement "
+        "timeout (DB_STATEMENT_TIMEOUT_MS)"
+    )
 
 
 @pytest.mark.parametrize(
