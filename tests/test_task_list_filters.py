@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from tests.support import ApiUser, assert_validation_error, link_url
@@ -483,3 +484,50 @@ def test_counts_of_open_tasks_are_read_from_an_index(
         conn.rollback()
     assert not seq_scan
     assert indexes == [index]
+
+
+def _rows_read_from_tasks(plan: dict[str, Any]) -> int:
+    """Rows every scan of `tasks` in an EXPLAIN ANALYZE plan returned or filtered out."""
+    read = 0
+    if plan.get("Relation Name") == "tasks":
+        read += plan["Actual Rows"] * plan["Actual Loops"] + plan.get("Rows Removed by Filter", 0)
+    return read + sum(_rows_read_from_tasks(child) for child in plan.get("Plans", ()))
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_a_deep_page_by_due_date_reads_a_page_of_rows(
+    many_tasks_user: str, database: Any, order: str
+) -> None:
+    """A page after a task with a due date reads the later due dates and the tasks without
+    one as two index ranges, each a page long at most: not every task before the cursor."""
+    from service.tasks.queries import After, SortField, SortOrder, TaskFilter, list_query
+
+    limit = 50
+    with database.engine.connect() as conn:
+        deep = conn.execute(
+            sa.text(
+                f"SELECT due_at, id FROM tasks WHERE user_id = :u "
+                f"ORDER BY due_at {order} NULLS LAST, id {order} OFFSET 4000 LIMIT 1"
+            ),
+            {"u": many_tasks_user},
+        ).one()
+        query = list_query(
+            conn,
+            many_tasks_user,
+            TaskFilter(),
+            SortField.due_at,
+            SortOrder(order),
+            limit=limit,
+            offset=0,
+            after=After(deep.due_at, deep.id),
+        )
+        assert query is not None
+        compiled = query.page.params(**query.params).compile(
+            dialect=conn.dialect, compile_kwargs={"render_postcompile": True}
+        )
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cursor.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + compiled.string, compiled.params)
+        plan = cursor.fetchone()[0][0]["Plan"]
+        cursor.close()
+        conn.rollback()
+    assert _rows_read_from_tasks(plan) <= 2 * (limit + 1)

@@ -27,6 +27,7 @@ from sqlalchemy import (
     or_,
     select,
     tuple_,
+    union_all,
     update,
 )
 from sqlalchemy import cast as cast_
@@ -143,8 +144,7 @@ def _after_condition(sort: SortField, order: SortOrder, after_null: bool) -> Any
     keys = _sort_key(sort)
     bound = (func.lower(value), value, after_id) if sort is SortField.title else (value, after_id)
     row, start = tuple_(*keys), tuple_(*bound)
-    later = row > start if order is SortOrder.asc else row < start
-    return or_(later, column.is_(None)) if sort is SortField.due_at else later
+    return row > start if order is SortOrder.asc else row < start
 
 
 # Responses are dumped straight from the records as `TaskPublic` (the internal fields left
@@ -425,15 +425,27 @@ def _list_statements(
         ordering.append(id_key.desc())
     else:  # NULLS LAST is the ascending default
         ordering = [*(key.asc() for key in keys), id_key.asc()]
-    page = (
-        select(*_COLUMNS)
-        .where(*conditions)
-        .order_by(*ordering)
-        .limit(bindparam("limit"))
-        .offset(bindparam("offset"))
-    )
+    page: Any = select(*_COLUMNS).where(*conditions).order_by(*ordering)
+    if sort is SortField.due_at and after is False:
+        page = _then_undated(page, _conditions(shape, counting=False), order)
+    page = page.limit(bindparam("limit")).offset(bindparam("offset"))
     count = select(func.count()).select_from(TASKS).where(*_conditions(shape, counting=True))
     return page, count
+
+
+def _then_undated(dated: Select[Any], conditions: list[Any], order: SortOrder) -> Any:
+    """After a task with a due date, a page goes on with the later due dates and then the
+    tasks without one. Asked as one OR, PostgreSQL reads the index from the user's first task
+    up to the cursor (40 ms deep into 100,000 tasks); as two index ranges, each a page long
+    at most, a page costs the same at any depth."""
+    enough: Any = bindparam("limit") + bindparam("offset")
+    later_ids = TASKS.c.id.asc() if order is SortOrder.asc else TASKS.c.id.desc()
+    undated = select(*_COLUMNS).where(*conditions, TASKS.c.due_at.is_(None)).order_by(later_ids)
+    both = union_all(dated.limit(enough), undated.limit(enough)).subquery("page")
+    due, task_id = both.c.due_at, both.c.id
+    if order is SortOrder.asc:
+        return select(both).order_by(due.asc().nulls_last(), task_id.asc())
+    return select(both).order_by(due.desc().nulls_last(), task_id.desc())
 
 
 def search_fold(text: Any) -> Any:
