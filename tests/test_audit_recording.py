@@ -266,6 +266,21 @@ def test_long_user_agent_is_truncated(client: TestClient, user: Any, database: D
     assert events_of(database.engine, user.user_id)[-1]["user_agent"] == agent[:256]
 
 
+@pytest.mark.parametrize(
+    ("sent", "recorded"),
+    [("Zoë's browser 🦊".encode(), "Zoë's browser 🦊"), (b"old \xe9 agent", "old \xe9 agent")],
+)
+def test_user_agent_is_recorded_as_the_client_wrote_it(
+    client: TestClient, user: Any, database: Database, sent: bytes, recorded: str
+) -> None:
+    """UTF-8 as UTF-8, and bytes that are not UTF-8 as Latin-1."""
+    response = client.post(
+        user.url(), json={"title": "UA"}, headers={**user.headers, "User-Agent": sent}
+    )
+    assert response.status_code == 201
+    assert events_of(database.engine, user.user_id)[-1]["user_agent"] == recorded
+
+
 def test_forwarded_for_is_ignored_without_trusted_proxies(
     client: TestClient, user: Any, database: Database
 ) -> None:
