@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from audit.chain import format_timestamp
+from service.priority import Priority
 
 UtcTimestamp = Annotated[
     datetime,
@@ -175,8 +176,7 @@ class TaskSnapshot(BaseModel):
     completed: bool
     created_at: UtcTimestamp
     updated_at: UtcTimestamp
-    # The task package's Priority values (audit does not import it).
-    priority: str = "none"
+    priority: Priority = Priority.none
     due_at: UtcTimestamp | None = None
     tags: tuple[str, ...] = ()
     recurrence: str | None = None
