@@ -20,10 +20,14 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    SerializeAsAny,
+    SkipValidation,
     WithJsonSchema,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from audit.chain import format_timestamp
+from service.priority import Priority
 
 UtcTimestamp = Annotated[
     datetime,
@@ -72,8 +76,52 @@ def trace_url(base: str | None, trace_id: str | None) -> str | None:
     return f"{base.rstrip('/')}/trace/{trace_id}"
 
 
-# Stored as recorded (JSON), documented as the task's shape.
-TaskState = Annotated[dict[str, Any], WithJsonSchema({"$ref": "#/components/schemas/TaskSnapshot"})]
+class TaskSnapshot(BaseModel):
+    """A task's state as an audit event recorded it. Events written before a field existed
+    show its default (priority `none`, no due date, no tags, no rule).
+
+    Declared here, apart from the task package (audit does not import it), because it reads
+    what hashed events hold; tests/test_task_fields.py pins it to `TaskPublic`.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    user_id: str
+    title: str
+    description: str | None
+    completed: bool
+    created_at: UtcTimestamp
+    updated_at: UtcTimestamp
+    priority: Priority = Priority.none
+    due_at: UtcTimestamp | None = None
+    tags: tuple[str, ...] = ()
+    recurrence: str | None = None
+    previous_task_id: int | None = None
+    next_task_id: int | None = None
+    remind_at: UtcTimestamp | None = None
+
+
+class FiredReminder(BaseModel):
+    """Which reminder a `reminder.fired` event fired (service.reminders writes it)."""
+
+    remind_at: UtcTimestamp = Field(description="The task's `remind_at` that fired")
+    late: bool = Field(
+        description="Fired more than REMINDER_GRACE_SECONDS after `remind_at` (the service "
+        "was down then, or it was set in the past)"
+    )
+
+
+class TaskEventState(TaskSnapshot):
+    """An audit event's `before`/`after`: the task, and on a `reminder.fired` event's `after`
+    the reminder that fired (absent elsewhere, never null)."""
+
+    reminder: FiredReminder | SkipJsonSchema[None] = None
+
+
+# Served as recorded (the JSON the hash covers, also fields a newer writer added), not
+# validated nor re-serialized: the model documents the shape, the value stays the stored dict.
+TaskState = SerializeAsAny[SkipValidation[TaskEventState]]
 
 
 class AuditEventPublic(BaseModel):
@@ -92,7 +140,9 @@ class AuditEventPublic(BaseModel):
     entity_type: str
     entity_id: str
     before: TaskState | None = Field(description="Full task state; null on create")
-    after: TaskState | None = Field(description="Full task state; null on delete")
+    after: TaskState | None = Field(
+        description="Full task state; null on delete. On `reminder.fired`, also `reminder`"
+    )
     changes: dict[str, Any] = Field(description="`{field: [old, new]}`")
     request_id: str | None
     trace_id: str | None
@@ -156,33 +206,6 @@ class TaskHistory(BaseModel):
     task_id: int
     items: list[AuditEventPublic]
     next_cursor: str | None
-
-
-class TaskSnapshot(BaseModel):
-    """A task's state as an audit event recorded it. Events written before a field existed
-    show its default (priority `none`, no due date, no tags, no rule).
-
-    Declared here, apart from the task package (audit does not import it), because it reads
-    what hashed events hold; tests/test_task_fields.py pins it to `TaskPublic`.
-    """
-
-    model_config = ConfigDict(extra="ignore")
-
-    id: int
-    user_id: str
-    title: str
-    description: str | None
-    completed: bool
-    created_at: UtcTimestamp
-    updated_at: UtcTimestamp
-    # The task package's Priority values (audit does not import it).
-    priority: str = "none"
-    due_at: UtcTimestamp | None = None
-    tags: tuple[str, ...] = ()
-    recurrence: str | None = None
-    previous_task_id: int | None = None
-    next_task_id: int | None = None
-    remind_at: UtcTimestamp | None = None
 
 
 class TaskAsOf(BaseModel):

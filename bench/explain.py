@@ -24,7 +24,7 @@ from urllib.parse import urlencode
 
 import sqlalchemy as sa
 
-from service.tasks.models import Priority
+from service.priority import Priority
 from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskFilter, list_query
 
 NOW = datetime.now(UTC)

@@ -155,7 +155,12 @@ def test_audit_fields_are_typed(spec: dict[str, Any]) -> None:
     )
     for side in ("before", "after"):
         refs = [s.get("$ref") for s in event[side]["anyOf"]]
-        assert "#/components/schemas/TaskSnapshot" in refs, side
+        assert "#/components/schemas/TaskEventState" in refs, side
+    # The task as recorded, and the reminder a `reminder.fired` event's `after` adds.
+    state = schemas["TaskEventState"]
+    assert list(state["properties"]) == [*schemas["TaskSnapshot"]["properties"], "reminder"]
+    assert state["required"] == schemas["TaskSnapshot"]["required"]
+    assert state["properties"]["reminder"]["$ref"] == "#/components/schemas/FiredReminder"
 
 
 def test_problem_type_is_documented(spec: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from bench import explain, report
 from bench.measure import LoadResult
 from bench.report import OFF, ON, PG, REF, Run
-from service.tasks.models import Priority
+from service.priority import Priority
 from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskFilter
 from tests.support import ApiUser
 

@@ -5,16 +5,19 @@ next occurrence under concurrent and repeated completions."""
 from __future__ import annotations
 
 import threading
+from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
+from dateutil.rrule import rrulestr
 from fastapi.testclient import TestClient
 
 from audit.chain import HASH_VERSION
 from service.database import Database
+from service.tasks import recurrence
 from tests.audit_helpers import events_of
-from tests.support import ApiUser, LiveServer
+from tests.support import ApiUser, LiveServer, assert_validation_error
 from tests.support import create_task as create
 
 
@@ -254,3 +257,101 @@ def test_concurrent_completions_make_exactly_one_next_occurrence(
         e for e in events_of(database.engine, user.user_id) if e["action"] == "task.created"
     ]
     assert len(created_events) == 2
+
+
+# Rules that can never recur ------------------------------------------------------------
+
+# (due_at, rule) with no date after due_at: UNTIL not after it, or before its next date; no
+# month the rule visits has the day (BYMONTH is not supported: INTERVAL=12 from February is
+# "February only"), with or without a COUNT left; or the next date is past year 9999.
+NEVER = [
+    ("2027-01-10T09:00:00Z", "FREQ=DAILY;UNTIL=20270101T000000Z"),
+    ("2027-01-10T09:00:00Z", "FREQ=WEEKLY;UNTIL=20270110T090000Z"),
+    ("2027-01-10T09:00:00Z", "FREQ=WEEKLY;UNTIL=20270116T000000Z"),
+    ("2027-02-01T09:00:00Z", "FREQ=MONTHLY;INTERVAL=12;BYMONTHDAY=31"),
+    ("2027-02-01T09:00:00Z", "FREQ=MONTHLY;INTERVAL=12;BYMONTHDAY=30,-31;COUNT=5"),
+    ("2027-04-01T09:00:00Z", "FREQ=MONTHLY;INTERVAL=24;BYMONTHDAY=31;UNTIL=20991231T000000Z"),
+    ("2026-02-01T09:00:00Z", "FREQ=MONTHLY;INTERVAL=48;BYMONTHDAY=29"),
+    ("0001-02-01T00:00:00Z", "FREQ=MONTHLY;INTERVAL=12;BYMONTHDAY=31"),
+    ("9999-03-01T00:00:00Z", "FREQ=YEARLY;COUNT=2"),
+    ("9996-02-29T00:00:00Z", "FREQ=YEARLY"),
+]
+# Their neighbours that do recur, and COUNT=1, which says on purpose that none follows.
+RECURS = [
+    ("2027-01-10T09:00:00Z", "FREQ=WEEKLY;UNTIL=20270117T090000Z"),
+    ("2027-01-10T09:00:00Z", "FREQ=MONTHLY;INTERVAL=12;BYMONTHDAY=31"),  # 31 January
+    ("2027-02-01T09:00:00Z", "FREQ=MONTHLY;BYMONTHDAY=31"),
+    ("2027-02-01T09:00:00Z", "FREQ=MONTHLY;INTERVAL=12;BYMONTHDAY=29"),  # 2028 is a leap year
+    ("2027-02-01T09:00:00Z", "FREQ=MONTHLY;INTERVAL=12;BYMONTHDAY=31;COUNT=1"),
+    ("2027-01-10T09:00:00Z", "FREQ=DAILY;COUNT=1"),
+    ("9998-03-01T00:00:00Z", "FREQ=YEARLY;COUNT=2"),
+]
+
+
+@pytest.mark.parametrize(("due", "rule"), NEVER)
+def test_a_rule_that_can_never_recur_is_refused(
+    client: TestClient, user: ApiUser, due: str, rule: str
+) -> None:
+    resp = client.post(
+        user.url(), json={"title": "t", "due_at": due, "recurrence": rule}, headers=user.headers
+    )
+    body = assert_validation_error(resp, "body.recurrence")
+    assert "would never recur" in str(body)
+
+
+@pytest.mark.parametrize(("due", "rule"), RECURS)
+def test_a_rule_with_a_date_after_due_at_or_count_1_is_accepted(
+    client: TestClient, user: ApiUser, due: str, rule: str
+) -> None:
+    assert create(client, user, "t", due_at=due, recurrence=rule)["recurrence"] == rule
+
+
+def test_an_update_is_checked_when_it_changes_the_rule_or_the_due_date(
+    client: TestClient, user: ApiUser
+) -> None:
+    task = create(client, user, "U", due_at="2027-01-01T09:00:00Z", recurrence="FREQ=WEEKLY")
+    url = user.url(f"/{task['id']}")
+    for change in (
+        {"recurrence": "FREQ=WEEKLY;UNTIL=20261231T000000Z"},
+        {"due_at": "2027-02-01T09:00:00Z", "recurrence": "FREQ=MONTHLY;INTERVAL=12;BYMONTHDAY=30"},
+    ):
+        resp = client.put(url, json=change, headers=user.headers)
+        assert_validation_error(resp, "body.recurrence")
+    assert client.get(url, headers=user.headers).json() == task
+    # The last occurrence of an UNTIL series has no date left: it is kept, and edited, as it
+    # is; moving its due date keeps the rule only if the rule then has a date after it.
+    dues = series(client, user, "2027-01-01T09:00:00Z", "FREQ=WEEKLY;UNTIL=20270108T090000Z", 1)
+    assert dues == ["2027-01-01T09:00:00Z", "2027-01-08T09:00:00Z"]
+    (last,) = [
+        t
+        for t in client.get(user.url(), params={"status": "pending"}, headers=user.headers).json()
+        if t["due_at"] == "2027-01-08T09:00:00Z"
+    ]
+    last_url = user.url(f"/{last['id']}")
+    resp = client.put(last_url, json={"title": "Last one"}, headers=user.headers)
+    assert resp.status_code == 200, resp.text
+    resp = client.put(last_url, json={"due_at": "2027-01-09T09:00:00Z"}, headers=user.headers)
+    assert_validation_error(resp, "body.recurrence")
+    resp = client.put(
+        last_url,
+        json={"due_at": "2027-01-01T09:00:00Z", "recurrence": "FREQ=WEEKLY;COUNT=1"},
+        headers=user.headers,
+    )
+    assert resp.status_code == 200, resp.text
+    assert complete(client, user, last["id"]).json()["next_task_id"] is None
+
+
+@pytest.mark.parametrize(("due", "rule"), NEVER + RECURS)
+def test_the_bounded_search_for_the_next_date_agrees_with_dateutil(due: str, rule: str) -> None:
+    """The shortcut for rules none of whose months has the day finds what dateutil's own
+    search up to year 9999 finds (what each costs: bench/recurrence.py)."""
+    due_at = datetime.fromisoformat(due)
+    parts = dict(part.split("=") for part in rule.split(";") if not part.startswith("COUNT"))
+    full = rrulestr(";".join(f"{k}={v}" for k, v in parts.items()), dtstart=due_at)
+    try:
+        expected = full.after(due_at, inc=False)
+    except (ValueError, OverflowError):
+        expected = None
+    found = recurrence.next_occurrence(rule, due_at)
+    if "COUNT=1" not in rule:
+        assert (found.due_at if found else None) == expected

@@ -19,12 +19,12 @@ from sqlalchemy.types import TypeDecorator
 
 from audit.models import EVENTS
 from audit.schemas import TaskSnapshot
+from service.priority import Priority
 from service.tasks import queries, rules
 from service.tasks.idempotency import KEYS
 from service.tasks.models import (
     PUBLIC_FIELDS,
     TASKS,
-    Priority,
     TaskCreate,
     TaskPublic,
     TaskRecord,
@@ -82,10 +82,27 @@ def test_the_audit_snapshot_has_exactly_the_public_fields() -> None:
     snapshot = typing.get_type_hints(TaskSnapshot, include_extras=True)
     assert tuple(TaskSnapshot.model_fields) == PUBLIC_FIELDS
     for name in PUBLIC_FIELDS:
-        if name == "priority":  # a str there (audit does not import the task package)
-            assert _plain(snapshot[name]) is str and issubclass(Priority, str)
-            continue
         assert _split_optional(snapshot[name]) == _split_optional(public[name]), name
+    assert _plain(snapshot["priority"]) is Priority
+
+
+def _shape(schema: dict[str, Any]) -> dict[str, Any]:
+    """A property's schema less what only documents it (title, description, default)."""
+    return {k: v for k, v in schema.items() if k not in {"title", "description", "default"}}
+
+
+def test_the_openapi_snapshot_has_the_public_fields_types(app: FastAPI) -> None:
+    """In /openapi.json too: each field of `TaskSnapshot` has `TaskPublic`'s type, so a
+    client reads an audit event's task as it reads a response (one `Priority` enum, not a
+    string beside it)."""
+    schemas = app.openapi()["components"]["schemas"]
+    public = schemas["TaskPublic"]["properties"]
+    snapshot = schemas["TaskSnapshot"]["properties"]
+    assert tuple(snapshot) == PUBLIC_FIELDS
+    for name in PUBLIC_FIELDS:
+        assert _shape(snapshot[name]) == _shape(public[name]), name
+    assert snapshot["priority"]["$ref"] == "#/components/schemas/Priority"
+    assert schemas["Priority"]["enum"] == [p.value for p in Priority]
 
 
 def _record() -> TaskRecord:

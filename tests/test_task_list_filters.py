@@ -456,7 +456,7 @@ def test_counts_of_open_tasks_are_read_from_an_index(
     overdue ones by due date), not every task of the user (bench/explain.py reads the same
     plans at 100,000 tasks)."""
     from bench.explain import explain
-    from service.tasks.models import Priority
+    from service.priority import Priority
     from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskFilter, list_query
 
     task_filter = TaskFilter(

@@ -27,7 +27,7 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy.orm import Session
 
 from audit.recorder import AuditContext, RecordedEvent, record_event
-from audit.schemas import AuditAction
+from audit.schemas import AuditAction, FiredReminder
 from service.database import Database, on_commit
 from service.reminders import queries
 from service.reminders.queries import Claim
@@ -46,7 +46,7 @@ def fire(session: Session, ctx: AuditContext, claim: Claim) -> RecordedEvent:
     (`before` and `after` are its state; `after.reminder` says which time fired, and late)."""
     task = task_queries.get_task(session, claim.user_id, claim.task_id)  # locked by the claim
     state = task.state()
-    reminder = {"remind_at": state["remind_at"], "late": claim.late}
+    reminder = FiredReminder(remind_at=state["remind_at"], late=claim.late).model_dump(mode="json")
     event = record_event(
         session,
         ctx,

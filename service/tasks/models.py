@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from datetime import datetime
-from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import (
@@ -42,6 +41,7 @@ from sqlmodel import Field, SQLModel
 from audit.chain import format_timestamp
 from audit.schemas import ClientTime
 from service.limits import USER_ID_MAX
+from service.priority import Priority
 from service.sqltypes import ID_TYPE, UTCDateTime
 from service.tags.rules import TagNames, sorted_names
 from service.tasks import recurrence
@@ -53,16 +53,6 @@ DESCRIPTION_MAX = 1000
 REMINDER_UNFIRED = (
     "remind_at IS NOT NULL AND NOT completed AND reminder_fired_for IS DISTINCT FROM remind_at"
 )
-
-
-class Priority(StrEnum):
-    """Sorted by rank (none < low < medium < high), not alphabetically: a PostgreSQL enum
-    orders its values as declared."""
-
-    none = "none"
-    low = "low"
-    medium = "medium"
-    high = "high"
 
 
 PRIORITY_TYPE = ENUM(*Priority, name="task_priority", create_type=False)

@@ -37,10 +37,11 @@ from sqlalchemy.orm import Session
 from audit.append import ChangeBuilder, build_append, head_exists
 from service import paging
 from service.exceptions import NotFound
+from service.priority import Priority
 from service.sqltypes import utcnow
 from service.tags.models import Tag, TaskTag
 from service.tags.queries import tag_ids_named
-from service.tasks.models import TASKS, Priority, TaskCreate, TaskPublic, TaskRecord
+from service.tasks.models import TASKS, TaskCreate, TaskPublic, TaskRecord
 from service.users import USERS
 
 TAGS = Tag.__table__  # type: ignore[attr-defined]

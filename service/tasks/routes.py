@@ -14,11 +14,11 @@ from service import paging
 from service.deps import CurrentUser, SessionDep, TaskIdPath, UnitOfWorkRoute, UserIdPath
 from service.exceptions import InvalidInput
 from service.openapi import error_responses, with_headers
+from service.priority import Priority
 from service.responses import json_response, next_page_url, url_for
 from service.tags.rules import TAG_NAME_MAX, TAGS_PER_TASK_MAX, clean_tag_name
 from service.tasks import idempotency, queries, rules
 from service.tasks.models import (
-    Priority,
     TaskCompletion,
     TaskCreate,
     TaskPublic,

@@ -161,6 +161,7 @@ def create_task(
     user_id: str,
     data: TaskCreate,
 ) -> TaskChange:
+    _check_recurs(data.due_at, data.recurrence)
     task, event = _insert(session, ctx, user_id, data.model_dump())
     return TaskChange(task=task, event=event)
 
@@ -216,6 +217,17 @@ def _check_rule(due_at: datetime | None, rule: str | None) -> None:
         )
 
 
+def _check_recurs(due_at: datetime | None, rule: str | None) -> None:
+    """A rule the client sets (or a due date it moves) must have a date after `due_at`.
+    Not checked on the occurrences a series makes: its last one may have none left."""
+    if rule is None or due_at is None:
+        return
+    try:
+        recurrence.check_recurs(rule, due_at)
+    except recurrence.RuleError as exc:
+        raise InvalidInput(str(exc), field="body.recurrence") from None
+
+
 def _check_remind(due_at: datetime | None, remind_at: datetime | None) -> None:
     """A reminder comes at the latest when the task is due."""
     if remind_at is not None and due_at is not None and remind_at > due_at:
@@ -262,6 +274,8 @@ def _apply(
     due_at = changed.get("due_at", current.due_at)
     rule = changed.get("recurrence", current.recurrence)
     _check_rule(due_at, rule)
+    if changed.keys() & {"recurrence", "due_at"}:
+        _check_recurs(due_at, rule)
     _check_remind(due_at, changed.get("remind_at", current.remind_at))
     following: recurrence.Occurrence | None = None
     if changed.get("completed") is True and rule and due_at and current.next_task_id is None:
