@@ -59,6 +59,7 @@ CORS_ALLOW_HEADERS = [
     "traceparent",
     "tracestate",
     "If-Match",
+    "If-None-Match",
     "Idempotency-Key",
     "X-Request-ID",
     "Last-Event-ID",
