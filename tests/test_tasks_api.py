@@ -572,6 +572,7 @@ def test_if_none_match_on_get_is_304_while_the_task_is_unchanged(
         resp = get(*tags)
         assert (resp.status_code, resp.content, resp.headers["ETag"]) == (304, b"", etag), tags
         assert "Content-Type" not in resp.headers
+    assert get(etag, method="HEAD").status_code == 304
     assert_problem(get(etag, "x" * 257), 400)
     star = {"If-None-Match": "*"}
     assert_problem(client.get(url, headers=star), 401)
@@ -584,6 +585,26 @@ def test_if_none_match_on_get_is_304_while_the_task_is_unchanged(
     assert fresh.status_code == 200 and fresh.json()["title"] == "changed"
     assert fresh.headers["ETag"] != etag
     assert get('"0-0"').status_code == 200
+
+
+def test_head_answers_like_get_without_the_body(client: TestClient, user: ApiUser) -> None:
+    """RFC 9110 9.3.2: the task, the list (paged) and an error answer HEAD with GET's status
+    and headers, and no body; the token is checked as on GET."""
+    task = create_task(client, user, "headed")
+    create_task(client, user, "another")
+    for path, params in (
+        (f"/{task['id']}", {}),
+        ("", {"limit": 1}),
+        ("/999999999", {}),
+    ):
+        got = client.get(user.url(path), params=params, headers=user.headers)
+        head = client.head(user.url(path), params=params, headers=user.headers)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        for name in ("ETag", "Link", "X-Total-Count", "Content-Type", "Content-Length"):
+            assert head.headers.get(name) == got.headers.get(name), (path, name)
+    anonymous = client.head(user.url(f"/{task['id']}"))
+    assert (anonymous.status_code, anonymous.content) == (401, b"")
+    assert anonymous.headers["WWW-Authenticate"] == "Bearer"
 
 
 # Users table --------------------------------------------------------------------------
@@ -748,6 +769,20 @@ def test_cors_preflight_allows_the_api_headers(cors_client: TestClient, user: Ap
     assert resp.headers["access-control-allow-origin"] == ORIGIN
     assert {h.lower() for h in wanted} <= _header_set(resp.headers["access-control-allow-headers"])
     assert "PUT" in resp.headers["access-control-allow-methods"]
+
+
+def test_cors_preflight_allows_head(cors_client: TestClient, user: ApiUser) -> None:
+    """A browser asks before a HEAD with a token."""
+    resp = cors_client.options(
+        user.url("/1"),
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "HEAD",
+            "Access-Control-Request-Headers": "Authorization",
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    assert "head" in _header_set(resp.headers["access-control-allow-methods"])
 
 
 def test_cors_exposes_response_headers(cors_client: TestClient, user: ApiUser) -> None:

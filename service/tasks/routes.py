@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi import Body, Header, Query, Request, Response, status
 
 from audit.deps import AuditCtx
 from audit.schemas import ClientTime
@@ -16,6 +16,7 @@ from service.deps import CurrentUser, SessionDep, TaskIdPath, UnitOfWorkRoute, U
 from service.exceptions import InvalidInput
 from service.openapi import error_responses, with_headers
 from service.responses import json_response, next_page_url, url_for
+from service.routing import Router
 from service.tags.rules import TAG_NAME_MAX, TAGS_PER_TASK_MAX, clean_tag_name
 from service.tasks import idempotency, queries, rules
 from service.tasks.models import (
@@ -29,7 +30,7 @@ from service.tasks.models import (
 )
 from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskFilter
 
-router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"], route_class=UnitOfWorkRoute)
+router = Router(prefix="/api/{user_id}/tasks", tags=["tasks"], route_class=UnitOfWorkRoute)
 
 IdempotencyKeyHeader = Annotated[
     str | None,
