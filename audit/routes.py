@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Depends, Query, Request
 
 from audit import queries
 from audit.proof import LatestProofs
@@ -40,9 +40,10 @@ from service.limits import REQUEST_ID_MAX
 from service.openapi import error_responses
 from service.ratelimit import expensive_operation
 from service.responses import json_response
+from service.routing import Router
 
-router = APIRouter(prefix="/api/{user_id}", tags=["audit"], route_class=UnitOfWorkRoute)
-keys_router = APIRouter(tags=["audit"])
+router = Router(prefix="/api/{user_id}", tags=["audit"], route_class=UnitOfWorkRoute)
+keys_router = Router(tags=["audit"])
 
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size")]
 Cursor = Annotated[

@@ -59,6 +59,7 @@ CORS_ALLOW_HEADERS = [
     "traceparent",
     "tracestate",
     "If-Match",
+    "If-None-Match",
     "Idempotency-Key",
     "X-Request-ID",
     "Last-Event-ID",
@@ -191,7 +192,7 @@ def create_app(
         app.add_middleware(
             ProblemCORSMiddleware,
             allow_origins=settings.effective_cors_origins,
-            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+            allow_methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=CORS_ALLOW_HEADERS,
             expose_headers=CORS_EXPOSE_HEADERS,
             max_age=600,

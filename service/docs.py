@@ -17,6 +17,8 @@ from fastapi.openapi.docs import (
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from service.routing import Router
+
 ASSETS_URL = "/docs-assets"
 
 # The pages may load nothing from elsewhere: the ReDoc bundle would fetch its maker's logo
@@ -48,8 +50,9 @@ def install_docs(app: FastAPI, *, openapi_url: str = "/openapi.json") -> None:
     app.mount(ASSETS_URL, StaticFiles(directory=_ASSETS_DIR), name="docs-assets")
     title = app.title
     oauth2_redirect_url = "/docs/oauth2-redirect"
+    pages = Router()
 
-    @app.get("/docs", include_in_schema=False)
+    @pages.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
         return _no_third_parties(
             get_swagger_ui_html(
@@ -66,11 +69,11 @@ def install_docs(app: FastAPI, *, openapi_url: str = "/openapi.json") -> None:
             )
         )
 
-    @app.get(oauth2_redirect_url, include_in_schema=False)
+    @pages.get(oauth2_redirect_url, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
-    @app.get("/redoc", include_in_schema=False)
+    @pages.get("/redoc", include_in_schema=False)
     async def redoc() -> HTMLResponse:
         return _no_third_parties(
             get_redoc_html(
@@ -81,3 +84,5 @@ def install_docs(app: FastAPI, *, openapi_url: str = "/openapi.json") -> None:
                 with_google_fonts=False,
             )
         )
+
+    app.include_router(pages)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,8 +20,9 @@ from service.errors import RETRY_AFTER_SECONDS, problem
 from service.lifecycle import Drain
 from service.openapi import error_responses
 from service.ratelimit import RateLimiter
+from service.routing import Router
 
-router = APIRouter(tags=["health"])
+router = Router(tags=["health"])
 
 
 @router.get("/healthz", summary="The process is up, and its version")
@@ -70,12 +71,6 @@ async def readyz(request: Request) -> Any:
     )
 
 
-# Uptime monitors often probe with HEAD: the same answer, without the body (RFC 9110 9.3.2).
-# Undocumented in OpenAPI, where each operation is a GET.
-for _path, _probe in (("/healthz", healthz), ("/readyz", readyz)):
-    router.add_api_route(_path, _probe, methods=["HEAD"], include_in_schema=False)
-
-
 def _ping_database(db: Database) -> None:
     def ping() -> None:
         with db.engine.connect() as conn:
@@ -84,7 +79,7 @@ def _ping_database(db: Database) -> None:
     retried_once(ping)
 
 
-metrics_router = APIRouter(tags=["health"])
+metrics_router = Router(tags=["health"])
 
 
 @metrics_router.get("/metrics", include_in_schema=False)

@@ -118,6 +118,7 @@ def test_response_headers_are_documented_per_operation(spec: dict[str, Any]) -> 
     assert {"Location", "ETag", "Idempotent-Replayed"} <= _headers(spec, "createTask", "201")
     for op_id in ("getTask", "updateTask", "completeTask"):
         assert "ETag" in _headers(spec, op_id, "200"), op_id
+    assert {"ETag", "X-Request-ID"} <= _headers(spec, "getTask", "304")
     assert "WWW-Authenticate" in _headers(spec, "listTasks", "401")
     assert "Retry-After" in _headers(spec, "createTask", "503")
     for (path, method), operation in _operations(spec).items():
@@ -180,3 +181,19 @@ def test_readme_quotes_the_fetch_wrapper_the_browser_tests_run() -> None:
     wrapper = (root / "clients" / "todo-api-fetch.js").read_text(encoding="utf-8")
     readme = (root / "README.md").read_text(encoding="utf-8")
     assert f"```js\n{wrapper}```" in readme
+
+
+def test_conditional_headers_are_documented(spec: dict[str, Any]) -> None:
+    """`If-None-Match` on the task's GET, whose 304 has no body; `If-Match` on its writes.
+    Both are one string, a comma-separated list of ETags."""
+    operations = {op["operationId"]: op for op in _operations(spec).values()}
+
+    def header(op_id: str, name: str) -> dict[str, Any]:
+        (param,) = [p for p in operations[op_id]["parameters"] if p["name"].lower() == name]
+        assert param["in"] == "header"
+        return dict(param["schema"])
+
+    assert "content" not in operations["getTask"]["responses"]["304"]
+    assert any(s.get("type") == "string" for s in header("getTask", "if-none-match")["anyOf"])
+    for op_id in ("updateTask", "deleteTask", "completeTask"):
+        assert any(s.get("type") == "string" for s in header(op_id, "if-match")["anyOf"])

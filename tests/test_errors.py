@@ -13,11 +13,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database, build_engine
+from service.errors import every_route
 from service.settings import Settings
 from tests.support import (
     TEST_SECRET,
@@ -46,14 +49,14 @@ def test_unknown_routes_are_404_problem(client: TestClient, user: ApiUser, path:
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
-        ("DELETE", "", "GET, POST"),
-        ("PUT", "", "GET, POST"),
-        ("PATCH", "", "GET, POST"),
-        ("POST", "/1", "DELETE, GET, PUT"),
-        ("PATCH", "/1", "DELETE, GET, PUT"),
-        ("HEAD", "/1", "DELETE, GET, PUT"),
-        ("OPTIONS", "/1", "DELETE, GET, PUT"),
+        ("DELETE", "", "GET, HEAD, POST"),
+        ("PUT", "", "GET, HEAD, POST"),
+        ("PATCH", "", "GET, HEAD, POST"),
+        ("POST", "/1", "DELETE, GET, HEAD, PUT"),
+        ("PATCH", "/1", "DELETE, GET, HEAD, PUT"),
+        ("OPTIONS", "/1", "DELETE, GET, HEAD, PUT"),
         ("GET", "/1/complete", "PATCH"),
+        ("HEAD", "/1/complete", "PATCH"),
         ("POST", "/1/complete", "PATCH"),
     ],
 )
@@ -85,6 +88,31 @@ def test_health_probes_answer_head_as_get_without_the_body(client: TestClient, p
     assert head.content == b""
     assert head.headers["Content-Type"] == got.headers["Content-Type"] == "application/json"
     assert head.headers["Content-Length"] == got.headers["Content-Length"]
+
+
+def test_every_get_route_answers_head_as_get_but_the_feed(
+    app: FastAPI, client: TestClient, user: ApiUser
+) -> None:
+    """RFC 9110 9.3.2: HEAD is GET without the body, on every route (the docs pages too),
+    with the token checked the same way. The change feed never ends its body, so a HEAD
+    there would hold a stream (and spend a ticket): it stays GET only."""
+    task = create_task(client, user)
+    values = {"user_id": user.user_id, "task_id": task["id"], "tag_id": 1}
+    feed = "/api/{user_id}/events"
+    paths = {
+        route.path
+        for route in every_route(app.routes)
+        if isinstance(route, APIRoute) and "GET" in route.methods
+    }
+    assert len(paths) >= 15 and feed in paths
+    for path in sorted(paths - {feed}):
+        url = path.format(**values)
+        for headers in (user.headers, {}):
+            got, head = client.get(url, headers=headers), client.head(url, headers=headers)
+            assert (head.status_code, head.content) == (got.status_code, b""), (path, headers)
+            assert head.headers["Content-Type"] == got.headers["Content-Type"], path
+    stream = client.head(feed.format(**values), headers=user.headers)
+    assert (stream.status_code, stream.headers["Allow"]) == (405, "GET")
 
 
 # Bodies: 413 / 415 --------------------------------------------------------------------

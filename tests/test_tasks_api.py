@@ -531,6 +531,82 @@ def test_if_match_on_missing_task_is_404(client: TestClient, user: ApiUser) -> N
     assert_problem(client.put(user.url("/999999999"), json={"title": "x"}, headers=headers), 404)
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [("PUT", "", {"title": "changed"}), ("PATCH", "/complete", None), ("DELETE", "", None)],
+)
+def test_if_match_split_over_header_lines(
+    client: TestClient, user: ApiUser, method: str, path: str, body: Any
+) -> None:
+    """RFC 9110 5.3: `If-Match: "a"` and `If-Match: "b"` on two lines are one list; the
+    current tag on the second line goes through, a list of stale tags on both is 412."""
+    task = create_task(client, user, "lines")
+    url = user.url(f"/{task['id']}")
+    current = client.get(url, headers=user.headers).headers["ETag"]
+
+    def send(*tags: str) -> httpx.Response:
+        headers = [*user.headers.items(), *(("If-Match", tag) for tag in tags)]
+        return client.request(method, url + path, json=body, headers=headers)
+
+    assert_problem(send('"0-1"', '"0-2", "0-3"'), 412)
+    too_long = assert_problem(send(current, "x" * 257), 400)
+    assert too_long["errors"][0]["field"] == "header.if-match"
+    assert send('"0-1"', current).status_code in (200, 204)
+
+
+def test_if_none_match_on_get_is_304_while_the_task_is_unchanged(
+    client: TestClient, user: ApiUser, make_user: MakeUser
+) -> None:
+    """RFC 9110 13.1.2: a listed tag equal to the current one (weak comparison, on any header
+    line) or `*` is 304 with the ETag and no body; a stale tag is the full 200. The token and
+    the task are checked first: `*` matches only a task that exists for this user."""
+    task = create_task(client, user, "cached")
+    url = user.url(f"/{task['id']}")
+    etag = client.get(url, headers=user.headers).headers["ETag"]
+
+    def get(*tags: str, method: str = "GET") -> httpx.Response:
+        headers = [*user.headers.items(), *(("If-None-Match", tag) for tag in tags)]
+        return client.request(method, url, headers=headers)
+
+    for tags in ([etag], [f"W/{etag}"], ['"0-0", ' + etag], ['"0-0"', etag], ["*"]):
+        resp = get(*tags)
+        assert (resp.status_code, resp.content, resp.headers["ETag"]) == (304, b"", etag), tags
+        assert "Content-Type" not in resp.headers
+    assert get(etag, method="HEAD").status_code == 304
+    assert_problem(get(etag, "x" * 257), 400)
+    star = {"If-None-Match": "*"}
+    assert_problem(client.get(url, headers=star), 401)
+    assert_problem(client.get(user.url("/999999999"), headers={**user.headers, **star}), 404)
+    other = make_user()
+    assert_problem(client.get(other.url(f"/{task['id']}"), headers={**other.headers, **star}), 404)
+
+    client.put(url, json={"title": "changed"}, headers=user.headers)
+    fresh = get(etag)
+    assert fresh.status_code == 200 and fresh.json()["title"] == "changed"
+    assert fresh.headers["ETag"] != etag
+    assert get('"0-0"').status_code == 200
+
+
+def test_head_answers_like_get_without_the_body(client: TestClient, user: ApiUser) -> None:
+    """RFC 9110 9.3.2: the task, the list (paged) and an error answer HEAD with GET's status
+    and headers, and no body; the token is checked as on GET."""
+    task = create_task(client, user, "headed")
+    create_task(client, user, "another")
+    for path, params in (
+        (f"/{task['id']}", {}),
+        ("", {"limit": 1}),
+        ("/999999999", {}),
+    ):
+        got = client.get(user.url(path), params=params, headers=user.headers)
+        head = client.head(user.url(path), params=params, headers=user.headers)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        for name in ("ETag", "Link", "X-Total-Count", "Content-Type", "Content-Length"):
+            assert head.headers.get(name) == got.headers.get(name), (path, name)
+    anonymous = client.head(user.url(f"/{task['id']}"))
+    assert (anonymous.status_code, anonymous.content) == (401, b"")
+    assert anonymous.headers["WWW-Authenticate"] == "Bearer"
+
+
 # Users table --------------------------------------------------------------------------
 
 
@@ -677,6 +753,7 @@ def test_cors_preflight_allows_the_api_headers(cors_client: TestClient, user: Ap
         "traceparent",
         "tracestate",
         "If-Match",
+        "If-None-Match",
         "Idempotency-Key",
         "X-Request-ID",
     ]
@@ -692,6 +769,20 @@ def test_cors_preflight_allows_the_api_headers(cors_client: TestClient, user: Ap
     assert resp.headers["access-control-allow-origin"] == ORIGIN
     assert {h.lower() for h in wanted} <= _header_set(resp.headers["access-control-allow-headers"])
     assert "PUT" in resp.headers["access-control-allow-methods"]
+
+
+def test_cors_preflight_allows_head(cors_client: TestClient, user: ApiUser) -> None:
+    """A browser asks before a HEAD with a token."""
+    resp = cors_client.options(
+        user.url("/1"),
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "HEAD",
+            "Access-Control-Request-Headers": "Authorization",
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    assert "head" in _header_set(resp.headers["access-control-allow-methods"])
 
 
 def test_cors_exposes_response_headers(cors_client: TestClient, user: ApiUser) -> None:

@@ -78,8 +78,8 @@ def quiet_client(settings: Settings, database: Database) -> Iterator[TestClient]
 def test_each_request_of_a_known_user_takes_one_thread_hop(
     quiet_client: TestClient, user: ApiUser, hops: HopCounter
 ) -> None:
-    """Writes, reads, a 404 and a 412: one hop each (the endpoint with its commit or
-    rollback), once the token is verified and the user's row provisioned."""
+    """Writes, reads (a 304 and a HEAD too), a 404 and a 412: one hop each (the endpoint with
+    its commit or rollback), once the token is verified and the user's row provisioned."""
     http, url = quiet_client, user.url()
     first = http.post(url, json={"title": "first"}, headers=user.headers)
     assert first.status_code == 201
@@ -90,6 +90,8 @@ def test_each_request_of_a_known_user_takes_one_thread_hop(
         ("POST", url, {"title": "second", "tags": ["a"]}, {}, 201),
         ("GET", url, None, {}, 200),
         ("GET", task_url, None, {}, 200),
+        ("GET", task_url, None, {"If-None-Match": "*"}, 304),
+        ("HEAD", task_url, None, {}, 200),
         ("PUT", task_url, {"title": "renamed"}, {}, 200),
         ("PUT", task_url, {"title": "stale"}, {"If-Match": '"1-1"'}, 412),
         ("PATCH", task_url + "/complete", None, {}, 200),

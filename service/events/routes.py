@@ -50,6 +50,8 @@ from service.responses import json_response, url_path_for
 
 log = logging.getLogger("service.events")
 
+# Not a `service.routing.Router`: a HEAD of the stream would hold its slot (and spend its ticket)
+# for a body that never ends.
 router = APIRouter(prefix="/api/{user_id}", tags=["events"], route_class=UnitOfWorkRoute)
 
 # Events read from the table at a time: the most a stream holds in memory.

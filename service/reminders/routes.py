@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import Query, Request
 from pydantic import BaseModel, Field, TypeAdapter
 
 from service import paging
@@ -16,10 +16,9 @@ from service.openapi import error_responses, with_headers
 from service.reminders import queries
 from service.reminders.queries import ReminderState
 from service.responses import json_response, next_page_url
+from service.routing import Router
 
-router = APIRouter(
-    prefix="/api/{user_id}/reminders", tags=["reminders"], route_class=UnitOfWorkRoute
-)
+router = Router(prefix="/api/{user_id}/reminders", tags=["reminders"], route_class=UnitOfWorkRoute)
 
 
 class ReminderPublic(BaseModel):

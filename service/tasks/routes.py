@@ -6,16 +6,18 @@ import dataclasses
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Request, Response, status
+from fastapi import Body, Header, Query, Request, Response, status
 
 from audit.deps import AuditCtx
 from audit.schemas import ClientTime
 from service import paging
+from service.conditional import IfMatch, IfNoneMatch, matches
 from service.deps import CurrentUser, SessionDep, TaskIdPath, UnitOfWorkRoute, UserIdPath
 from service.exceptions import InvalidInput
 from service.openapi import error_responses, with_headers
 from service.priority import Priority
 from service.responses import json_response, next_page_url, url_for
+from service.routing import Router
 from service.tags.rules import TAG_NAME_MAX, TAGS_PER_TASK_MAX, clean_tag_name
 from service.tasks import idempotency, queries, rules
 from service.tasks.models import (
@@ -28,15 +30,8 @@ from service.tasks.models import (
 )
 from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskFilter
 
-router = APIRouter(prefix="/api/{user_id}/tasks", tags=["tasks"], route_class=UnitOfWorkRoute)
+router = Router(prefix="/api/{user_id}/tasks", tags=["tasks"], route_class=UnitOfWorkRoute)
 
-IfMatch = Annotated[
-    str | None,
-    Header(
-        max_length=256,
-        description="ETag from an earlier response; a stale one gives 412.",
-    ),
-]
 IdempotencyKeyHeader = Annotated[
     str | None,
     Header(
@@ -222,12 +217,29 @@ def _created(
 @router.get(
     "/{task_id}",
     response_model=TaskPublic,
-    responses={200: with_headers("ETag", "Link"), **error_responses(400, 401, 403, 404)},
+    responses={
+        200: with_headers("ETag", "Link"),
+        304: {
+            "description": "If-None-Match lists the current ETag: no body",
+            **with_headers("ETag"),
+        },
+        **error_responses(400, 401, 403, 404),
+    },
     summary="Get a task",
     name="get_task",
 )
-def get_task(request: Request, user: CurrentUser, session: SessionDep, task_id: TaskIdPath) -> Any:
-    return _task_response(request, queries.get_task(session, user.user_id, task_id))
+def get_task(
+    request: Request,
+    user: CurrentUser,
+    session: SessionDep,
+    task_id: TaskIdPath,
+    if_none_match: IfNoneMatch = None,
+) -> Any:
+    task = queries.get_task(session, user.user_id, task_id)
+    if if_none_match is not None and matches(task.etag, if_none_match):
+        # RFC 9110 15.4.5: the ETag a 200 would carry, and no body.
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": task.etag})
+    return _task_response(request, task)
 
 
 @router.put(

@@ -16,6 +16,7 @@ from opentelemetry import trace
 from sqlalchemy.orm import Session
 
 from audit.recorder import AuditContext, RecordedEvent, record_change, record_event
+from service.conditional import ETags, matches
 from service.database import on_commit
 from service.exceptions import InvalidInput, PreconditionFailed
 from service.sqltypes import utcnow
@@ -147,11 +148,8 @@ def _next_timestamp(previous: datetime) -> datetime:
     return now if now > previous else previous + timedelta(microseconds=1)
 
 
-def _check_version(task: TaskRecord, if_match: str | None) -> None:
-    if if_match is None:
-        return
-    tags = {tag.strip() for tag in if_match.split(",")}
-    if "*" not in tags and task.etag not in tags and f"W/{task.etag}" not in tags:
+def _check_version(task: TaskRecord, if_match: ETags | None) -> None:
+    if if_match is not None and not matches(task.etag, if_match):
         raise PreconditionFailed("The task has changed since you read it (ETag mismatch).")
 
 
@@ -348,7 +346,7 @@ def update_task(
     task_id: int,
     data: TaskUpdate,
     *,
-    if_match: str | None = None,
+    if_match: ETags | None = None,
 ) -> TaskChange:
     changes = data.changes()
     resolved = None
@@ -370,7 +368,7 @@ def set_completed(
     task_id: int,
     completed: bool | None,
     *,
-    if_match: str | None = None,
+    if_match: ETags | None = None,
 ) -> TaskChange:
     """Set the completion flag, or toggle it when `completed` is None (atomic under the lock)."""
     current = queries.lock_task(session, user_id, task_id)
@@ -385,7 +383,7 @@ def delete_task(
     user_id: str,
     task_id: int,
     *,
-    if_match: str | None = None,
+    if_match: ETags | None = None,
 ) -> TaskDeletion:
     current = queries.lock_task(session, user_id, task_id)
     _check_version(current, if_match)

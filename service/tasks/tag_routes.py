@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Request, Response, status
+from fastapi import Path, Request, Response, status
 from pydantic import TypeAdapter
 
 from audit.deps import AuditCtx
@@ -15,12 +15,13 @@ from service.database import on_commit
 from service.deps import CurrentUser, SessionDep, UnitOfWorkRoute, UserIdPath
 from service.openapi import error_responses, with_headers
 from service.responses import json_response, url_for
+from service.routing import Router
 from service.tags import queries
 from service.tags.models import TagCreate, TagPublic, TagUpdate
 from service.tags.queries import TagRecord
 from service.tasks import rules
 
-router = APIRouter(prefix="/api/{user_id}/tags", tags=["tags"], route_class=UnitOfWorkRoute)
+router = Router(prefix="/api/{user_id}/tags", tags=["tags"], route_class=UnitOfWorkRoute)
 log = logging.getLogger("service.tags")
 
 TagIdPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="The tag's id")]

@@ -1,0 +1,26 @@
+"""The router of every feature: its GET routes answer HEAD too."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter
+
+
+class Router(APIRouter):
+    """An APIRouter whose GET routes also answer HEAD (RFC 9110 9.3.2: GET without the body).
+
+    FastAPI answers only the methods a route lists (405 otherwise), and a HEAD listed on the
+    GET route itself would be a second OpenAPI operation with the same operationId. So each
+    GET gets a twin route for HEAD, hidden from the document: same endpoint, dependencies (the
+    token is checked the same way) and response, whose body Starlette leaves unsent. A route
+    whose body never ends (the change feed) is declared on a plain APIRouter instead.
+    """
+
+    def add_api_route(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().add_api_route(path, endpoint, **kwargs)
+        methods = kwargs.get("methods") or ["GET"]
+        if "GET" in {method.upper() for method in methods}:
+            head = {**kwargs, "methods": ["HEAD"], "include_in_schema": False}
+            super().add_api_route(path, endpoint, **head)
