@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from jwt.warnings import InsecureKeyLengthWarning
 
@@ -138,6 +139,96 @@ def test_oversized_body_on_a_real_socket_is_413_for_every_write(
         ):
             assert_problem(http.request(method, user.url(path), content=body, headers=headers), 413)
         assert http.get(user.url(f"/{task['id']}"), headers=user.headers).json() == task
+
+
+# Control characters in text fields -----------------------------------------------------
+
+# C0 (tab and line breaks included), DEL and C1: none in a single-line field such as a title.
+CONTROLS_IN_A_LINE = {
+    "nul": "a\x00b",
+    "bell": "a\x07b",
+    "tab": "a\tb",
+    "line-feed": "two\nlines",
+    "carriage-return": "a\rb",
+    "escape-sequence": "\x1b[31mred\x1b[0m",
+    "unit-separator": "a\x1fb",
+    "delete": "a\x7fb",
+    "c1-csi": "a\x9b2Jb",
+    "next-line": "a\x85b",
+}
+
+
+def _assert_control_refused(resp: httpx.Response, field: str) -> None:
+    body = assert_validation_error(resp, field)
+    assert [e["field"] for e in body["errors"]] == [field], body
+    assert "control characters" in body["errors"][0]["message"], body
+
+
+@pytest.mark.parametrize("text", list(CONTROLS_IN_A_LINE.values()), ids=list(CONTROLS_IN_A_LINE))
+def test_control_characters_in_a_title_are_400(
+    client: TestClient, user: ApiUser, task: dict[str, Any], text: str
+) -> None:
+    """Inside the title, after trimming: surrounding whitespace (tab, newline) is trimmed."""
+    _assert_control_refused(
+        client.post(user.url(), json={"title": text}, headers=user.headers), "body.title"
+    )
+    _assert_control_refused(
+        client.put(user.url(f"/{task['id']}"), json={"title": text}, headers=user.headers),
+        "body.title",
+    )
+    _unchanged(client, user, task)
+    assert create_task(client, user, "\t\r\n Buy milk \x1c\n")["title"] == "Buy milk"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a\x00b", "bell\x07", "\x0bvertical tab", "form\x0cfeed", "\x1b[2J", "a\x7fb", "a\x9bb"],
+)
+def test_control_characters_in_a_description_are_400(
+    client: TestClient, user: ApiUser, task: dict[str, Any], text: str
+) -> None:
+    _assert_control_refused(
+        client.post(user.url(), json={"title": "t", "description": text}, headers=user.headers),
+        "body.description",
+    )
+    _assert_control_refused(
+        client.put(user.url(f"/{task['id']}"), json={"description": text}, headers=user.headers),
+        "body.description",
+    )
+    _unchanged(client, user, task)
+    # Multi-line: tab, line feed and carriage return are text there, stored as sent.
+    lines = "first line\r\n\tindented\nlast "
+    assert create_task(client, user, "t", description=lines)["description"] == lines
+
+
+@pytest.mark.parametrize("text", ["a\x01", "\x1b[2J", "a\x7f", "a\x9b"])
+def test_control_characters_in_the_search_text_are_400(
+    client: TestClient, user: ApiUser, text: str
+) -> None:
+    """The search text follows the description's rule: it searches descriptions too."""
+    _assert_control_refused(
+        client.get(user.url(), params={"q": text}, headers=user.headers), "query.q"
+    )
+    resp = client.get(user.url(), params={"q": "a\tb\nc"}, headers=user.headers)
+    assert resp.status_code == 200, resp.text
+
+
+def _user_claims(database: Database, user_id: str) -> tuple[Any, ...] | None:
+    with database.engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT email, name FROM users WHERE id = :id"), {"id": user_id}
+        ).first()
+    return tuple(row) if row else None
+
+
+@pytest.mark.parametrize("text", ["Bob\x1b[2J", "Bob\nBobson", "Bob\x7f", "Bob\x9b"])
+def test_a_token_name_or_email_with_control_characters_is_not_stored(
+    client: TestClient, make_user: MakeUser, database: Database, text: str
+) -> None:
+    """The claims come signed from the auth server: the request goes on, the value is left out."""
+    user = make_user(email=f"{text}@example.com", name=text)
+    assert client.get(user.url(), headers=user.headers).status_code == 200
+    assert _user_claims(database, user.user_id) == (None, None)
 
 
 # Query strings, paths and headers -----------------------------------------------------

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Annotated
 
 from pydantic import AfterValidator
 from pydantic import Field as PField
 
+from service.text import CONTROLS, control_error
+
 TAG_NAME_MAX = 50
 TAGS_PER_TASK_MAX = 20
 TAGS_PER_USER_MAX = 1000
-# What the validator enforces, for the schema: no control characters (Unicode category Cc).
-TAG_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
+# What the validator enforces, for the schema: no control characters.
+TAG_NAME_PATTERN = rf"^[^{CONTROLS}]*$"
 
 
 def clean_tag_name(value: str) -> str:
     """No control characters (not even a trailing newline), trimmed, 1-50 characters."""
-    if any(unicodedata.category(ch) == "Cc" for ch in value):
-        raise ValueError("a tag name must not contain control characters")
+    if error := control_error(value):
+        raise ValueError(f"a tag name {error}")
     value = value.strip()
     if not value:
         raise ValueError("a tag name must not be blank")
