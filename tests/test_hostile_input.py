@@ -213,6 +213,59 @@ def test_control_characters_in_the_search_text_are_400(
     assert resp.status_code == 200, resp.text
 
 
+# Zero-width characters, the byte order mark and bidi controls: nothing to see, so blank.
+INVISIBLE = {
+    "zero-width-space": "\u200b",
+    "zero-width-joiners": "\u200c\u200d",
+    "word-joiner": "\u2060",
+    "byte-order-mark": "\ufeff",
+    "bidi-marks": "\u200e\u200f",
+    "bidi-embeddings": "\u202a\u202b\u202c\u202d\u202e",
+    "bidi-isolates": "\u2066\u2067\u2068\u2069",
+    "mixed-with-spaces": " \u200b\u3000\ufeff\u00a0",
+}
+
+
+def _assert_blank(resp: httpx.Response, field: str) -> None:
+    body = assert_validation_error(resp, field)
+    assert [e["field"] for e in body["errors"]] == [field], body
+    assert "must not be blank" in body["errors"][0]["message"], body
+
+
+@pytest.mark.parametrize("text", list(INVISIBLE.values()), ids=list(INVISIBLE))
+def test_a_title_of_invisible_characters_is_blank(
+    client: TestClient, user: ApiUser, task: dict[str, Any], text: str
+) -> None:
+    _assert_blank(client.post(user.url(), json={"title": text}, headers=user.headers), "body.title")
+    _assert_blank(
+        client.put(user.url(f"/{task['id']}"), json={"title": text}, headers=user.headers),
+        "body.title",
+    )
+    _unchanged(client, user, task)
+    # Only the blank rule: beside visible text they are kept as sent.
+    assert create_task(client, user, f"a{text}b")["title"] == f"a{text}b"
+
+
+@pytest.mark.parametrize("text", list(INVISIBLE.values()), ids=list(INVISIBLE))
+def test_a_tag_name_of_invisible_characters_is_blank(
+    client: TestClient, user: ApiUser, task: dict[str, Any], text: str
+) -> None:
+    tags = f"/api/{user.user_id}/tags"
+    _assert_blank(client.post(tags, json={"name": text}, headers=user.headers), "body.name")
+    tag = client.post(tags, json={"name": "kept"}, headers=user.headers).json()
+    _assert_blank(
+        client.patch(f"{tags}/{tag['id']}", json={"name": text}, headers=user.headers),
+        "body.name",
+    )
+    _assert_blank(
+        client.put(user.url(f"/{task['id']}"), json={"tags": [text]}, headers=user.headers),
+        "body.tags.0",
+    )
+    _assert_blank(client.get(user.url(), params={"tag": text}, headers=user.headers), "query.tag.0")
+    _unchanged(client, user, task)
+    assert [t["name"] for t in client.get(tags, headers=user.headers).json()] == ["kept"]
+
+
 def _user_claims(database: Database, user_id: str) -> tuple[Any, ...] | None:
     with database.engine.connect() as conn:
         row = conn.execute(

@@ -35,9 +35,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from service.tags.models import TagCreate
 from service.tags.rules import TAG_NAME_MAX, TAGS_PER_TASK_MAX
 from service.tasks.models import TITLE_PATTERN, TaskCreate
-from service.text import MULTI_LINE_PATTERN
+from service.text import MULTI_LINE_PATTERN, NOT_BLANK_LINE_PATTERN
 from tests.support import ApiUser, create_task
 
 CHECKS = [
@@ -191,6 +192,18 @@ def test_documented_title_pattern_matches_the_validator(text: str) -> None:
     ), repr(text)
 
 
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=12))
+@settings(max_examples=400, deadline=None, database=None)
+def test_documented_tag_name_pattern_matches_the_validator(text: str) -> None:
+    """OpenAPI's tag name pattern (no control characters, not blank) agrees with TagCreate."""
+    try:
+        TagCreate(name=text)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert (re.fullmatch(NOT_BLANK_LINE_PATTERN, text) is not None) == accepted, repr(text)
+
+
 def _accepted(**body: str) -> bool:
     try:
         TaskCreate(**body)  # type: ignore[arg-type]
@@ -206,14 +219,16 @@ def _accepted(**body: str) -> bool:
         (" a ", True, True),
         ("\u3000", False, True),  # blank
         ("\x1c\x1d", False, False),  # whitespace to str.strip(), but control characters
-        ("\ufeff", True, True),
+        ("\ufeff", False, True),  # invisible: blank
+        ("\u200b a\u2069", True, True),  # invisible characters beside visible ones are kept
         ("\x85x", True, False),  # a title is trimmed first; C1's NEL is a control character
         ("a\x00", False, False),
         ("\t\n", False, True),
         ("\na\r", True, True),
         ("a\tb", False, True),  # one line: no tab inside
         ("a\x7f", False, False),
-        ("\u200b", True, True),
+        ("\u200b", False, True),
+        ("\u200e\u202e\u2066 \u00a0", False, True),
     ],
 )
 def test_documented_title_pattern_on_edge_cases(text: str, title: bool, description: bool) -> None:

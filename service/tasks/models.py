@@ -45,7 +45,14 @@ from service.limits import USER_ID_MAX
 from service.sqltypes import ID_TYPE, UTCDateTime
 from service.tags.rules import TagNames, sorted_names
 from service.tasks import recurrence
-from service.text import CONTROLS, MULTI_LINE_PATTERN, WHITESPACE, control_error
+from service.text import (
+    CONTROLS,
+    INVISIBLE,
+    MULTI_LINE_PATTERN,
+    WHITESPACE,
+    control_error,
+    is_blank,
+)
 
 TITLE_MAX = 200
 DESCRIPTION_MAX = 1000
@@ -203,7 +210,7 @@ def _clean_title(value: str) -> str:
     value = value.strip()
     if error := control_error(value):
         raise ValueError(error)
-    if not value:
+    if is_blank(value):
         raise ValueError("must not be blank")
     if len(value) > TITLE_MAX:
         raise ValueError(f"must be at most {TITLE_MAX} characters")
@@ -217,10 +224,13 @@ def _multi_line(value: str | None) -> str | None:
 
 
 # What `_clean_title` accepts, for the schema: whitespace around a line that starts and ends
-# with neither whitespace nor a control character and holds no control character.
+# with neither whitespace nor a control character, holds no control character, and has a
+# visible one (neither whitespace nor invisible).
+_KEPT = f"[^{CONTROLS}]*"
+_EDGE = f"[^{CONTROLS}{WHITESPACE}]"
 TITLE_PATTERN = (
-    rf"^[{WHITESPACE}]*[^{CONTROLS}{WHITESPACE}]"
-    rf"(?:[^{CONTROLS}]*[^{CONTROLS}{WHITESPACE}])?[{WHITESPACE}]*$"
+    rf"^[{WHITESPACE}]*(?:{_EDGE}{_KEPT})?[^{CONTROLS}{WHITESPACE}{INVISIBLE}]"
+    rf"(?:{_KEPT}{_EDGE})?[{WHITESPACE}]*$"
 )
 
 # The raw title is bounded by the same limit as the stored one, so the documented
