@@ -13,7 +13,6 @@ from typing import Annotated, Any
 from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, Path, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry import trace
 from pydantic import BeforeValidator
@@ -23,6 +22,7 @@ from sqlalchemy.orm import Session
 from service.auth import Principal, TokenVerifier
 from service.database import Database, sent_nothing
 from service.exceptions import AuthError, Forbidden, TokenMissing
+from service.jsonbody import JsonBodyRoute
 from service.limits import USER_ID_MAX
 from service.middleware import COMMIT_UNCERTAIN
 from service.ratelimit import Category, RateLimiter, category_for
@@ -178,9 +178,10 @@ def _finish_in_thread(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-class UnitOfWorkRoute(APIRoute):
+class UnitOfWorkRoute(JsonBodyRoute):
     """The route class of every router whose endpoints take a SessionDep: a sync endpoint's
-    body and its commit run in one worker thread (see `get_session`)."""
+    body and its commit run in one worker thread (see `get_session`), and a request body
+    with a repeated key is refused (`service.jsonbody`)."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         if not inspect.iscoroutinefunction(endpoint) and not inspect.isgeneratorfunction(endpoint):

@@ -80,10 +80,14 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, str]]:
     out = []
     for err in exc.errors():
         loc = tuple(err.get("loc", ()))
-        if err.get("type") == "json_invalid":
-            loc = loc[:1]  # ("body", <character offset>): the body is what is wrong
         # Messages only: pydantic's `input` may echo secrets or huge values back.
         message = clean_message(str(err.get("msg", "invalid")))
+        if err.get("type") == "json_invalid":
+            loc = loc[:1]  # ("body", <character offset>): the body is what is wrong
+            # The decoder's reason (`Expecting value`, a repeated key): it quotes no input
+            # beyond a short repeated key (service.jsonbody).
+            if reason := (err.get("ctx") or {}).get("error"):
+                message = f"{message}: {reason}"
         error = {"field": field_path(loc), "message": message}
         # A parameter read by both a route and its dependency is checked twice, the same way.
         if error not in out:

@@ -14,6 +14,7 @@ from sqlmodel import Field, SQLModel
 from service.database import retried_once
 from service.limits import USER_ID_MAX
 from service.sqltypes import UTCDateTime
+from service.text import control_error
 
 if TYPE_CHECKING:
     from service.auth import Principal
@@ -42,7 +43,8 @@ USERS = User.__table__  # type: ignore[attr-defined]
 
 
 def _fits(value: str | None, max_length: int) -> str | None:
-    if value is None or len(value) > max_length or "\x00" in value:
+    """The value if the column can hold it, as one line of text (`service.text`)."""
+    if value is None or len(value) > max_length or control_error(value):
         return None
     try:
         value.encode("utf-8")  # a lone surrogate ('\\ud800' in the JSON) has no UTF-8

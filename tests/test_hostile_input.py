@@ -20,10 +20,15 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import sqlalchemy as sa
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from jwt.warnings import InsecureKeyLengthWarning
 
 from service.database import Database
+from service.errors import every_route
+from service.jsonbody import JsonBodyRoute
 from service.settings import Settings
 from tests.jwt_helpers import (
     JwksServer,
@@ -108,12 +113,11 @@ def test_odd_bodies_are_400_and_change_nothing(
 @pytest.mark.parametrize(
     ("raw", "title"),
     [
-        (b'{"title": "first", "title": "last"}', "last"),  # the last duplicate wins
         (b'\xef\xbb\xbf{"title": "with BOM"}', "with BOM"),
         ('{"title": "UTF-16"}'.encode("utf-16"), "UTF-16"),  # RFC 8259 readers may accept it
         ('{"title": "\u00e9\u6f22\U0001f600"}'.encode(), "\u00e9\u6f22\U0001f600"),
     ],
-    ids=["duplicate-keys", "utf8-bom", "utf16", "non-ascii"],
+    ids=["utf8-bom", "utf16", "non-ascii"],
 )
 def test_unusual_but_valid_json_is_read_as_json(
     client: TestClient, user: ApiUser, raw: bytes, title: str
@@ -121,6 +125,54 @@ def test_unusual_but_valid_json_is_read_as_json(
     resp = client.post(user.url(), content=raw, headers={**user.headers, "Content-Type": JSON})
     assert resp.status_code == 201, resp.text
     assert resp.json()["title"] == title
+
+
+# Each would be accepted if one of the repeated keys were dropped (json.loads keeps the last).
+DUPLICATE_KEYS: dict[str, tuple[str, str, bytes, str]] = {
+    "create-task": ("POST", "", b'{"title": "first", "title": "last"}', "title"),
+    "same-value-twice": ("POST", "", b'{"title": "same", "title": "same"}', "title"),
+    "spelled-with-an-escape": ("POST", "", b'{"title": "a", "t\\u0069tle": "b"}', "title"),
+    "update-task": ("PUT", "/{task}", b'{"description": null, "description": "x"}', "description"),
+    "complete-task": (
+        "PATCH",
+        "/{task}/complete",
+        b'{"completed": true, "completed": false}',
+        "completed",
+    ),
+    "create-tag": ("POST", "tags", b'{"name": "a", "name": "b"}', "name"),
+    "rename-tag": ("PATCH", "tags/{tag}", b'{"name": "c", "name": "d"}', "name"),
+    "a-list-twice": ("PUT", "/{task}", b'{"tags": ["x"], "title": "t", "tags": ["y"]}', "tags"),
+}
+
+
+@pytest.mark.parametrize("case", list(DUPLICATE_KEYS))
+def test_a_body_with_a_repeated_key_is_400_on_every_write(
+    client: TestClient, user: ApiUser, task: dict[str, Any], case: str
+) -> None:
+    """One error on the body, naming the key; nothing written (no "last one wins")."""
+    tags = f"/api/{user.user_id}/tags"
+    tag = client.post(tags, json={"name": "kept"}, headers=user.headers).json()
+    method, path, raw, key = DUPLICATE_KEYS[case]
+    path = path.format(task=task["id"], tag=tag["id"])
+    url = tags + path[len("tags") :] if path.startswith("tags") else user.url(path)
+    resp = client.request(method, url, content=raw, headers={**user.headers, "Content-Type": JSON})
+    body = assert_validation_error(resp, "body")
+    assert len(body["errors"]) == 1, body
+    assert "duplicate key" in body["errors"][0]["message"], body
+    assert f'"{key}"' in body["errors"][0]["message"], body
+    _unchanged(client, user, task)
+    assert client.get(tags, headers=user.headers).json() == [tag]
+
+
+def test_every_route_with_a_body_reads_it_with_unique_keys(app: FastAPI) -> None:
+    """The rule is the route class's: a new router that takes a body must use it."""
+    with_body = [
+        route
+        for route in every_route(app.routes)
+        if isinstance(route, APIRoute) and route.body_field is not None
+    ]
+    assert len(with_body) >= 5
+    assert [r.path for r in with_body if not isinstance(r, JsonBodyRoute)] == []
 
 
 def test_oversized_body_on_a_real_socket_is_413_for_every_write(
@@ -138,6 +190,149 @@ def test_oversized_body_on_a_real_socket_is_413_for_every_write(
         ):
             assert_problem(http.request(method, user.url(path), content=body, headers=headers), 413)
         assert http.get(user.url(f"/{task['id']}"), headers=user.headers).json() == task
+
+
+# Control characters in text fields -----------------------------------------------------
+
+# C0 (tab and line breaks included), DEL and C1: none in a single-line field such as a title.
+CONTROLS_IN_A_LINE = {
+    "nul": "a\x00b",
+    "bell": "a\x07b",
+    "tab": "a\tb",
+    "line-feed": "two\nlines",
+    "carriage-return": "a\rb",
+    "escape-sequence": "\x1b[31mred\x1b[0m",
+    "unit-separator": "a\x1fb",
+    "delete": "a\x7fb",
+    "c1-csi": "a\x9b2Jb",
+    "next-line": "a\x85b",
+}
+
+
+def _assert_control_refused(resp: httpx.Response, field: str) -> None:
+    body = assert_validation_error(resp, field)
+    assert [e["field"] for e in body["errors"]] == [field], body
+    assert "control characters" in body["errors"][0]["message"], body
+
+
+@pytest.mark.parametrize("text", list(CONTROLS_IN_A_LINE.values()), ids=list(CONTROLS_IN_A_LINE))
+def test_control_characters_in_a_title_are_400(
+    client: TestClient, user: ApiUser, task: dict[str, Any], text: str
+) -> None:
+    """Inside the title, after trimming: surrounding whitespace (tab, newline) is trimmed."""
+    _assert_control_refused(
+        client.post(user.url(), json={"title": text}, headers=user.headers), "body.title"
+    )
+    _assert_control_refused(
+        client.put(user.url(f"/{task['id']}"), json={"title": text}, headers=user.headers),
+        "body.title",
+    )
+    _unchanged(client, user, task)
+    assert create_task(client, user, "\t\r\n Buy milk \x1c\n")["title"] == "Buy milk"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a\x00b", "bell\x07", "\x0bvertical tab", "form\x0cfeed", "\x1b[2J", "a\x7fb", "a\x9bb"],
+)
+def test_control_characters_in_a_description_are_400(
+    client: TestClient, user: ApiUser, task: dict[str, Any], text: str
+) -> None:
+    _assert_control_refused(
+        client.post(user.url(), json={"title": "t", "description": text}, headers=user.headers),
+        "body.description",
+    )
+    _assert_control_refused(
+        client.put(user.url(f"/{task['id']}"), json={"description": text}, headers=user.headers),
+        "body.description",
+    )
+    _unchanged(client, user, task)
+    # Multi-line: tab, line feed and carriage return are text there, stored as sent.
+    lines = "first line\r\n\tindented\nlast "
+    assert create_task(client, user, "t", description=lines)["description"] == lines
+
+
+@pytest.mark.parametrize("text", ["a\x01", "\x1b[2J", "a\x7f", "a\x9b"])
+def test_control_characters_in_the_search_text_are_400(
+    client: TestClient, user: ApiUser, text: str
+) -> None:
+    """The search text follows the description's rule: it searches descriptions too."""
+    _assert_control_refused(
+        client.get(user.url(), params={"q": text}, headers=user.headers), "query.q"
+    )
+    resp = client.get(user.url(), params={"q": "a\tb\nc"}, headers=user.headers)
+    assert resp.status_code == 200, resp.text
+
+
+# Zero-width characters, the byte order mark and bidi controls: nothing to see, so blank.
+INVISIBLE = {
+    "zero-width-space": "\u200b",
+    "zero-width-joiners": "\u200c\u200d",
+    "word-joiner": "\u2060",
+    "byte-order-mark": "\ufeff",
+    "bidi-marks": "\u200e\u200f",
+    "bidi-embeddings": "\u202a\u202b\u202c\u202d\u202e",
+    "bidi-isolates": "\u2066\u2067\u2068\u2069",
+    "mixed-with-spaces": " \u200b\u3000\ufeff\u00a0",
+}
+
+
+def _assert_blank(resp: httpx.Response, field: str) -> None:
+    body = assert_validation_error(resp, field)
+    assert [e["field"] for e in body["errors"]] == [field], body
+    assert "must not be blank" in body["errors"][0]["message"], body
+
+
+@pytest.mark.parametrize("text", list(INVISIBLE.values()), ids=list(INVISIBLE))
+def test_a_title_of_invisible_characters_is_blank(
+    client: TestClient, user: ApiUser, task: dict[str, Any], text: str
+) -> None:
+    _assert_blank(client.post(user.url(), json={"title": text}, headers=user.headers), "body.title")
+    _assert_blank(
+        client.put(user.url(f"/{task['id']}"), json={"title": text}, headers=user.headers),
+        "body.title",
+    )
+    _unchanged(client, user, task)
+    # Only the blank rule: beside visible text they are kept as sent.
+    assert create_task(client, user, f"a{text}b")["title"] == f"a{text}b"
+
+
+@pytest.mark.parametrize("text", list(INVISIBLE.values()), ids=list(INVISIBLE))
+def test_a_tag_name_of_invisible_characters_is_blank(
+    client: TestClient, user: ApiUser, task: dict[str, Any], text: str
+) -> None:
+    tags = f"/api/{user.user_id}/tags"
+    _assert_blank(client.post(tags, json={"name": text}, headers=user.headers), "body.name")
+    tag = client.post(tags, json={"name": "kept"}, headers=user.headers).json()
+    _assert_blank(
+        client.patch(f"{tags}/{tag['id']}", json={"name": text}, headers=user.headers),
+        "body.name",
+    )
+    _assert_blank(
+        client.put(user.url(f"/{task['id']}"), json={"tags": [text]}, headers=user.headers),
+        "body.tags.0",
+    )
+    _assert_blank(client.get(user.url(), params={"tag": text}, headers=user.headers), "query.tag.0")
+    _unchanged(client, user, task)
+    assert [t["name"] for t in client.get(tags, headers=user.headers).json()] == ["kept"]
+
+
+def _user_claims(database: Database, user_id: str) -> tuple[Any, ...] | None:
+    with database.engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT email, name FROM users WHERE id = :id"), {"id": user_id}
+        ).first()
+    return tuple(row) if row else None
+
+
+@pytest.mark.parametrize("text", ["Bob\x1b[2J", "Bob\nBobson", "Bob\x7f", "Bob\x9b"])
+def test_a_token_name_or_email_with_control_characters_is_not_stored(
+    client: TestClient, make_user: MakeUser, database: Database, text: str
+) -> None:
+    """The claims come signed from the auth server: the request goes on, the value is left out."""
+    user = make_user(email=f"{text}@example.com", name=text)
+    assert client.get(user.url(), headers=user.headers).status_code == 200
+    assert _user_claims(database, user.user_id) == (None, None)
 
 
 # Query strings, paths and headers -----------------------------------------------------

@@ -35,8 +35,10 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from service.tags.models import TagCreate
 from service.tags.rules import TAG_NAME_MAX, TAGS_PER_TASK_MAX
-from service.tasks.models import NO_NUL_PATTERN, TITLE_PATTERN, TaskCreate
+from service.tasks.models import TITLE_PATTERN, TaskCreate
+from service.text import MULTI_LINE_PATTERN, NOT_BLANK_LINE_PATTERN
 from tests.support import ApiUser, create_task
 
 CHECKS = [
@@ -183,20 +185,53 @@ def test_the_api_conforms_to_its_openapi_document(
 @given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=12))
 @settings(max_examples=400, deadline=None, database=None)
 def test_documented_title_pattern_matches_the_validator(text: str) -> None:
-    """OpenAPI's title pattern (not blank, no NUL) agrees with what TaskCreate accepts."""
-    documented = re.fullmatch(TITLE_PATTERN, text) is not None
+    """OpenAPI's title and description patterns agree with what TaskCreate accepts."""
+    assert (re.fullmatch(TITLE_PATTERN, text) is not None) == _accepted(title=text), repr(text)
+    assert (re.fullmatch(MULTI_LINE_PATTERN, text) is not None) == _accepted(
+        title="t", description=text
+    ), repr(text)
+
+
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=12))
+@settings(max_examples=400, deadline=None, database=None)
+def test_documented_tag_name_pattern_matches_the_validator(text: str) -> None:
+    """OpenAPI's tag name pattern (no control characters, not blank) agrees with TagCreate."""
     try:
-        TaskCreate(title=text)
+        TagCreate(name=text)
         accepted = True
     except ValidationError:
         accepted = False
-    assert documented == accepted, repr(text)
+    assert (re.fullmatch(NOT_BLANK_LINE_PATTERN, text) is not None) == accepted, repr(text)
+
+
+def _accepted(**body: str) -> bool:
+    try:
+        TaskCreate(**body)  # type: ignore[arg-type]
+    except ValidationError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize(
-    "text", ["a", " a ", "\u3000", "\x1c\x1d", "\ufeff", "\x85x", "a\x00", "\t\n", "\u200b"]
+    ("text", "title", "description"),
+    [
+        ("a", True, True),
+        (" a ", True, True),
+        ("\u3000", False, True),  # blank
+        ("\x1c\x1d", False, False),  # whitespace to str.strip(), but control characters
+        ("\ufeff", False, True),  # invisible: blank
+        ("\u200b a\u2069", True, True),  # invisible characters beside visible ones are kept
+        ("\x85x", True, False),  # a title is trimmed first; C1's NEL is a control character
+        ("a\x00", False, False),
+        ("\t\n", False, True),
+        ("\na\r", True, True),
+        ("a\tb", False, True),  # one line: no tab inside
+        ("a\x7f", False, False),
+        ("\u200b", False, True),
+        ("\u200e\u202e\u2066 \u00a0", False, True),
+    ],
 )
-def test_documented_title_pattern_on_edge_cases(text: str) -> None:
-    documented = re.fullmatch(TITLE_PATTERN, text) is not None
-    assert documented == (bool(text.strip()) and "\x00" not in text)
-    assert (re.fullmatch(NO_NUL_PATTERN, text) is not None) == ("\x00" not in text)
+def test_documented_title_pattern_on_edge_cases(text: str, title: bool, description: bool) -> None:
+    assert (re.fullmatch(TITLE_PATTERN, text) is not None) == title == _accepted(title=text)
+    documented = re.fullmatch(MULTI_LINE_PATTERN, text) is not None
+    assert documented == description == _accepted(title="t", description=text)

@@ -87,7 +87,12 @@ def test_the_database_formats_timestamps_as_the_verifier(
     assert printed == format_timestamp(moment)
 
 
-EDGE_TEXTS = [v for v in EDGE_VALUES.values() if isinstance(v, str) and v]
+# Task text through the API: (title, description). The API refuses control characters
+# (service.text) except tab, line feed and carriage return in a description; rows holding
+# others (written before that rule) hash as the jsonb test above shows.
+EDGE_TEXTS = [(v, v) for v in EDGE_VALUES.values() if isinstance(v, str) and v and v != CONTROL] + [
+    ("line breaks", "\t\ttab\r\nCRLF\nLF\rCR\n")
+]
 
 
 def test_every_kind_of_change_is_hashed_by_the_database_as_the_verifier_does(
@@ -99,12 +104,12 @@ def test_every_kind_of_change_is_hashed_by_the_database_as_the_verifier_does(
     # Header bytes beyond ASCII arrive as latin-1 text: non-ASCII in the recorded user agent.
     headers = {**user.headers, "User-Agent": "Zoë's browser\t\xff ".encode()}
     ids = []
-    for n, text in enumerate(EDGE_TEXTS):
+    for n, (title, description) in enumerate(EDGE_TEXTS):
         created = client.post(
             user.url(),
             json={
-                "title": text[:TITLE_MAX],
-                "description": text[-DESCRIPTION_MAX:],
+                "title": title[:TITLE_MAX],
+                "description": description[-DESCRIPTION_MAX:],
                 "priority": "high",
                 "tags": [f"tag {n}", "Zoë"],
                 "due_at": "2027-02-28T23:59:59.999999+05:30",

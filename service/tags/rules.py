@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Annotated
 
 from pydantic import AfterValidator
 from pydantic import Field as PField
 
+from service.text import NOT_BLANK_LINE_PATTERN, control_error, is_blank
+
 TAG_NAME_MAX = 50
 TAGS_PER_TASK_MAX = 20
 TAGS_PER_USER_MAX = 1000
-# What the validator enforces, for the schema: no control characters (Unicode category Cc).
-TAG_NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"
 
 
 def clean_tag_name(value: str) -> str:
-    """No control characters (not even a trailing newline), trimmed, 1-50 characters."""
-    if any(unicodedata.category(ch) == "Cc" for ch in value):
-        raise ValueError("a tag name must not contain control characters")
+    """No control characters (not even a trailing newline), trimmed, 1-50 characters, not
+    blank (`service.text`: invisible characters do not count)."""
+    if error := control_error(value):
+        raise ValueError(f"a tag name {error}")
     value = value.strip()
-    if not value:
+    if is_blank(value):
         raise ValueError("a tag name must not be blank")
     if len(value) > TAG_NAME_MAX:
         raise ValueError(f"a tag name must be at most {TAG_NAME_MAX} characters")
@@ -52,9 +52,10 @@ TagName = Annotated[
         min_length=1,
         # As sent: trimmed, it is at most TAG_NAME_MAX.
         max_length=TAG_NAME_MAX * 4,
-        description=f"Trimmed, 1-{TAG_NAME_MAX} characters, no control characters",
+        description=f"Trimmed, 1-{TAG_NAME_MAX} characters, no control characters, not blank "
+        "(zero-width and bidi characters alone are blank)",
         examples=["work"],
-        json_schema_extra={"pattern": TAG_NAME_PATTERN},
+        json_schema_extra={"pattern": NOT_BLANK_LINE_PATTERN},
     ),
     AfterValidator(clean_tag_name),
 ]

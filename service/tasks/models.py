@@ -45,6 +45,14 @@ from service.priority import Priority
 from service.sqltypes import ID_TYPE, UTCDateTime
 from service.tags.rules import TagNames, sorted_names
 from service.tasks import recurrence
+from service.text import (
+    CONTROLS,
+    INVISIBLE,
+    MULTI_LINE_PATTERN,
+    WHITESPACE,
+    control_error,
+    is_blank,
+)
 
 TITLE_MAX = 200
 DESCRIPTION_MAX = 1000
@@ -186,25 +194,34 @@ _NOT_NULL = frozenset(column.name for column in TASKS.c if not column.nullable) 
 # --- API models ------------------------------------------------------------
 
 
-def _no_nul(value: str | None) -> str | None:
-    if value is not None and "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    return value
-
-
 def _clean_title(value: str) -> str:
+    """Trimmed first (a trailing newline from a form is not an error), then one line: no
+    control characters in what is kept."""
     value = value.strip()
-    if not value:
+    if error := control_error(value):
+        raise ValueError(error)
+    if is_blank(value):
         raise ValueError("must not be blank")
     if len(value) > TITLE_MAX:
         raise ValueError(f"must be at most {TITLE_MAX} characters")
     return value
 
 
-# What str.strip() removes, for the documented pattern of a title (not blank, no NUL).
-_WHITESPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-TITLE_PATTERN = rf"^[^\x00]*[^\x00{_WHITESPACE}][^\x00]*$"
-NO_NUL_PATTERN = r"^[^\x00]*$"
+def _multi_line(value: str | None) -> str | None:
+    if value is not None and (error := control_error(value, multi_line=True)):
+        raise ValueError(error)
+    return value
+
+
+# What `_clean_title` accepts, for the schema: whitespace around a line that starts and ends
+# with neither whitespace nor a control character, holds no control character, and has a
+# visible one (neither whitespace nor invisible).
+_KEPT = f"[^{CONTROLS}]*"
+_EDGE = f"[^{CONTROLS}{WHITESPACE}]"
+TITLE_PATTERN = (
+    rf"^[{WHITESPACE}]*(?:{_EDGE}{_KEPT})?[^{CONTROLS}{WHITESPACE}{INVISIBLE}]"
+    rf"(?:{_KEPT}{_EDGE})?[{WHITESPACE}]*$"
+)
 
 # The raw title is bounded by the same limit as the stored one, so the documented
 # `maxLength` is exactly what the server enforces (a generated client can rely on it). The
@@ -217,17 +234,17 @@ Title = Annotated[
         examples=["Buy milk"],
         json_schema_extra={"pattern": TITLE_PATTERN},
     ),
-    AfterValidator(_no_nul),
     AfterValidator(_clean_title),
 ]
 Description = Annotated[
     str | None,
     PField(
         max_length=DESCRIPTION_MAX,
+        description="May span lines: no control characters but tab, line feed and carriage return",
         examples=["Two litres, semi-skimmed"],
-        json_schema_extra={"pattern": NO_NUL_PATTERN},
+        json_schema_extra={"pattern": MULTI_LINE_PATTERN},
     ),
-    AfterValidator(_no_nul),
+    AfterValidator(_multi_line),
 ]
 
 

@@ -29,6 +29,7 @@ from service.tasks.models import (
     etag_for,
 )
 from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskFilter
+from service.text import control_error
 
 router = Router(prefix="/api/{user_id}/tasks", tags=["tasks"], route_class=UnitOfWorkRoute)
 
@@ -67,9 +68,11 @@ def _tag_filter(names: list[str] | None) -> tuple[str, ...]:
     return tuple(cleaned)
 
 
-def _no_nul(value: str | None) -> str | None:
-    if value is not None and "\x00" in value:
-        raise InvalidInput("The search text must not contain NUL characters.", field="query.q")
+def _search_text(value: str | None) -> str | None:
+    """It searches descriptions too, so it may hold what they may (and no NUL, which
+    PostgreSQL cannot take)."""
+    if value is not None and (error := control_error(value, multi_line=True)):
+        raise InvalidInput(f"The search text {error}.", field="query.q")
     return value
 
 
@@ -131,7 +134,7 @@ def list_tasks(
 ) -> Any:
     filters = TaskFilter(
         status=status_,
-        q=_no_nul(q) or None,
+        q=_search_text(q) or None,
         priorities=tuple(dict.fromkeys(priority or ())),
         tags=_tag_filter(tag),
         due_before=due_before,

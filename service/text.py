@@ -1,0 +1,57 @@
+"""Which characters the text a client sends may hold: one definition for titles,
+descriptions, tag names, the search text and the token's name and email.
+
+Control characters (Unicode category Cc: C0, DEL and C1) are never stored: no one types them,
+and they rewrite terminals, logs and exports (`ESC [2J`, a bare carriage return). A multi-line
+field (a description) may still hold tab, line feed and carriage return. The character
+classes are regex text, so the OpenAPI patterns built from them say exactly what is enforced.
+
+Characters that show nothing (zero-width ones, the byte order mark, bidi controls) are not
+content: a title or tag name made of them and whitespace is blank. Beside visible text they are
+kept as sent (they join emoji and order right-to-left words).
+"""
+
+from __future__ import annotations
+
+import re
+
+# Unicode's control characters (category Cc): C0, DEL, C1.
+CONTROLS = r"\x00-\x1f\x7f-\x9f"
+# The same without tab, line feed and carriage return: what a multi-line field may not hold.
+CONTROLS_BUT_LINE_BREAKS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
+# What str.strip() removes (str.isspace()).
+WHITESPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# Zero-width space, non-joiner and joiner, left-to-right and right-to-left marks
+# (U+200B-U+200F), bidi embeddings and overrides (U+202A-U+202E), word joiner (U+2060), bidi
+# isolates (U+2066-U+2069), zero-width no-break space, the byte order mark (U+FEFF).
+INVISIBLE = r"\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff"
+
+# For the OpenAPI schema: text that a multi-line field may hold.
+MULTI_LINE_PATTERN = rf"^[^{CONTROLS_BUT_LINE_BREAKS}]*$"
+
+# ... and a single-line one, not blank.
+NOT_BLANK_LINE_PATTERN = rf"^[^{CONTROLS}]*[^{CONTROLS}{WHITESPACE}{INVISIBLE}][^{CONTROLS}]*$"
+
+_CONTROL = re.compile(f"[{CONTROLS}]")
+_CONTROL_BUT_LINE_BREAKS = re.compile(f"[{CONTROLS_BUT_LINE_BREAKS}]")
+_VISIBLE = re.compile(f"[^{WHITESPACE}{INVISIBLE}]")
+
+SINGLE_LINE_RULE = "must not contain control characters"
+MULTI_LINE_RULE = (
+    "must not contain control characters other than tab, line feed and carriage return"
+)
+
+
+def control_error(value: str, *, multi_line: bool = False) -> str | None:
+    """Why `value` cannot be stored, naming the first control character found (its code
+    point, not the character, which may not print); None when it can."""
+    found = (_CONTROL_BUT_LINE_BREAKS if multi_line else _CONTROL).search(value)
+    if found is None:
+        return None
+    rule = MULTI_LINE_RULE if multi_line else SINGLE_LINE_RULE
+    return f"{rule} (found U+{ord(found.group()):04X})"
+
+
+def is_blank(value: str) -> bool:
+    """Nothing to see: only whitespace and invisible characters, or nothing at all."""
+    return _VISIBLE.search(value) is None
