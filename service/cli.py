@@ -13,8 +13,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 
+from audit.cli import EXIT_DATABASE, EXIT_USAGE
 from audit.cli import register as register_audit
 from service.database import Database, failure_message, normalize_database_url, safe_url
 from service.limits import USER_ID_MAX
@@ -237,13 +238,9 @@ def describe_config_error(exc: ValueError) -> str:
     return "; ".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = get_settings()
-    except (ConfigError, ValueError) as exc:
-        print(f"todo-api: configuration error: {describe_config_error(exc)}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run a parsed command. The failures every command reports in one line, not a traceback,
+    are caught here once, for all of them."""
     try:
         # Commands that need no database say so (needs_database=False).
         if settings.database_url is None and getattr(args, "needs_database", True):
@@ -252,13 +249,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         # Found by the command itself (e.g. an unusable AUDIT_SIGNING_KEY): the same line.
         print(f"todo-api: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except OperationalError as exc:
-        # As the audit commands say it (audit/cli.py): no traceback, exit 3.
+        return EXIT_USAGE
+    except DBAPIError as exc:
+        # Unreachable, a statement cancelled, a schema never migrated: exit 3, never 1 (which
+        # `audit verify` means as "tampering found").
         print(f"todo-api: {failure_message(exc)}", file=sys.stderr)
-        return 3
+        return EXIT_DATABASE
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = get_settings()
+    except (ConfigError, ValueError) as exc:
+        print(f"todo-api: configuration error: {describe_config_error(exc)}", file=sys.stderr)
+        return 2
+    return run(args, settings)
 
 
 if __name__ == "__main__":

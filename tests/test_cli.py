@@ -8,6 +8,7 @@ import secrets
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jwt
@@ -15,6 +16,8 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from audit.checkpoint import sign_leaves
+from audit.signing import SigningKey
 from service.database import Database
 from tests.audit_helpers import scratch_database
 from tests.jwt_helpers import random_id
@@ -303,6 +306,27 @@ def test_an_unreachable_database_is_one_line_and_exit_3(tmp_path: Path, args: tu
     [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
     assert line.startswith("todo-api: the database is unreachable: ")
     assert "Sup3rDbPw" not in result.stderr + result.stdout
+
+
+def test_a_database_never_migrated_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    """It was a traceback and exit 1, which `audit verify` means as "tampering found"."""
+    key = SigningKey.generate()
+    checkpoint = tmp_path / "checkpoint.json"
+    checkpoint.write_text(sign_leaves(key, [], datetime.now(UTC), None).to_json())
+    commands = [
+        ("audit", "verify"),
+        ("audit", "verify", "--checkpoint", str(checkpoint)),
+        ("audit", "export", "--format", "csv"),
+        ("audit", "checkpoint"),
+        ("tasks", "list", "alice"),
+    ]
+    with scratch_database(migrated=False) as url:
+        for args in commands:
+            result = run(tmp_path, *args, DATABASE_URL=url, AUDIT_SIGNING_KEY=key.private_pem())
+            assert result.returncode == 3, (args, result.stderr)
+            [line] = result.stderr.splitlines()
+            assert line.startswith("todo-api: the database is not migrated (relation "), line
+            assert line.endswith("does not exist): run `todo-api migrate`"), line
 
 
 def test_migrations_are_not_bound_by_the_requests_statement_timeout(tmp_path: Path) -> None:
