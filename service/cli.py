@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, NoReturn
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 
-from audit.cli import EXIT_DATABASE, EXIT_USAGE
+from audit.cli import EXIT_DATABASE, EXIT_USAGE, UsageError
 from audit.cli import register as register_audit
 from service.database import Database, failure_message, normalize_database_url, safe_url
 from service.limits import USER_ID_MAX
@@ -249,6 +249,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except ConfigError as exc:
         # Found by the command itself (e.g. an unusable AUDIT_SIGNING_KEY): the same line.
         print(f"todo-api: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"todo-api: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except DBAPIError as exc:
         # Unreachable, a statement cancelled, a schema never migrated: exit 3, never 1 (which

@@ -329,6 +329,40 @@ def test_a_database_never_migrated_is_one_line_and_exit_3(tmp_path: Path) -> Non
             assert line.endswith("does not exist): run `todo-api migrate`"), line
 
 
+def test_an_input_file_that_cannot_be_read_is_a_usage_error(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A missing `--against` file exited 1 ("tampering found"), a missing `--checkpoint` file
+    was a failed checkpoint (JSON, exit 1), a missing `--public-key` exit 2: now all exit 2."""
+    key = SigningKey.generate()
+    checkpoint = tmp_path / "checkpoint.json"
+    checkpoint.write_text(sign_leaves(key, [], datetime.now(UTC), None).to_json())
+    missing, directory = tmp_path / "missing.json", tmp_path / "a-directory"
+    directory.mkdir()
+    cases = [
+        (("--against", str(missing)), f"cannot read {missing}: No such file or directory"),
+        (("--against", str(directory)), f"cannot read {directory}: Is a directory"),
+        (("--checkpoint", str(missing)), f"cannot read {missing}: No such file or directory"),
+        (("--checkpoint", str(checkpoint), str(directory)), f"cannot read {directory}: Is a"),
+        (
+            ("--checkpoint", str(checkpoint), "--public-key", str(missing)),
+            f"cannot read {missing}: No such file or directory",
+        ),
+    ]
+    for args, message in cases:
+        result = run(
+            tmp_path,
+            "audit",
+            "verify",
+            *args,
+            DATABASE_URL=database_url,
+            AUDIT_SIGNING_KEY=key.private_pem(),
+        )
+        assert (result.returncode, result.stdout) == (2, ""), (args, result.stderr)
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"todo-api: {message}"), (args, line)
+
+
 def test_migrations_are_not_bound_by_the_requests_statement_timeout(tmp_path: Path) -> None:
     """An index build on a large table outlasts a request's timeout; here every statement does."""
     with scratch_database(migrated=False) as url:
