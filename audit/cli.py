@@ -255,9 +255,11 @@ def _public_key(args: argparse.Namespace, settings: Settings) -> int:
 
 @contextmanager
 def _output(path: Path | None, csv: bool) -> Iterator[TextIO]:
-    """stdout, or a file that appears only once complete (written aside, then renamed)."""
+    """stdout, or a file that appears only once complete (written aside, then renamed).
+    stdout is flushed at the end: a reader gone is found before "Exported ..." is said."""
     if path is None:
         yield sys.stdout
+        sys.stdout.flush()
         return
     partial = path.with_name(path.name + ".partial")
     try:
@@ -280,6 +282,8 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
             summary = export_events(
                 conn, out, fmt, user_id=args.user, since=args.since, until=args.until
             )
+    except BrokenPipeError:
+        raise  # stdout's reader is gone: not a failure to report (`service.cli.run`)
     except OSError as exc:
         print(f"todo-api: cannot write the export: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -238,14 +238,30 @@ def describe_config_error(exc: ValueError) -> str:
     return "; ".join(parts)
 
 
+def _reader_gone() -> int:
+    """stdout's reader stopped reading (`todo-api audit verify | head -1`): end quietly, with
+    the status of a process killed by SIGPIPE, not 1 (which `audit verify` means as "tampering
+    found"). stdout is pointed at /dev/null so that Python's flush at exit fails no more
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run a parsed command. The failures every command reports in one line, not a traceback,
     are caught here once, for all of them."""
     try:
         # Commands that need no database say so (needs_database=False).
         if settings.database_url is None and getattr(args, "needs_database", True):
-            return _on_embedded_server(args, settings)
-        return int(args.handler(args, settings))
+            status = _on_embedded_server(args, settings)
+        else:
+            status = int(args.handler(args, settings))
+        sys.stdout.flush()  # a reader gone is found here, not in Python's flush at exit
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
     except ConfigError as exc:
         # Found by the command itself (e.g. an unusable AUDIT_SIGNING_KEY): the same line.
         print(f"todo-api: configuration error: {exc}", file=sys.stderr)

@@ -363,6 +363,46 @@ def test_an_input_file_that_cannot_be_read_is_a_usage_error(
         assert line.startswith(f"todo-api: {message}"), (args, line)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("audit", "verify", "--user", "nobody-at-all"),
+        ("audit", "export", "--format", "csv", "--user", "nobody-at-all"),
+        ("dev-token", "alice"),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_reader_that_stops_reading_ends_the_command_quietly(
+    tmp_path: Path, database_url: str, args: tuple[str, ...], buffered: bool
+) -> None:
+    """`todo-api audit verify | head -1` printed a BrokenPipeError traceback and exited 1,
+    which `audit verify` means as "tampering found". Now: nothing said (not even "Exported"),
+    and 141, as if killed by SIGPIPE."""
+    env = clean_environ(
+        OTEL_SDK_DISABLED="true", DATABASE_URL=database_url, BETTER_AUTH_SECRET=TEST_SECRET
+    )
+    env.pop("PYTHONUNBUFFERED", None)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes its first line
+    try:
+        result = subprocess.run(
+            [str(TODO_API), *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (128 + signal.SIGPIPE, "")
+
+
 def test_migrations_are_not_bound_by_the_requests_statement_timeout(tmp_path: Path) -> None:
     """An index build on a large table outlasts a request's timeout; here every statement does."""
     with scratch_database(migrated=False) as url:
