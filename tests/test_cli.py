@@ -283,6 +283,29 @@ def test_an_unusable_audit_signing_key_is_a_configuration_error(
     assert "garbage-not-a-key" not in line and result.stdout == ""
 
 
+def test_an_empty_signing_key_variable_counts_as_unset(tmp_path: Path, database_url: str) -> None:
+    """As compose and `.env` files write a variable left blank. `AUDIT_SIGNING_KEY_FILE=` was
+    the path ".", "cannot read .: Is a directory"; one empty beside the other, "not both"."""
+    key = SigningKey.generate()
+    key_file = tmp_path / "audit-signing.pem"
+    key_file.write_text(key.private_pem())
+    for env in (
+        {"AUDIT_SIGNING_KEY": key.private_pem(), "AUDIT_SIGNING_KEY_FILE": ""},
+        {"AUDIT_SIGNING_KEY": "", "AUDIT_SIGNING_KEY_FILE": str(key_file)},
+    ):
+        result = run(tmp_path, "audit", "public-key", **env)
+        assert (result.returncode, result.stdout) == (0, key.public.pem()), result.stderr
+    for env in (
+        {"AUDIT_SIGNING_KEY_FILE": ""},
+        {"AUDIT_SIGNING_KEY": "", "AUDIT_SIGNING_KEY_FILE": ""},
+    ):
+        result = run(tmp_path, "audit", "checkpoint", DATABASE_URL=database_url, **env)
+        assert result.returncode == 2
+        assert result.stderr == (
+            "todo-api: checkpoints are signed: set AUDIT_SIGNING_KEY or AUDIT_SIGNING_KEY_FILE\n"
+        )
+
+
 def test_an_unparsable_database_url_is_refused_without_its_password(tmp_path: Path) -> None:
     url = "postgresql://todo:Sup3rDbPw@127.0.0.1:notaport/todo"
     served = run_serve(tmp_path, "--no-migrate", DATABASE_URL=url)
