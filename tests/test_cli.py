@@ -88,6 +88,16 @@ def test_dev_token_signed_with_another_secret_is_rejected(
     assert resp.status_code == 401
 
 
+def test_dev_token_with_an_empty_secret_is_a_configuration_error(tmp_path: Path) -> None:
+    """It was PyJWT's traceback ("HMAC key must not be empty") and exit 1; `serve` says this."""
+    result = run(tmp_path, "dev-token", "alice", BETTER_AUTH_SECRET="")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "todo-api: configuration error: BETTER_AUTH_SECRET must not be empty: set a secret, or "
+        "unset it\n"
+    )
+
+
 def test_migrate_creates_the_tables_on_an_empty_database(tmp_path: Path, database_url: str) -> None:
     name = f"todo_cli_{os.getpid()}_{secrets.token_hex(3)}"
     server = sa.make_url(database_url)
