@@ -252,12 +252,21 @@ def parse_checkpoint(doc: Any) -> Checkpoint:
     return Checkpoint(head, leaves)
 
 
-def read_checkpoint_file(path: Path) -> Checkpoint:
+def load_checkpoint_json(data: bytes) -> Checkpoint:
+    """A checkpoint file's content (UTF-8 JSON), checked for shape."""
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        doc = json.loads(data.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError too
         raise CheckpointError(f"cannot read it as JSON: {exc}") from None
     return parse_checkpoint(doc)
+
+
+def read_checkpoint_file(path: Path) -> Checkpoint:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read it: {exc}") from None
+    return load_checkpoint_json(data)
 
 
 def successor_problems(earlier: Checkpoint, later: Checkpoint) -> Iterator[tuple[str, str]]:

@@ -5,8 +5,10 @@ verify prints, with `--checkpoint`, one `{"record": "checkpoint", "file", "ok", 
 "later", "user_id", "reason"}` line per chain that a later checkpoint does not extend; then one
 JSON line per chain (`{"record": "chain", "user_id", "ok", "events", "head_seq", "head_hash",
 "first_bad_seq", "reason"}`) and a closing `{"record": "summary", ...}` line. Exit status: 0
-everything verifies, 1 something does not (or a given file is unusable), 2 bad usage or
-configuration, 3 the database is unreachable or failed the command.
+everything verifies, 1 something does not (a chain, or a checkpoint file's content), 2 bad
+usage or configuration (an input file that cannot be read, or an export that is not one), 3
+the database is unreachable, not migrated or failed the command. 2 and 3 are one line on
+stderr, said by `service.cli.run` for every command.
 """
 
 from __future__ import annotations
@@ -23,22 +25,21 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sqlalchemy import Connection
-from sqlalchemy.exc import OperationalError
 
 from audit.checkpoint import (
     Checkpoint,
     CheckpointError,
+    load_checkpoint_json,
     make_checkpoint,
-    read_checkpoint_file,
     signing_key,
     successor_problems,
     write_atomically,
 )
 from audit.signing import KeyFormatError, PublicKey, key_ring, parse_public_keys
 from audit.verify import Anchor, snapshot, verify_all, verify_chain
-from service.database import Database, failure_message
+from service.database import Database
 from service.limits import USER_ID_MAX
-from service.settings import ConfigError, Settings
+from service.settings import Settings
 
 # `audit.export` (and FastAPI, through it) is imported when a command runs, so that
 # `todo-api --help` and the other commands start without it.
@@ -48,6 +49,20 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DATABASE = 3
+
+
+class UsageError(Exception):
+    """A command given something it cannot use, such as an input file that is missing or not
+    what it should be: one line and exit 2 (`service.cli.run`), never 1, which says that the
+    audit trail did not verify."""
+
+
+def read_input(path: Path) -> bytes:
+    """An input file's content; one that cannot be read is a usage error."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def aware_datetime(text: str) -> datetime:
@@ -93,9 +108,9 @@ def _trusted_keys(paths: list[Path], settings: Settings) -> dict[str, PublicKey]
     keys: list[PublicKey] = []
     for path in paths:
         try:
-            keys.extend(parse_public_keys(path.read_text(encoding="utf-8")))
-        except (OSError, UnicodeDecodeError, KeyFormatError) as exc:
-            raise ConfigError(f"cannot use {path} as a public key: {exc}") from None
+            keys.extend(parse_public_keys(read_input(path).decode("utf-8")))
+        except (UnicodeDecodeError, KeyFormatError) as exc:
+            raise UsageError(f"cannot use {path} as a public key: {exc}") from None
     configured = signing_key(settings)
     if configured is not None:
         keys.append(configured.public)
@@ -103,16 +118,17 @@ def _trusted_keys(paths: list[Path], settings: Settings) -> dict[str, PublicKey]
 
 
 def _check_checkpoints(
-    paths: list[Path], keys: dict[str, PublicKey], out: TextIO
+    files: list[tuple[Path, bytes]], keys: dict[str, PublicKey], out: TextIO
 ) -> tuple[list[Checkpoint], int]:
     """Each file's signature and root, then each later checkpoint against the earlier one.
-    Returns the checkpoints that verify (oldest first) and the number of failures."""
+    Returns the checkpoints that verify (oldest first) and the number of failures: a file
+    read but malformed is one, as a checkpoint altered on its way here would be."""
     good: list[tuple[Checkpoint, Path]] = []
     failures = 0
-    for path in paths:
+    for path, data in files:
         record: dict[str, Any] = {"record": "checkpoint", "file": str(path), "ok": False}
         try:
-            checkpoint = read_checkpoint_file(path)
+            checkpoint = load_checkpoint_json(data)
             record |= {
                 "created_at": checkpoint.head.created_at,
                 "tree_size": checkpoint.head.tree_size,
@@ -146,21 +162,20 @@ def _checkpoint_anchors(checkpoints: list[Checkpoint]) -> dict[str, list[Anchor]
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from audit.export import ExportFileError, read_anchors
 
+    # Every input file is read before anything is printed: one that cannot be used is a
+    # usage error, not a finding.
     anchors: dict[str, list[Anchor]] = {}
     if args.against is not None:
         try:
             exported = read_anchors(args.against)
-        except (OSError, ExportFileError, UnicodeDecodeError) as exc:
-            print(f"todo-api: cannot use {args.against} as an export: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.against}: {exc.strerror or exc}") from None
+        except (ExportFileError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot use {args.against} as an export: {exc}") from None
         anchors = {user_id: [anchor] for user_id, anchor in exported.items()}
     failed_checkpoints = 0
     if args.checkpoint:
-        try:
-            keys = _trusted_keys(args.public_key, settings)
-        except ConfigError as exc:
-            print(f"todo-api: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+        keys = _trusted_keys(args.public_key, settings)
         if not keys:
             print(
                 "todo-api: --checkpoint needs the public keys: --public-key FILE, or "
@@ -168,26 +183,23 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        checkpoints, failed_checkpoints = _check_checkpoints(args.checkpoint, keys, sys.stdout)
+        files = [(path, read_input(path)) for path in args.checkpoint]
+        checkpoints, failed_checkpoints = _check_checkpoints(files, keys, sys.stdout)
         for user_id, found in _checkpoint_anchors(checkpoints).items():
             anchors.setdefault(user_id, []).extend(found)
     chains = events = failed = 0
-    try:
-        with _snapshot(settings) as conn:
-            if args.user is not None:
-                found = anchors.get(args.user, [])
-                reports = iter([verify_chain(conn, args.user, anchors=found)])
-            else:
-                reports = verify_all(conn, anchors=anchors)
-            for report in reports:
-                chains += 1
-                events += report.events
-                failed += not report.ok
-                if not (args.failures_only and report.ok):
-                    _print({"record": "chain", **report.as_dict()}, sys.stdout)
-    except OperationalError as exc:
-        print(f"todo-api: {failure_message(exc)}", file=sys.stderr)
-        return EXIT_DATABASE
+    with _snapshot(settings) as conn:
+        if args.user is not None:
+            found = anchors.get(args.user, [])
+            reports = iter([verify_chain(conn, args.user, anchors=found)])
+        else:
+            reports = verify_all(conn, anchors=anchors)
+        for report in reports:
+            chains += 1
+            events += report.events
+            failed += not report.ok
+            if not (args.failures_only and report.ok):
+                _print({"record": "chain", **report.as_dict()}, sys.stdout)
     ok = not failed and not failed_checkpoints
     summary = {"record": "summary", "ok": ok, "chains": chains, "events": events}
     if args.checkpoint:
@@ -208,9 +220,6 @@ def _make_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with db.unit_of_work() as session:
             checkpoint = make_checkpoint(session, key)
-    except OperationalError as exc:
-        print(f"todo-api: {failure_message(exc)}", file=sys.stderr)
-        return EXIT_DATABASE
     finally:
         db.dispose()
     assert checkpoint is not None  # only a periodic checkpoint can find its interval taken
@@ -246,9 +255,11 @@ def _public_key(args: argparse.Namespace, settings: Settings) -> int:
 
 @contextmanager
 def _output(path: Path | None, csv: bool) -> Iterator[TextIO]:
-    """stdout, or a file that appears only once complete (written aside, then renamed)."""
+    """stdout, or a file that appears only once complete (written aside, then renamed).
+    stdout is flushed at the end: a reader gone is found before "Exported ..." is said."""
     if path is None:
         yield sys.stdout
+        sys.stdout.flush()
         return
     partial = path.with_name(path.name + ".partial")
     try:
@@ -271,9 +282,8 @@ def _export(args: argparse.Namespace, settings: Settings) -> int:
             summary = export_events(
                 conn, out, fmt, user_id=args.user, since=args.since, until=args.until
             )
-    except OperationalError as exc:
-        print(f"todo-api: {failure_message(exc)}", file=sys.stderr)
-        return EXIT_DATABASE
+    except BrokenPipeError:
+        raise  # stdout's reader is gone: not a failure to report (`service.cli.run`)
     except OSError as exc:
         print(f"todo-api: cannot write the export: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -12,8 +12,11 @@ then one `{"record": "end", "count": N, "chains": [{user_id, events, head_seq, h
 CSV: the header `record,<event columns>,count`; `event` rows; then one `chain` row per chain
 (user_id, seq = head seq, hash = head hash, count = its exported events) and an `end` row
 (occurred_at = export time, count = all exported events). JSON columns hold compact JSON and
-null is an empty cell. Values are written as stored (no spreadsheet formula escaping), so
-hashes can be recomputed from the file.
+null is an empty cell. A cell that a spreadsheet would run as a formula (it starts with `=`, `+`,
+`-`, `@`, a tab or a carriage return: client text such as an `X-Request-ID` of `=1+2`) is
+written with a `'` in front, and so is one that starts with `'`, so that `unescape_cell` gives
+back every stored value exactly (hashes can be recomputed from the file after it). NDJSON is
+written as stored.
 """
 
 from __future__ import annotations
@@ -39,6 +42,22 @@ EVENT_FIELDS = tuple(column.name for column in PUBLIC_COLUMNS)
 JSON_FIELDS = frozenset({"before", "after", "changes"})
 CSV_HEADER = ("record", *EVENT_FIELDS, "count")
 STREAM_BATCH = 1000
+
+
+# OWASP's CSV injection list; `'` too, so that an escaped cell is told from a stored `'`.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+_ESCAPED_STARTS = (*_FORMULA_STARTS, "'")
+
+
+def escape_cell(value: Any) -> str:
+    """A CSV cell that a spreadsheet shows as text instead of evaluating (`'` in front)."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_ESCAPED_STARTS) else text
+
+
+def unescape_cell(cell: str) -> str:
+    """The value `escape_cell` was given (as text; None and "" both give "")."""
+    return cell[1:] if cell.startswith("'") else cell
 
 
 class ExportFormat(StrEnum):
@@ -133,7 +152,8 @@ class _CsvWriter:
         self.writer.writerow(CSV_HEADER)
 
     def _row(self, kind: str, cells: dict[str, Any], count: Any = "") -> None:
-        self.writer.writerow([kind, *(cells.get(name, "") for name in EVENT_FIELDS), count])
+        row = [kind, *(cells.get(name, "") for name in EVENT_FIELDS), count]
+        self.writer.writerow([escape_cell(cell) for cell in row])
 
     def event(self, record: dict[str, Any]) -> None:
         cells = {
@@ -234,7 +254,8 @@ def _csv_anchors(file: TextIO) -> dict[str, Anchor]:
     try:
         for row in reader:
             if row["record"] == "chain":
-                pair = _anchor(row["user_id"], row["seq"], row["hash"])
+                cells = (unescape_cell(row[name] or "") for name in ("user_id", "seq", "hash"))
+                pair = _anchor(*cells)
                 if pair is not None:
                     anchors[pair[0]] = pair[1]
             elif row["record"] == "end":

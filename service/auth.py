@@ -191,8 +191,8 @@ class TokenVerifier:
         cache_size: int = 4096,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if hs256_secret is not None and not hs256_secret:
-            raise ConfigError("BETTER_AUTH_SECRET must not be empty: set a secret, or unset it")
+        if hs256_secret is not None:
+            _check_secret(hs256_secret)
         jwks_auth: httpx.BasicAuth | None = None
         jwks_shown = jwks_url
         if jwks_url is not None:
@@ -526,6 +526,13 @@ class TokenVerifier:
                 self._cache.popitem(last=False)
 
 
+def _check_secret(secret: str) -> None:
+    """An empty BETTER_AUTH_SECRET is a mistake, not "unset" (that would sign with the
+    generated development secret)."""
+    if not secret:
+        raise ConfigError("BETTER_AUTH_SECRET must not be empty: set a secret, or unset it")
+
+
 def create_dev_token(
     secret: str,
     user_id: str,
@@ -537,6 +544,7 @@ def create_dev_token(
     audience: str | None = None,
 ) -> str:
     """An HS256 token like a tutorial frontend would sign, for `todo-api dev-token`."""
+    _check_secret(secret)
     now = int(time.time())
     claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + ttl_seconds}
     if email is not None:

@@ -13,8 +13,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 
+from audit.cli import EXIT_DATABASE, EXIT_USAGE, UsageError
 from audit.cli import register as register_audit
 from service.database import Database, failure_message, normalize_database_url, safe_url
 from service.limits import USER_ID_MAX
@@ -237,6 +238,46 @@ def describe_config_error(exc: ValueError) -> str:
     return "; ".join(parts)
 
 
+def _reader_gone() -> int:
+    """stdout's reader stopped reading (`todo-api audit verify | head -1`): end quietly, with
+    the status of a process killed by SIGPIPE, not 1 (which `audit verify` means as "tampering
+    found"). stdout is pointed at /dev/null so that Python's flush at exit fails no more
+    (https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run a parsed command. The failures every command reports in one line, not a traceback,
+    are caught here once, for all of them."""
+    try:
+        # Commands that need no database say so (needs_database=False).
+        if settings.database_url is None and getattr(args, "needs_database", True):
+            status = _on_embedded_server(args, settings)
+        else:
+            status = int(args.handler(args, settings))
+        sys.stdout.flush()  # a reader gone is found here, not in Python's flush at exit
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
+    except ConfigError as exc:
+        # Found by the command itself (e.g. an unusable AUDIT_SIGNING_KEY): the same line.
+        print(f"todo-api: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"todo-api: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except DBAPIError as exc:
+        # Unreachable, a statement cancelled, a schema never migrated: exit 3, never 1 (which
+        # `audit verify` means as "tampering found").
+        print(f"todo-api: {failure_message(exc)}", file=sys.stderr)
+        return EXIT_DATABASE
+    except KeyboardInterrupt:
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -244,21 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"todo-api: configuration error: {describe_config_error(exc)}", file=sys.stderr)
         return 2
-    try:
-        # Commands that need no database say so (needs_database=False).
-        if settings.database_url is None and getattr(args, "needs_database", True):
-            return _on_embedded_server(args, settings)
-        return int(args.handler(args, settings))
-    except ConfigError as exc:
-        # Found by the command itself (e.g. an unusable AUDIT_SIGNING_KEY): the same line.
-        print(f"todo-api: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except OperationalError as exc:
-        # As the audit commands say it (audit/cli.py): no traceback, exit 3.
-        print(f"todo-api: {failure_message(exc)}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        return 130
+    return run(args, settings)
 
 
 if __name__ == "__main__":

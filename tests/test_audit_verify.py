@@ -421,6 +421,9 @@ def test_an_export_anchors_a_later_verify(
     assert status == 1
 
 
+INCOMPLETE = "the export is incomplete"
+
+
 def test_verify_against_a_truncated_chain_or_bad_file(
     client: TestClient, user: Any, database: Database, tmp_path: Path
 ) -> None:
@@ -444,12 +447,16 @@ def test_verify_against_a_truncated_chain_or_bad_file(
         "the chain ends at seq 0 but an export recorded its head at seq 3"
     )
 
+    # A file that is not a whole export is a usage error (2), not a finding (1).
     cut = tmp_path / "cut.ndjson"
     cut.write_text("".join(export.read_text().splitlines(keepends=True)[:-1]))
-    for bad in (cut, tmp_path / "missing.ndjson"):
-        status, _, err = run_cli(settings, "audit", "verify", "--against", str(bad))
-        assert status == 1
-        assert "cannot use" in err
+    status, out, err = run_cli(settings, "audit", "verify", "--against", str(cut))
+    assert (status, out) == (2, "")
+    assert err == f"todo-api: cannot use {cut} as an export: no closing record: {INCOMPLETE}\n"
+    missing = tmp_path / "missing.ndjson"
+    status, out, err = run_cli(settings, "audit", "verify", "--against", str(missing))
+    assert (status, out) == (2, "")
+    assert err == f"todo-api: cannot read {missing}: No such file or directory\n"
 
 
 def test_the_installed_command(client: TestClient, user: Any, database: Database) -> None:

@@ -8,6 +8,7 @@ import secrets
 import signal
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jwt
@@ -15,6 +16,8 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from audit.checkpoint import sign_leaves
+from audit.signing import SigningKey
 from service.database import Database
 from tests.audit_helpers import scratch_database
 from tests.jwt_helpers import random_id
@@ -83,6 +86,16 @@ def test_dev_token_signed_with_another_secret_is_rejected(
         f"/api/{user_id}/tasks", headers={"Authorization": f"Bearer {result.stdout.strip()}"}
     )
     assert resp.status_code == 401
+
+
+def test_dev_token_with_an_empty_secret_is_a_configuration_error(tmp_path: Path) -> None:
+    """It was PyJWT's traceback ("HMAC key must not be empty") and exit 1; `serve` says this."""
+    result = run(tmp_path, "dev-token", "alice", BETTER_AUTH_SECRET="")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "todo-api: configuration error: BETTER_AUTH_SECRET must not be empty: set a secret, or "
+        "unset it\n"
+    )
 
 
 def test_migrate_creates_the_tables_on_an_empty_database(tmp_path: Path, database_url: str) -> None:
@@ -280,6 +293,29 @@ def test_an_unusable_audit_signing_key_is_a_configuration_error(
     assert "garbage-not-a-key" not in line and result.stdout == ""
 
 
+def test_an_empty_signing_key_variable_counts_as_unset(tmp_path: Path, database_url: str) -> None:
+    """As compose and `.env` files write a variable left blank. `AUDIT_SIGNING_KEY_FILE=` was
+    the path ".", "cannot read .: Is a directory"; one empty beside the other, "not both"."""
+    key = SigningKey.generate()
+    key_file = tmp_path / "audit-signing.pem"
+    key_file.write_text(key.private_pem())
+    for env in (
+        {"AUDIT_SIGNING_KEY": key.private_pem(), "AUDIT_SIGNING_KEY_FILE": ""},
+        {"AUDIT_SIGNING_KEY": "", "AUDIT_SIGNING_KEY_FILE": str(key_file)},
+    ):
+        result = run(tmp_path, "audit", "public-key", **env)
+        assert (result.returncode, result.stdout) == (0, key.public.pem()), result.stderr
+    for env in (
+        {"AUDIT_SIGNING_KEY_FILE": ""},
+        {"AUDIT_SIGNING_KEY": "", "AUDIT_SIGNING_KEY_FILE": ""},
+    ):
+        result = run(tmp_path, "audit", "checkpoint", DATABASE_URL=database_url, **env)
+        assert result.returncode == 2
+        assert result.stderr == (
+            "todo-api: checkpoints are signed: set AUDIT_SIGNING_KEY or AUDIT_SIGNING_KEY_FILE\n"
+        )
+
+
 def test_an_unparsable_database_url_is_refused_without_its_password(tmp_path: Path) -> None:
     url = "postgresql://todo:Sup3rDbPw@127.0.0.1:notaport/todo"
     served = run_serve(tmp_path, "--no-migrate", DATABASE_URL=url)
@@ -303,6 +339,101 @@ def test_an_unreachable_database_is_one_line_and_exit_3(tmp_path: Path, args: tu
     [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
     assert line.startswith("todo-api: the database is unreachable: ")
     assert "Sup3rDbPw" not in result.stderr + result.stdout
+
+
+def test_a_database_never_migrated_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    """It was a traceback and exit 1, which `audit verify` means as "tampering found"."""
+    key = SigningKey.generate()
+    checkpoint = tmp_path / "checkpoint.json"
+    checkpoint.write_text(sign_leaves(key, [], datetime.now(UTC), None).to_json())
+    commands = [
+        ("audit", "verify"),
+        ("audit", "verify", "--checkpoint", str(checkpoint)),
+        ("audit", "export", "--format", "csv"),
+        ("audit", "checkpoint"),
+        ("tasks", "list", "alice"),
+    ]
+    with scratch_database(migrated=False) as url:
+        for args in commands:
+            result = run(tmp_path, *args, DATABASE_URL=url, AUDIT_SIGNING_KEY=key.private_pem())
+            assert result.returncode == 3, (args, result.stderr)
+            [line] = result.stderr.splitlines()
+            assert line.startswith("todo-api: the database is not migrated (relation "), line
+            assert line.endswith("does not exist): run `todo-api migrate`"), line
+
+
+def test_an_input_file_that_cannot_be_read_is_a_usage_error(
+    tmp_path: Path, database_url: str
+) -> None:
+    """A missing `--against` file exited 1 ("tampering found"), a missing `--checkpoint` file
+    was a failed checkpoint (JSON, exit 1), a missing `--public-key` exit 2: now all exit 2."""
+    key = SigningKey.generate()
+    checkpoint = tmp_path / "checkpoint.json"
+    checkpoint.write_text(sign_leaves(key, [], datetime.now(UTC), None).to_json())
+    missing, directory = tmp_path / "missing.json", tmp_path / "a-directory"
+    directory.mkdir()
+    cases = [
+        (("--against", str(missing)), f"cannot read {missing}: No such file or directory"),
+        (("--against", str(directory)), f"cannot read {directory}: Is a directory"),
+        (("--checkpoint", str(missing)), f"cannot read {missing}: No such file or directory"),
+        (("--checkpoint", str(checkpoint), str(directory)), f"cannot read {directory}: Is a"),
+        (
+            ("--checkpoint", str(checkpoint), "--public-key", str(missing)),
+            f"cannot read {missing}: No such file or directory",
+        ),
+    ]
+    for args, message in cases:
+        result = run(
+            tmp_path,
+            "audit",
+            "verify",
+            *args,
+            DATABASE_URL=database_url,
+            AUDIT_SIGNING_KEY=key.private_pem(),
+        )
+        assert (result.returncode, result.stdout) == (2, ""), (args, result.stderr)
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"todo-api: {message}"), (args, line)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("audit", "verify", "--user", "nobody-at-all"),
+        ("audit", "export", "--format", "csv", "--user", "nobody-at-all"),
+        ("dev-token", "alice"),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+def test_a_reader_that_stops_reading_ends_the_command_quietly(
+    tmp_path: Path, database_url: str, args: tuple[str, ...], buffered: bool
+) -> None:
+    """`todo-api audit verify | head -1` printed a BrokenPipeError traceback and exited 1,
+    which `audit verify` means as "tampering found". Now: nothing said (not even "Exported"),
+    and 141, as if killed by SIGPIPE."""
+    env = clean_environ(
+        OTEL_SDK_DISABLED="true", DATABASE_URL=database_url, BETTER_AUTH_SECRET=TEST_SECRET
+    )
+    env.pop("PYTHONUNBUFFERED", None)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes its first line
+    try:
+        result = subprocess.run(
+            [str(TODO_API), *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (128 + signal.SIGPIPE, "")
 
 
 def test_migrations_are_not_bound_by_the_requests_statement_timeout(tmp_path: Path) -> None:

@@ -77,6 +77,16 @@ def test_sqlite_urls_are_refused_by_name(monkeypatch: pytest.MonkeyPatch, raw: s
     assert "SQLite is not supported" in str(info.value)
 
 
+def test_an_empty_url_key_or_path_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`VAR=` as compose and `.env` files write a blank one: an empty DATABASE_URL was refused
+    as not PostgreSQL, an empty path was ".", the working directory."""
+    blank = ("DATABASE_URL", "FEED_DATABASE_URL", "AUDIT_SIGNING_KEY", "AUDIT_SIGNING_KEY_FILE")
+    settings = from_env(monkeypatch, **dict.fromkeys((*blank, "AUDIT_CHECKPOINT_DIR"), ""))
+    assert settings.database_url is settings.feed_database_url is None
+    assert settings.audit_signing_key is settings.audit_signing_key_file is None
+    assert settings.audit_checkpoint_dir is None
+
+
 # Production guards --------------------------------------------------------------------
 
 
