@@ -19,7 +19,7 @@ from audit.cli import EXIT_DATABASE, EXIT_USAGE, UsageError
 from audit.cli import register as register_audit
 from service.database import Database, failure_message, normalize_database_url, safe_url
 from service.limits import USER_ID_MAX
-from service.settings import ConfigError, Settings, get_settings
+from service.settings import AppEnv, ConfigError, Settings, get_settings
 from service.tasks import queries
 from service.tasks.queries import StatusFilter
 
@@ -255,6 +255,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         # Commands that need no database say so (needs_database=False).
         if settings.database_url is None and getattr(args, "needs_database", True):
+            if settings.app_env is AppEnv.production:
+                # The embedded server keeps its data in the working directory: a container
+                # without DATABASE_URL would acknowledge writes that its next image loses.
+                raise ConfigError(
+                    "APP_ENV=production needs DATABASE_URL (the embedded PostgreSQL server "
+                    "is for development and tests)"
+                )
             status = _on_embedded_server(args, settings)
         else:
             status = int(args.handler(args, settings))

@@ -143,6 +143,21 @@ def test_production_without_auth_refuses_to_start(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("database_url", [None, ""])
+@pytest.mark.parametrize("command", [("migrate",), ("serve", "--port", "1"), ("audit", "verify")])
+def test_production_without_a_database_url_does_not_start_the_embedded_server(
+    tmp_path: Path, command: tuple[str, ...], database_url: str | None
+) -> None:
+    env = {"APP_ENV": "production", "BETTER_AUTH_SECRET": "s" * 40}
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    result = run(tmp_path, *command, **env)
+    assert result.returncode == 2, result.stderr
+    assert "APP_ENV=production needs DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_production_with_weak_secret_refuses_to_start_without_printing_it(
     tmp_path: Path,
 ) -> None:
