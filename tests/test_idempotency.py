@@ -192,6 +192,20 @@ def test_malformed_keys_are_400_and_create_nothing(
     assert list_all(client, user) == []
 
 
+def test_two_key_lines_are_400_and_create_nothing(client: TestClient, user: ApiUser) -> None:
+    """Either key alone would later replay or create: neither is taken silently."""
+    resp = client.post(
+        user.url(),
+        json={"title": "x"},
+        headers=[*user.headers.items(), ("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")],
+    )
+    assert_validation_error(resp, "header.idempotency-key")
+    assert list_all(client, user) == []
+    assert post(client, user, {"title": "x"}, "k1").status_code == 201
+    assert post(client, user, {"title": "x"}, "k2").status_code == 201
+    assert len(list_all(client, user)) == 2
+
+
 def test_longest_key_is_accepted(client: TestClient, user: ApiUser) -> None:
     key = "k" * KEY_MAX
     first = post(client, user, {"title": "x"}, key)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from typing import Annotated, Any
 
-from fastapi import Body, Header, Query, Request, Response, status
+from fastapi import Body, Depends, Header, Query, Request, Response, status
 
 from audit.deps import AuditCtx
 from audit.schemas import ClientTime
@@ -33,16 +33,30 @@ from service.text import control_error
 
 router = Router(prefix="/api/{user_id}/tasks", tags=["tasks"], route_class=UnitOfWorkRoute)
 
-IdempotencyKeyHeader = Annotated[
-    str | None,
-    Header(
-        min_length=1,
-        max_length=idempotency.KEY_MAX,
-        pattern=idempotency.KEY_PATTERN,
-        description="Makes a retried create safe: the same key and body within 24 hours "
-        "return the first response (same task); the same key with another body is 409.",
-    ),
-]
+
+async def _idempotency_key(
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=idempotency.KEY_MAX,
+            pattern=idempotency.KEY_PATTERN,
+            description="Makes a retried create safe: the same key and body within 24 hours "
+            "return the first response (same task); the same key with another body is 409. "
+            "One header line: a second is 400.",
+        ),
+    ] = None,
+) -> str | None:
+    """The key, from its only header line: with two, one of them would be ignored (a key may
+    hold a comma, so they cannot be read as one list either)."""
+    if len(request.headers.getlist("idempotency-key")) > 1:
+        message = "Send one Idempotency-Key header, not several."
+        raise InvalidInput(message, field="header.idempotency-key")
+    return idempotency_key
+
+
+IdempotencyKey = Annotated[str | None, Depends(_idempotency_key)]
 SEARCH_MAX = 200
 
 
@@ -177,7 +191,7 @@ def create_task(
     ctx: AuditCtx,
     session: SessionDep,
     body: TaskCreate,
-    idempotency_key: IdempotencyKeyHeader = None,
+    idempotency_key: IdempotencyKey,
 ) -> Any:
     if idempotency_key is not None:
         # Fields at their defaults are left out: a body of the first release (title and
