@@ -135,6 +135,15 @@ class BodyGuardMiddleware:
             detail = "The request body must be JSON (Content-Type: application/json)."
             await problem(415, detail)(scope, receive, send)
             return
+        coding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip()
+        if has_body and coding.lower() != "identity":
+            # Read as is, a gzip body would be "not valid JSON" (400): the coding is what is
+            # unsupported (RFC 9110 15.5.16), and Accept-Encoding says which one is.
+            detail = "The request body must not be encoded (Content-Encoding: identity)."
+            await problem(415, detail, headers={"Accept-Encoding": "identity"})(
+                scope, receive, send
+            )
+            return
 
         received = 0
 

@@ -6,6 +6,7 @@ behind, and every request (failing ones included) hands its connection back to t
 
 from __future__ import annotations
 
+import gzip
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -195,6 +196,20 @@ def test_non_json_body_is_415(
     resp = client.request(method, user.url(path), content=b'{"title": "x"}', headers=headers)
     assert_problem(resp, 415)
     assert client.get(user.url(), headers=user.headers).json() == []
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "GZIP"])
+def test_an_encoded_body_is_415_naming_the_coding_accepted(
+    client: TestClient, user: ApiUser, coding: str
+) -> None:
+    body = gzip.compress(b'{"title": "x"}') if coding.lower() == "gzip" else b'{"title": "x"}'
+    headers = {**user.headers, "Content-Type": "application/json", "Content-Encoding": coding}
+    resp = client.post(user.url(), content=body, headers=headers)
+    assert_problem(resp, 415)
+    assert resp.headers["Accept-Encoding"] == "identity"
+    assert client.get(user.url(), headers=user.headers).json() == []
+    headers["Content-Encoding"] = "identity"
+    assert client.post(user.url(), content=b'{"title": "x"}', headers=headers).status_code == 201
 
 
 def test_json_with_charset_is_accepted(client: TestClient, user: ApiUser) -> None:
