@@ -42,7 +42,7 @@ _DESCRIPTIONS = {
     409: "Conflict",
     412: "If-Match does not match the task's current ETag",
     413: "Request body too large",
-    415: "Request body is not JSON",
+    415: "Request body is not JSON, or is compressed",
     429: "Rate limit exceeded; retry after Retry-After seconds (see the RateLimit headers)",
     503: "Database or token keys unavailable, a change rolled back by a collision, or the "
     "server stopping; retry after Retry-After seconds",

@@ -428,20 +428,23 @@ def _list_statements(
         ordering = [*(key.asc() for key in keys), id_key.asc()]
     page: Any = select(*_COLUMNS).where(*conditions).order_by(*ordering)
     if sort is SortField.due_at and after is False:
-        page = _then_undated(page, _conditions(shape, counting=False), order)
+        page = _then_undated(page, _conditions(shape, counting=False), ordering, order)
     page = page.limit(bindparam("limit")).offset(bindparam("offset"))
     count = select(func.count()).select_from(TASKS).where(*_conditions(shape, counting=True))
     return page, count
 
 
-def _then_undated(dated: Select[Any], conditions: list[Any], order: SortOrder) -> Any:
+def _then_undated(
+    dated: Select[Any], conditions: list[Any], ordering: list[Any], order: SortOrder
+) -> Any:
     """After a task with a due date, a page goes on with the later due dates and then the
     tasks without one. Asked as one OR, PostgreSQL reads the index from the user's first task
     up to the cursor (40 ms deep into 100,000 tasks); as two index ranges, each a page long
-    at most, a page costs the same at any depth."""
+    at most, a page costs the same at any depth. The undated part keeps the due-date order
+    (constant there) so that it is a range of the same index: ordered by id alone, the
+    planner may walk the primary key through every user's tasks for a page that has none."""
     enough: Any = bindparam("limit") + bindparam("offset")
-    later_ids = TASKS.c.id.asc() if order is SortOrder.asc else TASKS.c.id.desc()
-    undated = select(*_COLUMNS).where(*conditions, TASKS.c.due_at.is_(None)).order_by(later_ids)
+    undated = select(*_COLUMNS).where(*conditions, TASKS.c.due_at.is_(None)).order_by(*ordering)
     both = union_all(dated.limit(enough), undated.limit(enough)).subquery("page")
     due, task_id = both.c.due_at, both.c.id
     if order is SortOrder.asc:
