@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.audit_helpers import change, scratch_database, tampering
+from tests.audit_helpers import change, json_lines, run_cli, scratch_database, tampering
 from tests.support import create_task
 
 
@@ -185,3 +185,61 @@ def test_verify_holds_one_pooled_connection_at_a_time(
         assert stored_point(database, user.user_id) == (2, first.json()["head_hash"])
         again = http.get(url, headers=user.headers).json()
         assert (again["events"], again["verified_from_seq"]) == (0, 2)
+
+
+def drop_the_tail(database: Database, user_id: str, from_seq: int) -> None:
+    """Delete the events from `from_seq` on and move the head back to match: the rest of the
+    chain links up on its own."""
+    with tampering(database.engine) as conn:
+        conn.execute(
+            sa.text("DELETE FROM audit_events WHERE user_id = :u AND seq >= :s"),
+            {"u": user_id, "s": from_seq},
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE audit_chain_heads h SET seq = e.seq, hash = e.hash FROM audit_events e "
+                "WHERE h.user_id = :u AND e.user_id = :u AND e.seq = :s"
+            ),
+            {"u": user_id, "s": from_seq - 1},
+        )
+
+
+def test_the_full_check_holds_the_chain_to_the_verified_point(
+    client: TestClient, user: Any, database: Database, settings: Settings
+) -> None:
+    """Without the stored point the full check found nothing: seq 1..3 and the head agree."""
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 3)  # seq 1..4
+    assert verify(client, user)["ok"] is True
+    drop_the_tail(database, user.user_id, 4)
+
+    incremental = verify(client, user)
+    assert (incremental["ok"], incremental["first_bad_seq"]) == (False, 4)
+    full = verify(client, user, full=True)
+    assert (full["ok"], full["first_bad_seq"], full["events"]) == (False, 4, 3)
+    assert "an earlier verification recorded its head at seq 4" in full["reason"]
+
+    status, out, _ = run_cli(settings, "audit", "verify", "--user", user.user_id)
+    assert status == 1
+    (chain,) = [line for line in json_lines(out) if line["record"] == "chain"]
+    assert (chain["ok"], chain["first_bad_seq"]) == (False, 4)
+    status, out, _ = run_cli(settings, "audit", "verify", "--failures-only")
+    failing = {line["user_id"]: line for line in json_lines(out) if line["record"] == "chain"}
+    assert status == 1 and failing[user.user_id]["first_bad_seq"] == 4
+
+
+def test_a_verified_chain_that_is_gone_fails(
+    client: TestClient, user: Any, database: Database, settings: Settings
+) -> None:
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 1)  # seq 1..2
+    assert verify(client, user)["ok"] is True
+    with tampering(database.engine) as conn:
+        for table in ("audit_events", "audit_chain_heads"):
+            conn.execute(sa.text(f"DELETE FROM {table} WHERE user_id = :u"), {"u": user.user_id})
+
+    full = verify(client, user, full=True)
+    assert (full["ok"], full["first_bad_seq"], full["head_seq"]) == (False, 1, 0)
+    status, out, _ = run_cli(settings, "audit", "verify", "--failures-only")
+    failing = {line["user_id"]: line for line in json_lines(out) if line["record"] == "chain"}
+    assert status == 1 and failing[user.user_id]["first_bad_seq"] == 1
