@@ -124,7 +124,8 @@ class AuditCheckpoint(SQLModel, table=True):
 
 class AuditVerifiedHead(SQLModel, table=True):
     """The last point up to which the verify endpoint found a user's chain intact (see
-    `audit.verified`); every later check, full or not, holds the chain to it."""
+    `audit.verified`); every later check, full or not, holds the chain to it. seq 0: none yet.
+    `failed_at`: a verification has failed since the last one that passed."""
 
     __tablename__ = "audit_verified_heads"
 
@@ -132,6 +133,7 @@ class AuditVerifiedHead(SQLModel, table=True):
     seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     hash: str = Field(sa_column=Column(String(64), nullable=False))
     verified_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    failed_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
 
 
 EVENTS = AuditEvent.__table__  # type: ignore[attr-defined]

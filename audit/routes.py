@@ -25,8 +25,8 @@ from audit.schemas import (
     TaskSnapshot,
     VerifyReport,
 )
-from audit.verified import remember_verified
-from audit.verify import snapshot, verify_chain
+from audit.verified import record_outcome
+from audit.verify import snapshot, stored_point, verify_chain
 from service.deps import (
     CurrentUser,
     SessionDep,
@@ -106,7 +106,8 @@ def list_audit_events(
     description="200 with `ok: false` and the first bad seq when the chain does not verify. "
     "Checks the events appended since the last call that found the chain intact (and that the "
     "last verified event is unchanged); `full=true` recomputes every event from seq 1, and "
-    "the last verified event must still be in the chain with its hash.",
+    "the last verified event must still be in the chain with its hash. After a check that "
+    "failed, every check recomputes the whole chain until one passes.",
 )
 def verify_audit_chain(
     user: CurrentUser,
@@ -115,13 +116,13 @@ def verify_audit_chain(
     full: Annotated[bool, Query(description="Recompute the whole chain from seq 1")] = False,
 ) -> Any:
     conn = snapshot(session)
+    seen = stored_point(conn, user.user_id)
     report = verify_chain(conn, user.user_id, resume=not full)
-    if report.ok and report.head_hash is not None:
-        # The snapshot is read-only: end it, and write in the unit's next transaction, on the
-        # same pooled connection (a second one, taken while holding the first, could wait for
-        # the pool forever with DB_POOL_SIZE=1, and starves other requests under load).
-        session.rollback()
-        remember_verified(session.connection(), user.user_id, report.head_seq, report.head_hash)
+    # The snapshot is read-only: end it, and write in the unit's next transaction, on the
+    # same pooled connection (a second one, taken while holding the first, could wait for
+    # the pool forever with DB_POOL_SIZE=1, and starves other requests under load).
+    session.rollback()
+    record_outcome(session.connection(), user.user_id, seen, report)
     return json_response(VerifyReport.model_validate(report.as_dict()))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping, exists, select
@@ -173,14 +174,30 @@ def _check_verified_point(conn: Connection, user_id: str, since: Anchor) -> None
         raise _ChainBroken(since.seq, f"seq {since.seq}: altered since it was last verified")
 
 
-def stored_point(conn: Connection, user_id: str) -> Anchor | None:
-    """The point up to which the verify endpoint last found the chain intact, if any."""
+@dataclass(frozen=True, slots=True)
+class StoredPoint:
+    """A user's row of `audit_verified_heads`, as one snapshot saw it."""
+
+    seq: int  # 0: no event verified yet
+    hash: str
+    verified_at: datetime
+    failed_at: datetime | None  # a check failed after the last one that passed
+
+    @property
+    def anchor(self) -> Anchor | None:
+        return Anchor(self.seq, self.hash, VERIFIED_SOURCE) if self.seq > 0 else None
+
+
+def stored_point(conn: Connection, user_id: str) -> StoredPoint | None:
+    """Where the verify endpoint last found the chain intact, and whether a check failed since."""
     row = conn.execute(
-        select(VERIFIED.c.seq, VERIFIED.c.hash).where(VERIFIED.c.user_id == user_id)
+        select(VERIFIED.c.seq, VERIFIED.c.hash, VERIFIED.c.verified_at, VERIFIED.c.failed_at).where(
+            VERIFIED.c.user_id == user_id
+        )
     ).first()
-    if row is None or int(row.seq) <= 0:
+    if row is None:
         return None
-    return Anchor(seq=int(row.seq), hash=str(row.hash), source=VERIFIED_SOURCE)
+    return StoredPoint(int(row.seq), str(row.hash), row.verified_at, row.failed_at)
 
 
 def verify_chain(
@@ -196,14 +213,17 @@ def verify_chain(
     Each anchor's seq must still have its hash, and so must the stored verified point's. A
     rewrite between two anchors can be placed only that precisely: the reason names the range
     since the last anchor that matched. With `resume`, only the events after the stored point
-    are checked, linked to it; the events before it are not recomputed.
+    are checked, linked to it; the events before it are not recomputed. Not after a recorded
+    failure: a failure in events verified earlier would not be seen again, so the whole chain
+    is checked until a check passes.
     """
     head = conn.execute(select(HEADS.c.seq, HEADS.c.hash).where(HEADS.c.user_id == user_id)).first()
     head_seq = int(head.seq) if head is not None else 0
     head_hash = str(head.hash) if head is not None else None
     expected_seq, prev_hash, events, matched = 1, GENESIS_HASH, 0, 0
-    point = stored_point(conn, user_id)
-    since = point if resume else None
+    stored = stored_point(conn, user_id)
+    point = stored.anchor if stored is not None else None
+    since = point if resume and stored is not None and stored.failed_at is None else None
     if point is not None and since is None:
         anchors = [*anchors, point]
     by_seq: dict[int, list[Anchor]] = {}
