@@ -7,6 +7,7 @@ token's user (CurrentUser), and every query filters by it.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -26,7 +27,8 @@ from audit.schemas import (
     VerifyReport,
 )
 from audit.verified import record_outcome
-from audit.verify import snapshot, stored_point, verify_chain
+from audit.verify import ChainReport, snapshot, stored_point, verify_chain
+from observability import metrics
 from service.deps import (
     CurrentUser,
     SessionDep,
@@ -40,6 +42,8 @@ from service.limits import REQUEST_ID_MAX
 from service.openapi import error_responses
 from service.ratelimit import expensive_operation
 from service.responses import json_response
+
+log = logging.getLogger("audit.verify")
 
 router = APIRouter(prefix="/api/{user_id}", tags=["audit"], route_class=UnitOfWorkRoute)
 keys_router = APIRouter(tags=["audit"])
@@ -123,7 +127,24 @@ def verify_audit_chain(
     # the pool forever with DB_POOL_SIZE=1, and starves other requests under load).
     session.rollback()
     record_outcome(session.connection(), user.user_id, seen, report)
+    if not report.ok:
+        _report_failure(report, full)
     return json_response(VerifyReport.model_validate(report.as_dict()))
+
+
+def _report_failure(report: ChainReport, full: bool) -> None:
+    """A broken chain is evidence of tampering: more than the 200 of the access line."""
+    mode = "full" if full else "incremental"
+    log.warning(
+        "audit chain verification failed",
+        extra={
+            "user_id": report.user_id,
+            "first_bad_seq": report.first_bad_seq,
+            "reason": report.reason,
+            "mode": mode,
+        },
+    )
+    metrics.audit_verify_failed(mode)
 
 
 @router.get(
