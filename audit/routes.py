@@ -21,6 +21,7 @@ from audit.schemas import (
     AuditPage,
     AuditProof,
     ClientTime,
+    ClientTimeRoundedUp,
     TaskAsOf,
     TaskHistory,
     TaskSnapshot,
@@ -74,8 +75,8 @@ def list_audit_events(
     cursor: Cursor = None,
     task_id: Annotated[int | None, Query(ge=1, le=queries.SEQ_MAX)] = None,
     action: AuditAction | None = None,
-    since: Annotated[ClientTime | None, Query(description="Inclusive lower bound")] = None,
-    until: Annotated[ClientTime | None, Query(description="Exclusive upper bound")] = None,
+    since: Annotated[ClientTimeRoundedUp | None, Query(description="Inclusive lower bound")] = None,
+    until: Annotated[ClientTimeRoundedUp | None, Query(description="Exclusive upper bound")] = None,
     request_id: Annotated[
         str | None, Query(min_length=1, max_length=REQUEST_ID_MAX, pattern=r"^[\x20-\x7e]+$")
     ] = None,
