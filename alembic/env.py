@@ -6,8 +6,7 @@ from logging.config import fileConfig
 
 from sqlmodel import SQLModel
 
-import audit.models
-import audit.verified  # noqa: F401  (the verify endpoint's last verified points)
+import audit.models  # noqa: F401  (the audit tables, the last verified points among them)
 import service.events.tickets
 import service.tags.models
 import service.tasks.idempotency

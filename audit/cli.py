@@ -35,6 +35,7 @@ from audit.checkpoint import (
     successor_problems,
     write_atomically,
 )
+from audit.schemas import round_up_to_microsecond
 from audit.signing import KeyFormatError, PublicKey, key_ring, parse_public_keys
 from audit.verify import Anchor, snapshot, verify_all, verify_chain
 from service.database import Database
@@ -66,7 +67,8 @@ def read_input(path: Path) -> bytes:
 
 
 def aware_datetime(text: str) -> datetime:
-    """An RFC 3339 / ISO 8601 time with a zone; a naive one would be guessed, so it is refused."""
+    """An RFC 3339 / ISO 8601 time with a zone; a naive one would be guessed, so it is refused.
+    Both uses (`--since`, inclusive; `--until`, exclusive) round it up to the microsecond."""
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
@@ -76,8 +78,8 @@ def aware_datetime(text: str) -> datetime:
             f"{text!r} has no time zone; add one, e.g. 2026-11-24T10:00:00Z"
         )
     try:
-        return value.astimezone(UTC)
-    except OverflowError:
+        return round_up_to_microsecond(text, value.astimezone(UTC))
+    except (OverflowError, ValueError):
         raise argparse.ArgumentTypeError(f"{text!r} is out of range in UTC") from None
 
 

@@ -1,4 +1,5 @@
-"""The `audit_events` table and each user's chain head."""
+"""The audit tables: the events, each user's chain head, the checkpoints and the verify
+endpoint's last verified points."""
 
 from __future__ import annotations
 
@@ -121,6 +122,21 @@ class AuditCheckpoint(SQLModel, table=True):
     leaves: list[Any] = Field(sa_column=Column(JSONType, nullable=False))
 
 
+class AuditVerifiedHead(SQLModel, table=True):
+    """The last point up to which the verify endpoint found a user's chain intact (see
+    `audit.verified`); every later check, full or not, holds the chain to it. seq 0: none yet.
+    `failed_at`: a verification has failed since the last one that passed."""
+
+    __tablename__ = "audit_verified_heads"
+
+    user_id: str = Field(sa_column=Column(String(128), primary_key=True))
+    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
+    hash: str = Field(sa_column=Column(String(64), nullable=False))
+    verified_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+    failed_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime, nullable=True))
+
+
 EVENTS = AuditEvent.__table__  # type: ignore[attr-defined]
 HEADS = AuditChainHead.__table__  # type: ignore[attr-defined]
 CHECKPOINTS = AuditCheckpoint.__table__  # type: ignore[attr-defined]
+VERIFIED = AuditVerifiedHead.__table__  # type: ignore[attr-defined]

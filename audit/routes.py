@@ -7,6 +7,7 @@ token's user (CurrentUser), and every query filters by it.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
@@ -20,13 +21,15 @@ from audit.schemas import (
     AuditPage,
     AuditProof,
     ClientTime,
+    ClientTimeRoundedUp,
     TaskAsOf,
     TaskHistory,
     TaskSnapshot,
     VerifyReport,
 )
-from audit.verified import last_verified, remember_verified
-from audit.verify import snapshot, verify_chain
+from audit.verified import record_outcome
+from audit.verify import ChainReport, snapshot, stored_point, verify_chain
+from observability import metrics
 from service.deps import (
     CurrentUser,
     SessionDep,
@@ -41,6 +44,8 @@ from service.openapi import error_responses
 from service.ratelimit import expensive_operation
 from service.responses import json_response
 from service.routing import Router
+
+log = logging.getLogger("audit.verify")
 
 router = Router(prefix="/api/{user_id}", tags=["audit"], route_class=UnitOfWorkRoute)
 keys_router = Router(tags=["audit"])
@@ -71,8 +76,8 @@ def list_audit_events(
     cursor: Cursor = None,
     task_id: Annotated[int | None, Query(ge=1, le=queries.SEQ_MAX)] = None,
     action: AuditAction | None = None,
-    since: Annotated[ClientTime | None, Query(description="Inclusive lower bound")] = None,
-    until: Annotated[ClientTime | None, Query(description="Exclusive upper bound")] = None,
+    since: Annotated[ClientTimeRoundedUp | None, Query(description="Inclusive lower bound")] = None,
+    until: Annotated[ClientTimeRoundedUp | None, Query(description="Exclusive upper bound")] = None,
     request_id: Annotated[
         str | None, Query(min_length=1, max_length=REQUEST_ID_MAX, pattern=r"^[\x20-\x7e]+$")
     ] = None,
@@ -106,7 +111,9 @@ def list_audit_events(
     dependencies=[Depends(expensive_operation)],
     description="200 with `ok: false` and the first bad seq when the chain does not verify. "
     "Checks the events appended since the last call that found the chain intact (and that the "
-    "last verified event is unchanged); `full=true` recomputes every event from seq 1.",
+    "last verified event is unchanged); `full=true` recomputes every event from seq 1, and "
+    "the last verified event must still be in the chain with its hash. After a check that "
+    "failed, every check recomputes the whole chain until one passes.",
 )
 def verify_audit_chain(
     user: CurrentUser,
@@ -115,15 +122,31 @@ def verify_audit_chain(
     full: Annotated[bool, Query(description="Recompute the whole chain from seq 1")] = False,
 ) -> Any:
     conn = snapshot(session)
-    since = None if full else last_verified(conn, user.user_id)
-    report = verify_chain(conn, user.user_id, since=since)
-    if report.ok and report.head_hash is not None:
-        # The snapshot is read-only: end it, and write in the unit's next transaction, on the
-        # same pooled connection (a second one, taken while holding the first, could wait for
-        # the pool forever with DB_POOL_SIZE=1, and starves other requests under load).
-        session.rollback()
-        remember_verified(session.connection(), user.user_id, report.head_seq, report.head_hash)
+    seen = stored_point(conn, user.user_id)
+    report = verify_chain(conn, user.user_id, resume=not full)
+    # The snapshot is read-only: end it, and write in the unit's next transaction, on the
+    # same pooled connection (a second one, taken while holding the first, could wait for
+    # the pool forever with DB_POOL_SIZE=1, and starves other requests under load).
+    session.rollback()
+    record_outcome(session.connection(), user.user_id, seen, report)
+    if not report.ok:
+        _report_failure(report, full)
     return json_response(VerifyReport.model_validate(report.as_dict()))
+
+
+def _report_failure(report: ChainReport, full: bool) -> None:
+    """A broken chain is evidence of tampering: more than the 200 of the access line."""
+    mode = "full" if full else "incremental"
+    log.warning(
+        "audit chain verification failed",
+        extra={
+            "user_id": report.user_id,
+            "first_bad_seq": report.first_bad_seq,
+            "reason": report.reason,
+            "mode": mode,
+        },
+    )
+    metrics.audit_verify_failed(mode)
 
 
 @router.get(

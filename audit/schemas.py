@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -22,7 +22,9 @@ from pydantic import (
     PlainSerializer,
     SerializeAsAny,
     SkipValidation,
+    ValidatorFunctionWrapHandler,
     WithJsonSchema,
+    WrapValidator,
 )
 from pydantic.json_schema import SkipJsonSchema
 
@@ -56,7 +58,35 @@ def rfc3339_text(value: Any) -> Any:
 
 
 # A time given by a client: with a zone (naive times are refused, not guessed), then in UTC.
+# Digits after the sixth of the seconds' fraction are cut: stored times are microseconds.
 ClientTime = Annotated[AwareDatetime, BeforeValidator(rfc3339_text), AfterValidator(to_utc)]
+
+_FINER_THAN_MICROSECONDS = re.compile(r"\.\d{6}\d*[1-9]")
+
+
+def round_up_to_microsecond(text: str, parsed: datetime) -> datetime:
+    """`parsed` (`text` cut to the microsecond), one microsecond later if a digit cut was not 0.
+
+    Times are kept to the microsecond, so a bound compared with `>=` or `<` (`since`, `until`,
+    `due_before`) selects the same times rounded up as exact; cut, a `since` of 21.4200075
+    let in an event of 21.420007. A bound compared with `>` or `<=` (`due_after`, `as_of`)
+    is exact when cut, as ClientTime leaves it.
+    """
+    if _FINER_THAN_MICROSECONDS.search(text) is None:
+        return parsed
+    try:
+        return parsed + timedelta(microseconds=1)
+    except OverflowError:
+        raise ValueError("is out of range once rounded up to the microsecond") from None
+
+
+def _rounded_up(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime:
+    parsed: datetime = handler(value)
+    return round_up_to_microsecond(value, parsed) if isinstance(value, str) else parsed
+
+
+# A client's time used as a bound compared with `>=` or `<` (see round_up_to_microsecond).
+ClientTimeRoundedUp = Annotated[ClientTime, WrapValidator(_rounded_up)]
 
 
 class AuditAction(StrEnum):

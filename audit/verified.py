@@ -2,48 +2,60 @@
 checks only the events appended since (its cost no longer grows with the whole chain).
 
 A full re-verification from seq 1 stays available: `todo-api audit verify` and the endpoint's
-`?full=true`. The stored point only moves forward, and only after a verification that passed.
+`?full=true`; it holds the chain to the stored point too (`audit.verify.stored_point`). The
+stored point only moves forward, and only after a verification that passed.
+
+A failed verification over the API is recorded (`failed_at`) and the point is kept: it is
+evidence (a deleted tail is found only by it). While a failure is recorded, the incremental
+check recomputes the whole chain, so it reports what `?full=true` found; a check that passes
+from seq 1 clears it. A check writes only if the row is still as its snapshot saw it, so a
+check that began before a failure was recorded cannot clear it or move the point past it.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from sqlalchemy import BigInteger, Column, Connection, String, select
+from sqlalchemy import Connection, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlmodel import Field, SQLModel
 
-from audit.verify import Anchor
-from service.sqltypes import UTCDateTime, utcnow
-
-
-class AuditVerifiedHead(SQLModel, table=True):
-    __tablename__ = "audit_verified_heads"
-
-    user_id: str = Field(sa_column=Column(String(128), primary_key=True))
-    seq: int = Field(sa_column=Column(BigInteger, nullable=False))
-    hash: str = Field(sa_column=Column(String(64), nullable=False))
-    verified_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))
+from audit.chain import GENESIS_HASH
+from audit.models import VERIFIED
+from audit.verify import ChainReport, StoredPoint
+from service.sqltypes import utcnow
 
 
-VERIFIED = AuditVerifiedHead.__table__  # type: ignore[attr-defined]
-
-
-def last_verified(conn: Connection, user_id: str) -> Anchor | None:
-    row = conn.execute(
-        select(VERIFIED.c.seq, VERIFIED.c.hash).where(VERIFIED.c.user_id == user_id)
-    ).first()
-    return Anchor(seq=int(row.seq), hash=str(row.hash)) if row is not None else None
-
-
-def remember_verified(conn: Connection, user_id: str, seq: int, hash_: str) -> None:
-    """Store the new verified point (in the caller's transaction); never move it backwards."""
-    if seq <= 0:
+def record_outcome(
+    conn: Connection, user_id: str, seen: StoredPoint | None, report: ChainReport
+) -> None:
+    """Store what a check found (in the caller's transaction); `seen` is the stored point as
+    the check's snapshot read it."""
+    now = utcnow()
+    if not report.ok:
+        # Always lands; the point stays as it is.
+        failed = insert(VERIFIED).values(
+            user_id=user_id, seq=0, hash=GENESIS_HASH, verified_at=now, failed_at=now
+        )
+        conn.execute(
+            failed.on_conflict_do_update(
+                index_elements=[VERIFIED.c.user_id], set_={"failed_at": now}
+            )
+        )
         return
-    stmt = insert(VERIFIED).values(user_id=user_id, seq=seq, hash=hash_, verified_at=utcnow())
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[VERIFIED.c.user_id],
-        set_={"seq": stmt.excluded.seq, "hash": stmt.excluded.hash, "verified_at": utcnow()},
-        where=VERIFIED.c.seq < stmt.excluded.seq,
+    seq, hash_ = report.head_seq, report.head_hash or GENESIS_HASH
+    values = {"seq": seq, "hash": hash_, "verified_at": now, "failed_at": None}
+    if seen is None:
+        if seq > 0:
+            stmt = insert(VERIFIED).values(user_id=user_id, **values)
+            conn.execute(stmt.on_conflict_do_nothing(index_elements=[VERIFIED.c.user_id]))
+        return
+    if seen.failed_at is None and seq <= seen.seq:
+        return  # nothing new
+    conn.execute(
+        update(VERIFIED)
+        .where(
+            VERIFIED.c.user_id == user_id,
+            VERIFIED.c.verified_at == seen.verified_at,
+            VERIFIED.c.failed_at.is_not_distinct_from(seen.failed_at),
+            VERIFIED.c.seq <= seq,
+        )
+        .values(**values)
     )
-    conn.execute(stmt)

@@ -4,21 +4,26 @@ A chain is read in seq order, in batches (never all at once), inside one read-on
 that appends committed meanwhile cannot look like a gap. Each event must have the next seq,
 link to the previous event's hash (the genesis hash for seq 1) and hash to its stored value;
 the last event must match the chain head row, so deleting the newest events is detected too.
+The chain must also still hold the point the verify endpoint last found intact
+(`audit_verified_heads`), in every mode: a deleted verified tail, with the head moved back to
+match, links up on its own and is found only by that.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping, exists, select
 from sqlalchemy.orm import Session
 
 from audit.chain import GENESIS_HASH, HASHED_FIELDS, compute_hash
-from audit.models import EVENTS, HEADS
+from audit.models import EVENTS, HEADS, VERIFIED
 
 BATCH_SIZE = 1000
+VERIFIED_SOURCE = "an earlier verification"
 # Everything a hash covers (in any version), the stored hash and its version.
 _COLUMNS = tuple(column for column in EVENTS.c if column.name not in {"id", "xact_id"})
 
@@ -169,32 +174,65 @@ def _check_verified_point(conn: Connection, user_id: str, since: Anchor) -> None
         raise _ChainBroken(since.seq, f"seq {since.seq}: altered since it was last verified")
 
 
+@dataclass(frozen=True, slots=True)
+class StoredPoint:
+    """A user's row of `audit_verified_heads`, as one snapshot saw it."""
+
+    seq: int  # 0: no event verified yet
+    hash: str
+    verified_at: datetime
+    failed_at: datetime | None  # a check failed after the last one that passed
+
+    @property
+    def anchor(self) -> Anchor | None:
+        return Anchor(self.seq, self.hash, VERIFIED_SOURCE) if self.seq > 0 else None
+
+
+def stored_point(conn: Connection, user_id: str) -> StoredPoint | None:
+    """Where the verify endpoint last found the chain intact, and whether a check failed since."""
+    row = conn.execute(
+        select(VERIFIED.c.seq, VERIFIED.c.hash, VERIFIED.c.verified_at, VERIFIED.c.failed_at).where(
+            VERIFIED.c.user_id == user_id
+        )
+    ).first()
+    if row is None:
+        return None
+    return StoredPoint(int(row.seq), str(row.hash), row.verified_at, row.failed_at)
+
+
 def verify_chain(
     conn: Connection,
     user_id: str,
     *,
     batch_size: int = BATCH_SIZE,
     anchors: Sequence[Anchor] = (),
-    since: Anchor | None = None,
+    resume: bool = False,
 ) -> ChainReport:
     """Recompute one user's chain; the report names the first bad seq, if any.
 
-    Each anchor's seq must still have its hash. A rewrite between two anchors can be placed
-    only that precisely: the reason names the range since the last anchor that matched.
-    With `since` (a point an earlier check found intact), only the events after it are
-    checked, linked to it; the events before it are not recomputed.
+    Each anchor's seq must still have its hash, and so must the stored verified point's. A
+    rewrite between two anchors can be placed only that precisely: the reason names the range
+    since the last anchor that matched. With `resume`, only the events after the stored point
+    are checked, linked to it; the events before it are not recomputed. Not after a recorded
+    failure: a failure in events verified earlier would not be seen again, so the whole chain
+    is checked until a check passes.
     """
     head = conn.execute(select(HEADS.c.seq, HEADS.c.hash).where(HEADS.c.user_id == user_id)).first()
     head_seq = int(head.seq) if head is not None else 0
     head_hash = str(head.hash) if head is not None else None
     expected_seq, prev_hash, events, matched = 1, GENESIS_HASH, 0, 0
+    stored = stored_point(conn, user_id)
+    point = stored.anchor if stored is not None else None
+    since = point if resume and stored is not None and stored.failed_at is None else None
+    if point is not None and since is None:
+        anchors = [*anchors, point]
     by_seq: dict[int, list[Anchor]] = {}
     for anchor in anchors:
         by_seq.setdefault(anchor.seq, []).append(anchor)
     after: int | None = None
-    from_seq = since.seq if since is not None and since.seq > 0 else 0
+    from_seq = since.seq if since is not None else 0
     try:
-        if since is not None and from_seq:
+        if since is not None:
             _check_verified_point(conn, user_id, since)
             expected_seq, prev_hash, after = since.seq + 1, since.hash, since.seq
         for row in _events(conn, user_id, batch_size, after):
@@ -229,7 +267,8 @@ def verify_chain(
 
 def chain_user_ids(conn: Connection, batch_size: int = BATCH_SIZE) -> Iterator[str]:
     """Every user with a chain: those with a head row (paged by primary key), then any whose
-    events have no head row (only possible by tampering)."""
+    events have no head row, or who have a verified point but neither (only possible by
+    tampering)."""
     last: str | None = None
     while True:
         stmt = select(HEADS.c.user_id)
@@ -247,6 +286,16 @@ def chain_user_ids(conn: Connection, batch_size: int = BATCH_SIZE) -> Iterator[s
         .order_by(EVENTS.c.user_id)
     )
     yield from conn.execute(headless).scalars()
+    gone = (
+        select(VERIFIED.c.user_id)
+        .where(
+            VERIFIED.c.seq > 0,
+            ~exists().where(HEADS.c.user_id == VERIFIED.c.user_id),
+            ~exists().where(EVENTS.c.user_id == VERIFIED.c.user_id),
+        )
+        .order_by(VERIFIED.c.user_id)
+    )
+    yield from conn.execute(gone).scalars()
 
 
 def verify_all(
@@ -255,8 +304,8 @@ def verify_all(
     batch_size: int = BATCH_SIZE,
     anchors: Mapping[str, Sequence[Anchor]] | None = None,
 ) -> Iterator[ChainReport]:
-    """Every chain, one report each; chains an export or checkpoint knew of but which are
-    gone fail too."""
+    """Every chain, one report each; chains an export, a checkpoint or the verify endpoint
+    knew of but which are gone fail too."""
     pending = dict(anchors or {})
     for user_id in chain_user_ids(conn, batch_size):
         found = pending.pop(user_id, ())

@@ -57,9 +57,19 @@ _store_errors = _meter.create_counter(
     description="Requests admitted without counting because the rate-limit store failed.",
 )
 
+_verify_failures = _meter.create_counter(
+    "todo_api.audit.verify.failures",
+    unit="{check}",
+    description="Chain verifications over the API that failed, by mode (full, incremental).",
+)
+
 
 def audit_event_committed(action: str) -> None:
     _audit_events.add(1, {"audit.action": action})
+
+
+def audit_verify_failed(mode: str) -> None:
+    _verify_failures.add(1, {"audit.verify.mode": mode})
 
 
 def unavailable(cause: str) -> None:

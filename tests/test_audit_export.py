@@ -150,6 +150,21 @@ def test_time_window(client: TestClient, user: Any, settings: Settings, database
     assert closing["filters"]["since"] == times[1].strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def test_a_since_finer_than_a_microsecond_is_rounded_up(
+    client: TestClient, user: Any, settings: Settings, database: Database
+) -> None:
+    """As the feed's: cut, `--since` of an event's time plus half a microsecond included it."""
+    make_history(client, user)
+    times = [e["occurred_at"] for e in events_of(database.engine, user.user_id)]
+    half_after = times[3].strftime("%Y-%m-%dT%H:%M:%S.%f") + "5Z"
+    argv = ["audit", "export", "--user", user.user_id, "--format", "ndjson"]
+    status, out, _ = run_cli(settings, *argv, "--since", half_after)
+    assert status == 0
+    assert [e["seq"] for e in json_lines(out)[:-1]] == [5]
+    status, out, _ = run_cli(settings, *argv, "--until", half_after)
+    assert [e["seq"] for e in json_lines(out)[:-1]] == [1, 2, 3, 4]
+
+
 def test_export_of_a_user_without_events(settings: Settings) -> None:
     status, out, _ = run_cli(
         settings, "audit", "export", "--user", "nobody-" + "x" * 20, "--format", "ndjson"

@@ -143,6 +143,30 @@ def test_filters(client: TestClient, user: Any, database: Database) -> None:
     assert seqs(since=(times[5] + timedelta(seconds=1)).isoformat()) == []
 
 
+def test_bounds_finer_than_a_microsecond_compare_exactly(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    """Events are timed to the microsecond; a bound with more digits was cut, so an inclusive
+    `since` of .4200075 returned the event of .420007, before it."""
+    task = create_task(client, user, "First")
+    change(client, "PUT", f"/{task['id']}", user, json={"title": "Second"})
+    times = {e["seq"]: e["occurred_at"] for e in events_of(database.engine, user.user_id)}
+
+    def finer(seq: int, digit: str) -> str:
+        """The event's time in +01:00, with a seventh fractional digit."""
+        text = times[seq].astimezone(timezone(timedelta(hours=1))).isoformat("T", "microseconds")
+        return text[: -len("+01:00")] + digit + "+01:00"
+
+    def seqs(**params: Any) -> list[int]:
+        return [e["seq"] for e in walk(client, user, limit=10, **params)]
+
+    assert seqs(since=finer(2, "5")) == []
+    assert seqs(since=finer(2, "0")) == [2]
+    assert seqs(since=finer(1, "5")) == [2]
+    assert seqs(until=finer(2, "5")) == [2, 1]
+    assert seqs(until=finer(2, "0")) == [1]
+
+
 def test_trace_filter_and_trace_url(
     settings: Settings, database: Database, client: TestClient, user: Any
 ) -> None:

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.audit_helpers import change, scratch_database, tampering
+from tests.audit_helpers import change, json_lines, run_cli, scratch_database, tampering
 from tests.support import create_task
 
 
@@ -185,3 +185,149 @@ def test_verify_holds_one_pooled_connection_at_a_time(
         assert stored_point(database, user.user_id) == (2, first.json()["head_hash"])
         again = http.get(url, headers=user.headers).json()
         assert (again["events"], again["verified_from_seq"]) == (0, 2)
+
+
+def drop_the_tail(database: Database, user_id: str, from_seq: int) -> None:
+    """Delete the events from `from_seq` on and move the head back to match: the rest of the
+    chain links up on its own."""
+    with tampering(database.engine) as conn:
+        conn.execute(
+            sa.text("DELETE FROM audit_events WHERE user_id = :u AND seq >= :s"),
+            {"u": user_id, "s": from_seq},
+        )
+        conn.execute(
+            sa.text(
+                "UPDATE audit_chain_heads h SET seq = e.seq, hash = e.hash FROM audit_events e "
+                "WHERE h.user_id = :u AND e.user_id = :u AND e.seq = :s"
+            ),
+            {"u": user_id, "s": from_seq - 1},
+        )
+
+
+def test_the_full_check_holds_the_chain_to_the_verified_point(
+    client: TestClient, user: Any, database: Database, settings: Settings
+) -> None:
+    """Without the stored point the full check found nothing: seq 1..3 and the head agree."""
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 3)  # seq 1..4
+    assert verify(client, user)["ok"] is True
+    drop_the_tail(database, user.user_id, 4)
+
+    incremental = verify(client, user)
+    assert (incremental["ok"], incremental["first_bad_seq"]) == (False, 4)
+    full = verify(client, user, full=True)
+    assert (full["ok"], full["first_bad_seq"], full["events"]) == (False, 4, 3)
+    assert "an earlier verification recorded its head at seq 4" in full["reason"]
+
+    status, out, _ = run_cli(settings, "audit", "verify", "--user", user.user_id)
+    assert status == 1
+    (chain,) = [line for line in json_lines(out) if line["record"] == "chain"]
+    assert (chain["ok"], chain["first_bad_seq"]) == (False, 4)
+    status, out, _ = run_cli(settings, "audit", "verify", "--failures-only")
+    failing = {line["user_id"]: line for line in json_lines(out) if line["record"] == "chain"}
+    assert status == 1 and failing[user.user_id]["first_bad_seq"] == 4
+
+
+def test_a_verified_chain_that_is_gone_fails(
+    client: TestClient, user: Any, database: Database, settings: Settings
+) -> None:
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 1)  # seq 1..2
+    assert verify(client, user)["ok"] is True
+    with tampering(database.engine) as conn:
+        for table in ("audit_events", "audit_chain_heads"):
+            conn.execute(sa.text(f"DELETE FROM {table} WHERE user_id = :u"), {"u": user.user_id})
+
+    full = verify(client, user, full=True)
+    assert (full["ok"], full["first_bad_seq"], full["head_seq"]) == (False, 1, 0)
+    status, out, _ = run_cli(settings, "audit", "verify", "--failures-only")
+    failing = {line["user_id"]: line for line in json_lines(out) if line["record"] == "chain"}
+    assert status == 1 and failing[user.user_id]["first_bad_seq"] == 1
+
+
+def failed_at(database: Database, user_id: str) -> Any:
+    with database.engine.connect() as conn:
+        return conn.execute(
+            sa.text("SELECT failed_at FROM audit_verified_heads WHERE user_id = :u"),
+            {"u": user_id},
+        ).scalar_one()
+
+
+def set_client_ip(database: Database, user_id: str, seq: int, ip: str | None) -> None:
+    with tampering(database.engine) as conn:
+        conn.execute(
+            sa.text("UPDATE audit_events SET client_ip = :ip WHERE user_id = :u AND seq = :s"),
+            {"u": user_id, "s": seq, "ip": ip},
+        )
+
+
+def test_after_a_failed_full_check_the_incremental_one_fails_too(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    """It used to answer ok: it starts after the verified point, past the altered event."""
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 4)  # seq 1..5
+    first = verify(client, user)
+    assert first["ok"] is True
+    original_ip = client_ip_of(database, user.user_id, 2)
+    set_client_ip(database, user.user_id, 2, "10.6.6.6")
+    assert verify(client, user, full=True)["first_bad_seq"] == 2
+
+    again = verify(client, user)
+    assert (again["ok"], again["first_bad_seq"], again["verified_from_seq"]) == (False, 2, 0)
+    # The point is kept (it is evidence); the failure is recorded next to it.
+    assert stored_point(database, user.user_id) == (5, first["head_hash"])
+    assert failed_at(database, user.user_id) is not None
+
+    # Once the chain is intact again, a check from seq 1 passes and clears the failure.
+    set_client_ip(database, user.user_id, 2, original_ip)
+    grow(client, user, task["id"], 1)  # seq 6
+    passed = verify(client, user)
+    assert (passed["ok"], passed["events"], passed["verified_from_seq"]) == (True, 6, 0)
+    assert failed_at(database, user.user_id) is None
+    assert stored_point(database, user.user_id) == (6, passed["head_hash"])
+    assert verify(client, user)["verified_from_seq"] == 6
+
+
+def test_a_failure_before_any_pass_is_recorded(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 1)  # seq 1..2
+    set_client_ip(database, user.user_id, 1, "10.6.6.6")
+    assert verify(client, user, full=True)["first_bad_seq"] == 1
+    assert stored_point(database, user.user_id) == (0, "0" * 64)
+    assert failed_at(database, user.user_id) is not None
+
+
+def test_a_check_that_began_before_a_failure_cannot_clear_it(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    """A pass from an older snapshot, written after a failure was recorded, is dropped."""
+    from audit.verified import record_outcome
+    from audit.verify import stored_point as read_point
+    from audit.verify import verify_chain
+
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 2)  # seq 1..3
+    assert verify(client, user)["ok"] is True
+    grow(client, user, task["id"], 2)  # seq 4..5
+    with database.engine.connect() as conn:
+        seen = read_point(conn, user.user_id)
+        older = verify_chain(conn, user.user_id, resume=True)
+    assert older.ok and older.head_seq == 5
+    set_client_ip(database, user.user_id, 4, "10.6.6.6")
+    assert verify(client, user)["first_bad_seq"] == 4
+
+    with database.engine.begin() as conn:
+        record_outcome(conn, user.user_id, seen, older)
+    assert stored_point(database, user.user_id) == (3, seen.hash if seen else None)
+    assert verify(client, user)["first_bad_seq"] == 4
+
+
+def client_ip_of(database: Database, user_id: str, seq: int) -> Any:
+    with database.engine.connect() as conn:
+        return conn.execute(
+            sa.text("SELECT client_ip FROM audit_events WHERE user_id = :u AND seq = :s"),
+            {"u": user_id, "s": seq},
+        ).scalar_one()

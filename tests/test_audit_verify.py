@@ -484,3 +484,36 @@ def test_the_installed_command(client: TestClient, user: Any, database: Database
     chain, summary = json_lines(done.stdout)
     assert (chain["user_id"], chain["first_bad_seq"]) == (user.user_id, 2)
     assert summary["ok"] is False
+
+
+def test_a_failed_verification_logs_one_warning(
+    client: TestClient,
+    user: Any,
+    bystander: Any,
+    database: Database,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It was only the access line, INFO with status 200. (Counted: tests/test_metrics.py.)"""
+    make_chain(client, user, 3)
+    with tampering(database.engine) as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE audit_events SET client_ip = '10.6.6.6' WHERE user_id = :u AND seq = 2"
+            ),
+            {"u": user.user_id},
+        )
+    capsys.readouterr()
+    assert api_verify(client, bystander)["ok"] is True  # a pass logs no warning
+    full = api_verify(client, user, full=True)
+    incremental = api_verify(client, user)
+    out = capsys.readouterr().out
+
+    warnings = [line for line in json_lines(out) if line["level"] == "WARNING"]
+    assert [(w["logger"], w["message"], w["mode"]) for w in warnings] == [
+        ("audit.verify", "audit chain verification failed", "full"),
+        ("audit.verify", "audit chain verification failed", "incremental"),
+    ]
+    for warning, report in zip(warnings, (full, incremental), strict=True):
+        assert warning["user_id"] == user.user_id
+        assert (warning["first_bad_seq"], warning["reason"]) == (2, report["reason"])
+    assert user.token not in out

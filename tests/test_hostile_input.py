@@ -370,6 +370,8 @@ def test_query_strings(client: TestClient, user: ApiUser, query: str, status: in
         ("since=1700000000", 400),  # a Unix time is not an RFC 3339 date-time
         ("until=-0.5", 400),
         ("since=2026-01-01T00:00:00Z&since=garbage", 400),
+        ("since=2026-01-01T00:00:00.0000001Z", 200),  # rounded up to the microsecond
+        ("until=9999-12-31T23:59:59.9999999Z", 400),  # ... which is out of range
         ("cursor=%FF%00", 400),
         ("task_id=1&task_id=x", 400),
         ("action=task.created&action=task.nope", 400),

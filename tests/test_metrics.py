@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from opentelemetry import metrics as otel_metrics
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -22,10 +23,11 @@ from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database, build_engine
 from service.settings import Settings
+from tests.audit_helpers import change, scratch_database, tampering
 from tests.jwt_helpers import random_id
 from tests.otlp_receiver import MetricsReceiver
 from tests.serve_helpers import ServeProcess
-from tests.support import TEST_SECRET, ApiUser, free_port
+from tests.support import TEST_SECRET, ApiUser, create_task, free_port
 
 _reader: InMemoryMetricReader | None = None
 
@@ -235,3 +237,36 @@ def test_otlp_metrics_export_from_a_served_process(
     routes = {a.get("http.route") for a in metrics_receiver.attributes}
     assert "/api/{user_id}/tasks" in routes
     assert not [a for a in metrics_receiver.attributes if user_id in a.values()]
+
+
+def test_failed_audit_verifications_are_counted_by_mode(
+    settings: Settings, make_user: Any, metric_reader: InMemoryMetricReader
+) -> None:
+    """On a database of its own: the chain is broken on purpose."""
+
+    def failures(mode: str) -> float:
+        return value(metric_reader, "todo_api.audit.verify.failures", **{"audit.verify.mode": mode})
+
+    with scratch_database() as url:
+        own = settings.model_copy(update={"database_url": url})
+        db = Database(build_engine(own))
+        try:
+            with TestClient(create_app(own, db)) as client:
+                broken, intact = make_user(), make_user()
+                for user in (broken, intact):
+                    task = create_task(client, user, "t")
+                    change(client, "PUT", f"/{task['id']}", user, json={"title": "u"})
+                with tampering(db.engine) as conn:
+                    conn.execute(
+                        sa.text("UPDATE audit_events SET user_agent = 'x' WHERE user_id = :u"),
+                        {"u": broken.user_id},
+                    )
+                before = {mode: failures(mode) for mode in ("full", "incremental")}
+                for user, full in ((intact, False), (broken, True), (broken, False)):
+                    path = f"/api/{user.user_id}/audit-events/verify?full={str(full).lower()}"
+                    report = client.get(path, headers=user.headers).json()
+                    assert report["ok"] is (user is intact)
+        finally:
+            db.dispose()
+    after = {mode: failures(mode) - before[mode] for mode in before}
+    assert after == {"full": 1, "incremental": 1}

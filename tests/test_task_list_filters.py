@@ -540,3 +540,21 @@ def test_a_deep_page_by_due_date_reads_a_page_of_rows(
         cursor.close()
         conn.rollback()
     assert _rows_read_from_tasks(plan) <= 2 * (limit + 1)
+
+
+def test_due_bounds_finer_than_a_microsecond_compare_exactly(
+    client: TestClient, user: ApiUser
+) -> None:
+    """Due times are kept to the microsecond; `due_before` was cut, so a task due at
+    .420007 was not 'before .4200075'."""
+    task = create(client, user, "Exact", due_at="2030-01-01T00:00:00.420007Z")
+
+    def found(**params: str) -> bool:
+        listed = client.get(user.url(), params=params, headers=user.headers)
+        assert listed.status_code == 200, listed.text
+        return [t["id"] for t in listed.json()] == [task["id"]]
+
+    assert found(due_before="2030-01-01T01:00:00.4200075+01:00")
+    assert not found(due_before="2030-01-01T00:00:00.4200070Z")
+    assert found(due_after="2030-01-01T00:00:00.4200069Z")
+    assert not found(due_after="2030-01-01T00:00:00.4200071Z")

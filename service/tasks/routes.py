@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import Body, Depends, Header, Query, Request, Response, status
 
 from audit.deps import AuditCtx
-from audit.schemas import ClientTime
+from audit.schemas import ClientTime, ClientTimeRoundedUp
 from service import paging
 from service.conditional import IfMatch, IfNoneMatch, matches
 from service.deps import CurrentUser, SessionDep, TaskIdPath, UnitOfWorkRoute, UserIdPath
@@ -121,7 +121,7 @@ def list_tasks(
         ),
     ] = None,
     due_before: Annotated[
-        ClientTime | None, Query(description="Due strictly before this time (RFC 3339)")
+        ClientTimeRoundedUp | None, Query(description="Due strictly before this time (RFC 3339)")
     ] = None,
     due_after: Annotated[
         ClientTime | None, Query(description="Due strictly after this time (RFC 3339)")
