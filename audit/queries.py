@@ -20,7 +20,7 @@ from sqlalchemy import RowMapping, Select, exists, select
 from sqlalchemy.orm import Session
 
 from audit.chain import format_timestamp
-from audit.models import EVENTS
+from audit.models import EVENTS, HEADS
 from audit.schemas import AuditAction
 from service.exceptions import InvalidInput, NotFound
 
@@ -132,6 +132,13 @@ def events_after(session: Session, user_id: str, after: int, limit: int) -> Sequ
         .limit(limit)
     )
     return session.execute(stmt).mappings().all()
+
+
+def chain_head_seq(session: Session, user_id: str) -> int:
+    """The seq of the user's newest event (0 before the first): no event has a higher one, so a
+    change feed asked to resume past it would wait for events the client already thinks it has."""
+    seq = session.execute(select(HEADS.c.seq).where(HEADS.c.user_id == user_id)).scalar()
+    return int(seq or 0)
 
 
 def _task_ever_existed(session: Session, user_id: str, task_id: int) -> bool:

@@ -23,8 +23,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from audit.recorder import AuditContext, record_event
 from service.app import create_app
 from service.auth import create_dev_token
-from service.database import Database
+from service.database import Database, build_engine
 from service.settings import Settings
+from tests.audit_helpers import scratch_database, tampering
 from tests.feed_helpers import FeedReader, wait_listening, wait_streams
 from tests.reliability_helpers import (
     TcpProxy,
@@ -126,6 +127,42 @@ def test_resume_with_after_or_last_event_id_replays_then_goes_live(
             by_header.wait_for_seq(6)
     assert by_query.seqs == [3, 4, 5, 6]
     assert by_header.seqs == [5, 6]
+
+
+def test_a_resume_point_past_the_newest_event_ends_the_stream_with_the_latest_seq(
+    server: LiveServer, make_user: Any
+) -> None:
+    """A stored id from another database (one reset since): the stream used to wait, silently
+    skipping every new event up to that id. It ends at once, naming where to resume; a resume
+    at exactly the newest event still waits for the next one."""
+    user, newcomer = make_user(), make_user()
+    with server.client() as http:
+        write(http, user, "POST", json={"title": "one"})
+        write(http, user, "POST", json={"title": "two"})
+        ticket_url = http.post(f"/api/{user.user_id}/events/tickets", headers=user.headers).json()[
+            "stream_url"
+        ]
+        ahead = [
+            feed(server, user, params={"after": 5}),
+            feed(server, user, headers={**user.headers, "Last-Event-ID": "1042"}),
+            FeedReader(server.url, f"{ticket_url}&after=3"),  # EventSource's way in
+        ]
+        for reader in ahead:
+            with reader:
+                assert reader.status == 200
+                end = reader.wait_for_end(timeout=10)
+            assert end.json() == {"reason": "resume_point_ahead", "latest_seq": 2}
+            assert reader.task_events == []
+        with feed(server, newcomer, params={"after": 1}) as empty_chain:
+            end = empty_chain.wait_for_end(timeout=10)
+        assert end.json() == {"reason": "resume_point_ahead", "latest_seq": 0}
+        # What the client does next: resume from latest_seq, and gets what follows it.
+        with feed(server, user, params={"after": 2}) as at_head:
+            write(http, user, "POST", json={"title": "three"})
+            at_head.wait_for_seq(3)
+            assert not at_head.ended.is_set()
+    assert at_head.seqs == [3]
+    assert [e.event for e in at_head.events] == ["task.created"]
 
 
 def test_reconnects_during_racing_writes_lose_and_repeat_nothing(
@@ -449,6 +486,48 @@ def test_the_listener_reconnects_and_nothing_committed_meanwhile_is_lost(
         write(http, user, "POST", json={"title": "after"})
         reader.wait_for_seq(3)
     assert reader.seqs == [1, 2, 3]
+
+
+def test_a_chain_reset_under_an_open_stream_ends_it_with_the_latest_seq(
+    settings: Settings, base_settings: Settings, make_user: Any
+) -> None:
+    """A development database reset under an open tab: the user's chain is gone, the
+    connections are cut, the listener reconnects and wakes the stream, which finds the chain
+    behind its last id and says so instead of waiting for seqs it has already sent."""
+    user = make_user()
+    with scratch_database() as url:
+        database = Database(build_engine(base_settings, url))
+        try:
+            with (
+                serve(settings, database, database_url=url) as server,
+                feed(server, user) as reader,
+            ):
+                app = server.app  # type: ignore[attr-defined]
+                append_filler_events(database, user.user_id, 0, 3)
+                reader.wait_for_seq(3)
+                with tampering(database.engine) as conn:
+                    for table in ("audit_events", "audit_chain_heads"):
+                        conn.execute(
+                            sa.text(f"DELETE FROM {table} WHERE user_id = :u"),
+                            {"u": user.user_id},
+                        )
+                with database.engine.connect() as conn:
+                    pids = list(
+                        conn.execute(
+                            sa.text(
+                                "SELECT pid FROM pg_stat_activity WHERE datname ="
+                                " current_database() AND application_name = 'todo-api-feed'"
+                            )
+                        ).scalars()
+                    )
+                before = app.state.feed.connections_made
+                assert terminate(database.engine, pids) >= 1
+                wait_until(lambda: app.state.feed.connections_made > before, "a new listener")
+                end = reader.wait_for_end(timeout=10)
+        finally:
+            database.dispose()
+    assert reader.seqs == [1, 2, 3]
+    assert end.json() == {"reason": "resume_point_ahead", "latest_seq": 0}
 
 
 def append_filler_events(database: Database, user_id: str, written: int, count: int) -> int:

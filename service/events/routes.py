@@ -4,7 +4,9 @@ Each event of the user's audit chain is sent once, in seq order: `id` is its seq
 action, `data` the same JSON as an item of `GET /audit-events`. A stream first sends what
 follows `Last-Event-ID` (or `?after=`) from the table, then waits for the hub to wake it and
 reads on from its last seq: replay and live are one loop over the table, so there is no gap
-and no duplicate between them.
+and no duplicate between them. A resume point past the user's newest event (the client's
+state is from another database, e.g. one reset since) ends the stream with `resume_point_ahead`
+instead of waiting for seqs the client believes it has already seen.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
@@ -26,7 +29,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
-from audit.queries import SEQ_MAX, events_after
+from audit.queries import SEQ_MAX, chain_head_seq, events_after
 from audit.schemas import AuditEventPublic, UtcTimestamp
 from service.auth import Principal
 from service.database import Database
@@ -61,6 +64,8 @@ RECONNECT_MS = 2000
 # After the shutdown signal, how long a stream has to send its final event.
 SHUTDOWN_GRACE_SECONDS = 2.0
 END_EVENT = "end"
+# The `end` reason for a resume point past the user's newest event; it carries `latest_seq`.
+RESUME_POINT_AHEAD = "resume_point_ahead"
 
 
 class NotAcceptable(DomainError):
@@ -172,19 +177,29 @@ async def _subscribe(
         raise
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    events: list[ServerSentEvent]
+    # The chain head's seq, read only when there was nothing to send.
+    head: int | None
+
+
 def _read(
     database: Database, user_id: str, after: int, jaeger_ui_url: str | None, traced: bool
-) -> list[ServerSentEvent]:
+) -> Page:
     """The next page of the user's events, encoded; in a worker thread.
 
     Only the first read of a stream is traced: the live reads of a stream open for hours
     would otherwise pile up under one server span.
     """
 
-    def read() -> list[ServerSentEvent]:
+    def read() -> Page:
         with database.unit_of_work() as session:
             rows = events_after(session, user_id, after, PAGE_SIZE)
-        return [
+            # After the events: one committed in between moves the head to its seq (above
+            # `after`), so it is sent on the wake-up its notification brings, never refused.
+            head = None if rows else chain_head_seq(session, user_id)
+        events = [
             ServerSentEvent(
                 AuditEventPublic.from_row(row, jaeger_ui_url).model_dump_json(),
                 id=str(row["seq"]),
@@ -192,6 +207,7 @@ def _read(
             )
             for row in rows
         ]
+        return Page(events, head)
 
     if traced:
         return read()
@@ -199,8 +215,8 @@ def _read(
         return read()
 
 
-def _end(reason: str) -> ServerSentEvent:
-    return ServerSentEvent(json.dumps({"reason": reason}), event=END_EVENT)
+def _end(reason: str, **details: Any) -> ServerSentEvent:
+    return ServerSentEvent(json.dumps({"reason": reason, **details}), event=END_EVENT)
 
 
 async def _events(
@@ -226,10 +242,16 @@ async def _events(
                     traced,
                 )
                 traced = False
-                for event in page:
+                for event in page.events:
                     yield event
                     subscription.last_seq = int(event.id or 0)
-                if len(page) < PAGE_SIZE:
+                if page.head is not None and page.head < subscription.last_seq:
+                    # Waiting would skip the events up to the resume point when they come.
+                    # Anything committed after the head was read is above it, so the client
+                    # misses nothing by resuming from `latest_seq`.
+                    yield _end(RESUME_POINT_AHEAD, latest_seq=page.head)
+                    return
+                if len(page.events) < PAGE_SIZE:
                     break
             if subscription.reason is not None:
                 yield _end(subscription.reason)
@@ -276,13 +298,19 @@ class FeedResponse(EventSourceResponse):
         200: {
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
             "description": "Server-Sent Events: `id` = seq, `event` = action, `data` = the "
-            "audit event as JSON; a final `end` event says why the server closed the stream.",
+            "audit event as JSON; a final `end` event says why the server closed the stream: "
+            '`{"reason": "token_expired"}` or `"server_shutdown"` (reconnect with the last id), '
+            'or `{"reason": "resume_point_ahead", "latest_seq": N}` when the resume point is '
+            "past the user's newest event N (the client's state is from elsewhere, e.g. a "
+            "database since reset): reload the state, then resume from N.",
         },
         **error_responses(400, 401, 403, 406, 429),
     },
     summary="The caller's audit events as they commit (Server-Sent Events)",
     description="Authenticate with `Authorization: Bearer` or, from EventSource, with "
-    "`?ticket=` from `POST /events/tickets`. Resume with `Last-Event-ID` or `?after=`.",
+    "`?ticket=` from `POST /events/tickets`. Resume with `Last-Event-ID` or `?after=`; "
+    "a resume point past the user's newest event ends the stream at once with "
+    "`resume_point_ahead`.",
 )
 async def stream_events(
     request: Request,
