@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from service.auth import Principal, TokenVerifier
 from service.database import Database, sent_nothing
-from service.exceptions import AuthError, Forbidden, TokenMissing
+from service.exceptions import AuthError, Forbidden, TokenExpired, TokenMissing
 from service.jsonbody import JsonBodyRoute
 from service.limits import USER_ID_MAX
 from service.middleware import COMMIT_UNCERTAIN
@@ -225,6 +225,10 @@ async def get_current_user(
         principal = verifier.cached(credentials.credentials)
         if principal is None:
             principal = await run_in_threadpool(verifier.verify, credentials.credentials)
+    except TokenExpired:
+        # Signed by the issuer's key (PyJWT checks the signature before `exp`): not a guess
+        # to throttle, but a client that must refresh, which a 429 would tell to wait.
+        raise
     except AuthError:
         await count_anonymous(request)
         raise

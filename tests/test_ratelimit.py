@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -14,6 +15,7 @@ from pydantic import SecretStr, ValidationError
 from service.app import create_app
 from service.database import Database
 from service.settings import Settings
+from tests.jwt_helpers import sign_hs256
 from tests.support import ApiUser, free_port, redis_url
 
 
@@ -80,6 +82,28 @@ def test_unauthenticated_requests_are_limited_per_client_ip(
         _assert_rate_limited(client.get(user.url(), headers=bad), "anonymous", 2, 60)
         # A valid token is counted by its user, not by the address.
         assert client.get(user.url(), headers=user.headers).status_code == 200
+
+
+def test_an_expired_token_is_told_to_refresh_even_past_the_anonymous_limit(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    """A frontend refreshes on 401 but backs off on 429: a genuine expired token gets its 401
+    `token-expired` even when its address has spent the anonymous budget (one server of a
+    Next.js app calls for all its users from one address)."""
+    assert settings.better_auth_secret is not None
+    expired = sign_hs256(
+        {"sub": user.user_id, "exp": int(time.time()) - 120},
+        settings.better_auth_secret.get_secret_value(),
+    )
+    with _client(settings, database, rate_limit_anonymous="2/minute") as client:
+        bad = {"Authorization": "Bearer not-a-token"}
+        assert client.get(user.url(), headers=bad).status_code == 401
+        assert client.get(user.url(), headers=bad).status_code == 401
+        _assert_rate_limited(client.get(user.url(), headers=bad), "anonymous", 2, 60)
+        for _ in range(3):
+            refused = client.get(user.url(), headers={"Authorization": f"Bearer {expired}"})
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["type"].endswith("/token-expired")
 
 
 def test_rate_limit_headers_are_exposed_to_browsers(

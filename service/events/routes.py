@@ -46,7 +46,14 @@ from service.deps import (
 )
 from service.events import tickets
 from service.events.hub import FeedHub, FeedUnavailable, Subscription, TooManyStreams
-from service.exceptions import AuthError, DomainError, Forbidden, InvalidInput, TokenMissing
+from service.exceptions import (
+    AuthError,
+    DomainError,
+    Forbidden,
+    InvalidInput,
+    TokenExpired,
+    TokenMissing,
+)
 from service.openapi import error_responses
 from service.problem_types import ProblemType
 from service.responses import json_response, url_path_for
@@ -148,6 +155,8 @@ async def _redeem(
         if ticket is None:
             raise TokenMissing("missing bearer token or stream ticket")
         redeemed = await run_in_threadpool(tickets.redeem, database, ticket, user_id)
+    except TokenExpired:
+        raise  # a genuine ticket, spent: the client must get a new one, not wait (429)
     except (AuthError, Forbidden):
         await count_anonymous(request)
         raise
