@@ -4,6 +4,8 @@ transaction), ownership (another user's tag is 404) and validation."""
 
 from __future__ import annotations
 
+import random
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -341,12 +343,132 @@ def test_tag_renames_racing_task_tag_updates_all_succeed(
             assert http.get(user.url(f"/{task_id}")).json()["tags"] == last["after"]["tags"]
 
 
-def test_a_collision_postgresql_settles_by_rolling_back_is_a_503_to_retry(
+def test_creates_completions_and_tag_changes_of_one_user_at_once_never_collide(
+    database: Database, live_server: LiveServer, user: ApiUser
+) -> None:
+    """Twelve threads mixing creates with tags (each with its Idempotency-Key), completions
+    of recurring tasks, tag renames, updates of a task's tags and tag deletions, for one user.
+    Every write that uses tags holds the user's tag lock (shared) before any tag or task, and a
+    rename or deletion holds it alone before its tag: none is rolled back. Before, a create
+    waited for that lock holding a tag a rename had locked before asking for it, and a
+    completion held its task while a rename held the tag: 503s, creates among them."""
+    pool_names = ["p", "q", "r", "s"]
+    with live_server.client(headers=user.headers) as http:
+        recurring = [
+            create(
+                http,
+                user,
+                f"r{i}",
+                tags=["p", "q"],
+                due_at="2027-01-01T00:00:00Z",
+                recurrence="FREQ=DAILY",
+            )["id"]
+            for i in range(6)
+        ]
+    plain: list[int] = []
+
+    def one(index: int) -> tuple[str, int, str]:
+        pick = random.Random(index)
+        with live_server.client(headers=user.headers) as http:
+            kind = index % 6
+            if kind in (0, 1):
+                names = pick.sample([*pool_names, f"u{pick.randrange(12)}"], 3)
+                resp = http.post(
+                    user.url(),
+                    json={"title": f"n{index}", "tags": names},
+                    headers={"Idempotency-Key": f"k{index}"},
+                )
+                if resp.status_code == 201:
+                    plain.append(resp.json()["id"])
+                return "create", resp.status_code, resp.text
+            if kind == 2:
+                task_id = pick.choice(recurring)
+                resp = http.patch(user.url(f"/{task_id}/complete"), json={"completed": True})
+                if resp.status_code == 200 and resp.json()["next_task_id"] is not None:
+                    recurring.append(resp.json()["next_task_id"])
+                return "complete", resp.status_code, resp.text
+            if kind == 3 and plain:
+                names = pick.sample([*pool_names, f"u{pick.randrange(12)}"], 2)
+                resp = http.put(user.url(f"/{pick.choice(plain)}"), json={"tags": names})
+                return "update", resp.status_code, resp.text
+            tags = http.get(tags_url(user)).json()
+            if not tags:  # all deleted: the next create makes some
+                return "rename", 404, "no tags"
+            tag = pick.choice(tags)
+            if kind == 5 and index % 4 == 1:
+                resp = http.delete(tags_url(user, f"/{tag['id']}"))
+                return "delete", resp.status_code, resp.text
+            resp = http.patch(tags_url(user, f"/{tag['id']}"), json={"name": f"z{index}"})
+            return "rename", resp.status_code, resp.text
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(360)))
+    allowed = {
+        "create": {201},
+        "complete": {200},
+        "update": {200},
+        # The tag was deleted after the list was read.
+        "rename": {200, 404},
+        "delete": {204, 404},
+    }
+    failed = [result for result in results if result[1] not in allowed[result[0]]]
+    assert not failed, (Counter(result[:2] for result in failed), failed[0][2])
+    events = events_of(database.engine, user.user_id)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    with live_server.client(headers=user.headers) as http:
+        assert http.get(f"/api/{user.user_id}/audit-events/verify").json()["ok"] is True
+        for task in http.get(user.url(), params={"limit": 500}).json():
+            last = [e for e in events if int(e["entity_id"]) == task["id"]][-1]
+            assert task["tags"] == last["after"]["tags"], task
+
+
+def test_a_create_and_a_rename_of_a_tag_it_finds_after_its_turn_both_succeed(
+    database: Database, live_server: LiveServer, user: ApiUser
+) -> None:
+    """A create waits for its turn to create a tag; meanwhile 'x' is made, and a rename of 'x'
+    locks it. The create's turn comes and it finds 'x': it waited for the rename's row lock
+    while the rename waited for the creators' turn it held, and PostgreSQL rolled one of the
+    two back (a 503: here the rename, under load often the create). Now both take the user's
+    tag lock before any tag, the rename alone: it waits for the creates, and all succeed."""
+    with live_server.client(headers=user.headers) as http:
+        create(http, user, "first")  # the chain head exists
+        head = locked(
+            database.engine,
+            "SELECT 1 FROM audit_chain_heads WHERE user_id = :u FOR UPDATE",
+            {"u": user.user_id},
+        )
+        with ThreadPoolExecutor(3) as pool:
+            # It takes its turn, inserts 'n0' and waits for the chain head, holding the turn.
+            first = pool.submit(http.post, user.url(), json={"title": "a", "tags": ["n0"]})
+            wait_until(lambda: lock_waits(database.engine) == 1, "the first create to wait")
+            second = pool.submit(http.post, user.url(), json={"title": "b", "tags": ["x"]})
+            wait_until(lambda: lock_waits(database.engine) == 2, "the second create to wait")
+            with database.engine.begin() as conn:
+                tag_id = conn.execute(
+                    sa.text(
+                        "INSERT INTO tags (user_id, name, created_at) "
+                        "VALUES (:u, 'x', now()) RETURNING id"
+                    ),
+                    {"u": user.user_id},
+                ).scalar_one()
+            rename = pool.submit(http.patch, tags_url(user, f"/{tag_id}"), json={"name": "y"})
+            wait_until(lambda: lock_waits(database.engine) == 3, "the rename to wait")
+            head.rollback()
+            head.close()
+            answers = [f.result(timeout=30) for f in (first, second, rename)]
+        assert [a.status_code for a in answers] == [201, 201, 200], answers[2].text
+        assert answers[1].json()["tags"] == ["x"]  # it found the tag, then it was renamed
+        assert http.get(user.url(f"/{answers[1].json()['id']}")).json()["tags"] == ["y"]
+        assert answers[2].json()["task_count"] == 1
+
+
+def test_a_completion_and_a_rename_of_its_tag_both_succeed(
     database: Database, live_server: LiveServer, user: ApiUser
 ) -> None:
     """Completing a recurring task tags its next occurrence while holding the task; a rename
-    of that tag holds the tag and waits for the task. PostgreSQL rolls one back: 503 with
-    `Retry-After` (not 'database unavailable'), and the retry succeeds."""
+    of that tag locks the tag, then the task. The completion took the tag after the task, and
+    PostgreSQL rolled one of the two back (a 503); now it holds the user's tag lock (shared)
+    before the task, the rename waits for it before the tag, and both succeed in turn."""
     with live_server.client(headers=user.headers) as http:
         task = create(
             http,
@@ -358,34 +480,54 @@ def test_a_collision_postgresql_settles_by_rolling_back_is_a_503_to_retry(
         )
         tag = list_tags(http, user)[0]  # type: ignore[arg-type]
         holder = locked(database.engine, TASK_ROW_LOCK, {"id": task["id"]})
-        requests = {
-            "complete": ("PATCH", user.url(f"/{task['id']}/complete"), None),
-            "rename": ("PATCH", tags_url(user, f"/{tag['id']}"), {"name": "Home"}),
-        }
         with ThreadPoolExecutor(2) as pool:
-            method, url, body = requests["complete"]
-            completion = pool.submit(http.request, method, url, json=body)
+            completion = pool.submit(
+                http.patch, user.url(f"/{task['id']}/complete"), json={"completed": True}
+            )
             wait_until(lambda: lock_waits(database.engine) == 1, "the completion to wait")
-            method, url, body = requests["rename"]
-            rename = pool.submit(http.request, method, url, json=body)
+            rename = pool.submit(http.patch, tags_url(user, f"/{tag['id']}"), json={"name": "Home"})
             wait_until(lambda: lock_waits(database.engine) == 2, "the rename to wait")
             holder.rollback()
             holder.close()
-            answers = {
-                "complete": completion.result(timeout=30),
-                "rename": rename.result(timeout=30),
-            }
-        statuses = sorted(resp.status_code for resp in answers.values())
-        assert statuses == [200, 503], {k: r.text for k, r in answers.items()}
-        failed = next(name for name, resp in answers.items() if resp.status_code == 503)
-        problem = assert_problem(answers[failed], 503)
-        assert "rolled back; retry it" in problem["detail"]
-        assert answers[failed].headers["Retry-After"] == "1"
-        method, url, body = requests[failed]
-        assert http.request(method, url, json=body).status_code == 200
+            completed, renamed = completion.result(timeout=30), rename.result(timeout=30)
+        assert (completed.status_code, renamed.status_code) == (200, 200), renamed.text
+        # The completion went first: the rename found the next occurrence and renamed it too.
+        assert renamed.json()["task_count"] == 2
         series = [t for t in http.get(user.url()).json() if t["title"] == "daily"]
         assert len(series) == 2
         assert all(t["tags"] == ["Home"] for t in series)
+        events = events_of(database.engine, user.user_id)
+        for task_id in (t["id"] for t in series):
+            last = [e for e in events if int(e["entity_id"]) == task_id][-1]
+            assert last["after"]["tags"] == ["Home"]
+
+
+def test_a_collision_postgresql_settles_by_rolling_back_is_a_503_to_retry(
+    database: Database, live_server: LiveServer, user: ApiUser
+) -> None:
+    """A rename holds its tag and waits for a task that another transaction holds, which then
+    asks for the tag: PostgreSQL rolls the rename back (the other one waits longer before it
+    looks for a deadlock). 503 with `Retry-After` (not 'database unavailable'), and the retry
+    succeeds."""
+    with live_server.client(headers=user.headers) as http:
+        task = create(http, user, "t", tags=["home"])
+        tag = list_tags(http, user)[0]  # type: ignore[arg-type]
+        holder = locked(database.engine, TASK_ROW_LOCK, {"id": task["id"]})
+        holder.execute(sa.text("SET LOCAL deadlock_timeout = '1min'"))
+        url = tags_url(user, f"/{tag['id']}")
+        with ThreadPoolExecutor(1) as pool:
+            rename = pool.submit(http.patch, url, json={"name": "Home"})
+            wait_until(lambda: lock_waits(database.engine) == 1, "the rename to wait")
+            holder.execute(sa.text("SELECT 1 FROM tags WHERE id = :id FOR KEY SHARE"), tag)
+            holder.rollback()
+            holder.close()
+            failed = rename.result(timeout=30)
+        problem = assert_problem(failed, 503)
+        assert "rolled back; retry it" in problem["detail"]
+        assert failed.headers["Retry-After"] == "1"
+        assert http.get(user.url(f"/{task['id']}")).json()["tags"] == ["home"]
+        assert http.patch(url, json={"name": "Home"}).status_code == 200
+        assert http.get(user.url(f"/{task['id']}")).json()["tags"] == ["Home"]
 
 
 def _seed_tags(database: Database, user: ApiUser, count: int) -> None:

@@ -6,10 +6,12 @@
 \set n random(1, 2000000000)
 \set k random(0, 9)
 BEGIN;
--- The tags by name, key-share locked (a concurrent delete of the tag waits).
+-- The tags by name, key-share locked, after the user's tag lock (shared; a rename or delete of
+-- a tag takes it alone), in the same statement.
 SELECT wanted.name AS wanted, tags.id, tags.name
 FROM unnest(ARRAY['tag' || :k::int, 'tag' || ((:k::int + 3) % 10)]::TEXT[]) AS wanted(name)
 JOIN tags ON tags.user_id = 'bench-w' || :u::int AND lower(tags.name) = lower(wanted.name)
+WHERE (SELECT pg_advisory_xact_lock_shared(1952540533, hashtext('bench-w' || :u::int))) IS NOT NULL
 FOR KEY SHARE OF tags;
 -- One statement: lock the chain head, insert the task and its links, hash the event in SQL,
 -- append it and move the head.

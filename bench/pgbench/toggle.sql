@@ -1,6 +1,7 @@
 -- PATCH /api/{user}/tasks/{id}/complete (toggle), statement for statement as the service
--- issues it (service/tasks/rules.py set_completed: the row lock, then one statement from
--- audit/append.py build_append), on a random task of a random user of the write pool.
+-- issues it (service/tasks/rules.py set_completed: the user's tag lock (shared) and the row
+-- lock, then one statement from audit/append.py build_append), on a random task of a random
+-- user of the write pool.
 \set u random(0, :nusers - 1)
 \set id :first_id + :u * :per_user + random(0, :per_user - 1)
 \set n random(1, 2000000000)
@@ -13,7 +14,9 @@ SELECT tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed,
        tasks.recurrence, tasks.previous_task_id, tasks.next_task_id, tasks.remind_at,
        tasks.version, tasks.reminder_fired_for, tasks.reminder_fired_at, tasks.reminder_late,
        (SELECT seen.version FROM tasks AS seen WHERE seen.id = tasks.id) AS seen
-FROM tasks WHERE tasks.id = :id AND tasks.user_id = 'bench-w' || :u FOR UPDATE OF tasks \gset o_
+FROM tasks WHERE tasks.id = :id AND tasks.user_id = 'bench-w' || :u
+  AND (SELECT pg_advisory_xact_lock_shared(1952540533, hashtext('bench-w' || :u))) IS NOT NULL
+FOR UPDATE OF tasks \gset o_
 -- One statement: lock the chain head, update the task, hash the event in SQL, append it and
 -- move the head.
 WITH head AS (

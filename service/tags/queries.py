@@ -3,8 +3,12 @@
 A tag is found by PostgreSQL's `lower(name)`, the unique index `uq_tags_user_name`'s key, so
 `Work` and `work` are one tag and the first spelling stays. The key is never computed in
 Python: `str.lower()` differs from PostgreSQL's for some names (a final 'Σ', a dotted 'İ').
-Tags used by a write are read `FOR KEY SHARE`: a concurrent delete of the tag waits for the
-write, or the write sees the tag gone and creates it again.
+
+Locks, in one order per user (README, "Locks"): the user's tag lock (`holding_tag_lock`),
+then tag rows, then task rows, then the chain head. Every write that uses tags holds the tag
+lock shared and reads its tags `FOR KEY SHARE`; a rename or deletion of a tag holds it alone,
+then locks the tag. So a tag's row lock is never wanted while its holder waits for the tag
+lock, and a `FOR KEY SHARE` never waits at all.
 """
 
 from __future__ import annotations
@@ -14,7 +18,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, Text, and_, bindparam, delete, func, select, text, update
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Text,
+    and_,
+    bindparam,
+    delete,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
@@ -50,7 +65,23 @@ _NAMED_IDS = select(TAGS.c.id).select_from(_WANTED.outerjoin(TAGS, _NAMED))  # N
 _NAMED_TAGS = select(_WANTED.c.name.label("wanted"), TAGS.c.id, TAGS.c.name).join_from(
     _WANTED, TAGS, _NAMED
 )
-_BY_NAMES = _NAMED_TAGS.with_for_update(of=TAGS, read=True, key_share=True)
+# advisory lock key (class, per-user key): the user's tag lock.
+_TAG_LOCK = (0x74616775, func.hashtext(bindparam("owner")))  # "tagu"
+
+
+def holding_tag_lock(*, alone: bool = False) -> ColumnElement[bool]:
+    """A condition that takes the user's tag lock (`owner`), held until commit: shared, or
+    `alone`. Without columns, it is a One-Time Filter, evaluated before the statement reads
+    or locks any row, so the tag lock comes first without a round trip of its own. The rows
+    are read with the snapshot taken before a wait for it; those changed meanwhile are read
+    again as they are now (a row lock's recheck), those made meanwhile are not seen."""
+    take = func.pg_advisory_xact_lock if alone else func.pg_advisory_xact_lock_shared
+    return select(take(*_TAG_LOCK)).scalar_subquery().is_not(None)
+
+
+_BY_NAMES = _NAMED_TAGS.where(holding_tag_lock()).with_for_update(
+    of=TAGS, read=True, key_share=True
+)
 _INSERT = (
     pg_insert(TAGS)
     .values(user_id=bindparam("owner"), name=bindparam("name"), created_at=bindparam("now"))
@@ -59,8 +90,8 @@ _INSERT = (
 )
 _COUNT = select(func.count()).select_from(TAGS).where(TAGS.c.user_id == bindparam("owner"))
 # Creators of one user's tags take turns (until commit), so that the count each one checks
-# against TAGS_PER_USER_MAX includes the others' new tags. Only a write that creates tags
-# takes it.
+# against TAGS_PER_USER_MAX includes the others' new tags, and no insert waits for another's
+# uncommitted name. Only a write that creates tags takes it, holding the tag lock shared.
 _CREATORS_TAKE_TURNS = select(
     func.pg_advisory_xact_lock(0x74616773, func.hashtext(bindparam("owner")))  # "tags"
 )
@@ -81,7 +112,11 @@ _ONE = select(TAGS.c.id, TAGS.c.name, _USAGE, TAGS.c.created_at).where(
 )
 _LOCK = (
     select(TAGS.c.id, TAGS.c.name)
-    .where(TAGS.c.user_id == bindparam("owner"), TAGS.c.id == bindparam("tag_id"))
+    .where(
+        holding_tag_lock(alone=True),
+        TAGS.c.user_id == bindparam("owner"),
+        TAGS.c.id == bindparam("tag_id"),
+    )
     .with_for_update()
 )
 _TAGGED = (
@@ -116,19 +151,22 @@ def _resolve(
     session: Session, user_id: str, names: list[str]
 ) -> tuple[list[tuple[int, str]], set[int]]:
     """`resolve`, and the ids of the tags this call inserted: a name that a concurrent
-    transaction inserted first (the insert waited for it, then did nothing) is not among them."""
+    transaction inserted first (the insert waited for it, then did nothing) is not among them.
+
+    Holds the user's tag lock shared from its first statement on (`_BY_NAMES`)."""
     wanted = unique_names(names)
     if not wanted:
         return [], set()
     inserted: set[int] = set()
-    for _ in range(3):  # a tag deleted meanwhile is created again on the next round
+    for _ in range(3):  # what this round inserted is found on the next
         found = _existing(session, user_id, wanted)
         missing = [name for name in wanted if name not in found]
         if not missing:
             # Two names PostgreSQL folds together ('ΟΔΟΣ', 'οδοσ') are one tag, listed once.
             return list(dict.fromkeys(found[name] for name in wanted)), inserted
-        take_turns_creating(session, user_id)
-        # What the one before in the queue created is no longer missing.
+        session.execute(_CREATORS_TAKE_TURNS, {"owner": user_id})
+        # What the one before in the queue created (or a rename committed while the first
+        # lookup waited for the tag lock) is no longer missing.
         found = _existing(session, user_id, wanted)
         missing = [name for name in wanted if name not in found]
         if not missing:
@@ -142,12 +180,6 @@ def _resolve(
         rows = [{"owner": user_id, "name": name, "now": now} for name in missing]
         inserted.update(session.scalars(_INSERT, rows))
     raise TagConflict("The tags changed concurrently; try again.")
-
-
-def take_turns_creating(session: Session, user_id: str) -> None:
-    """Wait for the user's other writes that create a tag name (a new tag, a rename) to
-    commit; held until this one commits."""
-    session.execute(_CREATORS_TAKE_TURNS, {"owner": user_id})
 
 
 def set_links(
@@ -197,7 +229,8 @@ def create_tag(session: Session, user_id: str, name: str) -> tuple[TagRecord, bo
 
 
 def lock_tag(session: Session, user_id: str, tag_id: int) -> tuple[int, str]:
-    """The tag under a row lock: no task can be tagged with it until the caller commits."""
+    """The tag under a row lock, after the user's tag lock, alone: no other write that uses
+    or changes the user's tags runs until the caller commits."""
     row = session.execute(_LOCK, {"owner": user_id, "tag_id": tag_id}).first()
     if row is None:
         raise NotFound(f"Tag {tag_id} not found.")
@@ -210,7 +243,7 @@ def tagged_task_ids(session: Session, tag_id: int) -> list[int]:
 
 def check_name_free(session: Session, user_id: str, tag_id: int, name: str) -> None:
     """409 if another of the user's tags has this name, read without a lock: a rename checks
-    it before it locks anything, so a change of that other tag never waits for it."""
+    it before it locks anything, so a clash is answered without waiting for anything."""
     row = session.execute(_NAMED_TAGS, {"owner": user_id, "names": [name]}).first()
     if row is not None and int(row.id) != tag_id:
         raise TagConflict(f"Another tag is already named {row.name!r} (names ignore case).")

@@ -40,7 +40,7 @@ from service.exceptions import NotFound
 from service.priority import Priority
 from service.sqltypes import utcnow
 from service.tags.models import Tag, TaskTag
-from service.tags.queries import tag_ids_named
+from service.tags.queries import holding_tag_lock, tag_ids_named
 from service.tasks.models import TASKS, TaskCreate, TaskPublic, TaskRecord
 from service.users import USERS
 
@@ -188,6 +188,10 @@ _SEEN_VERSION = (
     select(_SEEN.c.version).where(_SEEN.c.id == TASKS.c.id).scalar_subquery().label("seen")
 )
 _LOCK_OWNED = select(*_COLUMNS, _SEEN_VERSION).where(_OWNED).with_for_update(of=TASKS)
+# The same, after the user's tag lock (shared), in the same round trip.
+_LOCK_OWNED_AFTER_TAGS = (
+    select(*_COLUMNS, _SEEN_VERSION).where(_OWNED, holding_tag_lock()).with_for_update(of=TASKS)
+)
 # The columns a client gives (TaskCreate's fields but the tags), each bound under its name.
 INSERTED_FIELDS = tuple(name for name in TaskCreate.model_fields if name != "tags")
 # An id for a recurring task's next occurrence, taken before the completion is recorded, so
@@ -473,22 +477,28 @@ def get_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
     return TaskRecord.from_row(row)
 
 
-def lock_task(session: Session, user_id: str, task_id: int) -> TaskRecord:
-    """Read the before-state under a row lock: concurrent writers to one task queue here."""
-    task = lock_task_if_exists(session, user_id, task_id)
+def lock_task(
+    session: Session, user_id: str, task_id: int, *, tag_lock: bool = False
+) -> TaskRecord:
+    """Read the before-state under a row lock: concurrent writers to one task queue here.
+    With `tag_lock`, the user's tag lock (shared) first, for a write that may then lock tags
+    (a completion tagging the next occurrence)."""
+    task = lock_task_if_exists(session, user_id, task_id, tag_lock=tag_lock)
     if task is None:
         raise NotFound(f"Task {task_id} not found.")
     return task
 
 
-def lock_task_if_exists(session: Session, user_id: str, task_id: int) -> TaskRecord | None:
+def lock_task_if_exists(
+    session: Session, user_id: str, task_id: int, *, tag_lock: bool = False
+) -> TaskRecord | None:
     """`lock_task`, or None for a task that is gone (also one deleted while this waited).
 
     After a wait, the tags are read again by a second statement, which sees what the writer
     before this one committed (the lock is already held, so nothing changes in between).
     """
     params = {"task_id": task_id, "owner": user_id}
-    row = session.execute(_LOCK_OWNED, params).first()
+    row = session.execute(_LOCK_OWNED_AFTER_TAGS if tag_lock else _LOCK_OWNED, params).first()
     if row is not None and row.seen != row.version:
         row = session.execute(_LOCK_OWNED, params).first()
     return None if row is None else TaskRecord.from_row(row[:-1])  # without `seen`

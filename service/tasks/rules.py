@@ -282,9 +282,9 @@ def _apply(
             changed["next_task_id"] = queries.next_task_id(session)
     next_tags: list[tuple[int, str]] = []
     if following is not None and tags:
-        # The next occurrence's tags, locked before the completion's statement takes the
-        # chain head: a wait for one of them then holds up only this task, not the user's
-        # other writes.
+        # The next occurrence's tags, before the chain head. The user's tag lock, held shared
+        # since the task was locked (`update_task`, `set_completed`), keeps them from being
+        # renamed or deleted, so this waits for nothing while it holds the task.
         next_tags = (
             resolved
             if resolved is not None
@@ -352,11 +352,12 @@ def update_task(
     resolved = None
     if "tags" in changes:
         # A missing task or a stale ETag answers as such before any tag is resolved (one
-        # could be at the limit); resolved, the tags are locked before the task, as a tag's
-        # rename or deletion locks them (`_change_tag`).
+        # could be at the limit); resolved (under the user's tag lock), the tags are locked
+        # before the task, as a tag's rename or deletion locks them (`_change_tag`).
         _check_version(queries.get_task(session, user_id, task_id), if_match)
         resolved = tag_queries.resolve(session, user_id, list(changes["tags"]))
-    current = queries.lock_task(session, user_id, task_id)
+    # A completion may tag a next occurrence: the tag lock before the task.
+    current = queries.lock_task(session, user_id, task_id, tag_lock="completed" in changes)
     _check_version(current, if_match)
     return _apply(session, ctx, current, changes, resolved)
 
@@ -370,8 +371,9 @@ def set_completed(
     *,
     if_match: ETags | None = None,
 ) -> TaskChange:
-    """Set the completion flag, or toggle it when `completed` is None (atomic under the lock)."""
-    current = queries.lock_task(session, user_id, task_id)
+    """Set the completion flag, or toggle it when `completed` is None (atomic under the lock).
+    The user's tag lock comes before the task's: a next occurrence gets the task's tags."""
+    current = queries.lock_task(session, user_id, task_id, tag_lock=True)
     _check_version(current, if_match)
     target = (not current.completed) if completed is None else completed
     return _apply(session, ctx, current, {"completed": target})
@@ -399,23 +401,17 @@ def _change_tag(
     user_id: str,
     tag_id: int,
     change: Callable[[], None],
-    *,
-    new_name: bool = False,
 ) -> list[RecordedEvent]:
     """Rename or delete a tag, recording the change of every task that carries it.
 
-    The tag is locked first, then its tasks in id order, the order a task's update takes (its
-    tags, then the task), so the two cannot deadlock. Once the tag is locked no task can be
-    tagged with it, so the tasks read then are all of them; one deleted or untagged while this
-    waited for its lock is left alone (its own event says so). One write still takes a tag
-    after its task: completing a recurring task tags the next occurrence. Should that meet a
-    change of the same tag, PostgreSQL rolls one of them back and the client retries (503).
+    The user's tag lock, alone, then the tag, then its tasks in id order: the order every
+    write takes them in (a write using tags holds the tag lock shared before any tag or task),
+    so none deadlocks with this one. Once the tag is locked no task can be tagged with it, so
+    the tasks read then are all of them; one deleted or untagged while this waited for its
+    lock is left alone (its own event says so). No write creating a name runs meanwhile, so a
+    rename's new name never waits for another's uncommitted one.
     """
     _, name = tag_queries.lock_tag(session, user_id, tag_id)
-    if new_name:
-        # Before the tasks: a write creating that name (it then waits for its task) has
-        # committed by then, so the rename never waits for it while holding the tasks.
-        tag_queries.take_turns_creating(session, user_id)
     befores = {}
     for task_id in tag_queries.tagged_task_ids(session, tag_id):
         before = queries.lock_task_if_exists(session, user_id, task_id)
@@ -442,7 +438,6 @@ def rename_tag(
         user_id,
         tag_id,
         lambda: tag_queries.rename(session, tag_id, name),
-        new_name=True,
     )
 
 
