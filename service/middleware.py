@@ -136,7 +136,7 @@ class BodyGuardMiddleware:
             await problem(415, detail)(scope, receive, send)
             return
         coding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip()
-        if has_body and coding.lower() != "identity":
+        if has_body and coding.lower() not in ("", "identity"):
             # Read as is, a gzip body would be "not valid JSON" (400): the coding is what is
             # unsupported (RFC 9110 15.5.16), and Accept-Encoding says which one is.
             detail = "The request body must not be encoded (Content-Encoding: identity)."
