@@ -43,7 +43,7 @@ from service.limits import REQUEST_ID_MAX
 from service.openapi import error_responses
 from service.ratelimit import expensive_operation
 from service.responses import json_response
-from service.routing import Router
+from service.routing import Router, get_only
 
 log = logging.getLogger("audit.verify")
 
@@ -115,6 +115,7 @@ def list_audit_events(
     "the last verified event must still be in the chain with its hash. After a check that "
     "failed, every check recomputes the whole chain until one passes.",
 )
+@get_only  # it records what it found: no HEAD
 def verify_audit_chain(
     user: CurrentUser,
     session: SessionDep,

@@ -61,7 +61,9 @@ def rfc3339_text(value: Any) -> Any:
 # Digits after the sixth of the seconds' fraction are cut: stored times are microseconds.
 ClientTime = Annotated[AwareDatetime, BeforeValidator(rfc3339_text), AfterValidator(to_utc)]
 
-_FINER_THAN_MICROSECONDS = re.compile(r"\.\d{6}\d*[1-9]")
+# RFC 3339 writes the fraction after "."; ISO 8601 (and fromisoformat, which the CLI uses)
+# also after ",".
+_FINER_THAN_MICROSECONDS = re.compile(r"[.,]\d{6}\d*[1-9]")
 
 
 def round_up_to_microsecond(text: str, parsed: datetime) -> datetime:

@@ -135,8 +135,13 @@ class BodyGuardMiddleware:
             detail = "The request body must be JSON (Content-Type: application/json)."
             await problem(415, detail)(scope, receive, send)
             return
-        coding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip()
-        if has_body and coding.lower() not in ("", "identity"):
+        codings = {  # a list, maybe over several lines (RFC 9110 8.4)
+            coding.strip().lower()
+            for name, value in scope["headers"]
+            if name == b"content-encoding"
+            for coding in value.decode("latin-1").split(",")
+        }
+        if has_body and codings - {"", "identity"}:
             # Read as is, a gzip body would be "not valid JSON" (400): the coding is what is
             # unsupported (RFC 9110 15.5.16), and Accept-Encoding says which one is.
             detail = "The request body must not be encoded (Content-Encoding: identity)."

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter
+
+F = TypeVar("F", bound=Callable[..., Any])
+_GET_ONLY: dict[Callable[..., Any], bool] = {}
+
+
+def get_only(endpoint: F) -> F:
+    """No HEAD twin for this GET (put it under the route decorator): a GET that writes, as the
+    verify endpoint records what it found, would write on a HEAD too, which must be safe."""
+    _GET_ONLY[endpoint] = True
+    return endpoint
 
 
 class Router(APIRouter):
@@ -15,12 +25,13 @@ class Router(APIRouter):
     GET route itself would be a second OpenAPI operation with the same operationId. So each
     GET gets a twin route for HEAD, hidden from the document: same endpoint, dependencies (the
     token is checked the same way) and response, whose body Starlette leaves unsent. A route
-    whose body never ends (the change feed) is declared on a plain APIRouter instead.
+    whose body never ends (the change feed) is declared on a plain APIRouter instead, and a GET
+    that writes is marked `get_only`.
     """
 
     def add_api_route(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().add_api_route(path, endpoint, **kwargs)
         methods = kwargs.get("methods") or ["GET"]
-        if "GET" in {method.upper() for method in methods}:
+        if "GET" in {method.upper() for method in methods} and not _GET_ONLY.get(endpoint):
             head = {**kwargs, "methods": ["HEAD"], "include_in_schema": False}
             super().add_api_route(path, endpoint, **head)

@@ -6,9 +6,9 @@ and they rewrite terminals, logs and exports (`ESC [2J`, a bare carriage return)
 field (a description) may still hold tab, line feed and carriage return. The character
 classes are regex text, so the OpenAPI patterns built from them say exactly what is enforced.
 
-Characters that show nothing (zero-width ones, the byte order mark, bidi controls) are not
-content: a title or tag name made of them and whitespace is blank. Beside visible text they are
-kept as sent (they join emoji and order right-to-left words).
+Characters that show nothing (Unicode's default-ignorable ones: zero-width, bidi controls, the
+BOM, ...) are not content: a title or tag name made of them and whitespace is blank. Beside
+visible text they are kept as sent (they join emoji and order right-to-left words).
 """
 
 from __future__ import annotations
@@ -21,10 +21,16 @@ CONTROLS = r"\x00-\x1f\x7f-\x9f"
 CONTROLS_BUT_LINE_BREAKS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
 # What str.strip() removes (str.isspace()).
 WHITESPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-# Zero-width space, non-joiner and joiner, left-to-right and right-to-left marks
-# (U+200B-U+200F), bidi embeddings and overrides (U+202A-U+202E), word joiner (U+2060), bidi
-# isolates (U+2066-U+2069), zero-width no-break space, the byte order mark (U+FEFF).
-INVISIBLE = r"\u200b-\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff"
+# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): characters that show
+# nothing, e.g. zero-width space, joiners, bidi marks and controls, the soft hyphen, Hangul
+# fillers, variation selectors, the BOM and the tag characters. Those beyond the BMP are the
+# characters themselves, not escapes: Python's and ECMAScript's (OpenAPI's) regex dialects
+# spell astral escapes differently, and both read the characters.
+INVISIBLE = (
+    r"\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    r"\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8"
+    "\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
+)
 
 # For the OpenAPI schema: text that a multi-line field may hold.
 MULTI_LINE_PATTERN = rf"^[^{CONTROLS_BUT_LINE_BREAKS}]*$"

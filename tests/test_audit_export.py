@@ -163,6 +163,10 @@ def test_a_since_finer_than_a_microsecond_is_rounded_up(
     assert [e["seq"] for e in json_lines(out)[:-1]] == [5]
     status, out, _ = run_cli(settings, *argv, "--until", half_after)
     assert [e["seq"] for e in json_lines(out)[:-1]] == [1, 2, 3, 4]
+    # ISO 8601's decimal comma, which the command also reads, rounds the same way.
+    status, out, _ = run_cli(settings, *argv, "--since", half_after.replace(".", ","))
+    assert status == 0
+    assert [e["seq"] for e in json_lines(out)[:-1]] == [5]
 
 
 def test_export_of_a_user_without_events(settings: Settings) -> None:

@@ -91,29 +91,40 @@ def test_health_probes_answer_head_as_get_without_the_body(client: TestClient, p
     assert head.headers["Content-Length"] == got.headers["Content-Length"]
 
 
-def test_every_get_route_answers_head_as_get_but_the_feed(
-    app: FastAPI, client: TestClient, user: ApiUser
+def test_every_get_route_answers_head_as_get_but_the_feed_and_verify(
+    app: FastAPI, client: TestClient, user: ApiUser, database: Database
 ) -> None:
     """RFC 9110 9.3.2: HEAD is GET without the body, on every route (the docs pages too),
     with the token checked the same way. The change feed never ends its body, so a HEAD
-    there would hold a stream (and spend a ticket): it stays GET only."""
+    there would hold a stream (and spend a ticket); verify records what it found, and HEAD
+    must not write: both stay GET only."""
     task = create_task(client, user)
     values = {"user_id": user.user_id, "task_id": task["id"], "tag_id": 1}
-    feed = "/api/{user_id}/events"
+    get_only = {"/api/{user_id}/events", "/api/{user_id}/audit-events/verify"}
     paths = {
         route.path
         for route in every_route(app.routes)
         if isinstance(route, APIRoute) and "GET" in route.methods
     }
-    assert len(paths) >= 15 and feed in paths
-    for path in sorted(paths - {feed}):
+    assert len(paths) >= 15 and get_only <= paths
+    for path in sorted(paths - get_only):
         url = path.format(**values)
         for headers in (user.headers, {}):
             got, head = client.get(url, headers=headers), client.head(url, headers=headers)
             assert (head.status_code, head.content) == (got.status_code, b""), (path, headers)
             assert head.headers["Content-Type"] == got.headers["Content-Type"], path
-    stream = client.head(feed.format(**values), headers=user.headers)
-    assert (stream.status_code, stream.headers["Allow"]) == (405, "GET")
+    verify = "/api/{user_id}/audit-events/verify".format(**values)
+    assert client.get(verify, headers=user.headers).json()["head_seq"] == 1
+    create_task(client, user)  # seq 2, which no verify has seen
+    for path in sorted(get_only):
+        refused = client.head(path.format(**values), headers=user.headers)
+        assert (refused.status_code, refused.headers["Allow"]) == (405, "GET"), path
+    with database.engine.connect() as conn:
+        verified = conn.execute(
+            sa.text("SELECT seq FROM audit_verified_heads WHERE user_id = :u"),
+            {"u": user.user_id},
+        ).scalar()
+    assert verified == 1  # where the GET left it: the HEAD recorded nothing
 
 
 # Bodies: 413 / 415 --------------------------------------------------------------------
@@ -212,6 +223,16 @@ def test_an_encoded_body_is_415_naming_the_coding_accepted(
         headers["Content-Encoding"] = plain
         sent = client.post(user.url(), content=b'{"title": "x"}', headers=headers)
         assert sent.status_code == 201, sent.text
+
+
+def test_a_coding_on_any_content_encoding_line_is_415(client: TestClient, user: ApiUser) -> None:
+    """The header is a list, also over several lines: the last one alone does not decide."""
+    body = gzip.compress(b'{"title": "x"}')
+    for codings in (["gzip", "identity"], ["identity", "gzip"], ["identity, gzip"]):
+        lines = [("Content-Encoding", coding) for coding in codings]
+        headers = [*user.headers.items(), ("Content-Type", "application/json"), *lines]
+        assert_problem(client.post(user.url(), content=body, headers=headers), 415)
+    assert client.get(user.url(), headers=user.headers).json() == []
 
 
 def test_json_with_charset_is_accepted(client: TestClient, user: ApiUser) -> None:

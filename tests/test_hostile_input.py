@@ -264,8 +264,16 @@ def test_control_characters_in_the_search_text_are_400(
     assert resp.status_code == 200, resp.text
 
 
-# Zero-width characters, the byte order mark and bidi controls: nothing to see, so blank.
+# Unicode's default-ignorable characters (zero-width ones, the byte order mark, bidi controls,
+# the soft hyphen, fillers, variation selectors, tag characters): nothing to see, so blank.
 INVISIBLE = {
+    "soft-hyphen": "\u00ad",
+    "invisible-operators": "\u2061\u2062\u2063\u2064",
+    "hangul-fillers": "\u3164\uffa0\u115f\u1160",
+    "mongolian-vowel-separator": "\u180e",
+    "variation-selectors": "\ufe0f\U000e0100",
+    "tag-characters": "\U000e0041\U000e007f",
+    "musical-format": "\U0001d173",
     "zero-width-space": "\u200b",
     "zero-width-joiners": "\u200c\u200d",
     "word-joiner": "\u2060",
