@@ -8,13 +8,13 @@ from typing import Any, TypeVar
 from fastapi import APIRouter
 
 F = TypeVar("F", bound=Callable[..., Any])
-_GET_ONLY: dict[Callable[..., Any], bool] = {}
+_GET_ONLY: set[Callable[..., Any]] = set()
 
 
 def get_only(endpoint: F) -> F:
     """No HEAD twin for this GET (put it under the route decorator): a GET that writes, as the
     verify endpoint records what it found, would write on a HEAD too, which must be safe."""
-    _GET_ONLY[endpoint] = True
+    _GET_ONLY.add(endpoint)
     return endpoint
 
 
@@ -24,14 +24,13 @@ class Router(APIRouter):
     FastAPI answers only the methods a route lists (405 otherwise), and a HEAD listed on the
     GET route itself would be a second OpenAPI operation with the same operationId. So each
     GET gets a twin route for HEAD, hidden from the document: same endpoint, dependencies (the
-    token is checked the same way) and response, whose body Starlette leaves unsent. A route
-    whose body never ends (the change feed) is declared on a plain APIRouter instead, and a GET
-    that writes is marked `get_only`.
+    token is checked the same way) and response, whose body Starlette leaves unsent. A GET
+    whose body never ends (the change feed) or that writes (verify) is marked `get_only`.
     """
 
     def add_api_route(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         super().add_api_route(path, endpoint, **kwargs)
         methods = kwargs.get("methods") or ["GET"]
-        if "GET" in {method.upper() for method in methods} and not _GET_ONLY.get(endpoint):
+        if "GET" in {method.upper() for method in methods} and endpoint not in _GET_ONLY:
             head = {**kwargs, "methods": ["HEAD"], "include_in_schema": False}
             super().add_api_route(path, endpoint, **head)

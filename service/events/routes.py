@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, Header, Query, Request, status
+from fastapi import Depends, Header, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials
 from opentelemetry import trace
@@ -57,12 +57,11 @@ from service.exceptions import (
 from service.openapi import error_responses
 from service.problem_types import ProblemType
 from service.responses import json_response, url_path_for
+from service.routing import Router, get_only
 
 log = logging.getLogger("service.events")
 
-# Not a `service.routing.Router`: a HEAD of the stream would hold its slot (and spend its ticket)
-# for a body that never ends.
-router = APIRouter(prefix="/api/{user_id}", tags=["events"], route_class=UnitOfWorkRoute)
+router = Router(prefix="/api/{user_id}", tags=["events"], route_class=UnitOfWorkRoute)
 
 # Events read from the table at a time: the most a stream holds in memory.
 PAGE_SIZE = 100
@@ -321,6 +320,7 @@ class FeedResponse(EventSourceResponse):
     "a resume point past the user's newest event ends the stream at once with "
     "`resume_point_ahead`.",
 )
+@get_only  # a HEAD would hold a stream slot (and spend its ticket) for a body that never ends
 async def stream_events(
     request: Request,
     user_id: UserIdPath,

@@ -416,9 +416,8 @@ def _list_statements(
 ) -> Any:
     """The page query and its count, per combination of filters and order; `after` None for
     a first page, else whether the page continues after a task without a due date."""
-    conditions = _conditions(shape, counting=False)
-    if after is not None:
-        conditions.append(_after_condition(sort, order, after))
+    filters = _conditions(shape, counting=False)
+    conditions = filters if after is None else [*filters, _after_condition(sort, order, after)]
     *keys, id_key = _sort_key(sort)
     if order is SortOrder.desc:
         # Tasks without a due date come last in both orders: ix_tasks_user_due_desc has this
@@ -432,7 +431,7 @@ def _list_statements(
         ordering = [*(key.asc() for key in keys), id_key.asc()]
     page: Any = select(*_COLUMNS).where(*conditions).order_by(*ordering)
     if sort is SortField.due_at and after is False:
-        page = _then_undated(page, _conditions(shape, counting=False), ordering, order)
+        page = _then_undated(page, filters, ordering, order)
     page = page.limit(bindparam("limit")).offset(bindparam("offset"))
     count = select(func.count()).select_from(TASKS).where(*_conditions(shape, counting=True))
     return page, count
