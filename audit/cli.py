@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 
 from audit.checkpoint import (
     Checkpoint,
@@ -41,6 +41,7 @@ from audit.verify import Anchor, snapshot, verify_all, verify_chain
 from service.database import Database
 from service.limits import USER_ID_MAX
 from service.settings import Settings
+from service.users import USERS
 
 # `audit.export` (and FastAPI, through it) is imported when a command runs, so that
 # `todo-api --help` and the other commands start without it.
@@ -161,6 +162,11 @@ def _checkpoint_anchors(checkpoints: list[Checkpoint]) -> dict[str, list[Anchor]
     return anchors
 
 
+def _user_exists(conn: Connection, user_id: str) -> bool:
+    """Whether the service has seen this user's token (a user who only read has no chain)."""
+    return conn.execute(select(USERS.c.id).where(USERS.c.id == user_id)).first() is not None
+
+
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from audit.export import ExportFileError, read_anchors
 
@@ -193,7 +199,12 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     with _snapshot(settings) as conn:
         if args.user is not None:
             found = anchors.get(args.user, [])
-            reports = iter([verify_chain(conn, args.user, anchors=found)])
+            report = verify_chain(conn, args.user, anchors=found)
+            if report.ok and not report.events and not _user_exists(conn, args.user):
+                # Else a mistyped id would read as an intact chain.
+                print(f"todo-api: no user {args.user!r} and no audit chain", file=sys.stderr)
+                return EXIT_USAGE
+            reports = iter([report])
         else:
             reports = verify_all(conn, anchors=anchors)
         for report in reports:

@@ -86,7 +86,7 @@ def test_an_intact_chain_verifies(client: TestClient, user: Any, database: Datab
     assert summary == {"record": "summary", "ok": True, "chains": 1, "events": 6, "failed": 0}
 
 
-def test_a_user_without_events_verifies(client: TestClient, user: Any) -> None:
+def test_a_user_without_events_verifies(client: TestClient, user: Any, database: Database) -> None:
     assert api_verify(client, user) == {
         "ok": True,
         "events": 0,
@@ -96,6 +96,23 @@ def test_a_user_without_events_verifies(client: TestClient, user: Any) -> None:
         "reason": None,
         "verified_from_seq": 0,
     }
+    settings = database_settings(database)
+    status, out, _ = run_cli(settings, "audit", "verify", "--user", user.user_id)
+    assert status == 0, out
+    assert json_lines(out)[-1] == {
+        "record": "summary",
+        "ok": True,
+        "chains": 1,
+        "events": 0,
+        "failed": 0,
+    }
+
+
+def test_verifying_a_user_never_seen_is_a_usage_error(database: Database) -> None:
+    """A mistyped id reported an intact chain of 0 events, like a user who never wrote."""
+    status, out, err = run_cli(database_settings(database), "audit", "verify", "--user", "nobody")
+    assert (status, out) == (2, "")
+    assert err.strip() == "todo-api: no user 'nobody' and no audit chain"
 
 
 def test_verification_streams_in_batches(client: TestClient, user: Any, database: Database) -> None:
