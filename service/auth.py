@@ -190,6 +190,7 @@ class TokenVerifier:
         jwks_timeout_seconds: float = 3.0,
         cache_size: int = 4096,
         clock: Callable[[], float] = time.time,
+        reserved_subjects: frozenset[str] = frozenset(),
     ) -> None:
         if hs256_secret is not None:
             _check_secret(hs256_secret)
@@ -233,6 +234,7 @@ class TokenVerifier:
         self._jwks_timeout = jwks_timeout_seconds
         self._cache_size = cache_size
         self._clock = clock
+        self._reserved_subjects = reserved_subjects
 
         # Replaced as a whole, so readers need no lock; the lock serialises fetches.
         self._jwks = _JwksState()
@@ -257,6 +259,8 @@ class TokenVerifier:
             jwks_min_refetch_seconds=settings.jwks_min_refetch_seconds,
             jwks_max_age_seconds=settings.jwks_max_age_seconds,
             jwks_timeout_seconds=settings.jwks_timeout_seconds,
+            # The service's own actor: a token for it would pass as the service in the audit log.
+            reserved_subjects=frozenset({settings.reminder_actor_id}),
         )
 
     # Public API -----------------------------------------------------------
@@ -362,10 +366,11 @@ class TokenVerifier:
             },
         )
 
-    @staticmethod
-    def _principal_from(claims: dict[str, Any]) -> Principal:
+    def _principal_from(self, claims: dict[str, Any]) -> Principal:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub.strip() or len(sub) > MAX_SUBJECT_LENGTH:
+            raise AuthError("invalid subject")
+        if sub in self._reserved_subjects:
             raise AuthError("invalid subject")
         exp = claims.get("exp")
         # PyJWT accepts anything int() accepts (e.g. "123"); a JWT NumericDate is a number.

@@ -114,6 +114,13 @@ def _dev_token(args: argparse.Namespace, settings: Settings) -> int:
     if settings.better_auth_secret is None:
         print("dev-token signs HS256 tokens: set BETTER_AUTH_SECRET.", file=sys.stderr)
         return 2
+    if args.user_id == settings.reminder_actor_id:
+        print(
+            f"todo-api: {args.user_id!r} is the service's own actor (REMINDER_ACTOR_ID): "
+            "no token can be made for it",
+            file=sys.stderr,
+        )
+        return 2
     print(
         create_dev_token(
             settings.better_auth_secret.get_secret_value(),

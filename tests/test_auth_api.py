@@ -70,6 +70,25 @@ def test_hs256_token_signed_with_the_secret(client: TestClient, settings: Settin
     assert client.get(f"/api/{user_id}/tasks", headers=bearer(token)).json()[0]["title"] == "hs"
 
 
+def test_a_token_for_the_services_own_actor_is_401(
+    client: TestClient, settings: Settings, database: Database
+) -> None:
+    """`system:reminders` marks the events the service writes: a user of that id could write
+    events that read as the service's."""
+    assert settings.better_auth_secret is not None
+    actor = settings.reminder_actor_id
+    now = int(time.time())
+    token = sign_hs256(
+        {"sub": actor, "iat": now, "exp": now + 300},
+        settings.better_auth_secret.get_secret_value(),
+    )
+    resp = client.post(
+        f"/api/{actor}/tasks", json={"title": "as the service"}, headers=bearer(token)
+    )
+    assert assert_problem(resp, 401)["type"].endswith("/token-invalid")
+    assert not user_exists(database, actor)
+
+
 @pytest.mark.parametrize("alg", ["EdDSA", "ES256", "RS256"])
 def test_jwks_token_for_each_algorithm(alg: str, settings: Settings, database: Database) -> None:
     """A Better-Auth-shaped token is accepted, and its claims provision the user."""

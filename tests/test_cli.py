@@ -76,6 +76,12 @@ def test_dev_token_is_accepted_by_the_app(
     assert tuple(row) == ("dev@example.com", "Dev User")
 
 
+def test_no_dev_token_for_the_services_own_actor(tmp_path: Path) -> None:
+    result = run(tmp_path, "dev-token", "system:reminders", BETTER_AUTH_SECRET=TEST_SECRET)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert "REMINDER_ACTOR_ID" in result.stderr
+
+
 def test_dev_token_signed_with_another_secret_is_rejected(
     tmp_path: Path, client: TestClient
 ) -> None:
