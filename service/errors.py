@@ -187,7 +187,8 @@ async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
+    # The traceback's database errors say their first line only (observability.logging).
+    log.exception("unhandled error", exc_info=exc, extra={"error_type": type(exc).__name__})
     return problem(500, "An unexpected error occurred.")
 
 
