@@ -781,6 +781,62 @@ def test_failed_authentication_logs_a_warning_without_the_token(
     assert "user_id" not in warning  # not authenticated: no user is known
 
 
+def test_a_refused_request_names_the_verified_caller_in_its_span_and_access_line(
+    settings: Settings,
+    traced_database: Database,
+    provider: TracerProvider,
+    spans: InMemorySpanExporter,
+    make_user: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The token was verified before the request was refused: a 403 (someone else's tasks)
+    and a 429 (over the write limit) say whose token it was, not the URL's user."""
+    alice, bob = make_user(), make_user()
+    limited = settings.model_copy(update={"rate_limit_write": "1/minute"})
+    app = make_traced_app(limited, traced_database, provider)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        capsys.readouterr()
+        forbidden = client.get(bob.url(), headers=alice.headers)
+        assert client.post(alice.url(), json={"title": "t"}, headers=alice.headers).is_success
+        too_many = client.post(alice.url(), json={"title": "t"}, headers=alice.headers)
+    assert (forbidden.status_code, too_many.status_code) == (403, 429)
+    access = [
+        line for line in json_lines(capsys.readouterr().out) if line["logger"] == "service.access"
+    ]
+    for resp in (forbidden, too_many):
+        (line,) = [a for a in access if a["request_id"] == resp.headers["X-Request-ID"]]
+        assert (line["status"], line["user_id"]) == (resp.status_code, alice.user_id)
+        attributes = dict(server_span(spans, resp.headers["X-Trace-Id"]).attributes or {})
+        assert attributes["enduser.id"] == alice.user_id
+    (refused,) = [a for a in access if a["status"] == 403]
+    assert refused["path"] == bob.url()  # whose tasks were asked for
+
+
+def test_a_change_feed_stream_over_the_read_limit_names_its_tickets_user(
+    settings: Settings,
+    traced_database: Database,
+    provider: TracerProvider,
+    spans: InMemorySpanExporter,
+    user: ApiUser,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    limited = settings.model_copy(update={"rate_limit_read": "1/minute"})
+    app = make_traced_app(limited, traced_database, provider)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        tickets = f"/api/{user.user_id}/events/tickets"
+        stream_url = client.post(tickets, headers=user.headers).json()["stream_url"]
+        assert client.get(user.url(), headers=user.headers).status_code == 200
+        capsys.readouterr()
+        refused = client.get(stream_url, headers={"Accept": "text/event-stream"})
+    assert refused.status_code == 429
+    access = [
+        line for line in json_lines(capsys.readouterr().out) if line["logger"] == "service.access"
+    ]
+    assert [(a["status"], a["user_id"]) for a in access] == [(429, user.user_id)]
+    attributes = dict(server_span(spans, refused.headers["X-Trace-Id"]).attributes or {})
+    assert attributes["enduser.id"] == user.user_id
+
+
 def test_unhandled_error_line_carries_the_request_ids(
     settings: Settings,
     traced_database: Database,
