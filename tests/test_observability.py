@@ -837,6 +837,59 @@ def test_a_change_feed_stream_over_the_read_limit_names_its_tickets_user(
     assert attributes["enduser.id"] == user.user_id
 
 
+def test_answers_given_before_routing_log_the_route_their_span_names(
+    settings: Settings,
+    traced_database: Database,
+    provider: TracerProvider,
+    spans: InMemorySpanExporter,
+    user: ApiUser,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A CORS preflight, a 413 on Content-Length and a 415 are answered by middleware
+    before the router runs; the access line's `route` is still the span's `http.route`."""
+    origin = "https://app.example"
+    app = make_traced_app(
+        settings.model_copy(update={"cors_origins": origin}), traced_database, provider
+    )
+    json_body = {**user.headers, "Content-Type": "application/json"}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        capsys.readouterr()
+        answers = [
+            client.options(
+                user.url("/7"), headers={"Origin": origin, "Access-Control-Request-Method": "PUT"}
+            ),
+            client.post(
+                user.url(), content=b"x" * (settings.max_body_bytes + 1), headers=json_body
+            ),
+            client.put(
+                user.url("/7"),
+                content=b"{}",
+                headers={**user.headers, "Content-Type": "text/plain"},
+            ),
+            client.get("/no/such/route", headers=user.headers),
+        ]
+    assert [r.status_code for r in answers] == [200, 413, 415, 404]
+    access = {
+        line["request_id"]: line
+        for line in json_lines(capsys.readouterr().out)
+        if line["logger"] == "service.access"
+    }
+    routes = []
+    for resp in answers:
+        line = access[resp.headers["X-Request-ID"]]
+        span_route = dict(server_span(spans, resp.headers["X-Trace-Id"]).attributes or {}).get(
+            "http.route"
+        )
+        assert line["route"] == span_route, (resp.status_code, line)
+        routes.append(line["route"])
+    assert routes == [
+        "/api/{user_id}/tasks/{task_id}",
+        "/api/{user_id}/tasks",
+        "/api/{user_id}/tasks/{task_id}",
+        None,  # no route: the span has none either
+    ]
+
+
 def test_unhandled_error_line_carries_the_request_ids(
     settings: Settings,
     traced_database: Database,
