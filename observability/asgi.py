@@ -10,9 +10,11 @@ from time import perf_counter
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import iter_route_contexts
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from observability.logging import bind_request_state, unbind_request_state
@@ -58,7 +60,7 @@ class RequestLogMiddleware:
             level = logging.DEBUG if probe else logging.INFO
             if access_log.isEnabledFor(level):
                 duration_ms = round((perf_counter() - started) * 1000, 3)
-                route = getattr(scope.get("route"), "path", None)
+                route = route_template(scope)
                 method = scope["method"]
                 access_log.log(
                     level,
@@ -75,6 +77,28 @@ class RequestLogMiddleware:
                     },
                 )
             unbind_request_state(token)
+
+
+def route_template(scope: Scope) -> str | None:
+    """The route's template, as the server span's `http.route` names it: the route that
+    answered or, for an answer given before routing (a CORS preflight, a 413 or 415 from
+    the body guard), the route the path matches, as the FastAPI instrumentation finds it
+    (a full match, else the last one that matches but for the method). None off every route.
+    """
+    route = getattr(scope.get("route"), "path", None)
+    if route is not None:
+        return str(route)
+    routes = getattr(scope.get("app"), "routes", None)
+    if not routes:
+        return None
+    found: str | None = None
+    for candidate in iter_route_contexts(routes):
+        match, _ = candidate.matches(scope)
+        if match is Match.FULL:
+            return candidate.path
+        if match is Match.PARTIAL:
+            found = candidate.path
+    return found
 
 
 def _observed(handler: Handler, *, record: bool) -> Callable[[Request, Exception], Awaitable[Any]]:

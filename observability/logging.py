@@ -7,13 +7,18 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import traceback
+from collections.abc import Iterator
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any, TextIO
 
+import psycopg2
 from opentelemetry import trace
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
+from sqlalchemy.exc import StatementError
 
 from service.settings import Settings
 
@@ -77,6 +82,86 @@ class AnsweredExceptionFilter(logging.Filter):
 _answered_filter = AnsweredExceptionFilter()
 
 
+# Database errors: what they say past their first line is user data ---------------------------
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """A driver's error, or SQLAlchemy's around one (whose text quotes the driver's)."""
+    return isinstance(exc, (psycopg2.Error, StatementError))
+
+
+def first_line(exc: BaseException) -> str:
+    """PostgreSQL's message without its `DETAIL`, `HINT`, `CONTEXT` or `LINE n:` lines,
+    which quote the values (`Key (user_id, lower(name))=(bob, groceries) already exists`,
+    `Failing row contains (...)`) and the statement."""
+    text = str(exc)
+    return text.splitlines()[0] if text else ""
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, its causes and contexts, and the members of exception groups."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+
+
+def holds_database_error(exc: BaseException) -> bool:
+    return any(is_database_error(e) for e in _chain(exc))
+
+
+def format_exception(exc: BaseException) -> str:
+    """The traceback as `traceback.format_exception` writes it (chained exceptions
+    included), each database error in it reduced to its first line."""
+    formatted = traceback.TracebackException.from_exception(exc, compact=True)
+    if holds_database_error(exc) and not _shorten_database_errors(formatted, exc):
+        # A Python whose TracebackException works otherwise: the outermost frames and
+        # the exception's type and first line, nothing that could quote a value.
+        stack = "".join(traceback.format_tb(exc.__traceback__))
+        summary = f"{type(exc).__module__}.{type(exc).__qualname__}: {first_line(exc)}"
+        return f"Traceback (most recent call last):\n{stack}{summary}"
+    return "".join(formatted.format()).rstrip("\n")
+
+
+def _shorten_database_errors(formatted: traceback.TracebackException, exc: BaseException) -> bool:
+    """Walk the formatted chain beside the exceptions it was made from; False if this
+    Python's TracebackException keeps the message elsewhere than in `_str`."""
+    seen: set[int] = set()
+    pending: list[tuple[traceback.TracebackException, BaseException]] = [(formatted, exc)]
+    while pending:
+        node, current = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if is_database_error(current):
+            if not isinstance(getattr(node, "_str", None), str):
+                return False
+            node._str = first_line(current)  # type: ignore[attr-defined]
+        for attr in ("__cause__", "__context__"):
+            child, child_exc = getattr(node, attr), getattr(current, attr)
+            if child is not None and child_exc is not None:
+                pending.append((child, child_exc))
+        members = getattr(node, "exceptions", None) or []
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(zip(members, current.exceptions, strict=False))
+    return True
+
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+
+
+def _format_exc_info(ei: ExcInfo) -> str:
+    exc = ei[1]
+    return "" if exc is None else format_exception(exc)
+
+
 class JsonLogFormatter(JsonFormatter):
     """`timestamp` (RFC 3339, UTC), `level`, `logger`, `message`, then the record's extras."""
 
@@ -86,6 +171,10 @@ class JsonLogFormatter(JsonFormatter):
             rename_fields={"levelname": "level", "name": "logger"},
             reserved_attrs=list(_SKIPPED_ATTRS),
         )
+
+    def formatException(self, ei: ExcInfo) -> str:
+        """The traceback, without what a database error says past its first line."""
+        return _format_exc_info(ei)
 
     def add_fields(
         self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
@@ -100,6 +189,15 @@ class ConsoleLogFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+    def formatException(self, ei: ExcInfo) -> str:
+        """The traceback, without what a database error says past its first line."""
+        return _format_exc_info(ei)
+
+    def format(self, record: logging.LogRecord) -> str:
+        # Not the text another handler (pytest's, say) formatted and cached on the record.
+        record.exc_text = None
+        return super().format(record)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)

@@ -11,7 +11,6 @@ import os
 import re
 import sys
 import threading
-import traceback
 import uuid
 import weakref
 from importlib import metadata
@@ -36,6 +35,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import StatementError
 
+from observability.logging import first_line, format_exception, holds_database_error
 from service.settings import ConfigError, Settings
 
 SERVICE_NAME = "todo-api"
@@ -329,21 +329,20 @@ def _fail_statement_span(exception_context: ExceptionContext) -> None:
     if span is None:
         return
     if span.is_recording():
-        span.set_status(Status(StatusCode.ERROR, str(exception_context.original_exception)))
+        # The first line: the DETAIL line quotes the values (a tag's name in a unique key).
+        span.set_status(Status(StatusCode.ERROR, first_line(exception_context.original_exception)))
     span.end()
 
 
 def _exception_attributes(exc: BaseException) -> dict[str, str] | None:
-    """SQLAlchemy's message and traceback carry the statement's parameters: leave them out."""
-    if not isinstance(exc, StatementError):
+    """A database error says past its first line what the statement's parameters were (in
+    DETAIL), and SQLAlchemy's adds the statement: leave them out, here as in the logs."""
+    if not holds_database_error(exc):
         return None
-    orig = exc.orig
-    message = str(orig).splitlines()[0] if orig is not None and str(orig) else ""
-    summary = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    stack = "".join(traceback.format_tb(exc.__traceback__))
+    orig = exc.orig if isinstance(exc, StatementError) else None
     return {
-        "exception.message": message,
-        "exception.stacktrace": f"Traceback (most recent call last):\n{stack}{summary}\n",
+        "exception.message": first_line(orig if orig is not None else exc),
+        "exception.stacktrace": format_exception(exc) + "\n",
     }
 
 

@@ -208,6 +208,16 @@ async def count_user(request: Request, user_id: str) -> None:
     await limiter.check(request, category_for(request), "user", user_id)
 
 
+def identify(request: Request, user_id: str) -> None:
+    """The verified token's user on the request's span (`enduser.id`) and log lines
+    (`user_id`), as soon as it is known: a request then refused (403 for another user's
+    URL, 429 over the user's limit) still says whose token it was."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("enduser.id", user_id)
+    request.state.user_id = user_id
+
+
 async def get_current_user(
     request: Request,
     user_id: UserIdPath,
@@ -232,13 +242,10 @@ async def get_current_user(
     except AuthError:
         await count_anonymous(request)
         raise
+    identify(request, principal.user_id)  # before a 403 or 429: they name the caller too
     await count_user(request, principal.user_id)
     if principal.user_id != user_id:
         raise Forbidden("The token does not belong to this user.")
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.set_attribute("enduser.id", principal.user_id)
-    request.state.user_id = principal.user_id
     users: UserProvisioner = request.app.state.users
     if not users.is_known(principal):
         await run_in_threadpool(users.ensure, principal)

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from observability import metrics
+from observability.logging import first_line
 from service.exceptions import (
     AuthError,
     AuthUnavailable,
@@ -186,8 +187,37 @@ async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+# query_canceled: PostgreSQL cancelled the statement, at DB_STATEMENT_TIMEOUT_MS (or an
+# administrator's pg_cancel_backend). The database answered, late: not unreachable.
+_QUERY_CANCELED = "57014"
+
+
+def is_timeout(exc: BaseException) -> bool:
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "pgcode", None) == _QUERY_CANCELED
+
+
+async def _database_timeout(_: Request, exc: Exception) -> JSONResponse:
+    orig = getattr(exc, "orig", None)
+    log.error(
+        "database statement timed out",
+        extra={
+            "error_type": type(orig).__name__,
+            "sqlstate": _QUERY_CANCELED,
+            # `canceling statement due to statement timeout` (or `... user request`).
+            "reason": first_line(orig) if orig is not None else "",
+        },
+    )
+    metrics.unavailable("db_timeout")
+    return problem(
+        503,
+        "The database did not answer in time; try again shortly.",
+        headers={"Retry-After": RETRY_AFTER_SECONDS},
+    )
+
+
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error", exc_info=exc)
+    # The traceback's database errors say their first line only (observability.logging).
+    log.exception("unhandled error", exc_info=exc, extra={"error_type": type(exc).__name__})
     return problem(500, "An unexpected error occurred.")
 
 
@@ -223,6 +253,8 @@ def is_disconnect(exc: BaseException) -> bool:
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     if is_collision(exc):
         return await _collision(request, exc)
+    if is_timeout(exc):  # an OperationalError too, but not a lost database
+        return await _database_timeout(request, exc)
     if is_disconnect(exc):
         return await _database_unavailable(request, exc)
     return await _unexpected(request, exc)

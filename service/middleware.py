@@ -207,7 +207,7 @@ class UnhandledErrorMiddleware:
             if started:
                 raise
             record_server_error(exc)
-            log.exception("unhandled error", exc_info=exc)
+            log.exception("unhandled error", exc_info=exc, extra={"error_type": type(exc).__name__})
             await problem(500, "An unexpected error occurred.")(scope, receive, send)
 
     async def _cancelled(

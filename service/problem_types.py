@@ -112,9 +112,10 @@ class ProblemType(Enum):
         "unavailable",
         503,
         "Service unavailable",
-        "The database or the token keys are unreachable, the database rolled the change back "
-        "to settle a collision with a concurrent one, or the server stopped before the "
-        "request finished: retry after `Retry-After` seconds.",
+        "The database or the token keys are unreachable, the database did not answer in "
+        "time (`DB_STATEMENT_TIMEOUT_MS`), the database rolled the change back to settle a "
+        "collision with a concurrent one, or the server stopped before the request "
+        "finished: retry after `Retry-After` seconds.",
     )
 
     def __init__(self, slug: str, status: int, title: str, description: str) -> None:

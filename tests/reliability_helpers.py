@@ -393,3 +393,26 @@ class CountingHttpServer:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def write_past_the_statement_timeout(
+    settings: Settings, admin: sa.Engine, user_headers: dict[str, str], tasks_url: str
+) -> Any:
+    """A PUT whose UPDATE waits on a row lock held by `admin` past a 300 ms statement timeout:
+    PostgreSQL cancels it (57014, query_canceled). Returns the response."""
+    from fastapi.testclient import TestClient
+
+    with (
+        tracked_app(settings, db_statement_timeout_ms=300) as tracked,
+        TestClient(tracked.app, raise_server_exceptions=False) as client,
+    ):
+        created = client.post(tasks_url, json={"title": "locked"}, headers=user_headers)
+        task = created.json()
+        holder = locked(admin, TASK_ROW_LOCK, task)
+        try:
+            return client.put(
+                f"{tasks_url}/{task['id']}", json={"title": "changed"}, headers=user_headers
+            )
+        finally:
+            holder.rollback()
+            holder.close()

@@ -23,6 +23,7 @@ from service.auth import create_dev_token
 from service.database import Database, build_engine
 from service.errors import every_route
 from service.settings import Settings
+from tests.reliability_helpers import write_past_the_statement_timeout
 from tests.support import (
     TEST_SECRET,
     ApiUser,
@@ -502,3 +503,20 @@ def test_unreachable_database_is_503(settings: Settings, user: ApiUser) -> None:
                 assert_no_leak(resp, url)
     finally:
         down.dispose()
+
+
+def test_a_statement_timeout_is_a_503_that_says_so(
+    settings: Settings, database: Database, user: ApiUser, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL cancelled the statement (DB_STATEMENT_TIMEOUT_MS): the database answered,
+    slowly, so it is not reported as unavailable. Still retryable."""
+    caplog.set_level("INFO", logger="service.errors")
+    resp = write_past_the_statement_timeout(settings, database.engine, user.headers, user.url())
+    problem = assert_problem(resp, 503)
+    assert problem["type"] == "tag:todo-api,2026:problems/unavailable"
+    assert problem["detail"] == "The database did not answer in time; try again shortly."
+    assert int(resp.headers["Retry-After"]) > 0
+    (line,) = [r for r in caplog.records if r.name == "service.errors"]
+    assert (line.levelname, line.getMessage()) == ("ERROR", "database statement timed out")
+    assert line.sqlstate == "57014"  # type: ignore[attr-defined]
+    assert line.reason == "canceling statement due to statement timeout"  # type: ignore[attr-defined]

@@ -26,6 +26,7 @@ from service.settings import Settings
 from tests.audit_helpers import change, scratch_database, tampering
 from tests.jwt_helpers import random_id
 from tests.otlp_receiver import MetricsReceiver
+from tests.reliability_helpers import write_past_the_statement_timeout
 from tests.serve_helpers import ServeProcess
 from tests.support import TEST_SECRET, ApiUser, create_task, free_port
 
@@ -157,6 +158,18 @@ def test_503s_are_counted_by_cause(
     finally:
         dead.dispose()
     assert count("database") - database_down == 2
+
+
+def test_a_statement_timeout_is_counted_as_db_timeout(
+    settings: Settings, database: Database, user: ApiUser, metric_reader: InMemoryMetricReader
+) -> None:
+    def count(cause: str) -> float:
+        return value(metric_reader, "todo_api.http.unavailable", cause=cause)
+
+    timeouts, database_down = count("db_timeout"), count("database")
+    resp = write_past_the_statement_timeout(settings, database.engine, user.headers, user.url())
+    assert resp.status_code == 503
+    assert (count("db_timeout") - timeouts, count("database") - database_down) == (1, 0)
 
 
 def test_rate_limit_rejections_and_store_errors_are_counted(

@@ -116,10 +116,12 @@ def span_hex(span: ReadableSpan) -> tuple[str, str]:
 
 
 def all_attribute_text(exporter: InMemorySpanExporter) -> str:
-    """Every attribute and event attribute of every span, as one string to search."""
+    """Every attribute, event attribute and status description of every span, as one
+    string to search."""
     parts: list[str] = []
     for span in exporter.get_finished_spans():
         parts.append(span.name)
+        parts.append(span.status.description or "")
         parts.extend(f"{k}={v!s}" for k, v in (span.attributes or {}).items())
         for event in span.events:
             parts.extend(f"{k}={v!s}" for k, v in (event.attributes or {}).items())
@@ -608,6 +610,159 @@ def test_tag_names_and_task_text_stay_out_of_spans_and_logs(
     ]
 
 
+def test_a_rename_refused_by_the_unique_index_keeps_the_name_out_of_spans_and_logs(
+    traced: TestClient,
+    user: ApiUser,
+    spans: InMemorySpanExporter,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two renames to one name at once: the loser's UPDATE fails on `uq_tags_user_name`,
+    whose DETAIL line quotes the key, the tag's name. Its statement span and the log lines
+    carry PostgreSQL's first line only."""
+    from service.tags import queries as tag_queries
+
+    taken, other = f"taken-{secrets.token_hex(6)}", f"other-{secrets.token_hex(6)}"
+    tags_url = f"/api/{user.user_id}/tags"
+    for name in (taken, other):
+        assert traced.post(tags_url, json={"name": name}, headers=user.headers).status_code == 201
+    other_id = next(
+        t["id"] for t in traced.get(tags_url, headers=user.headers).json() if t["name"] == other
+    )
+    # The race's loser checked before the winner committed: the unique index decides.
+    monkeypatch.setattr(tag_queries, "check_name_free", lambda *_: None)
+    capsys.readouterr()
+    refused = traced.patch(
+        f"{tags_url}/{other_id}", json={"name": taken.upper()}, headers=user.headers
+    )
+    assert refused.status_code == 409
+    failed = [
+        s
+        for s in trace_spans(spans, refused.headers["X-Trace-Id"])
+        if s.kind is SpanKind.CLIENT and s.status.status_code is StatusCode.ERROR
+    ]
+    assert [s.name.split()[0] for s in failed] == ["UPDATE"]
+    assert failed[0].status.description == (
+        'duplicate key value violates unique constraint "uq_tags_user_name"'
+    )
+    recorded = all_attribute_text(spans)
+    logged = capsys.readouterr().out
+    for name in (taken, taken.upper(), taken.lower()):
+        assert name not in recorded and name not in logged
+    assert "DETAIL" not in recorded and "DETAIL" not in logged
+
+
+@pytest.fixture
+def unique_titles(database: Database, user: ApiUser) -> Iterator[None]:
+    """A unique index on this user's task titles that the schema does not have: a second
+    task with the same title is a real unique violation, whose DETAIL quotes the title."""
+    index = f"test_unique_title_{secrets.token_hex(6)}"
+    assert user.user_id.isalnum()
+    with database.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"CREATE UNIQUE INDEX {index} ON tasks (title) WHERE user_id = '{user.user_id}'"
+            )
+        )
+    try:
+        yield
+    finally:
+        with database.engine.begin() as conn:
+            conn.execute(sa.text(f"DROP INDEX {index}"))
+
+
+@pytest.mark.usefixtures("unique_titles")
+def test_a_database_error_500_logs_and_traces_no_values_from_its_detail(
+    traced: TestClient,
+    user: ApiUser,
+    spans: InMemorySpanExporter,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The 500's log line keeps its traceback, but each database error in it says only
+    PostgreSQL's first line: the DETAIL (`Key (title)=(...)`) holds the user's text."""
+    title = f"private-{secrets.token_hex(8)}"
+    created = traced.post(user.url(), json={"title": title}, headers=user.headers)
+    assert created.status_code == 201
+    capsys.readouterr()
+    failed = traced.post(user.url(), json={"title": title}, headers=user.headers)
+    assert failed.status_code == 500
+    lines = json_lines(capsys.readouterr().out)
+    (error,) = [line for line in lines if line["level"] == "ERROR"]
+    assert error["message"] == "unhandled error"
+    assert error["request_id"] == failed.headers["X-Request-ID"]
+    assert error["error_type"] == "IntegrityError"
+    trace_text = error["exc_info"]
+    assert trace_text.startswith("Traceback (most recent call last):")
+    assert "psycopg2.errors.UniqueViolation: duplicate key value violates unique constraint" in (
+        trace_text
+    )
+    assert trace_text.rstrip().splitlines()[-1].startswith("sqlalchemy.exc.IntegrityError: ")
+    assert title not in json.dumps(lines) and "DETAIL" not in json.dumps(lines)
+    server = server_span(spans, failed.headers["X-Trace-Id"])
+    assert server.status.status_code is StatusCode.ERROR
+    recorded = all_attribute_text(spans)
+    assert title not in recorded and "DETAIL" not in recorded
+
+
+def test_log_formatters_cut_every_database_error_in_a_traceback_to_its_first_line(
+    database: Database,
+) -> None:
+    """Wherever the database error sits (the exception logged, its cause or context, a
+    member of an exception group), both formats keep its first line and drop DETAIL."""
+    import logging
+
+    from observability.logging import ConsoleLogFormatter, JsonLogFormatter
+
+    secret = f"value-{secrets.token_hex(6)}"
+    with database.engine.connect() as conn:
+        conn.execute(sa.text("CREATE TEMPORARY TABLE unique_values (v text UNIQUE)"))
+        insert = sa.text("INSERT INTO unique_values VALUES (:v)")
+        conn.execute(insert, {"v": secret})
+        try:
+            conn.execute(insert, {"v": secret})
+        except sa.exc.IntegrityError as exc:
+            failure = exc
+        conn.rollback()
+    assert secret in str(failure) and secret in str(failure.orig)
+
+    def raised(exc: BaseException) -> BaseException:
+        try:
+            raise exc
+        except BaseException as caught:
+            return caught
+
+    def during_failure() -> BaseException:
+        try:
+            raise failure
+        except sa.exc.IntegrityError:
+            return raised(RuntimeError("while handling it"))
+
+    first = 'duplicate key value violates unique constraint "unique_values_v_key"'
+    cases = [
+        raised(failure),
+        raised(RuntimeError("a wrapper")).with_traceback(None),
+        during_failure(),
+        raised(ExceptionGroup("several", [raised(failure), ValueError("plain")])),
+    ]
+    cases[1].__cause__ = failure
+    for exc in cases:
+        record = logging.LogRecord(
+            "service.errors",
+            logging.ERROR,
+            __file__,
+            1,
+            "unhandled error",
+            None,
+            (type(exc), exc, exc.__traceback__),
+        )
+        # Another handler (pytest's) may have formatted and cached the full text first.
+        record.exc_text = str(failure)
+        for formatter in (JsonLogFormatter(), ConsoleLogFormatter()):
+            text = formatter.format(record)
+            assert secret not in text and "DETAIL" not in text, (formatter, text)
+            assert first in text.replace('\\"', '"'), (formatter, text)
+
+
 def test_failed_authentication_logs_a_warning_without_the_token(
     traced: TestClient, settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -624,6 +779,115 @@ def test_failed_authentication_logs_a_warning_without_the_token(
     assert warning["trace_id"] == resp.headers["X-Trace-Id"]
     assert warning["request_id"] == resp.headers["X-Request-ID"]
     assert "user_id" not in warning  # not authenticated: no user is known
+
+
+def test_a_refused_request_names_the_verified_caller_in_its_span_and_access_line(
+    settings: Settings,
+    traced_database: Database,
+    provider: TracerProvider,
+    spans: InMemorySpanExporter,
+    make_user: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The token was verified before the request was refused: a 403 (someone else's tasks)
+    and a 429 (over the write limit) say whose token it was, not the URL's user."""
+    alice, bob = make_user(), make_user()
+    limited = settings.model_copy(update={"rate_limit_write": "1/minute"})
+    app = make_traced_app(limited, traced_database, provider)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        capsys.readouterr()
+        forbidden = client.get(bob.url(), headers=alice.headers)
+        assert client.post(alice.url(), json={"title": "t"}, headers=alice.headers).is_success
+        too_many = client.post(alice.url(), json={"title": "t"}, headers=alice.headers)
+    assert (forbidden.status_code, too_many.status_code) == (403, 429)
+    access = [
+        line for line in json_lines(capsys.readouterr().out) if line["logger"] == "service.access"
+    ]
+    for resp in (forbidden, too_many):
+        (line,) = [a for a in access if a["request_id"] == resp.headers["X-Request-ID"]]
+        assert (line["status"], line["user_id"]) == (resp.status_code, alice.user_id)
+        attributes = dict(server_span(spans, resp.headers["X-Trace-Id"]).attributes or {})
+        assert attributes["enduser.id"] == alice.user_id
+    (refused,) = [a for a in access if a["status"] == 403]
+    assert refused["path"] == bob.url()  # whose tasks were asked for
+
+
+def test_a_change_feed_stream_over_the_read_limit_names_its_tickets_user(
+    settings: Settings,
+    traced_database: Database,
+    provider: TracerProvider,
+    spans: InMemorySpanExporter,
+    user: ApiUser,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    limited = settings.model_copy(update={"rate_limit_read": "1/minute"})
+    app = make_traced_app(limited, traced_database, provider)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        tickets = f"/api/{user.user_id}/events/tickets"
+        stream_url = client.post(tickets, headers=user.headers).json()["stream_url"]
+        assert client.get(user.url(), headers=user.headers).status_code == 200
+        capsys.readouterr()
+        refused = client.get(stream_url, headers={"Accept": "text/event-stream"})
+    assert refused.status_code == 429
+    access = [
+        line for line in json_lines(capsys.readouterr().out) if line["logger"] == "service.access"
+    ]
+    assert [(a["status"], a["user_id"]) for a in access] == [(429, user.user_id)]
+    attributes = dict(server_span(spans, refused.headers["X-Trace-Id"]).attributes or {})
+    assert attributes["enduser.id"] == user.user_id
+
+
+def test_answers_given_before_routing_log_the_route_their_span_names(
+    settings: Settings,
+    traced_database: Database,
+    provider: TracerProvider,
+    spans: InMemorySpanExporter,
+    user: ApiUser,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A CORS preflight, a 413 on Content-Length and a 415 are answered by middleware
+    before the router runs; the access line's `route` is still the span's `http.route`."""
+    origin = "https://app.example"
+    app = make_traced_app(
+        settings.model_copy(update={"cors_origins": origin}), traced_database, provider
+    )
+    json_body = {**user.headers, "Content-Type": "application/json"}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        capsys.readouterr()
+        answers = [
+            client.options(
+                user.url("/7"), headers={"Origin": origin, "Access-Control-Request-Method": "PUT"}
+            ),
+            client.post(
+                user.url(), content=b"x" * (settings.max_body_bytes + 1), headers=json_body
+            ),
+            client.put(
+                user.url("/7"),
+                content=b"{}",
+                headers={**user.headers, "Content-Type": "text/plain"},
+            ),
+            client.get("/no/such/route", headers=user.headers),
+        ]
+    assert [r.status_code for r in answers] == [200, 413, 415, 404]
+    access = {
+        line["request_id"]: line
+        for line in json_lines(capsys.readouterr().out)
+        if line["logger"] == "service.access"
+    }
+    routes = []
+    for resp in answers:
+        line = access[resp.headers["X-Request-ID"]]
+        span_route = dict(server_span(spans, resp.headers["X-Trace-Id"]).attributes or {}).get(
+            "http.route"
+        )
+        assert line["route"] == span_route, (resp.status_code, line)
+        routes.append(line["route"])
+    assert routes == [
+        "/api/{user_id}/tasks/{task_id}",
+        "/api/{user_id}/tasks",
+        "/api/{user_id}/tasks/{task_id}",
+        None,  # no route: the span has none either
+    ]
 
 
 def test_unhandled_error_line_carries_the_request_ids(

@@ -112,3 +112,20 @@ def test_a_failed_statement_ends_its_span_as_an_error(traced: Traced) -> None:
     failed = [s for s in spans if s.kind is SpanKind.CLIENT]
     assert len(failed) == 1 and failed[0].end_time is not None
     assert failed[0].status.status_code is StatusCode.ERROR
+
+
+def test_a_failed_statements_span_says_postgresqls_first_line_only(traced: Traced) -> None:
+    """The DETAIL line quotes the values (`Key (v)=(...) already exists`): not in the span."""
+    secret = "value-" + "9f3c1a"
+    with traced.database.engine.connect() as conn:
+        conn.execute(sa.text("CREATE TEMPORARY TABLE unique_values (v text UNIQUE)"))
+        insert = sa.text("INSERT INTO unique_values VALUES (:v)")
+        conn.execute(insert, {"v": secret})
+        with pytest.raises(sa.exc.IntegrityError, match="DETAIL"):
+            conn.execute(insert, {"v": secret})
+    spans, _ = traced.take()
+    (failed,) = [s for s in spans if s.status.status_code is StatusCode.ERROR]
+    assert failed.status.description == (
+        'duplicate key value violates unique constraint "unique_values_v_key"'
+    )
+    assert secret not in str(failed.attributes) and secret not in str(failed.events)

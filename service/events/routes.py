@@ -22,7 +22,6 @@ import anyio
 from fastapi import Depends, Header, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials
-from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -43,6 +42,7 @@ from service.deps import (
     count_anonymous,
     count_user,
     get_current_user,
+    identify,
 )
 from service.events import tickets
 from service.events.hub import FeedHub, FeedUnavailable, Subscription, TooManyStreams
@@ -159,12 +159,8 @@ async def _redeem(
     except (AuthError, Forbidden):
         await count_anonymous(request)
         raise
-    user_id = redeemed.principal.user_id
-    await count_user(request, user_id)
-    span = trace.get_current_span()
-    if span.is_recording():
-        span.set_attribute("enduser.id", user_id)
-    request.state.user_id = user_id
+    identify(request, redeemed.principal.user_id)
+    await count_user(request, redeemed.principal.user_id)
     return redeemed
 
 
