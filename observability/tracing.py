@@ -66,6 +66,19 @@ def service_version() -> str:
         return "unknown"
 
 
+_instance: tuple[int, str] = (os.getpid(), str(uuid.uuid4()))
+
+
+def instance_id() -> str:
+    """This process's `service.instance.id`: one per process, so its spans and its metrics
+    name the same instance, and each worker (even a forked one) its own."""
+    global _instance
+    pid = os.getpid()
+    if _instance[0] != pid:
+        _instance = (pid, str(uuid.uuid4()))
+    return _instance[1]
+
+
 def build_resource(settings: Settings) -> Resource:
     """Our defaults, overridden by `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`."""
     environment = settings.app_env.value
@@ -73,7 +86,7 @@ def build_resource(settings: Settings) -> Resource:
         "service.name": SERVICE_NAME,
         "service.version": service_version(),
         # Tells the workers of one server apart in Jaeger.
-        "service.instance.id": str(uuid.uuid4()),
+        "service.instance.id": instance_id(),
         "deployment.environment": environment,
         "deployment.environment.name": environment,
     }

@@ -400,6 +400,27 @@ def test_resource_names_the_service_and_honours_otel_service_name(
     assert named["deployment.environment"] == "staging"
 
 
+@pytest.mark.usefixtures("clean_env")
+def test_one_service_instance_id_per_process_for_traces_and_metrics(
+    base_settings: Settings,
+) -> None:
+    """Tracing and metrics each build the resource: both must name the same instance, or a
+    process's spans and its metrics cannot be matched up in the backend."""
+    first = build_resource(base_settings).attributes["service.instance.id"]
+    again = build_resource(base_settings.model_copy(update={"app_env": AppEnv.production}))
+    assert again.attributes["service.instance.id"] == first
+    # Another process (as each of `serve --workers N` is) has its own.
+    script = (
+        "from observability.tracing import build_resource\n"
+        "from service.settings import Settings\n"
+        "print(build_resource(Settings(_env_file=None)).attributes['service.instance.id'])\n"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.strip()
+    assert other and other != first
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
