@@ -79,19 +79,30 @@ def instance_id() -> str:
     return _instance[1]
 
 
+# The environment under its current semantic-convention name and its older one, which
+# backends (Jaeger's UI among them) still show.
+_ENVIRONMENT_KEYS = ("deployment.environment.name", "deployment.environment")
+
+
 def build_resource(settings: Settings) -> Resource:
-    """Our defaults, overridden by `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`."""
-    environment = settings.app_env.value
+    """Our defaults, overridden by `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`.
+
+    Both environment keys carry one value: `deployment.environment.name` from
+    OTEL_RESOURCE_ATTRIBUTES if given, else `deployment.environment` from it, else APP_ENV.
+    """
+    from_env = OTELResourceDetector().detect().attributes
+    environment = next(
+        (from_env[key] for key in _ENVIRONMENT_KEYS if key in from_env), settings.app_env.value
+    )
     defaults: dict[str, Any] = {
         "service.name": SERVICE_NAME,
         "service.version": service_version(),
         # Tells the workers of one server apart in Jaeger.
         "service.instance.id": instance_id(),
-        "deployment.environment": environment,
-        "deployment.environment.name": environment,
     }
-    from_env = OTELResourceDetector().detect().attributes
-    return Resource.create({**defaults, **from_env})
+    return Resource.create(
+        {**defaults, **from_env, **dict.fromkeys(_ENVIRONMENT_KEYS, environment)}
+    )
 
 
 def _check_otlp_protocol() -> None:

@@ -400,6 +400,30 @@ def test_resource_names_the_service_and_honours_otel_service_name(
     assert named["deployment.environment"] == "staging"
 
 
+@pytest.mark.parametrize(
+    ("resource_attributes", "expected"),
+    [
+        ("", "production"),  # APP_ENV
+        ("deployment.environment=staging", "staging"),  # the old key, as people still write
+        ("deployment.environment.name=staging", "staging"),  # the current one
+        # Both given and different: the current key wins.
+        ("deployment.environment=qa,deployment.environment.name=staging", "staging"),
+    ],
+)
+@pytest.mark.usefixtures("clean_env")
+def test_both_deployment_environment_keys_always_agree(
+    base_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    resource_attributes: str,
+    expected: str,
+) -> None:
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", resource_attributes)
+    production = base_settings.model_copy(update={"app_env": AppEnv.production})
+    attributes = build_resource(production).attributes
+    assert attributes["deployment.environment"] == expected
+    assert attributes["deployment.environment.name"] == expected
+
+
 @pytest.mark.usefixtures("clean_env")
 def test_one_service_instance_id_per_process_for_traces_and_metrics(
     base_settings: Settings,

@@ -25,7 +25,8 @@ import sqlalchemy as sa
 
 from service.auth import create_dev_token
 from tests.jwt_helpers import random_id
-from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.otlp_receiver import MetricsReceiver, OtlpReceiver, ReceivedSpan
+from tests.serve_helpers import ServeProcess
 from tests.support import TEST_SECRET, clean_environ, free_port
 
 # The console script installed next to the interpreter running the tests.
@@ -191,3 +192,48 @@ def test_serve_with_workers_exports_every_span_over_otlp_and_logs_json(
         ("POST", 201)
     }
     assert all("duration_ms" in a and "timestamp" in a for a in access)
+
+
+def test_spans_and_metrics_of_a_process_name_the_same_instance_and_environment(
+    receiver: OtlpReceiver, database_url: str, tmp_path: Path
+) -> None:
+    """A process's spans, its OTLP metrics and its Prometheus `target_info` carry one resource:
+    the same `service.instance.id`, and one environment under both keys (the operator's
+    `deployment.environment`, not APP_ENV's)."""
+    metrics = MetricsReceiver()
+    metrics.start()
+    server = ServeProcess(
+        tmp_path,
+        {
+            "APP_ENV": "production",
+            "DATABASE_URL": database_url,
+            "BETTER_AUTH_SECRET": TEST_SECRET,
+            "OTEL_SDK_DISABLED": "false",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=staging",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{receiver.url}/v1/traces",
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"{metrics.url}/v1/metrics",
+            "METRICS_ENABLED": "true",
+        },
+    )
+    try:
+        server.start()
+        user_id = random_id()
+        headers = {"Authorization": f"Bearer {create_dev_token(TEST_SECRET, user_id)}"}
+        listed = httpx.get(f"{server.url}/api/{user_id}/tasks", headers=headers, timeout=10)
+        assert listed.status_code == 200
+        prometheus = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert server.stop() in (0, -15)  # the spans and metrics are flushed as it stops
+    finally:
+        server.stop()
+        metrics.stop()
+    (server_span,) = [s for s in receiver.spans if s.kind == SPAN_KIND_SERVER]
+    span_resource = server_span.resource
+    assert metrics.resources
+    for metric_resource in metrics.resources:
+        assert metric_resource["service.instance.id"] == span_resource["service.instance.id"]
+    (target_info,) = [line for line in prometheus.splitlines() if line.startswith("target_info{")]
+    assert f'service_instance_id="{span_resource["service.instance.id"]}"' in target_info
+    for resource in [span_resource, *metrics.resources]:
+        assert resource["deployment.environment"] == "staging"
+        assert resource["deployment.environment.name"] == "staging"
