@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 
+from observability.otel_env import check_otel_environment, sdk_disabled
 from service.settings import ConfigError, Settings
 
 log = logging.getLogger("observability.metrics")
@@ -198,8 +199,9 @@ def configure_metrics(settings: Settings, resource: Any) -> MeterProvider | None
         if _configured:
             return None
         _configured = True
-        if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        if sdk_disabled():
             return None
+        check_otel_environment()
         readers = metric_readers(settings)
         if not readers:
             return None

@@ -36,6 +36,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import StatementError
 
+from observability.otel_env import check_otel_environment, sampler_from_env, sdk_disabled
 from service.settings import ConfigError, Settings
 
 SERVICE_NAME = "todo-api"
@@ -53,10 +54,6 @@ _lock = threading.Lock()
 _configured = False
 _process_provider: trace.TracerProvider | None = None
 _traced_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
-
-
-def sdk_disabled() -> bool:
-    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 
 def service_version() -> str:
@@ -160,8 +157,8 @@ def span_exporters() -> list[SpanExporter]:
 
 def build_tracer_provider(settings: Settings) -> TracerProvider:
     # The sampler comes from OTEL_TRACES_SAMPLER(_ARG), default parent-based always-on;
-    # the batch processor reads OTEL_BSP_*.
-    provider = TracerProvider(resource=build_resource(settings))
+    # the batch processor reads OTEL_BSP_* (observability.otel_env checks them).
+    provider = TracerProvider(resource=build_resource(settings), sampler=sampler_from_env())
     for exporter in span_exporters():
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
@@ -181,6 +178,7 @@ def configure_tracing(settings: Settings) -> trace.TracerProvider | None:
             else:
                 current = trace.get_tracer_provider()
                 if isinstance(current, trace.ProxyTracerProvider):
+                    check_otel_environment()
                     current = build_tracer_provider(settings)
                     trace.set_tracer_provider(current)
                 _process_provider = current

@@ -25,7 +25,8 @@ from observability.metrics import (
     shutdown_metrics,
     start_metrics_server,
 )
-from observability.tracing import build_resource, sdk_disabled, service_version, span_exporter_names
+from observability.otel_env import check_otel_environment, sdk_disabled
+from observability.tracing import build_resource, service_version, span_exporter_names
 from service.auth import TokenVerifier, masked_url
 from service.database import Database
 from service.docs import install_docs
@@ -215,6 +216,7 @@ def check_settings(settings: Settings) -> None:
     TokenVerifier.from_settings(settings)
     RateLimiter(settings)
     if not sdk_disabled():
+        check_otel_environment()
         span_exporter_names()
         metric_exporter_names()
 

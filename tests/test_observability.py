@@ -33,6 +33,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from observability import configure_logging, configure_tracing
+from observability.otel_env import check_otel_environment
 from observability.tracing import build_resource, build_tracer_provider, span_exporters
 from service.app import create_app
 from service.auth import create_dev_token
@@ -495,6 +496,83 @@ def test_sampler_comes_from_the_standard_variables(
     assert "TraceIdRatioBased{0.25}" in ratio.sampler.get_description()
     for provider in (default, ratio):
         provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        # Blank is unset, as compose and .env files write a variable left empty.
+        {
+            name: ""
+            for name in ("OTEL_TRACES_SAMPLER", "OTEL_SDK_DISABLED", "OTEL_BSP_SCHEDULE_DELAY")
+        },
+        {"OTEL_SDK_DISABLED": "False"},
+        {"OTEL_TRACES_SAMPLER": "TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1"},
+        {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_TRACES_SAMPLER_ARG": "ignored"},
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "https://otlp.example.com",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://[::1]:4318/v1/traces",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://collector:4318/v1/metrics",
+            "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer xyz, x-tenant=a%20b,",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=staging, team=core=a",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "OTEL_BSP_EXPORT_TIMEOUT": "0",
+            "OTEL_BSP_MAX_QUEUE_SIZE": "100",
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "100",
+            "OTEL_METRIC_EXPORT_INTERVAL": "300.5",
+            "OTEL_METRIC_EXPORT_TIMEOUT": "0",
+        },
+    ],
+)
+@pytest.mark.usefixtures("clean_env")
+def test_usable_otel_values_are_accepted(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    check_otel_environment()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OTEL_TRACES_SAMPLER", "bogus"),
+        ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+        ("OTEL_TRACES_SAMPLER_ARG", "nan"),
+        ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "collector:4318"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "grpc://collector:4317"),
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "just-a-token"),
+        ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "0"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "inf"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "1.5"),
+        ("OTEL_BSP_EXPORT_TIMEOUT", "-1"),
+        ("OTEL_METRIC_EXPORT_TIMEOUT", "soon"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "a=b,"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "=b"),
+    ],
+)
+@pytest.mark.usefixtures("clean_env")
+def test_unusable_otel_values_are_refused_not_replaced_by_defaults(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if name == "OTEL_TRACES_SAMPLER_ARG":
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        check_otel_environment()
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_a_ratio_sampler_without_its_argument_keeps_every_trace(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    provider = build_tracer_provider(base_settings)
+    assert provider.sampler.get_description() == "TraceIdRatioBased{1.0}"
+    provider.shutdown()
 
 
 def test_sdk_disabled_turns_tracing_off(base_settings: Settings, user: ApiUser) -> None:
