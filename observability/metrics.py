@@ -205,15 +205,11 @@ def configure_metrics(settings: Settings, resource: Any) -> MeterProvider | None
         readers = metric_readers(settings)
         if not readers:
             return None
-        provider = MeterProvider(metric_readers=readers, resource=resource)
+        # What the OTLP reader holds is pushed by the app's shutdown, within its budget
+        # (observability.flush), not by the SDK's unbounded exit handler.
+        provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
         metrics.set_meter_provider(provider)
         return provider
-
-
-def shutdown_metrics(provider: MeterProvider | None) -> None:
-    """Push what the OTLP reader holds before the process exits."""
-    if provider is not None:
-        provider.force_flush(timeout_millis=5_000)
 
 
 def start_metrics_server(settings: Settings) -> Any:

@@ -158,7 +158,11 @@ def span_exporters() -> list[SpanExporter]:
 def build_tracer_provider(settings: Settings) -> TracerProvider:
     # The sampler comes from OTEL_TRACES_SAMPLER(_ARG), default parent-based always-on;
     # the batch processor reads OTEL_BSP_* (observability.otel_env checks them).
-    provider = TracerProvider(resource=build_resource(settings), sampler=sampler_from_env())
+    # The app's shutdown flushes the spans within its budget (observability.flush); the
+    # SDK's exit handler would flush again, without a bound.
+    provider = TracerProvider(
+        resource=build_resource(settings), sampler=sampler_from_env(), shutdown_on_exit=False
+    )
     for exporter in span_exporters():
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider

@@ -17,12 +17,12 @@ from audit.checkpoint import PeriodicCheckpoints, signing_key
 from audit.proof import LatestProofs
 from audit.routes import keys_router as audit_keys_router
 from audit.routes import router as audit_router
-from observability import configure_logging, configure_tracing, force_flush, observe_app
+from observability import configure_logging, configure_tracing, observe_app
+from observability.flush import flush_telemetry
 from observability.metrics import (
     configure_metrics,
     metric_exporter_names,
     observe_pool,
-    shutdown_metrics,
     start_metrics_server,
 )
 from observability.otel_env import check_otel_environment, sdk_disabled
@@ -138,8 +138,8 @@ def create_app(
             checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checkpoints
-        force_flush(provider)
-        shutdown_metrics(meter_provider)
+        # At most SHUTDOWN_FLUSH_SECONDS, however slow the collector.
+        flush_telemetry(provider, meter_provider, settings.shutdown_flush_seconds)
         if owns_database:
             db.dispose()
 

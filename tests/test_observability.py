@@ -14,6 +14,7 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -33,6 +34,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from observability import configure_logging, configure_tracing
+from observability.flush import flush_telemetry
 from observability.otel_env import check_otel_environment
 from observability.tracing import build_resource, build_tracer_provider, span_exporters
 from service.app import create_app
@@ -573,6 +575,53 @@ def test_a_ratio_sampler_without_its_argument_keeps_every_trace(
     provider = build_tracer_provider(base_settings)
     assert provider.sampler.get_description() == "TraceIdRatioBased{1.0}"
     provider.shutdown()
+
+
+class HungFlush:
+    """A provider whose flush waits on a collector that never answers (until released)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.timeouts: list[int] = []
+
+    def force_flush(self, timeout_millis: int) -> bool:
+        self.timeouts.append(timeout_millis)
+        self.entered.set()
+        self.release.wait(60)
+        return True
+
+
+def test_shutdown_flushes_spans_and_metrics_at_once_and_gives_up_after_the_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    traces, metrics = HungFlush(), HungFlush()
+    late: list[list[str]] = []
+    runner = threading.Thread(target=lambda: late.append(flush_telemetry(traces, metrics, 0.25)))
+    try:
+        with caplog.at_level("WARNING", logger="observability.flush"):
+            runner.start()
+            runner.join(30)  # the budget is 0.25 s: still running after 30 s is a hang
+        assert not runner.is_alive(), "the flush waited for a collector that never answers"
+        assert late == [["traces", "metrics"]]
+        # Both flushed at once: the metrics' flush did not wait for the spans', which never
+        # ended. Each was given the budget.
+        assert traces.entered.wait(30) and metrics.entered.wait(30)
+        assert traces.timeouts == metrics.timeouts == [250]
+        (warning,) = [r for r in caplog.records if r.name == "observability.flush"]
+        assert warning.signals == ["traces", "metrics"]  # type: ignore[attr-defined]
+    finally:
+        traces.release.set()
+        metrics.release.set()
+
+
+def test_a_flush_that_finishes_is_not_reported(caplog: pytest.LogCaptureFixture) -> None:
+    traces = HungFlush()
+    traces.release.set()
+    with caplog.at_level("WARNING", logger="observability.flush"):
+        assert flush_telemetry(traces, None, 30) == []
+    assert traces.timeouts == [30_000]
+    assert not [r for r in caplog.records if r.name == "observability.flush"]
 
 
 def test_sdk_disabled_turns_tracing_off(base_settings: Settings, user: ApiUser) -> None:
