@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 
-from observability.otel_env import check_otel_environment, sdk_disabled
+from observability.otel_env import check_otel_environment, metric_reader_options, sdk_disabled
 from service.settings import ConfigError, Settings
 
 log = logging.getLogger("observability.metrics")
@@ -153,8 +153,9 @@ def _otlp_reader() -> MetricReader:
     _check_otlp_protocol()
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-    # Endpoint, headers and interval come from the OTEL_* variables.
-    return PeriodicExportingMetricReader(OTLPMetricExporter())
+    # The exporter reads the endpoint, headers and timeout variables itself; the interval and
+    # export timeout are read and checked by otel_env.
+    return PeriodicExportingMetricReader(OTLPMetricExporter(), **metric_reader_options())
 
 
 def metric_exporter_names() -> list[str]:

@@ -16,6 +16,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypedDict
 from urllib.parse import urlsplit
 
 from opentelemetry.sdk.trace import sampling
@@ -54,15 +55,22 @@ EXPORTER_TIMEOUT_VARIABLES = (
     "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT",
 )
 EXPORTER_TIMEOUT_MAX_SECONDS = 300
-# The batch span processor's, with the SDK's defaults.
+# The SDK's defaults for the batch span processor and the periodic metric reader: given to
+# them explicitly, with the checked values, so that they never read the variables again (a
+# blank one, unset here, would be an error there).
+_BSP_DEFAULT_SCHEDULE_DELAY = 5000
 _BSP_DEFAULT_QUEUE_SIZE = 2048
 _BSP_DEFAULT_BATCH_SIZE = 512
+_BSP_DEFAULT_EXPORT_TIMEOUT = 30000
+_METRIC_DEFAULT_EXPORT_INTERVAL = 60000.0
+_METRIC_DEFAULT_EXPORT_TIMEOUT = 30000.0
 
 
 def value(name: str) -> str | None:
-    """The variable's value without surrounding blanks; None if unset or empty."""
-    raw = os.environ.get(name, "").strip()
-    return raw or None
+    """The variable's value without surrounding blanks; None if unset or empty (as the SDK
+    takes an empty one; blanks alone are a value, most likely refused)."""
+    raw = os.environ.get(name, "")
+    return raw.strip() if raw else None
 
 
 def sdk_disabled() -> bool:
@@ -111,6 +119,16 @@ def _number(name: str, *, integer: bool, positive: bool, unit: str) -> float | N
         at_least = "more than 0" if positive else "0 or more"
         raise ConfigError(f"{name} must be {kind} of {unit}, {at_least}, not {raw!r}")
     return number
+
+
+def _integer(name: str, default: int, *, positive: bool, unit: str) -> int:
+    number = _number(name, integer=True, positive=positive, unit=unit)
+    return default if number is None else int(number)
+
+
+def _float(name: str, default: float, *, positive: bool, unit: str) -> float:
+    number = _number(name, integer=False, positive=positive, unit=unit)
+    return default if number is None else number
 
 
 def _check_resource_attributes() -> None:
@@ -189,23 +207,66 @@ def _check_exporter_timeouts() -> None:
             )
 
 
-def _check_batch_span_processor() -> None:
-    _number("OTEL_BSP_SCHEDULE_DELAY", integer=True, positive=True, unit="milliseconds")
-    _number("OTEL_BSP_EXPORT_TIMEOUT", integer=True, positive=False, unit="milliseconds")
-    queue = _number("OTEL_BSP_MAX_QUEUE_SIZE", integer=True, positive=True, unit="spans")
-    batch = _number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", integer=True, positive=True, unit="spans")
-    queue = _BSP_DEFAULT_QUEUE_SIZE if queue is None else queue
-    batch = _BSP_DEFAULT_BATCH_SIZE if batch is None else batch
+class BatchSpanOptions(TypedDict):
+    schedule_delay_millis: int
+    max_queue_size: int
+    max_export_batch_size: int
+    export_timeout_millis: int
+
+
+def batch_span_options() -> BatchSpanOptions:
+    """The `BatchSpanProcessor` arguments from `OTEL_BSP_*`."""
+    queue = _integer(
+        "OTEL_BSP_MAX_QUEUE_SIZE", _BSP_DEFAULT_QUEUE_SIZE, positive=True, unit="spans"
+    )
+    batch = _integer(
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", _BSP_DEFAULT_BATCH_SIZE, positive=True, unit="spans"
+    )
     if batch > queue:
         raise ConfigError(
-            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE ({batch:g}) must be at most "
-            f"OTEL_BSP_MAX_QUEUE_SIZE ({queue:g})"
+            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE ({batch}) must be at most "
+            f"OTEL_BSP_MAX_QUEUE_SIZE ({queue})"
         )
+    return {
+        "schedule_delay_millis": _integer(
+            "OTEL_BSP_SCHEDULE_DELAY",
+            _BSP_DEFAULT_SCHEDULE_DELAY,
+            positive=True,
+            unit="milliseconds",
+        ),
+        "max_queue_size": queue,
+        "max_export_batch_size": batch,
+        # The SDK does not use it yet.
+        "export_timeout_millis": _integer(
+            "OTEL_BSP_EXPORT_TIMEOUT",
+            _BSP_DEFAULT_EXPORT_TIMEOUT,
+            positive=False,
+            unit="milliseconds",
+        ),
+    }
 
 
-def _check_metric_reader() -> None:
-    _number("OTEL_METRIC_EXPORT_INTERVAL", integer=False, positive=True, unit="milliseconds")
-    _number("OTEL_METRIC_EXPORT_TIMEOUT", integer=False, positive=False, unit="milliseconds")
+class MetricReaderOptions(TypedDict):
+    export_interval_millis: float
+    export_timeout_millis: float
+
+
+def metric_reader_options() -> MetricReaderOptions:
+    """The `PeriodicExportingMetricReader` arguments from `OTEL_METRIC_EXPORT_*`."""
+    return {
+        "export_interval_millis": _float(
+            "OTEL_METRIC_EXPORT_INTERVAL",
+            _METRIC_DEFAULT_EXPORT_INTERVAL,
+            positive=True,
+            unit="milliseconds",
+        ),
+        "export_timeout_millis": _float(
+            "OTEL_METRIC_EXPORT_TIMEOUT",
+            _METRIC_DEFAULT_EXPORT_TIMEOUT,
+            positive=False,
+            unit="milliseconds",
+        ),
+    }
 
 
 def check_otel_environment() -> None:
@@ -217,5 +278,5 @@ def check_otel_environment() -> None:
     _check_endpoints()
     _check_headers()
     _check_exporter_timeouts()
-    _check_batch_span_processor()
-    _check_metric_reader()
+    batch_span_options()
+    metric_reader_options()

@@ -36,7 +36,12 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import StatementError
 
-from observability.otel_env import check_otel_environment, sampler_from_env, sdk_disabled
+from observability.otel_env import (
+    batch_span_options,
+    check_otel_environment,
+    sampler_from_env,
+    sdk_disabled,
+)
 from service.settings import ConfigError, Settings
 
 SERVICE_NAME = "todo-api"
@@ -156,15 +161,15 @@ def span_exporters() -> list[SpanExporter]:
 
 
 def build_tracer_provider(settings: Settings) -> TracerProvider:
-    # The sampler comes from OTEL_TRACES_SAMPLER(_ARG), default parent-based always-on;
-    # the batch processor reads OTEL_BSP_* (observability.otel_env checks them).
+    # The sampler comes from OTEL_TRACES_SAMPLER(_ARG), default parent-based always-on, the
+    # batch processor's arguments from OTEL_BSP_* (both read and checked by otel_env).
     # The app's shutdown flushes the spans within its budget (observability.flush); the
     # SDK's exit handler would flush again, without a bound.
     provider = TracerProvider(
         resource=build_resource(settings), sampler=sampler_from_env(), shutdown_on_exit=False
     )
     for exporter in span_exporters():
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider.add_span_processor(BatchSpanProcessor(exporter, **batch_span_options()))
     return provider
 
 

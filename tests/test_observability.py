@@ -35,6 +35,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from observability import configure_logging, configure_tracing
 from observability.flush import flush_telemetry
+from observability.metrics import metric_readers
 from observability.otel_env import check_otel_environment
 from observability.tracing import build_resource, build_tracer_provider, span_exporters
 from service.app import create_app
@@ -565,6 +566,34 @@ def test_unusable_otel_values_are_refused_not_replaced_by_defaults(
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
         check_otel_environment()
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_blank_batch_and_reader_variables_are_unset_for_the_sdk_too(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the check accepts is what is used: a blank OTEL_BSP_* or OTEL_METRIC_* passes the
+    check as unset, so the SDK must not read it again (it would log an error for each)."""
+    for name in (
+        "OTEL_BSP_SCHEDULE_DELAY",
+        "OTEL_BSP_MAX_QUEUE_SIZE",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        "OTEL_BSP_EXPORT_TIMEOUT",
+        "OTEL_METRIC_EXPORT_INTERVAL",
+        "OTEL_METRIC_EXPORT_TIMEOUT",
+    ):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    check_otel_environment()
+    with caplog.at_level("WARNING", logger="opentelemetry"):
+        provider = build_tracer_provider(base_settings)
+        (reader,) = metric_readers(base_settings.model_copy(update={"metrics_enabled": False}))
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")]
+    provider.shutdown()
+    reader.shutdown()
+    assert logged == []
 
 
 @pytest.mark.usefixtures("clean_env")
