@@ -43,11 +43,13 @@ ENV PATH=/opt/venv/bin:$PATH \
     APP_ENV=production \
     LOG_FORMAT=json \
     SHUTDOWN_DRAIN_SECONDS=5 \
-    SHUTDOWN_TIMEOUT_SECONDS=20
+    SHUTDOWN_TIMEOUT_SECONDS=20 \
+    SHUTDOWN_FLUSH_SECONDS=2
 USER app
 EXPOSE 8000
 # `todo-api serve` drains on SIGTERM: /readyz answers 503 for SHUTDOWN_DRAIN_SECONDS, then it
-# stops accepting and gives in-flight requests SHUTDOWN_TIMEOUT_SECONDS to finish. Give the
+# stops accepting and gives in-flight requests SHUTDOWN_TIMEOUT_SECONDS to finish, then exports
+# the spans and metrics it holds for at most SHUTDOWN_FLUSH_SECONDS: 27 s at most. Give the
 # container at least 30 s to stop (`docker run --stop-timeout 30`, compose `stop_grace_period`).
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \

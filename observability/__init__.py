@@ -12,9 +12,9 @@ from sqlalchemy import Engine
 
 from observability.asgi import RequestLogMiddleware, observe_exception_handlers
 from observability.logging import configure_logging
-from observability.tracing import configure_tracing, force_flush, instrument_app, instrument_engine
+from observability.tracing import configure_tracing, instrument_app, instrument_engine
 
-__all__ = ["configure_logging", "configure_tracing", "force_flush", "observe_app"]
+__all__ = ["configure_logging", "configure_tracing", "observe_app"]
 
 
 def observe_app(app: FastAPI, engine: Engine, tracer_provider: trace.TracerProvider | None) -> None:

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 
+from observability.otel_env import check_otel_environment, metric_reader_options, sdk_disabled
 from service.settings import ConfigError, Settings
 
 log = logging.getLogger("observability.metrics")
@@ -152,8 +153,9 @@ def _otlp_reader() -> MetricReader:
     _check_otlp_protocol()
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-    # Endpoint, headers and interval come from the OTEL_* variables.
-    return PeriodicExportingMetricReader(OTLPMetricExporter())
+    # The exporter reads the endpoint, headers and timeout variables itself; the interval and
+    # export timeout are read and checked by otel_env.
+    return PeriodicExportingMetricReader(OTLPMetricExporter(), **metric_reader_options())
 
 
 def metric_exporter_names() -> list[str]:
@@ -198,20 +200,17 @@ def configure_metrics(settings: Settings, resource: Any) -> MeterProvider | None
         if _configured:
             return None
         _configured = True
-        if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        if sdk_disabled():
             return None
+        check_otel_environment()
         readers = metric_readers(settings)
         if not readers:
             return None
-        provider = MeterProvider(metric_readers=readers, resource=resource)
+        # What the OTLP reader holds is pushed by the app's shutdown, within its budget
+        # (observability.flush), not by the SDK's unbounded exit handler.
+        provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
         metrics.set_meter_provider(provider)
         return provider
-
-
-def shutdown_metrics(provider: MeterProvider | None) -> None:
-    """Push what the OTLP reader holds before the process exits."""
-    if provider is not None:
-        provider.force_flush(timeout_millis=5_000)
 
 
 def start_metrics_server(settings: Settings) -> Any:

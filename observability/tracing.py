@@ -36,6 +36,12 @@ from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import StatementError
 
 from observability.logging import first_line, format_exception, holds_database_error
+from observability.otel_env import (
+    batch_span_options,
+    check_otel_environment,
+    sampler_from_env,
+    sdk_disabled,
+)
 from service.settings import ConfigError, Settings
 
 SERVICE_NAME = "todo-api"
@@ -55,10 +61,6 @@ _process_provider: trace.TracerProvider | None = None
 _traced_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-def sdk_disabled() -> bool:
-    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
-
-
 def service_version() -> str:
     try:
         return metadata.version(SERVICE_NAME)
@@ -66,19 +68,43 @@ def service_version() -> str:
         return "unknown"
 
 
+_instance: tuple[int, str] = (os.getpid(), str(uuid.uuid4()))
+
+
+def instance_id() -> str:
+    """This process's `service.instance.id`: one per process, so its spans and its metrics
+    name the same instance, and each worker (even a forked one) its own."""
+    global _instance
+    pid = os.getpid()
+    if _instance[0] != pid:
+        _instance = (pid, str(uuid.uuid4()))
+    return _instance[1]
+
+
+# The environment under its current semantic-convention name and its older one, which
+# backends (Jaeger's UI among them) still show.
+_ENVIRONMENT_KEYS = ("deployment.environment.name", "deployment.environment")
+
+
 def build_resource(settings: Settings) -> Resource:
-    """Our defaults, overridden by `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`."""
-    environment = settings.app_env.value
+    """Our defaults, overridden by `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES`.
+
+    Both environment keys carry one value: `deployment.environment.name` from
+    OTEL_RESOURCE_ATTRIBUTES if given, else `deployment.environment` from it, else APP_ENV.
+    """
+    from_env = OTELResourceDetector().detect().attributes
+    environment = next(
+        (from_env[key] for key in _ENVIRONMENT_KEYS if key in from_env), settings.app_env.value
+    )
     defaults: dict[str, Any] = {
         "service.name": SERVICE_NAME,
         "service.version": service_version(),
         # Tells the workers of one server apart in Jaeger.
-        "service.instance.id": str(uuid.uuid4()),
-        "deployment.environment": environment,
-        "deployment.environment.name": environment,
+        "service.instance.id": instance_id(),
     }
-    from_env = OTELResourceDetector().detect().attributes
-    return Resource.create({**defaults, **from_env})
+    return Resource.create(
+        {**defaults, **from_env, **dict.fromkeys(_ENVIRONMENT_KEYS, environment)}
+    )
 
 
 def _check_otlp_protocol() -> None:
@@ -135,11 +161,15 @@ def span_exporters() -> list[SpanExporter]:
 
 
 def build_tracer_provider(settings: Settings) -> TracerProvider:
-    # The sampler comes from OTEL_TRACES_SAMPLER(_ARG), default parent-based always-on;
-    # the batch processor reads OTEL_BSP_*.
-    provider = TracerProvider(resource=build_resource(settings))
+    # The sampler comes from OTEL_TRACES_SAMPLER(_ARG), default parent-based always-on, the
+    # batch processor's arguments from OTEL_BSP_* (both read and checked by otel_env).
+    # The app's shutdown flushes the spans within its budget (observability.flush); the
+    # SDK's exit handler would flush again, without a bound.
+    provider = TracerProvider(
+        resource=build_resource(settings), sampler=sampler_from_env(), shutdown_on_exit=False
+    )
     for exporter in span_exporters():
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        provider.add_span_processor(BatchSpanProcessor(exporter, **batch_span_options()))
     return provider
 
 
@@ -157,6 +187,7 @@ def configure_tracing(settings: Settings) -> trace.TracerProvider | None:
             else:
                 current = trace.get_tracer_provider()
                 if isinstance(current, trace.ProxyTracerProvider):
+                    check_otel_environment()
                     current = build_tracer_provider(settings)
                     trace.set_tracer_provider(current)
                 _process_provider = current
@@ -353,10 +384,3 @@ def record_server_error(exc: BaseException) -> None:
         return
     span.record_exception(exc, attributes=_exception_attributes(exc))
     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
-
-
-def force_flush(provider: trace.TracerProvider | None, timeout_millis: int = 10_000) -> None:
-    """Export what the batch processor holds, before the worker exits."""
-    flush = getattr(provider, "force_flush", None)
-    if callable(flush):
-        flush(timeout_millis)

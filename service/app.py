@@ -17,15 +17,16 @@ from audit.checkpoint import PeriodicCheckpoints, signing_key
 from audit.proof import LatestProofs
 from audit.routes import keys_router as audit_keys_router
 from audit.routes import router as audit_router
-from observability import configure_logging, configure_tracing, force_flush, observe_app
+from observability import configure_logging, configure_tracing, observe_app
+from observability.flush import flush_telemetry
 from observability.metrics import (
     configure_metrics,
     metric_exporter_names,
     observe_pool,
-    shutdown_metrics,
     start_metrics_server,
 )
-from observability.tracing import build_resource, sdk_disabled, service_version, span_exporter_names
+from observability.otel_env import check_otel_environment, sdk_disabled
+from observability.tracing import build_resource, service_version, span_exporter_names
 from service.auth import TokenVerifier, masked_url
 from service.database import Database
 from service.docs import install_docs
@@ -137,8 +138,8 @@ def create_app(
             checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checkpoints
-        force_flush(provider)
-        shutdown_metrics(meter_provider)
+        # At most SHUTDOWN_FLUSH_SECONDS, however slow the collector.
+        flush_telemetry(provider, meter_provider, settings.shutdown_flush_seconds)
         if owns_database:
             db.dispose()
 
@@ -215,6 +216,7 @@ def check_settings(settings: Settings) -> None:
     TokenVerifier.from_settings(settings)
     RateLimiter(settings)
     if not sdk_disabled():
+        check_otel_environment()
         span_exporter_names()
         metric_exporter_names()
 

@@ -146,9 +146,13 @@ class Settings(BaseSettings):
 
     # Shutdown (SIGTERM): /readyz answers 503 for the drain period while requests are still
     # served, so a load balancer stops sending; then the listener closes and in-flight requests
-    # get the timeout to finish. The container's stop grace period must exceed their sum.
+    # get the timeout to finish. The container's stop grace period must exceed the sum of
+    # these three (SHUTDOWN_FLUSH_SECONDS below included).
     shutdown_drain_seconds: float = Field(default=0.0, ge=0, le=60)
     shutdown_timeout_seconds: float = Field(default=20.0, gt=0, le=300)
+    # Last, the spans and metrics still held are exported for at most this long (both at
+    # once), so a collector that is down or hung cannot hold up the stop.
+    shutdown_flush_seconds: float = Field(default=2.0, ge=0, le=60)
 
     # Change feed (service.events). Its LISTEN connection needs a direct (session) connection:
     # behind a transaction pooler such as Neon's `-pooler` endpoint, set the direct URL here.

@@ -149,7 +149,8 @@ class OtlpReceiver(_Receiver):
 
 
 class MetricsReceiver(_Receiver):
-    """Keeps every metric name, and the labels of `http.server.request.duration` points."""
+    """Keeps every metric name, the resources, and the labels of `http.server.request.duration`
+    points."""
 
     PATH = "/v1/metrics"
     REQUEST = ExportMetricsServiceRequest
@@ -159,10 +160,12 @@ class MetricsReceiver(_Receiver):
         super().__init__()
         self.names: set[str] = set()
         self.attributes: list[dict[str, str]] = []
+        self.resources: list[dict[str, Any]] = []
 
     def _keep(self, request: ExportMetricsServiceRequest) -> None:
         with self._lock:
             for resource in request.resource_metrics:
+                self.resources.append(attributes(resource.resource.attributes))
                 for scope in resource.scope_metrics:
                     for metric in scope.metrics:
                         self.names.add(metric.name)

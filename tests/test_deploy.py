@@ -123,12 +123,19 @@ def test_shutdown_timeouts_in_the_image_are_valid_settings_within_the_grace_peri
         _env_file=None,  # type: ignore[call-arg]
         shutdown_drain_seconds=env["SHUTDOWN_DRAIN_SECONDS"],
         shutdown_timeout_seconds=env["SHUTDOWN_TIMEOUT_SECONDS"],
+        shutdown_flush_seconds=env["SHUTDOWN_FLUSH_SECONDS"],
     )
     compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
     grace = compose["services"]["api"]["stop_grace_period"]
     assert grace.endswith("s")
-    assert settings.shutdown_drain_seconds + settings.shutdown_timeout_seconds < float(grace[:-1])
+    longest_stop = (
+        settings.shutdown_drain_seconds
+        + settings.shutdown_timeout_seconds
+        + settings.shutdown_flush_seconds
+    )
+    assert longest_stop < float(grace[:-1])
     assert "--stop-timeout 30" in README
+    assert "SHUTDOWN_FLUSH_SECONDS" in (ROOT / "compose.yaml").read_text()
 
 
 def test_readme_says_what_the_image_runs_and_that_it_was_not_built_here() -> None:

@@ -14,6 +14,7 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -33,6 +34,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from observability import configure_logging, configure_tracing
+from observability.flush import flush_telemetry
+from observability.metrics import metric_readers
+from observability.otel_env import check_otel_environment
 from observability.tracing import build_resource, build_tracer_provider, span_exporters
 from service.app import create_app
 from service.auth import create_dev_token
@@ -403,6 +407,51 @@ def test_resource_names_the_service_and_honours_otel_service_name(
 
 
 @pytest.mark.parametrize(
+    ("resource_attributes", "expected"),
+    [
+        ("", "production"),  # APP_ENV
+        ("deployment.environment=staging", "staging"),  # the old key, as people still write
+        ("deployment.environment.name=staging", "staging"),  # the current one
+        # Both given and different: the current key wins.
+        ("deployment.environment=qa,deployment.environment.name=staging", "staging"),
+    ],
+)
+@pytest.mark.usefixtures("clean_env")
+def test_both_deployment_environment_keys_always_agree(
+    base_settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    resource_attributes: str,
+    expected: str,
+) -> None:
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", resource_attributes)
+    production = base_settings.model_copy(update={"app_env": AppEnv.production})
+    attributes = build_resource(production).attributes
+    assert attributes["deployment.environment"] == expected
+    assert attributes["deployment.environment.name"] == expected
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_one_service_instance_id_per_process_for_traces_and_metrics(
+    base_settings: Settings,
+) -> None:
+    """Tracing and metrics each build the resource: both must name the same instance, or a
+    process's spans and its metrics cannot be matched up in the backend."""
+    first = build_resource(base_settings).attributes["service.instance.id"]
+    again = build_resource(base_settings.model_copy(update={"app_env": AppEnv.production}))
+    assert again.attributes["service.instance.id"] == first
+    # Another process (as each of `serve --workers N` is) has its own.
+    script = (
+        "from observability.tracing import build_resource\n"
+        "from service.settings import Settings\n"
+        "print(build_resource(Settings(_env_file=None)).attributes['service.instance.id'])\n"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.strip()
+    assert other and other != first
+
+
+@pytest.mark.parametrize(
     ("env", "expected"),
     [
         ({}, []),
@@ -452,6 +501,158 @@ def test_sampler_comes_from_the_standard_variables(
     assert "TraceIdRatioBased{0.25}" in ratio.sampler.get_description()
     for provider in (default, ratio):
         provider.shutdown()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        # Blank is unset, as compose and .env files write a variable left empty.
+        {
+            name: ""
+            for name in ("OTEL_TRACES_SAMPLER", "OTEL_SDK_DISABLED", "OTEL_BSP_SCHEDULE_DELAY")
+        },
+        {"OTEL_SDK_DISABLED": "False"},
+        {"OTEL_TRACES_SAMPLER": "TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "0"},
+        {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1"},
+        {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_TRACES_SAMPLER_ARG": "ignored"},
+        {
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "https://otlp.example.com",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://[::1]:4318/v1/traces",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://collector:4318/v1/metrics",
+            "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer xyz, x-tenant=a%20b,",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "2.5",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=staging, team=core=a",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+            "OTEL_BSP_EXPORT_TIMEOUT": "0",
+            "OTEL_BSP_MAX_QUEUE_SIZE": "100",
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "100",
+            "OTEL_METRIC_EXPORT_INTERVAL": "300.5",
+            "OTEL_METRIC_EXPORT_TIMEOUT": "0",
+        },
+    ],
+)
+@pytest.mark.usefixtures("clean_env")
+def test_usable_otel_values_are_accepted(
+    env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    check_otel_environment()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OTEL_TRACES_SAMPLER", "bogus"),
+        ("OTEL_TRACES_SAMPLER_ARG", "1.5"),
+        ("OTEL_TRACES_SAMPLER_ARG", "nan"),
+        ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "collector:4318"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "grpc://collector:4317"),
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "just-a-token"),
+        ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "0"),
+        ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "inf"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "1.5"),
+        ("OTEL_BSP_EXPORT_TIMEOUT", "-1"),
+        ("OTEL_METRIC_EXPORT_TIMEOUT", "soon"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "a=b,"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "=b"),
+    ],
+)
+@pytest.mark.usefixtures("clean_env")
+def test_unusable_otel_values_are_refused_not_replaced_by_defaults(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if name == "OTEL_TRACES_SAMPLER_ARG":
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=name):
+        check_otel_environment()
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_blank_batch_and_reader_variables_are_unset_for_the_sdk_too(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the check accepts is what is used: a blank OTEL_BSP_* or OTEL_METRIC_* passes the
+    check as unset, so the SDK must not read it again (it would log an error for each)."""
+    for name in (
+        "OTEL_BSP_SCHEDULE_DELAY",
+        "OTEL_BSP_MAX_QUEUE_SIZE",
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+        "OTEL_BSP_EXPORT_TIMEOUT",
+        "OTEL_METRIC_EXPORT_INTERVAL",
+        "OTEL_METRIC_EXPORT_TIMEOUT",
+    ):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    monkeypatch.setenv("OTEL_METRICS_EXPORTER", "otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")
+    check_otel_environment()
+    with caplog.at_level("WARNING", logger="opentelemetry"):
+        provider = build_tracer_provider(base_settings)
+        (reader,) = metric_readers(base_settings.model_copy(update={"metrics_enabled": False}))
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")]
+    provider.shutdown()
+    reader.shutdown()
+    assert logged == []
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_a_ratio_sampler_without_its_argument_keeps_every_trace(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    provider = build_tracer_provider(base_settings)
+    assert provider.sampler.get_description() == "TraceIdRatioBased{1.0}"
+    provider.shutdown()
+
+
+class HungFlush:
+    """A provider whose flush waits on a collector that never answers (until released)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.timeouts: list[int] = []
+
+    def force_flush(self, timeout_millis: int) -> bool:
+        self.timeouts.append(timeout_millis)
+        self.entered.set()
+        self.release.wait(60)
+        return True
+
+
+def test_shutdown_flushes_spans_and_metrics_at_once_and_gives_up_after_the_budget(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    traces, metrics = HungFlush(), HungFlush()
+    late: list[list[str]] = []
+    runner = threading.Thread(target=lambda: late.append(flush_telemetry(traces, metrics, 0.25)))
+    try:
+        with caplog.at_level("WARNING", logger="observability.flush"):
+            runner.start()
+            runner.join(30)  # the budget is 0.25 s: still running after 30 s is a hang
+        assert not runner.is_alive(), "the flush waited for a collector that never answers"
+        assert late == [["traces", "metrics"]]
+        # Both flushed at once: the metrics' flush did not wait for the spans', which never
+        # ended. Each was given the budget.
+        assert traces.entered.wait(30) and metrics.entered.wait(30)
+        assert traces.timeouts == metrics.timeouts == [250]
+        (warning,) = [r for r in caplog.records if r.name == "observability.flush"]
+        assert warning.signals == ["traces", "metrics"]  # type: ignore[attr-defined]
+    finally:
+        traces.release.set()
+        metrics.release.set()
+
+
+def test_a_flush_that_finishes_is_not_reported(caplog: pytest.LogCaptureFixture) -> None:
+    traces = HungFlush()
+    traces.release.set()
+    with caplog.at_level("WARNING", logger="observability.flush"):
+        assert flush_telemetry(traces, None, 30) == []
+    assert traces.timeouts == [30_000]
+    assert not [r for r in caplog.records if r.name == "observability.flush"]
 
 
 def test_sdk_disabled_turns_tracing_off(base_settings: Settings, user: ApiUser) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import secrets
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +27,8 @@ import sqlalchemy as sa
 
 from service.auth import create_dev_token
 from tests.jwt_helpers import random_id
-from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.otlp_receiver import MetricsReceiver, OtlpReceiver, ReceivedSpan
+from tests.serve_helpers import ServeProcess
 from tests.support import TEST_SECRET, clean_environ, free_port
 
 # The console script installed next to the interpreter running the tests.
@@ -191,3 +194,119 @@ def test_serve_with_workers_exports_every_span_over_otlp_and_logs_json(
         ("POST", 201)
     }
     assert all("duration_ms" in a and "timestamp" in a for a in access)
+
+
+def test_spans_and_metrics_of_a_process_name_the_same_instance_and_environment(
+    receiver: OtlpReceiver, database_url: str, tmp_path: Path
+) -> None:
+    """A process's spans, its OTLP metrics and its Prometheus `target_info` carry one resource:
+    the same `service.instance.id`, and one environment under both keys (the operator's
+    `deployment.environment`, not APP_ENV's)."""
+    metrics = MetricsReceiver()
+    metrics.start()
+    server = ServeProcess(
+        tmp_path,
+        {
+            "APP_ENV": "production",
+            "DATABASE_URL": database_url,
+            "BETTER_AUTH_SECRET": TEST_SECRET,
+            "OTEL_SDK_DISABLED": "false",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=staging",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{receiver.url}/v1/traces",
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"{metrics.url}/v1/metrics",
+            "METRICS_ENABLED": "true",
+        },
+    )
+    try:
+        server.start()
+        user_id = random_id()
+        headers = {"Authorization": f"Bearer {create_dev_token(TEST_SECRET, user_id)}"}
+        listed = httpx.get(f"{server.url}/api/{user_id}/tasks", headers=headers, timeout=10)
+        assert listed.status_code == 200
+        prometheus = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert server.stop() in (0, -15)  # the spans and metrics are flushed as it stops
+    finally:
+        server.stop()
+        metrics.stop()
+    (server_span,) = [s for s in receiver.spans if s.kind == SPAN_KIND_SERVER]
+    span_resource = server_span.resource
+    assert metrics.resources
+    for metric_resource in metrics.resources:
+        assert metric_resource["service.instance.id"] == span_resource["service.instance.id"]
+    (target_info,) = [line for line in prometheus.splitlines() if line.startswith("target_info{")]
+    assert f'service_instance_id="{span_resource["service.instance.id"]}"' in target_info
+    for resource in [span_resource, *metrics.resources]:
+        assert resource["deployment.environment"] == "staging"
+        assert resource["deployment.environment.name"] == "staging"
+
+
+class HungCollector:
+    """A collector that accepts connections and never answers (nor closes them)."""
+
+    def __init__(self) -> None:
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._socket.accept()
+            except OSError:
+                return
+            self.connections.append(connection)
+
+    def __enter__(self) -> HungCollector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._socket.close()
+        for connection in self.connections:
+            connection.close()
+
+
+# An export to the hung collector waits this long before giving up.
+EXPORT_TIMEOUT_SECONDS = 120
+
+
+def test_a_hung_collector_delays_shutdown_by_the_flush_budget_not_the_export_timeout(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Stopping flushed the spans, then the metrics, each waiting out the export timeout (here
+    2 x 120 s); now both flush at once for SHUTDOWN_FLUSH_SECONDS (here 1), and what is left is
+    dropped with a warning. The bound on the stop is a quarter of ONE export timeout: it tells a
+    wait for the collector from a slow machine, not a fast stop from a slow one."""
+    with HungCollector() as collector:
+        server = ServeProcess(
+            tmp_path,
+            {
+                "APP_ENV": "production",
+                "DATABASE_URL": database_url,
+                "BETTER_AUTH_SECRET": TEST_SECRET,
+                "OTEL_SDK_DISABLED": "false",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+                "OTEL_METRICS_EXPORTER": "otlp",
+                "OTEL_EXPORTER_OTLP_TIMEOUT": str(EXPORT_TIMEOUT_SECONDS),
+                # Nothing is exported before the stop: what it flushes meets the hung collector.
+                "OTEL_BSP_SCHEDULE_DELAY": "600000",
+                "OTEL_METRIC_EXPORT_INTERVAL": "600000",
+                "SHUTDOWN_FLUSH_SECONDS": "1",
+            },
+        ).start()
+        try:
+            user_id = random_id()
+            headers = {"Authorization": f"Bearer {create_dev_token(TEST_SECRET, user_id)}"}
+            listed = httpx.get(f"{server.url}/api/{user_id}/tasks", headers=headers, timeout=10)
+            assert listed.status_code == 200
+            server.terminate()
+            code = server.wait(timeout=EXPORT_TIMEOUT_SECONDS / 4)
+        finally:
+            server.stop()
+    assert code in (0, -15)
+    lines = [json.loads(line) for line in server.log.read_text().splitlines() if line.strip()]
+    (dropped,) = [line for line in lines if line["logger"] == "observability.flush"]
+    assert dropped["level"] == "WARNING"
+    assert sorted(dropped["signals"]) == ["metrics", "traces"]
+    assert dropped["flush_seconds"] == 1
