@@ -217,12 +217,14 @@ class Database:
                 session.rollback()
                 raise
 
-    def dedicated_connection(self, settings: Settings, application_name: str) -> Any:
+    def dedicated_connection(
+        self, settings: Settings, application_name: str, *, feed: bool = True
+    ) -> Any:
         """A psycopg2 connection of its own, outside the pool (and untraced), in autocommit:
-        for a long-lived LISTEN. To FEED_DATABASE_URL if set (a pooler does not relay LISTEN),
-        else to the pool's database."""
+        for a long-lived LISTEN. To FEED_DATABASE_URL if set (a pooler does not relay LISTEN)
+        and `feed`, else to the pool's database."""
         url = self.engine.url
-        if settings.feed_database_url is not None:
+        if feed and settings.feed_database_url is not None:
             url = normalize_database_url(settings.feed_database_url)
         _, params = self.engine.dialect.create_connect_args(url)
         options = {**params, **connect_args(settings), "application_name": application_name}
@@ -230,6 +232,16 @@ class Database:
         connection = self.engine.dialect.loaded_dbapi.connect(**options)
         connection.autocommit = True
         return connection
+
+    def notify(self, settings: Settings, channel: str, payload: str) -> None:
+        """NOTIFY from a short connection of its own to the pool's database (where the
+        writers' notifications come from), outside the pool: the change feed's probe."""
+        connection = self.dedicated_connection(settings, "todo-api-feed-probe", feed=False)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        finally:
+            connection.close()
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -194,10 +194,23 @@ def _connect(target: tuple[str, int] | str) -> socket.socket:
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target (host and port, or a Unix socket); `cut()` drops
     the listener and every open connection (the database is gone), `restore()` listens on the
-    same port again."""
+    same port again.
 
-    def __init__(self, target: tuple[str, int] | str) -> None:
+    With `frames_server_messages`, what the server sends is split into protocol messages, and
+    while `relay_notifications` is false its NotificationResponses ('A') are dropped (counted
+    in `notifications_dropped`): a listener whose LISTEN succeeds but that hears nothing, as
+    behind a transaction pooler. The clients must then connect without TLS or GSS encryption
+    (`sslmode=disable&gssencmode=disable`): the server's one-byte answer to their requests
+    is not a message.
+    """
+
+    def __init__(
+        self, target: tuple[str, int] | str, *, frames_server_messages: bool = False
+    ) -> None:
         self.target = target
+        self.frames_server_messages = frames_server_messages
+        self.relay_notifications = True
+        self.notifications_dropped = 0
         self._listener: socket.socket | None = _listen()
         self.port = int(self._listener.getsockname()[1])
         self._lock = threading.Lock()
@@ -250,6 +263,7 @@ class TcpProxy:
         selector.register(client, selectors.EVENT_READ, upstream)
         selector.register(upstream, selectors.EVENT_READ, client)
         armed = False
+        pending = b""  # the start of a server message not yet whole (frames_server_messages)
         try:
             while True:
                 for key, _ in selector.select():
@@ -267,6 +281,10 @@ class TcpProxy:
                     elif armed:
                         self.dropped += 1
                         return  # the server's answer is lost with the connection
+                    elif self.frames_server_messages:
+                        data, pending = self._filter_server_messages(pending + data)
+                        if not data:
+                            continue
                     key.data.sendall(data)
         except (OSError, ValueError):
             return
@@ -275,6 +293,21 @@ class TcpProxy:
             for sock in (client, upstream):
                 with contextlib.suppress(OSError):
                     sock.close()
+
+    def _filter_server_messages(self, data: bytes) -> tuple[bytes, bytes]:
+        """What of `data` to relay (whole messages), and the incomplete rest to keep."""
+        relayed = []
+        while len(data) >= 5:
+            end = 1 + int.from_bytes(data[1:5], "big")
+            if len(data) < end:
+                break
+            message, data = data[:end], data[end:]
+            if message[:1] == b"A" and not self.relay_notifications:
+                with self._lock:
+                    self.notifications_dropped += 1
+                continue
+            relayed.append(message)
+        return b"".join(relayed), data
 
     def cut(self) -> None:
         with self._lock:
