@@ -61,14 +61,34 @@ def connect_args(settings: Settings) -> dict[str, Any]:
 
 # undefined_table, undefined_column: the schema is older than the code.
 _NOT_MIGRATED = frozenset({"42P01", "42703"})
+# libpq's message when the server (or a pooler in front of it) answered the connection with an
+# error: "connection to server at ... failed: FATAL:  ..." (no SQLSTATE reaches psycopg2).
+_SERVER_REFUSED = re.compile(r"\b(?:FATAL|ERROR|PANIC):")
+# PgBouncer (Neon's -pooler endpoint): "unsupported startup parameter: options".
+_STARTUP_PARAMETER = re.compile(r"startup parameter|\boptions\b", re.IGNORECASE)
+POOLER_HINT = (
+    "behind a transaction pooler (Neon's -pooler host, PgBouncer) set DB_STATEMENT_TIMEOUT_MS=0 "
+    "and set the timeout on the role instead (ALTER ROLE ... SET statement_timeout = '10s')"
+)
+
+
+def refused_connection(exc: DBAPIError) -> bool:
+    """The server answered the connection with an error (a setting it refuses, a wrong
+    password, a database that does not exist), as opposed to not answering at all."""
+    return getattr(exc.orig, "pgcode", None) is None and bool(_SERVER_REFUSED.search(str(exc.orig)))
 
 
 def failure_message(exc: DBAPIError) -> str:
-    """For the command line: a server that could not be reached, or one that answered with an
-    error (a statement cancelled at DB_STATEMENT_TIMEOUT_MS, a lock wait, a schema never
-    migrated): not the same fix."""
+    """For the command line: a server that could not be reached, one that refused the
+    connection, or one that answered with an error (a statement cancelled at
+    DB_STATEMENT_TIMEOUT_MS, a lock wait, a schema never migrated): not the same fix."""
     reason = str(exc.orig).strip()
     code = getattr(exc.orig, "pgcode", None)
+    if refused_connection(exc):
+        first = reason.splitlines()[0]
+        if _STARTUP_PARAMETER.search(first):
+            return f"the database refused the connection: {first}; {POOLER_HINT}"
+        return f"the database refused the connection: {first}"
     if code is None:
         return f"the database is unreachable: {reason}"
     if code == "57014":  # query_canceled

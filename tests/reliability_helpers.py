@@ -249,14 +249,26 @@ class TcpProxy:
             except OSError:
                 return  # the listener was closed
             try:
+                first = self._greet(client)
+            except OSError:
+                first = None
+            if first is None:
+                client.close()
+                continue
+            try:
                 upstream = _connect(self.target)
                 upstream.settimeout(None)
+                upstream.sendall(first)
             except OSError:
                 client.close()
                 continue
             with self._lock:
                 self._pairs.append((client, upstream))
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+
+    def _greet(self, client: socket.socket) -> bytes | None:
+        """Before connecting upstream: what to send it first, or None to drop the client."""
+        return b""
 
     def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
         selector = selectors.DefaultSelector()
@@ -336,6 +348,59 @@ class TcpProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_SSL_REQUEST, _GSSENC_REQUEST, _PROTOCOL_3 = 80877103, 80877104, 196608
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise OSError("the client went away")
+        data += chunk
+    return data
+
+
+class StartupParameterRefusingProxy(TcpProxy):
+    """A TcpProxy that answers a StartupMessage carrying one of `refused` parameters as
+    PgBouncer does (`ignore_startup_parameters` without it): an ErrorResponse, FATAL, SQLSTATE
+    08P01, "unsupported startup parameter: <name>", then closes. Other connections are relayed.
+    It declines TLS and GSS encryption (one byte 'N'), as a pooler without TLS does."""
+
+    def __init__(self, target: tuple[str, int] | str, refused: tuple[str, ...] = ("options",)):
+        self.refused = refused
+        self.refusals = 0
+        super().__init__(target)
+
+    def _greet(self, client: socket.socket) -> bytes | None:
+        client.settimeout(5)
+        first = self._startup(client)
+        client.settimeout(None)
+        return first
+
+    def _startup(self, client: socket.socket) -> bytes | None:
+        while True:
+            length = int.from_bytes(_read_exactly(client, 4), "big")
+            body = _read_exactly(client, length - 4)
+            code = int.from_bytes(body[:4], "big")
+            if code in (_SSL_REQUEST, _GSSENC_REQUEST):
+                client.sendall(b"N")
+                continue
+            break
+        if code == _PROTOCOL_3:
+            fields = body[4:].split(b"\0")
+            names = {name.decode() for name in fields[0:-2:2] if name}
+            for name in self.refused:
+                if name in names:
+                    message = f"unsupported startup parameter: {name}".encode()
+                    error = b"SFATAL\0VFATAL\0C08P01\0M" + message + b"\0\0"
+                    client.sendall(b"E" + (4 + len(error)).to_bytes(4, "big") + error)
+                    with self._lock:
+                        self.refusals += 1
+                    return None
+        return length.to_bytes(4, "big") + body
 
 
 def _simple_queries(data: bytes) -> list[bytes]:

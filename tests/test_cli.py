@@ -11,6 +11,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import jwt
 import pytest
 import sqlalchemy as sa
@@ -21,6 +22,13 @@ from audit.signing import SigningKey
 from service.database import Database
 from tests.audit_helpers import scratch_database
 from tests.jwt_helpers import random_id
+from tests.reliability_helpers import (
+    StartupParameterRefusingProxy,
+    proxied_url,
+    server_address,
+    wait_until,
+)
+from tests.serve_helpers import ServeProcess
 from tests.support import TEST_SECRET, ApiUser, clean_environ, free_port
 
 TODO_API = Path(sys.executable).parent / "todo-api"
@@ -506,3 +514,63 @@ def test_arguments_out_of_range_are_a_usage_error(
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert len(result.stderr) < 600
+
+
+def test_a_server_that_refuses_the_requests_connection_options_stops_serve_with_the_fix(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Behind PgBouncer (Neon's -pooler host), the startup option that sets
+    DB_STATEMENT_TIMEOUT_MS is refused. Migrations do not send it, so `serve` started, and then
+    every request was a 503 with no word of why. Now `serve` connects once as the requests do
+    and exits 3 with the server's line and the fix; the other commands say the same; with
+    DB_STATEMENT_TIMEOUT_MS=0 it serves."""
+    target = sa.make_url(database_url)
+    with StartupParameterRefusingProxy(server_address(target)) as pooler:
+        url = proxied_url(target, pooler.port)
+        env = {"DATABASE_URL": url, "BETTER_AUTH_SECRET": TEST_SECRET}
+        assert run(tmp_path, "migrate", **env).returncode == 0
+        refused = [
+            run_serve(tmp_path, **env),
+            run_serve(tmp_path, "--no-migrate", **env),
+            run(tmp_path, "tasks", "list", "alice", **env),
+        ]
+        assert pooler.refusals >= len(refused)
+        for result in refused:
+            assert result.returncode == 3, result.stderr
+            assert "Traceback" not in result.stderr
+            [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
+            assert line.startswith("todo-api: the database refused the connection: "), line
+            assert "FATAL:  unsupported startup parameter: options; " in line
+            assert line.endswith(
+                "behind a transaction pooler (Neon's -pooler host, PgBouncer) set "
+                "DB_STATEMENT_TIMEOUT_MS=0 and set the timeout on the role instead "
+                "(ALTER ROLE ... SET statement_timeout = '10s')"
+            ), line
+        before = pooler.refusals
+        server = ServeProcess(tmp_path, {**env, "DB_STATEMENT_TIMEOUT_MS": "0"}).start()
+        try:
+            assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+        finally:
+            server.stop()
+        assert pooler.refusals == before
+
+
+def test_serve_without_migrating_starts_while_the_database_is_unreachable(
+    tmp_path: Path,
+) -> None:
+    """Only a refusal stops it: a database not answering yet is a warning, /readyz a 503."""
+    url = f"postgresql://todo@127.0.0.1:{free_port()}/todo"
+    server = ServeProcess(tmp_path, {"DATABASE_URL": url, "BETTER_AUTH_SECRET": TEST_SECRET})
+    server.launch()
+    try:
+        wait_until(lambda: _readyz_status(server.url) == 503, "a 503 from /readyz")
+    finally:
+        server.stop()
+    assert "the database is unreachable; serving anyway" in server.log.read_text()
+
+
+def _readyz_status(url: str) -> int | None:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=5).status_code
+    except httpx.TransportError:
+        return None
