@@ -67,11 +67,11 @@ def migrate(settings: Settings) -> None:
 
 
 def check_requests_connect(settings: Settings) -> None:
-    """Connect once as the requests will, with their connection options (migrations do not
-    send DB_STATEMENT_TIMEOUT_MS's startup option): a server that refuses them, as PgBouncer
-    refuses `options`, stops `serve` here in one line (exit 3, from `run`), instead of every
-    request being a 503 with no word of why. One that cannot be reached is only a warning
-    (`--no-migrate` may start before the database): /readyz says 503 until it answers."""
+    """Connect once as the requests will, with their connection options (with `--no-migrate`
+    nothing else has): a server that refuses them, as PgBouncer refuses DB_STATEMENT_TIMEOUT_MS's
+    startup option `options`, stops `serve` here in one line (exit 3, from `run`), instead of
+    every request being a 503 with no word of why. One that cannot be reached is only a
+    warning (`--no-migrate` may start before the database): /readyz is 503 until it answers."""
     database = Database.from_settings(settings)
     try:
         with database.engine.connect() as connection:
