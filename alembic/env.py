@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from logging.config import fileConfig
+from typing import Any
 
+from sqlalchemy import Connection, event
 from sqlmodel import SQLModel
 
 import audit.models  # noqa: F401  (the audit tables, the last verified points among them)
@@ -24,26 +26,50 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 target_metadata = SQLModel.metadata
 
 
+# Migrations run with no statement timeout, whoever set it: an index build on a large table
+# may run longer than a request should. SET LOCAL overrides DB_STATEMENT_TIMEOUT_MS's startup
+# option and the timeout a role or database sets (how one is kept behind a transaction pooler,
+# see README), and it ends with its transaction, so a pooler's server connection carries none
+# of it to its next client (a session-level SET would).
+NO_STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = 0"
+
+
+def _open_untimed_transaction(dbapi_connection: Any, _record: Any) -> None:
+    """First on each new connection, before SQLAlchemy's own queries (the server's version,
+    hstore's type): they then run in the transaction psycopg2 opens here, untimed."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(NO_STATEMENT_TIMEOUT)
+
+
+def _end_untimed_transaction(dbapi_connection: Any, _record: Any) -> None:
+    """Last on each new connection (SQLAlchemy's first one has rolled back already)."""
+    dbapi_connection.rollback()
+
+
+def _migrate(connection: Connection) -> None:
+    context.configure(
+        connection=connection, target_metadata=target_metadata, include_object=include_object
+    )
+    # One transaction for every migration: through a transaction pooler (Neon's -pooler host)
+    # it stays on one server connection, so migrating through the pooler works.
+    with context.begin_transaction():
+        context.execute(NO_STATEMENT_TIMEOUT)
+        context.run_migrations()
+
+
 def run_migrations() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:
-        context.configure(
-            connection=connection, target_metadata=target_metadata, include_object=include_object
-        )
-        with context.begin_transaction():
-            context.run_migrations()
+        _migrate(connection)
         return
     url = config.attributes.get("database_url") or get_settings().database_url
-    # Without the requests' statement timeout: an index build on a large table may run longer.
-    settings = get_settings().model_copy(update={"db_statement_timeout_ms": 0})
-    engine = build_engine(settings, url)
+    # The requests' connection options (behind a pooler, DB_STATEMENT_TIMEOUT_MS=0 then).
+    engine = build_engine(get_settings(), url)
+    event.listen(engine, "connect", _open_untimed_transaction, insert=True)
+    event.listen(engine, "connect", _end_untimed_transaction)
     try:
         with engine.connect() as conn:
-            context.configure(
-                connection=conn, target_metadata=target_metadata, include_object=include_object
-            )
-            with context.begin_transaction():
-                context.run_migrations()
+            _migrate(conn)
     finally:
         engine.dispose()
 

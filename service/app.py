@@ -166,6 +166,7 @@ def create_app(
     app.state.audit_proofs = LatestProofs()
     feed = FeedHub(
         lambda: db.dedicated_connection(settings, "todo-api-feed"),
+        probe=lambda channel, payload: db.notify(settings, channel, payload),
         max_streams_per_user=settings.feed_max_streams_per_user,
         max_streams_per_worker=settings.feed_max_streams_per_worker,
     )

@@ -13,11 +13,18 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from audit.cli import EXIT_DATABASE, EXIT_USAGE, UsageError
 from audit.cli import register as register_audit
-from service.database import Database, failure_message, normalize_database_url, safe_url
+from service.database import (
+    Database,
+    failure_message,
+    normalize_database_url,
+    refused_connection,
+    safe_url,
+)
 from service.limits import USER_ID_MAX
 from service.settings import AppEnv, ConfigError, Settings, get_settings
 from service.tasks import queries
@@ -59,6 +66,24 @@ def migrate(settings: Settings) -> None:
     command.upgrade(alembic_config(settings.database_url), "head")
 
 
+def check_requests_connect(settings: Settings) -> None:
+    """Connect once as the requests will, with their connection options (with `--no-migrate`
+    nothing else has): a server that refuses them, as PgBouncer refuses DB_STATEMENT_TIMEOUT_MS's
+    startup option `options`, stops `serve` here in one line (exit 3, from `run`), instead of
+    every request being a 503 with no word of why. One that cannot be reached is only a
+    warning (`--no-migrate` may start before the database): /readyz is 503 until it answers."""
+    database = Database.from_settings(settings)
+    try:
+        with database.engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except DBAPIError as exc:
+        if refused_connection(exc):
+            raise
+        log.warning("the database is unreachable; serving anyway: %s", failure_message(exc))
+    finally:
+        database.dispose()
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
@@ -74,6 +99,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     configure_logging(settings, exclusive=True)
     if not args.no_migrate:
         migrate(settings)
+    check_requests_connect(settings)
     if settings.needs_dev_secret:
         # Creates the secret file now, before the workers start and each reads it.
         settings.with_dev_secret()

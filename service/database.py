@@ -61,14 +61,34 @@ def connect_args(settings: Settings) -> dict[str, Any]:
 
 # undefined_table, undefined_column: the schema is older than the code.
 _NOT_MIGRATED = frozenset({"42P01", "42703"})
+# libpq's message when the server (or a pooler in front of it) answered the connection with an
+# error: "connection to server at ... failed: FATAL:  ..." (no SQLSTATE reaches psycopg2).
+_SERVER_REFUSED = re.compile(r"\b(?:FATAL|ERROR|PANIC):")
+# PgBouncer (Neon's -pooler endpoint): "unsupported startup parameter: options".
+_STARTUP_PARAMETER = re.compile(r"startup parameter|\boptions\b", re.IGNORECASE)
+POOLER_HINT = (
+    "behind a transaction pooler (Neon's -pooler host, PgBouncer) set DB_STATEMENT_TIMEOUT_MS=0 "
+    "and set the timeout on the role instead (ALTER ROLE ... SET statement_timeout = '10s')"
+)
+
+
+def refused_connection(exc: DBAPIError) -> bool:
+    """The server answered the connection with an error (a setting it refuses, a wrong
+    password, a database that does not exist), as opposed to not answering at all."""
+    return getattr(exc.orig, "pgcode", None) is None and bool(_SERVER_REFUSED.search(str(exc.orig)))
 
 
 def failure_message(exc: DBAPIError) -> str:
-    """For the command line: a server that could not be reached, or one that answered with an
-    error (a statement cancelled at DB_STATEMENT_TIMEOUT_MS, a lock wait, a schema never
-    migrated): not the same fix."""
+    """For the command line: a server that could not be reached, one that refused the
+    connection, or one that answered with an error (a statement cancelled at
+    DB_STATEMENT_TIMEOUT_MS, a lock wait, a schema never migrated): not the same fix."""
     reason = str(exc.orig).strip()
     code = getattr(exc.orig, "pgcode", None)
+    if refused_connection(exc):
+        first = reason.splitlines()[0]
+        if _STARTUP_PARAMETER.search(first):
+            return f"the database refused the connection: {first}; {POOLER_HINT}"
+        return f"the database refused the connection: {first}"
     if code is None:
         return f"the database is unreachable: {reason}"
     if code == "57014":  # query_canceled
@@ -217,12 +237,14 @@ class Database:
                 session.rollback()
                 raise
 
-    def dedicated_connection(self, settings: Settings, application_name: str) -> Any:
+    def dedicated_connection(
+        self, settings: Settings, application_name: str, *, feed: bool = True
+    ) -> Any:
         """A psycopg2 connection of its own, outside the pool (and untraced), in autocommit:
-        for a long-lived LISTEN. To FEED_DATABASE_URL if set (a pooler does not relay LISTEN),
-        else to the pool's database."""
+        for a long-lived LISTEN. To FEED_DATABASE_URL if set (a pooler does not relay LISTEN)
+        and `feed`, else to the pool's database."""
         url = self.engine.url
-        if settings.feed_database_url is not None:
+        if feed and settings.feed_database_url is not None:
             url = normalize_database_url(settings.feed_database_url)
         _, params = self.engine.dialect.create_connect_args(url)
         options = {**params, **connect_args(settings), "application_name": application_name}
@@ -230,6 +252,16 @@ class Database:
         connection = self.engine.dialect.loaded_dbapi.connect(**options)
         connection.autocommit = True
         return connection
+
+    def notify(self, settings: Settings, channel: str, payload: str) -> None:
+        """NOTIFY from a short connection of its own to the pool's database (where the
+        writers' notifications come from), outside the pool: the change feed's probe."""
+        connection = self.dedicated_connection(settings, "todo-api-feed-probe", feed=False)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+        finally:
+            connection.close()
 
     def dispose(self) -> None:
         self.engine.dispose()

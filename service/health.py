@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -22,6 +22,10 @@ from service.openapi import error_responses
 from service.ratelimit import RateLimiter
 from service.routing import Router
 
+if TYPE_CHECKING:
+    # For the type only: the plumbing loads no feature (pyproject's import contracts).
+    from service.events.hub import FeedHub
+
 router = Router(tags=["health"])
 
 
@@ -33,7 +37,7 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="The database answers, the token keys (with BETTER_AUTH_URL) are available, and the "
-    "instance is not shutting down; also reports the rate-limit store",
+    "instance is not shutting down; also reports the rate-limit store and the change feed",
     responses=error_responses(),
 )
 async def readyz(request: Request) -> Any:
@@ -66,8 +70,17 @@ async def readyz(request: Request) -> Any:
     # Reported, never a reason to be unready: the limits fail open (see service.ratelimit).
     limiter: RateLimiter = request.app.state.rate_limiter
     store = {"backend": limiter.store_name, "status": "ok" if await limiter.ping() else "down"}
+    # Reported, never a reason to be unready either: tasks work without it; its streams get
+    # 503 until its listener is verified (see service.events.hub).
+    feed: FeedHub = request.app.state.feed
     return JSONResponse(
-        {"status": "ready", "database": "ok", "keys": keys, "rate_limit_store": store}
+        {
+            "status": "ready",
+            "database": "ok",
+            "keys": keys,
+            "rate_limit_store": store,
+            "feed": feed.state,
+        }
     )
 
 

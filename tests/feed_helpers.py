@@ -128,7 +128,8 @@ class FeedReader:
 
 
 def wait_listening(app: Any) -> None:
-    wait_until(lambda: app.state.feed.listening, "the feed hub to listen")
+    """Until the hub's listener is verified: streams are refused (503) before."""
+    wait_until(lambda: app.state.feed.state == "ok", "the feed hub to listen, verified")
 
 
 def wait_streams(app: Any, count: int) -> None:

@@ -41,12 +41,15 @@ class Instance:
         )
 
     def wait_ready(self, timeout: float = 60) -> None:
+        """Until /readyz is 200 and reports the change feed's listener verified (before,
+        streams are refused with 503)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"todo-api serve exited:\n{self.output()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                ready = httpx.get(f"{self.url}/readyz", timeout=2)
+                if ready.status_code == 200 and ready.json().get("feed") == "ok":
                     return
             except httpx.HTTPError:
                 pass

@@ -194,10 +194,23 @@ def _connect(target: tuple[str, int] | str) -> socket.socket:
 class TcpProxy:
     """Forwards 127.0.0.1:<port> to a target (host and port, or a Unix socket); `cut()` drops
     the listener and every open connection (the database is gone), `restore()` listens on the
-    same port again."""
+    same port again.
 
-    def __init__(self, target: tuple[str, int] | str) -> None:
+    With `frames_server_messages`, what the server sends is split into protocol messages, and
+    while `relay_notifications` is false its NotificationResponses ('A') are dropped (counted
+    in `notifications_dropped`): a listener whose LISTEN succeeds but that hears nothing, as
+    behind a transaction pooler. The clients must then connect without TLS or GSS encryption
+    (`sslmode=disable&gssencmode=disable`): the server's one-byte answer to their requests
+    is not a message.
+    """
+
+    def __init__(
+        self, target: tuple[str, int] | str, *, frames_server_messages: bool = False
+    ) -> None:
         self.target = target
+        self.frames_server_messages = frames_server_messages
+        self.relay_notifications = True
+        self.notifications_dropped = 0
         self._listener: socket.socket | None = _listen()
         self.port = int(self._listener.getsockname()[1])
         self._lock = threading.Lock()
@@ -236,8 +249,16 @@ class TcpProxy:
             except OSError:
                 return  # the listener was closed
             try:
+                first = self._greet(client)
+            except OSError:
+                first = None
+            if first is None:
+                client.close()
+                continue
+            try:
                 upstream = _connect(self.target)
                 upstream.settimeout(None)
+                upstream.sendall(first)
             except OSError:
                 client.close()
                 continue
@@ -245,11 +266,16 @@ class TcpProxy:
                 self._pairs.append((client, upstream))
             threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
 
+    def _greet(self, client: socket.socket) -> bytes | None:
+        """Before connecting upstream: what to send it first, or None to drop the client."""
+        return b""
+
     def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
         selector = selectors.DefaultSelector()
         selector.register(client, selectors.EVENT_READ, upstream)
         selector.register(upstream, selectors.EVENT_READ, client)
         armed = False
+        pending = b""  # the start of a server message not yet whole (frames_server_messages)
         try:
             while True:
                 for key, _ in selector.select():
@@ -267,6 +293,10 @@ class TcpProxy:
                     elif armed:
                         self.dropped += 1
                         return  # the server's answer is lost with the connection
+                    elif self.frames_server_messages:
+                        data, pending = self._filter_server_messages(pending + data)
+                        if not data:
+                            continue
                     key.data.sendall(data)
         except (OSError, ValueError):
             return
@@ -275,6 +305,21 @@ class TcpProxy:
             for sock in (client, upstream):
                 with contextlib.suppress(OSError):
                     sock.close()
+
+    def _filter_server_messages(self, data: bytes) -> tuple[bytes, bytes]:
+        """What of `data` to relay (whole messages), and the incomplete rest to keep."""
+        relayed = []
+        while len(data) >= 5:
+            end = 1 + int.from_bytes(data[1:5], "big")
+            if len(data) < end:
+                break
+            message, data = data[:end], data[end:]
+            if message[:1] == b"A" and not self.relay_notifications:
+                with self._lock:
+                    self.notifications_dropped += 1
+                continue
+            relayed.append(message)
+        return b"".join(relayed), data
 
     def cut(self) -> None:
         with self._lock:
@@ -303,6 +348,59 @@ class TcpProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_SSL_REQUEST, _GSSENC_REQUEST, _PROTOCOL_3 = 80877103, 80877104, 196608
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise OSError("the client went away")
+        data += chunk
+    return data
+
+
+class StartupParameterRefusingProxy(TcpProxy):
+    """A TcpProxy that answers a StartupMessage carrying one of `refused` parameters as
+    PgBouncer does (`ignore_startup_parameters` without it): an ErrorResponse, FATAL, SQLSTATE
+    08P01, "unsupported startup parameter: <name>", then closes. Other connections are relayed.
+    It declines TLS and GSS encryption (one byte 'N'), as a pooler without TLS does."""
+
+    def __init__(self, target: tuple[str, int] | str, refused: tuple[str, ...] = ("options",)):
+        self.refused = refused
+        self.refusals = 0
+        super().__init__(target)
+
+    def _greet(self, client: socket.socket) -> bytes | None:
+        client.settimeout(5)
+        first = self._startup(client)
+        client.settimeout(None)
+        return first
+
+    def _startup(self, client: socket.socket) -> bytes | None:
+        while True:
+            length = int.from_bytes(_read_exactly(client, 4), "big")
+            body = _read_exactly(client, length - 4)
+            code = int.from_bytes(body[:4], "big")
+            if code in (_SSL_REQUEST, _GSSENC_REQUEST):
+                client.sendall(b"N")
+                continue
+            break
+        if code == _PROTOCOL_3:
+            fields = body[4:].split(b"\0")
+            names = {name.decode() for name in fields[0:-2:2] if name}
+            for name in self.refused:
+                if name in names:
+                    message = f"unsupported startup parameter: {name}".encode()
+                    error = b"SFATAL\0VFATAL\0C08P01\0M" + message + b"\0\0"
+                    client.sendall(b"E" + (4 + len(error)).to_bytes(4, "big") + error)
+                    with self._lock:
+                        self.refusals += 1
+                    return None
+        return length.to_bytes(4, "big") + body
 
 
 def _simple_queries(data: bytes) -> list[bytes]:

@@ -11,6 +11,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import jwt
 import pytest
 import sqlalchemy as sa
@@ -18,9 +19,17 @@ from fastapi.testclient import TestClient
 
 from audit.checkpoint import sign_leaves
 from audit.signing import SigningKey
+from service.cli import alembic_config
 from service.database import Database
 from tests.audit_helpers import scratch_database
 from tests.jwt_helpers import random_id
+from tests.reliability_helpers import (
+    StartupParameterRefusingProxy,
+    proxied_url,
+    server_address,
+    wait_until,
+)
+from tests.serve_helpers import ServeProcess
 from tests.support import TEST_SECRET, ApiUser, clean_environ, free_port
 
 TODO_API = Path(sys.executable).parent / "todo-api"
@@ -586,3 +595,142 @@ def test_arguments_out_of_range_are_a_usage_error(
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert len(result.stderr) < 600
+
+
+def test_a_server_that_refuses_the_requests_connection_options_stops_serve_with_the_fix(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Behind PgBouncer (Neon's -pooler host), the startup option that sets
+    DB_STATEMENT_TIMEOUT_MS is refused. Migrations did not send it, so `serve` started, and then
+    every request was a 503 with no word of why. Now `serve` (also with `--no-migrate`) connects
+    once as the requests do and exits 3 with the server's line and the fix; the other commands,
+    `migrate` included, say the same; with DB_STATEMENT_TIMEOUT_MS=0 all of them work."""
+    target = sa.make_url(database_url)
+    with StartupParameterRefusingProxy(server_address(target)) as pooler:
+        url = proxied_url(target, pooler.port)
+        env = {"DATABASE_URL": url, "BETTER_AUTH_SECRET": TEST_SECRET}
+        refused = [
+            run_serve(tmp_path, "--no-migrate", **env),
+            run_serve(tmp_path, **env),
+            run(tmp_path, "migrate", **env),
+            run(tmp_path, "tasks", "list", "alice", **env),
+        ]
+        assert pooler.refusals >= len(refused)
+        for result in refused:
+            assert result.returncode == 3, result.stderr
+            assert "Traceback" not in result.stderr
+            [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
+            assert line.startswith("todo-api: the database refused the connection: "), line
+            assert "FATAL:  unsupported startup parameter: options; " in line
+            assert line.endswith(
+                "behind a transaction pooler (Neon's -pooler host, PgBouncer) set "
+                "DB_STATEMENT_TIMEOUT_MS=0 and set the timeout on the role instead "
+                "(ALTER ROLE ... SET statement_timeout = '10s')"
+            ), line
+        before = pooler.refusals
+        env["DB_STATEMENT_TIMEOUT_MS"] = "0"
+        assert run(tmp_path, "migrate", **env).returncode == 0
+        server = ServeProcess(tmp_path, env).start()
+        try:
+            assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+        finally:
+            server.stop()
+        assert pooler.refusals == before
+
+
+def test_serve_without_migrating_starts_while_the_database_is_unreachable(
+    tmp_path: Path,
+) -> None:
+    """Only a refusal stops it: a database not answering yet is a warning, /readyz a 503."""
+    url = f"postgresql://todo@127.0.0.1:{free_port()}/todo"
+    server = ServeProcess(tmp_path, {"DATABASE_URL": url, "BETTER_AUTH_SECRET": TEST_SECRET})
+    server.launch()
+    try:
+        wait_until(lambda: _readyz_status(server.url) == 503, "a 503 from /readyz")
+    finally:
+        server.stop()
+    assert "the database is unreachable; serving anyway" in server.log.read_text()
+
+
+def _readyz_status(url: str) -> int | None:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=5).status_code
+    except httpx.TransportError:
+        return None
+
+
+def test_migrations_are_not_bound_by_a_role_or_database_statement_timeout(
+    tmp_path: Path,
+) -> None:
+    """Behind a transaction pooler the requests' timeout is set on the role or the database
+    (README, Running against Neon), where the migrations' connections get it too. Here the
+    database's is 200 ms and the last migration's ALTER TABLE waits for a lock held
+    elsewhere: it was cancelled at 200 ms (exit 3); it now waits on, past 1 s, and finishes
+    once the lock is released."""
+    with scratch_database(migrated=False) as url:
+        from alembic import command
+
+        command.upgrade(alembic_config(url), "0017")
+        name = sa.make_url(url).database
+        admin = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f"ALTER DATABASE \"{name}\" SET statement_timeout = '200ms'"))
+            holder = admin.connect()
+            holder.execute(sa.text("BEGIN"))
+            holder.execute(sa.text("LOCK TABLE audit_verified_heads IN ACCESS SHARE MODE"))
+            process = subprocess.Popen(
+                [str(TODO_API), "migrate"],
+                cwd=tmp_path,
+                env=clean_environ(OTEL_SDK_DISABLED="true", DATABASE_URL=url),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                wait_until(
+                    lambda: process.poll() is not None or _lock_wait_over_a_second(admin),
+                    "the migration to wait for the lock past 1 s, or to end",
+                )
+                assert process.poll() is None, process.communicate()[1]
+            finally:
+                holder.execute(sa.text("ROLLBACK"))
+                holder.close()
+            _, stderr = process.communicate(timeout=60)
+            assert process.returncode == 0, stderr
+            with admin.connect() as conn:
+                assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [
+                    ("0018",)
+                ]
+                assert conn.execute(sa.text("SHOW statement_timeout")).scalar() == "200ms"
+        finally:
+            admin.dispose()
+
+
+def test_migrations_from_scratch_run_under_a_1ms_database_statement_timeout(
+    tmp_path: Path,
+) -> None:
+    """Every statement, SQLAlchemy's own when it connects (the server's version, hstore's
+    type) included: they were cancelled before the migration's transaction began."""
+    with scratch_database(migrated=False) as url:
+        admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+        try:
+            # One session, opened before the setting: it keeps no timeout for the checks.
+            with admin.connect() as conn:
+                name = sa.make_url(url).database
+                conn.execute(sa.text(f"ALTER DATABASE \"{name}\" SET statement_timeout = '1ms'"))
+                result = run(tmp_path, "migrate", DATABASE_URL=url, DB_STATEMENT_TIMEOUT_MS="0")
+                assert result.returncode == 0, result.stderr
+                versions = conn.execute(sa.text("SELECT version_num FROM alembic_version")).all()
+                assert versions == [("0018",)]
+        finally:
+            admin.dispose()
+
+
+def _lock_wait_over_a_second(admin: sa.Engine) -> bool:
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND clock_timestamp() - query_start > interval '1 second'"
+    )
+    with admin.connect() as conn:
+        return bool(conn.execute(sa.text(query)).scalar_one())

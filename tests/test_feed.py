@@ -625,3 +625,103 @@ def test_a_stream_opened_with_a_ticket_counts_against_its_users_read_limit(
         limited = http.get(user.url(), headers=user.headers)
         assert limited.status_code == 429
         assert limited.headers["RateLimit-Policy"] == '"read";q=1;w=60'
+
+
+def deaf_feed_url(database_url: str, proxy: TcpProxy) -> str:
+    """The test database through `proxy`, unencrypted so that the proxy can read the server's
+    messages (and drop its notifications)."""
+    url = sa.make_url(proxied_url(sa.make_url(database_url), proxy.port))
+    query = {"sslmode": "disable", "gssencmode": "disable"}
+    return url.update_query_dict(query).render_as_string(hide_password=False)
+
+
+def feed_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "service.events" and r.levelno == logging.ERROR
+    ]
+
+
+def test_a_listener_that_hears_nothing_is_reported_and_its_streams_are_refused(
+    settings: Settings,
+    database: Database,
+    database_url: str,
+    user: ApiUser,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Behind a transaction pooler, LISTEN succeeds and nothing is ever delivered: streams
+    used to open and send only heartbeats, with /readyz ready and nothing logged. Here the
+    listener's connection goes through a proxy that drops every NotificationResponse. The
+    hub's probe (notified from another connection) does not arrive: one ERROR names
+    FEED_DATABASE_URL, /readyz stays ready and reports the feed, tasks still work, and a
+    stream is refused with 503 (its ticket given back). Once notifications flow again, the
+    next attempt verifies a listener and streams are live."""
+    caplog.set_level(logging.INFO, logger="service.events")
+    with TcpProxy(server_address(sa.make_url(database_url)), frames_server_messages=True) as proxy:
+        proxy.relay_notifications = False
+        overrides = {
+            "feed_database_url": deaf_feed_url(database_url, proxy),
+            "feed_ticket_ttl_seconds": 300,  # the ticket refused with 503 is used after
+        }
+        app = create_app(settings.model_copy(update=overrides), database)
+        with LiveServer(app) as server, server.client() as http:
+            hub = app.state.feed
+            wait_until(lambda: hub.state == "not_receiving", "the probe to be missed")
+            assert proxy.notifications_dropped >= 1  # the probe was sent, and dropped
+            ready = http.get("/readyz")
+            assert ready.status_code == 200
+            assert ready.json()["status"] == "ready"
+            assert ready.json()["feed"] == "not_receiving"
+            [error] = feed_errors(caplog)
+            assert "FEED_DATABASE_URL" in error
+            assert "pooler" in error
+            write(http, user, "POST", json={"title": "tasks still work"})
+            with feed(server, user) as refused:
+                assert refused.status == 503
+                assert refused.response_headers is not None
+                assert refused.response_headers["retry-after"] == "10"
+                assert "cannot receive changes" in json.loads(refused.body)["detail"]
+            url = http.post(f"/api/{user.user_id}/events/tickets", headers=user.headers).json()[
+                "stream_url"
+            ]
+            with FeedReader(server.url, url) as by_ticket:
+                assert by_ticket.status == 503
+            # Notifications flow again (FEED_DATABASE_URL fixed, the pooler gone): the next
+            # attempt's listener is verified, and the same ticket opens a live stream.
+            proxy.relay_notifications = True
+            wait_until(lambda: hub.state == "ok", "a verified listener", timeout=60)
+            assert http.get("/readyz").json()["feed"] == "ok"
+            with FeedReader(server.url, url) as reader:
+                assert reader.status == 200
+                write(http, user, "POST", json={"title": "live"})
+                reader.wait_for_seq(2)
+    assert reader.seqs == [1, 2]
+    assert len(feed_errors(caplog)) == 1
+
+
+def test_streams_open_when_a_new_listener_hears_nothing_end_with_feed_unavailable(
+    settings: Settings, database: Database, database_url: str, user: ApiUser
+) -> None:
+    """A verified listener's connection is lost and its replacement hears nothing: the open
+    streams would wait forever, so they end with `feed_unavailable` (the client reconnects,
+    and is refused with 503 until a listener is verified)."""
+    with TcpProxy(server_address(sa.make_url(database_url)), frames_server_messages=True) as proxy:
+        overrides = {"feed_database_url": deaf_feed_url(database_url, proxy)}
+        with (
+            serve(settings, database, **overrides) as server,
+            server.client() as http,
+            feed(server, user) as reader,
+        ):
+            hub = server.app.state.feed  # type: ignore[attr-defined]
+            write(http, user, "POST", json={"title": "heard"})
+            reader.wait_for_seq(1)
+            proxy.relay_notifications = False
+            proxy.cut()
+            proxy.restore()
+            end = reader.wait_for_end(timeout=60)
+            assert hub.state == "not_receiving"
+            with feed(server, user) as refused:
+                assert refused.status == 503
+    assert end.json() == {"reason": "feed_unavailable"}
+    assert reader.seqs == [1]

@@ -7,6 +7,16 @@ streams of that user. A notification carries no content: a woken stream reads wh
 sent yet from the table (`seq > last sent`), so a lost notification can delay an event but
 never lose or repeat one. When the connection drops, the hub reconnects with backoff and wakes
 every stream, which then catches up from the table.
+
+A connection that accepted `LISTEN` may still never hear anything: through a transaction
+pooler (PgBouncer, Neon's `-pooler` host) the server connection that ran `LISTEN` goes back to
+the pooler's pool, and its notifications reach no client. So each new listening connection is
+verified before streams are accepted: a probe notification is sent on the channel from another
+connection (to the pool's database, where the writes come from) and must arrive on the listening
+one within PROBE_TIMEOUT_SECONDS. Its payload is not `seq:user_id`, so streams (of every version
+of the service) ignore it. Until a listener is verified, new streams get 503; when the probe
+does not arrive, the hub logs an ERROR naming the fix, ends the streams still open (the client
+is told, and reconnects to get the 503 or another instance), and tries again with backoff.
 """
 
 from __future__ import annotations
@@ -14,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +37,21 @@ log = logging.getLogger("service.events")
 CHANNEL = "audit_events"
 RETRY_AFTER_SECONDS = "10"
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 10.0
+
+# The listener's check that it really receives (see the module's docstring).
+PROBE_PREFIX = "probe:"
+PROBE_TIMEOUT_SECONDS = 5.0
+# Between attempts while the probe does not arrive, and how often that is logged again.
+DEAF_RETRY_FIRST, DEAF_RETRY_MAX = 5.0, 60.0
+DEAF_LOG_EVERY_SECONDS = 600.0
+
+# `FeedHub.state`, as /readyz reports it.
+CONNECTING = "connecting"  # no verified listener yet (starting, or reconnecting)
+OK = "ok"  # the listener is verified: it receives what the database's writers notify
+NOT_RECEIVING = "not_receiving"  # its probe did not arrive: a pooler in between, most likely
+STOPPED = "stopped"  # the hub is not running (no lifespan, or shut down)
+# The `end` reason of streams open when a new listener turns out not to receive.
+FEED_UNAVAILABLE = "feed_unavailable"
 
 
 class TooManyStreams(DomainError):
@@ -85,10 +112,13 @@ class FeedHub:
         self,
         connect: Callable[[], Any],
         *,
+        probe: Callable[[str, str], None],
         max_streams_per_user: int,
         max_streams_per_worker: int,
     ) -> None:
         self._connect = connect
+        # probe(channel, payload): notify from a connection other than the listening one.
+        self._send_probe = probe
         self.max_streams_per_user = max_streams_per_user
         self.max_streams_per_worker = max_streams_per_worker
         self._streams: dict[str, set[Subscription]] = {}
@@ -97,8 +127,20 @@ class FeedHub:
         self._starts = 0
         self._runner: asyncio.Task[None] | None = None
         self._lost: asyncio.Future[None] | None = None
+        # The probe awaited by the listening connection: its payload, and what it completes.
+        self._probe: tuple[str, asyncio.Future[None]] | None = None
+        self._state = CONNECTING
+        self._deaf_logged_at: float | None = None
         self.listening = False
         self.connections_made = 0
+        self.probes_missed = 0
+
+    @property
+    def state(self) -> str:
+        """`ok`, `connecting`, `not_receiving` or `stopped` (see the constants)."""
+        if self._closed or self._runner is None:
+            return STOPPED
+        return self._state
 
     # Streams --------------------------------------------------------------
 
@@ -109,6 +151,12 @@ class FeedHub:
     def subscribe(self, user_id: str, last_seq: int) -> Subscription:
         if self._closed or self._runner is None:
             raise FeedUnavailable("The change feed is not running on this server.")
+        if self._state == NOT_RECEIVING:
+            raise FeedUnavailable(
+                "The change feed cannot receive changes on this server; try again later."
+            )
+        if self._state != OK:
+            raise FeedUnavailable("The change feed is connecting; try again shortly.")
         if self._count >= self.max_streams_per_worker:
             raise TooManyStreams(
                 f"This server already holds {self.max_streams_per_worker} feed streams; "
@@ -139,10 +187,16 @@ class FeedHub:
             for subscription in streams:
                 subscription.wake()
 
+    def _end_all(self, reason: str) -> None:
+        for streams in list(self._streams.values()):
+            for subscription in list(streams):
+                subscription.close(reason)
+
     # Listening ------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start listening in the background; streams are accepted from now on.
+        """Start listening in the background; streams are accepted once the listener is
+        verified (`state` is `ok`).
 
         An app may be started by more than one lifespan at once (tests do): the first start
         makes the listener, the last stop ends it.
@@ -150,6 +204,7 @@ class FeedHub:
         self._starts += 1
         self._closed = False
         if self._runner is None or self._runner.done():
+            self._state = CONNECTING
             self._runner = asyncio.get_running_loop().create_task(self._listen_forever())
 
     def close_streams_threadsafe(self) -> None:
@@ -194,6 +249,7 @@ class FeedHub:
     async def _listen_forever(self) -> None:
         loop = asyncio.get_running_loop()
         delay = _BACKOFF_FIRST
+        deaf_delay = DEAF_RETRY_FIRST
         while True:
             try:
                 connection = await asyncio.to_thread(self._open)
@@ -205,22 +261,93 @@ class FeedHub:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
-            delay = _BACKOFF_FIRST
             fd = connection.fileno()
-            self._lost = loop.create_future()
+            self._lost = lost = loop.create_future()
+            pause = 0.0
             try:
                 loop.add_reader(fd, self._readable, connection)
                 self.listening = True
                 self.connections_made += 1
-                # Whatever committed while nobody listened is in the table: catch up.
-                self._wake_all()
-                await self._lost
-                log.warning("feed listener lost its connection; reconnecting")
+                heard = await self._verify(lost, delay)
+                if heard is None:
+                    # Lost while verifying (reconnect now), or the probe could not be sent.
+                    if not lost.done():
+                        pause, delay = delay, min(delay * 2, _BACKOFF_MAX)
+                elif not heard:
+                    pause, deaf_delay = deaf_delay, min(deaf_delay * 2, DEAF_RETRY_MAX)
+                    self._not_receiving(pause)
+                else:
+                    delay, deaf_delay = _BACKOFF_FIRST, DEAF_RETRY_FIRST
+                    if self._state == NOT_RECEIVING:
+                        log.info("feed listener receives notifications again")
+                    self._state = OK
+                    self._deaf_logged_at = None
+                    # Whatever committed while nobody listened is in the table: catch up.
+                    self._wake_all()
+                    await lost
+                    self._state = CONNECTING
+                    log.warning("feed listener lost its connection; reconnecting")
             finally:
                 self.listening = False
                 loop.remove_reader(fd)
                 with contextlib.suppress(Exception):
                     connection.close()
+            if pause:
+                await asyncio.sleep(pause)
+
+    async def _verify(self, lost: asyncio.Future[None], delay: float) -> bool | None:
+        """Whether a probe notified from another connection arrives on the listening one
+        within PROBE_TIMEOUT_SECONDS; None if the connection was lost meanwhile or the probe
+        could not be sent.
+
+        Not from the listening connection itself: through a transaction pooler, its own
+        NOTIFY may run on the very server connection that ran LISTEN, and be delivered
+        while the two are linked for that one transaction.
+        """
+        payload = f"{PROBE_PREFIX}{secrets.token_hex(8)}"
+        heard: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._probe = (payload, heard)
+        try:
+            try:
+                await asyncio.to_thread(self._send_probe, CHANNEL, payload)
+            except Exception as exc:
+                log.warning(
+                    "feed listener cannot send its probe notification; retrying",
+                    extra={"error_type": type(exc).__name__, "retry_in_seconds": delay},
+                )
+                return None
+            await asyncio.wait(
+                {heard, lost}, timeout=PROBE_TIMEOUT_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
+            if heard.done():
+                return True
+            return None if lost.done() else False
+        finally:
+            self._probe = None
+
+    def _not_receiving(self, retry_in: float) -> None:
+        self._state = NOT_RECEIVING
+        self.probes_missed += 1
+        # Told, rather than left waiting on a stream that would only ever send heartbeats:
+        # they reconnect (503 here until a listener is verified, or another instance).
+        self._end_all(FEED_UNAVAILABLE)
+        now = time.monotonic()
+        if self._deaf_logged_at is not None and now - self._deaf_logged_at < (
+            DEAF_LOG_EVERY_SECONDS
+        ):
+            log.debug("feed listener still receives no notifications; retrying")
+            return
+        self._deaf_logged_at = now
+        log.error(
+            "The change feed's listening connection receives no notifications: a probe "
+            "notified on channel %s from another connection did not arrive within %g s. "
+            "Most likely the listener goes through a transaction pooler (PgBouncer, Neon's "
+            "-pooler host), which does not relay LISTEN: set FEED_DATABASE_URL to the direct "
+            "(non-pooler) host. Until then new feed streams get 503 and open ones are ended.",
+            CHANNEL,
+            PROBE_TIMEOUT_SECONDS,
+            extra={"retry_in_seconds": retry_in},
+        )
 
     def _readable(self, connection: Any) -> None:
         try:
@@ -230,10 +357,15 @@ class FeedHub:
                 self._lost.set_result(None)
             return
         notifies = connection.notifies
+        probe = self._probe
         for notification in notifies:
+            if probe is not None and notification.payload == probe[0]:
+                if not probe[1].done():
+                    probe[1].set_result(None)
+                continue
             parsed = parse_payload(notification.payload)
             if parsed is None:
-                continue
+                continue  # another worker's probe, or anything else on the channel
             user_id, seq = parsed
             for subscription in self._streams.get(user_id, ()):
                 subscription.notify(seq)

@@ -303,7 +303,8 @@ class FeedResponse(EventSourceResponse):
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
             "description": "Server-Sent Events: `id` = seq, `event` = action, `data` = the "
             "audit event as JSON; a final `end` event says why the server closed the stream: "
-            '`{"reason": "token_expired"}` or `"server_shutdown"` (reconnect with the last id), '
+            '`{"reason": "token_expired"}`, `"server_shutdown"` or `"feed_unavailable"` (this '
+            "server's listener stopped receiving changes) (reconnect with the last id), "
             'or `{"reason": "resume_point_ahead", "latest_seq": N}` when the resume point is '
             "past the user's newest event N (the client's state is from elsewhere, e.g. a "
             "database since reset): reload the state, then resume from N.",
@@ -314,7 +315,8 @@ class FeedResponse(EventSourceResponse):
     description="Authenticate with `Authorization: Bearer` or, from EventSource, with "
     "`?ticket=` from `POST /events/tickets`. Resume with `Last-Event-ID` or `?after=`; "
     "a resume point past the user's newest event ends the stream at once with "
-    "`resume_point_ahead`.",
+    "`resume_point_ahead`. 503 (with `Retry-After`) while this server's listener is not "
+    "verified to receive changes; a ticket refused so is not spent.",
 )
 @get_only  # a HEAD would hold a stream slot (and spend its ticket) for a body that never ends
 async def stream_events(
