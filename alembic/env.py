@@ -27,11 +27,16 @@ target_metadata = SQLModel.metadata
 
 
 # Migrations run with no statement timeout, whoever set it: an index build on a large table
-# may run longer than a request should. SET LOCAL overrides DB_STATEMENT_TIMEOUT_MS's startup
-# option and the timeout a role or database sets (how one is kept behind a transaction pooler,
-# see README), and it ends with its transaction, so a pooler's server connection carries none
-# of it to its next client (a session-level SET would).
-NO_STATEMENT_TIMEOUT = "SET LOCAL statement_timeout = 0"
+# may run longer than a request should; nor with the idle-in-transaction one that comes with
+# it (the Python between two migrations is not a frozen client). Local to the transaction
+# (set_config's `true`, as SET LOCAL), it overrides DB_STATEMENT_TIMEOUT_MS's startup option
+# and what a role or database sets (how they are kept behind a transaction pooler, see
+# README), and it ends with its transaction, so a pooler's server connection carries none of
+# it to its next client (a session-level SET would).
+NO_STATEMENT_TIMEOUT = (
+    "SELECT set_config('statement_timeout', '0', true), "
+    "set_config('idle_in_transaction_session_timeout', '0', true)"
+)
 
 
 def _open_untimed_transaction(dbapi_connection: Any, _record: Any) -> None:

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, text
 
 from audit.checkpoint import (
     Checkpoint,
@@ -96,7 +96,10 @@ def _snapshot(settings: Settings) -> Iterator[Connection]:
     db = Database.from_settings(settings)
     try:
         with db.sessionmaker() as session:
-            yield snapshot(session)
+            conn = snapshot(session)
+            # An export waits on its reader between batches (`| less`): not a frozen client.
+            conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
+            yield conn
             session.rollback()
     finally:
         db.dispose()

@@ -54,8 +54,13 @@ def connect_args(settings: Settings) -> dict[str, Any]:
         "keepalives_count": 3,
         "tcp_user_timeout": 10_000,
     }
-    if settings.db_statement_timeout_ms:
-        args["options"] = f"-c statement_timeout={settings.db_statement_timeout_ms}"
+    if timeout := settings.db_statement_timeout_ms:
+        # Also how long a transaction may wait for its client's next statement: a process
+        # frozen mid-transaction (a VM paused, a stalled worker) would otherwise hold its row
+        # locks, and its users' writes, until keepalives notice, if ever: its peer is alive.
+        args["options"] = (
+            f"-c statement_timeout={timeout} -c idle_in_transaction_session_timeout={timeout}"
+        )
     return args
 
 
@@ -68,7 +73,8 @@ _SERVER_REFUSED = re.compile(r"\b(?:FATAL|ERROR|PANIC):")
 _STARTUP_PARAMETER = re.compile(r"startup parameter|\boptions\b", re.IGNORECASE)
 POOLER_HINT = (
     "behind a transaction pooler (Neon's -pooler host, PgBouncer) set DB_STATEMENT_TIMEOUT_MS=0 "
-    "and set the timeout on the role instead (ALTER ROLE ... SET statement_timeout = '10s')"
+    "and set the timeouts on the role instead (ALTER ROLE ... SET statement_timeout = '10s', "
+    "and idle_in_transaction_session_timeout)"
 )
 
 

@@ -321,3 +321,22 @@ def test_escaping_a_csv_cell_is_undone_exactly(value: str) -> None:
     cell = escape_cell(value)
     assert not cell.startswith(("=", "+", "-", "@", "\t", "\r"))
     assert unescape_cell(cell) == value
+
+
+def test_an_export_waiting_on_its_reader_is_not_ended_as_a_frozen_client(
+    settings: Settings, client: TestClient, user: Any
+) -> None:
+    """DB_STATEMENT_TIMEOUT_MS also ends a transaction idle that long (a frozen worker's); the
+    commands' snapshot waits on whoever reads the export (`| less`) and is exempt."""
+    import time
+
+    from sqlalchemy import text
+
+    from audit.cli import _snapshot
+
+    make_history(client, user)
+    quick = settings.model_copy(update={"db_statement_timeout_ms": 200})
+    with _snapshot(quick) as conn:
+        first = conn.execute(text("SELECT count(*) FROM audit_events")).scalar_one()
+        time.sleep(1.0)  # the reader is slow: five times the idle bound
+        assert conn.execute(text("SELECT count(*) FROM audit_events")).scalar_one() == first

@@ -624,8 +624,9 @@ def test_a_server_that_refuses_the_requests_connection_options_stops_serve_with_
             assert "FATAL:  unsupported startup parameter: options; " in line
             assert line.endswith(
                 "behind a transaction pooler (Neon's -pooler host, PgBouncer) set "
-                "DB_STATEMENT_TIMEOUT_MS=0 and set the timeout on the role instead "
-                "(ALTER ROLE ... SET statement_timeout = '10s')"
+                "DB_STATEMENT_TIMEOUT_MS=0 and set the timeouts on the role instead "
+                "(ALTER ROLE ... SET statement_timeout = '10s', and "
+                "idle_in_transaction_session_timeout)"
             ), line
         before = pooler.refusals
         env["DB_STATEMENT_TIMEOUT_MS"] = "0"

@@ -275,6 +275,41 @@ def test_statement_timeout_bounds_a_request_blocked_on_a_row_lock(
         ]
 
 
+def test_a_transaction_whose_client_froze_gives_its_locks_back(
+    settings: Settings, user: ApiUser, admin: sa.Engine
+) -> None:
+    """A worker frozen mid-transaction (a paused VM, SIGSTOP) held its users' chain heads, and
+    so every write of theirs, until TCP keepalives noticed: never, its kernel still answers.
+    The server now ends a transaction left idle for longer than the statement timeout."""
+    head_lock = "SELECT 1 FROM audit_chain_heads WHERE user_id = :user_id FOR UPDATE"
+    with (
+        tracked_app(settings, db_statement_timeout_ms=300) as tracked,
+        live(tracked.app) as server,
+        server.client() as http,
+    ):
+        first = http.post(user.url(), json={"title": "first"}, headers=user.headers)
+        assert first.status_code == 201
+        frozen = tracked.database.engine.connect()  # as the requests' pool makes them
+        try:
+            frozen.execute(sa.text(head_lock), {"user_id": user.user_id})
+            # ... and its client sends nothing more. A bound on a hang, not on speed:
+            with admin.connect() as other:
+                other.execute(sa.text("SET lock_timeout = '60s'"))
+                other.execute(sa.text(head_lock), {"user_id": user.user_id})
+                other.rollback()
+            second = http.post(user.url(), json={"title": "second"}, headers=user.headers)
+            assert second.status_code == 201
+            with pytest.raises(sa.exc.OperationalError):  # the server ended it
+                frozen.execute(sa.text("SELECT 1"))
+        finally:
+            frozen.close()
+    with admin.connect() as conn:
+        assert [e["action"] for e in assert_consistent(conn, user.user_id)] == [
+            "task.created",
+            "task.created",
+        ]
+
+
 # The database is unreachable, hangs, or goes away and comes back ----------------------
 
 
