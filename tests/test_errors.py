@@ -23,6 +23,7 @@ from service.auth import create_dev_token
 from service.database import Database, build_engine
 from service.errors import every_route
 from service.settings import Settings
+from tests.feed_helpers import wait_listening
 from tests.reliability_helpers import write_past_the_statement_timeout
 from tests.support import (
     TEST_SECRET,
@@ -85,6 +86,7 @@ def test_wrong_method_on_health_is_405(client: TestClient) -> None:
 @pytest.mark.parametrize("path", ["/healthz", "/readyz"])
 def test_health_probes_answer_head_as_get_without_the_body(client: TestClient, path: str) -> None:
     """Uptime monitors often probe with HEAD."""
+    wait_listening(client.app)  # /readyz reports the feed: "connecting" until then
     got, head = client.get(path), client.head(path)
     assert (got.status_code, head.status_code) == (200, 200)
     assert head.content == b""
