@@ -700,6 +700,27 @@ def test_a_listener_that_hears_nothing_is_reported_and_its_streams_are_refused(
     assert len(feed_errors(caplog)) == 1
 
 
+def test_a_stream_opened_while_the_listener_is_being_verified_is_served(
+    settings: Settings, database: Database, database_url: str, user: ApiUser
+) -> None:
+    """Before the probe's verdict (at start, after a reconnect) a stream is accepted, as it
+    always was: a 503 then would stop a browser's EventSource for a state that lasts
+    milliseconds. Here the verdict is that nothing arrives, and the stream is told."""
+    with TcpProxy(server_address(sa.make_url(database_url)), frames_server_messages=True) as proxy:
+        proxy.relay_notifications = False
+        overrides = {"feed_database_url": deaf_feed_url(database_url, proxy)}
+        app = create_app(settings.model_copy(update=overrides), database)
+        with LiveServer(app) as server:
+            hub = app.state.feed
+            wait_until(lambda: hub.listening, "a listener")
+            assert hub.state == "connecting"  # the probe is given up on after 5 s
+            with feed(server, user) as reader:
+                assert reader.status == 200
+                end = reader.wait_for_end(timeout=60)
+            assert hub.state == "not_receiving"
+    assert end.json() == {"reason": "feed_unavailable"}
+
+
 def test_streams_open_when_a_new_listener_hears_nothing_end_with_feed_unavailable(
     settings: Settings, database: Database, database_url: str, user: ApiUser
 ) -> None:

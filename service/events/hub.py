@@ -14,9 +14,12 @@ the pooler's pool, and its notifications reach no client. So each new listening 
 verified before streams are accepted: a probe notification is sent on the channel from another
 connection (to the pool's database, where the writes come from) and must arrive on the listening
 one within PROBE_TIMEOUT_SECONDS. Its payload is not `seq:user_id`, so streams (of every version
-of the service) ignore it. Until a listener is verified, new streams get 503; when the probe
-does not arrive, the hub logs an ERROR naming the fix, ends the streams still open (the client
-is told, and reconnects to get the 503 or another instance), and tries again with backoff.
+of the service) ignore it. Streams are accepted while a listener is being verified (they catch
+up from the table once it is, as after any reconnect); when the probe does not arrive, the hub
+logs an ERROR naming the fix, ends the streams still open (the client is told, and reconnects
+to another instance or to a 503: new streams are refused until a listener is verified), and
+tries again with backoff (each attempt's LISTEN, behind a pooler, stays on whichever server
+connection ran it, until the pooler retires that connection: the ERROR's fix ends that too).
 """
 
 from __future__ import annotations
@@ -155,8 +158,6 @@ class FeedHub:
             raise FeedUnavailable(
                 "The change feed cannot receive changes on this server; try again later."
             )
-        if self._state != OK:
-            raise FeedUnavailable("The change feed is connecting; try again shortly.")
         if self._count >= self.max_streams_per_worker:
             raise TooManyStreams(
                 f"This server already holds {self.max_streams_per_worker} feed streams; "
@@ -195,8 +196,8 @@ class FeedHub:
     # Listening ------------------------------------------------------------
 
     async def start(self) -> None:
-        """Start listening in the background; streams are accepted once the listener is
-        verified (`state` is `ok`).
+        """Start listening in the background; streams are accepted from now on (refused
+        only while `state` is `not_receiving`).
 
         An app may be started by more than one lifespan at once (tests do): the first start
         makes the listener, the last stop ends it.

@@ -315,8 +315,8 @@ class FeedResponse(EventSourceResponse):
     description="Authenticate with `Authorization: Bearer` or, from EventSource, with "
     "`?ticket=` from `POST /events/tickets`. Resume with `Last-Event-ID` or `?after=`; "
     "a resume point past the user's newest event ends the stream at once with "
-    "`resume_point_ahead`. 503 (with `Retry-After`) while this server's listener is not "
-    "verified to receive changes; a ticket refused so is not spent.",
+    "`resume_point_ahead`. 503 (with `Retry-After`) while this server's listener is found "
+    "not to receive changes; a ticket refused so is not spent.",
 )
 @get_only  # a HEAD would hold a stream slot (and spend its ticket) for a body that never ends
 async def stream_events(
