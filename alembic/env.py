@@ -68,8 +68,10 @@ def run_migrations() -> None:
         _migrate(connection)
         return
     url = config.attributes.get("database_url") or get_settings().database_url
-    # The requests' connection options (behind a pooler, DB_STATEMENT_TIMEOUT_MS=0 then).
-    engine = build_engine(get_settings(), url)
+    # Without the requests' timeouts (not even as a startup option, which a pooler refuses,
+    # nor for a statement outside the transaction: `autocommit_block`).
+    untimed = {"db_statement_timeout_ms": 0, "db_idle_in_transaction_timeout_ms": 0}
+    engine = build_engine(get_settings().model_copy(update=untimed), url)
     event.listen(engine, "connect", _open_untimed_transaction, insert=True)
     event.listen(engine, "connect", _end_untimed_transaction)
     try:

@@ -327,7 +327,15 @@ def make_checkpoint(
     database clock) already has one. Makers take turns on an advisory lock held until commit,
     and a unique index on the interval is the last word.
     """
-    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
+    # Signing a million chains' tree is seconds of Python inside this transaction, which holds
+    # no row lock: not a frozen client (DB_IDLE_IN_TRANSACTION_TIMEOUT_MS).
+    session.execute(
+        text(
+            "SELECT pg_advisory_xact_lock(:key), "
+            "set_config('idle_in_transaction_session_timeout', '0', true)"
+        ),
+        {"key": LOCK_KEY},
+    )
     now = session.execute(select(func.clock_timestamp(type_=UTCDateTime))).scalar_one()
     interval_start = None
     if interval_seconds:

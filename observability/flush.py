@@ -25,7 +25,10 @@ log = logging.getLogger("observability.flush")
 
 def flush_telemetry(tracer_provider: Any, meter_provider: Any, timeout_seconds: float) -> list[str]:
     """Flush both providers (either may be None) concurrently, waiting at most
-    `timeout_seconds`; the signals ("traces", "metrics") not flushed by then."""
+    `timeout_seconds`; the signals ("traces", "metrics") not flushed by then. With 0, nothing
+    is flushed (the operator's choice: what is held is dropped, without a warning)."""
+    if timeout_seconds <= 0:
+        return []
     deadline = time.monotonic() + timeout_seconds
     timeout_millis = round(timeout_seconds * 1000)
     flushing: dict[str, threading.Thread] = {}

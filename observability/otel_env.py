@@ -132,14 +132,17 @@ def _float(name: str, default: float, *, positive: bool, unit: str) -> float:
 
 
 def _check_resource_attributes() -> None:
-    """key=value pairs separated by commas (the SDK skips, with a warning, any other item)."""
+    """key=value pairs separated by commas (the SDK skips, with a warning, any other item).
+    An empty entry is skipped, as the SDK does: `a=1,${EXTRA}` with EXTRA empty is common."""
     raw = value("OTEL_RESOURCE_ATTRIBUTES")
     if raw is None:
         return
     for item in raw.split(","):
+        if not item.strip():
+            continue
         key, equals, _ = item.partition("=")
         if not equals or not key.strip():
-            what = repr(item.strip()) if item.strip() else "an empty entry (a comma too many?)"
+            what = repr(item.strip())
             raise ConfigError(
                 f"OTEL_RESOURCE_ATTRIBUTES must be key=value pairs separated by commas "
                 f"(e.g. deployment.environment.name=staging), not {what}"
@@ -223,9 +226,10 @@ def batch_span_options() -> BatchSpanOptions:
         "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", _BSP_DEFAULT_BATCH_SIZE, positive=True, unit="spans"
     )
     if batch > queue:
+        unset = value("OTEL_BSP_MAX_EXPORT_BATCH_SIZE") is None
         raise ConfigError(
-            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE ({batch}) must be at most "
-            f"OTEL_BSP_MAX_QUEUE_SIZE ({queue})"
+            f"OTEL_BSP_MAX_EXPORT_BATCH_SIZE ({batch}{', its default' if unset else ''}) must "
+            f"be at most OTEL_BSP_MAX_QUEUE_SIZE ({queue})"
         )
     return {
         "schedule_delay_millis": _integer(

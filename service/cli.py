@@ -22,7 +22,7 @@ from service.database import (
     Database,
     failure_message,
     normalize_database_url,
-    refused_connection,
+    refused_startup_parameter,
     safe_url,
 )
 from service.limits import USER_ID_MAX
@@ -67,17 +67,18 @@ def migrate(settings: Settings) -> None:
 
 
 def check_requests_connect(settings: Settings) -> None:
-    """Connect once as the requests will, with their connection options (with `--no-migrate`
-    nothing else has): a server that refuses them, as PgBouncer refuses DB_STATEMENT_TIMEOUT_MS's
-    startup option `options`, stops `serve` here in one line (exit 3, from `run`), instead of
-    every request being a 503 with no word of why. One that cannot be reached is only a
-    warning (`--no-migrate` may start before the database): /readyz is 503 until it answers."""
+    """Connect once as the requests will, with their connection options (migrations send
+    none): a server that refuses them, as PgBouncer refuses the timeouts' startup option
+    `options`, stops `serve` here in one line (exit 3, from `run`), instead of every request
+    being a 503 with no word of why. One that cannot be reached, or refuses for now (starting
+    up, out of connections), is only a warning (`--no-migrate` may start before the database;
+    stopping would crash-loop a rolling deploy): /readyz is 503 until it answers."""
     database = Database.from_settings(settings)
     try:
         with database.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except DBAPIError as exc:
-        if refused_connection(exc):
+        if refused_startup_parameter(exc):
             raise
         log.warning("the database is unreachable; serving anyway: %s", failure_message(exc))
     finally:

@@ -54,13 +54,17 @@ def connect_args(settings: Settings) -> dict[str, Any]:
         "keepalives_count": 3,
         "tcp_user_timeout": 10_000,
     }
-    if timeout := settings.db_statement_timeout_ms:
-        # Also how long a transaction may wait for its client's next statement: a process
-        # frozen mid-transaction (a VM paused, a stalled worker) would otherwise hold its row
-        # locks, and its users' writes, until keepalives notice, if ever: its peer is alive.
-        args["options"] = (
-            f"-c statement_timeout={timeout} -c idle_in_transaction_session_timeout={timeout}"
-        )
+    options = []
+    if settings.db_statement_timeout_ms:
+        options.append(f"-c statement_timeout={settings.db_statement_timeout_ms}")
+    if settings.db_idle_in_transaction_timeout_ms:
+        # A process frozen mid-transaction (a VM paused, a stalled worker) would otherwise hold
+        # its row locks, and its users' writes, until keepalives notice, if ever: its kernel
+        # still answers them.
+        idle = settings.db_idle_in_transaction_timeout_ms
+        options.append(f"-c idle_in_transaction_session_timeout={idle}")
+    if options:
+        args["options"] = " ".join(options)
     return args
 
 
@@ -73,8 +77,8 @@ _SERVER_REFUSED = re.compile(r"\b(?:FATAL|ERROR|PANIC):")
 _STARTUP_PARAMETER = re.compile(r"startup parameter|\boptions\b", re.IGNORECASE)
 POOLER_HINT = (
     "behind a transaction pooler (Neon's -pooler host, PgBouncer) set DB_STATEMENT_TIMEOUT_MS=0 "
-    "and set the timeouts on the role instead (ALTER ROLE ... SET statement_timeout = '10s', "
-    "and idle_in_transaction_session_timeout)"
+    "and DB_IDLE_IN_TRANSACTION_TIMEOUT_MS=0, and set the timeouts on the role instead "
+    "(ALTER ROLE ... SET statement_timeout = '10s', and idle_in_transaction_session_timeout)"
 )
 
 
@@ -82,6 +86,14 @@ def refused_connection(exc: DBAPIError) -> bool:
     """The server answered the connection with an error (a setting it refuses, a wrong
     password, a database that does not exist), as opposed to not answering at all."""
     return getattr(exc.orig, "pgcode", None) is None and bool(_SERVER_REFUSED.search(str(exc.orig)))
+
+
+def refused_startup_parameter(exc: DBAPIError) -> bool:
+    """The server (a pooler) refused the connection's startup options: a setting to change,
+    not a database still starting or out of connections."""
+    if not refused_connection(exc):
+        return False
+    return bool(_STARTUP_PARAMETER.search(str(exc.orig).strip().splitlines()[0]))
 
 
 def failure_message(exc: DBAPIError) -> str:
@@ -92,7 +104,7 @@ def failure_message(exc: DBAPIError) -> str:
     code = getattr(exc.orig, "pgcode", None)
     if refused_connection(exc):
         first = reason.splitlines()[0]
-        if _STARTUP_PARAMETER.search(first):
+        if refused_startup_parameter(exc):
             return f"the database refused the connection: {first}; {POOLER_HINT}"
         return f"the database refused the connection: {first}"
     if code is None:

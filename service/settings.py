@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     db_pool_recycle_seconds: int = Field(default=300, ge=1, le=300)
     db_connect_timeout_seconds: int = Field(default=5, ge=1, le=120)
     db_statement_timeout_ms: int = Field(default=10_000, ge=0, le=600_000)
+    # How long a transaction may wait for its client's next statement (0: no bound). Longer
+    # than any Python work inside one (signing a checkpoint of a million chains takes seconds).
+    db_idle_in_transaction_timeout_ms: int = Field(default=60_000, ge=0, le=3_600_000)
 
     # Auth
     better_auth_secret: SecretStr | None = None

@@ -369,8 +369,17 @@ class StartupParameterRefusingProxy(TcpProxy):
     08P01, "unsupported startup parameter: <name>", then closes. Other connections are relayed.
     It declines TLS and GSS encryption (one byte 'N'), as a pooler without TLS does."""
 
-    def __init__(self, target: tuple[str, int] | str, refused: tuple[str, ...] = ("options",)):
+    def __init__(
+        self,
+        target: tuple[str, int] | str,
+        refused: tuple[str, ...] = ("options",),
+        *,
+        every: tuple[str, str] | None = None,
+    ):
+        """`every` = (SQLSTATE, message): refuse every connection so instead (a server still
+        starting, one out of connections)."""
         self.refused = refused
+        self.every = every
         self.refusals = 0
         super().__init__(target)
 
@@ -392,15 +401,19 @@ class StartupParameterRefusingProxy(TcpProxy):
         if code == _PROTOCOL_3:
             fields = body[4:].split(b"\0")
             names = {name.decode() for name in fields[0:-2:2] if name}
+            if self.every is not None:
+                return self._refuse(client, *self.every)
             for name in self.refused:
                 if name in names:
-                    message = f"unsupported startup parameter: {name}".encode()
-                    error = b"SFATAL\0VFATAL\0C08P01\0M" + message + b"\0\0"
-                    client.sendall(b"E" + (4 + len(error)).to_bytes(4, "big") + error)
-                    with self._lock:
-                        self.refusals += 1
-                    return None
+                    return self._refuse(client, "08P01", f"unsupported startup parameter: {name}")
         return length.to_bytes(4, "big") + body
+
+    def _refuse(self, client: socket.socket, sqlstate: str, message: str) -> None:
+        fields = f"SFATAL\0VFATAL\0C{sqlstate}\0M{message}\0".encode()
+        error = fields + b"\0"
+        client.sendall(b"E" + (4 + len(error)).to_bytes(4, "big") + error)
+        with self._lock:
+            self.refusals += 1
 
 
 def _simple_queries(data: bytes) -> list[bytes]:

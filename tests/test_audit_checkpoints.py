@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from audit.checkpoint import (
 )
 from audit.signing import SigningKey, parse_public_keys
 from service.app import create_app
+from service.database import Database
 from service.settings import ConfigError, Settings
 from tests.audit_helpers import events_of, json_lines, tampering
 from tests.checkpoint_helpers import (
@@ -150,6 +152,26 @@ def test_a_checkpoint_reads_only_the_chain_heads(world: World, user: Any) -> Non
         sa.event.remove(world.engine, "before_cursor_execute", record)
     assert any("audit_chain_heads" in s for s in statements)
     assert not any("audit_events" in s for s in statements), statements
+
+
+def test_signing_a_checkpoint_is_not_taken_for_a_frozen_client(world: World, user: Any) -> None:
+    """A million chains' tree takes seconds of Python inside the checkpoint's transaction;
+    DB_IDLE_IN_TRANSACTION_TIMEOUT_MS would end it (and the checkpoint) as a frozen client's.
+    Here the bound is 200 ms and the signing, slowed, takes a second."""
+    make_chain(world, user, 1)
+    quick = world.settings.model_copy(update={"db_idle_in_transaction_timeout_ms": 200})
+    db = Database.from_settings(quick)
+    try:
+        with db.unit_of_work() as session:
+            checkpoint = make_checkpoint(session, KEY)
+            time.sleep(1.0)  # as long as signing a large tree takes, five times the bound
+            session.execute(sa.text("SELECT 1"))
+    finally:
+        db.dispose()
+    assert checkpoint is not None
+    with world.engine.connect() as conn:
+        stored = conn.execute(sa.select(CHECKPOINTS.c.root_hash)).scalars().all()
+    assert checkpoint.head.root_hash in stored
 
 
 def test_checkpoint_without_a_signing_key_is_a_usage_error(world: World) -> None:

@@ -326,8 +326,8 @@ def test_escaping_a_csv_cell_is_undone_exactly(value: str) -> None:
 def test_an_export_waiting_on_its_reader_is_not_ended_as_a_frozen_client(
     settings: Settings, client: TestClient, user: Any
 ) -> None:
-    """DB_STATEMENT_TIMEOUT_MS also ends a transaction idle that long (a frozen worker's); the
-    commands' snapshot waits on whoever reads the export (`| less`) and is exempt."""
+    """DB_IDLE_IN_TRANSACTION_TIMEOUT_MS ends a transaction idle that long (a frozen worker's);
+    the commands' snapshot waits on whoever reads the export (`| less`) and is exempt."""
     import time
 
     from sqlalchemy import text
@@ -335,7 +335,7 @@ def test_an_export_waiting_on_its_reader_is_not_ended_as_a_frozen_client(
     from audit.cli import _snapshot
 
     make_history(client, user)
-    quick = settings.model_copy(update={"db_statement_timeout_ms": 200})
+    quick = settings.model_copy(update={"db_idle_in_transaction_timeout_ms": 200})
     with _snapshot(quick) as conn:
         first = conn.execute(text("SELECT count(*) FROM audit_events")).scalar_one()
         time.sleep(1.0)  # the reader is slow: five times the idle bound

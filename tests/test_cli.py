@@ -603,16 +603,18 @@ def test_a_server_that_refuses_the_requests_connection_options_stops_serve_with_
     """Behind PgBouncer (Neon's -pooler host), the startup option that sets
     DB_STATEMENT_TIMEOUT_MS is refused. Migrations did not send it, so `serve` started, and then
     every request was a 503 with no word of why. Now `serve` (also with `--no-migrate`) connects
-    once as the requests do and exits 3 with the server's line and the fix; the other commands,
-    `migrate` included, say the same; with DB_STATEMENT_TIMEOUT_MS=0 all of them work."""
+    once as the requests do and exits 3 with the server's line and the fix; the other commands
+    say the same; with both timeouts 0 all of them work. `migrate` sends no timeout: it works
+    either way."""
     target = sa.make_url(database_url)
     with StartupParameterRefusingProxy(server_address(target)) as pooler:
         url = proxied_url(target, pooler.port)
         env = {"DATABASE_URL": url, "BETTER_AUTH_SECRET": TEST_SECRET}
+        assert run(tmp_path, "migrate", **env).returncode == 0
+        assert pooler.refusals == 0
         refused = [
             run_serve(tmp_path, "--no-migrate", **env),
             run_serve(tmp_path, **env),
-            run(tmp_path, "migrate", **env),
             run(tmp_path, "tasks", "list", "alice", **env),
         ]
         assert pooler.refusals >= len(refused)
@@ -624,13 +626,14 @@ def test_a_server_that_refuses_the_requests_connection_options_stops_serve_with_
             assert "FATAL:  unsupported startup parameter: options; " in line
             assert line.endswith(
                 "behind a transaction pooler (Neon's -pooler host, PgBouncer) set "
-                "DB_STATEMENT_TIMEOUT_MS=0 and set the timeouts on the role instead "
-                "(ALTER ROLE ... SET statement_timeout = '10s', and "
-                "idle_in_transaction_session_timeout)"
+                "DB_STATEMENT_TIMEOUT_MS=0 and DB_IDLE_IN_TRANSACTION_TIMEOUT_MS=0, and set the "
+                "timeouts on the role instead (ALTER ROLE ... SET statement_timeout = '10s', "
+                "and idle_in_transaction_session_timeout)"
             ), line
         before = pooler.refusals
         env["DB_STATEMENT_TIMEOUT_MS"] = "0"
-        assert run(tmp_path, "migrate", **env).returncode == 0
+        env["DB_IDLE_IN_TRANSACTION_TIMEOUT_MS"] = "0"
+        assert run(tmp_path, "tasks", "list", "alice", **env).returncode == 0
         server = ServeProcess(tmp_path, env).start()
         try:
             assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
@@ -651,6 +654,33 @@ def test_serve_without_migrating_starts_while_the_database_is_unreachable(
     finally:
         server.stop()
     assert "the database is unreachable; serving anyway" in server.log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "message"),
+    [
+        ("57P03", "the database system is starting up"),
+        ("53300", "sorry, too many clients already"),
+    ],
+)
+def test_serve_without_migrating_starts_while_the_database_refuses_for_now(
+    tmp_path: Path, database_url: str, sqlstate: str, message: str
+) -> None:
+    """A database restarting, or out of connections during a rolling deploy, refuses with a
+    FATAL too: that is no setting to change, and stopping would crash-loop the new instances."""
+    target = sa.make_url(database_url)
+    with StartupParameterRefusingProxy(server_address(target), every=(sqlstate, message)) as db:
+        env = {"DATABASE_URL": proxied_url(target, db.port), "BETTER_AUTH_SECRET": TEST_SECRET}
+        server = ServeProcess(tmp_path, env)
+        server.launch()
+        try:
+            wait_until(lambda: _readyz_status(server.url) == 503, "a 503 from /readyz")
+        finally:
+            server.stop()
+    assert db.refusals >= 1
+    log = server.log.read_text()
+    assert "serving anyway" in log
+    assert message in log
 
 
 def _readyz_status(url: str) -> int | None:

@@ -280,10 +280,10 @@ def test_a_transaction_whose_client_froze_gives_its_locks_back(
 ) -> None:
     """A worker frozen mid-transaction (a paused VM, SIGSTOP) held its users' chain heads, and
     so every write of theirs, until TCP keepalives noticed: never, its kernel still answers.
-    The server now ends a transaction left idle for longer than the statement timeout."""
+    The server now ends a transaction left idle for DB_IDLE_IN_TRANSACTION_TIMEOUT_MS."""
     head_lock = "SELECT 1 FROM audit_chain_heads WHERE user_id = :user_id FOR UPDATE"
     with (
-        tracked_app(settings, db_statement_timeout_ms=300) as tracked,
+        tracked_app(settings, db_idle_in_transaction_timeout_ms=300) as tracked,
         live(tracked.app) as server,
         server.client() as http,
     ):

@@ -513,6 +513,9 @@ def test_sampler_comes_from_the_standard_variables(
             for name in ("OTEL_TRACES_SAMPLER", "OTEL_SDK_DISABLED", "OTEL_BSP_SCHEDULE_DELAY")
         },
         {"OTEL_SDK_DISABLED": "False"},
+        # An empty entry, as a template leaves one (`a=1,${EXTRA}`), is skipped, as by the SDK.
+        {"OTEL_RESOURCE_ATTRIBUTES": "a=b,"},
+        {"OTEL_RESOURCE_ATTRIBUTES": "a=1,,b=2"},
         {"OTEL_TRACES_SAMPLER": "TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "0"},
         {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "1"},
         {"OTEL_TRACES_SAMPLER": "always_off", "OTEL_TRACES_SAMPLER_ARG": "ignored"},
@@ -555,7 +558,7 @@ def test_usable_otel_values_are_accepted(
         ("OTEL_BSP_MAX_QUEUE_SIZE", "1.5"),
         ("OTEL_BSP_EXPORT_TIMEOUT", "-1"),
         ("OTEL_METRIC_EXPORT_TIMEOUT", "soon"),
-        ("OTEL_RESOURCE_ATTRIBUTES", "a=b,"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "a=b,c"),
         ("OTEL_RESOURCE_ATTRIBUTES", "=b"),
     ],
 )
@@ -652,6 +655,17 @@ def test_a_flush_that_finishes_is_not_reported(caplog: pytest.LogCaptureFixture)
     with caplog.at_level("WARNING", logger="observability.flush"):
         assert flush_telemetry(traces, None, 30) == []
     assert traces.timeouts == [30_000]
+    assert not [r for r in caplog.records if r.name == "observability.flush"]
+
+
+def test_no_flush_budget_drops_what_is_held_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SHUTDOWN_FLUSH_SECONDS=0 is the operator's choice, not a collector that is down."""
+    traces = HungFlush()
+    with caplog.at_level("WARNING", logger="observability.flush"):
+        assert flush_telemetry(traces, HungFlush(), 0) == []
+    assert traces.timeouts == []
     assert not [r for r in caplog.records if r.name == "observability.flush"]
 
 
