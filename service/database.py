@@ -70,6 +70,8 @@ def connect_args(settings: Settings) -> dict[str, Any]:
 
 # undefined_table, undefined_column: the schema is older than the code.
 _NOT_MIGRATED = frozenset({"42P01", "42703"})
+# query_canceled: at DB_STATEMENT_TIMEOUT_MS (or an administrator's pg_cancel_backend).
+QUERY_CANCELED = "57014"
 # libpq's message when the server (or a pooler in front of it) answered the connection with an
 # error: "connection to server at ... failed: FATAL:  ..." (no SQLSTATE reaches psycopg2).
 _SERVER_REFUSED = re.compile(r"\b(?:FATAL|ERROR|PANIC):")
@@ -109,7 +111,7 @@ def failure_message(exc: DBAPIError) -> str:
         return f"the database refused the connection: {first}"
     if code is None:
         return f"the database is unreachable: {reason}"
-    if code == "57014":  # query_canceled
+    if code == QUERY_CANCELED:
         return f"the database cancelled a statement: {reason} (DB_STATEMENT_TIMEOUT_MS)"
     if code in _NOT_MIGRATED:
         # The first line: the rest is the statement and a caret under the missing name.

@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Match
 
 from observability import metrics
 from observability.logging import first_line
+from service.database import QUERY_CANCELED
 from service.exceptions import (
     AuthError,
     AuthUnavailable,
@@ -187,13 +188,9 @@ async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
-# query_canceled: PostgreSQL cancelled the statement, at DB_STATEMENT_TIMEOUT_MS (or an
-# administrator's pg_cancel_backend). The database answered, late: not unreachable.
-_QUERY_CANCELED = "57014"
-
-
 def is_timeout(exc: BaseException) -> bool:
-    return isinstance(exc, DBAPIError) and getattr(exc.orig, "pgcode", None) == _QUERY_CANCELED
+    """PostgreSQL cancelled the statement: the database answered, late, not unreachable."""
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "pgcode", None) == QUERY_CANCELED
 
 
 async def _database_timeout(_: Request, exc: Exception) -> JSONResponse:
@@ -202,7 +199,7 @@ async def _database_timeout(_: Request, exc: Exception) -> JSONResponse:
         "database statement timed out",
         extra={
             "error_type": type(orig).__name__,
-            "sqlstate": _QUERY_CANCELED,
+            "sqlstate": QUERY_CANCELED,
             # `canceling statement due to statement timeout` (or `... user request`).
             "reason": first_line(orig) if orig is not None else "",
         },

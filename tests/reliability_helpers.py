@@ -428,7 +428,8 @@ def _simple_queries(data: bytes) -> list[bytes]:
 
 
 class SilentServer:
-    """Accepts TCP connections and never sends a byte: a database that hangs at connect."""
+    """Accepts TCP connections and never sends a byte: a database that hangs at connect, or
+    an OTLP collector that never answers."""
 
     def __init__(self) -> None:
         self._listener = _listen()

@@ -240,6 +240,55 @@ JWKS = "http://127.0.0.1:9/api/auth/jwks"
 OTLP = "http://127.0.0.1:9"
 
 
+# The SDK would warn (or not) and carry on with its default: a typo sampling 100%, an endpoint
+# every export fails to reach.
+BAD_OTEL_VALUES = [
+    pytest.param({"OTEL_TRACES_SAMPLER": "bogus"}, "OTEL_TRACES_SAMPLER", id="sampler"),
+    *(
+        pytest.param(
+            {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": arg},
+            "OTEL_TRACES_SAMPLER_ARG",
+            id=f"sampler-arg-{arg}",
+        )
+        for arg in ("10", "-1", "abc")
+    ),
+    pytest.param(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": "not-a-url"}, "OTEL_EXPORTER_OTLP_ENDPOINT", id="url"
+    ),
+    pytest.param(
+        {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:notaport/v1/traces"},
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        id="traces-url-port",
+    ),
+    pytest.param(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP, "OTEL_EXPORTER_OTLP_TIMEOUT": "abc"},
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+        id="exporter-timeout",
+    ),
+    pytest.param(
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP, "OTEL_EXPORTER_OTLP_TIMEOUT": "10000"},
+        "milliseconds",
+        id="exporter-timeout-in-ms",
+    ),
+    pytest.param({"OTEL_BSP_SCHEDULE_DELAY": "abc"}, "OTEL_BSP_SCHEDULE_DELAY", id="bsp"),
+    pytest.param({"OTEL_BSP_SCHEDULE_DELAY": "0"}, "OTEL_BSP_SCHEDULE_DELAY", id="bsp-0"),
+    pytest.param(
+        {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4096"},
+        "OTEL_BSP_MAX_QUEUE_SIZE",
+        id="bsp-batch-over-queue",
+    ),
+    pytest.param(
+        {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_METRIC_EXPORT_INTERVAL": "0"},
+        "OTEL_METRIC_EXPORT_INTERVAL",
+        id="metric-interval",
+    ),
+    pytest.param(
+        {"OTEL_RESOURCE_ATTRIBUTES": "garbage"}, "OTEL_RESOURCE_ATTRIBUTES", id="resource"
+    ),
+    pytest.param({"OTEL_SDK_DISABLED": "yes"}, "OTEL_SDK_DISABLED", id="sdk-disabled"),
+]
+
+
 @pytest.mark.parametrize(
     ("env", "named"),
     [
@@ -276,72 +325,12 @@ OTLP = "http://127.0.0.1:9"
         # Refused by the settings themselves, like DATABASE_URL=sqlite://...
         pytest.param({"JWT_LEEWAY_SECONDS": "600"}, "JWT_LEEWAY_SECONDS", id="settings-bound"),
         pytest.param({"REDIS_URL": "http://127.0.0.1:6379"}, "REDIS_URL", id="settings-check"),
+        *BAD_OTEL_VALUES,
     ],
 )
 def test_a_bad_setting_stops_serve_with_one_line_before_any_worker_starts(
     tmp_path: Path, database_url: str, env: dict[str, str], named: str
 ) -> None:
-    result = run_serve(tmp_path, "--no-migrate", DATABASE_URL=database_url, **env)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    [line] = result.stderr.strip().splitlines()
-    assert line.startswith("todo-api: configuration error: ") and named in line, line
-    assert result.stdout == ""
-
-
-@pytest.mark.parametrize(
-    ("env", "named"),
-    [
-        pytest.param({"OTEL_TRACES_SAMPLER": "bogus"}, "OTEL_TRACES_SAMPLER", id="sampler"),
-        *(
-            pytest.param(
-                {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": arg},
-                "OTEL_TRACES_SAMPLER_ARG",
-                id=f"sampler-arg-{arg}",
-            )
-            for arg in ("10", "-1", "abc")
-        ),
-        pytest.param(
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": "not-a-url"}, "OTEL_EXPORTER_OTLP_ENDPOINT", id="url"
-        ),
-        pytest.param(
-            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:notaport/v1/traces"},
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            id="traces-url-port",
-        ),
-        pytest.param(
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP, "OTEL_EXPORTER_OTLP_TIMEOUT": "abc"},
-            "OTEL_EXPORTER_OTLP_TIMEOUT",
-            id="exporter-timeout",
-        ),
-        pytest.param(
-            {"OTEL_EXPORTER_OTLP_ENDPOINT": OTLP, "OTEL_EXPORTER_OTLP_TIMEOUT": "10000"},
-            "milliseconds",
-            id="exporter-timeout-in-ms",
-        ),
-        pytest.param({"OTEL_BSP_SCHEDULE_DELAY": "abc"}, "OTEL_BSP_SCHEDULE_DELAY", id="bsp"),
-        pytest.param({"OTEL_BSP_SCHEDULE_DELAY": "0"}, "OTEL_BSP_SCHEDULE_DELAY", id="bsp-0"),
-        pytest.param(
-            {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4096"},
-            "OTEL_BSP_MAX_QUEUE_SIZE",
-            id="bsp-batch-over-queue",
-        ),
-        pytest.param(
-            {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_METRIC_EXPORT_INTERVAL": "0"},
-            "OTEL_METRIC_EXPORT_INTERVAL",
-            id="metric-interval",
-        ),
-        pytest.param(
-            {"OTEL_RESOURCE_ATTRIBUTES": "garbage"}, "OTEL_RESOURCE_ATTRIBUTES", id="resource"
-        ),
-        pytest.param({"OTEL_SDK_DISABLED": "yes"}, "OTEL_SDK_DISABLED", id="sdk-disabled"),
-    ],
-)
-def test_a_bad_otel_variable_stops_serve_with_one_line(
-    tmp_path: Path, database_url: str, env: dict[str, str], named: str
-) -> None:
-    """The SDK would warn (or not) and carry on with its default: a typo sampling 100%, an
-    endpoint every export fails to reach."""
     result = run_serve(tmp_path, "--no-migrate", DATABASE_URL=database_url, **env)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr + result.stdout

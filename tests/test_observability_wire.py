@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import secrets
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ import sqlalchemy as sa
 from service.auth import create_dev_token
 from tests.jwt_helpers import random_id
 from tests.otlp_receiver import MetricsReceiver, OtlpReceiver, ReceivedSpan
+from tests.reliability_helpers import SilentServer
 from tests.serve_helpers import ServeProcess
 from tests.support import TEST_SECRET, clean_environ, free_port
 
@@ -241,32 +240,6 @@ def test_spans_and_metrics_of_a_process_name_the_same_instance_and_environment(
         assert resource["deployment.environment.name"] == "staging"
 
 
-class HungCollector:
-    """A collector that accepts connections and never answers (nor closes them)."""
-
-    def __init__(self) -> None:
-        self._socket = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        self.connections: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self._socket.accept()
-            except OSError:
-                return
-            self.connections.append(connection)
-
-    def __enter__(self) -> HungCollector:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._socket.close()
-        for connection in self.connections:
-            connection.close()
-
-
 # An export to the hung collector waits this long before giving up.
 EXPORT_TIMEOUT_SECONDS = 120
 
@@ -278,7 +251,8 @@ def test_a_hung_collector_delays_shutdown_by_the_flush_budget_not_the_export_tim
     2 x 120 s); now both flush at once for SHUTDOWN_FLUSH_SECONDS (here 1), and what is left is
     dropped with a warning. The bound on the stop is a quarter of ONE export timeout: it tells a
     wait for the collector from a slow machine, not a fast stop from a slow one."""
-    with HungCollector() as collector:
+    # A collector that accepts connections and never answers: the database's SilentServer.
+    with SilentServer() as collector:
         server = ServeProcess(
             tmp_path,
             {
@@ -286,7 +260,7 @@ def test_a_hung_collector_delays_shutdown_by_the_flush_budget_not_the_export_tim
                 "DATABASE_URL": database_url,
                 "BETTER_AUTH_SECRET": TEST_SECRET,
                 "OTEL_SDK_DISABLED": "false",
-                "OTEL_EXPORTER_OTLP_ENDPOINT": collector.url,
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector.port}",
                 "OTEL_METRICS_EXPORTER": "otlp",
                 "OTEL_EXPORTER_OTLP_TIMEOUT": str(EXPORT_TIMEOUT_SECONDS),
                 # Nothing is exported before the stop: what it flushes meets the hung collector.

@@ -217,9 +217,7 @@ class FeedHub:
 
     def _close_streams(self) -> None:
         self._closed = True
-        for streams in list(self._streams.values()):
-            for subscription in list(streams):
-                subscription.close("server_shutdown")
+        self._end_all("server_shutdown")
 
     async def stop(self) -> None:
         """Close every stream (they end with a final event) and the listening connection."""
