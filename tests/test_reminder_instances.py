@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -14,6 +15,9 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from service.database import Database
+from service.reminders.firing import fire_due
+from service.settings import Settings
 from tests.feed_helpers import FeedReader
 from tests.instances import Instance
 from tests.reliability_helpers import lock_waiter, wait_until
@@ -131,12 +135,10 @@ def test_a_reminder_claimed_by_a_worker_killed_before_its_commit_fires_once_late
     survivor: Instance | None = None
     holder = engine.connect()
     try:
-        # Hold the user's chain head: the worker claims the task (its row lock), then waits
-        # here to append the event, inside its transaction.
-        holder.execute(
-            sa.text("SELECT 1 FROM audit_chain_heads WHERE user_id = :u FOR UPDATE"),
-            {"u": user.user_id},
-        )
+        # Hold back every append (a SHARE lock on audit_events): the worker claims the task and
+        # its user's chain head (their row locks), then waits here to append the event, inside
+        # its transaction. (A held chain head would make it skip the task instead.)
+        holder.execute(sa.text("LOCK TABLE audit_events IN SHARE MODE"))
         doomed.wait_ready()
         waiting = wait_until(
             lambda: lock_waiter(engine, "%audit_chain_heads%"),
@@ -168,6 +170,49 @@ def test_a_reminder_claimed_by_a_worker_killed_before_its_commit_fires_once_late
         doomed.stop()
         if survivor is not None:
             survivor.stop()
+
+
+def test_a_user_in_the_middle_of_a_write_holds_up_no_other_users_reminders(
+    client: TestClient,
+    make_user: Callable[..., ApiUser],
+    database: Database,
+    settings: Settings,
+    engine: sa.Engine,
+) -> None:
+    busy, other = make_user(), make_user()
+    busy_task = create_task(client, busy, title="its user is busy", remind_at=at(-1))
+    other_task = create_task(client, other, title="its user is not", remind_at=at(-1))
+    # A slow write of `busy` (a tag renamed on thousands of tasks) holds its chain head.
+    holder = engine.connect()
+    holder.execute(
+        sa.text("SELECT 1 FROM audit_chain_heads WHERE user_id = :u FOR UPDATE"),
+        {"u": busy.user_id},
+    )
+
+    def fire_all() -> None:
+        while fire_due(database, settings) == settings.reminder_batch_size:
+            pass
+
+    worker = threading.Thread(target=fire_all, daemon=True)
+    try:
+        worker.start()
+        wait_until(
+            lambda: not worker.is_alive() or lock_waiter(engine, "%audit_chain_heads%"),
+            "the batches to commit, or one of them to wait for the busy user's chain head",
+            timeout=60,
+        )
+        assert not worker.is_alive(), "a batch waited for the busy user's write"
+        assert len(fired_events(client, other, other_task["id"])) == 1
+        assert fired_events(client, busy, busy_task["id"]) == []
+    finally:
+        holder.rollback()
+        holder.close()
+        worker.join(timeout=60)
+    # The write over, the next poll fires it.
+    fire_all()
+    assert len(fired_events(client, busy, busy_task["id"])) == 1
+    for user in (busy, other):
+        assert verify(client, user)["ok"] is True
 
 
 def _backend_alive(engine: sa.Engine, pid: int) -> bool:

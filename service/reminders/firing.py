@@ -5,8 +5,10 @@ REMINDER_POLL_SECONDS, claims due reminders in batches of REMINDER_BATCH_SIZE an
 one transaction per batch:
 
 1. `SELECT ... FOR UPDATE SKIP LOCKED` takes the row locks of up to a batch of due, unfired
-   reminders (tasks not completed, `reminder_fired_for` not yet their `remind_at`). Rows that
-   another worker holds are skipped, so workers share the due reminders instead of queueing.
+   reminders (tasks not completed, `reminder_fired_for` not yet their `remind_at`) and of
+   their users' chain heads. Rows that another worker or a write holds are skipped, so
+   workers share the due reminders instead of queueing, and a user in the middle of a write
+   waits for the next poll instead of holding up the batch.
 2. For each, a `reminder.fired` audit event is appended to the user's chain and the task is
    marked fired for that `remind_at` (the same transaction).
 3. The commit releases the locks. A reminder is fired iff that commit happened: a worker that
@@ -81,8 +83,7 @@ def fire_due(db: Database, settings: Settings) -> int:
     grace = timedelta(seconds=settings.reminder_grace_seconds)
     with db.unit_of_work() as session:
         claims = queries.claim_due(session, settings.reminder_batch_size, grace)
-        # In user order: two workers append to the chains of their batches in the same order,
-        # so neither can hold one user's chain head while waiting for the other's.
+        # The claim holds every chain head the batch appends to: nothing here waits.
         for claim in sorted(claims, key=lambda c: (c.user_id, c.task_id)):
             fire(session, ctx, claim)
     return len(claims)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.orm import Session
 
+from audit.models import HEADS
 from service import paging
 from service.tasks.models import REMINDER_UNFIRED, TASKS
 
@@ -35,16 +36,20 @@ class Claim:
 _UNFIRED = text(f"({REMINDER_UNFIRED})")
 # Oldest first; rows another worker holds are skipped, not waited for. Whoever holds a row
 # holds it to its commit: a worker that dies rolls back, and the row is free again.
+# The user's chain head is claimed with the task: a reminder whose user is in the middle of a
+# write (or of another worker's batch) waits for the next poll, instead of the whole batch,
+# every other user's reminders in it included, waiting at that user's append.
 _CLAIM = (
     select(
         TASKS.c.id,
         TASKS.c.user_id,
         (func.now() - TASKS.c.remind_at > bindparam("grace")).label("late"),
     )
+    .select_from(TASKS.join(HEADS, HEADS.c.user_id == TASKS.c.user_id))
     .where(TASKS.c.remind_at <= func.now(), _UNFIRED)
     .order_by(TASKS.c.remind_at, TASKS.c.id)
     .limit(bindparam("batch"))
-    .with_for_update(of=TASKS, skip_locked=True)
+    .with_for_update(of=[TASKS, HEADS], skip_locked=True)
 )
 # Not `updated_at` nor `version`: a reminder firing is not an edit of the task.
 _MARK_FIRED = (
@@ -52,7 +57,8 @@ _MARK_FIRED = (
     .where(TASKS.c.id == bindparam("task_id"), TASKS.c.user_id == bindparam("owner"))
     .values(
         reminder_fired_for=TASKS.c.remind_at,
-        reminder_fired_at=func.now(),
+        # When it fired, not when its batch began.
+        reminder_fired_at=func.clock_timestamp(),
         reminder_late=bindparam("late"),
     )
 )
