@@ -78,8 +78,16 @@ def clean_message(message: str) -> str:
     return message
 
 
-def _field_errors(exc: RequestValidationError) -> list[dict[str, str]]:
-    out = []
+# A request can hold thousands of wrong values (a 64 KiB query string of `priority=`): the
+# client is told about the first ones, in a body that stays small, and counting them all
+# stays linear.
+MAX_FIELD_ERRORS = 50
+
+
+def _field_errors(exc: RequestValidationError) -> tuple[list[dict[str, str]], int]:
+    """The first MAX_FIELD_ERRORS distinct errors, and how many distinct ones there were."""
+    out: list[dict[str, str]] = []
+    seen: set[tuple[str, str]] = set()
     for err in exc.errors():
         loc = tuple(err.get("loc", ()))
         # Messages only: pydantic's `input` may echo secrets or huge values back.
@@ -90,11 +98,14 @@ def _field_errors(exc: RequestValidationError) -> list[dict[str, str]]:
             # beyond a short repeated key (service.jsonbody).
             if reason := (err.get("ctx") or {}).get("error"):
                 message = f"{message}: {reason}"
-        error = {"field": field_path(loc), "message": message}
+        key = (field_path(loc), message)
         # A parameter read by both a route and its dependency is checked twice, the same way.
-        if error not in out:
-            out.append(error)
-    return out
+        if key in seen:
+            continue
+        seen.add(key)
+        if len(out) < MAX_FIELD_ERRORS:
+            out.append({"field": key[0], "message": key[1]})
+    return out, len(seen)
 
 
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
@@ -107,10 +118,15 @@ async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = _field_errors(exc)
+    errors, count = _field_errors(exc)
     if any(e["message"].startswith("JSON decode error") for e in errors):
         return problem(400, BODY_NOT_JSON, errors=errors)
-    return problem(400, "The request is not valid.", errors=errors)
+    more = (
+        f" {count} values are wrong; the first {len(errors)} are listed."
+        if count > len(errors)
+        else ""
+    )
+    return problem(400, f"The request is not valid.{more}", errors=errors)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

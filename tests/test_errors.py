@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database, build_engine
-from service.errors import every_route
+from service.errors import MAX_FIELD_ERRORS, every_route
 from service.settings import Settings
 from tests.feed_helpers import wait_listening
 from tests.reliability_helpers import write_past_the_statement_timeout
@@ -318,6 +318,30 @@ def test_validation_errors_list_fields_and_do_not_echo_input(
     body = assert_validation_error(resp, "body.title", "body.description", "body.extra")
     assert body["detail"]
     assert_no_leak(resp, marker)
+
+
+def test_thousands_of_wrong_values_get_the_first_ones_and_their_count(
+    client: TestClient, user: ApiUser
+) -> None:
+    # 64 KiB of `priority=`, on an invalid user id: no token is checked for such a request.
+    wrong = 6_400
+    query = "&".join(["priority="] * wrong)
+    resp = client.get(f"/api/{'a' * 129}/tasks?{query}")
+    assert resp.status_code == 400, resp.text
+    body = resp.json()
+    fields = [e["field"] for e in body["errors"]]
+    assert fields[0] == "path.user_id"
+    assert fields[1:] == [f"query.priority.{n}" for n in range(MAX_FIELD_ERRORS - 1)]
+    assert body["detail"] == (
+        f"The request is not valid. {wrong + 1} values are wrong; "
+        f"the first {MAX_FIELD_ERRORS} are listed."
+    )
+    # Thousands of unknown keys in a body, the same way.
+    many_keys = {"title": "x", **{f"k{n}": 0 for n in range(5_000)}}
+    resp = client.post(user.url(), json=many_keys, headers=user.headers)
+    body = assert_validation_error(resp, *(f"body.k{n}" for n in range(MAX_FIELD_ERRORS)))
+    assert len(body["errors"]) == MAX_FIELD_ERRORS
+    assert "5000 values are wrong" in body["detail"]
 
 
 def test_malformed_json_is_400_problem(client: TestClient, user: ApiUser) -> None:
