@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from service.exceptions import InvalidInput
@@ -44,7 +44,11 @@ def aware_time(value: Any) -> datetime:
     moment = datetime.fromisoformat(value) if isinstance(value, str) else None
     if moment is None or moment.tzinfo is None:
         raise ValueError("not a time with a zone")
-    return moment
+    try:
+        # What the database compares it as; past year 9999 (or before year 1) there is none.
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range once converted to UTC") from None
 
 
 def item_id(value: Any) -> int:

@@ -4,6 +4,8 @@ firing after downtime, and recurrence. Several instances: tests/test_reminder_in
 
 from __future__ import annotations
 
+import base64
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -323,7 +325,11 @@ def test_paging_pending_reminders_skips_none_when_one_leaves_the_list(
         seen += [r["task_id"] for r in page.json()]
         next_url = link_url(page, "next")
     assert seen == ids[1:]
-    for bad in ({"after": "nope"}, {"after": "nope", "offset": 1}):
+    # The cursor is base64url JSON; one edited to a time past year 9999 once in UTC, too.
+    past_9999 = base64.urlsafe_b64encode(
+        json.dumps(["reminders", "9999-12-31T23:59:59-23:59", 1]).encode()
+    ).decode()
+    for bad in ({"after": "nope"}, {"after": "nope", "offset": 1}, {"after": past_9999}):
         assert_validation_error(http.get(url, params=bad, headers=user.headers), "query.after")
 
 

@@ -364,6 +364,15 @@ def _cursor(*values: Any) -> str:
         {"after": _cursor("tasks", "created_at", "desc", "2026-01-01T00:00:00Z", 0)},
         {"after": _cursor("tasks", "created_at", "desc", "2026-01-01T00:00:00Z", "1")},
         {"after": "x" * 2049},
+        # Edited by hand: text no title holds, a time past year 9999 once in UTC.
+        {"sort": "title", "order": "asc", "after": _cursor("tasks", "title", "asc", "a\x00", 1)},
+        {"sort": "title", "order": "asc", "after": _cursor("tasks", "title", "asc", "\ud800", 1)},
+        {"after": _cursor("tasks", "created_at", "desc", "9999-12-31T23:59:59-23:59", 1)},
+        {
+            "sort": "due_at",
+            "order": "asc",
+            "after": _cursor("tasks", "due_at", "asc", "0001-01-01T00:00+01:00", 1),
+        },
     ],
 )
 def test_a_bad_after_is_400(client: TestClient, user: ApiUser, params: dict[str, Any]) -> None:

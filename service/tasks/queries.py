@@ -42,6 +42,7 @@ from service.sqltypes import utcnow
 from service.tags.models import Tag, TaskTag
 from service.tags.queries import holding_tag_lock, tag_ids_named
 from service.tasks.models import TASKS, TaskCreate, TaskPublic, TaskRecord
+from service.text import control_error
 from service.users import USERS
 
 TAGS = Tag.__table__  # type: ignore[attr-defined]
@@ -106,7 +107,9 @@ def encode_after(task: TaskRecord, sort: SortField, order: SortOrder) -> str:
 
 def _parse_value(value: Any, sort: SortField) -> Any:
     if sort is SortField.title:
-        if isinstance(value, str) and value:
+        # Text a title may hold (a NUL or a lone surrogate would fail in the driver).
+        if isinstance(value, str) and value and control_error(value) is None:
+            value.encode()  # UnicodeEncodeError, a ValueError, for a lone surrogate
             return value
     elif sort is SortField.priority:
         if isinstance(value, str) and value in Priority.__members__:
