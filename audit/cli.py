@@ -98,7 +98,15 @@ def _snapshot(settings: Settings) -> Iterator[Connection]:
         with db.sessionmaker() as session:
             conn = snapshot(session)
             # An export waits on its reader between batches (`| less`): not a frozen client.
-            conn.execute(text("SET LOCAL idle_in_transaction_session_timeout = 0"))
+            # And reading every chain takes longer than a request may: neither bound applies
+            # (DB_*_TIMEOUT_MS's startup option, or the role's behind a pooler), as for
+            # migrations; set_config's `true` keeps it to this transaction.
+            conn.execute(
+                text(
+                    "SELECT set_config('statement_timeout', '0', true), "
+                    "set_config('idle_in_transaction_session_timeout', '0', true)"
+                )
+            )
             yield conn
             session.rollback()
     finally:

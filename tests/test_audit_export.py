@@ -340,3 +340,18 @@ def test_an_export_waiting_on_its_reader_is_not_ended_as_a_frozen_client(
         first = conn.execute(text("SELECT count(*) FROM audit_events")).scalar_one()
         time.sleep(1.0)  # the reader is slow: five times the idle bound
         assert conn.execute(text("SELECT count(*) FROM audit_events")).scalar_one() == first
+
+
+def test_verify_and_export_read_their_snapshot_without_a_statement_timeout(
+    settings: Settings,
+) -> None:
+    """A whole database's chains take longer than a request's bound (DB_STATEMENT_TIMEOUT_MS,
+    or the role's statement_timeout behind a pooler): the snapshot lifts it, as migrations do."""
+    from sqlalchemy import text
+
+    from audit.cli import _snapshot
+
+    quick = settings.model_copy(update={"db_statement_timeout_ms": 10})
+    with _snapshot(quick) as conn:
+        assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "0"
+        conn.execute(text("SELECT pg_sleep(0.1)"))  # ten times the bound
