@@ -85,6 +85,14 @@ def check_requests_connect(settings: Settings) -> None:
         database.dispose()
 
 
+# How long a worker process may take to answer uvicorn's supervisor, which pings each one
+# every half second and kills one that does not answer in time. A new worker answers only
+# once it has imported this package, about 2 s on an idle 2-core machine and 3-5 s on a busy
+# one: at uvicorn's default of 5 s, workers starting on a loaded machine were killed, and
+# their replacements too, over and over.
+WORKER_HEALTHCHECK_SECONDS = 30
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
@@ -125,6 +133,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         # SIGTERM: in-flight requests get this long, then the app's shutdown runs (spans are
         # flushed, the pool closed). The drain before it is service.lifecycle's.
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_seconds)),
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
     )
     return 0
 

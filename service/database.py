@@ -98,6 +98,11 @@ def refused_startup_parameter(exc: DBAPIError) -> bool:
     return bool(_STARTUP_PARAMETER.search(str(exc.orig).strip().splitlines()[0]))
 
 
+# Where a cancelling statement_timeout comes from: this service's startup option, or, behind
+# a transaction pooler (which refuses it), the role's or the database's own setting.
+_TIMEOUT_SOURCES = "DB_STATEMENT_TIMEOUT_MS, or the statement_timeout set on the role or database"
+
+
 def failure_message(exc: DBAPIError) -> str:
     """For the command line: a server that could not be reached, one that refused the
     connection, or one that answered with an error (a statement cancelled at
@@ -112,7 +117,7 @@ def failure_message(exc: DBAPIError) -> str:
     if code is None:
         return f"the database is unreachable: {reason}"
     if code == QUERY_CANCELED:
-        return f"the database cancelled a statement: {reason} (DB_STATEMENT_TIMEOUT_MS)"
+        return f"the database cancelled a statement: {reason} ({_TIMEOUT_SOURCES})"
     if code in _NOT_MIGRATED:
         # The first line: the rest is the statement and a caret under the missing name.
         return f"the database is not migrated ({reason.splitlines()[0]}): run `todo-api migrate`"

@@ -559,7 +559,7 @@ def test_a_cancelled_statement_is_not_called_unreachable(
     [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
     assert line == (
         "todo-api: the database cancelled a statement: canceling statement due to statement "
-        "timeout (DB_STATEMENT_TIMEOUT_MS)"
+        "timeout (DB_STATEMENT_TIMEOUT_MS, or the statement_timeout set on the role or database)"
     )
 
 

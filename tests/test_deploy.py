@@ -267,3 +267,29 @@ def test_sigterm_drains_then_stops_within_the_timeout(served: ServeProcess) -> N
     assert code in (0, -15)  # uvicorn re-raises the SIGTERM it handled
     lines = [json.loads(line) for line in served.log.read_text().splitlines() if line.strip()]
     assert any(line["message"] == "draining before shutdown" for line in lines)
+
+
+def test_workers_slow_to_start_are_not_killed_as_hung(database_url: str, tmp_path: Path) -> None:
+    """On a busy machine a new worker takes seconds to import the app before it can answer
+    uvicorn's supervisor: it is waited for, not killed and replaced over and over."""
+    import os
+
+    slow = tmp_path / "slow-start"
+    slow.mkdir()
+    # Each worker (a spawned process) starts 8 s late, before it can answer any ping.
+    (slow / "sitecustomize.py").write_text(
+        "import sys, time\nif '--multiprocessing-fork' in sys.argv:\n    time.sleep(8)\n"
+    )
+    path = os.pathsep.join(p for p in (str(slow), os.environ.get("PYTHONPATH")) if p)
+    server = ServeProcess(
+        tmp_path,
+        {"DATABASE_URL": database_url, "BETTER_AUTH_SECRET": TEST_SECRET, "PYTHONPATH": path},
+        workers=2,
+    )
+    try:
+        server.start(timeout=60)
+        assert server.stop() == 0
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "died" not in log, log[-3000:]
