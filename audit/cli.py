@@ -85,6 +85,9 @@ def aware_datetime(text: str) -> datetime:
 
 
 def user_id_arg(text: str) -> str:
+    """A user whose stored data is read: any id the database can hold, not only those the API
+    serves now (`service.text`), so that a user created under an older rule can still be read,
+    verified and exported."""
     if not 1 <= len(text) <= USER_ID_MAX or "\x00" in text:
         raise argparse.ArgumentTypeError(f"a user id is 1 to {USER_ID_MAX} characters")
     return text

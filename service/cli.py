@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from audit.cli import EXIT_DATABASE, EXIT_USAGE, UsageError
+from audit.cli import EXIT_DATABASE, EXIT_USAGE, UsageError, user_id_arg
 from audit.cli import register as register_audit
 from service.database import (
     Database,
@@ -25,10 +25,10 @@ from service.database import (
     refused_startup_parameter,
     safe_url,
 )
-from service.limits import USER_ID_MAX
 from service.settings import AppEnv, ConfigError, Settings, get_settings
 from service.tasks import queries
 from service.tasks.queries import StatusFilter
+from service.text import USER_ID_RULE, is_user_id
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -207,8 +207,9 @@ def _int_between(low: int, high: int) -> Callable[[str], int]:
 
 
 def _user_id(text: str) -> str:
-    if not text.strip() or len(text) > USER_ID_MAX:
-        raise argparse.ArgumentTypeError(f"a user id is 1 to {USER_ID_MAX} characters")
+    """The id a token is made for: one the API would serve (`service.text`)."""
+    if not is_user_id(text):
+        raise argparse.ArgumentTypeError(USER_ID_RULE)
     return text
 
 
@@ -239,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     task_cmd = sub.add_parser("tasks", help="read a user's tasks (operators)")
     task_sub = task_cmd.add_subparsers(dest="tasks_command", required=True)
     listing = task_sub.add_parser("list", help="print a user's tasks as JSON lines")
-    listing.add_argument("user_id", type=_user_id)
+    listing.add_argument("user_id", type=user_id_arg)  # what is stored, as `audit --user`
     listing.add_argument("--status", choices=[s.value for s in StatusFilter], default="all")
     listing.add_argument("--q", help="case-insensitive search in title and description")
     listing.add_argument("--limit", type=_int_between(1, 500), default=100, metavar="1-500")

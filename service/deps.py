@@ -27,6 +27,7 @@ from service.limits import USER_ID_MAX
 from service.middleware import COMMIT_UNCERTAIN
 from service.ratelimit import Category, RateLimiter, category_for
 from service.settings import Settings
+from service.text import USER_ID_PATTERN
 from service.users import UserProvisioner
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,9 @@ UserIdPath = Annotated[
     Path(
         min_length=1,
         max_length=USER_ID_MAX,
-        # No control characters: PostgreSQL cannot store NUL, and no real id has any.
-        pattern=r"^[^\x00-\x1f\x7f]+$",
+        # As a token's `sub` must be (service.text): no control characters (PostgreSQL
+        # cannot store NUL, and no real id has any), not whitespace alone.
+        pattern=USER_ID_PATTERN,
         description="The signed-in user's id",
     ),
 ]

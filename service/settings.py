@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from service.limits import USER_ID_MAX
+from service.text import USER_ID_PATTERN
 
 DEV_SECRET_FILE = Path(".todo-api-dev-secret")
 
@@ -178,7 +179,7 @@ class Settings(BaseSettings):
         default="system:reminders",
         min_length=1,
         max_length=USER_ID_MAX,
-        pattern=r"^[^\x00-\x1f\x7f]+$",
+        pattern=USER_ID_PATTERN,
     )
 
     # Observability

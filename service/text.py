@@ -1,5 +1,5 @@
 """Which characters the text a client sends may hold: one definition for titles,
-descriptions, tag names, the search text and the token's name and email.
+descriptions, tag names, the search text, the token's name and email, and user ids.
 
 Control characters (Unicode category Cc: C0, DEL and C1) are never stored: no one types them,
 and they rewrite terminals, logs and exports (`ESC [2J`, a bare carriage return). A multi-line
@@ -14,6 +14,9 @@ visible text they are kept as sent (they join emoji and order right-to-left word
 from __future__ import annotations
 
 import re
+from typing import TypeGuard
+
+from service.limits import USER_ID_MAX
 
 # Unicode's control characters (category Cc): C0, DEL, C1.
 CONTROLS = r"\x00-\x1f\x7f-\x9f"
@@ -38,7 +41,16 @@ MULTI_LINE_PATTERN = rf"^[^{CONTROLS_BUT_LINE_BREAKS}]*$"
 # ... and a single-line one, not blank.
 NOT_BLANK_LINE_PATTERN = rf"^[^{CONTROLS}]*[^{CONTROLS}{WHITESPACE}{INVISIBLE}][^{CONTROLS}]*$"
 
+# A user id: the token's `sub`, the `{user_id}` of a path, REMINDER_ACTOR_ID and what `dev-token`
+# signs. One line, not whitespace alone (str.strip() leaves something), no control character,
+# at most USER_ID_MAX characters (checked beside the pattern, as `max_length` in OpenAPI).
+USER_ID_PATTERN = rf"^[^{CONTROLS}]*[^{CONTROLS}{WHITESPACE}][^{CONTROLS}]*$"
+USER_ID_RULE = (
+    f"a user id is 1 to {USER_ID_MAX} characters, not whitespace alone, without control characters"
+)
+
 _CONTROL = re.compile(f"[{CONTROLS}]")
+_USER_ID = re.compile(USER_ID_PATTERN)
 _CONTROL_BUT_LINE_BREAKS = re.compile(f"[{CONTROLS_BUT_LINE_BREAKS}]")
 _VISIBLE = re.compile(f"[^{WHITESPACE}{INVISIBLE}]")
 
@@ -56,6 +68,15 @@ def control_error(value: str, *, multi_line: bool = False) -> str | None:
         return None
     rule = MULTI_LINE_RULE if multi_line else SINGLE_LINE_RULE
     return f"{rule} (found U+{ord(found.group()):04X})"
+
+
+def is_user_id(value: object) -> TypeGuard[str]:
+    """Whether `value` is a user id the API can serve (USER_ID_PATTERN, USER_ID_MAX)."""
+    return (
+        isinstance(value, str)
+        and len(value) <= USER_ID_MAX
+        and _USER_ID.fullmatch(value) is not None
+    )
 
 
 def is_blank(value: str) -> bool:

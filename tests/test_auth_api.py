@@ -198,6 +198,8 @@ AUTH_CASES: dict[str, Callable[[Ctx], str | None]] = {
     ),
     "missing-exp": lambda c: "Bearer " + c.key.sign(c.claims(exp=None)),
     "missing-sub": lambda c: "Bearer " + c.key.sign(c.claims(sub=None)),
+    # No `{user_id}` can hold a control character (a 403 for the URL's user before).
+    "control-character-in-sub": lambda c: "Bearer " + c.key.sign(c.claims(sub=c.user_id + "\x85")),
     "alg-none": lambda c: "Bearer " + unsigned_token({"alg": "none", "typ": "JWT"}, c.claims()),
     "hs256-signed-with-public-key": lambda c: (
         "Bearer "
@@ -215,6 +217,9 @@ AUTH_CASES: dict[str, Callable[[Ctx], str | None]] = {
     ),
     "hs256-missing-exp": lambda c: "Bearer " + sign_hs256({"sub": c.user_id}, TEST_SECRET),
     "hs256-missing-sub": lambda c: "Bearer " + sign_hs256({"exp": _now() + 300}, TEST_SECRET),
+    "hs256-control-character-in-sub": lambda c: (
+        "Bearer " + sign_hs256({"sub": c.user_id + "\x85", "exp": _now() + 300}, TEST_SECRET)
+    ),
 }
 
 

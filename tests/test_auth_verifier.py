@@ -417,6 +417,9 @@ CLAIM_CASES: list[Any] = [
     pytest.param({"sub": "x" * 300}, "invalid subject", id="huge-sub"),
     # Longer than any {user_id} a path may hold: a token no route could serve.
     pytest.param({"sub": "x" * 129}, "invalid subject", id="sub-longer-than-a-path-id"),
+    # Control characters (Unicode Cc, C1 too), which no `{user_id}` may hold either.
+    pytest.param({"sub": "a\x00b"}, "invalid subject", id="nul-in-sub"),
+    pytest.param({"sub": "dave\x85"}, "invalid subject", id="c1-control-in-sub"),
     pytest.param({"exp": str(_now() + 600)}, "invalid expiry", id="string-exp"),
     pytest.param({"exp": "soon"}, "malformed token", id="garbage-exp"),
     pytest.param({"iss": "http://evil.example"}, "invalid issuer", id="wrong-iss"),

@@ -570,6 +570,8 @@ def test_a_cancelled_statement_is_not_called_unreachable(
         (("serve", "--workers", "0"), "0 is not between 1 and 256"),
         (("dev-token", "alice", "--ttl", "0"), "0 is not between 1 and"),
         (("dev-token", ""), "a user id is 1 to"),
+        (("dev-token", "dave\x85"), "a user id is 1 to"),
+        (("dev-token", "a\x1b[2J"), "a user id is 1 to"),
         (("tasks", "list", "alice", "--limit", "0"), "0 is not between 1 and 500"),
         (("tasks", "list", "alice", "--limit", "ten"), "'ten' is not a whole number"),
     ],

@@ -285,7 +285,7 @@ def test_largest_valid_id_is_a_plain_404(client: TestClient, user: ApiUser) -> N
     assert_problem(client.get(user.url(f"/{2**63 - 1}"), headers=user.headers), 404)
 
 
-@pytest.mark.parametrize("user_id", ["a%00b", "x" * 129, "tab%09id"])
+@pytest.mark.parametrize("user_id", ["a%00b", "x" * 129, "tab%09id", "nel%C2%85", "csi%C2%9B"])
 def test_bad_user_ids_in_the_path_are_4xx(client: TestClient, user: ApiUser, user_id: str) -> None:
     resp = client.get(f"/api/{user_id}/tasks", headers=user.headers)
     assert resp.status_code in (400, 403, 404)
@@ -296,8 +296,15 @@ def test_bad_user_ids_in_the_path_are_4xx(client: TestClient, user: ApiUser, use
 
 
 def test_control_characters_in_a_signed_subject_are_400(client: TestClient) -> None:
-    """Even a validly signed token cannot smuggle NUL into the users table (a 500 before)."""
-    for subject, path in (("a\x00b", "a%00b"), ("a\nb", "a%0Ab")):
+    """Even a validly signed token cannot smuggle NUL into the users table (a 500 before),
+    nor a C1 control (U+0085, NEL: a 200 that made the user's row before)."""
+    cases = (
+        ("a\x00b", "a%00b"),
+        ("a\nb", "a%0Ab"),
+        ("a\x7fb", "a%7Fb"),
+        ("dave\x85", "dave%C2%85"),
+    )
+    for subject, path in cases:
         token = create_dev_token(TEST_SECRET, subject)
         resp = client.get(f"/api/{path}/tasks", headers={"Authorization": f"Bearer {token}"})
         assert_validation_error(resp, "path.user_id")

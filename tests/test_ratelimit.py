@@ -60,16 +60,66 @@ def test_expensive_operations_have_a_stricter_limit(
     settings: Settings, database: Database, user: ApiUser
 ) -> None:
     with _client(settings, database, rate_limit_expensive="2/minute") as client:
-        created = client.post(user.url(), json={"title": "t"}, headers=user.headers)
+        created = client.post(user.url(), json={"title": "t", "tags": ["a"]}, headers=user.headers)
         task_id = created.json()["id"]
+        [tag] = client.get(f"/api/{user.user_id}/tags", headers=user.headers).json()
+        tag_url = f"/api/{user.user_id}/tags/{tag['id']}"
         verify = f"/api/{user.user_id}/audit-events/verify"
         history = user.url(f"/{task_id}/history")
         assert client.get(verify, headers=user.headers).status_code == 200
         assert client.get(history, headers=user.headers).status_code == 200
         _assert_rate_limited(client.get(verify, headers=user.headers), "expensive", 2, 60)
         _assert_rate_limited(client.get(history, headers=user.headers), "expensive", 2, 60)
-        # Plain reads are not expensive.
+        # A tag's rename and delete write one audit event per task carrying it.
+        renamed = client.patch(tag_url, json={"name": "b"}, headers=user.headers)
+        _assert_rate_limited(renamed, "expensive", 2, 60)
+        _assert_rate_limited(client.delete(tag_url, headers=user.headers), "expensive", 2, 60)
+        # Plain reads and writes are not expensive.
         assert client.get(user.url(), headers=user.headers).status_code == 200
+        assert client.get(tag_url, headers=user.headers).json()["name"] == "a"
+        assert client.post(user.url(), json={"title": "t"}, headers=user.headers).status_code == 201
+
+
+def test_renaming_or_deleting_a_tag_counts_against_the_expensive_limit_not_the_write_one(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    """One rename or delete records a `task.updated` event for every task carrying the tag
+    (thousands of permanent rows for a tag on thousands of tasks): not one plain write."""
+    tags = f"/api/{user.user_id}/tags"
+    limits = {"rate_limit_expensive": "2/minute", "rate_limit_write": "6/minute"}
+    with _client(settings, database, **limits) as client:
+        for name in ("a", "b", "c"):
+            assert client.post(tags, json={"name": name}, headers=user.headers).status_code == 201
+        created = client.post(
+            user.url(), json={"title": "t", "tags": ["a", "b", "c"]}, headers=user.headers
+        )
+        assert created.status_code == 201
+        ids = {t["name"]: t["id"] for t in client.get(tags, headers=user.headers).json()}
+        # A change of case only, and a delete: both expensive, whatever they end up changing.
+        renamed = client.patch(f"{tags}/{ids['a']}", json={"name": "A"}, headers=user.headers)
+        assert renamed.status_code == 200, renamed.text
+        assert renamed.headers["RateLimit-Policy"] == '"expensive";q=2;w=60'
+        assert renamed.headers["RateLimit"].startswith('"expensive";r=1;t=')
+        deleted = client.delete(f"{tags}/{ids['b']}", headers=user.headers)
+        assert deleted.status_code == 204
+        assert deleted.headers["RateLimit"].startswith('"expensive";r=0;t=')
+        refused = client.patch(f"{tags}/{ids['c']}", json={"name": "d"}, headers=user.headers)
+        _assert_rate_limited(refused, "expensive", 2, 60)
+        _assert_rate_limited(
+            client.delete(f"{tags}/{ids['c']}", headers=user.headers), "expensive", 2, 60
+        )
+        # Neither refused request changed anything.
+        assert client.get(f"{tags}/{ids['c']}", headers=user.headers).json()["name"] == "c"
+        task = client.get(user.url(f"/{created.json()['id']}"), headers=user.headers).json()
+        assert sorted(task["tags"]) == ["A", "c"]
+        # The write budget is untouched by them: 4 of 6 spent, 2 left.
+        for remaining in (1, 0):
+            written = client.post(user.url(), json={"title": "t"}, headers=user.headers)
+            assert written.status_code == 201
+            assert written.headers["RateLimit"].startswith(f'"write";r={remaining};t=')
+        _assert_rate_limited(
+            client.post(user.url(), json={"title": "t"}, headers=user.headers), "write", 6, 60
+        )
 
 
 def test_unauthenticated_requests_are_limited_per_client_ip(

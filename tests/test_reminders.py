@@ -372,6 +372,7 @@ def _utc(text: str) -> datetime:
     [
         {"REMINDER_ACTOR_ID": ""},
         {"REMINDER_ACTOR_ID": "system\nreminders"},
+        {"REMINDER_ACTOR_ID": "system\x85reminders"},
         {"REMINDER_ACTOR_ID": "x" * 129},
         {"REMINDER_BATCH_SIZE": "0"},
         {"REMINDER_BATCH_SIZE": "501"},

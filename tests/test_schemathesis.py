@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from schemathesis import APIOperation, Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -35,10 +35,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from service.deps import UserIdPath
 from service.tags.models import TagCreate
 from service.tags.rules import TAG_NAME_MAX, TAGS_PER_TASK_MAX
 from service.tasks.models import TITLE_PATTERN, TaskCreate
-from service.text import MULTI_LINE_PATTERN, NOT_BLANK_LINE_PATTERN
+from service.text import MULTI_LINE_PATTERN, NOT_BLANK_LINE_PATTERN, is_user_id
 from tests.support import ApiUser, create_task
 
 CHECKS = [
@@ -202,6 +203,27 @@ def test_documented_tag_name_pattern_matches_the_validator(text: str) -> None:
     except ValidationError:
         accepted = False
     assert (re.fullmatch(NOT_BLANK_LINE_PATTERN, text) is not None) == accepted, repr(text)
+
+
+_USER_ID_PATH = TypeAdapter(UserIdPath)
+
+
+@given(
+    text=st.one_of(
+        st.text(alphabet=st.characters(codec="utf-8"), max_size=12),
+        st.sampled_from(["dave\x85", "a\x9b", " ", "\u3000", "x" * 128, "x" * 129]),
+    )
+)
+@settings(max_examples=400, deadline=None, database=None)
+def test_the_path_user_id_is_what_a_token_subject_may_be(text: str) -> None:
+    """`{user_id}` (its OpenAPI pattern, validated by pydantic) and a token's `sub` (checked
+    by the verifier) follow one definition, C1 controls included (service.text)."""
+    try:
+        _USER_ID_PATH.validate_python(text)
+        accepted = True
+    except ValidationError:
+        accepted = False
+    assert accepted == is_user_id(text), repr(text)
 
 
 def _accepted(**body: str) -> bool:

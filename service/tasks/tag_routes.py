@@ -1,19 +1,21 @@
 """The tag endpoints. Thin: rules in `service.tags`, and the task side of a rename or delete
 (one audit event per task) in `service.tasks.rules`. Here, in the task package, because
-renaming or deleting a tag changes tasks; `service.tags` knows nothing of tasks."""
+renaming or deleting a tag changes tasks; `service.tags` knows nothing of tasks. A rename or
+delete costs in proportion to the tag's tasks, so it counts against `RATE_LIMIT_EXPENSIVE`."""
 
 from __future__ import annotations
 
 import logging
 from typing import Annotated, Any
 
-from fastapi import Path, Request, Response, status
+from fastapi import Depends, Path, Request, Response, status
 from pydantic import TypeAdapter
 
 from audit.deps import AuditCtx
 from service.database import on_commit
 from service.deps import CurrentUser, SessionDep, UnitOfWorkRoute, UserIdPath
 from service.openapi import error_responses, with_headers
+from service.ratelimit import expensive_operation
 from service.responses import json_response, url_for
 from service.routing import Router
 from service.tags import queries
@@ -86,6 +88,8 @@ def get_tag(user: CurrentUser, session: SessionDep, tag_id: TagIdPath) -> Any:
     response_model=TagPublic,
     responses=error_responses(400, 401, 403, 404, 409, 413, 415),
     summary="Rename a tag (every task carrying it records the change in its history)",
+    # One audit event per task carrying the tag: counted as expensive, whatever it changes.
+    dependencies=[Depends(expensive_operation)],
 )
 def rename_tag(
     user: CurrentUser, ctx: AuditCtx, session: SessionDep, tag_id: TagIdPath, body: TagUpdate
@@ -101,6 +105,7 @@ def rename_tag(
     response_class=Response,
     responses=error_responses(400, 401, 403, 404),
     summary="Delete a tag (removed from every task, each recording the change)",
+    dependencies=[Depends(expensive_operation)],
 )
 def delete_tag(user: CurrentUser, ctx: AuditCtx, session: SessionDep, tag_id: TagIdPath) -> None:
     events = rules.delete_tag(session, ctx, user.user_id, tag_id)
