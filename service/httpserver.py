@@ -10,6 +10,9 @@ timeout only closes an idle connection after a response, until its first byte ar
 - **Size.** The bytes of a head (request line, headers, the blank line) are counted as they
   arrive, and the parser is never given more than `MAX_REQUEST_HEAD_BYTES` of one head: one
   byte more, and the answer is 431 and the connection is closed, without reading further.
+  (A head that begins inside the read that ended the request before it, as a pipelined one
+  may, is counted from the next read and measured whole once parsed: the parser holds at most
+  that one read more of it.)
 - **Time.** A head must be complete within `REQUEST_HEAD_TIMEOUT_SECONDS` of the connection
   opening, or of the previous response on a kept-alive connection (while a request is being
   answered, none is awaited). Otherwise the connection is closed, with a 408 if part of the

@@ -20,6 +20,7 @@ from tests.support import TEST_SECRET
 
 MAX_HEAD = 64 * 1024  # MAX_REQUEST_HEAD_BYTES, its default
 HEAD_TIMEOUT = 3  # REQUEST_HEAD_TIMEOUT_SECONDS (shorter than the default, for the tests)
+HUGE_HEADER = 32 * 1024 * 1024
 # Long enough for any close the server owes us; a server that never closes fails the test.
 PATIENCE = 30
 
@@ -108,17 +109,16 @@ def test_a_huge_header_stops_being_read(server: ServeProcess) -> None:
     is done: sending fails (reset by the server) or the answer is there. (Unbounded, 40 MB
     took the server a second of CPU and 200 MB two minutes, with every other client waiting.)"""
     chunk = b"b" * 65536
-    HUGE = 32 * 1024 * 1024
     sent = 0
     with Connection(server) as conn:
         conn.send(b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Big: ")
         try:
-            while sent < HUGE and not conn.readable():
+            while sent < HUGE_HEADER and not conn.readable():
                 conn.send(chunk)
                 sent += len(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        assert sent < HUGE
+        assert sent < HUGE_HEADER
         try:
             status, _, _ = conn.response()
         except ConnectionResetError:
