@@ -63,7 +63,10 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("thread-pool hand-offs (sync endpoint + deps)", ("anyio/", "threading.py", "queue.py")),
     ("FastAPI: routing, dependencies", ("fastapi/",)),
     ("Starlette: middleware, request/response", ("starlette/",)),
-    ("uvicorn + asyncio: HTTP, event loop", ("uvicorn/", "httptools/", "asyncio/")),
+    (
+        "uvicorn + asyncio: HTTP, event loop",
+        ("uvicorn/", "httptools/", "asyncio/", "service/httpserver.py"),
+    ),
     ("project code (service/, audit/, observability/)", PROJECT),
 )
 

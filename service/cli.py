@@ -118,11 +118,16 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "Get a token with:  .venv/bin/todo-api dev-token <user-id>",
             file=sys.stderr,
         )
+    from service.httpserver import BoundedHttpToolsProtocol
+
     uvicorn.run(
         "service.app:app",
         host=args.host,
         port=args.port,
         workers=args.workers,
+        # httptools, with MAX_REQUEST_HEAD_BYTES and REQUEST_HEAD_TIMEOUT_SECONDS (each worker
+        # process imports the class by name and reads them from the environment).
+        http=BoundedHttpToolsProtocol,
         # Client addresses from X-Forwarded-For are trusted only per TRUSTED_PROXIES.
         proxy_headers=False,
         server_header=False,

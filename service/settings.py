@@ -129,6 +129,18 @@ class Settings(BaseSettings):
     # None: the Next.js dev server's origins in development, none otherwise.
     cors_origins: Annotated[list[str] | None, NoDecode] = None
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=10 * 1024 * 1024)
+    # The request line and headers of one request, under `todo-api serve` (service.httpserver):
+    # past it, 431. Real heads are a few KB (the largest part, a Better Auth JWT, is a few KB);
+    # 64 KiB is what an AWS load balancer admits and 4 times the 16 KiB of Node and h11, so no
+    # head a browser or a proxy in front lets through is refused, while the parser never holds
+    # more than this of one head (unbounded, a 120 MB header stalled every request for seconds).
+    max_request_head_bytes: int = Field(default=64 * 1024, ge=8 * 1024, le=1024 * 1024)
+    # A head must be complete this long after the connection opened or the previous response,
+    # else the connection is closed (408). A head is a packet or two: 20 s covers a phone on
+    # a bad network, as Apache's mod_reqtimeout (20 s); a client that opens connections and
+    # never finishes a head holds each for no longer. An idle kept-alive connection closes
+    # sooner, at uvicorn's keep-alive timeout (5 s).
+    request_head_timeout_seconds: float = Field(default=20.0, ge=1, le=300)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Rate limits (`limits` notation: "120/minute", "10/second"), counted in Redis when

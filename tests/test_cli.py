@@ -324,6 +324,7 @@ BAD_OTEL_VALUES = [
         pytest.param({"REDIS_URL": "redis://127.0.0.1:notaport/15"}, "REDIS_URL", id="redis-port"),
         # Refused by the settings themselves, like DATABASE_URL=sqlite://...
         pytest.param({"JWT_LEEWAY_SECONDS": "600"}, "JWT_LEEWAY_SECONDS", id="settings-bound"),
+        pytest.param({"MAX_REQUEST_HEAD_BYTES": "1024"}, "MAX_REQUEST_HEAD_BYTES", id="head-bound"),
         pytest.param({"REDIS_URL": "http://127.0.0.1:6379"}, "REDIS_URL", id="settings-check"),
         *BAD_OTEL_VALUES,
     ],

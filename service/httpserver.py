@@ -1,0 +1,223 @@
+"""The HTTP/1.1 protocol `todo-api serve` runs: uvicorn's httptools protocol, with a bound on
+the size of a request head and a time limit for it.
+
+Uvicorn's httptools protocol (the fast one, picked when httptools is installed) reads a request
+head of any size, and its parser joins a long header value piece by piece, at a cost that grows
+faster than the value: one client sending a 120 MB header held up every other request for
+seconds. Nor does anything close a connection whose head never ends (uvicorn's keep-alive
+timeout only closes an idle connection after a response, until its first byte arrives). Here:
+
+- **Size.** The bytes of a head (request line, headers, the blank line) are counted as they
+  arrive, and the parser is never given more than `MAX_REQUEST_HEAD_BYTES` of one head: one
+  byte more, and the answer is 431 and the connection is closed, without reading further.
+  (A head that begins inside the read that ended the request before it, as a pipelined one
+  may, is counted from the next read and measured whole once parsed: the parser holds at most
+  that one read more of it.)
+- **Time.** A head must be complete within `REQUEST_HEAD_TIMEOUT_SECONDS` of the connection
+  opening, or of the previous response on a kept-alive connection (while a request is being
+  answered, none is awaited). Otherwise the connection is closed, with a 408 if part of the
+  head had come.
+
+Everything else (keep-alive, pipelining, bodies, upgrades) is uvicorn's, unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from service.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+# The head of a request plus its final blank line, at the least: method SP target SP
+# HTTP/1.1 CRLF, then name ":" value CRLF for each header, then CRLF.
+_REQUEST_LINE_OVERHEAD = len(b"  HTTP/1.1\r\n") + len(b"\r\n")
+_HEADER_OVERHEAD = len(b":\r\n")
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """`uvicorn.run(http=BoundedHttpToolsProtocol)`: one instance per connection."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        settings = get_settings()
+        self.max_head_bytes = settings.max_request_head_bytes
+        self.head_timeout = settings.request_head_timeout_seconds
+        # A head is awaited from the connection's start and after each message's end, until
+        # the parser has all of it.
+        self._in_head = True
+        self._head_bytes = 0  # of the awaited head, counted as they arrive
+        # False when the head began inside the read that ended the message before it (a
+        # pipelined request): its first bytes were not counted, and it is measured whole
+        # once parsed.
+        self._head_counted = True
+        self._head_started = False  # a byte of it has come
+        self._heads_parsed = 0
+        self._message_ended_in_read = False
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False
+
+    # Reading -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            # Answered 431 once the responses before it are out: nothing more is read.
+            self.flow.pause_reading()
+            return
+        self._message_ended_in_read = False
+        if not self._in_head:
+            super().data_received(data)
+            return
+        room = self.max_head_bytes - self._head_bytes
+        if len(data) <= room:
+            self._head_bytes += len(data)
+            super().data_received(data)
+            return
+        # More than the head may still take: give the parser only that much. If it does not
+        # end the head, the head is too large; if it does, the rest is the body or the next
+        # request, read as such.
+        heads_parsed = self._heads_parsed
+        self._head_bytes += room
+        super().data_received(data[:room])
+        if self.transport.is_closing() or self.transport.get_protocol() is not self:
+            return  # refused as invalid, or upgraded (uvicorn drops what follows the head)
+        if self._heads_parsed == heads_parsed:
+            self._refuse_head()
+        else:
+            self.data_received(data[room:])
+
+    # Parser callbacks ----------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._refused:
+            return
+        self._head_started = True
+        # Begun after the previous message ended in this same read: not counted from its start.
+        self._head_counted = not self._message_ended_in_read
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._stop_head_timer()
+        self._in_head = False
+        self._heads_parsed += 1
+        if not self._head_counted and self._parsed_head_size() > self.max_head_bytes:
+            self._refuse_head()
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if self._refused:
+            return  # the refused request's: not the request before it's
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._message_ended_in_read = True
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_counted = True
+        self._head_started = False
+        super().on_message_complete()
+        self._await_head()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if self._refused:
+            if not self._answering():
+                self._send_and_close(431, "Request header fields too large")
+        else:
+            self._await_head()
+
+    # The head's size and time --------------------------------------------------------------
+
+    def _parsed_head_size(self) -> int:
+        """The fewest bytes the head just parsed can have taken."""
+        size = len(self.parser.get_method()) + len(self.url) + _REQUEST_LINE_OVERHEAD
+        for name, value in self.headers:
+            size += len(name) + len(value) + _HEADER_OVERHEAD
+        return size
+
+    def _answering(self) -> bool:
+        """A request is being answered, or waits its turn (pipelined)."""
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+    def _refuse_head(self) -> None:
+        self._refused = True
+        self._stop_head_timer()
+        self.flow.pause_reading()
+        log.warning(
+            "request head over %d bytes (MAX_REQUEST_HEAD_BYTES) from %s: 431",
+            self.max_head_bytes,
+            "{}:{}".format(*self.client) if self.client else "?",
+        )
+        # Responses go out in the order of the requests: after those before it.
+        if not self._answering():
+            self._send_and_close(431, "Request header fields too large")
+
+    def _await_head(self) -> None:
+        """Start the head's clock, when a head is awaited and no request is being answered."""
+        if (
+            self._head_timer is None
+            and self._in_head
+            and not self._refused
+            and not self._answering()
+            and not self.transport.is_closing()
+        ):
+            self._head_timer = self.loop.call_later(self.head_timeout, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_started:
+            self._send_and_close(408, "Request head not received in time")
+        else:
+            self.transport.close()  # nothing came: nobody to answer
+
+    def _send_and_close(self, status: int, message: str) -> None:
+        """A plain-text answer outside any request (as uvicorn's own 400), then close."""
+        body = message.encode("ascii")
+        content = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.extend(
+            [
+                b"content-type: text/plain; charset=utf-8\r\n",
+                b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                b"connection: close\r\n",
+                b"\r\n",
+                body,
+            ]
+        )
+        self.transport.write(b"".join(content))
+        self.transport.close()

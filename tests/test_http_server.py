@@ -1,0 +1,238 @@
+"""The request head under `todo-api serve` (service.httpserver): a bound on its size, a time
+limit for it, and ordinary HTTP/1.1 unchanged (keep-alive, pipelining, bodies).
+
+Raw sockets against a real `todo-api serve --workers 2` process: the bound and the timer live
+in the HTTP protocol that uvicorn runs in each worker, under the app.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import time
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import pytest
+
+from tests.serve_helpers import ServeProcess
+from tests.support import TEST_SECRET
+
+MAX_HEAD = 64 * 1024  # MAX_REQUEST_HEAD_BYTES, its default
+HEAD_TIMEOUT = 3  # REQUEST_HEAD_TIMEOUT_SECONDS (shorter than the default, for the tests)
+HUGE_HEADER = 32 * 1024 * 1024
+# Long enough for any close the server owes us; a server that never closes fails the test.
+PATIENCE = 30
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Iterator[ServeProcess]:
+    env = {
+        "DATABASE_URL": database_url,
+        "BETTER_AUTH_SECRET": TEST_SECRET,
+        "MAX_REQUEST_HEAD_BYTES": str(MAX_HEAD),
+        "REQUEST_HEAD_TIMEOUT_SECONDS": str(HEAD_TIMEOUT),
+    }
+    process = ServeProcess(tmp_path_factory.mktemp("serve"), env, workers=2).start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+class Connection:
+    """One client connection: raw bytes out, responses read one after the other."""
+
+    def __init__(self, server: ServeProcess) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", server.port), timeout=PATIENCE)
+        self.file: BinaryIO = self.sock.makefile("rb")
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        status_line = self.file.readline()
+        assert status_line.startswith(b"HTTP/1.1 "), status_line[:200]
+        headers: dict[str, str] = {}
+        while (line := self.file.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = self.file.read(int(headers.get("content-length", "0")))
+        return int(status_line.split()[1]), headers, body
+
+    def closed_by_server(self) -> bool:
+        """True once the server has closed (EOF); a server that keeps it open fails here."""
+        return self.file.read() == b""
+
+    def readable(self) -> bool:
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+
+def get(path: str = "/healthz", *headers: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: test", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def head_of_size(size: int, *, end: bool = True, method: str = "GET") -> bytes:
+    """A request head of exactly `size` bytes (with its blank line when `end`), padded by one
+    header, `X-Pad`."""
+    start = f"{method} /healthz HTTP/1.1\r\nHost: test\r\nX-Pad: ".encode()
+    tail = b"\r\n\r\n" if end else b""
+    return start + b"a" * (size - len(start) - len(tail)) + tail
+
+
+# Size --------------------------------------------------------------------------------------
+
+
+def test_a_head_one_byte_over_the_bound_is_refused_before_it_ends(server: ServeProcess) -> None:
+    """431 and a close as soon as the head passes the bound, without waiting for its end:
+    the client has sent MAX_HEAD + 1 bytes and nothing more."""
+    with Connection(server) as conn:
+        conn.send(head_of_size(MAX_HEAD + 1, end=False))
+        status, headers, body = conn.response()
+        assert status == 431
+        assert headers["connection"] == "close"
+        assert headers["content-type"].startswith("text/plain")
+        assert b"header" in body.lower()
+        assert conn.closed_by_server()
+
+
+def test_a_huge_header_stops_being_read(server: ServeProcess) -> None:
+    """A client streaming a 32 MB header gets its 431 and a closed connection long before it
+    is done: sending fails (reset by the server) or the answer is there. (Unbounded, 40 MB
+    took the server a second of CPU and 200 MB two minutes, with every other client waiting.)"""
+    chunk = b"b" * 65536
+    sent = 0
+    with Connection(server) as conn:
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Big: ")
+        try:
+            while sent < HUGE_HEADER and not conn.readable():
+                conn.send(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert sent < HUGE_HEADER
+        try:
+            status, _, _ = conn.response()
+        except ConnectionResetError:
+            return  # the server closed with our unread bytes in its buffer: a reset, no 431
+        assert status == 431
+
+
+def test_a_head_of_exactly_the_bound_is_served(server: ServeProcess) -> None:
+    with Connection(server) as conn:
+        conn.send(head_of_size(MAX_HEAD))
+        status, _, _ = conn.response()
+        assert status == 200
+
+
+def test_a_16_kb_header_is_served(server: ServeProcess) -> None:
+    """A large token or cookie is fine: the bound is far above real heads."""
+    with Connection(server) as conn:
+        conn.send(get("/healthz", "Cookie: session=" + "c" * 16 * 1024))
+        status, _, body = conn.response()
+        assert status == 200
+        assert b'"ok"' in body or b"version" in body
+
+
+def test_the_read_that_completes_a_head_may_carry_its_body(server: ServeProcess) -> None:
+    """Only the head counts: a head just under the bound arriving with its body in the same
+    packet is served (405: /healthz takes no POST), and the connection stays usable."""
+    body = b'"' + b"x" * 4094 + b'"'
+    head = head_of_size(MAX_HEAD - 100, end=False, method="POST")
+    fields = f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    with Connection(server) as conn:
+        conn.send(head + fields.encode() + body)
+        status, _, _ = conn.response()
+        assert status == 405
+        conn.send(get())
+        assert conn.response()[0] == 200
+
+
+# HTTP/1.1 as before ------------------------------------------------------------------------
+
+
+def test_a_keep_alive_connection_serves_several_requests(server: ServeProcess) -> None:
+    with Connection(server) as conn:
+        for _ in range(3):
+            conn.send(get())
+            status, headers, _ = conn.response()
+            assert status == 200
+            assert headers.get("connection") != "close"
+
+
+def test_pipelined_requests_are_answered_in_order(server: ServeProcess) -> None:
+    ids = [f"pipelined-{n}" for n in range(3)]
+    with Connection(server) as conn:
+        conn.send(b"".join(get("/healthz", f"X-Request-ID: {rid}") for rid in ids))
+        for rid in ids:
+            status, headers, _ = conn.response()
+            assert status == 200
+            assert headers["x-request-id"] == rid
+
+
+def test_a_pipelined_head_over_the_bound_is_refused_after_the_answers_before_it(
+    server: ServeProcess,
+) -> None:
+    """The oversized head starts inside the same packet as the request before it (where it
+    cannot be counted from its first byte): that request is answered, then 431 and a close."""
+    with Connection(server) as conn:
+        conn.send(get("/healthz", "X-Request-ID: first") + head_of_size(MAX_HEAD + 1000))
+        status, headers, _ = conn.response()
+        assert (status, headers["x-request-id"]) == (200, "first")
+        assert conn.response()[0] == 431
+        assert conn.closed_by_server()
+
+
+# Time --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("after_a_response", [False, True])
+def test_a_head_that_stalls_is_closed(server: ServeProcess, after_a_response: bool) -> None:
+    """Part of a head, then nothing: 408 and a close after REQUEST_HEAD_TIMEOUT_SECONDS, on a
+    new connection as on a kept-alive one."""
+    with Connection(server) as conn:
+        if after_a_response:
+            conn.send(get())
+            assert conn.response()[0] == 200
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
+        status, headers, _ = conn.response()
+        assert status == 408
+        assert headers["connection"] == "close"
+        assert conn.closed_by_server()
+
+
+def test_a_connection_that_sends_nothing_is_closed(server: ServeProcess) -> None:
+    with Connection(server) as conn:
+        assert conn.closed_by_server()
+
+
+def test_a_head_dribbled_a_line_at_a_time_is_closed(server: ServeProcess) -> None:
+    """Each line arriving in time does not extend the limit: it is for the whole head."""
+    with Connection(server) as conn:
+        conn.send(b"GET /healthz HTTP/1.1\r\n")
+        deadline = time.monotonic() + PATIENCE
+        line = 0
+        while not conn.readable() and time.monotonic() < deadline:
+            conn.send(f"X-Line-{line}: {line}\r\n".encode())
+            line += 1
+            time.sleep(0.25)
+        assert conn.response()[0] == 408
+        assert conn.closed_by_server()
+
+
+def test_a_slow_but_steady_head_within_the_limit_is_served(server: ServeProcess) -> None:
+    """A head that arrives in pieces over a second (the limit is 3 s) is served."""
+    pieces = [b"GET /healthz HTTP/1.1\r\n", b"Host: test\r\n", b"X-Slow: 1\r\n", b"\r\n"]
+    with Connection(server) as conn:
+        for piece in pieces:
+            conn.send(piece)
+            time.sleep(0.3)
+        assert conn.response()[0] == 200
