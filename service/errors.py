@@ -79,15 +79,16 @@ def clean_message(message: str) -> str:
 
 
 # A request can hold thousands of wrong values (a 64 KiB query string of `priority=`): the
-# client is told about the first ones, in a body that stays small, and counting them all
+# client is told about at most this many, in a body that stays small, and counting them all
 # stays linear.
 MAX_FIELD_ERRORS = 50
 
 
 def _field_errors(exc: RequestValidationError) -> tuple[list[dict[str, str]], int]:
-    """The first MAX_FIELD_ERRORS distinct errors, and how many distinct ones there were."""
-    out: list[dict[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+    """At most MAX_FIELD_ERRORS distinct errors, in the order found, and how many distinct
+    ones there were. Each wrong field is listed before a second error of any field (the 30th
+    wrong `priority` must not hide a wrong `limit`); items of a list count as their field."""
+    found: dict[tuple[str, str], tuple[int | str, ...]] = {}
     for err in exc.errors():
         loc = tuple(err.get("loc", ()))
         # Messages only: pydantic's `input` may echo secrets or huge values back.
@@ -98,14 +99,22 @@ def _field_errors(exc: RequestValidationError) -> tuple[list[dict[str, str]], in
             # beyond a short repeated key (service.jsonbody).
             if reason := (err.get("ctx") or {}).get("error"):
                 message = f"{message}: {reason}"
-        key = (field_path(loc), message)
         # A parameter read by both a route and its dependency is checked twice, the same way.
-        if key in seen:
-            continue
-        seen.add(key)
-        if len(out) < MAX_FIELD_ERRORS:
-            out.append({"field": key[0], "message": key[1]})
-    return out, len(seen)
+        found.setdefault((field_path(loc), message), loc)
+    firsts: list[tuple[str, str]] = []
+    fields: set[tuple[int | str, ...]] = set()
+    for key, loc in found.items():
+        field = loc[:2]  # ("query", "priority"), whatever the index after it
+        if field not in fields:
+            fields.add(field)
+            firsts.append(key)
+    chosen = set(firsts[:MAX_FIELD_ERRORS])
+    for key in found:
+        if len(chosen) >= MAX_FIELD_ERRORS:
+            break
+        chosen.add(key)
+    listed = [{"field": key[0], "message": key[1]} for key in found if key in chosen]
+    return listed, len(found)
 
 
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
@@ -122,7 +131,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     if any(e["message"].startswith("JSON decode error") for e in errors):
         return problem(400, BODY_NOT_JSON, errors=errors)
     more = (
-        f" {count} values are wrong; the first {len(errors)} are listed."
+        f" {count} problems were found; {len(errors)} are listed, each wrong field first."
         if count > len(errors)
         else ""
     )

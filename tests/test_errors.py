@@ -340,15 +340,22 @@ def test_thousands_of_wrong_values_get_the_first_ones_and_their_count(
     assert fields[0] == "path.user_id"
     assert fields[1:] == [f"query.priority.{n}" for n in range(MAX_FIELD_ERRORS - 1)]
     assert body["detail"] == (
-        f"The request is not valid. {wrong + 1} values are wrong; "
-        f"the first {MAX_FIELD_ERRORS} are listed."
+        f"The request is not valid. {wrong + 1} problems were found; "
+        f"{MAX_FIELD_ERRORS} are listed, each wrong field first."
     )
+    # Many wrong values of one field do not hide the one wrong value of another.
+    query = "&".join(["priority=urgentish"] * 120) + "&limit=0&offset=-1&sort=zz"
+    resp = client.get(user.url(f"?{query}"), headers=user.headers)
+    body = assert_validation_error(
+        resp, "query.priority.0", "query.limit", "query.offset", "query.sort"
+    )
+    assert len(body["errors"]) == MAX_FIELD_ERRORS
     # Thousands of unknown keys in a body, the same way.
     many_keys = {"title": "x", **{f"k{n}": 0 for n in range(5_000)}}
     resp = client.post(user.url(), json=many_keys, headers=user.headers)
     body = assert_validation_error(resp, *(f"body.k{n}" for n in range(MAX_FIELD_ERRORS)))
     assert len(body["errors"]) == MAX_FIELD_ERRORS
-    assert "5000 values are wrong" in body["detail"]
+    assert "5000 problems were found" in body["detail"]
 
 
 def test_malformed_json_is_400_problem(client: TestClient, user: ApiUser) -> None:
