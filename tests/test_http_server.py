@@ -126,6 +126,40 @@ def test_a_huge_header_stops_being_read(server: ServeProcess) -> None:
         assert status == 431
 
 
+def test_a_huge_trailer_stops_being_read(server: ServeProcess) -> None:
+    """A chunked body's trailers are headers too, parsed the same way: a client streaming a
+    32 MB trailer has its connection closed long before it is done (unbounded, a 120 MB one
+    stalled the worker's other requests for seconds). The answer to the request itself (405:
+    /healthz takes no POST) comes first; reading goes on after it, to the message's end."""
+    chunk = b"b" * 65536
+    sent = 0
+    with Connection(server) as conn:
+        conn.send(
+            b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Trailer: "
+        )
+        try:
+            while sent < HUGE_HEADER:
+                conn.send(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert sent < HUGE_HEADER
+
+
+def test_a_chunked_body_with_a_trailer_is_read_to_its_end(server: ServeProcess) -> None:
+    with Connection(server) as conn:
+        conn.send(
+            b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Trailer: " + b"t" * 8192 + b"\r\n\r\n"
+        )
+        assert conn.response()[0] == 405
+        conn.send(get())  # the same connection, after the whole message was read
+        assert conn.response()[0] == 200
+
+
 def test_a_head_of_exactly_the_bound_is_served(server: ServeProcess) -> None:
     with Connection(server) as conn:
         conn.send(head_of_size(MAX_HEAD))
