@@ -5,6 +5,7 @@ The exceptions themselves live in `service.exceptions`, free of any web framewor
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
@@ -85,8 +86,8 @@ MAX_FIELD_ERRORS = 50
 
 
 def _field_errors(exc: RequestValidationError) -> tuple[list[dict[str, str]], int]:
-    """At most MAX_FIELD_ERRORS distinct errors, in the order found, and how many distinct
-    ones there were. Each wrong field is listed before a second error of any field (the 30th
+    """At most MAX_FIELD_ERRORS distinct errors, and how many distinct ones there were: the
+    first error of each wrong field, then the others, each part in the order found (the 30th
     wrong `priority` must not hide a wrong `limit`); items of a list count as their field."""
     found: dict[tuple[str, str], tuple[int | str, ...]] = {}
     for err in exc.errors():
@@ -108,13 +109,12 @@ def _field_errors(exc: RequestValidationError) -> tuple[list[dict[str, str]], in
         if field not in fields:
             fields.add(field)
             firsts.append(key)
-    chosen = set(firsts[:MAX_FIELD_ERRORS])
-    for key in found:
-        if len(chosen) >= MAX_FIELD_ERRORS:
-            break
-        chosen.add(key)
-    listed = [{"field": key[0], "message": key[1]} for key in found if key in chosen]
-    return listed, len(found)
+    chosen = firsts[:MAX_FIELD_ERRORS]
+    if len(chosen) < MAX_FIELD_ERRORS:
+        first = set(firsts)
+        rest = (key for key in found if key not in first)
+        chosen += itertools.islice(rest, MAX_FIELD_ERRORS - len(chosen))
+    return [{"field": field, "message": message} for field, message in chosen], len(found)
 
 
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
@@ -131,7 +131,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     if any(e["message"].startswith("JSON decode error") for e in errors):
         return problem(400, BODY_NOT_JSON, errors=errors)
     more = (
-        f" {count} problems were found; {len(errors)} are listed, each wrong field first."
+        f" {count} problems were found; {len(errors)} are listed, one for each wrong field first."
         if count > len(errors)
         else ""
     )
