@@ -13,11 +13,13 @@ timeout only closes an idle connection after a response, until its first byte ar
   (A head that begins inside the read that ended the request before it, as a pipelined one
   may, is counted from the next read and measured whole once parsed: the parser holds at most
   that one read more of it.)
-- **The rest of a message.** After its head, a request's body with its chunk framing and its
-  trailers (a chunked body's final headers, which the parser joins as it joins a head's) may
-  take at most 8 x `MAX_BODY_BYTES` + `MAX_REQUEST_HEAD_BYTES` (the app refuses a body over
-  `MAX_BODY_BYTES` with 413; one-byte chunks take 6 bytes each): past that, the connection is
-  closed without reading further.
+- **A chunked body.** Its chunks' framing and its trailers (the headers after the last
+  chunk, which the parser joins as it joins a head's) come with it: such a body may take at
+  most 16 x `MAX_BODY_BYTES` + `MAX_REQUEST_HEAD_BYTES` (the app refuses a body over
+  `MAX_BODY_BYTES` with 413; a one-byte chunk takes 6 bytes, 10 with a short extension); past
+  that, the connection is closed without reading further. A body of a declared length is
+  parsed at a constant cost per byte: one past the app's limit is read and dropped after its
+  413, as uvicorn does, so the connection stays usable.
 - **Time.** A head must be complete within `REQUEST_HEAD_TIMEOUT_SECONDS` of the connection
   opening, or of the previous response on a kept-alive connection (while a request is being
   answered, none is awaited). Otherwise the connection is closed, with a 408 if part of the
@@ -59,7 +61,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         settings = get_settings()
         self.max_head_bytes = settings.max_request_head_bytes
-        self.max_rest_bytes = 8 * settings.max_body_bytes + settings.max_request_head_bytes
+        self.max_chunked_bytes = 16 * settings.max_body_bytes + settings.max_request_head_bytes
         self.head_timeout = settings.request_head_timeout_seconds
         # A head is awaited from the connection's start and after each message's end, until
         # the parser has all of it.
@@ -72,6 +74,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_started = False  # a byte of it has come
         self._heads_parsed = 0
         self._message_ended_in_read = False
+        self._chunked = False  # the message being read has a chunked body
         self._rest_bytes = 0  # of the message after its head, counted as they arrive
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
@@ -94,8 +97,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._message_ended_in_read = False
         if not self._in_head:
             self._rest_bytes += len(data)
-            if self._rest_bytes > self.max_rest_bytes:
-                self._refuse_rest()
+            if self._chunked and self._rest_bytes > self.max_chunked_bytes:
+                self._refuse_chunked_body()
                 return
             super().data_received(data)
             return
@@ -136,6 +139,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self._head_counted and self._parsed_head_size() > self.max_head_bytes:
             self._refuse_head()
             return
+        self._chunked = any(
+            name == b"transfer-encoding" and b"chunked" in value.lower()
+            for name, value in self.headers
+        )
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -150,6 +157,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._rest_bytes = 0
+        self._chunked = False
         self._head_counted = True
         self._head_started = False
         super().on_message_complete()
@@ -191,14 +199,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self._answering():
             self._send_and_close(431, "Request header fields too large")
 
-    def _refuse_rest(self) -> None:
-        """A body (or trailers) far past what the app takes: stop reading, and close (an
-        answer already sent, a 413, stays sent; one being made is cut short)."""
+    def _refuse_chunked_body(self) -> None:
+        """A chunked body (or its trailers) far past what the app takes: stop reading, and
+        close (an answer already sent, a 413, stays sent; one being made is cut short)."""
         self._refused = True
         self._stop_head_timer()
         log.warning(
-            "request body, framing and trailers over %d bytes from %s: connection closed",
-            self.max_rest_bytes,
+            "chunked request body with its framing and trailers over %d bytes from %s: "
+            "connection closed",
+            self.max_chunked_bytes,
             "{}:{}".format(*self.client) if self.client else "?",
         )
         self.transport.close()

@@ -160,6 +160,41 @@ def test_a_chunked_body_with_a_trailer_is_read_to_its_end(server: ServeProcess) 
         assert conn.response()[0] == 200
 
 
+def test_after_a_413_for_a_large_declared_body_the_connection_is_reused(
+    server: ServeProcess,
+) -> None:
+    """A body of a declared length past the app's limit gets its 413 at once; the rest is read
+    and dropped, and the connection (kept alive, as the 413 says) serves the next request."""
+    size = 1_000_000
+    with Connection(server) as conn:
+        conn.send(
+            f"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\n\r\n".encode()
+        )
+        conn.send(b" " * size)
+        status, headers, _ = conn.response()
+        assert status == 413
+        assert headers.get("connection") != "close"
+        conn.send(get())
+        assert conn.response()[0] == 200
+
+
+def test_a_chunked_body_at_the_limit_in_one_byte_chunks_is_read_to_its_end(
+    server: ServeProcess,
+) -> None:
+    """64 KiB (the app's limit) in one-byte chunks with an extension each, 10 bytes a chunk:
+    framing, not abuse."""
+    chunks = b"1;a=b\r\nx\r\n" * (64 * 1024) + b"0\r\n\r\n"
+    with Connection(server) as conn:
+        conn.send(
+            b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + chunks
+        )
+        assert conn.response()[0] == 405
+        conn.send(get())
+        assert conn.response()[0] == 200
+
+
 def test_a_head_of_exactly_the_bound_is_served(server: ServeProcess) -> None:
     with Connection(server) as conn:
         conn.send(head_of_size(MAX_HEAD))
