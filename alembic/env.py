@@ -15,7 +15,7 @@ import service.tasks.idempotency
 import service.tasks.models
 import service.users  # noqa: F401  (registers the users table)
 from alembic import context
-from service.database import build_engine
+from service.database import UNTIMED_TRANSACTION, build_engine
 from service.settings import get_settings
 from service.tasks.models import include_object
 
@@ -26,24 +26,15 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 target_metadata = SQLModel.metadata
 
 
-# Migrations run with no statement timeout, whoever set it: an index build on a large table
-# may run longer than a request should; nor with the idle-in-transaction one that comes with
-# it (the Python between two migrations is not a frozen client). Local to the transaction
-# (set_config's `true`, as SET LOCAL), it overrides DB_STATEMENT_TIMEOUT_MS's startup option
-# and what a role or database sets (how they are kept behind a transaction pooler, see
-# README), and it ends with its transaction, so a pooler's server connection carries none of
-# it to its next client (a session-level SET would).
-NO_STATEMENT_TIMEOUT = (
-    "SELECT set_config('statement_timeout', '0', true), "
-    "set_config('idle_in_transaction_session_timeout', '0', true)"
-)
-
-
 def _open_untimed_transaction(dbapi_connection: Any, _record: Any) -> None:
     """First on each new connection, before SQLAlchemy's own queries (the server's version,
-    hstore's type): they then run in the transaction psycopg2 opens here, untimed."""
+    hstore's type): they then run in the transaction psycopg2 opens here, untimed.
+
+    Migrations run with no statement timeout, whoever set it: an index build on a large table
+    may run longer than a request should; nor with the idle-in-transaction one (the Python
+    between two migrations is not a frozen client)."""
     with dbapi_connection.cursor() as cursor:
-        cursor.execute(NO_STATEMENT_TIMEOUT)
+        cursor.execute(UNTIMED_TRANSACTION)
 
 
 def _end_untimed_transaction(dbapi_connection: Any, _record: Any) -> None:
@@ -58,7 +49,7 @@ def _migrate(connection: Connection) -> None:
     # One transaction for every migration: through a transaction pooler (Neon's -pooler host)
     # it stays on one server connection, so migrating through the pooler works.
     with context.begin_transaction():
-        context.execute(NO_STATEMENT_TIMEOUT)
+        context.execute(UNTIMED_TRANSACTION)
         context.run_migrations()
 
 

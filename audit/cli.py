@@ -38,7 +38,7 @@ from audit.checkpoint import (
 from audit.schemas import round_up_to_microsecond
 from audit.signing import KeyFormatError, PublicKey, key_ring, parse_public_keys
 from audit.verify import Anchor, snapshot, verify_all, verify_chain
-from service.database import Database
+from service.database import UNTIMED_TRANSACTION, Database
 from service.limits import USER_ID_MAX
 from service.settings import Settings
 from service.users import USERS
@@ -100,16 +100,9 @@ def _snapshot(settings: Settings) -> Iterator[Connection]:
     try:
         with db.sessionmaker() as session:
             conn = snapshot(session)
-            # An export waits on its reader between batches (`| less`): not a frozen client.
-            # And reading every chain takes longer than a request may: neither bound applies
-            # (DB_*_TIMEOUT_MS's startup option, or the role's behind a pooler), as for
-            # migrations; set_config's `true` keeps it to this transaction.
-            conn.execute(
-                text(
-                    "SELECT set_config('statement_timeout', '0', true), "
-                    "set_config('idle_in_transaction_session_timeout', '0', true)"
-                )
-            )
+            # Reading every chain takes longer than a request may, and an export waits on its
+            # reader between batches (`| less`): not a frozen client. Neither bound applies.
+            conn.execute(text(UNTIMED_TRANSACTION))
             yield conn
             session.rollback()
     finally:

@@ -68,6 +68,17 @@ def connect_args(settings: Settings) -> dict[str, Any]:
     return args
 
 
+# For work that may rightly run longer than a request (migrations, `audit verify`/`export`):
+# neither timeout for the current transaction, whoever set it (the startup option above, or
+# the role or database behind a pooler). Local to the transaction (set_config's `true`, as
+# SET LOCAL), it ends with it, so a pooler's server connection carries none of it to its
+# next client (a session-level SET would).
+UNTIMED_TRANSACTION = (
+    "SELECT set_config('statement_timeout', '0', true), "
+    "set_config('idle_in_transaction_session_timeout', '0', true)"
+)
+
+
 # undefined_table, undefined_column: the schema is older than the code.
 _NOT_MIGRATED = frozenset({"42P01", "42703"})
 # query_canceled: at DB_STATEMENT_TIMEOUT_MS (or an administrator's pg_cancel_backend).

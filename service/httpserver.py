@@ -182,6 +182,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             size += len(name) + len(value) + _HEADER_OVERHEAD
         return size
 
+    def _peer(self) -> str:
+        return "{}:{}".format(*self.client) if self.client else "?"
+
     def _answering(self) -> bool:
         """A request is being answered, or waits its turn (pipelined)."""
         return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
@@ -193,7 +196,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         log.warning(
             "request head over %d bytes (MAX_REQUEST_HEAD_BYTES) from %s: 431",
             self.max_head_bytes,
-            "{}:{}".format(*self.client) if self.client else "?",
+            self._peer(),
         )
         # Responses go out in the order of the requests: after those before it.
         if not self._answering():
@@ -208,7 +211,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             "chunked request body with its framing and trailers over %d bytes from %s: "
             "connection closed",
             self.max_chunked_bytes,
-            "{}:{}".format(*self.client) if self.client else "?",
+            self._peer(),
         )
         self.transport.close()
 
