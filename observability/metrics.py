@@ -23,7 +23,12 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 from sqlalchemy.pool import QueuePool
 
-from observability.otel_env import check_otel_environment, metric_reader_options, sdk_disabled
+from observability.otel_env import (
+    check_otel_environment,
+    check_otlp_protocol,
+    metric_reader_options,
+    sdk_disabled,
+)
 from service.settings import ConfigError, Settings
 
 log = logging.getLogger("observability.metrics")
@@ -139,18 +144,8 @@ def observe_pool(engine: Engine) -> None:
     _pools.add(engine)
 
 
-def _check_otlp_protocol() -> None:
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
-    if protocol != "http/protobuf":
-        raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported for metrics")
-
-
 def _otlp_reader() -> MetricReader:
-    _check_otlp_protocol()
+    check_otlp_protocol("METRICS")
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
     # The exporter reads the endpoint, headers and timeout variables itself; the interval and
@@ -171,7 +166,7 @@ def metric_exporter_names() -> list[str]:
             continue
         if name != "otlp":
             raise ConfigError(f"OTEL_METRICS_EXPORTER must be otlp, prometheus or none: {name!r}")
-        _check_otlp_protocol()
+        check_otlp_protocol("METRICS")
         chosen.append(name)
     return chosen
 

@@ -73,6 +73,22 @@ def value(name: str) -> str | None:
     return raw.strip() if raw else None
 
 
+def check_otlp_protocol(signal: str) -> None:
+    """OTLP over HTTP/protobuf, the one protocol exported here; the signal's own variable
+    (`OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`, `..._METRICS_...`) wins over the general one, as in
+    the SDK, and the refusal names the variable that was set."""
+    for name in (f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = value(name)
+        if protocol is None:
+            continue
+        if protocol != "http/protobuf":
+            raise ConfigError(
+                f"{name}={protocol} is not supported: this service exports OTLP over "
+                "HTTP/protobuf (Jaeger and collectors listen for it on port 4318)"
+            )
+        return
+
+
 def sdk_disabled() -> bool:
     """`OTEL_SDK_DISABLED=true`: no tracing, no metrics. Anything but true or false is refused
     (the SDK would take it for false)."""

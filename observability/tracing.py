@@ -39,6 +39,7 @@ from observability.logging import first_line, format_exception, holds_database_e
 from observability.otel_env import (
     batch_span_options,
     check_otel_environment,
+    check_otlp_protocol,
     sampler_from_env,
     sdk_disabled,
 )
@@ -107,21 +108,8 @@ def build_resource(settings: Settings) -> Resource:
     )
 
 
-def _check_otlp_protocol() -> None:
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
-        or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
-        or "http/protobuf"
-    ).strip()
-    if protocol != "http/protobuf":
-        raise ConfigError(
-            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol} is not supported: this service exports "
-            "OTLP over HTTP/protobuf (Jaeger and collectors listen for it on port 4318)"
-        )
-
-
 def _otlp_exporter() -> SpanExporter:
-    _check_otlp_protocol()
+    check_otlp_protocol("TRACES")
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
     # The exporter reads the endpoint, headers, timeout and compression variables itself.
@@ -144,7 +132,7 @@ def span_exporter_names() -> list[str]:
         if name not in ("otlp", "console"):
             raise ConfigError(f"OTEL_TRACES_EXPORTER must be otlp, console or none, not {name!r}")
         if name == "otlp":
-            _check_otlp_protocol()
+            check_otlp_protocol("TRACES")
         chosen.append(name)
     return chosen
 

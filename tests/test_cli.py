@@ -318,6 +318,16 @@ BAD_OTEL_VALUES = [
             "OTEL_EXPORTER_OTLP_PROTOCOL",
             id="otlp-grpc",
         ),
+        pytest.param(
+            {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": OTLP},
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=grpc",
+            id="otlp-traces-grpc",
+        ),
+        pytest.param(
+            {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "grpc"},
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL=grpc",
+            id="otlp-metrics-grpc",
+        ),
         pytest.param({"OTEL_TRACES_EXPORTER": "jaeger"}, "OTEL_TRACES_EXPORTER", id="jaeger"),
         pytest.param({"OTEL_METRICS_EXPORTER": "statsd"}, "OTEL_METRICS_EXPORTER", id="statsd"),
         pytest.param({"AUDIT_SIGNING_KEY": "garbage"}, "signing key", id="audit-key"),
