@@ -45,6 +45,24 @@ class PreconditionFailed(DomainError):
     kind = ProblemType.precondition_failed
 
 
+class NotAcceptable(DomainError):
+    kind = ProblemType.not_acceptable
+
+
+# The change feed's: a stream is long-lived, so its client waits longer before it tries again.
+_FEED_RETRY_AFTER = {"Retry-After": "10"}
+
+
+class TooManyStreams(DomainError):
+    kind = ProblemType.rate_limited
+    headers = _FEED_RETRY_AFTER
+
+
+class FeedUnavailable(DomainError):
+    kind = ProblemType.unavailable
+    headers = _FEED_RETRY_AFTER
+
+
 class AuthError(Exception):
     """The token is not acceptable (401). The message is safe to show to the client."""
 

@@ -32,13 +32,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from service.exceptions import DomainError
-from service.problem_types import ProblemType
+from service.exceptions import FeedUnavailable, TooManyStreams
 
 log = logging.getLogger("service.events")
 
 CHANNEL = "audit_events"
-RETRY_AFTER_SECONDS = "10"
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.5, 10.0
 
 # The listener's check that it really receives (see the module's docstring).
@@ -55,16 +53,6 @@ NOT_RECEIVING = "not_receiving"  # its probe did not arrive: a pooler in between
 STOPPED = "stopped"  # the hub is not running (no lifespan, or shut down)
 # The `end` reason of streams open when a new listener turns out not to receive.
 FEED_UNAVAILABLE = "feed_unavailable"
-
-
-class TooManyStreams(DomainError):
-    kind = ProblemType.rate_limited
-    headers = {"Retry-After": RETRY_AFTER_SECONDS}  # noqa: RUF012 (read-only)
-
-
-class FeedUnavailable(DomainError):
-    kind = ProblemType.unavailable
-    headers = {"Retry-After": RETRY_AFTER_SECONDS}  # noqa: RUF012 (read-only)
 
 
 class Subscription:

@@ -45,17 +45,18 @@ from service.deps import (
     identify,
 )
 from service.events import tickets
-from service.events.hub import FeedHub, FeedUnavailable, Subscription, TooManyStreams
+from service.events.hub import FeedHub, Subscription
 from service.exceptions import (
     AuthError,
-    DomainError,
+    FeedUnavailable,
     Forbidden,
     InvalidInput,
+    NotAcceptable,
     TokenExpired,
     TokenMissing,
+    TooManyStreams,
 )
 from service.openapi import error_responses
-from service.problem_types import ProblemType
 from service.responses import json_response, url_path_for
 from service.routing import Router, get_only
 
@@ -72,10 +73,6 @@ SHUTDOWN_GRACE_SECONDS = 2.0
 END_EVENT = "end"
 # The `end` reason for a resume point past the user's newest event; it carries `latest_seq`.
 RESUME_POINT_AHEAD = "resume_point_ahead"
-
-
-class NotAcceptable(DomainError):
-    kind = ProblemType.not_acceptable
 
 
 class StreamTicket(BaseModel):

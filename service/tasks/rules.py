@@ -1,4 +1,5 @@
-"""The task rules: create, update, complete and delete, each with its audit event.
+"""The task rules: create, update, complete and delete, and a tag's rename or delete (one
+event per task it changes), each with its audit event.
 
 Each write changes the task and appends its audit event in the caller's session, under the
 task's row lock, and never commits: the caller's unit of work commits both, or neither.
