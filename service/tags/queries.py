@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from service.exceptions import NotFound, TagConflict
 from service.sqltypes import utcnow
 from service.tags.models import UNIQUE_NAME_INDEX, Tag, TaskTag
-from service.tags.rules import TAGS_PER_USER_MAX, sorted_names, unique_names
+from service.tags.rules import TAGS_PER_USER_MAX, unique_names
 
 TAGS = Tag.__table__  # type: ignore[attr-defined]
 TASK_TAGS = TaskTag.__table__  # type: ignore[attr-defined]
@@ -198,13 +198,6 @@ def set_links(
             .values([{"task_id": task_id, "tag_id": i, "user_id": user_id} for i in tag_ids])
             .on_conflict_do_nothing()
         )
-
-
-def attach(session: Session, user_id: str, task_id: int, names: list[str]) -> list[str]:
-    """Tag a new task; the tags' names as stored."""
-    resolved = resolve(session, user_id, names)
-    set_links(session, user_id, task_id, [tag_id for tag_id, _ in resolved], new=True)
-    return sorted_names([name for _, name in resolved])
 
 
 def _record(row: Any) -> TagRecord:
