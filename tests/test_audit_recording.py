@@ -13,11 +13,12 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session
 
 from audit.chain import GENESIS_HASH, HASH_VERSION, compute_hash, format_timestamp
-from audit.recorder import AuditContext
+from audit.recorder import AuditContext, record_change
 from service.app import create_app
 from service.database import Database
 from service.exceptions import NotFound
 from service.settings import Settings
+from service.sqltypes import utcnow
 from service.tasks import queries, rules
 from service.tasks.models import TaskCreate, TaskUpdate
 from tests.audit_helpers import chain_head, change, events_of
@@ -192,6 +193,50 @@ def test_failure_after_the_audit_insert_leaves_neither_row(
     # The chain goes on without a gap.
     change(client, "PUT", f"/{task['id']}", user, json={"title": "Next change"})
     assert events_of(engine, user.user_id)[-1]["seq"] == head_before[0] + 1
+
+
+@pytest.mark.parametrize("write", ["update", "delete", "update_fields"])
+def test_a_task_write_with_another_owner_changes_nothing(
+    client: TestClient, user: Any, make_user: Any, database: Database, write: str
+) -> None:
+    """Each write statement names the task's owner as well as its id: `lock_task` checks the
+    owner first, but a caller that skipped it, with another user's id and this task's id,
+    still finds no row. Nothing changes, and no event is recorded in either user's chain."""
+    engine = database.engine
+    task = create_task(client, user, "Not yours")
+    other = make_user()
+    create_task(client, other, "Theirs")  # the other user's chain head
+    task_before = _get(client, user, task["id"])
+    events_before = [events_of(engine, owner.user_id) for owner in (user, other)]
+    values, now = {"title": "Taken"}, utcnow()
+
+    with database.unit_of_work() as session:
+        if write == "update_fields":
+            with pytest.raises(sa.exc.NoResultFound):
+                queries.update_fields(session, other.user_id, task["id"], values, now)
+        else:
+            audited = (
+                queries.update_statement(other.user_id, task["id"], values, now)
+                if write == "update"
+                else queries.delete_statement(other.user_id, task["id"])
+            )
+            with pytest.raises(LookupError):
+                record_change(
+                    session,
+                    AuditContext(actor_id=other.user_id),
+                    audited.statement,
+                    audited.params,
+                    user_id=other.user_id,
+                    action=f"task.{write}d",
+                    entity_type="task",
+                    entity_id=str(task["id"]),
+                    before=None,
+                    after=None,
+                    diff_fields=(),
+                )
+
+    assert _get(client, user, task["id"]) == task_before
+    assert [events_of(engine, owner.user_id) for owner in (user, other)] == events_before
 
 
 def test_failure_at_commit_leaves_neither_row(

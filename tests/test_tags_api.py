@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from service.database import Database
+from service.tags import queries as tag_queries
 from service.tags.rules import TAG_NAME_MAX, TAGS_PER_USER_MAX, sorted_names
 from tests.audit_helpers import events_of
 from tests.reliability_helpers import TASK_ROW_LOCK, lock_waiter, lock_waits, locked, wait_until
@@ -274,6 +275,31 @@ def test_tables_enforce_ownership(database: Database, client: TestClient, make_u
             sa.text("INSERT INTO task_tags (task_id, tag_id, user_id) VALUES (:t, :g, :u)"),
             {"t": task["id"], "g": tag["id"], "u": alice.user_id},
         )
+
+
+@pytest.mark.parametrize("query", ["tagged_task_ids", "rename", "remove", "set_links"])
+def test_a_tag_query_with_another_owner_finds_and_changes_nothing(
+    database: Database, client: TestClient, user: ApiUser, make_user: Any, query: str
+) -> None:
+    """Each statement on a tag or a task's links names the owner as well as the ids: run
+    without the locks that check the owner first (`lock_tag`, `lock_task`), with another
+    user's id and this user's tag or task, it finds no row and changes nothing."""
+    task = create(client, user, "Tagged", tags=["mine"])
+    (tag,) = list_tags(client, user)
+    other = make_user().user_id
+    with database.unit_of_work() as session:
+        if query == "tagged_task_ids":
+            assert tag_queries.tagged_task_ids(session, other, tag["id"]) == []
+            assert tag_queries.tagged_task_ids(session, user.user_id, tag["id"]) == [task["id"]]
+        elif query == "rename":
+            tag_queries.rename(session, other, tag["id"], "taken")
+        elif query == "remove":
+            tag_queries.remove(session, other, tag["id"])
+        else:
+            tag_queries.set_links(session, other, task["id"], [])
+    assert list_tags(client, user) == [tag]
+    got = client.get(user.url(f"/{task['id']}"), headers=user.headers)
+    assert got.json() == task
 
 
 @pytest.mark.parametrize("change", ["rename", "delete"])

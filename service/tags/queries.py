@@ -110,19 +110,24 @@ _LIST = (
 _ONE = select(TAGS.c.id, TAGS.c.name, _USAGE, TAGS.c.created_at).where(
     TAGS.c.user_id == bindparam("owner"), TAGS.c.id == bindparam("tag_id")
 )
+# The owner's tag: every statement on one tag names its owner too, the writes as well (they
+# run after `lock_tag`, which checked it, but one called without it still finds no row).
+_OWNED_TAG = and_(TAGS.c.user_id == bindparam("owner"), TAGS.c.id == bindparam("tag_id"))
 _LOCK = (
-    select(TAGS.c.id, TAGS.c.name)
-    .where(
-        holding_tag_lock(alone=True),
-        TAGS.c.user_id == bindparam("owner"),
-        TAGS.c.id == bindparam("tag_id"),
-    )
-    .with_for_update()
+    select(TAGS.c.id, TAGS.c.name).where(holding_tag_lock(alone=True), _OWNED_TAG).with_for_update()
 )
 _TAGGED = (
     select(TASK_TAGS.c.task_id)
-    .where(TASK_TAGS.c.tag_id == bindparam("tag_id"))
+    .where(TASK_TAGS.c.user_id == bindparam("owner"), TASK_TAGS.c.tag_id == bindparam("tag_id"))
     .order_by(TASK_TAGS.c.task_id)
+)
+_RENAME = update(TAGS).where(_OWNED_TAG).values(name=bindparam("new_name"))
+_REMOVE = delete(TAGS).where(_OWNED_TAG)
+# A task's links but to these tags.
+_UNLINK_OTHERS = delete(TASK_TAGS).where(
+    TASK_TAGS.c.user_id == bindparam("owner"),
+    TASK_TAGS.c.task_id == bindparam("task_id"),
+    TASK_TAGS.c.tag_id.not_in(bindparam("tag_ids", expanding=True)),
 )
 
 
@@ -188,9 +193,7 @@ def set_links(
     """Make the task's tags exactly these (a new task has none to remove)."""
     if not new:
         session.execute(
-            delete(TASK_TAGS).where(
-                TASK_TAGS.c.task_id == task_id, TASK_TAGS.c.tag_id.not_in(tag_ids)
-            )
+            _UNLINK_OTHERS, {"owner": user_id, "task_id": task_id, "tag_ids": list(tag_ids)}
         )
     if tag_ids:
         session.execute(
@@ -230,8 +233,10 @@ def lock_tag(session: Session, user_id: str, tag_id: int) -> tuple[int, str]:
     return int(row.id), str(row.name)
 
 
-def tagged_task_ids(session: Session, tag_id: int) -> list[int]:
-    return [int(i) for i in session.execute(_TAGGED, {"tag_id": tag_id}).scalars()]
+def tagged_task_ids(session: Session, user_id: str, tag_id: int) -> list[int]:
+    """The ids of the user's tasks carrying the user's tag, in id order."""
+    params = {"owner": user_id, "tag_id": tag_id}
+    return [int(i) for i in session.execute(_TAGGED, params).scalars()]
 
 
 def check_name_free(session: Session, user_id: str, tag_id: int, name: str) -> None:
@@ -242,9 +247,9 @@ def check_name_free(session: Session, user_id: str, tag_id: int, name: str) -> N
         raise TagConflict(f"Another tag is already named {row.name!r} (names ignore case).")
 
 
-def rename(session: Session, tag_id: int, name: str) -> None:
+def rename(session: Session, user_id: str, tag_id: int, name: str) -> None:
     try:
-        session.execute(update(TAGS).where(TAGS.c.id == tag_id).values(name=name))
+        session.execute(_RENAME, {"owner": user_id, "tag_id": tag_id, "new_name": name})
     except IntegrityError as exc:
         # A concurrent rename or create took the name first: the unique index is the last word.
         if getattr(getattr(exc.orig, "diag", None), "constraint_name", None) != UNIQUE_NAME_INDEX:
@@ -254,6 +259,6 @@ def rename(session: Session, tag_id: int, name: str) -> None:
         ) from None
 
 
-def remove(session: Session, tag_id: int) -> None:
-    """Delete the tag; its links to tasks go with it (ON DELETE CASCADE)."""
-    session.execute(delete(TAGS).where(TAGS.c.id == tag_id))
+def remove(session: Session, user_id: str, tag_id: int) -> None:
+    """Delete the user's tag; its links to tasks go with it (ON DELETE CASCADE)."""
+    session.execute(_REMOVE, {"owner": user_id, "tag_id": tag_id})

@@ -1,5 +1,6 @@
 """Every task statement, built once, and the records they return: for the API, the rules and
-the CLI alike. Reads filter by the owner; nothing here commits.
+the CLI alike. Reads and writes filter by the owner: a write follows `lock_task`, which
+checks it, but one made without the lock still finds no other user's row. Nothing here commits.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def _audited_update_statement(fields: tuple[str, ...]) -> Select[Any]:
     def build(head: CTE) -> Any:
         return (
             update(TASKS)
-            .where(TASKS.c.id == bindparam("task_id"), head_exists(head))
+            .where(_OWNED, head_exists(head))
             .values(**values, updated_at=bindparam("now"), version=TASKS.c.version + 1)
             .returning(*_COLUMNS)
         )
@@ -271,11 +272,7 @@ def _audited_update_statement(fields: tuple[str, ...]) -> Select[Any]:
 @cache
 def _delete_statement() -> Select[Any]:
     def build(head: CTE) -> Any:
-        return (
-            delete(TASKS)
-            .where(TASKS.c.id == bindparam("task_id"), head_exists(head))
-            .returning(TASKS.c.id)
-        )
+        return delete(TASKS).where(_OWNED, head_exists(head)).returning(TASKS.c.id)
 
     return build_append(build)
 
@@ -299,16 +296,16 @@ def create_statement(draft: TaskRecord, tag_ids: list[int], *, explicit_id: bool
     return Audited(_create_statement(explicit_id), params)
 
 
-def update_statement(task_id: int, values: dict[str, Any], now: datetime) -> Audited:
-    """Write these columns of a locked task and bump its version."""
+def update_statement(user_id: str, task_id: int, values: dict[str, Any], now: datetime) -> Audited:
+    """Write these columns of the user's locked task and bump its version."""
     fields = tuple(column.name for column in TASKS.c if column.name in values)  # table order
     params = {f"new_{name}": values[name] for name in fields}
-    params.update(task_id=task_id, now=now)
+    params.update(task_id=task_id, owner=user_id, now=now)
     return Audited(_audited_update_statement(fields), params)
 
 
-def delete_statement(task_id: int) -> Audited:
-    return Audited(_delete_statement(), {"task_id": task_id})
+def delete_statement(user_id: str, task_id: int) -> Audited:
+    return Audited(_delete_statement(), {"task_id": task_id, "owner": user_id})
 
 
 @lru_cache(maxsize=256)
@@ -317,7 +314,7 @@ def _update_statement(fields: tuple[str, ...]) -> Any:
     values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in fields}
     return (
         update(TASKS)
-        .where(TASKS.c.id == bindparam("task_id"))
+        .where(_OWNED)
         .values(**values, updated_at=bindparam("now"), version=TASKS.c.version + 1)
         .returning(*_COLUMNS)
     )
@@ -578,11 +575,11 @@ def next_task_id(session: Session) -> int:
 
 
 def update_fields(
-    session: Session, task_id: int, values: dict[str, Any], now: datetime
+    session: Session, user_id: str, task_id: int, values: dict[str, Any], now: datetime
 ) -> TaskRecord:
-    """Write these columns (none: only the version and updated_at, as for a change of the
-    tags alone) and bump the version."""
+    """Write these columns of the user's task (none: only the version and updated_at, as for
+    a change of the tags alone) and bump the version."""
     fields = tuple(column.name for column in TASKS.c if column.name in values)  # table order
     params = {f"new_{name}": values[name] for name in fields}
-    params.update(task_id=task_id, now=now)
+    params.update(task_id=task_id, owner=user_id, now=now)
     return TaskRecord.from_row(session.execute(_update_statement(fields), params).one())

@@ -293,9 +293,8 @@ def _apply(
         )
     now = _next_timestamp(current.updated_at)
     after = replace(current, **changed, tags=tags, updated_at=now, version=current.version + 1)
-    row, event = _write(
-        session, ctx, action, queries.update_statement(current.id, changed, now), current, after
-    )
+    statement = queries.update_statement(current.user_id, current.id, changed, now)
+    row, event = _write(session, ctx, action, statement, current, after)
     task = queries.record_of(row)
     if task != after:  # what the event says is what was stored, or nothing is
         raise RuntimeError(f"task {task.id}: the recorded state differs from the stored one")
@@ -390,9 +389,8 @@ def delete_task(
 ) -> TaskDeletion:
     current = queries.lock_task(session, user_id, task_id)
     _check_version(current, if_match)
-    _, event = _write(
-        session, ctx, "task.deleted", queries.delete_statement(current.id), current, None
-    )
+    statement = queries.delete_statement(current.user_id, current.id)
+    _, event = _write(session, ctx, "task.deleted", statement, current, None)
     return TaskDeletion(task=current, event=event)
 
 
@@ -414,14 +412,16 @@ def _change_tag(
     """
     _, name = tag_queries.lock_tag(session, user_id, tag_id)
     befores = {}
-    for task_id in tag_queries.tagged_task_ids(session, tag_id):
+    for task_id in tag_queries.tagged_task_ids(session, user_id, tag_id):
         before = queries.lock_task_if_exists(session, user_id, task_id)
         if before is not None and name in before.tags:
             befores[task_id] = before
     change()
     events = []
     for task_id, before in befores.items():
-        after = queries.update_fields(session, task_id, {}, _next_timestamp(before.updated_at))
+        after = queries.update_fields(
+            session, user_id, task_id, {}, _next_timestamp(before.updated_at)
+        )
         events.append(_record(session, ctx, "task.updated", task_id, user_id, before, after))
     return events
 
@@ -438,7 +438,7 @@ def rename_tag(
         ctx,
         user_id,
         tag_id,
-        lambda: tag_queries.rename(session, tag_id, name),
+        lambda: tag_queries.rename(session, user_id, tag_id, name),
     )
 
 
@@ -447,4 +447,6 @@ def delete_tag(
 ) -> list[RecordedEvent]:
     """Delete a tag; each task that carried it records the removal in its history."""
     tag_queries.get_tag(session, user_id, tag_id)
-    return _change_tag(session, ctx, user_id, tag_id, lambda: tag_queries.remove(session, tag_id))
+    return _change_tag(
+        session, ctx, user_id, tag_id, lambda: tag_queries.remove(session, user_id, tag_id)
+    )
