@@ -24,7 +24,8 @@ WITH head AS (
   WHERE audit_chain_heads.user_id = 'bench-w' || :u::int FOR UPDATE),
 change AS (
   UPDATE tasks SET completed = NOT :o_completed::boolean, updated_at = now(), version = (tasks.version + 1)
-  WHERE tasks.id = :id::bigint AND EXISTS (SELECT head.seq FROM head)
+  WHERE tasks.id = :id::bigint AND tasks.user_id = 'bench-w' || :u::int
+    AND EXISTS (SELECT head.seq FROM head)
   RETURNING tasks.id, tasks.user_id, tasks.title, tasks.description, tasks.completed,
             tasks.created_at, tasks.updated_at, tasks.priority, tasks.due_at,
             (SELECT coalesce(array_agg(tags.name), '{}'::VARCHAR[])
