@@ -389,12 +389,6 @@ def latest_checkpoint_id(session: Session) -> int | None:
     return None if found is None else int(found)
 
 
-def latest_checkpoint(session: Session) -> Checkpoint | None:
-    """The newest stored checkpoint, as stored (the caller verifies it if it must)."""
-    found = latest_checkpoint_id(session)
-    return None if found is None else load_checkpoint(session, found)
-
-
 def load_checkpoint(session: Session, checkpoint_id: int) -> Checkpoint:
     row = session.execute(select(CHECKPOINTS).where(CHECKPOINTS.c.id == checkpoint_id)).one()
     head = CheckpointHead(

@@ -129,7 +129,7 @@ class AuditVerifiedHead(SQLModel, table=True):
 
     __tablename__ = "audit_verified_heads"
 
-    user_id: str = Field(sa_column=Column(String(128), primary_key=True))
+    user_id: str = Field(sa_column=Column(String(USER_ID_MAX), primary_key=True))
     seq: int = Field(sa_column=Column(BigInteger, nullable=False))
     hash: str = Field(sa_column=Column(String(64), nullable=False))
     verified_at: datetime = Field(sa_column=Column(UTCDateTime, nullable=False))

@@ -63,11 +63,6 @@ class _Tree:
         return _proof(self.checkpoint, index, merkle.path_in(self.levels, index))
 
 
-def build_proof(checkpoint: Checkpoint, user_id: str) -> dict[str, Any] | None:
-    """The proof for `user_id` in this checkpoint, or None if the user has no leaf in it."""
-    return _Tree(checkpoint).proof(user_id)
-
-
 class LatestProofs:
     """Proofs from the latest stored checkpoint. Its tree is built once per process and
     checkpoint (stored checkpoints never change), not for every request."""

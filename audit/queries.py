@@ -23,13 +23,13 @@ from audit.chain import format_timestamp
 from audit.models import EVENTS, HEADS
 from audit.schemas import AuditAction
 from service.exceptions import InvalidInput, NotFound
+from service.limits import BIGINT_MAX
 
 ENTITY_TASK = "task"
 # Every column but xact_id, a PostgreSQL transaction number with no meaning outside it.
 PUBLIC_COLUMNS = tuple(column for column in EVENTS.c if column.name != "xact_id")
 
 CURSOR_MAX = 64
-SEQ_MAX = 2**63 - 1
 FEED_CURSOR = "f"
 HISTORY_CURSOR = "h"
 _CURSOR_TEXT = re.compile(r"([a-z])\.([0-9]{1,19})")
@@ -61,7 +61,7 @@ def decode_cursor(kind: str, cursor: str) -> int:
     if match is None or match.group(1) != kind:
         raise invalid
     seq = int(match.group(2))
-    if not 1 <= seq <= SEQ_MAX or encode_cursor(kind, seq) != cursor:  # only what we wrote
+    if not 1 <= seq <= BIGINT_MAX or encode_cursor(kind, seq) != cursor:  # only what we wrote
         raise invalid
     return seq
 

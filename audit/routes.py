@@ -39,7 +39,7 @@ from service.deps import (
     UserIdPath,
 )
 from service.exceptions import InvalidInput, NotFound
-from service.limits import REQUEST_ID_MAX
+from service.limits import BIGINT_MAX, PAGE_SIZE_MAX, REQUEST_ID_MAX
 from service.openapi import error_responses
 from service.ratelimit import expensive_operation
 from service.responses import json_response
@@ -50,7 +50,7 @@ log = logging.getLogger("audit.verify")
 router = Router(prefix="/api/{user_id}", tags=["audit"], route_class=UnitOfWorkRoute)
 keys_router = Router(tags=["audit"])
 
-Limit = Annotated[int, Query(ge=1, le=500, description="Page size")]
+Limit = Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX, description="Page size")]
 Cursor = Annotated[
     str | None,
     Query(max_length=queries.CURSOR_MAX, description="`next_cursor` of the previous page"),
@@ -74,7 +74,7 @@ def list_audit_events(
     user_id: UserIdPath,
     limit: Limit = 50,
     cursor: Cursor = None,
-    task_id: Annotated[int | None, Query(ge=1, le=queries.SEQ_MAX)] = None,
+    task_id: Annotated[int | None, Query(ge=1, le=BIGINT_MAX)] = None,
     action: AuditAction | None = None,
     since: Annotated[ClientTimeRoundedUp | None, Query(description="Inclusive lower bound")] = None,
     until: Annotated[ClientTimeRoundedUp | None, Query(description="Exclusive upper bound")] = None,

@@ -390,10 +390,6 @@ class TokenVerifier:
     def uses_jwks(self) -> bool:
         return self._jwks_url is not None
 
-    @property
-    def keys_available(self) -> bool:
-        return bool(self._jwks.keys)
-
     def prefetch_keys(self) -> bool:
         """Fetch the key set now (at start-up, or when /readyz finds none); True if any key.
 

@@ -25,6 +25,7 @@ from service.database import (
     refused_startup_parameter,
     safe_url,
 )
+from service.limits import PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
 from service.settings import AppEnv, ConfigError, Settings, get_settings
 from service.tasks import queries
 from service.tasks.queries import StatusFilter
@@ -248,7 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("user_id", type=user_id_arg)  # what is stored, as `audit --user`
     listing.add_argument("--status", choices=[s.value for s in StatusFilter], default="all")
     listing.add_argument("--q", help="case-insensitive search in title and description")
-    listing.add_argument("--limit", type=_int_between(1, 500), default=100, metavar="1-500")
+    listing.add_argument(
+        "--limit",
+        type=_int_between(1, PAGE_SIZE_MAX),
+        default=PAGE_SIZE_DEFAULT,
+        metavar=f"1-{PAGE_SIZE_MAX}",
+    )
     listing.set_defaults(handler=_list_tasks)
 
     return parser

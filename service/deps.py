@@ -23,7 +23,7 @@ from service.auth import Principal, TokenVerifier
 from service.database import Database, sent_nothing
 from service.exceptions import AuthError, Forbidden, TokenExpired, TokenMissing
 from service.jsonbody import JsonBodyRoute
-from service.limits import USER_ID_MAX
+from service.limits import BIGINT_MAX, USER_ID_MAX
 from service.middleware import COMMIT_UNCERTAIN
 from service.ratelimit import Category, RateLimiter, category_for
 from service.settings import Settings
@@ -62,7 +62,7 @@ def _digits_only(value: Any) -> Any:
 
 
 TaskIdPath = Annotated[
-    int, Path(ge=1, le=2**63 - 1, description="The task's id"), BeforeValidator(_digits_only)
+    int, Path(ge=1, le=BIGINT_MAX, description="The task's id"), BeforeValidator(_digits_only)
 ]
 
 

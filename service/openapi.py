@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
+from service.limits import REQUEST_ID_MAX
 from service.problem_types import PROBLEM_TYPE_BASE
 
 PROBLEM_JSON = "application/problem+json"
@@ -89,7 +90,7 @@ _HEADERS: dict[str, dict[str, Any]] = {
     "X-Request-ID": {
         "description": "The request's id (the client's if well-formed), also in the logs and "
         "the audit log.",
-        "schema": {"type": "string", "maxLength": 128},
+        "schema": {"type": "string", "maxLength": REQUEST_ID_MAX},
     },
     "X-Trace-Id": {
         "description": "The OpenTelemetry trace id of the request.",

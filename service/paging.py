@@ -14,11 +14,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service.exceptions import InvalidInput
+from service.limits import BIGINT_MAX
 
 # Room for the longest key, a title of 200 four-byte characters (800 bytes, 1,100 in base64).
 CURSOR_MAX = 2048
-ID_MAX = 2**63 - 1
 FIELD = "query.after"
+
+
+def check_start(after: str | None, offset: int) -> None:
+    """A page starts after a cursor or at an offset, not at both."""
+    if after is not None and offset:
+        raise InvalidInput("Give `after` or `offset`, not both.", field=FIELD)
 
 
 def encode(kind: str, *key: Any) -> str:
@@ -52,7 +58,7 @@ def aware_time(value: Any) -> datetime:
 
 
 def item_id(value: Any) -> int:
-    if type(value) is not int or not 1 <= value <= ID_MAX:
+    if type(value) is not int or not 1 <= value <= BIGINT_MAX:
         raise ValueError("not an id")
     return value
 

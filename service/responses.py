@@ -45,10 +45,12 @@ def url_path_for(request: Request, name: str, /, **path_params: Any) -> str:
     return str(request.app.url_path_for(name, **_encoded(path_params)))
 
 
-def next_page_url(request: Request, **query: Any) -> URL:
-    """This request's URL with `query` set, the rest of its query string as the client sent
-    it. `request.url` encodes only `?`, `#` and `\\` of the decoded path, so the path is
-    quoted again from the scope: whole, since no segment can hold a `/` (a `%2F` is decoded
-    before routing)."""
+def next_page_link(request: Request, *, after: str, limit: int) -> str:
+    """The `Link` header to a list's next page: this request's URL with `after` and `limit`
+    set, `offset` removed, and the rest of its query string as the client sent it.
+    `request.url` encodes only `?`, `#` and `\\` of the decoded path, so the path is quoted
+    again from the scope: whole, since no segment can hold a `/` (a `%2F` is decoded before
+    routing)."""
     path = quote(request.scope.get("root_path", "") + request.scope["path"])
-    return request.url.replace(path=path).include_query_params(**query)
+    url = request.url.replace(path=path).include_query_params(after=after, limit=limit)
+    return f'<{url.remove_query_params("offset")}>; rel="next"'

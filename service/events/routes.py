@@ -28,7 +28,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
-from audit.queries import SEQ_MAX, chain_head_seq, events_after
+from audit.queries import chain_head_seq, events_after
 from audit.schemas import AuditEventPublic, UtcTimestamp
 from service.auth import Principal
 from service.database import Database
@@ -56,6 +56,7 @@ from service.exceptions import (
     TokenMissing,
     TooManyStreams,
 )
+from service.limits import BIGINT_MAX
 from service.openapi import error_responses
 from service.responses import json_response, url_path_for
 from service.routing import Router, get_only
@@ -134,7 +135,7 @@ def _start_seq(after: int | None, last_event_id: str | None) -> int:
     if last_event_id is not None and last_event_id.strip():
         text = last_event_id.strip()
         # ASCII digits only: str.isdigit() is true of '²', which int() refuses.
-        if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > SEQ_MAX:
+        if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > BIGINT_MAX:
             raise InvalidInput(
                 "Last-Event-ID must be the id (a seq) of an event of this feed.",
                 field="header.last-event-id",
@@ -326,7 +327,7 @@ async def stream_events(
         str | None, Query(max_length=64, description="From POST /events/tickets; single use")
     ] = None,
     after: Annotated[
-        int | None, Query(ge=0, le=SEQ_MAX, description="Send the events after this seq")
+        int | None, Query(ge=0, le=BIGINT_MAX, description="Send the events after this seq")
     ] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)] = None,
 ) -> FeedResponse:

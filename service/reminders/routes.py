@@ -11,11 +11,11 @@ from pydantic import BaseModel, Field, TypeAdapter
 
 from service import paging
 from service.deps import CurrentUser, SessionDep, UnitOfWorkRoute, UserIdPath
-from service.exceptions import InvalidInput
+from service.limits import OFFSET_MAX, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
 from service.openapi import error_responses, with_headers
 from service.reminders import queries
 from service.reminders.queries import ReminderState
-from service.responses import json_response, next_page_url
+from service.responses import json_response, next_page_link
 from service.routing import Router
 
 router = Router(prefix="/api/{user_id}/reminders", tags=["reminders"], route_class=UnitOfWorkRoute)
@@ -55,8 +55,8 @@ def list_reminders(
         ReminderState | None,
         Query(description="`pending` or `fired`; both when absent (never a cancelled one)"),
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX)] = PAGE_SIZE_DEFAULT,
+    offset: Annotated[int, Query(ge=0, le=OFFSET_MAX)] = 0,
     after: Annotated[
         str | None,
         Query(
@@ -66,15 +66,13 @@ def list_reminders(
         ),
     ] = None,
 ) -> Any:
-    if after is not None and offset:
-        raise InvalidInput("Give `after` or `offset`, not both.", field=paging.FIELD)
+    paging.check_start(after, offset)
     start = None if after is None else queries.decode_after(after)
     rows = queries.list_reminders(session, user.user_id, state, limit + 1, offset, start)
     headers = {}
     if len(rows) > limit:
         rows = rows[:limit]
         cursor = queries.encode_after(rows[-1])
-        next_url = next_page_url(request, after=cursor, limit=limit).remove_query_params("offset")
-        headers["Link"] = f'<{next_url}>; rel="next"'
+        headers["Link"] = next_page_link(request, after=cursor, limit=limit)
     items = [ReminderPublic.model_validate(row, from_attributes=True) for row in rows]
     return json_response(_LIST.dump_json(items), headers=headers)

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from audit.append import ChangeBuilder, build_append, head_exists
 from service import paging
 from service.exceptions import NotFound
+from service.limits import PAGE_SIZE_DEFAULT
 from service.priority import Priority
 from service.sqltypes import utcnow
 from service.tags.models import Tag, TaskTag
@@ -204,7 +205,7 @@ _NEXT_ID = select(func.nextval(func.pg_get_serial_sequence("tasks", "id")))
 _TASK_COUNT = select(USERS.c.task_count).where(USERS.c.id == bindparam("owner"))
 
 
-# The audited writes: each one statement with its audit event (`audit.recorder.build_append`).
+# The audited writes: each one statement with its audit event (`audit.append.build_append`).
 # The change happens only where the chain head exists (`FROM head`, or `head_exists`).
 
 
@@ -545,7 +546,7 @@ def list_tasks(
     q: str | None = None,
     sort: SortField = SortField.created_at,
     order: SortOrder = SortOrder.desc,
-    limit: int = 100,
+    limit: int = PAGE_SIZE_DEFAULT,
     offset: int = 0,
     after: After | None = None,
 ) -> TaskPage:

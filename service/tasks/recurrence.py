@@ -38,8 +38,9 @@ _REFERENCE = datetime(2000, 1, 1, tzinfo=UTC)
 EXAMPLES = ["FREQ=WEEKLY;BYDAY=MO,WE,FR", "FREQ=MONTHLY;BYMONTHDAY=-1;COUNT=12"]
 DESCRIPTION = (
     "iCalendar RRULE (RFC 5545), without the `RRULE:` prefix. Supported: `FREQ=DAILY|WEEKLY|"
-    "MONTHLY|YEARLY`, `INTERVAL` (1-1000), `BYDAY` (weekly, e.g. `MO,WE`), `BYMONTHDAY` (monthly, "
-    "1-31 or -31 to -1 counting from the month's end), and at most one of `COUNT` (1-1000, "
+    f"MONTHLY|YEARLY`, `INTERVAL` (1-{INTERVAL_MAX}), `BYDAY` (weekly, e.g. `MO,WE`), "
+    "`BYMONTHDAY` (monthly, 1-31 or -31 to -1 counting from the month's end), and at most one "
+    f"of `COUNT` (1-{COUNT_MAX}, "
     "this task included) or `UNTIL` (UTC, e.g. `20271231T235959Z`). Needs `due_at`, and a "
     "date after it (`COUNT=1` aside): a rule that can never recur is a 400. `null` removes "
     "it. Dates are computed in UTC."

@@ -14,9 +14,10 @@ from service import paging
 from service.conditional import IfMatch, IfNoneMatch, matches
 from service.deps import CurrentUser, SessionDep, TaskIdPath, UnitOfWorkRoute, UserIdPath
 from service.exceptions import InvalidInput
+from service.limits import OFFSET_MAX, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
 from service.openapi import error_responses, with_headers
 from service.priority import Priority
-from service.responses import json_response, next_page_url, url_for
+from service.responses import json_response, next_page_link, url_for
 from service.routing import Router
 from service.tags.rules import TAG_NAME_MAX, TAGS_PER_TASK_MAX, clean_tag_name
 from service.tasks import idempotency, queries, rules
@@ -42,7 +43,8 @@ async def _idempotency_key(
             min_length=1,
             max_length=idempotency.KEY_MAX,
             pattern=idempotency.KEY_PATTERN,
-            description="Makes a retried create safe: the same key and body within 24 hours "
+            description="Makes a retried create safe: the same key and body within the retention "
+            "period (IDEMPOTENCY_RETENTION_SECONDS, 24 hours unless configured) "
             "return the first response (same task); the same key with another body is 409. "
             "One header line: a second is 400.",
         ),
@@ -135,8 +137,8 @@ def list_tasks(
         Query(description="`priority` sorts by rank; tasks without due_at come last"),
     ] = SortField.created_at,
     order: SortOrder = SortOrder.desc,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX)] = PAGE_SIZE_DEFAULT,
+    offset: Annotated[int, Query(ge=0, le=OFFSET_MAX)] = 0,
     after: Annotated[
         str | None,
         Query(
@@ -155,8 +157,7 @@ def list_tasks(
         due_after=due_after,
         overdue=overdue,
     )
-    if after is not None and offset:
-        raise InvalidInput("Give `after` or `offset`, not both.", field=paging.FIELD)
+    paging.check_start(after, offset)
     page = queries.list_tasks(
         session,
         user.user_id,
@@ -170,8 +171,7 @@ def list_tasks(
     headers = {"X-Total-Count": str(page.total)}
     if page.more:
         cursor = queries.encode_after(page.items[-1], sort, order)
-        next_url = next_page_url(request, after=cursor, limit=limit).remove_query_params("offset")
-        headers["Link"] = f'<{next_url}>; rel="next"'
+        headers["Link"] = next_page_link(request, after=cursor, limit=limit)
     return json_response(queries.public_list_json(page.items), headers=headers)
 
 

@@ -14,6 +14,7 @@ from pydantic import TypeAdapter
 from audit.deps import AuditCtx
 from service.database import on_commit
 from service.deps import CurrentUser, SessionDep, UnitOfWorkRoute, UserIdPath
+from service.limits import BIGINT_MAX
 from service.openapi import error_responses, with_headers
 from service.ratelimit import expensive_operation
 from service.responses import json_response, url_for
@@ -26,7 +27,7 @@ from service.tasks import rules
 router = Router(prefix="/api/{user_id}/tags", tags=["tags"], route_class=UnitOfWorkRoute)
 log = logging.getLogger("service.tags")
 
-TagIdPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="The tag's id")]
+TagIdPath = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="The tag's id")]
 _ONE = TypeAdapter(TagRecord)
 _MANY = TypeAdapter(list[TagRecord])
 
