@@ -27,8 +27,8 @@ from audit.schemas import (
     TaskSnapshot,
     VerifyReport,
 )
-from audit.verified import record_outcome
-from audit.verify import ChainReport, snapshot, stored_point, verify_chain
+from audit.verified import verify_and_record
+from audit.verify import ChainReport
 from observability import metrics
 from service.deps import (
     CurrentUser,
@@ -122,14 +122,7 @@ def verify_audit_chain(
     user_id: UserIdPath,
     full: Annotated[bool, Query(description="Recompute the whole chain from seq 1")] = False,
 ) -> Any:
-    conn = snapshot(session)
-    seen = stored_point(conn, user.user_id)
-    report = verify_chain(conn, user.user_id, resume=not full)
-    # The snapshot is read-only: end it, and write in the unit's next transaction, on the
-    # same pooled connection (a second one, taken while holding the first, could wait for
-    # the pool forever with DB_POOL_SIZE=1, and starves other requests under load).
-    session.rollback()
-    record_outcome(session.connection(), user.user_id, seen, report)
+    report = verify_and_record(session, user.user_id, full=full)
     if not report.ok:
         _report_failure(report, full)
     return json_response(VerifyReport.model_validate(report.as_dict()))

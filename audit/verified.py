@@ -16,11 +16,27 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
 
 from audit.chain import GENESIS_HASH
 from audit.models import VERIFIED
-from audit.verify import ChainReport, StoredPoint
+from audit.verify import ChainReport, StoredPoint, snapshot, stored_point, verify_chain
 from service.sqltypes import utcnow
+
+
+def verify_and_record(session: Session, user_id: str, *, full: bool) -> ChainReport:
+    """Check the user's chain in a read-only snapshot (from the stored point, or from seq 1
+    with `full`), then record what was found in the unit's next transaction.
+
+    The same pooled connection for both: a second one, taken while holding the first, could
+    wait for the pool forever with DB_POOL_SIZE=1, and starves other requests under load.
+    """
+    conn = snapshot(session)
+    seen = stored_point(conn, user_id)
+    report = verify_chain(conn, user_id, resume=not full)
+    session.rollback()  # the snapshot wrote nothing
+    record_outcome(session.connection(), user_id, seen, report)
+    return report
 
 
 def record_outcome(
