@@ -193,21 +193,15 @@ def create_task(
     body: TaskCreate,
     idempotency_key: IdempotencyKey,
 ) -> Any:
-    if idempotency_key is not None:
-        # Fields at their defaults are left out: a body of the first release (title and
-        # description) keeps the fingerprint it had then.
-        fields = body.model_dump(mode="json", exclude_defaults=True)
-        fields.update(title=body.title, description=body.description)
-        fingerprint = idempotency.request_fingerprint(fields)
-        retention = request.app.state.settings.idempotency_retention
-        stored = idempotency.claim(session, user.user_id, idempotency_key, fingerprint, retention)
-        if stored is not None:
-            return _created(request, user.user_id, stored.body, replayed=True)
-    change = rules.create_task(session, ctx, user.user_id, body)
-    public = queries.public(change.task)
-    if idempotency_key is not None:
-        idempotency.store_response(session, user.user_id, idempotency_key, 201, public)
-    return _created(request, user.user_id, public)
+    public, replayed = rules.create_task_once(
+        session,
+        ctx,
+        user.user_id,
+        body,
+        key=idempotency_key,
+        retention=request.app.state.settings.idempotency_retention,
+    )
+    return _created(request, user.user_id, public, replayed=replayed)
 
 
 _PUBLIC_ORDER = tuple(field.name for field in dataclasses.fields(TaskPublic))

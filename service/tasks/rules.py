@@ -23,7 +23,7 @@ from service.exceptions import InvalidInput, PreconditionFailed
 from service.sqltypes import utcnow
 from service.tags import queries as tag_queries
 from service.tags.rules import sorted_names
-from service.tasks import queries, recurrence
+from service.tasks import idempotency, queries, recurrence
 from service.tasks.models import TaskCreate, TaskRecord, TaskUpdate
 
 log = logging.getLogger("service.tasks")
@@ -163,6 +163,33 @@ def create_task(
     _check_recurs(data.due_at, data.recurrence)
     task, event = _insert(session, ctx, user_id, data.model_dump())
     return TaskChange(task=task, event=event)
+
+
+def create_task_once(
+    session: Session,
+    ctx: AuditContext,
+    user_id: str,
+    data: TaskCreate,
+    *,
+    key: str | None,
+    retention: timedelta,
+) -> tuple[dict[str, Any], bool]:
+    """The new task's public form, False; or, for an `Idempotency-Key` already used with the
+    same body within `retention`, the first response's, True (replayed). The key is claimed
+    and its response stored in the task's own transaction (`service.tasks.idempotency`)."""
+    if key is not None:
+        # Fields at their defaults are left out: a body of the first release (title and
+        # description) keeps the fingerprint it had then.
+        fields = data.model_dump(mode="json", exclude_defaults=True)
+        fields.update(title=data.title, description=data.description)
+        fingerprint = idempotency.request_fingerprint(fields)
+        stored = idempotency.claim(session, user_id, key, fingerprint, retention)
+        if stored is not None:
+            return stored.body, True
+    public = queries.public(create_task(session, ctx, user_id, data).task)
+    if key is not None:
+        idempotency.store_response(session, user_id, key, 201, public)
+    return public, False
 
 
 def _insert(
