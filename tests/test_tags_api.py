@@ -13,9 +13,11 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from audit.recorder import AuditContext
 from service.database import Database
 from service.tags import queries as tag_queries
 from service.tags.rules import TAG_NAME_MAX, TAGS_PER_USER_MAX, sorted_names
+from service.tasks import rules
 from tests.audit_helpers import events_of
 from tests.reliability_helpers import TASK_ROW_LOCK, lock_waiter, lock_waits, locked, wait_until
 from tests.support import ApiUser, LiveServer, assert_problem, assert_validation_error
@@ -336,6 +338,32 @@ def test_a_tag_change_leaves_out_a_task_deleted_while_it_waited(
         assert events[0]["before"]["tags"] == ["shared"]
         assert events[1]["after"]["tags"] == (["S"] if change == "rename" else [])
         assert http.get(user.url(f"/{kept['id']}")).json()["tags"] == events[1]["after"]["tags"]
+
+
+def test_a_rename_that_waited_for_the_same_rename_changes_nothing(
+    database: Database, live_server: LiveServer, user: ApiUser
+) -> None:
+    """Two identical renames at once: the second waits for the tag's lock, then finds the
+    name already given and, like a rename to the current name, records nothing (it recorded
+    an empty `task.updated` per task and moved their versions, so ETags went stale)."""
+    with live_server.client(headers=user.headers) as http:
+        task = create(http, user, "Tagged", tags=["old"])
+        tag = list_tags(http, user)[0]  # type: ignore[arg-type]
+        before = len(events_of(database.engine, user.user_id))
+        with ThreadPoolExecutor(1) as pool, database.unit_of_work() as session:
+            rules.rename_tag(
+                session, AuditContext(actor_id=user.user_id), user.user_id, tag["id"], "new"
+            )
+            second = pool.submit(http.patch, tags_url(user, f"/{tag['id']}"), json={"name": "new"})
+            wait_until(lambda: lock_waits(database.engine) == 1, "the second rename to wait")
+        resp = second.result(timeout=30)
+        assert resp.status_code == 200 and resp.json()["name"] == "new", resp.text
+        events = events_of(database.engine, user.user_id)[before:]
+        assert [(e["action"], e["changes"]) for e in events] == [
+            ("task.updated", {"tags": [["old"], ["new"]]})
+        ]
+        got = http.get(user.url(f"/{task['id']}"))
+        assert got.headers["ETag"] == f'"{task["id"]}-2"', got.headers
 
 
 def test_tag_renames_racing_task_tag_updates_all_succeed(

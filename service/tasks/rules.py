@@ -427,8 +427,12 @@ def _change_tag(
     user_id: str,
     tag_id: int,
     change: Callable[[], None],
+    *,
+    new_name: str | None = None,
 ) -> list[RecordedEvent]:
-    """Rename or delete a tag, recording the change of every task that carries it.
+    """Rename (to `new_name`) or delete a tag, recording the change of every task that
+    carries it. A rename that finds, once it holds the lock, the name already given (an
+    identical rename committed while it waited) changes nothing, as one to the current name.
 
     The user's tag lock, alone, then the tag, then its tasks in id order: the order every
     write takes them in (a write using tags holds the tag lock shared before any tag or task),
@@ -438,6 +442,8 @@ def _change_tag(
     rename's new name never waits for another's uncommitted one.
     """
     _, name = tag_queries.lock_tag(session, user_id, tag_id)
+    if name == new_name:
+        return []
     befores = {}
     for task_id in tag_queries.tagged_task_ids(session, user_id, tag_id):
         before = queries.lock_task_if_exists(session, user_id, task_id)
@@ -466,6 +472,7 @@ def rename_tag(
         user_id,
         tag_id,
         lambda: tag_queries.rename(session, user_id, tag_id, name),
+        new_name=name,
     )
 
 
