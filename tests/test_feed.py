@@ -471,8 +471,8 @@ def test_the_listener_reconnects_and_nothing_committed_meanwhile_is_lost(
             pids = (
                 conn.execute(
                     sa.text(
-                        "SELECT pid FROM pg_stat_activity WHERE application_name = 'todo-api-feed'"
-                        " AND query ILIKE 'LISTEN%'"
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND application_name = 'todo-api-feed' AND query ILIKE 'LISTEN%'"
                     )
                 )
                 .scalars()
