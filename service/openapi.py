@@ -63,13 +63,16 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-# Response headers, documented once; routes name the ones they send.
+# Response headers, documented once; routes name the ones they send. `required`: on every
+# response the header is documented for, so generated clients type it as always there.
 _HEADERS: dict[str, dict[str, Any]] = {
     "ETag": {
+        "required": True,
         "description": "The task's version; send it back in `If-Match` to update safely.",
         "schema": {"type": "string", "examples": ['"7-3"']},
     },
     "Location": {
+        "required": True,
         "description": "URL of the created task or tag.",
         "schema": {"type": "string", "format": "uri"},
     },
@@ -79,6 +82,7 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string"},
     },
     "X-Total-Count": {
+        "required": True,
         "description": "How many tasks match the filters, over all pages.",
         "schema": {"type": "integer", "minimum": 0},
     },
@@ -88,6 +92,7 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string", "enum": ["true"]},
     },
     "X-Request-ID": {
+        "required": True,
         "description": "The request's id (the client's if well-formed), also in the logs and "
         "the audit log.",
         "schema": {"type": "string", "maxLength": REQUEST_ID_MAX},
@@ -97,10 +102,12 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
     },
     "Retry-After": {
+        "required": True,
         "description": "Seconds to wait before retrying.",
         "schema": {"type": "integer", "minimum": 0},
     },
     "WWW-Authenticate": {
+        "required": True,
         "description": 'RFC 6750 challenge: `Bearer error="invalid_token"`, or `Bearer` when '
         "no bearer token was sent.",
         "schema": {"type": "string"},

@@ -126,6 +126,47 @@ def test_response_headers_are_documented_per_operation(spec: dict[str, Any]) -> 
             assert "X-Request-ID" in response.get("headers", {}), (path, method, code)
 
 
+def test_headers_always_sent_are_required(
+    spec: dict[str, Any], client: TestClient, user: Any
+) -> None:
+    """A header documented as required is on every response it is documented for: checked
+    on real responses of each kind (so a generated client may type it as always there)."""
+    operations = {op["operationId"]: op for op in _operations(spec).values()}
+    required = {
+        (op_id, code): {
+            name for name, h in response.get("headers", {}).items() if h.get("required")
+        }
+        for op_id, op in operations.items()
+        for code, response in op["responses"].items()
+    }
+    assert required[("createTask", "201")] >= {"Location", "ETag", "X-Request-ID"}
+    assert required[("listTasks", "200")] >= {"X-Total-Count", "X-Request-ID"}
+    assert "Link" not in required[("listTasks", "200")]  # only while more remain
+    tasks = f"/api/{user.user_id}/tasks"
+    created = client.post(tasks, json={"title": "t"}, headers=user.headers)
+    task = f"{tasks}/{created.json()['id']}"
+    etag = {"If-None-Match": created.headers["ETag"]}
+    seen = {
+        ("createTask", "201"): created,
+        ("listTasks", "200"): client.get(tasks, headers=user.headers),
+        ("getTask", "200"): client.get(task, headers=user.headers),
+        ("getTask", "304"): client.get(task, headers={**user.headers, **etag}),
+        ("updateTask", "200"): client.put(task, json={"title": "u"}, headers=user.headers),
+        ("completeTask", "200"): client.patch(f"{task}/complete", headers=user.headers),
+        ("getTask", "404"): client.get(f"{tasks}/999999999", headers=user.headers),
+        ("listTasks", "400"): client.get(tasks, params={"limit": 0}, headers=user.headers),
+        ("listTasks", "401"): client.get(tasks),
+        ("createTag", "201"): client.post(
+            f"/api/{user.user_id}/tags", json={"name": "n"}, headers=user.headers
+        ),
+        ("deleteTask", "204"): client.delete(task, headers=user.headers),
+    }
+    for (op_id, code), response in seen.items():
+        assert str(response.status_code) == code, (op_id, response.text)
+        missing = {name for name in required[(op_id, code)] if name not in response.headers}
+        assert not missing, (op_id, code, missing)
+
+
 def test_documented_limits_match_the_server(spec: dict[str, Any], client: TestClient) -> None:
     schemas = spec["components"]["schemas"]
     for name in ("TaskCreate", "TaskUpdate"):
