@@ -13,6 +13,15 @@ from service.limits import REQUEST_ID_MAX
 from service.problem_types import PROBLEM_TYPE_BASE
 
 PROBLEM_JSON = "application/problem+json"
+# The change feed's single-use `?ticket=`, an alternative to the bearer token there.
+STREAM_TICKET_SCHEME = "StreamTicket"
+_STREAM_TICKET = {
+    "type": "apiKey",
+    "in": "query",
+    "name": "ticket",
+    "description": "A single-use ticket from `POST /api/{user_id}/events/tickets`, for "
+    "EventSource, which cannot send an `Authorization` header.",
+}
 
 
 class FieldError(BaseModel):
@@ -156,7 +165,9 @@ def _problem_docs(schema: dict[str, Any]) -> None:
                     names.append("Retry-After")
                 for name in names:
                     headers.setdefault(name, _HEADERS[name])
-    schemas = schema.get("components", {}).get("schemas", {})
+    components = schema.setdefault("components", {})
+    components.setdefault("securitySchemes", {})[STREAM_TICKET_SCHEME] = _STREAM_TICKET
+    schemas = components.get("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
 

@@ -57,7 +57,7 @@ from service.exceptions import (
     TooManyStreams,
 )
 from service.limits import BIGINT_MAX
-from service.openapi import error_responses
+from service.openapi import STREAM_TICKET_SCHEME, error_responses
 from service.responses import json_response, url_path_for
 from service.routing import Router, get_only
 
@@ -315,6 +315,8 @@ class FeedResponse(EventSourceResponse):
     "a resume point past the user's newest event ends the stream at once with "
     "`resume_point_ahead`. 503 (with `Retry-After`) while this server's listener is found "
     "not to receive changes; a ticket refused so is not spent.",
+    # Either scheme: the bearer token, or the ticket alone (EventSource sends no header).
+    openapi_extra={"security": [{STREAM_TICKET_SCHEME: []}]},
 )
 @get_only  # a HEAD would hold a stream slot (and spend its ticket) for a body that never ends
 async def stream_events(
