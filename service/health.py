@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -29,13 +30,36 @@ if TYPE_CHECKING:
 router = Router(tags=["health"])
 
 
-@router.get("/healthz", summary="The process is up, and its version")
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class RateLimitStore(BaseModel):
+    backend: Literal["memory", "redis"]
+    status: Literal["ok", "down"]
+
+
+class Readiness(BaseModel):
+    """What /readyz reports when ready: a store that is down, or a feed that is not `ok`,
+    does not make it 503 (tasks work without them)."""
+
+    status: Literal["ready"]
+    database: Literal["ok"]
+    keys: Literal["ok", "not used"]
+    rate_limit_store: RateLimitStore
+    # `service.events.hub.FeedHub.state`.
+    feed: Literal["ok", "connecting", "not_receiving", "stopped"]
+
+
+@router.get("/healthz", response_model=Health, summary="The process is up, and its version")
 async def healthz() -> dict[str, str]:
     return {"status": "ok", "version": service_version()}
 
 
 @router.get(
     "/readyz",
+    response_model=Readiness,
     summary="The database answers, the token keys (with BETTER_AUTH_URL) are available, and the "
     "instance is not shutting down; also reports the rate-limit store and the change feed",
     responses=error_responses(),

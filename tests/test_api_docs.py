@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from openapi_spec_validator import validate
+from pydantic import BaseModel
 
+from service.health import Health, Readiness
 from service.problem_types import PROBLEM_TYPE_BASE
 from service.tasks.models import DESCRIPTION_MAX, TITLE_MAX
 
@@ -170,6 +172,18 @@ def test_headers_always_sent_are_required(
         assert str(response.status_code) == code, (op_id, response.text)
         missing = {name for name in required[(op_id, code)] if name not in response.headers}
         assert not missing, (op_id, code, missing)
+
+
+@pytest.mark.parametrize(("path", "model"), [("/healthz", Health), ("/readyz", Readiness)])
+def test_probe_bodies_are_documented(
+    spec: dict[str, Any], client: TestClient, path: str, model: type[BaseModel]
+) -> None:
+    """A probe's 200 is typed in the document (it was an untyped object) and is that type."""
+    content = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]
+    assert content["schema"] == {"$ref": f"#/components/schemas/{model.__name__}"}
+    response = client.get(path)
+    assert response.status_code == 200, response.text
+    model.model_validate(response.json(), strict=True)
 
 
 def test_documented_limits_match_the_server(spec: dict[str, Any], client: TestClient) -> None:
