@@ -110,6 +110,15 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "description": "The OpenTelemetry trace id of the request.",
         "schema": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
     },
+    "RateLimit-Policy": {
+        "description": 'IETF draft: the request\'s rate-limit policy, `"<name>";q=<quota>;'
+        "w=<window s>` (with rate limiting on).",
+        "schema": {"type": "string", "examples": ['"write";q=120;w=60']},
+    },
+    "RateLimit": {
+        "description": 'IETF draft: what remains of it, `"<name>";r=<remaining>;t=<s to reset>`.',
+        "schema": {"type": "string", "examples": ['"write";r=117;t=42']},
+    },
     "Retry-After": {
         "required": True,
         "description": "Seconds to wait before retrying.",
@@ -144,7 +153,7 @@ def _problem_docs(schema: dict[str, Any]) -> None:
     Validation failures are 400 (never 422), and error bodies are application/problem+json
     (FastAPI files every `model` under the route's own media type, application/json).
     """
-    for path_item in schema.get("paths", {}).values():
+    for path, path_item in schema.get("paths", {}).items():
         for operation in path_item.values():
             if not isinstance(operation, dict):
                 continue
@@ -159,6 +168,8 @@ def _problem_docs(schema: dict[str, Any]) -> None:
                     content[PROBLEM_JSON] = content.pop("application/json")
                 headers = response.setdefault("headers", {})
                 names = ["X-Request-ID"] + ([] if untraced else ["X-Trace-Id"])
+                if path.startswith("/api/"):
+                    names += ["RateLimit-Policy", "RateLimit"]
                 if code == "401":
                     names.append("WWW-Authenticate")
                 if code in {"429", "503"}:

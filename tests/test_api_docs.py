@@ -130,7 +130,10 @@ def test_response_headers_are_documented_per_operation(spec: dict[str, Any]) -> 
     assert "Retry-After" in _headers(spec, "createTask", "503")
     for (path, method), operation in _operations(spec).items():
         for code, response in operation["responses"].items():
-            assert "X-Request-ID" in response.get("headers", {}), (path, method, code)
+            headers = response.get("headers", {})
+            assert "X-Request-ID" in headers, (path, method, code)
+            limited = {"RateLimit", "RateLimit-Policy"} <= set(headers)
+            assert limited == path.startswith("/api/"), (path, method, code)
 
 
 def test_headers_always_sent_are_required(
