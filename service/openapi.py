@@ -168,7 +168,8 @@ def _problem_docs(schema: dict[str, Any]) -> None:
                     content[PROBLEM_JSON] = content.pop("application/json")
                 headers = response.setdefault("headers", {})
                 names = ["X-Request-ID"] + ([] if untraced else ["X-Trace-Id"])
-                if path.startswith("/api/"):
+                # The body guard's 413 and 415 are answered before any limit is counted.
+                if path.startswith("/api/") and code not in {"413", "415"}:
                     names += ["RateLimit-Policy", "RateLimit"]
                 if code == "401":
                     names.append("WWW-Authenticate")
