@@ -1,7 +1,8 @@
 """The hash chain: canonical encoding of an event and its SHA-256 link to the previous one.
 
-Changing what is hashed means a new HASH_VERSION with its own field list; old events keep
-verifying under the version they were written with.
+Changing what is hashed (an event's fields, or how they are encoded) means a new HASH_VERSION
+with its own field list; old events keep verifying under the version they were written with.
+A new task field needs none: `before` and `after` are hashed whole, whatever they hold.
 
 From version 3 on the writer computes the hash in PostgreSQL, inside the statement that appends
 the event (`audit.recorder`): the canonical encoding is then the text PostgreSQL prints for the

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Prints the SQL the service sends for one create, update, toggle and list, so that
-# bench/pgbench/*.sql can be checked against it after service/tasks.py or audit/recorder.py
-# change. Uses a scratch database with log_statement = 'all' and reads PostgreSQL's log.
+# bench/pgbench/*.sql can be checked against it after service/tasks/queries.py or
+# audit/append.py change. Uses a scratch database (CAPTURE_DB, default todo_sql_capture: give
+# each person their own on a shared server) with log_statement = 'all' and reads PostgreSQL's
+# log, which needs read access to it.
 #   bash bench/capture-sql.sh [postgres-log-file]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOG=${1:-/var/log/postgresql/postgresql-15-main.log}
-DB=todo_sql_capture
+DB=${CAPTURE_DB:-todo_sql_capture}
 PG="psql -qAt -h 127.0.0.1 -U postgres"
 PORT=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 $PG -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"

@@ -34,6 +34,7 @@ from sqlalchemy import (
 from sqlalchemy import cast as cast_
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
+from sqlalchemy.types import TypeDecorator
 
 from audit.append import ChangeBuilder, build_append, head_exists
 from service import paging
@@ -107,7 +108,16 @@ def encode_after(task: TaskRecord, sort: SortField, order: SortOrder) -> str:
     return paging.encode("tasks", sort.value, order.value, getattr(task, sort.value), task.id)
 
 
+def _nullable(sort: SortField) -> bool:
+    """A sort on a nullable column (due_at) puts the tasks without a value last, in both
+    orders, and pages through them after the others (`_then_undated`)."""
+    return bool(TASKS.c[sort.value].nullable)
+
+
 def _parse_value(value: Any, sort: SortField) -> Any:
+    """A cursor's sort value, of the sort column's type; anything else is a ValueError."""
+    column = TASKS.c[sort.value]
+    sql_type = column.type.impl if isinstance(column.type, TypeDecorator) else column.type
     if sort is SortField.title:
         # Text a title may hold (a NUL or a lone surrogate would fail in the driver).
         if isinstance(value, str) and value and control_error(value) is None:
@@ -116,8 +126,13 @@ def _parse_value(value: Any, sort: SortField) -> Any:
     elif sort is SortField.priority:
         if isinstance(value, str) and value in Priority.__members__:
             return Priority(value)
-    elif value is not None or sort is SortField.due_at:
-        return None if value is None else paging.aware_time(value)
+    elif value is None:
+        if column.nullable:
+            return None
+    elif sql_type.python_type is datetime:
+        return paging.aware_time(value)
+    elif sql_type.python_type is int and type(value) is int:
+        return value
     raise ValueError(value)
 
 
@@ -140,11 +155,11 @@ def _sort_key(sort: SortField) -> tuple[Any, ...]:
 
 
 def _after_condition(sort: SortField, order: SortOrder, after_null: bool) -> Any:
-    """The tasks that follow `after` in this order (tasks without a due date last)."""
+    """The tasks that follow `after` in this order (tasks without a value last)."""
     column = TASKS.c[sort.value]
     value = bindparam("after_value", type_=column.type)
     after_id = bindparam("after_id", type_=BigInteger)
-    if after_null:  # past the last due date: among the tasks without one, by id
+    if after_null:  # past the last value: among the tasks without one, by id
         later_id = TASKS.c.id > after_id if order is SortOrder.asc else TASKS.c.id < after_id
         return and_(column.is_(None), later_id)
     keys = _sort_key(sort)
@@ -421,25 +436,26 @@ def _list_statements(
     conditions = filters if after is None else [*filters, _after_condition(sort, order, after)]
     *keys, id_key = _sort_key(sort)
     if order is SortOrder.desc:
-        # Tasks without a due date come last in both orders: ix_tasks_user_due_desc has this
-        # order. The other sort columns are NOT NULL, and a NULLS LAST there would keep
-        # PostgreSQL from reading their indexes backwards.
+        # Tasks without a value (a due date) come last in both orders: a nullable sort column
+        # needs a DESC NULLS LAST index for this order (ix_tasks_user_due_desc). The NOT NULL
+        # ones get no NULLS LAST, which would keep PostgreSQL from reading their indexes
+        # backwards.
         ordering = [key.desc() for key in keys]
-        if sort is SortField.due_at:
+        if _nullable(sort):
             ordering = [ordering[0].nulls_last()]
         ordering.append(id_key.desc())
     else:  # NULLS LAST is the ascending default
         ordering = [*(key.asc() for key in keys), id_key.asc()]
     page: Any = select(*_COLUMNS).where(*conditions).order_by(*ordering)
-    if sort is SortField.due_at and after is False:
-        page = _then_undated(page, filters, ordering, order)
+    if _nullable(sort) and after is False:
+        page = _then_undated(page, filters, ordering, order, TASKS.c[sort.value])
     page = page.limit(bindparam("limit")).offset(bindparam("offset"))
     count = select(func.count()).select_from(TASKS).where(*_conditions(shape, counting=True))
     return page, count
 
 
 def _then_undated(
-    dated: Select[Any], conditions: list[Any], ordering: list[Any], order: SortOrder
+    dated: Select[Any], conditions: list[Any], ordering: list[Any], order: SortOrder, column: Any
 ) -> Any:
     """After a task with a due date, a page goes on with the later due dates and then the
     tasks without one. Asked as one OR, PostgreSQL reads the index from the user's first task
@@ -448,9 +464,9 @@ def _then_undated(
     (constant there) so that it is a range of the same index: ordered by id alone, the
     planner may walk the primary key through every user's tasks for a page that has none."""
     enough: Any = bindparam("limit") + bindparam("offset")
-    undated = select(*_COLUMNS).where(*conditions, TASKS.c.due_at.is_(None)).order_by(*ordering)
+    undated = select(*_COLUMNS).where(*conditions, column.is_(None)).order_by(*ordering)
     both = union_all(dated.limit(enough), undated.limit(enough)).subquery("page")
-    due, task_id = both.c.due_at, both.c.id
+    due, task_id = both.c[column.name], both.c.id
     if order is SortOrder.asc:
         return select(both).order_by(due.asc().nulls_last(), task_id.asc())
     return select(both).order_by(due.desc().nulls_last(), task_id.desc())

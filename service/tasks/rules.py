@@ -340,19 +340,18 @@ def _next_occurrence(
 ) -> TaskRecord:
     """The series' next task: a copy of the completed one (its `tags` already resolved), due
     at the rule's next date, with the rest of the rule; its `task.created` names the
-    completion as its cause."""
-    values = {
-        "title": completed.title,
-        "description": completed.description,
-        "priority": completed.priority,
-        "due_at": following.due_at,
-        "tags": completed.tags,
-        "recurrence": following.rule,
+    completion as its cause. Every field a client gives at creation is copied (a new one
+    too), but for these three."""
+    values = {name: getattr(completed, name) for name in queries.INSERTED_FIELDS}
+    values.update(
+        tags=completed.tags,
+        due_at=following.due_at,
+        recurrence=following.rule,
         # The reminder keeps its distance from the due date.
-        "remind_at": None
+        remind_at=None
         if completed.remind_at is None or completed.due_at is None
         else completed.remind_at + (following.due_at - completed.due_at),
-    }
+    )
     task, _ = _insert(
         session,
         ctx,
