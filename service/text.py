@@ -24,6 +24,8 @@ CONTROLS = r"\x00-\x1f\x7f-\x9f"
 CONTROLS_BUT_LINE_BREAKS = r"\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f"
 # What str.strip() removes (str.isspace()).
 WHITESPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# The same without the control characters: what may surround a one-line name.
+SPACES = r"\x20\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): characters that show
 # nothing, e.g. zero-width space, joiners, bidi marks and controls, the soft hyphen, Hangul
 # fillers, variation selectors, the BOM and the tag characters. Those beyond the BMP are the
@@ -37,9 +39,6 @@ INVISIBLE = (
 
 # For the OpenAPI schema: text that a multi-line field may hold.
 MULTI_LINE_PATTERN = rf"^[^{CONTROLS_BUT_LINE_BREAKS}]*$"
-
-# ... and a single-line one, not blank.
-NOT_BLANK_LINE_PATTERN = rf"^[^{CONTROLS}]*[^{CONTROLS}{WHITESPACE}{INVISIBLE}][^{CONTROLS}]*$"
 
 # A user id: the token's `sub`, the `{user_id}` of a path, REMINDER_ACTOR_ID and what `dev-token`
 # signs. One line, not whitespace alone (str.strip() leaves something), no control character,

@@ -37,9 +37,9 @@ from schemathesis.specs.openapi.checks import (
 
 from service.deps import UserIdPath
 from service.tags.models import TagCreate
-from service.tags.rules import TAG_NAME_MAX, TAGS_PER_TASK_MAX
+from service.tags.rules import TAG_NAME_MAX, TAG_NAME_PATTERN, TAGS_PER_TASK_MAX
 from service.tasks.models import TITLE_PATTERN, TaskCreate
-from service.text import MULTI_LINE_PATTERN, NOT_BLANK_LINE_PATTERN, is_user_id
+from service.text import MULTI_LINE_PATTERN, is_user_id
 from tests.support import ApiUser, create_task
 
 CHECKS = [
@@ -193,16 +193,32 @@ def test_documented_title_pattern_matches_the_validator(text: str) -> None:
     ), repr(text)
 
 
-@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=12))
+@given(
+    text=st.one_of(
+        st.text(alphabet=st.characters(codec="utf-8"), max_size=12),
+        # Around the trimmed bound: padding, and names of TAG_NAME_MAX - 1 to + 1 characters.
+        st.builds(
+            lambda pad, core, end: pad + core + end,
+            st.text(alphabet=" \u3000\xa0\t", max_size=3),
+            st.text(
+                alphabet=st.characters(codec="utf-8"),
+                min_size=TAG_NAME_MAX - 1,
+                max_size=TAG_NAME_MAX + 1,
+            ),
+            st.text(alphabet=" \u2003\n", max_size=3),
+        ),
+    )
+)
 @settings(max_examples=400, deadline=None, database=None)
 def test_documented_tag_name_pattern_matches_the_validator(text: str) -> None:
-    """OpenAPI's tag name pattern (no control characters, not blank) agrees with TagCreate."""
+    """OpenAPI's tag name pattern (no control characters, not blank, at most TAG_NAME_MAX
+    characters once trimmed) agrees with TagCreate."""
     try:
         TagCreate(name=text)
         accepted = True
     except ValidationError:
         accepted = False
-    assert (re.fullmatch(NOT_BLANK_LINE_PATTERN, text) is not None) == accepted, repr(text)
+    assert (re.fullmatch(TAG_NAME_PATTERN, text) is not None) == accepted, repr(text)
 
 
 _USER_ID_PATH = TypeAdapter(UserIdPath)

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 from pydantic import Field as PField
 
-from service.text import NOT_BLANK_LINE_PATTERN, control_error, is_blank
+from service.text import CONTROLS, INVISIBLE, SPACES, WHITESPACE, control_error, is_blank
 
 TAG_NAME_MAX = 50
 TAGS_PER_TASK_MAX = 20
@@ -46,6 +46,18 @@ def unique_names(names: list[str]) -> list[str]:
     return list(seen.values())
 
 
+# What `clean_tag_name` accepts, for the schema: spaces (whitespace that is no control
+# character) around at most TAG_NAME_MAX characters that start and end with neither, hold no
+# control character and a visible one. The lookahead bounds the trimmed length, which
+# `maxLength` (the name as sent) cannot.
+_SPACE = f"[{SPACES}]"
+_EDGE = f"[^{CONTROLS}{WHITESPACE}]"
+_KEPT = f"[^{CONTROLS}]*"
+TAG_NAME_PATTERN = (
+    rf"^{_SPACE}*(?={_EDGE}(?:[^{CONTROLS}]{{0,{TAG_NAME_MAX - 2}}}{_EDGE})?{_SPACE}*$)"
+    rf"(?:{_EDGE}{_KEPT})?[^{CONTROLS}{WHITESPACE}{INVISIBLE}](?:{_KEPT}{_EDGE})?{_SPACE}*$"
+)
+
 TagName = Annotated[
     str,
     PField(
@@ -55,7 +67,7 @@ TagName = Annotated[
         description=f"Trimmed, 1-{TAG_NAME_MAX} characters, no control characters, not blank "
         "(zero-width and bidi characters alone are blank)",
         examples=["work"],
-        json_schema_extra={"pattern": NOT_BLANK_LINE_PATTERN},
+        json_schema_extra={"pattern": TAG_NAME_PATTERN},
     ),
     AfterValidator(clean_tag_name),
 ]

@@ -19,7 +19,7 @@ from service.openapi import error_responses, with_headers
 from service.priority import Priority
 from service.responses import json_response, next_page_link, url_for
 from service.routing import Router
-from service.tags.rules import TAG_NAME_MAX, TAGS_PER_TASK_MAX, clean_tag_name
+from service.tags.rules import TAG_NAME_MAX, TAG_NAME_PATTERN, TAGS_PER_TASK_MAX, clean_tag_name
 from service.tasks import idempotency, queries, rules
 from service.tasks.models import (
     TaskCompletion,
@@ -59,6 +59,10 @@ async def _idempotency_key(
 
 
 IdempotencyKey = Annotated[str | None, Depends(_idempotency_key)]
+# As a tag name on a task; checked (with the 400 naming it) by `_tag_filter`.
+TagFilterName = Annotated[
+    str, Query(max_length=TAG_NAME_MAX * 4, json_schema_extra={"pattern": TAG_NAME_PATTERN})
+]
 SEARCH_MAX = 200
 
 
@@ -116,7 +120,7 @@ def list_tasks(
         Query(description="Repeatable: tasks with any of these priorities"),
     ] = None,
     tag: Annotated[
-        list[Annotated[str, Query(max_length=TAG_NAME_MAX * 4)]] | None,
+        list[TagFilterName] | None,
         Query(
             max_length=TAGS_PER_TASK_MAX,
             description="Repeatable: tasks carrying every one of these tags (names ignore case)",
