@@ -12,6 +12,7 @@ would turn a Redis outage into a full API outage, which is worse than a few minu
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import time
@@ -109,6 +110,47 @@ def _redis_storage(settings: Settings, url: str) -> RedisStorage:
         ) from None
 
 
+class SweptMemoryStorage(MemoryStorage):
+    """`limits`' in-process store, its expired windows dropped at most once per
+    SWEEP_SECONDS and without a thread hop per key.
+
+    Upstream (limits 5.8) sweeps every key after any hit that finds no sweep running, each
+    key through `asyncio.to_thread`: with 30,000 clients in a window that is about 0.8 s of
+    CPU per sweep, back to back while requests arrive. Here the sweep runs on the event loop
+    between awaits (no key is mid-update then: the store changes a key without awaiting) and
+    keeps what a window still counts; a window's expired entries wait at most one interval.
+    """
+
+    SWEEP_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self._swept_at = -math.inf
+        super().__init__()
+
+    # The base class's private scheduler (name-mangled), which its writes call.
+    async def _MemoryStorage__schedule_expiry(self) -> None:
+        now = time.monotonic()
+        if now - self._swept_at >= self.SWEEP_SECONDS:
+            self._swept_at = now
+            self.sweep()
+
+    def sweep(self) -> None:
+        now = time.time()
+        for key, events in list(self.events.items()):
+            # Newest first, as the store keeps them: the ones still live lead.
+            live = bisect.bisect_left(events, -now, key=lambda entry: -entry.expiry)
+            if live:
+                self.events[key] = events[:live]
+            else:
+                self.events.pop(key, None)
+                self.locks.pop(key, None)
+        for key, expiry in list(self.expirations.items()):
+            if expiry <= now:
+                self.storage.pop(key, None)
+                self.expirations.pop(key, None)
+                self.locks.pop(key, None)
+
+
 class RateLimiter:
     """The app's limiter: one storage, one limit per category."""
 
@@ -125,7 +167,7 @@ class RateLimiter:
         if settings.redis_url is not None:
             self.storage = _redis_storage(settings, settings.redis_url.get_secret_value())
         else:
-            self.storage = MemoryStorage()
+            self.storage = SweptMemoryStorage()
         self.strategy = MovingWindowRateLimiter(self.storage)
         self._bypass_until = 0.0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -10,10 +11,13 @@ import pytest
 import redis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from limits import parse
+from limits.aio.strategies import MovingWindowRateLimiter
 from pydantic import SecretStr, ValidationError
 
 from service.app import create_app
 from service.database import Database
+from service.ratelimit import SweptMemoryStorage
 from service.settings import Settings
 from tests.jwt_helpers import sign_hs256
 from tests.support import ApiUser, free_port, redis_url
@@ -273,3 +277,36 @@ def test_the_change_feed_counts_requests_without_a_valid_token_per_client_ip(
         assert client.get(stream, params={"ticket": "x" * 43}).status_code == 401
         assert client.get(stream, params={"ticket": ticket.json()["ticket"]}).status_code == 403
         _assert_rate_limited(client.get(stream, params={"ticket": "y" * 43}), "anonymous", 3, 60)
+
+
+def test_the_memory_store_sweeps_expired_windows_on_the_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Expired windows are dropped, so the store holds one window's clients, by a sweep that
+    hops no thread (upstream's sent every key through `asyncio.to_thread`: about 0.8 s of CPU
+    per sweep with 30,000 clients, one sweep after another while requests came in)."""
+    hops = 0
+    to_thread = asyncio.to_thread
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await to_thread(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+
+    async def scenario() -> tuple[int, int]:
+        storage = SweptMemoryStorage()
+        strategy = MovingWindowRateLimiter(storage)
+        item = parse("5/second")
+        for client in range(2_000):
+            assert await strategy.hit(item, f"client-{client}")
+        held = len(storage.events)
+        await asyncio.sleep(SweptMemoryStorage.SWEEP_SECONDS + 0.2)  # the windows end
+        assert await strategy.hit(item, "one-more")
+        await asyncio.sleep(0.5)  # room for a sweep run as a task, as upstream's is
+        return held, len(storage.events)
+
+    held, left = asyncio.run(scenario())
+    assert (held, left) == (2_000, 1)
+    assert hops == 0
