@@ -39,6 +39,11 @@ INVISIBLE = (
 
 # For the OpenAPI schema: text that a multi-line field may hold.
 MULTI_LINE_PATTERN = rf"^[^{CONTROLS_BUT_LINE_BREAKS}]*$"
+# The parts of a one-line value's pattern (a title's, a tag name's): a run of characters that
+# are not controls, an end of the trimmed text, and a character that shows.
+KEPT = f"[^{CONTROLS}]*"
+EDGE = f"[^{CONTROLS}{WHITESPACE}]"
+SHOWN = f"[^{CONTROLS}{WHITESPACE}{INVISIBLE}]"
 
 # A user id: the token's `sub`, the `{user_id}` of a path, REMINDER_ACTOR_ID and what `dev-token`
 # signs. One line, not whitespace alone (str.strip() leaves something), no control character,

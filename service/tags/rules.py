@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import AfterValidator
 from pydantic import Field as PField
 
-from service.text import CONTROLS, INVISIBLE, SPACES, WHITESPACE, control_error, is_blank
+from service.text import CONTROLS, EDGE, KEPT, SHOWN, SPACES, control_error, is_blank
 
 TAG_NAME_MAX = 50
 TAGS_PER_TASK_MAX = 20
@@ -51,11 +51,9 @@ def unique_names(names: list[str]) -> list[str]:
 # control character and a visible one. The lookahead bounds the trimmed length, which
 # `maxLength` (the name as sent) cannot.
 _SPACE = f"[{SPACES}]"
-_EDGE = f"[^{CONTROLS}{WHITESPACE}]"
-_KEPT = f"[^{CONTROLS}]*"
 TAG_NAME_PATTERN = (
-    rf"^{_SPACE}*(?={_EDGE}(?:[^{CONTROLS}]{{0,{TAG_NAME_MAX - 2}}}{_EDGE})?{_SPACE}*$)"
-    rf"(?:{_EDGE}{_KEPT})?[^{CONTROLS}{WHITESPACE}{INVISIBLE}](?:{_KEPT}{_EDGE})?{_SPACE}*$"
+    rf"^{_SPACE}*(?={EDGE}(?:[^{CONTROLS}]{{0,{TAG_NAME_MAX - 2}}}{EDGE})?{_SPACE}*$)"
+    rf"(?:{EDGE}{KEPT})?{SHOWN}(?:{KEPT}{EDGE})?{_SPACE}*$"
 )
 
 TagName = Annotated[

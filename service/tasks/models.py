@@ -46,9 +46,10 @@ from service.sqltypes import ID_TYPE, UTCDateTime
 from service.tags.rules import TagNames, sorted_names
 from service.tasks import recurrence
 from service.text import (
-    CONTROLS,
-    INVISIBLE,
+    EDGE,
+    KEPT,
     MULTI_LINE_PATTERN,
+    SHOWN,
     WHITESPACE,
     control_error,
     is_blank,
@@ -216,12 +217,7 @@ def _multi_line(value: str | None) -> str | None:
 # What `_clean_title` accepts, for the schema: whitespace around a line that starts and ends
 # with neither whitespace nor a control character, holds no control character, and has a
 # visible one (neither whitespace nor invisible).
-_KEPT = f"[^{CONTROLS}]*"
-_EDGE = f"[^{CONTROLS}{WHITESPACE}]"
-TITLE_PATTERN = (
-    rf"^[{WHITESPACE}]*(?:{_EDGE}{_KEPT})?[^{CONTROLS}{WHITESPACE}{INVISIBLE}]"
-    rf"(?:{_KEPT}{_EDGE})?[{WHITESPACE}]*$"
-)
+TITLE_PATTERN = rf"^[{WHITESPACE}]*(?:{EDGE}{KEPT})?{SHOWN}(?:{KEPT}{EDGE})?[{WHITESPACE}]*$"
 
 # The raw title is bounded by the same limit as the stored one, so the documented
 # `maxLength` is exactly what the server enforces (a generated client can rely on it). The
