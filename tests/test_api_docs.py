@@ -111,11 +111,12 @@ def test_every_api_route_has_security_and_public_routes_say_none(spec: dict[str,
             assert operation["security"] == [], (path, method)
 
 
+def _by_id(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {operation["operationId"]: operation for operation in _operations(spec).values()}
+
+
 def _headers(spec: dict[str, Any], op_id: str, code: str) -> set[str]:
-    for operation in _operations(spec).values():
-        if operation["operationId"] == op_id:
-            return set(operation["responses"][code].get("headers", {}))
-    raise AssertionError(op_id)
+    return set(_by_id(spec)[op_id]["responses"][code].get("headers", {}))
 
 
 def test_response_headers_are_documented_per_operation(spec: dict[str, Any]) -> None:
@@ -142,7 +143,7 @@ def test_headers_always_sent_are_required(
 ) -> None:
     """A header documented as required is on every response it is documented for: checked
     on real responses of each kind (so a generated client may type it as always there)."""
-    operations = {op["operationId"]: op for op in _operations(spec).values()}
+    operations = _by_id(spec)
     required = {
         (op_id, code): {
             name for name, h in response.get("headers", {}).items() if h.get("required")
@@ -250,7 +251,7 @@ def test_readme_quotes_the_fetch_wrapper_the_browser_tests_run() -> None:
 def test_conditional_headers_are_documented(spec: dict[str, Any]) -> None:
     """`If-None-Match` on the task's GET, whose 304 has no body; `If-Match` on its writes.
     Both are one string, a comma-separated list of ETags."""
-    operations = {op["operationId"]: op for op in _operations(spec).values()}
+    operations = _by_id(spec)
 
     def header(op_id: str, name: str) -> dict[str, Any]:
         (param,) = [p for p in operations[op_id]["parameters"] if p["name"].lower() == name]
