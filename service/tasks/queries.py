@@ -127,7 +127,7 @@ def _parse_value(value: Any, sort: SortField) -> Any:
         if isinstance(value, str) and value in Priority.__members__:
             return Priority(value)
     elif value is None:
-        if column.nullable:
+        if _nullable(sort):
             return None
     elif sql_type.python_type is datetime:
         return paging.aware_time(value)
