@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -403,6 +404,17 @@ class TokenVerifier:
             self._refresh_and_find(None)
         return bool(self._jwks.keys)
 
+    def keys_retry_after(self) -> int:
+        """Whole seconds until the key set may be fetched again (at least 1): what a client
+        told that the keys are unavailable should wait before retrying."""
+        last = self._last_fetch_at
+        if last is None:
+            return 1
+        elapsed = self._clock() - last
+        if not 0 <= elapsed < self._min_refetch:  # due now, or the clock went back
+            return 1
+        return max(1, math.ceil(self._min_refetch - elapsed))
+
     def _is_stale(self, state: _JwksState) -> bool:
         """Older than the maximum age (or fetched "in the future": the clock went back)."""
         if state.fetched_at is None:
@@ -456,7 +468,7 @@ class TokenVerifier:
         if entry is not None:
             return entry, state.keys
         if state.last_fetch_failed:
-            raise AuthUnavailable("signing keys are unavailable")
+            raise AuthUnavailable("signing keys are unavailable", self.keys_retry_after())
         raise AuthError("unknown signing key" if kid is not None else "missing key id")
 
     def _fetch_jwks(self) -> tuple[_Jwk, ...]:

@@ -194,12 +194,13 @@ async def _auth_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _auth_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AuthUnavailable)
     log.error("token keys unavailable", extra={"reason": str(exc)})
     metrics.unavailable("token_keys")
     return problem(
         503,
         "Token verification keys are unavailable; try again shortly.",
-        headers={"Retry-After": RETRY_AFTER_SECONDS},
+        headers={"Retry-After": str(exc.retry_after)},
     )
 
 

@@ -76,4 +76,11 @@ class TokenExpired(AuthError):
 
 
 class AuthUnavailable(Exception):
-    """The signing keys cannot be fetched, so the token cannot be judged (503, not 401)."""
+    """The signing keys cannot be fetched, so the token cannot be judged (503, not 401).
+
+    `retry_after`: seconds until the keys may be fetched again, the earliest a retry can
+    succeed."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -88,7 +88,7 @@ async def readyz(request: Request) -> Any:
         keys = "ok" if await run_in_threadpool(verifier.prefetch_keys) else "unavailable"
         if keys == "unavailable":
             metrics.unavailable("token_keys")
-            headers = {"Retry-After": RETRY_AFTER_SECONDS}
+            headers = {"Retry-After": str(verifier.keys_retry_after())}
             detail = "The token signing keys (JWKS) are unavailable."
             return problem(503, detail, headers=headers)
     # Reported, never a reason to be unready: the limits fail open (see service.ratelimit).

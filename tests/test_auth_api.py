@@ -312,6 +312,27 @@ def test_jwks_outage_without_cached_key_is_503(
         assert client.get(f"/api/{user_id}/tasks", headers=bearer(token)).status_code == 200
 
 
+def test_a_jwks_outage_503_says_when_the_keys_are_fetched_again(
+    settings: Settings, database: Database
+) -> None:
+    """Not a fixed 2 s: a retry before JWKS_MIN_REFETCH_SECONDS have passed since the failed
+    fetch cannot succeed, on the API as on /readyz."""
+    key = generate_key("EdDSA")
+    origin = f"http://127.0.0.1:{free_port()}"  # nothing listens: the start-up fetch fails
+    changes = {"better_auth_url": origin, "jwks_min_refetch_seconds": 600}
+    app = create_app(settings.model_copy(update=changes), database)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        user_id = random_id()
+        token = key.sign(better_auth_claims(origin, user_id=user_id))
+        for resp in (
+            client.get(f"/api/{user_id}/tasks", headers=bearer(token)),
+            client.get("/readyz"),
+        ):
+            assert_problem(resp, 503)
+            # The start-up fetch failed moments ago: most of the 600 s are still to wait.
+            assert 300 < int(resp.headers["Retry-After"]) <= 600
+
+
 def test_jwks_url_credentials_are_sent_but_never_logged(database_url: str, tmp_path: Path) -> None:
     """`todo-api serve`'s own log: the start-up INFO line, the failed-fetch WARNING and
     httpx's request lines show the JWKS URL without its password."""

@@ -324,6 +324,33 @@ def test_unreachable_jwks_endpoint_is_unavailable(
     assert verifier.verify(create_dev_token(SECRET, "u1")).user_id == "u1"
 
 
+def test_unavailable_keys_say_when_the_next_fetch_may_be_made(
+    server: JwksServer, ed_key: SigningKey, clock: FakeClock, make_verifier: MakeVerifier
+) -> None:
+    """The 503's Retry-After: a retry before the refetch interval is over meets the same
+    failure without a new attempt, so sooner is useless."""
+    verifier = make_verifier(jwks_min_refetch_seconds=30)
+    server.respond(503, b"down")
+    token = ed_key.sign(better_auth_claims(ORIGIN))
+    assert verifier.keys_retry_after() == 1  # nothing fetched yet: a fetch may be made now
+    with pytest.raises(AuthUnavailable) as failed:
+        verifier.verify(token)
+    assert failed.value.retry_after == 30
+    clock.advance(12.5)
+    with pytest.raises(AuthUnavailable) as failed:
+        verifier.verify(token)
+    assert failed.value.retry_after == 18  # 17.5 s, in whole seconds not under it
+    assert server.request_count == 1
+    clock.advance(17.5)
+    assert verifier.keys_retry_after() == 1
+    with pytest.raises(AuthUnavailable) as failed:
+        verifier.verify(token)
+    assert server.request_count == 2
+    assert failed.value.retry_after == 30
+    clock.advance(-60)  # the clock went back: the interval counts as elapsed
+    assert verifier.keys_retry_after() == 1
+
+
 def test_cached_keys_keep_working_while_endpoint_is_down_and_recovery(
     server: JwksServer, ed_key: SigningKey, clock: FakeClock, make_verifier: MakeVerifier
 ) -> None:
