@@ -32,7 +32,7 @@ from service.app import create_app
 from service.database import Database
 from service.problem_types import ProblemType
 from service.settings import Settings
-from tests.support import LiveServer
+from tests.support import LiveServer, bearer
 
 pytestmark = pytest.mark.browser
 
@@ -159,10 +159,6 @@ def api(
     settings = base_settings.model_copy(update={"better_auth_url": better_auth.url})
     with LiveServer(create_app(settings, database)) as server:
         yield server
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def test_better_auth_tokens_work_on_every_task_endpoint(
