@@ -13,7 +13,6 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
-from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from audit.cli import EXIT_DATABASE, EXIT_USAGE, UsageError, user_id_arg
@@ -22,6 +21,7 @@ from service.database import (
     Database,
     failure_message,
     normalize_database_url,
+    refused_for_good,
     refused_startup_parameter,
     safe_url,
 )
@@ -70,20 +70,27 @@ def migrate(settings: Settings) -> None:
 def check_requests_connect(settings: Settings) -> None:
     """Connect once as the requests will, with their connection options (migrations send
     none): a server that refuses them, as PgBouncer refuses the timeouts' startup option
-    `options`, stops `serve` here in one line (exit 3, from `run`), instead of every request
-    being a 503 with no word of why. One that cannot be reached, or refuses for now (starting
-    up, out of connections), is only a warning (`--no-migrate` may start before the database;
-    stopping would crash-loop a rolling deploy): /readyz is 503 until it answers."""
+    `options`, or refuses for a reason no wait cures (a wrong database, role or password),
+    stops `serve` here in one line (exit 3, from `run`), instead of every request being a 503
+    with no word of why. One that cannot be reached, or refuses for now (starting up, out of
+    connections), is only a warning (`--no-migrate` may start before the database; stopping
+    would crash-loop a rolling deploy): /readyz is 503 until it answers. So is a schema this
+    release cannot run on (`service.schema`): a warning, as the migration may be under way."""
+    from service.schema import schema_problem
+
     database = Database.from_settings(settings)
     try:
         with database.engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+            problem = schema_problem(connection)
     except DBAPIError as exc:
-        if refused_startup_parameter(exc):
+        if refused_startup_parameter(exc) or refused_for_good(exc):
             raise
-        log.warning("the database is unreachable; serving anyway: %s", failure_message(exc))
+        log.warning("the database cannot be used yet; serving anyway: %s", failure_message(exc))
+        return
     finally:
         database.dispose()
+    if problem is not None:
+        log.warning("%s Serving anyway; /readyz is 503 until it is.", problem)
 
 
 # How long a worker process may take to answer uvicorn's supervisor, which pings each one

@@ -101,6 +101,20 @@ def refused_connection(exc: DBAPIError) -> bool:
     return getattr(exc.orig, "pgcode", None) is None and bool(_SERVER_REFUSED.search(str(exc.orig)))
 
 
+# Refusals no wait will cure: a wrong database, role, password or pg_hba rule.
+_REFUSED_FOR_GOOD = re.compile(
+    r"does not exist|password authentication failed|no pg_hba\.conf entry|pg_hba\.conf rejects"
+    r"|permission denied for database|fe_sendauth: no password supplied"
+)
+
+
+def refused_for_good(exc: DBAPIError) -> bool:
+    """The connection was refused for a reason in the settings (DATABASE_URL, the role),
+    as opposed to a server starting up or out of connections, which waiting cures."""
+    first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ""
+    return getattr(exc.orig, "pgcode", None) is None and bool(_REFUSED_FOR_GOOD.search(first))
+
+
 def refused_startup_parameter(exc: DBAPIError) -> bool:
     """The server (a pooler) refused the connection's startup options: a setting to change,
     not a database still starting or out of connections."""

@@ -9,7 +9,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
-from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -22,6 +21,7 @@ from service.lifecycle import Drain
 from service.openapi import error_responses
 from service.ratelimit import RateLimiter
 from service.routing import Router
+from service.schema import schema_problem
 
 if TYPE_CHECKING:
     # For the type only: the plumbing loads no feature (pyproject's import contracts).
@@ -75,13 +75,17 @@ async def readyz(request: Request) -> Any:
             503, "The instance is shutting down.", headers={"Retry-After": RETRY_AFTER_SECONDS}
         )
     try:
-        await run_in_threadpool(_ping_database, db)
+        schema = await run_in_threadpool(_ping_database, db)
     except (DBAPIError, PoolTimeoutError):
         # Any failure of the database, not only a lost connection (a statement timeout, a
         # server in recovery, no free pooled connection): not ready.
         metrics.unavailable("database")
         headers = {"Retry-After": RETRY_AFTER_SECONDS}
         return problem(503, "The database is unavailable.", headers=headers)
+    if schema is not None:
+        # Its requests would be 500s until someone migrates: keep it out of the rotation.
+        metrics.unavailable("schema")
+        return problem(503, schema, headers={"Retry-After": RETRY_AFTER_SECONDS})
     keys = "not used"
     if verifier.uses_jwks:
         # Fetches when none are held yet (at most once per JWKS_MIN_REFETCH_SECONDS).
@@ -108,12 +112,14 @@ async def readyz(request: Request) -> Any:
     )
 
 
-def _ping_database(db: Database) -> None:
-    def ping() -> None:
-        with db.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+def _ping_database(db: Database) -> str | None:
+    """The database answers: why its schema will not do, or None."""
 
-    retried_once(ping)
+    def ping() -> str | None:
+        with db.engine.connect() as conn:
+            return schema_problem(conn)
+
+    return retried_once(ping)
 
 
 metrics_router = Router(tags=["health"])

@@ -655,7 +655,78 @@ def test_serve_without_migrating_starts_while_the_database_is_unreachable(
         wait_until(lambda: _readyz_status(server.url) == 503, "a 503 from /readyz")
     finally:
         server.stop()
-    assert "the database is unreachable; serving anyway" in server.log.read_text()
+    assert "the database cannot be used yet; serving anyway" in server.log.read_text()
+
+
+@pytest.mark.parametrize("wrong", ["database", "username"])
+def test_serve_stops_when_the_database_refuses_for_good(
+    tmp_path: Path, database_url: str, wrong: str
+) -> None:
+    """A database or role that does not exist (a typo in DATABASE_URL) is no server still
+    starting: `serve --no-migrate` exits 3 with the server's line, instead of an instance
+    that stays up and never becomes ready."""
+    missing = f"todo_missing_{secrets.token_hex(4)}"
+    url = sa.make_url(database_url).set(**{wrong: missing})
+    env = {"DATABASE_URL": url.render_as_string(hide_password=False)}
+    result = run_serve(tmp_path, "--no-migrate", BETTER_AUTH_SECRET=TEST_SECRET, **env)
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
+    assert line.startswith("todo-api: the database refused the connection: "), line
+    assert line.endswith(
+        f'FATAL:  {"role" if wrong == "username" else wrong} "{missing}" does not exist'
+    )
+
+
+def test_serve_on_a_database_not_migrated_or_behind_is_not_ready_until_migrated(
+    tmp_path: Path,
+) -> None:
+    """`serve --no-migrate` (the image's default) on a database nobody migrated, or that a
+    skipped `todo-api migrate` left a release behind: its requests would be 500s, so /readyz
+    is 503 and says why, and turns 200 once the database is migrated, with no restart. A
+    revision the release does not know is a later release's: ready."""
+    from alembic.script import ScriptDirectory
+
+    from alembic import command
+
+    script = ScriptDirectory.from_config(alembic_config("postgresql://unused"))
+    head = _head()
+    previous = script.get_revision(head).down_revision
+    assert isinstance(previous, str)
+    with scratch_database(migrated=False) as url:
+        server = ServeProcess(tmp_path, {"DATABASE_URL": url, "BETTER_AUTH_SECRET": TEST_SECRET})
+        server.launch()
+        try:
+            wait_until(lambda: _readyz_status(server.url) is not None, "an answer from /readyz")
+            not_migrated = httpx.get(f"{server.url}/readyz", timeout=10)
+            assert not_migrated.status_code == 503
+            assert not_migrated.json()["detail"] == (
+                "The database is not migrated: run `todo-api migrate`."
+            )
+            assert not_migrated.headers["Retry-After"]
+
+            command.upgrade(alembic_config(url), previous)
+            behind = httpx.get(f"{server.url}/readyz", timeout=10)
+            assert behind.status_code == 503
+            assert behind.json()["detail"] == (
+                f"The database schema is at revision {previous}, older than this release's "
+                f"{head}: run `todo-api migrate`."
+            )
+
+            command.upgrade(alembic_config(url), "head")
+            assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+
+            engine = sa.create_engine(url, poolclass=sa.NullPool)
+            with engine.begin() as conn:
+                conn.execute(sa.text("UPDATE alembic_version SET version_num = 'a_later_one'"))
+            engine.dispose()
+            assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
+        finally:
+            server.stop()
+    assert (
+        "The database is not migrated: run `todo-api migrate`. Serving anyway; /readyz is 503 "
+        "until it is." in server.log.read_text()
+    )
 
 
 @pytest.mark.parametrize(
