@@ -117,6 +117,21 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if not args.no_migrate:
         migrate(settings)
     check_requests_connect(settings)
+    if settings.metrics_enabled and args.workers > 1:
+        # Counters are per process, and a scrape reaches one process: Prometheus would see
+        # every counter jump between workers' values, as if reset.
+        where = (
+            "on METRICS_PORT, the first worker's"
+            if settings.metrics_port
+            else "on the API's port, the answering worker's"
+        )
+        log.warning(
+            "METRICS_ENABLED with --workers %d: each scrape of /metrics reads one worker's "
+            "counters only (%s): run one worker per container, or push the metrics with "
+            "OTEL_METRICS_EXPORTER=otlp (each worker has its own service.instance.id)",
+            args.workers,
+            where,
+        )
     if settings.needs_dev_secret:
         # Creates the secret file now, before the workers start and each reads it.
         settings.with_dev_secret()

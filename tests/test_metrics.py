@@ -283,3 +283,29 @@ def test_failed_audit_verifications_are_counted_by_mode(
             db.dispose()
     after = {mode: failures(mode) - before[mode] for mode in before}
     assert after == {"full": 1, "incremental": 1}
+
+
+@pytest.mark.parametrize(("workers", "metrics_port"), [(1, False), (2, False), (2, True)])
+def test_serve_warns_that_a_scrape_reads_one_worker(
+    database_url: str, tmp_path: Path, workers: int, metrics_port: bool
+) -> None:
+    """Counters are per process: with several workers, Prometheus would see them jump between
+    the workers' values (the API's port) or see the first worker's alone (METRICS_PORT)."""
+    env = {"DATABASE_URL": database_url, "BETTER_AUTH_SECRET": TEST_SECRET}
+    env["METRICS_ENABLED"] = "true"
+    if metrics_port:
+        env["METRICS_PORT"] = str(free_port())
+    server = ServeProcess(tmp_path, env, workers=workers).start()
+    server.stop()
+    warnings = [
+        line
+        for line in server.log.read_text().splitlines()
+        if "each scrape of /metrics reads one worker's counters only" in line
+    ]
+    if workers == 1:
+        assert warnings == []
+    else:
+        [line] = warnings
+        where = "the first worker's" if metrics_port else "the answering worker's"
+        assert "METRICS_ENABLED with --workers 2:" in line
+        assert where in line
