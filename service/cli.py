@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +94,18 @@ def check_requests_connect(settings: Settings) -> None:
         log.warning("%s Serving anyway; /readyz is 503 until it is.", problem)
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """A port already taken (or not allowed) stops `serve` in one line, exit 2: uvicorn would
+    exit 3, which here means "the database", with only a log line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 # How long a worker process may take to answer uvicorn's supervisor, which pings each one
 # every half second and kills one that does not answer in time. A new worker answers only
 # once it has imported this package, about 2 s on an idle 2-core machine and 3-5 s on a busy
@@ -132,6 +145,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             args.workers,
             where,
         )
+    check_can_listen(args.host, args.port)
     if settings.needs_dev_secret:
         # Creates the secret file now, before the workers start and each reads it.
         settings.with_dev_secret()
@@ -143,6 +157,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         )
     from service.httpserver import BoundedHttpToolsProtocol
 
+    # Uvicorn raises the SIGTERM again once its graceful shutdown is done: a stop as asked, so
+    # exit 0 (its supervisor of several workers does), not killed by the signal (143).
+    signal.signal(signal.SIGTERM, _stopped_as_asked)
     uvicorn.run(
         "service.app:app",
         host=args.host,
@@ -176,8 +193,7 @@ def _dev_token(args: argparse.Namespace, settings: Settings) -> int:
 
     settings = settings.with_dev_secret()
     if settings.better_auth_secret is None:
-        print("dev-token signs HS256 tokens: set BETTER_AUTH_SECRET.", file=sys.stderr)
-        return 2
+        raise UsageError("dev-token signs HS256 tokens: set BETTER_AUTH_SECRET")
     if args.user_id == settings.reminder_actor_id:
         print(
             f"todo-api: {args.user_id!r} is the service's own actor (REMINDER_ACTOR_ID): "
@@ -280,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=_list_tasks)
 
     return parser
+
+
+def _stopped_as_asked(_signum: int, _frame: FrameType | None) -> NoReturn:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(0)
 
 
 def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> NoReturn:

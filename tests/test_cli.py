@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -656,6 +657,50 @@ def test_serve_without_migrating_starts_while_the_database_is_unreachable(
     finally:
         server.stop()
     assert "the database cannot be used yet; serving anyway" in server.log.read_text()
+
+
+def test_dev_token_without_a_secret_says_so_in_one_line(tmp_path: Path, database_url: str) -> None:
+    """Production with Better Auth's keys alone: no secret to sign with, and no file made."""
+    result = run(
+        tmp_path,
+        *("dev-token", "alice"),
+        APP_ENV="production",
+        DATABASE_URL=database_url,
+        BETTER_AUTH_URL="https://app.example.com",
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "todo-api: dev-token signs HS256 tokens: set BETTER_AUTH_SECRET\n"
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_on_a_port_already_taken_exits_2_in_one_line(
+    tmp_path: Path, database_url: str, workers: str
+) -> None:
+    """Not uvicorn's exit 3 (here: the database) with only a JSON log line."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run(
+            tmp_path,
+            *("serve", "--no-migrate", "--port", port, "--workers", workers),
+            DATABASE_URL=database_url,
+            BETTER_AUTH_SECRET=TEST_SECRET,
+        )
+    assert result.returncode == 2, result.stderr
+    [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
+    assert line == f"todo-api: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_stopped_by_sigterm_exits_0(tmp_path: Path, database_url: str, workers: int) -> None:
+    """SIGTERM is how a container is stopped: after the graceful shutdown, a success (it was
+    143 with one worker, uvicorn raising the signal again, and 0 with several)."""
+    env = {"DATABASE_URL": database_url, "BETTER_AUTH_SECRET": TEST_SECRET}
+    server = ServeProcess(tmp_path, env, workers=workers).start()
+    assert server.stop() == 0, server.log.read_text()[-2000:]
+    assert "Traceback" not in server.log.read_text()
 
 
 @pytest.mark.parametrize("wrong", ["database", "username"])
