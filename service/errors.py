@@ -204,6 +204,22 @@ async def _auth_unavailable(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+POOL_EXHAUSTED = (
+    "No database connection was free in time (DB_POOL_SIZE + DB_MAX_OVERFLOW, all busy for "
+    "DB_POOL_TIMEOUT_SECONDS)"
+)
+
+
+async def _pool_exhausted(_: Request, exc: Exception) -> JSONResponse:
+    """Every pooled connection busy: the database may be fine; the instance is overloaded
+    (or its pool too small for its load), which an operator must tell from an outage."""
+    log.error("database pool exhausted", extra={"error_type": type(exc).__name__})
+    metrics.unavailable("pool")
+    return problem(
+        503, f"{POOL_EXHAUSTED}; try again shortly.", headers={"Retry-After": RETRY_AFTER_SECONDS}
+    )
+
+
 async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
     log.error("database unavailable", extra={"error_type": type(exc).__name__})
     metrics.unavailable("database")
@@ -290,7 +306,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(AuthError, _auth_error)
     app.add_exception_handler(AuthUnavailable, _auth_unavailable)
-    app.add_exception_handler(PoolTimeoutError, _database_unavailable)
+    app.add_exception_handler(PoolTimeoutError, _pool_exhausted)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(Exception, _unexpected)
     install_problem_docs(app)

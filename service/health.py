@@ -16,7 +16,7 @@ from observability import metrics
 from observability.tracing import service_version
 from service.auth import TokenVerifier
 from service.database import Database, retried_once
-from service.errors import RETRY_AFTER_SECONDS, problem
+from service.errors import POOL_EXHAUSTED, RETRY_AFTER_SECONDS, problem
 from service.lifecycle import Drain
 from service.openapi import error_responses
 from service.ratelimit import RateLimiter
@@ -76,9 +76,13 @@ async def readyz(request: Request) -> Any:
         )
     try:
         schema = await run_in_threadpool(_ping_database, db)
-    except (DBAPIError, PoolTimeoutError):
+    except PoolTimeoutError:
+        metrics.unavailable("pool")
+        headers = {"Retry-After": RETRY_AFTER_SECONDS}
+        return problem(503, f"{POOL_EXHAUSTED}.", headers=headers)
+    except DBAPIError:
         # Any failure of the database, not only a lost connection (a statement timeout, a
-        # server in recovery, no free pooled connection): not ready.
+        # server in recovery): not ready.
         metrics.unavailable("database")
         headers = {"Retry-After": RETRY_AFTER_SECONDS}
         return problem(503, "The database is unavailable.", headers=headers)

@@ -160,6 +160,36 @@ def test_503s_are_counted_by_cause(
     assert count("database") - database_down == 2
 
 
+def test_an_exhausted_pool_is_its_own_cause_not_the_database(
+    base_settings: Settings, metric_reader: InMemoryMetricReader
+) -> None:
+    """Every pooled connection busy: the instance is overloaded, the database may be fine."""
+
+    def count(cause: str) -> float:
+        return value(metric_reader, "todo_api.http.unavailable", cause=cause)
+
+    small = base_settings.model_copy(
+        update={"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout_seconds": 0.2}
+    )
+    busy = Database(build_engine(small))
+    user_id = random_id()
+    headers = {"Authorization": f"Bearer {create_dev_token(TEST_SECRET, user_id)}"}
+    pool, database_down = count("pool"), count("database")
+    try:
+        with _client(small, busy) as client, busy.engine.connect() as held:
+            held.execute(sa.text("SELECT 1"))
+            for resp in (
+                client.get("/readyz"),
+                client.get(f"/api/{user_id}/tasks", headers=headers),
+            ):
+                assert resp.status_code == 503
+                assert resp.json()["detail"].startswith("No database connection was free in time")
+                assert resp.headers["Retry-After"]
+    finally:
+        busy.dispose()
+    assert (count("pool") - pool, count("database") - database_down) == (2, 0)
+
+
 def test_a_statement_timeout_is_counted_as_db_timeout(
     settings: Settings, database: Database, user: ApiUser, metric_reader: InMemoryMetricReader
 ) -> None:
