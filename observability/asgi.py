@@ -74,6 +74,8 @@ class RequestLogMiddleware:
                         "path": scope["path"],
                         "status": status,
                         "duration_ms": duration_ms,
+                        # The client's (per TRUSTED_PROXIES, as the audit log's client_ip).
+                        "client_ip": client[0] if (client := scope.get("client")) else None,
                     },
                 )
             unbind_request_state(token)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import uuid
 
+from opentelemetry import trace
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -248,13 +249,30 @@ class TrustedProxyMiddleware:
     """
 
     def __init__(self, app: ASGIApp, trusted: list[str]) -> None:
-        self.proxy = ProxyHeadersMiddleware(app, trusted_hosts=trusted)  # type: ignore[arg-type]
+        self.app = app
+        self.proxy = ProxyHeadersMiddleware(self._forwarded, trusted_hosts=trusted)  # type: ignore[arg-type]
         self.trusted = self.proxy.trusted_hosts
+
+    async def _forwarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Past the headers: the server span, made before them, names the client, scheme and
+        host the client used, and the proxy as the peer (OpenTelemetry's conventions)."""
+        peer = scope.get("state", {}).get("proxy_peer")
+        span = trace.get_current_span()
+        if peer is not None and span.is_recording() and scope.get("client"):
+            span.set_attributes(
+                {
+                    "client.address": scope["client"][0],
+                    "network.peer.address": peer,
+                    "url.scheme": scope["scheme"],
+                }
+            )
+        await self.app(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             client = scope.get("client")
             if client and client[0] in self.trusted:
+                scope.setdefault("state", {})["proxy_peer"] = client[0]
                 forwarded = [v for k, v in scope["headers"] if k == b"x-forwarded-host"]
                 if forwarded:
                     # The nearest proxy's value: the last one it appended or set.

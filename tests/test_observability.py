@@ -1027,6 +1027,45 @@ def test_a_refused_request_names_the_verified_caller_in_its_span_and_access_line
     assert refused["path"] == bob.url()  # whose tasks were asked for
 
 
+@pytest.mark.parametrize("trusted", [True, False])
+def test_behind_a_trusted_proxy_the_span_and_access_line_name_the_client(
+    settings: Settings,
+    traced_database: Database,
+    provider: TracerProvider,
+    spans: InMemorySpanExporter,
+    user: ApiUser,
+    capsys: pytest.CaptureFixture[str],
+    trusted: bool,
+) -> None:
+    """An operator looks a client up by its address: behind the load balancer, the one
+    X-Forwarded-For names (as the audit log's client_ip), with the proxy as the peer; from
+    anyone else the headers are ignored."""
+    proxies = ["testclient"] if trusted else []  # TestClient's peer address
+    app = make_traced_app(
+        settings.model_copy(update={"trusted_proxies": proxies}), traced_database, provider
+    )
+    forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        capsys.readouterr()
+        resp = client.get(user.url(), headers={**user.headers, **forwarded})
+    assert resp.status_code == 200
+    (access,) = [
+        line
+        for line in json_lines(capsys.readouterr().out)
+        if line["logger"] == "service.access" and line["request_id"] == resp.headers["X-Request-ID"]
+    ]
+    attributes = dict(server_span(spans, resp.headers["X-Trace-Id"]).attributes or {})
+    if trusted:
+        assert access["client_ip"] == "203.0.113.7"
+        assert attributes["client.address"] == "203.0.113.7"
+        assert attributes["network.peer.address"] == "testclient"
+        assert attributes["url.scheme"] == "https"
+    else:
+        assert access["client_ip"] == "testclient"
+        assert attributes.get("client.address", "testclient") == "testclient"
+        assert attributes.get("url.scheme", "http") == "http"
+
+
 def test_a_change_feed_stream_over_the_read_limit_names_its_tickets_user(
     settings: Settings,
     traced_database: Database,
