@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import secrets
 from datetime import timedelta
 from enum import StrEnum
@@ -21,18 +22,22 @@ from service.text import USER_ID_PATTERN
 
 DEV_SECRET_FILE = Path(".todo-api-dev-secret")
 
-# Values people paste from tutorials; refused as a production secret.
-_PLACEHOLDER_SECRETS = {
+# Words of the values people paste from tutorials and templates, padded to the minimum length
+# ("changeme-changeme-..."): a production secret holding one (letters and digits only,
+# lower-cased) is refused. A random secret holds none of them.
+_PLACEHOLDER_WORDS = (
     "changeme",
-    "change-me",
-    "secret",
-    "your-secret",
-    "your-secret-key",
-    "your_secret_key",
-    "better_auth_secret",
-    "your-better-auth-secret",
-    "replace-me",
-}
+    "replaceme",
+    "yoursecret",
+    "betterauthsecret",
+    "placeholder",
+    "example",
+)
+
+
+def _is_placeholder(secret: str) -> bool:
+    letters = re.sub(r"[^a-z0-9]", "", secret.lower())
+    return any(word in letters for word in _PLACEHOLDER_WORDS)
 
 
 class AppEnv(StrEnum):
@@ -391,7 +396,7 @@ class Settings(BaseSettings):
             )
         if self.better_auth_secret is not None:
             raw = self.better_auth_secret.get_secret_value()
-            if len(raw) < 32 or raw.strip().lower() in _PLACEHOLDER_SECRETS:
+            if len(raw) < 32 or _is_placeholder(raw):
                 raise ConfigError(
                     "BETTER_AUTH_SECRET must be at least 32 characters and not a placeholder "
                     "in production (generate one with: openssl rand -base64 32)"

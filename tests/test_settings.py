@@ -98,7 +98,20 @@ def test_production_without_auth_refuses_to_start(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize(
-    "secret", ["short", "x" * 31, "changeme", "secret", "your-better-auth-secret", "  "]
+    "secret",
+    [
+        "short",
+        "x" * 31,
+        "changeme",
+        "secret",
+        "your-better-auth-secret",
+        "  ",
+        # Placeholders padded past the length check.
+        "changeme-changeme-changeme-changeme-123",
+        "your-secret-key-goes-here-0123456789abcdef",
+        "REPLACE_ME_WITH_A_REAL_SECRET_OF_32_CHARS",
+        "better-auth-secret-1234567890123456789",
+    ],
 )
 def test_production_refuses_short_or_placeholder_secret(
     monkeypatch: pytest.MonkeyPatch, secret: str
