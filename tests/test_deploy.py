@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import subprocess
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -229,8 +230,6 @@ def test_image_health_check_command_passes_against_a_running_server(served: Serv
     _, command = _healthcheck()
     command = [part.replace(":8000/", f":{served.port}/") for part in command]
     assert command[0] == "python"
-    import sys
-
     result = subprocess.run(
         [sys.executable, *command[1:]], capture_output=True, timeout=30, check=False
     )
@@ -293,3 +292,33 @@ def test_workers_slow_to_start_are_not_killed_as_hung(database_url: str, tmp_pat
         server.stop()
     log = server.log.read_text()
     assert "died" not in log, log[-3000:]
+
+
+def test_the_readme_prod_env_passes_the_start_up_checks(tmp_path: Path) -> None:
+    """The README says its example prod.env passes as it is: `serve`'s checks (settings, then
+    what the workers would build from them), run on exactly its lines and nothing else."""
+    intro = "For `docker run --env-file prod.env` above"
+    block = re.search(r"```sh\n(.*?)```", README[README.index(intro) :], re.DOTALL)
+    assert block is not None
+    env: dict[str, str] = {}
+    for line in block.group(1).splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split("=", 1)
+            assert name.isupper() and not value.startswith(("'", '"')), line  # as --env-file
+            env[name] = value
+    assert env["APP_ENV"] == "production"
+    check = (
+        "from service.app import check_settings\n"
+        "from service.settings import get_settings\n"
+        "check_settings(get_settings())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=tmp_path,  # no .env of the working tree
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
