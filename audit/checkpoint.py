@@ -33,7 +33,6 @@ import binascii
 import itertools
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -48,6 +47,7 @@ from sqlalchemy.orm import Session
 
 from audit import merkle
 from audit.chain import format_timestamp
+from audit.files import write_complete_file
 from audit.models import CHECKPOINTS, HEADS
 from audit.signing import KeyFormatError, PublicKey, SigningKey, load_signing_key
 from audit.signing import load_signing_key_file as _load_key_file
@@ -414,16 +414,6 @@ def signing_key(settings: Settings) -> SigningKey | None:
     return None
 
 
-def write_atomically(path: Path, content: str) -> None:
-    """The file appears only complete: written aside, then renamed."""
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(content, encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 def file_name(checkpoint: Checkpoint) -> str:
     stamp = re.sub(r"[^0-9TZ]", "", checkpoint.head.created_at)
     return f"checkpoint-{stamp}-{checkpoint.head.root_hash[:12]}.json"
@@ -448,7 +438,7 @@ class PeriodicCheckpoints:
             if self.directory is not None:
                 path = self.directory / file_name(checkpoint)
                 try:
-                    write_atomically(path, checkpoint.to_json())
+                    write_complete_file(path, checkpoint.to_json())
                 except OSError as exc:
                     # Stored and signed all the same; `audit checkpoint` can write the next.
                     log.error(

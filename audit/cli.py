@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,8 +32,8 @@ from audit.checkpoint import (
     make_checkpoint,
     signing_key,
     successor_problems,
-    write_atomically,
 )
+from audit.files import complete_file, write_complete_file
 from audit.schemas import round_up_to_microsecond
 from audit.signing import KeyFormatError, PublicKey, key_ring, parse_public_keys
 from audit.verify import Anchor, snapshot, verify_all, verify_chain
@@ -247,7 +246,7 @@ def _make_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
         sys.stdout.write(checkpoint.to_json())
     else:
         try:
-            write_atomically(args.output, checkpoint.to_json())
+            write_complete_file(args.output, checkpoint.to_json())
         except OSError as exc:
             print(f"todo-api: the checkpoint is stored but not written: {exc}", file=sys.stderr)
             return EXIT_FAILED
@@ -275,19 +274,14 @@ def _public_key(args: argparse.Namespace, settings: Settings) -> int:
 
 @contextmanager
 def _output(path: Path | None, csv: bool) -> Iterator[TextIO]:
-    """stdout, or a file that appears only once complete (written aside, then renamed).
-    stdout is flushed at the end: a reader gone is found before "Exported ..." is said."""
+    """stdout, or a file that appears only once complete (`audit.files`). stdout is flushed
+    at the end: a reader gone is found before "Exported ..." is said."""
     if path is None:
         yield sys.stdout
         sys.stdout.flush()
         return
-    partial = path.with_name(path.name + ".partial")
-    try:
-        with partial.open("w", encoding="utf-8", newline="" if csv else None) as f:
-            yield f
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with complete_file(path, newline="" if csv else None) as out:
+        yield out
 
 
 def _export(args: argparse.Namespace, settings: Settings) -> int:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -355,3 +358,42 @@ def test_verify_and_export_read_their_snapshot_without_a_statement_timeout(
     with _snapshot(quick) as conn:
         assert conn.execute(text("SHOW statement_timeout")).scalar_one() == "0"
         conn.execute(text("SELECT pg_sleep(0.1)"))  # ten times the bound
+
+
+def test_an_output_that_is_no_regular_file_is_written_into_not_replaced(
+    client: TestClient, user: Any, settings: Settings, tmp_path: Path
+) -> None:
+    """`--output /dev/null` (here through a link to it), or a FIFO: renaming a finished file
+    over them would replace the device itself (run as root, /dev/null became a file)."""
+    make_history(client, user)
+    args = ("audit", "export", "--user", user.user_id, "--format", "ndjson", "--output")
+    to_null = tmp_path / "null"
+    to_null.symlink_to(os.devnull)
+    assert run_cli(settings, *args, str(to_null))[0] == 0
+    assert to_null.is_symlink() and stat.S_ISCHR(os.stat(os.devnull).st_mode)
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert run_cli(settings, *args, str(fifo))[0] == 0
+    reader.join(timeout=30)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert [e["seq"] for e in json_lines(read[0].decode())[:-1]] == [1, 2, 3, 4, 5]
+
+
+def test_an_output_through_a_symbolic_link_replaces_the_file_and_keeps_the_link(
+    client: TestClient, user: Any, settings: Settings, tmp_path: Path
+) -> None:
+    make_history(client, user)
+    kept = tmp_path / "exports" / "latest.ndjson"
+    kept.parent.mkdir()
+    kept.write_text("old\n")
+    link = tmp_path / "audit.ndjson"
+    link.symlink_to(kept)
+    args = ("audit", "export", "--user", user.user_id, "--format", "ndjson", "--output")
+    assert run_cli(settings, *args, str(link))[0] == 0
+    assert link.is_symlink() and link.resolve() == kept.resolve()
+    assert [e["seq"] for e in json_lines(kept.read_text())[:-1]] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["latest.ndjson"]
