@@ -221,7 +221,15 @@ async def _pool_exhausted(_: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
-    log.error("database unavailable", extra={"error_type": type(exc).__name__})
+    # The driver's first line tells a refusal from a reset or a timeout (never the statement).
+    orig = getattr(exc, "orig", None)
+    log.error(
+        "database unavailable",
+        extra={
+            "error_type": type(exc).__name__,
+            "reason": first_line(orig) if orig is not None else "",
+        },
+    )
     metrics.unavailable("database")
     return problem(
         503,

@@ -160,6 +160,23 @@ def test_503s_are_counted_by_cause(
     assert count("database") - database_down == 2
 
 
+def test_a_database_outage_log_line_says_why(
+    base_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The driver's first line: a refusal, a reset and a connect timeout need different fixes."""
+    dead = Database(build_engine(base_settings, f"postgresql://postgres@127.0.0.1:{free_port()}/x"))
+    user_id = random_id()
+    headers = {"Authorization": f"Bearer {create_dev_token(TEST_SECRET, user_id)}"}
+    try:
+        with _client(base_settings, dead) as down, caplog.at_level("ERROR", "service.errors"):
+            assert down.get(f"/api/{user_id}/tasks", headers=headers).status_code == 503
+    finally:
+        dead.dispose()
+    [record] = [r for r in caplog.records if r.getMessage() == "database unavailable"]
+    assert "Connection refused" in record.reason  # type: ignore[attr-defined]
+    assert "\n" not in record.reason  # type: ignore[attr-defined]
+
+
 def test_an_exhausted_pool_is_its_own_cause_not_the_database(
     base_settings: Settings, metric_reader: InMemoryMetricReader
 ) -> None:
