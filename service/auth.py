@@ -407,13 +407,16 @@ class TokenVerifier:
     def keys_retry_after(self) -> int:
         """Whole seconds until the key set may be fetched again (at least 1): what a client
         told that the keys are unavailable should wait before retrying."""
+        wait = self._refetch_wait(self._clock())
+        return max(1, math.ceil(wait))
+
+    def _refetch_wait(self, now: float) -> float:
+        """Seconds until the key set may be fetched again: 0 when it may be now (nothing
+        fetched yet, the interval over, or a clock that went back)."""
         last = self._last_fetch_at
-        if last is None:
-            return 1
-        elapsed = self._clock() - last
-        if not 0 <= elapsed < self._min_refetch:  # due now, or the clock went back
-            return 1
-        return max(1, math.ceil(self._min_refetch - elapsed))
+        if last is None or not 0 <= now - last < self._min_refetch:
+            return 0.0
+        return self._min_refetch - (now - last)
 
     def _is_stale(self, state: _JwksState) -> bool:
         """Older than the maximum age (or fetched "in the future": the clock went back)."""
@@ -453,9 +456,7 @@ class TokenVerifier:
         if entry is not None and not self._is_stale(state):
             return entry, state.keys
         now = self._clock()
-        last = self._last_fetch_at
-        # A clock that went backwards counts as "interval elapsed".
-        if last is None or not 0 <= now - last < self._min_refetch:
+        if self._refetch_wait(now) == 0:
             self._last_fetch_at = now
             try:
                 state = _JwksState(keys=self._fetch_jwks(), fetched_at=now)

@@ -47,8 +47,10 @@ def alembic_config(database_url: str) -> Config:
     """Alembic's configuration; its log lines go through the app's logging, not its own."""
     from alembic.config import Config
 
+    from service.schema import MIGRATIONS
+
     config = Config(str(REPO_ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(REPO_ROOT / "alembic"))
+    config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["database_url"] = database_url
     config.attributes["configure_logging"] = False
     return config
@@ -103,7 +105,8 @@ def check_can_listen(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from None
 
 
 # How long a worker process may take to answer uvicorn's supervisor, which pings each one

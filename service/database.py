@@ -134,7 +134,7 @@ def failure_message(exc: DBAPIError) -> str:
     DB_STATEMENT_TIMEOUT_MS, a lock wait, a schema never migrated): not the same fix."""
     reason = str(exc.orig).strip()
     code = getattr(exc.orig, "pgcode", None)
-    if refused_connection(exc):
+    if refused_connection(exc) or refused_for_good(exc):
         first = reason.splitlines()[0]
         if refused_startup_parameter(exc):
             return f"the database refused the connection: {first}; {POOLER_HINT}"

@@ -36,6 +36,7 @@ _PLACEHOLDER_WORDS = (
 
 
 def _is_placeholder(secret: str) -> bool:
+    """Long enough, and still a template's: the length check alone let them through."""
     letters = re.sub(r"[^a-z0-9]", "", secret.lower())
     return any(word in letters for word in _PLACEHOLDER_WORDS)
 

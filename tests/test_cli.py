@@ -20,8 +20,11 @@ from fastapi.testclient import TestClient
 
 from audit.checkpoint import sign_leaves
 from audit.signing import SigningKey
+from service.app import create_app
 from service.cli import alembic_config
-from service.database import Database
+from service.database import Database, build_engine
+from service.schema import _unchecked, revisions
+from service.settings import Settings
 from tests.audit_helpers import scratch_database
 from tests.jwt_helpers import random_id
 from tests.reliability_helpers import (
@@ -673,9 +676,8 @@ def test_dev_token_without_a_secret_says_so_in_one_line(tmp_path: Path, database
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
 def test_serve_on_a_port_already_taken_exits_2_in_one_line(
-    tmp_path: Path, database_url: str, workers: str
+    tmp_path: Path, database_url: str
 ) -> None:
     """Not uvicorn's exit 3 (here: the database) with only a JSON log line."""
     with socket.socket() as taken:
@@ -684,13 +686,51 @@ def test_serve_on_a_port_already_taken_exits_2_in_one_line(
         port = str(taken.getsockname()[1])
         result = run(
             tmp_path,
-            *("serve", "--no-migrate", "--port", port, "--workers", workers),
+            *("serve", "--no-migrate", "--port", port),
             DATABASE_URL=database_url,
             BETTER_AUTH_SECRET=TEST_SECRET,
         )
     assert result.returncode == 2, result.stderr
     [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
     assert line == f"todo-api: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_the_schema_check_reads_the_revisions_alembic_reads() -> None:
+    """`service.schema` reads the migrations' revision ids without Alembic (a worker would
+    load 12 MB for its probe): what it finds must be Alembic's own graph."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config("postgresql://unused"))
+    heads = frozenset(script.get_heads())
+    every = frozenset(revision.revision for revision in script.walk_revisions())
+    assert revisions() == (heads, every - heads)
+
+
+def test_a_role_that_may_not_read_the_schema_revision_is_ready_and_told_once(
+    settings: Settings, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A least-privilege role, not granted alembic_version: its requests may work, so /readyz
+    does not fail on the check it cannot make; one WARNING says so."""
+    role = f"todo_reader_{secrets.token_hex(4)}"
+    admin = sa.create_engine(database_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN'))
+    url = sa.make_url(database_url).set(username=role).render_as_string(hide_password=False)
+    limited = Database(build_engine(settings, url))
+    _unchecked.cache_clear()
+    try:
+        app = create_app(settings, limited)
+        with TestClient(app) as client, caplog.at_level("WARNING", "service.schema"):
+            assert [client.get("/readyz").status_code for _ in range(2)] == [200, 200]
+    finally:
+        limited.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP ROLE "{role}"'))
+        admin.dispose()
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "service.schema"]
+    assert warning.startswith(
+        "the schema revision cannot be read (permission denied for table alembic_version)"
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2])
