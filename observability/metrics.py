@@ -50,7 +50,8 @@ _audit_events = _meter.create_counter(
 _unavailable = _meter.create_counter(
     "todo_api.http.unavailable",
     unit="{response}",
-    description="503 answers, by cause (database, token_keys, draining, shutdown).",
+    description="503 answers, by cause (database, schema, pool, db_timeout, token_keys, draining, "
+    "shutdown).",
 )
 _rate_limited = _meter.create_counter(
     "todo_api.rate_limit.rejections",
