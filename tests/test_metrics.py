@@ -186,7 +186,7 @@ def test_an_exhausted_pool_is_its_own_cause_not_the_database(
         return value(metric_reader, "todo_api.http.unavailable", cause=cause)
 
     small = base_settings.model_copy(
-        update={"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout_seconds": 0.2}
+        update={"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout_seconds": 1}
     )
     busy = Database(build_engine(small))
     user_id = random_id()
