@@ -99,13 +99,13 @@ def check_requests_connect(settings: Settings) -> None:
 def check_can_listen(host: str, port: int) -> None:
     """A port already taken (or not allowed) stops `serve` in one line, exit 2: uvicorn would
     exit 3, which here means "the database", with only a log line."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    ipv6 = ":" in host
+    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
         try:
             sock.bind((host, port))
         except OSError as exc:
-            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            where = f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
             raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from None
 
 

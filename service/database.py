@@ -95,6 +95,12 @@ POOLER_HINT = (
 )
 
 
+def _first_line(exc: DBAPIError) -> str:
+    """The driver's message up to its first line break (libpq adds hints and the statement)."""
+    reason = str(exc.orig).strip()
+    return reason.splitlines()[0] if reason else ""
+
+
 def refused_connection(exc: DBAPIError) -> bool:
     """The server answered the connection with an error (a setting it refuses, a wrong
     password, a database that does not exist), as opposed to not answering at all."""
@@ -111,8 +117,9 @@ _REFUSED_FOR_GOOD = re.compile(
 def refused_for_good(exc: DBAPIError) -> bool:
     """The connection was refused for a reason in the settings (DATABASE_URL, the role),
     as opposed to a server starting up or out of connections, which waiting cures."""
-    first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ""
-    return getattr(exc.orig, "pgcode", None) is None and bool(_REFUSED_FOR_GOOD.search(first))
+    return getattr(exc.orig, "pgcode", None) is None and bool(
+        _REFUSED_FOR_GOOD.search(_first_line(exc))
+    )
 
 
 def refused_startup_parameter(exc: DBAPIError) -> bool:
@@ -120,7 +127,7 @@ def refused_startup_parameter(exc: DBAPIError) -> bool:
     not a database still starting or out of connections."""
     if not refused_connection(exc):
         return False
-    return bool(_STARTUP_PARAMETER.search(str(exc.orig).strip().splitlines()[0]))
+    return bool(_STARTUP_PARAMETER.search(_first_line(exc)))
 
 
 # Where a cancelling statement_timeout comes from: this service's startup option, or, behind
@@ -135,7 +142,7 @@ def failure_message(exc: DBAPIError) -> str:
     reason = str(exc.orig).strip()
     code = getattr(exc.orig, "pgcode", None)
     if refused_connection(exc) or refused_for_good(exc):
-        first = reason.splitlines()[0]
+        first = _first_line(exc)
         if refused_startup_parameter(exc):
             return f"the database refused the connection: {first}; {POOLER_HINT}"
         return f"the database refused the connection: {first}"
@@ -145,7 +152,7 @@ def failure_message(exc: DBAPIError) -> str:
         return f"the database cancelled a statement: {reason} ({_TIMEOUT_SOURCES})"
     if code in _NOT_MIGRATED:
         # The first line: the rest is the statement and a caret under the missing name.
-        return f"the database is not migrated ({reason.splitlines()[0]}): run `todo-api migrate`"
+        return f"the database is not migrated ({_first_line(exc)}): run `todo-api migrate`"
     return f"the database failed the command ({code}): {reason}"
 
 
