@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,7 +24,7 @@ from fastapi import FastAPI
 from service.app import create_app
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.support import LiveServer
+from tests.support import LiveServer, LocalHttpServer, QuietHandler
 
 POLL_SECONDS = 0.02
 
@@ -461,7 +460,7 @@ class SilentServer:
         self.close()
 
 
-class CountingHttpServer:
+class CountingHttpServer(LocalHttpServer):
     """An HTTP server on 127.0.0.1 that answers everything with 404 and counts requests."""
 
     def __init__(self) -> None:
@@ -469,7 +468,7 @@ class CountingHttpServer:
         self._count = 0
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _any(self) -> None:
                 with owner._lock:
                     owner._count += 1
@@ -479,32 +478,16 @@ class CountingHttpServer:
 
             do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _any
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
+        super().__init__(Handler)
 
     @property
     def origin(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self.url
 
     @property
     def request_count(self) -> int:
         with self._lock:
             return self._count
-
-    def __enter__(self) -> CountingHttpServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 def write_past_the_statement_timeout(

@@ -174,7 +174,7 @@ def test_test_modules_share_helpers_through_support_only() -> None:
     """No test module (nor helper) imports from a test module or from conftest: shared helpers
     live in tests/support.py and the topic helper modules."""
     offenders = []
-    for path in sorted((REPO / "tests").glob("*.py")):
+    for path in sorted((REPO / "tests").rglob("*.py")):  # tests/browser/ too
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = []
             if isinstance(node, ast.ImportFrom) and node.module:
@@ -184,5 +184,5 @@ def test_test_modules_share_helpers_through_support_only() -> None:
             for name in names:
                 last = name.rsplit(".", 1)[-1]
                 if name.startswith("tests.") and (last.startswith("test_") or last == "conftest"):
-                    offenders.append(f"{path.name}: {name}")
+                    offenders.append(f"{path.relative_to(REPO)}: {name}")
     assert offenders == []

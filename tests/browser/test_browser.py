@@ -20,28 +20,18 @@ import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from service.problem_types import ProblemType
-from tests.browser.origin import OriginHandler, OriginServer
-from tests.conftest import LiveServer
+from tests.browser.chromium import launch
 from tests.jwt_helpers import SigningKey, better_auth_claims, generate_key, random_id
+from tests.support import LiveServer, LocalHttpServer, QuietHandler
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = Path(__file__).resolve().parent / "fixture"
 WRAPPER = ROOT / "clients" / "todo-api-fetch.js"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
-class FrontendOrigin(OriginServer):
+class FrontendOrigin(LocalHttpServer):
     """The frontend's origin, standing in for Next.js + Better Auth: the page and the wrapper,
     `/api/auth/token` (a JWT signed with a real Ed25519 key; the first one handed out has
     already expired) and `/api/auth/jwks`."""
@@ -55,7 +45,7 @@ class FrontendOrigin(OriginServer):
         self.lock = threading.Lock()
         origin = self
 
-        class Handler(OriginHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
                 query = parse_qs(url.query)
@@ -101,7 +91,7 @@ def frontend() -> Iterator[FrontendOrigin]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        launched = launch(playwright)
         yield launched
         launched.close()
 

@@ -20,10 +20,9 @@ import httpx
 import pytest
 from playwright.sync_api import ConsoleMessage, Page, sync_playwright
 
-from tests.browser.origin import OriginHandler, OriginServer
-from tests.browser.test_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.browser.chromium import launch
 from tests.jwt_helpers import better_auth_claims, generate_key, random_id
-from tests.support import LiveServer
+from tests.support import LiveServer, LocalHttpServer, QuietHandler
 
 pytestmark = pytest.mark.browser
 
@@ -42,7 +41,7 @@ def readme_snippet() -> bytes:
     return match.group(1).encode()
 
 
-class FeedOrigin(OriginServer):
+class FeedOrigin(LocalHttpServer):
     """The frontend's origin, standing in for Next.js + Better Auth: the page, the README's
     snippet, `/api/auth/token` and `/api/auth/jwks`. Tokens last `ttl` seconds; after `hold()`,
     token requests wait (the page is between two streams) until `release()`."""
@@ -63,7 +62,7 @@ class FeedOrigin(OriginServer):
             "/subscribe.js": (readme_snippet(), "text/javascript"),
         }
 
-        class Handler(OriginHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 path = urlsplit(self.path).path
                 if path in files:
@@ -121,7 +120,7 @@ def frontend() -> Iterator[FeedOrigin]:
 def feed_page() -> Iterator[tuple[Page, list[str]]]:
     """A page, and what its console and uncaught exceptions reported beyond info and debug."""
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(playwright)
         new_page = browser.new_context().new_page()
         problems: list[str] = []
 
