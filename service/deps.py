@@ -220,15 +220,16 @@ def identify(request: Request, user_id: str) -> None:
     request.state.user_id = user_id
 
 
-async def get_current_user(
-    request: Request,
-    user_id: UserIdPath,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
-) -> Principal:
-    """The token's user, who must be the `{user_id}` of the URL.
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
-    Blocking work (a JWKS fetch, a first-seen user's row) goes to a thread; the common case,
-    a cached token of a known user, does not.
+
+async def authenticate(request: Request, credentials: BearerDep) -> Principal:
+    """The token's user, verified and counted, whatever the URL says.
+
+    A sub-dependency of `get_current_user`: FastAPI calls it before validating the path, so
+    a request without a valid token is a 401 (and counted by address) even when its
+    `{user_id}` is malformed. Blocking work (a JWKS fetch) goes to a thread; the common case,
+    a cached token, does not.
     """
     try:
         if credentials is None or credentials.scheme.lower() != "bearer":
@@ -246,6 +247,16 @@ async def get_current_user(
         raise
     identify(request, principal.user_id)  # before a 403 or 429: they name the caller too
     await count_user(request, principal.user_id)
+    return principal
+
+
+async def get_current_user(
+    request: Request,
+    user_id: UserIdPath,
+    principal: Annotated[Principal, Depends(authenticate)],
+) -> Principal:
+    """The token's user, who must be the `{user_id}` of the URL; a first-seen user's row is
+    made (in a thread) before the endpoint runs."""
     if principal.user_id != user_id:
         raise Forbidden("The token does not belong to this user.")
     users: UserProvisioner = request.app.state.users

@@ -295,9 +295,13 @@ def test_bad_user_ids_in_the_path_are_4xx(client: TestClient, user: ApiUser, use
     assert len(errors) == len({(e["field"], e["message"]) for e in errors})
 
 
-def test_control_characters_in_a_signed_subject_are_400(client: TestClient) -> None:
+def test_control_characters_in_a_signed_subject_are_refused(
+    client: TestClient, database: Database
+) -> None:
     """Even a validly signed token cannot smuggle NUL into the users table (a 500 before),
-    nor a C1 control (U+0085, NEL: a 200 that made the user's row before)."""
+    nor a C1 control (U+0085, NEL: a 200 that made the user's row before). Its subject is
+    no user id, so the token is invalid: 401, whether the path spells the subject (checked
+    after the token, as every path is) or names a well-formed user."""
     cases = (
         ("a\x00b", "a%00b"),
         ("a\nb", "a%0Ab"),
@@ -306,8 +310,15 @@ def test_control_characters_in_a_signed_subject_are_400(client: TestClient) -> N
     )
     for subject, path in cases:
         token = create_dev_token(TEST_SECRET, subject)
-        resp = client.get(f"/api/{path}/tasks", headers={"Authorization": f"Bearer {token}"})
-        assert_validation_error(resp, "path.user_id")
+        headers = {"Authorization": f"Bearer {token}"}
+        for user_path in (path, "dave"):
+            resp = client.get(f"/api/{user_path}/tasks", headers=headers)
+            assert assert_problem(resp, 401)["type"].endswith("/token-invalid"), resp.text
+    with database.engine.connect() as conn:
+        users = conn.execute(
+            sa.text("SELECT id FROM users WHERE id LIKE '%a%b' OR id LIKE 'dave%'")
+        )
+        assert users.scalars().all() == []
 
 
 # Error bodies -------------------------------------------------------------------------
@@ -330,10 +341,11 @@ def test_validation_errors_list_fields_and_do_not_echo_input(
 def test_thousands_of_wrong_values_get_the_first_ones_and_their_count(
     client: TestClient, user: ApiUser
 ) -> None:
-    # 64 KiB of `priority=`, on an invalid user id: no token is checked for such a request.
+    # 64 KiB of `priority=`, on an invalid user id (with a valid token: without one, the
+    # answer is a 401 before any of this is looked at).
     wrong = 6_400
     query = "&".join(["priority="] * wrong)
-    resp = client.get(f"/api/{'a' * 129}/tasks?{query}")
+    resp = client.get(f"/api/{'a' * 129}/tasks?{query}", headers=user.headers)
     assert resp.status_code == 400, resp.text
     body = resp.json()
     fields = [e["field"] for e in body["errors"]]

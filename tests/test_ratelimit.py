@@ -20,7 +20,14 @@ from service.database import Database
 from service.ratelimit import SweptMemoryStorage
 from service.settings import Settings
 from tests.jwt_helpers import sign_hs256
-from tests.support import ApiUser, free_port, redis_url
+from tests.support import (
+    WWW_AUTHENTICATE_NO_TOKEN,
+    ApiUser,
+    assert_problem,
+    assert_validation_error,
+    free_port,
+    redis_url,
+)
 
 
 def _client(settings: Settings, database: Database, **limits: object) -> TestClient:
@@ -136,6 +143,23 @@ def test_unauthenticated_requests_are_limited_per_client_ip(
         _assert_rate_limited(client.get(user.url(), headers=bad), "anonymous", 2, 60)
         # A valid token is counted by its user, not by the address.
         assert client.get(user.url(), headers=user.headers).status_code == 200
+
+
+def test_a_malformed_user_id_without_a_token_is_a_401_counted_by_address(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    """Authentication comes before the path: a caller without a valid token learns 401, not
+    which user ids are well formed, and cannot dodge the anonymous limit by malforming them."""
+    with _client(settings, database, rate_limit_anonymous="2/minute") as client:
+        for path in ("/api/a%00b/tasks", f"/api/{'x' * 129}/tasks"):
+            resp = client.get(path)
+            assert_problem(resp, 401)
+            assert resp.headers["WWW-Authenticate"] == WWW_AUTHENTICATE_NO_TOKEN
+        _assert_rate_limited(client.get("/api/%20/tasks/1"), "anonymous", 2, 60)
+        # With a valid token the same path is the request's own mistake: 400 on it.
+        assert_validation_error(
+            client.get("/api/a%00b/tasks", headers=user.headers), "path.user_id"
+        )
 
 
 def test_an_expired_token_is_told_to_refresh_even_past_the_anonymous_limit(

@@ -21,7 +21,6 @@ from typing import Annotated, Any
 import anyio
 from fastapi import Depends, Header, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.security import HTTPAuthorizationCredentials
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -33,12 +32,13 @@ from audit.schemas import AuditEventPublic, UtcTimestamp
 from service.auth import Principal
 from service.database import Database
 from service.deps import (
+    BearerDep,
     CurrentUser,
     SessionDep,
     SettingsDep,
     UnitOfWorkRoute,
     UserIdPath,
-    bearer_scheme,
+    authenticate,
     count_anonymous,
     count_user,
     get_current_user,
@@ -90,7 +90,6 @@ async def get_feed(request: Request) -> FeedHub:
 
 
 FeedDep = Annotated[FeedHub, Depends(get_feed)]
-BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
 
 @router.post(
@@ -167,7 +166,7 @@ async def _subscribe(
 ) -> tuple[Principal, Subscription]:
     database: Database = request.app.state.db
     if bearer is not None:
-        principal = await get_current_user(request, user_id, bearer)
+        principal = await get_current_user(request, user_id, await authenticate(request, bearer))
         tickets.check_unexpired(principal)
         return principal, hub.subscribe(principal.user_id, start)
     redeemed = await _redeem(request, database, user_id, ticket)
