@@ -277,8 +277,11 @@ class StatementSpans:
     again, runs a regex over the whole text and sets the attributes one by one (about 115 us
     of CPU per statement here), and counts pool checkouts and checkins in a metric that
     `observability.metrics` already reports from the pool. The spans have the same names and
-    attributes. The statements are prebuilt, so their texts are few; past `MAX_CACHED` a
-    text is described each time rather than stored.
+    attributes, but for `db.operation`: the SQL keyword alone (`INSERT`), as the semantic
+    conventions define it, where the instrumentation (0.66b1) gives it the span's name, the
+    database's included (`INSERT todo`; opentelemetry-python-contrib issue 5042). The
+    statements are prebuilt, so their texts are few; past `MAX_CACHED` a text is described
+    each time rather than stored.
     """
 
     MAX_CACHED = 1024
@@ -308,14 +311,15 @@ class StatementSpans:
         if described is not None:
             return described
         words = _LEADING_COMMENT.sub("", statement, count=1).split(None, 1)
-        name = " ".join(filter(None, (words[0] if words else None, self._db_name)))
-        name = name or self._system
-        attributes = {
+        operation = words[0] if words else None
+        name = " ".join(filter(None, (operation, self._db_name))) or self._system
+        attributes: dict[str, str | int] = {
             **self._base,
             "db.statement": statement,
             "db.system": self._system,
-            "db.operation": name,
         }
+        if operation:
+            attributes["db.operation"] = operation
         described = (name, attributes)
         if len(self._described) < self.MAX_CACHED:
             self._described[statement] = described

@@ -240,6 +240,26 @@ def test_database_statements_are_client_spans_under_the_server_span_without_para
     assert user.token not in recorded
 
 
+def test_a_statement_span_is_named_operation_and_database_its_operation_the_keyword_alone(
+    traced: TestClient, user: ApiUser, spans: InMemorySpanExporter
+) -> None:
+    """`db.operation` is the SQL keyword (semantic conventions), not the span's name
+    `<db.operation> <db.name>`, which the instrumentation puts in both."""
+    resp = traced.post(user.url(), json={"title": "t"}, headers=user.headers)
+    assert resp.status_code == 201
+    server = server_span(spans, resp.headers["X-Trace-Id"])
+    statements = [s for s in trace_spans(spans, resp.headers["X-Trace-Id"]) if s is not server]
+    assert statements
+    operations = set()
+    for span in statements:
+        attributes = dict(span.attributes or {})
+        keyword = re.sub(r"^\s*/\*.*?\*/", "", str(attributes["db.statement"])).split()[0]
+        assert attributes["db.operation"] == keyword
+        assert span.name == f"{keyword} {attributes['db.name']}"
+        operations.add(keyword)
+    assert "WITH" in operations  # the insert with its audit event (audit/recorder.py)
+
+
 def test_search_text_stays_out_of_spans_and_logs(
     traced: TestClient,
     user: ApiUser,
