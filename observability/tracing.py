@@ -220,9 +220,28 @@ def _prepare_instrumentation() -> None:
 _OLD_URL_ATTRIBUTES = ("http.url", "http.target")
 
 
+# In the request's ASGI `state`: the (host, port) of the trusted proxy the request came
+# through (service.middleware.TrustedProxyMiddleware), whose `X-Forwarded-For` then named
+# the client the scope and the span call `client`.
+PROXY_PEER = "proxy_peer"
+
+
+def _on_server_span(span: trace.Span, scope: dict[str, Any]) -> None:
+    """The server span, just started: the query's private values out, the proxy in."""
+    if not span.is_recording():
+        return
+    _redact_private_query(span, scope)
+    peer = scope.get("state", {}).get(PROXY_PEER)
+    if peer is not None:
+        # The conventions' peer is the other end of the connection; `client.*` is the client.
+        span.set_attribute("network.peer.address", peer[0])
+        if peer[1]:
+            span.set_attribute("network.peer.port", peer[1])
+
+
 def _redact_private_query(span: trace.Span, scope: dict[str, Any]) -> None:
     query = scope.get("query_string")
-    if not query or not span.is_recording():
+    if not query:
         return
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
     if any(key in PRIVATE_QUERY_PARAMETERS for key, _ in pairs):
@@ -250,7 +269,7 @@ def instrument_app(app: FastAPI, tracer_provider: trace.TracerProvider) -> None:
         app,
         tracer_provider=tracer_provider,
         excluded_urls=excluded,
-        server_request_hook=_redact_private_query,
+        server_request_hook=_on_server_span,
         # The per-message ASGI spans double the span count and say nothing useful here.
         exclude_spans=["receive", "send"],
     )

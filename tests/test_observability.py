@@ -51,6 +51,8 @@ from tests.support import TEST_SECRET, ApiUser, bearer, free_port
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+# The port Starlette's TestClient gives as its peer's (scope["client"]).
+TESTCLIENT_PORT = 50000
 
 
 # Fixtures ---------------------------------------------------------------------------------
@@ -1080,10 +1082,14 @@ def test_behind_a_trusted_proxy_the_span_and_access_line_name_the_client(
         assert attributes["client.address"] == "203.0.113.7"
         assert attributes["network.peer.address"] == "testclient"
         assert attributes["url.scheme"] == "https"
+        # X-Forwarded-For gives no port: the proxy's is the peer's, and the client's unknown.
+        assert "client.port" not in attributes
+        assert attributes["network.peer.port"] == TESTCLIENT_PORT
     else:
         assert access["client_ip"] == "testclient"
         assert attributes.get("client.address", "testclient") == "testclient"
         assert attributes.get("url.scheme", "http") == "http"
+        assert attributes["client.port"] == TESTCLIENT_PORT
 
 
 def test_a_change_feed_stream_over_the_read_limit_names_its_tickets_user(
