@@ -18,8 +18,11 @@ from sqlalchemy.orm import Session
 from audit.append import build_append
 from audit.chain import GENESIS_HASH
 from audit.models import HEADS, USER_AGENT_MAX
+from audit.schemas import AuditAction
 from observability import metrics
 from service.database import on_commit
+
+metrics.audit_actions_are(AuditAction)
 
 
 @dataclass(frozen=True, slots=True)

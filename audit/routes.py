@@ -130,7 +130,7 @@ def verify_audit_chain(
 
 def _report_failure(report: ChainReport, full: bool) -> None:
     """A broken chain is evidence of tampering: more than the 200 of the access line."""
-    mode = "full" if full else "incremental"
+    mode: metrics.VerifyMode = "full" if full else "incremental"
     log.warning(
         "audit chain verification failed",
         extra={

@@ -13,10 +13,10 @@ import os
 import threading
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, get_args
 
 from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import CallbackOptions, Counter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from prometheus_client import CollectorRegistry
@@ -41,6 +41,11 @@ _lock = threading.Lock()
 _configured = False
 _pools: weakref.WeakSet[Engine] = weakref.WeakSet()
 
+UnavailableCause = Literal[
+    "database", "schema", "pool", "db_timeout", "token_keys", "draining", "shutdown"
+]
+VerifyMode = Literal["full", "incremental"]
+
 _meter = metrics.get_meter(METER_NAME)
 _audit_events = _meter.create_counter(
     "todo_api.audit.events",
@@ -50,8 +55,7 @@ _audit_events = _meter.create_counter(
 _unavailable = _meter.create_counter(
     "todo_api.http.unavailable",
     unit="{response}",
-    description="503 answers, by cause (database, schema, pool, db_timeout, token_keys, draining, "
-    "shutdown).",
+    description=f"503 answers, by cause ({', '.join(get_args(UnavailableCause))}).",
 )
 _rate_limited = _meter.create_counter(
     "todo_api.rate_limit.rejections",
@@ -67,19 +71,55 @@ _store_errors = _meter.create_counter(
 _verify_failures = _meter.create_counter(
     "todo_api.audit.verify.failures",
     unit="{check}",
-    description="Chain verifications over the API that failed, by mode (full, incremental).",
+    description="Chain verifications over the API that failed, by mode "
+    f"({', '.join(get_args(VerifyMode))}).",
 )
+
+
+# Each counter's series, where its labels take a few known values: every one is added 0 at
+# start-up, so that an alert on it reads 0 until the first increment, not "no data".
+_known_series: list[tuple[Counter, dict[str, str]]] = []
+
+
+def _known(counter: Counter, label: str | None = None, values: Iterable[str] = ()) -> None:
+    series = [{label: str(value)} for value in values] if label else [{}]
+    _known_series.extend((counter, attributes) for attributes in series)
+    for attributes in series:
+        counter.add(0, attributes)  # counted if a provider is set already
+
+
+def _start_series() -> None:
+    """Every known series at 0 in the provider just configured: until then the API's proxy
+    instruments drop what they are given. Adding 0 again changes nothing."""
+    for counter, attributes in _known_series:
+        counter.add(0, attributes)
+
+
+_known(_unavailable, "cause", get_args(UnavailableCause))
+_known(_verify_failures, "audit.verify.mode", get_args(VerifyMode))
+_known(_store_errors)
+
+
+def audit_actions_are(actions: Iterable[str]) -> None:
+    """The values of `audit.action` (audit.schemas.AuditAction), each a series from start-up."""
+    _known(_audit_events, "audit.action", actions)
+
+
+def rate_limit_categories_are(categories: Iterable[str]) -> None:
+    """The values of `rate_limit.category` (service.ratelimit.Category), each a series from
+    start-up."""
+    _known(_rate_limited, "rate_limit.category", categories)
 
 
 def audit_event_committed(action: str) -> None:
     _audit_events.add(1, {"audit.action": action})
 
 
-def audit_verify_failed(mode: str) -> None:
+def audit_verify_failed(mode: VerifyMode) -> None:
     _verify_failures.add(1, {"audit.verify.mode": mode})
 
 
-def unavailable(cause: str) -> None:
+def unavailable(cause: UnavailableCause) -> None:
     _unavailable.add(1, {"cause": cause})
 
 
@@ -192,6 +232,7 @@ def configure_metrics(settings: Settings, resource: Any) -> MeterProvider | None
     with _lock:
         current = metrics.get_meter_provider()
         if isinstance(current, MeterProvider):
+            _start_series()
             return current
         if _configured:
             return None
@@ -206,6 +247,7 @@ def configure_metrics(settings: Settings, resource: Any) -> MeterProvider | None
         # (observability.flush), not by the SDK's unbounded exit handler.
         provider = MeterProvider(metric_readers=readers, resource=resource, shutdown_on_exit=False)
         metrics.set_meter_provider(provider)
+        _start_series()
         return provider
 
 

@@ -220,9 +220,28 @@ def _prepare_instrumentation() -> None:
 _OLD_URL_ATTRIBUTES = ("http.url", "http.target")
 
 
+# In the request's ASGI `state`: the (host, port) of the trusted proxy the request came
+# through (service.middleware.TrustedProxyMiddleware), whose `X-Forwarded-For` then named
+# the client the scope and the span call `client`.
+PROXY_PEER = "proxy_peer"
+
+
+def _on_server_span(span: trace.Span, scope: dict[str, Any]) -> None:
+    """The server span, just started: the query's private values out, the proxy in."""
+    if not span.is_recording():
+        return
+    _redact_private_query(span, scope)
+    peer = scope.get("state", {}).get(PROXY_PEER)
+    if peer is not None:
+        # The conventions' peer is the other end of the connection; `client.*` is the client.
+        span.set_attribute("network.peer.address", peer[0])
+        if peer[1]:
+            span.set_attribute("network.peer.port", peer[1])
+
+
 def _redact_private_query(span: trace.Span, scope: dict[str, Any]) -> None:
     query = scope.get("query_string")
-    if not query or not span.is_recording():
+    if not query:
         return
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
     if any(key in PRIVATE_QUERY_PARAMETERS for key, _ in pairs):
@@ -250,7 +269,7 @@ def instrument_app(app: FastAPI, tracer_provider: trace.TracerProvider) -> None:
         app,
         tracer_provider=tracer_provider,
         excluded_urls=excluded,
-        server_request_hook=_redact_private_query,
+        server_request_hook=_on_server_span,
         # The per-message ASGI spans double the span count and say nothing useful here.
         exclude_spans=["receive", "send"],
     )
@@ -277,8 +296,11 @@ class StatementSpans:
     again, runs a regex over the whole text and sets the attributes one by one (about 115 us
     of CPU per statement here), and counts pool checkouts and checkins in a metric that
     `observability.metrics` already reports from the pool. The spans have the same names and
-    attributes. The statements are prebuilt, so their texts are few; past `MAX_CACHED` a
-    text is described each time rather than stored.
+    attributes, but for `db.operation`: the SQL keyword alone (`INSERT`), as the semantic
+    conventions define it, where the instrumentation (0.66b1) gives it the span's name, the
+    database's included (`INSERT todo`; opentelemetry-python-contrib issue 5042). The
+    statements are prebuilt, so their texts are few; past `MAX_CACHED` a text is described
+    each time rather than stored.
     """
 
     MAX_CACHED = 1024
@@ -308,14 +330,15 @@ class StatementSpans:
         if described is not None:
             return described
         words = _LEADING_COMMENT.sub("", statement, count=1).split(None, 1)
-        name = " ".join(filter(None, (words[0] if words else None, self._db_name)))
-        name = name or self._system
-        attributes = {
+        operation = words[0] if words else None
+        name = " ".join(filter(None, (operation, self._db_name))) or self._system
+        attributes: dict[str, str | int] = {
             **self._base,
             "db.statement": statement,
             "db.system": self._system,
-            "db.operation": name,
         }
+        if operation:
+            attributes["db.operation"] = operation
         described = (name, attributes)
         if len(self._described) < self.MAX_CACHED:
             self._described[statement] = described

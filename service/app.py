@@ -41,8 +41,8 @@ from service.middleware import (
     BodyGuardMiddleware,
     ProblemCORSMiddleware,
     RequestIdMiddleware,
-    TrustedProxyMiddleware,
     UnhandledErrorMiddleware,
+    serve_behind_proxies,
 )
 from service.openapi import operation_id
 from service.ratelimit import RateLimiter, RateLimitHeadersMiddleware, install_rate_limits
@@ -200,10 +200,10 @@ def create_app(
             max_age=600,
         )
     app.add_middleware(RequestIdMiddleware)
-    if settings.trusted_proxies:
-        app.add_middleware(TrustedProxyMiddleware, trusted=settings.trusted_proxies)
     observe_pool(db.engine)
     observe_app(app, db.engine, provider)
+    if settings.trusted_proxies:
+        serve_behind_proxies(app, settings.trusted_proxies)
     return app
 
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import uuid
 
-from opentelemetry import trace
+from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -16,7 +16,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from observability import metrics
 from observability.logging import mark_answered
-from observability.tracing import record_server_error
+from observability.tracing import PROXY_PEER, record_server_error
 from service.errors import RETRY_AFTER_SECONDS, problem
 from service.limits import REQUEST_ID_MAX
 
@@ -245,34 +245,19 @@ class TrustedProxyMiddleware:
 
     uvicorn's ProxyHeadersMiddleware sets the scheme and the client address; this adds the
     host, so that `Location`, `Link` and the audit log's `client_ip` are what the client
-    used and was. From any other peer the headers are ignored.
+    used and was. From any other peer the headers are ignored. Put around the whole stack by
+    `serve_behind_proxies`, and the proxy kept in the scope's state as `PROXY_PEER`.
     """
 
     def __init__(self, app: ASGIApp, trusted: list[str]) -> None:
-        self.app = app
-        self.proxy = ProxyHeadersMiddleware(self._forwarded, trusted_hosts=trusted)  # type: ignore[arg-type]
+        self.proxy = ProxyHeadersMiddleware(app, trusted_hosts=trusted)  # type: ignore[arg-type]
         self.trusted = self.proxy.trusted_hosts
-
-    async def _forwarded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Past the headers: the server span, made before them, names the client, scheme and
-        host the client used, and the proxy as the peer (OpenTelemetry's conventions)."""
-        peer = scope.get("state", {}).get("proxy_peer")
-        span = trace.get_current_span()
-        if peer is not None and span.is_recording() and scope.get("client"):
-            span.set_attributes(
-                {
-                    "client.address": scope["client"][0],
-                    "network.peer.address": peer,
-                    "url.scheme": scope["scheme"],
-                }
-            )
-        await self.app(scope, receive, send)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             client = scope.get("client")
             if client and client[0] in self.trusted:
-                scope.setdefault("state", {})["proxy_peer"] = client[0]
+                scope.setdefault("state", {})[PROXY_PEER] = tuple(client)
                 forwarded = [v for k, v in scope["headers"] if k == b"x-forwarded-host"]
                 if forwarded:
                     # The nearest proxy's value: the last one it appended or set.
@@ -282,3 +267,18 @@ class TrustedProxyMiddleware:
                             (b"host", host.encode("latin-1"))
                         ]
         await self.proxy(scope, receive, send)  # type: ignore[arg-type]
+
+
+def serve_behind_proxies(app: Starlette, trusted: list[str]) -> None:
+    """`TrustedProxyMiddleware` around the whole stack, the server span's instrumentation
+    included: the instrumentation builds the span's `client.*` and `url.scheme` from the
+    scope as it starts the span, so they are the client's (the forwarded headers give no
+    client port, and the span claims none), with the proxy as `network.peer.*`
+    (observability.tracing). Call after `observe_app`, which wraps the stack's builder too:
+    the instrumentation expects to find Starlette's own stack inside."""
+    build = app.build_middleware_stack
+
+    def build_middleware_stack() -> ASGIApp:
+        return TrustedProxyMiddleware(build(), trusted)
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]

@@ -47,6 +47,8 @@ class Category(StrEnum):
     anonymous = "anonymous"
 
 
+metrics.rate_limit_categories_are(Category)
+
 _WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 

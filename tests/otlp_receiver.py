@@ -149,8 +149,8 @@ class OtlpReceiver(_Receiver):
 
 
 class MetricsReceiver(_Receiver):
-    """Keeps every metric name, the resources, and the labels of `http.server.request.duration`
-    points."""
+    """Keeps every metric name, the resources, the labels of `http.server.request.duration`
+    points, and the latest value of each counter's (sum's) series."""
 
     PATH = "/v1/metrics"
     REQUEST = ExportMetricsServiceRequest
@@ -161,6 +161,8 @@ class MetricsReceiver(_Receiver):
         self.names: set[str] = set()
         self.attributes: list[dict[str, str]] = []
         self.resources: list[dict[str, Any]] = []
+        # (metric name, its point's labels as sorted pairs) -> the value last pushed
+        self.sums: dict[tuple[str, tuple[tuple[str, Any], ...]], float] = {}
 
     def _keep(self, request: ExportMetricsServiceRequest) -> None:
         with self._lock:
@@ -169,6 +171,13 @@ class MetricsReceiver(_Receiver):
                 for scope in resource.scope_metrics:
                     for metric in scope.metrics:
                         self.names.add(metric.name)
+                        if metric.WhichOneof("data") == "sum":
+                            for sum_point in metric.sum.data_points:
+                                labels = tuple(sorted(attributes(sum_point.attributes).items()))
+                                number = sum_point.WhichOneof("value")
+                                self.sums[metric.name, labels] = float(
+                                    getattr(sum_point, number) if number else 0
+                                )
                         if metric.name == "http.server.request.duration":
                             for point in metric.histogram.data_points:
                                 self.attributes.append(

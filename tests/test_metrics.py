@@ -6,7 +6,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
@@ -18,10 +18,12 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from pydantic import SecretStr
 
+from audit.schemas import AuditAction
 from observability import metrics
 from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database, build_engine
+from service.ratelimit import Category
 from service.settings import Settings
 from tests.audit_helpers import change, scratch_database, tampering
 from tests.jwt_helpers import random_id
@@ -297,6 +299,62 @@ def test_otlp_metrics_export_from_a_served_process(
     routes = {a.get("http.route") for a in metrics_receiver.attributes}
     assert "/api/{user_id}/tasks" in routes
     assert not [a for a in metrics_receiver.attributes if user_id in a.values()]
+
+
+def test_every_known_counter_series_is_0_from_start_up_scraped_and_pushed(
+    database_url: str, tmp_path: Path, metrics_receiver: MetricsReceiver
+) -> None:
+    """An alert on a counter reads 0 before its first increment, not "no data": each value of
+    a label with few known values (the 503's cause, the limit's category, the verification's
+    mode, the audit action) is a series at 0 in a process that has served nothing yet."""
+    known = {
+        "todo_api.http.unavailable": ("cause", get_args(metrics.UnavailableCause)),
+        "todo_api.audit.verify.failures": ("audit.verify.mode", get_args(metrics.VerifyMode)),
+        "todo_api.rate_limit.rejections": ("rate_limit.category", list(Category)),
+        "todo_api.audit.events": ("audit.action", list(AuditAction)),
+        "todo_api.rate_limit.store_errors": (None, [None]),
+    }
+    expected = {
+        (name, ((label, str(value)),) if label else ())
+        for name, (label, values) in known.items()
+        for value in values
+    }
+    assert len(expected) == 7 + 2 + 4 + 6 + 1
+    server = ServeProcess(
+        tmp_path,
+        {
+            "APP_ENV": "production",
+            "DATABASE_URL": database_url,
+            "BETTER_AUTH_SECRET": TEST_SECRET,
+            "OTEL_SDK_DISABLED": "false",
+            "METRICS_ENABLED": "true",
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_TRACES_EXPORTER": "none",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": metrics_receiver.url,
+            "OTEL_METRIC_EXPORT_INTERVAL": "300",
+        },
+    ).start()
+    try:
+        scrape = httpx.get(f"{server.url}/metrics", timeout=10).text
+        deadline = time.monotonic() + 20
+        while not expected <= metrics_receiver.sums.keys():
+            assert time.monotonic() < deadline, sorted(expected - metrics_receiver.sums.keys())
+            time.sleep(0.1)
+    finally:
+        assert server.stop() in (0, -15)
+    assert {key: metrics_receiver.sums[key] for key in expected} == dict.fromkeys(expected, 0.0)
+    scraped = {}
+    for line in scrape.splitlines():
+        if match := re.fullmatch(r"(todo_api_\w+)_total(?:\{(.*)\})? (\S+)", line):
+            pairs = re.findall(r'(\w+)="([^"]*)"', match[2] or "")
+            labels = {key: v for key, v in pairs if not key.startswith("otel_scope_")}
+            scraped[match[1], tuple(sorted(labels.items()))] = float(match[3])
+    for name, labels in expected:
+        prometheus = (
+            name.replace(".", "_"),
+            tuple((key.replace(".", "_"), value) for key, value in labels),
+        )
+        assert scraped.get(prometheus) == 0.0, (prometheus, scrape)
 
 
 def test_failed_audit_verifications_are_counted_by_mode(

@@ -51,6 +51,8 @@ from tests.support import TEST_SECRET, ApiUser, bearer, free_port
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
 RFC3339_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+# The port Starlette's TestClient gives as its peer's (scope["client"]).
+TESTCLIENT_PORT = 50000
 
 
 # Fixtures ---------------------------------------------------------------------------------
@@ -238,6 +240,26 @@ def test_database_statements_are_client_spans_under_the_server_span_without_para
     assert email not in recorded
     assert "Parameter Person" not in recorded
     assert user.token not in recorded
+
+
+def test_a_statement_span_is_named_operation_and_database_its_operation_the_keyword_alone(
+    traced: TestClient, user: ApiUser, spans: InMemorySpanExporter
+) -> None:
+    """`db.operation` is the SQL keyword (semantic conventions), not the span's name
+    `<db.operation> <db.name>`, which the instrumentation puts in both."""
+    resp = traced.post(user.url(), json={"title": "t"}, headers=user.headers)
+    assert resp.status_code == 201
+    server = server_span(spans, resp.headers["X-Trace-Id"])
+    statements = [s for s in trace_spans(spans, resp.headers["X-Trace-Id"]) if s is not server]
+    assert statements
+    operations = set()
+    for span in statements:
+        attributes = dict(span.attributes or {})
+        keyword = re.sub(r"^\s*/\*.*?\*/", "", str(attributes["db.statement"])).split()[0]
+        assert attributes["db.operation"] == keyword
+        assert span.name == f"{keyword} {attributes['db.name']}"
+        operations.add(keyword)
+    assert "WITH" in operations  # the insert with its audit event (audit/recorder.py)
 
 
 def test_search_text_stays_out_of_spans_and_logs(
@@ -1060,10 +1082,14 @@ def test_behind_a_trusted_proxy_the_span_and_access_line_name_the_client(
         assert attributes["client.address"] == "203.0.113.7"
         assert attributes["network.peer.address"] == "testclient"
         assert attributes["url.scheme"] == "https"
+        # X-Forwarded-For gives no port: the proxy's is the peer's, and the client's unknown.
+        assert "client.port" not in attributes
+        assert attributes["network.peer.port"] == TESTCLIENT_PORT
     else:
         assert access["client_ip"] == "testclient"
         assert attributes.get("client.address", "testclient") == "testclient"
         assert attributes.get("url.scheme", "http") == "http"
+        assert attributes["client.port"] == TESTCLIENT_PORT
 
 
 def test_a_change_feed_stream_over_the_read_limit_names_its_tickets_user(
