@@ -314,11 +314,11 @@ def test_control_characters_in_a_signed_subject_are_refused(
         for user_path in (path, "dave"):
             resp = client.get(f"/api/{user_path}/tasks", headers=headers)
             assert assert_problem(resp, 401)["type"].endswith("/token-invalid"), resp.text
+    # (PostgreSQL takes no NUL at all, so that one cannot even be looked for.)
+    subjects = [subject for subject, _ in cases if "\x00" not in subject]
     with database.engine.connect() as conn:
-        users = conn.execute(
-            sa.text("SELECT id FROM users WHERE id LIKE '%a%b' OR id LIKE 'dave%'")
-        )
-        assert users.scalars().all() == []
+        query = sa.text("SELECT id FROM users WHERE id = ANY(:ids)")
+        assert conn.execute(query, {"ids": [*subjects, "dave"]}).scalars().all() == []
 
 
 # Error bodies -------------------------------------------------------------------------
