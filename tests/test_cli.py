@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from audit.checkpoint import sign_leaves
 from audit.signing import SigningKey
 from service.app import create_app
-from service.cli import alembic_config
+from service.cli import alembic_config, build_parser
 from service.database import Database, build_engine
 from service.schema import _unchecked, revisions
 from service.settings import Settings
@@ -217,6 +217,42 @@ def test_tasks_list_reads_a_users_tasks_through_the_api_queries(
 
     other = run(tmp_path, "tasks", "list", "nobody-at-all", DATABASE_URL=database_url)
     assert other.returncode == 0 and other.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "found"), [("a\x1b[2J", "U+001B"), ("a\x7f", "U+007F"), ("a\x85", "U+0085")]
+)
+def test_tasks_list_refuses_the_search_text_the_api_refuses(
+    client: TestClient, user: ApiUser, database_url: str, tmp_path: Path, text: str, found: str
+) -> None:
+    """`--q` took what `GET /api/{user_id}/tasks?q=` answers 400 for, and searched for it."""
+    assert client.get(user.url(), params={"q": text}, headers=user.headers).status_code == 400
+    result = run(tmp_path, "tasks", "list", user.user_id, "--q", text, DATABASE_URL=database_url)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "todo-api tasks list: error: argument --q: the search text must not contain control "
+        f"characters other than tab, line feed and carriage return (found {found})"
+    )
+    # What the API takes, the command takes (a description may hold tabs and line breaks).
+    taken = run(
+        tmp_path, "tasks", "list", user.user_id, "--q", "a\tb\nc", DATABASE_URL=database_url
+    )
+    assert taken.returncode == 0, taken.stderr
+
+
+def test_a_nul_in_the_search_text_is_a_usage_error_not_a_driver_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A NUL cannot come through a real command line (exec's arguments end at one), but `main`
+    takes its arguments as a list: it was psycopg2's ValueError and a traceback."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["tasks", "list", "alice", "--q", "a\x00b"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "the search text must not contain control "
+        "characters other than tab, line feed and carriage return (found U+0000)\n"
+    )
 
 
 def run_serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -214,6 +214,13 @@ def _multi_line(value: str | None) -> str | None:
     return value
 
 
+def search_text_error(value: str) -> str | None:
+    """Why `value` cannot be the list's search text (`q`, and `todo-api tasks list --q`), or
+    None: it searches descriptions too, so it may hold what they may (and no NUL, which
+    PostgreSQL cannot take)."""
+    return control_error(value, multi_line=True)
+
+
 # What `_clean_title` accepts, for the schema: whitespace around a line that starts and ends
 # with neither whitespace nor a control character, holds no control character, and has a
 # visible one (neither whitespace nor invisible).
