@@ -614,6 +614,68 @@ def test_a_cancelled_statement_is_not_called_unreachable(
     )
 
 
+# A database error is said in its first line: PostgreSQL's DETAIL, HINT and CONTEXT lines quote
+# values (`Key (user_id, lower(name))=(bob, groceries) already exists`), its LINE the statement,
+# and libpq adds hints of its own; spans and logs say the first line only, and so does the CLI.
+
+
+def test_a_constraint_violation_is_said_without_its_detail(tmp_path: Path) -> None:
+    """The checkpoints' id sequence behind the table, as a data-only restore leaves it: the
+    insert's DETAIL (`Key (id)=(1) already exists.`) was printed after the line."""
+    key = SigningKey.generate()
+    with scratch_database() as url:
+        env = {"DATABASE_URL": url, "AUDIT_SIGNING_KEY": key.private_pem()}
+        assert run(tmp_path, "audit", "checkpoint", **env).returncode == 0
+        engine = sa.create_engine(url, poolclass=sa.NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.text(
+                        "SELECT setval(pg_get_serial_sequence('audit_checkpoints', 'id'), 1, false)"
+                    )
+                )
+        finally:
+            engine.dispose()
+        result = run(tmp_path, "audit", "checkpoint", **env)
+    assert (result.returncode, result.stdout) == (3, ""), result.stderr
+    assert result.stderr.splitlines() == [
+        "todo-api: the database failed the command (23505): duplicate key value violates "
+        'unique constraint "audit_checkpoints_pkey"'
+    ]
+
+
+def test_a_permission_error_is_said_without_the_statement(tmp_path: Path) -> None:
+    """`migrate` as a role that may not create in the schema (PostgreSQL 15 grants no one
+    CREATE on `public`): the error's `LINE 2: CREATE TABLE ...` and its caret were printed."""
+    role = f"todo_migrator_{secrets.token_hex(4)}"
+    with scratch_database(migrated=False) as url:
+        admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+        try:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN'))
+                conn.execute(sa.text("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
+            limited = sa.make_url(url).set(username=role).render_as_string(hide_password=False)
+            result = run(tmp_path, "migrate", DATABASE_URL=limited)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP ROLE "{role}"'))
+            admin.dispose()
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.splitlines() == [
+        "todo-api: the database failed the command (42501): permission denied for schema public"
+    ]
+
+
+def test_an_unreachable_database_is_said_without_libpqs_hint(tmp_path: Path) -> None:
+    """libpq's second line (`Is the server running on that host ...?`) was printed too."""
+    url = f"postgresql://todo@127.0.0.1:{free_port()}/todo"
+    result = run(tmp_path, "tasks", "list", "alice", DATABASE_URL=url)
+    assert result.returncode == 3, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("todo-api: the database is unreachable: connection to server at ")
+    assert line.endswith("failed: Connection refused"), line
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
