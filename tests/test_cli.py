@@ -39,7 +39,7 @@ from tests.support import TEST_SECRET, ApiUser, clean_environ, free_port
 TODO_API = Path(sys.executable).parent / "todo-api"
 
 
-def run(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run(tmp_path: Path, *args: str | bytes, **env: str) -> subprocess.CompletedProcess[str]:
     """Run `todo-api` in `tmp_path` (no .env there), with only the app variables in `env`."""
     environment = clean_environ(OTEL_SDK_DISABLED="true", **env)
     return subprocess.run(
@@ -253,6 +253,27 @@ def test_a_nul_in_the_search_text_is_a_usage_error_not_a_driver_error(
         "the search text must not contain control "
         "characters other than tab, line feed and carriage return (found U+0000)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("tasks", "list", b"al\xffce"), "argument user_id: a user id is 1 to 128 characters"),
+        (("tasks", "list", "alice", "--q", b"caf\xe9"), "the search text must be UTF-8 text"),
+        (("audit", "verify", "--user", b"al\xffce"), "argument --user: a user id is 1 to"),
+        (("audit", "export", "--format", "csv", "--user", b"\xff"), "a user id is 1 to"),
+    ],
+    ids=str,
+)
+def test_an_argument_that_is_not_utf8_is_a_usage_error(
+    tmp_path: Path, database_url: str, args: tuple[str | bytes, ...], message: str
+) -> None:
+    """A byte that is not UTF-8 (a Latin-1 shell) reaches Python as a lone surrogate, which
+    has no UTF-8 for PostgreSQL: it was the driver's UnicodeEncodeError, a traceback, exit 1."""
+    result = run(tmp_path, *args, DATABASE_URL=database_url)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.splitlines()[-1]
 
 
 def run_serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

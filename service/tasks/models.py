@@ -53,6 +53,7 @@ from service.text import (
     WHITESPACE,
     control_error,
     is_blank,
+    is_utf8,
 )
 
 TITLE_MAX = 200
@@ -217,7 +218,9 @@ def _multi_line(value: str | None) -> str | None:
 def search_text_error(value: str) -> str | None:
     """Why `value` cannot be the list's search text (`q`, and `todo-api tasks list --q`), or
     None: it searches descriptions too, so it may hold what they may (and no NUL, which
-    PostgreSQL cannot take)."""
+    PostgreSQL cannot take, nor a lone surrogate, which has no UTF-8)."""
+    if not is_utf8(value):
+        return "must be UTF-8 text"
     return control_error(value, multi_line=True)
 
 
