@@ -40,6 +40,7 @@ from audit.verify import Anchor, snapshot, verify_all, verify_chain
 from service.database import UNTIMED_TRANSACTION, Database
 from service.limits import USER_ID_MAX
 from service.settings import Settings
+from service.text import is_utf8
 from service.users import USERS
 
 # `audit.export` (and FastAPI, through it) is imported when a command runs, so that
@@ -87,8 +88,10 @@ def user_id_arg(text: str) -> str:
     """A user whose stored data is read: any id the database can hold, not only those the API
     serves now (`service.text`), so that a user created under an older rule can still be read,
     verified and exported."""
-    if not 1 <= len(text) <= USER_ID_MAX or "\x00" in text:
-        raise argparse.ArgumentTypeError(f"a user id is 1 to {USER_ID_MAX} characters")
+    if not 1 <= len(text) <= USER_ID_MAX or "\x00" in text or not is_utf8(text):
+        raise argparse.ArgumentTypeError(
+            f"a user id is 1 to {USER_ID_MAX} characters of UTF-8 text, without NUL"
+        )
     return text
 
 

@@ -29,6 +29,7 @@ from service.database import (
 from service.limits import PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
 from service.settings import AppEnv, ConfigError, Settings, get_settings
 from service.tasks import queries
+from service.tasks.models import search_text_error
 from service.tasks.queries import StatusFilter
 from service.text import USER_ID_RULE, is_user_id
 
@@ -260,6 +261,13 @@ def _user_id(text: str) -> str:
     return text
 
 
+def _search_text(text: str) -> str:
+    """`--q`: what the API takes as `q`, by the same rule (`service.tasks.models`)."""
+    if error := search_text_error(text):
+        raise argparse.ArgumentTypeError(f"the search text {error}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="todo-api", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -289,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing = task_sub.add_parser("list", help="print a user's tasks as JSON lines")
     listing.add_argument("user_id", type=user_id_arg)  # what is stored, as `audit --user`
     listing.add_argument("--status", choices=[s.value for s in StatusFilter], default="all")
-    listing.add_argument("--q", help="case-insensitive search in title and description")
+    listing.add_argument(
+        "--q", type=_search_text, help="case-insensitive search in title and description"
+    )
     listing.add_argument(
         "--limit",
         type=_int_between(1, PAGE_SIZE_MAX),

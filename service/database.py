@@ -138,21 +138,21 @@ _TIMEOUT_SOURCES = "DB_STATEMENT_TIMEOUT_MS, or the statement_timeout set on the
 def failure_message(exc: DBAPIError) -> str:
     """For the command line: a server that could not be reached, one that refused the
     connection, or one that answered with an error (a statement cancelled at
-    DB_STATEMENT_TIMEOUT_MS, a lock wait, a schema never migrated): not the same fix."""
-    reason = str(exc.orig).strip()
+    DB_STATEMENT_TIMEOUT_MS, a lock wait, a schema never migrated): not the same fix.
+    Only the driver's first line is said: the rest is PostgreSQL's DETAIL, HINT and CONTEXT,
+    which quote values (`Key (id)=(1) already exists`), and the statement."""
+    reason = _first_line(exc)
     code = getattr(exc.orig, "pgcode", None)
     if refused_connection(exc) or refused_for_good(exc):
-        first = _first_line(exc)
         if refused_startup_parameter(exc):
-            return f"the database refused the connection: {first}; {POOLER_HINT}"
-        return f"the database refused the connection: {first}"
+            return f"the database refused the connection: {reason}; {POOLER_HINT}"
+        return f"the database refused the connection: {reason}"
     if code is None:
         return f"the database is unreachable: {reason}"
     if code == QUERY_CANCELED:
         return f"the database cancelled a statement: {reason} ({_TIMEOUT_SOURCES})"
     if code in _NOT_MIGRATED:
-        # The first line: the rest is the statement and a caret under the missing name.
-        return f"the database is not migrated ({_first_line(exc)}): run `todo-api migrate`"
+        return f"the database is not migrated ({reason}): run `todo-api migrate`"
     return f"the database failed the command ({code}): {reason}"
 
 

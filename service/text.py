@@ -83,6 +83,17 @@ def is_user_id(value: object) -> TypeGuard[str]:
     )
 
 
+def is_utf8(value: str) -> bool:
+    """Whether `value` has a UTF-8 form, as PostgreSQL's text needs: a lone surrogate has none
+    (`"\\ud800"` in JSON, or a byte that is not UTF-8 in a command's argument, which Python
+    reads as one)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def is_blank(value: str) -> bool:
     """Nothing to see: only whitespace and invisible characters, or nothing at all."""
     return _VISIBLE.search(value) is None

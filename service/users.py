@@ -15,7 +15,7 @@ from sqlmodel import Field, SQLModel
 from service.database import retried_once
 from service.limits import USER_ID_MAX
 from service.sqltypes import UTCDateTime
-from service.text import control_error
+from service.text import control_error, is_utf8
 
 if TYPE_CHECKING:
     from service.auth import Principal
@@ -45,11 +45,7 @@ USERS = User.__table__  # type: ignore[attr-defined]
 
 def _fits(value: str | None, max_length: int) -> str | None:
     """The value if the column can hold it, as one line of text (`service.text`)."""
-    if value is None or len(value) > max_length or control_error(value):
-        return None
-    try:
-        value.encode("utf-8")  # a lone surrogate ('\\ud800' in the JSON) has no UTF-8
-    except UnicodeEncodeError:
+    if value is None or len(value) > max_length or control_error(value) or not is_utf8(value):
         return None
     return value
 

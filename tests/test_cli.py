@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from audit.checkpoint import sign_leaves
 from audit.signing import SigningKey
 from service.app import create_app
-from service.cli import alembic_config
+from service.cli import alembic_config, build_parser
 from service.database import Database, build_engine
 from service.schema import _unchecked, revisions
 from service.settings import Settings
@@ -39,7 +39,7 @@ from tests.support import TEST_SECRET, ApiUser, clean_environ, free_port
 TODO_API = Path(sys.executable).parent / "todo-api"
 
 
-def run(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run(tmp_path: Path, *args: str | bytes, **env: str) -> subprocess.CompletedProcess[str]:
     """Run `todo-api` in `tmp_path` (no .env there), with only the app variables in `env`."""
     environment = clean_environ(OTEL_SDK_DISABLED="true", **env)
     return subprocess.run(
@@ -217,6 +217,63 @@ def test_tasks_list_reads_a_users_tasks_through_the_api_queries(
 
     other = run(tmp_path, "tasks", "list", "nobody-at-all", DATABASE_URL=database_url)
     assert other.returncode == 0 and other.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "found"), [("a\x1b[2J", "U+001B"), ("a\x7f", "U+007F"), ("a\x85", "U+0085")]
+)
+def test_tasks_list_refuses_the_search_text_the_api_refuses(
+    client: TestClient, user: ApiUser, database_url: str, tmp_path: Path, text: str, found: str
+) -> None:
+    """`--q` took what `GET /api/{user_id}/tasks?q=` answers 400 for, and searched for it."""
+    assert client.get(user.url(), params={"q": text}, headers=user.headers).status_code == 400
+    result = run(tmp_path, "tasks", "list", user.user_id, "--q", text, DATABASE_URL=database_url)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "todo-api tasks list: error: argument --q: the search text must not contain control "
+        f"characters other than tab, line feed and carriage return (found {found})"
+    )
+    # What the API takes, the command takes (a description may hold tabs and line breaks).
+    taken = run(
+        tmp_path, "tasks", "list", user.user_id, "--q", "a\tb\nc", DATABASE_URL=database_url
+    )
+    assert taken.returncode == 0, taken.stderr
+
+
+def test_a_nul_in_the_search_text_is_a_usage_error_not_a_driver_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A NUL cannot come through a real command line (exec's arguments end at one), but `main`
+    takes its arguments as a list: it was psycopg2's ValueError and a traceback."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["tasks", "list", "alice", "--q", "a\x00b"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        "the search text must not contain control "
+        "characters other than tab, line feed and carriage return (found U+0000)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("tasks", "list", b"al\xffce"), "argument user_id: a user id is 1 to 128 characters"),
+        (("tasks", "list", "alice", "--q", b"caf\xe9"), "the search text must be UTF-8 text"),
+        (("audit", "verify", "--user", b"al\xffce"), "argument --user: a user id is 1 to"),
+        (("audit", "export", "--format", "csv", "--user", b"\xff"), "a user id is 1 to"),
+    ],
+    ids=str,
+)
+def test_an_argument_that_is_not_utf8_is_a_usage_error(
+    tmp_path: Path, database_url: str, args: tuple[str | bytes, ...], message: str
+) -> None:
+    """A byte that is not UTF-8 (a Latin-1 shell) reaches Python as a lone surrogate, which
+    has no UTF-8 for PostgreSQL: it was the driver's UnicodeEncodeError, a traceback, exit 1."""
+    result = run(tmp_path, *args, DATABASE_URL=database_url)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr.splitlines()[-1]
 
 
 def run_serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -576,6 +633,68 @@ def test_a_cancelled_statement_is_not_called_unreachable(
         "todo-api: the database cancelled a statement: canceling statement due to statement "
         "timeout (DB_STATEMENT_TIMEOUT_MS, or the statement_timeout set on the role or database)"
     )
+
+
+# A database error is said in its first line: PostgreSQL's DETAIL, HINT and CONTEXT lines quote
+# values (`Key (user_id, lower(name))=(bob, groceries) already exists`), its LINE the statement,
+# and libpq adds hints of its own; spans and logs say the first line only, and so does the CLI.
+
+
+def test_a_constraint_violation_is_said_without_its_detail(tmp_path: Path) -> None:
+    """The checkpoints' id sequence behind the table, as a data-only restore leaves it: the
+    insert's DETAIL (`Key (id)=(1) already exists.`) was printed after the line."""
+    key = SigningKey.generate()
+    with scratch_database() as url:
+        env = {"DATABASE_URL": url, "AUDIT_SIGNING_KEY": key.private_pem()}
+        assert run(tmp_path, "audit", "checkpoint", **env).returncode == 0
+        engine = sa.create_engine(url, poolclass=sa.NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    sa.text(
+                        "SELECT setval(pg_get_serial_sequence('audit_checkpoints', 'id'), 1, false)"
+                    )
+                )
+        finally:
+            engine.dispose()
+        result = run(tmp_path, "audit", "checkpoint", **env)
+    assert (result.returncode, result.stdout) == (3, ""), result.stderr
+    assert result.stderr.splitlines() == [
+        "todo-api: the database failed the command (23505): duplicate key value violates "
+        'unique constraint "audit_checkpoints_pkey"'
+    ]
+
+
+def test_a_permission_error_is_said_without_the_statement(tmp_path: Path) -> None:
+    """`migrate` as a role that may not create in the schema (PostgreSQL 15 grants no one
+    CREATE on `public`): the error's `LINE 2: CREATE TABLE ...` and its caret were printed."""
+    role = f"todo_migrator_{secrets.token_hex(4)}"
+    with scratch_database(migrated=False) as url:
+        admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+        try:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN'))
+                conn.execute(sa.text("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
+            limited = sa.make_url(url).set(username=role).render_as_string(hide_password=False)
+            result = run(tmp_path, "migrate", DATABASE_URL=limited)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP ROLE "{role}"'))
+            admin.dispose()
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.splitlines() == [
+        "todo-api: the database failed the command (42501): permission denied for schema public"
+    ]
+
+
+def test_an_unreachable_database_is_said_without_libpqs_hint(tmp_path: Path) -> None:
+    """libpq's second line (`Is the server running on that host ...?`) was printed too."""
+    url = f"postgresql://todo@127.0.0.1:{free_port()}/todo"
+    result = run(tmp_path, "tasks", "list", "alice", DATABASE_URL=url)
+    assert result.returncode == 3, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith("todo-api: the database is unreachable: connection to server at ")
+    assert line.endswith("failed: Connection refused"), line
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,7 @@ from service.text import (
     WHITESPACE,
     control_error,
     is_blank,
+    is_utf8,
 )
 
 TITLE_MAX = 200
@@ -212,6 +213,15 @@ def _multi_line(value: str | None) -> str | None:
     if value is not None and (error := control_error(value, multi_line=True)):
         raise ValueError(error)
     return value
+
+
+def search_text_error(value: str) -> str | None:
+    """Why `value` cannot be the list's search text (`q`, and `todo-api tasks list --q`), or
+    None: it searches descriptions too, so it may hold what they may (and no NUL, which
+    PostgreSQL cannot take, nor a lone surrogate, which has no UTF-8)."""
+    if not is_utf8(value):
+        return "must be UTF-8 text"
+    return control_error(value, multi_line=True)
 
 
 # What `_clean_title` accepts, for the schema: whitespace around a line that starts and ends

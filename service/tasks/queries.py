@@ -45,7 +45,7 @@ from service.sqltypes import utcnow
 from service.tags.models import Tag, TaskTag
 from service.tags.queries import holding_tag_lock, tag_ids_named
 from service.tasks.models import TASKS, TaskCreate, TaskPublic, TaskRecord
-from service.text import control_error
+from service.text import control_error, is_utf8
 from service.users import USERS
 
 TAGS = Tag.__table__  # type: ignore[attr-defined]
@@ -120,8 +120,7 @@ def _parse_value(value: Any, sort: SortField) -> Any:
     sql_type = column.type.impl if isinstance(column.type, TypeDecorator) else column.type
     if sort is SortField.title:
         # Text a title may hold (a NUL or a lone surrogate would fail in the driver).
-        if isinstance(value, str) and value and control_error(value) is None:
-            value.encode()  # UnicodeEncodeError, a ValueError, for a lone surrogate
+        if isinstance(value, str) and value and control_error(value) is None and is_utf8(value):
             return value
     elif sort is SortField.priority:
         if isinstance(value, str) and value in Priority.__members__:

@@ -28,9 +28,9 @@ from service.tasks.models import (
     TaskRecord,
     TaskUpdate,
     etag_for,
+    search_text_error,
 )
 from service.tasks.queries import SortField, SortOrder, StatusFilter, TaskFilter
-from service.text import control_error
 
 router = Router(prefix="/api/{user_id}/tasks", tags=["tasks"], route_class=UnitOfWorkRoute)
 
@@ -89,9 +89,7 @@ def _tag_filter(names: list[str] | None) -> tuple[str, ...]:
 
 
 def _search_text(value: str | None) -> str | None:
-    """It searches descriptions too, so it may hold what they may (and no NUL, which
-    PostgreSQL cannot take)."""
-    if value is not None and (error := control_error(value, multi_line=True)):
+    if value is not None and (error := search_text_error(value)):
         raise InvalidInput(f"The search text {error}.", field="query.q")
     return value
 
