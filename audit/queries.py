@@ -8,8 +8,6 @@ nor skips an event while new ones arrive (they have higher seqs).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from sqlalchemy.orm import Session
 from audit.chain import format_timestamp
 from audit.models import EVENTS, HEADS
 from audit.schemas import AuditAction
+from service import paging
 from service.exceptions import InvalidInput, NotFound
 from service.limits import BIGINT_MAX
 
@@ -43,7 +42,7 @@ class EventPage:
 
 def encode_cursor(kind: str, seq: int) -> str:
     """Opaque to clients: the page kind and the last seq returned, base64url."""
-    return base64.urlsafe_b64encode(f"{kind}.{seq}".encode("ascii")).decode("ascii").rstrip("=")
+    return paging.wrap(f"{kind}.{seq}")
 
 
 def decode_cursor(kind: str, cursor: str) -> int:
@@ -51,11 +50,9 @@ def decode_cursor(kind: str, cursor: str) -> int:
     invalid = InvalidInput(
         "The cursor is not valid; use a next_cursor value from this endpoint.", field="query.cursor"
     )
-    if not cursor or len(cursor) > CURSOR_MAX or not cursor.isascii():
-        raise invalid
     try:
-        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-    except (binascii.Error, ValueError):
+        text = paging.unwrap(cursor, CURSOR_MAX).decode("ascii")
+    except ValueError:
         raise invalid from None
     match = _CURSOR_TEXT.fullmatch(text)
     if match is None or match.group(1) != kind:

@@ -2,13 +2,13 @@
 
 A `Link: rel="next"` carries `?after=<cursor>`: the last item's sort key, not an offset, so
 items completed, deleted or added while a client pages do not make it skip or repeat others.
-A cursor is base64url JSON, `[kind, ...key]`; each list checks the key it reads back.
+A cursor is base64url JSON, `[kind, ...key]`; each list checks the key it reads back. The
+audit feed's cursors (audit/queries.py) wrap their own text the same way.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 from datetime import UTC, datetime
 from typing import Any
@@ -27,19 +27,29 @@ def check_start(after: str | None, offset: int) -> None:
         raise InvalidInput("Give `after` or `offset`, not both.", field=FIELD)
 
 
+def wrap(text: str) -> str:
+    """A cursor as clients get it: `text` in base64url, unpadded (the audit feed's cursors
+    too, around their own text)."""
+    return base64.urlsafe_b64encode(text.encode()).decode("ascii").rstrip("=")
+
+
+def unwrap(cursor: str, max_length: int = CURSOR_MAX) -> bytes:
+    """The bytes `wrap` was given; raises ValueError for what it cannot have made."""
+    if len(cursor) > max_length or not cursor.isascii():
+        raise ValueError("not a cursor")
+    return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+
+
 def encode(kind: str, *key: Any) -> str:
     values = [kind, *(v.isoformat() if isinstance(v, datetime) else v for v in key)]
-    text = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
-    return base64.urlsafe_b64encode(text.encode()).decode("ascii").rstrip("=")
+    return wrap(json.dumps(values, ensure_ascii=False, separators=(",", ":")))
 
 
 def decode(cursor: str, kind: str) -> list[Any]:
     """The key `encode(kind, ...)` wrote; raises ValueError for anything else."""
-    if len(cursor) > CURSOR_MAX or not cursor.isascii():
-        raise ValueError("not a cursor")
     try:
-        values = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        values = json.loads(unwrap(cursor))
+    except ValueError as exc:  # binascii.Error, UnicodeDecodeError and bad JSON are ValueErrors
         raise ValueError("not a cursor") from exc
     if not isinstance(values, list) or not values or values[0] != kind:
         raise ValueError("another list's cursor")

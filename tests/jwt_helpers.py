@@ -20,13 +20,14 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
+
+from tests.http_helpers import LocalHttpServer, QuietHandler
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -144,7 +145,7 @@ def unsigned_token(header: dict[str, Any], claims: dict[str, Any], signature: by
     return f"{b64url(header)}.{b64url(claims)}.{b64url(signature)}"
 
 
-class JwksServer:
+class JwksServer(LocalHttpServer):
     """A JWKS endpoint on 127.0.0.1 (random port) in a thread; use as a context manager.
 
     The key set can be swapped at runtime (`set_keys`), or the endpoint made to misbehave
@@ -162,14 +163,7 @@ class JwksServer:
         self._body = b""
         self._headers: dict[str, str] = {}
         self.set_keys(*keys)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._server.daemon_threads = True
-        self._thread: threading.Thread | None = None
-
-    @property
-    def origin(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        super().__init__(self._handler_class())
 
     @property
     def url(self) -> str:
@@ -197,30 +191,10 @@ class JwksServer:
         with self._lock:
             self._status, self._body, self._headers = status, body, dict(headers or {})
 
-    def start(self) -> JwksServer:
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._server.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._server.server_close()
-
-    def __enter__(self) -> JwksServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+    def _handler_class(self) -> type[QuietHandler]:
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 with owner._lock:
                     owner._request_count += 1
@@ -233,8 +207,5 @@ class JwksServer:
                     self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
 
         return Handler

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -22,6 +21,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+from tests.http_helpers import LocalHttpServer, QuietHandler
 
 
 def any_value(value: AnyValue) -> Any:
@@ -66,7 +67,7 @@ class ReceivedSpan:
         )
 
 
-class _Receiver:
+class _Receiver(LocalHttpServer):
     """Serves `PATH`, decodes each body as a `REQUEST` and hands it to `_keep`."""
 
     PATH: str
@@ -77,7 +78,7 @@ class _Receiver:
         self._lock = threading.Lock()
         receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
                 if self.headers.get("Content-Encoding") == "gzip":
@@ -88,33 +89,16 @@ class _Receiver:
                 request = receiver.REQUEST()
                 request.ParseFromString(body)
                 receiver._keep(request)
-                reply = receiver.RESPONSE().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
+                self.send(200, receiver.RESPONSE().SerializeToString(), "application/x-protobuf")
 
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     def _keep(self, request: Any) -> None:
         raise NotImplementedError
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
 
 class OtlpReceiver(_Receiver):
-    """`with OtlpReceiver() as receiver:` then point OTEL_EXPORTER_OTLP_ENDPOINT at `.url`."""
+    """`with OtlpReceiver() as receiver:` then point OTEL_EXPORTER_OTLP_ENDPOINT at `.origin`."""
 
     PATH = "/v1/traces"
     REQUEST = ExportTraceServiceRequest
@@ -139,13 +123,6 @@ class OtlpReceiver(_Receiver):
     def trace(self, trace_id: str) -> list[ReceivedSpan]:
         with self._lock:
             return [span for span in self.spans if span.trace_id == trace_id]
-
-    def __enter__(self) -> OtlpReceiver:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class MetricsReceiver(_Receiver):

@@ -24,7 +24,8 @@ from fastapi import FastAPI
 from service.app import create_app
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.support import LiveServer, LocalHttpServer, QuietHandler
+from tests.http_helpers import LocalHttpServer, QuietHandler
+from tests.support import LiveServer
 
 POLL_SECONDS = 0.02
 
@@ -479,10 +480,6 @@ class CountingHttpServer(LocalHttpServer):
             do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _any
 
         super().__init__(Handler)
-
-    @property
-    def origin(self) -> str:
-        return self.url
 
     @property
     def request_count(self) -> int:

@@ -277,7 +277,7 @@ def test_otlp_metrics_export_from_a_served_process(
             "OTEL_SDK_DISABLED": "false",
             "OTEL_METRICS_EXPORTER": "otlp",
             "OTEL_TRACES_EXPORTER": "none",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": metrics_receiver.url,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": metrics_receiver.origin,
             "OTEL_METRIC_EXPORT_INTERVAL": "300",
         },
     ).start()
@@ -330,7 +330,7 @@ def test_every_known_counter_series_is_0_from_start_up_scraped_and_pushed(
             "METRICS_ENABLED": "true",
             "OTEL_METRICS_EXPORTER": "otlp",
             "OTEL_TRACES_EXPORTER": "none",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": metrics_receiver.url,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": metrics_receiver.origin,
             "OTEL_METRIC_EXPORT_INTERVAL": "300",
         },
     ).start()

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -88,14 +88,28 @@ def make_traced_app(settings: Settings, database: Database, provider: TracerProv
     return create_app(settings, database, tracer_provider=provider)
 
 
+TracedAppWith = Callable[..., FastAPI]
+
+
 @pytest.fixture
-def traced_app(
+def traced_app_with(
     settings: Settings,
     traced_database: Database,
     provider: TracerProvider,
     spans: InMemorySpanExporter,
-) -> FastAPI:
-    return make_traced_app(settings, traced_database, provider)
+) -> TracedAppWith:
+    """`traced_app_with(**changes)`: an app whose spans `spans` collects, with these settings
+    changed."""
+
+    def make(**changes: Any) -> FastAPI:
+        return make_traced_app(settings.model_copy(update=changes), traced_database, provider)
+
+    return make
+
+
+@pytest.fixture
+def traced_app(traced_app_with: TracedAppWith) -> FastAPI:
+    return traced_app_with()
 
 
 @pytest.fixture
@@ -327,13 +341,11 @@ def test_4xx_is_not_an_error(
 
 
 def test_unhandled_exception_is_a_500_error_span_with_the_exception(
-    settings: Settings,
-    traced_database: Database,
-    provider: TracerProvider,
+    traced_app_with: TracedAppWith,
     spans: InMemorySpanExporter,
     user: ApiUser,
 ) -> None:
-    app = make_traced_app(settings, traced_database, provider)
+    app = traced_app_with()
 
     def explode(user_id: str) -> None:
         raise RuntimeError("kaboom")
@@ -1019,9 +1031,7 @@ def test_failed_authentication_logs_a_warning_without_the_token(
 
 
 def test_a_refused_request_names_the_verified_caller_in_its_span_and_access_line(
-    settings: Settings,
-    traced_database: Database,
-    provider: TracerProvider,
+    traced_app_with: TracedAppWith,
     spans: InMemorySpanExporter,
     make_user: Any,
     capsys: pytest.CaptureFixture[str],
@@ -1029,8 +1039,7 @@ def test_a_refused_request_names_the_verified_caller_in_its_span_and_access_line
     """The token was verified before the request was refused: a 403 (someone else's tasks)
     and a 429 (over the write limit) say whose token it was, not the URL's user."""
     alice, bob = make_user(), make_user()
-    limited = settings.model_copy(update={"rate_limit_write": "1/minute"})
-    app = make_traced_app(limited, traced_database, provider)
+    app = traced_app_with(rate_limit_write="1/minute")
     with TestClient(app, raise_server_exceptions=False) as client:
         capsys.readouterr()
         forbidden = client.get(bob.url(), headers=alice.headers)
@@ -1051,9 +1060,7 @@ def test_a_refused_request_names_the_verified_caller_in_its_span_and_access_line
 
 @pytest.mark.parametrize("trusted", [True, False])
 def test_behind_a_trusted_proxy_the_span_and_access_line_name_the_client(
-    settings: Settings,
-    traced_database: Database,
-    provider: TracerProvider,
+    traced_app_with: TracedAppWith,
     spans: InMemorySpanExporter,
     user: ApiUser,
     capsys: pytest.CaptureFixture[str],
@@ -1063,9 +1070,7 @@ def test_behind_a_trusted_proxy_the_span_and_access_line_name_the_client(
     X-Forwarded-For names (as the audit log's client_ip), with the proxy as the peer; from
     anyone else the headers are ignored."""
     proxies = ["testclient"] if trusted else []  # TestClient's peer address
-    app = make_traced_app(
-        settings.model_copy(update={"trusted_proxies": proxies}), traced_database, provider
-    )
+    app = traced_app_with(trusted_proxies=proxies)
     forwarded = {"X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https"}
     with TestClient(app, raise_server_exceptions=False) as client:
         capsys.readouterr()
@@ -1093,15 +1098,12 @@ def test_behind_a_trusted_proxy_the_span_and_access_line_name_the_client(
 
 
 def test_a_change_feed_stream_over_the_read_limit_names_its_tickets_user(
-    settings: Settings,
-    traced_database: Database,
-    provider: TracerProvider,
+    traced_app_with: TracedAppWith,
     spans: InMemorySpanExporter,
     user: ApiUser,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    limited = settings.model_copy(update={"rate_limit_read": "1/minute"})
-    app = make_traced_app(limited, traced_database, provider)
+    app = traced_app_with(rate_limit_read="1/minute")
     with TestClient(app, raise_server_exceptions=False) as client:
         tickets = f"/api/{user.user_id}/events/tickets"
         stream_url = client.post(tickets, headers=user.headers).json()["stream_url"]
@@ -1119,8 +1121,7 @@ def test_a_change_feed_stream_over_the_read_limit_names_its_tickets_user(
 
 def test_answers_given_before_routing_log_the_route_their_span_names(
     settings: Settings,
-    traced_database: Database,
-    provider: TracerProvider,
+    traced_app_with: TracedAppWith,
     spans: InMemorySpanExporter,
     user: ApiUser,
     capsys: pytest.CaptureFixture[str],
@@ -1128,9 +1129,7 @@ def test_answers_given_before_routing_log_the_route_their_span_names(
     """A CORS preflight, a 413 on Content-Length and a 415 are answered by middleware
     before the router runs; the access line's `route` is still the span's `http.route`."""
     origin = "https://app.example"
-    app = make_traced_app(
-        settings.model_copy(update={"cors_origins": origin}), traced_database, provider
-    )
+    app = traced_app_with(cors_origins=origin)
     json_body = {**user.headers, "Content-Type": "application/json"}
     with TestClient(app, raise_server_exceptions=False) as client:
         capsys.readouterr()
@@ -1171,13 +1170,11 @@ def test_answers_given_before_routing_log_the_route_their_span_names(
 
 
 def test_unhandled_error_line_carries_the_request_ids(
-    settings: Settings,
-    traced_database: Database,
-    provider: TracerProvider,
+    traced_app_with: TracedAppWith,
     spans: InMemorySpanExporter,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    app = make_traced_app(settings, traced_database, provider)
+    app = traced_app_with()
 
     def explode() -> None:
         raise RuntimeError("kaboom")
@@ -1224,16 +1221,13 @@ def test_console_format_and_log_level(
 
 
 def test_the_reminder_loop_makes_no_spans_and_a_firing_writes_its_log_line(
-    settings: Settings,
-    traced_database: Database,
-    provider: TracerProvider,
+    traced_app_with: TracedAppWith,
     spans: InMemorySpanExporter,
     user: ApiUser,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A trace per poll of every worker would bury the requests' traces (README, Reminders)."""
-    on = settings.model_copy(update={"reminders_enabled": True, "reminder_poll_seconds": 0.05})
-    app = make_traced_app(on, traced_database, provider)
+    app = traced_app_with(reminders_enabled=True, reminder_poll_seconds=0.05)
     with TestClient(app, raise_server_exceptions=False) as client:
         task = client.post(
             user.url(), json={"title": "t", "remind_at": at(-1)}, headers=user.headers

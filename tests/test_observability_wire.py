@@ -57,7 +57,7 @@ def served(database_url: str, receiver: OtlpReceiver, tmp_path: Path) -> Iterato
         APP_ENV="production",
         DATABASE_URL=database_url,
         BETTER_AUTH_SECRET=TEST_SECRET,
-        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.origin,
         OTEL_BSP_SCHEDULE_DELAY="600000",
     )
     stdout = tmp_path / "stdout.log"
@@ -211,9 +211,9 @@ def test_spans_and_metrics_of_a_process_name_the_same_instance_and_environment(
             "BETTER_AUTH_SECRET": TEST_SECRET,
             "OTEL_SDK_DISABLED": "false",
             "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=staging",
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{receiver.url}/v1/traces",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{receiver.origin}/v1/traces",
             "OTEL_METRICS_EXPORTER": "otlp",
-            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"{metrics.url}/v1/metrics",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": f"{metrics.origin}/v1/metrics",
             "METRICS_ENABLED": "true",
         },
     )

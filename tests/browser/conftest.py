@@ -19,8 +19,8 @@ def api(base_settings: Settings, database: Database, frontend: Any) -> Iterator[
     serves the page and plays Better Auth: `/api/auth/jwks`), on PostgreSQL."""
     settings = base_settings.model_copy(
         update={
-            "better_auth_url": frontend.url,
-            "cors_origins": [frontend.url],
+            "better_auth_url": frontend.origin,
+            "cors_origins": [frontend.origin],
             "jwks_min_refetch_seconds": 0,
             "jwks_timeout_seconds": 2,
         }

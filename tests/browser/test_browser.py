@@ -21,8 +21,9 @@ from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from service.problem_types import ProblemType
 from tests.browser.chromium import launch
+from tests.http_helpers import LocalHttpServer, QuietHandler
 from tests.jwt_helpers import SigningKey, better_auth_claims, generate_key, random_id
-from tests.support import LiveServer, LocalHttpServer, QuietHandler
+from tests.support import LiveServer
 
 pytestmark = pytest.mark.browser
 
@@ -79,7 +80,7 @@ class FrontendOrigin(LocalHttpServer):
     def issue(self, key: SigningKey, *, stale: bool = False) -> str:
         # Like Better Auth: iss = aud = the origin, 15 minutes.
         iat = int(time.time()) - (3600 if stale else 0)
-        return key.sign(better_auth_claims(self.url, user_id=self.user_id, iat=iat))
+        return key.sign(better_auth_claims(self.origin, user_id=self.user_id, iat=iat))
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_redoc_renders_offline(page: Page, api: LiveServer) -> None:
 def test_a_page_on_another_origin_uses_the_api_with_the_readme_wrapper(
     page: Page, api: LiveServer, frontend: FrontendOrigin
 ) -> None:
-    page.goto(frontend.url + "/")
+    page.goto(frontend.origin + "/")
     page.wait_for_function("window.scenarioReady === true", timeout=20_000)
     out: dict[str, Any] = page.evaluate(
         "([api, user]) => window.scenario(api, user)", [api.url, frontend.user_id]

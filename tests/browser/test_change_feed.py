@@ -21,8 +21,9 @@ import pytest
 from playwright.sync_api import ConsoleMessage, Page, sync_playwright
 
 from tests.browser.chromium import launch
+from tests.http_helpers import LocalHttpServer, QuietHandler
 from tests.jwt_helpers import better_auth_claims, generate_key, random_id
-from tests.support import LiveServer, LocalHttpServer, QuietHandler
+from tests.support import LiveServer
 
 pytestmark = pytest.mark.browser
 
@@ -80,7 +81,7 @@ class FeedOrigin(LocalHttpServer):
 
     def issue(self, ttl: int = 900) -> str:
         # Like Better Auth: iss = aud = the origin.
-        claims = better_auth_claims(self.url, user_id=self.user_id, ttl=ttl)
+        claims = better_auth_claims(self.origin, user_id=self.user_id, ttl=ttl)
         return self.key.sign(claims)
 
     def next_token(self) -> str:
@@ -146,7 +147,7 @@ def test_the_readme_feed_snippet_delivers_each_event_once_and_resumes_after_toke
 
     # The page's first token lasts seconds: its stream ends with token_expired at that exp.
     frontend.ttl = 6
-    tab.goto(frontend.url + "/")
+    tab.goto(frontend.origin + "/")
     tab.wait_for_function("window.feedReady === true", timeout=WAIT_MS)
     tab.evaluate("([api, user]) => startFeed(api, user)", [api.url, user])
     tab.wait_for_function("feed.streams.length === 1 && feed.streams[0].opened", timeout=WAIT_MS)
