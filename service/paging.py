@@ -49,7 +49,9 @@ def decode(cursor: str, kind: str) -> list[Any]:
     """The key `encode(kind, ...)` wrote; raises ValueError for anything else."""
     try:
         values = json.loads(unwrap(cursor))
-    except ValueError as exc:  # binascii.Error, UnicodeDecodeError and bad JSON are ValueErrors
+    # binascii.Error, UnicodeDecodeError and bad JSON are ValueErrors; JSON nested deeper
+    # than Python recurses (1,500 `[` fit in a cursor) is a RecursionError.
+    except (ValueError, RecursionError) as exc:
         raise ValueError("not a cursor") from exc
     if not isinstance(values, list) or not values or values[0] != kind:
         raise ValueError("another list's cursor")

@@ -364,6 +364,8 @@ def _cursor(*values: Any) -> str:
         {"after": _cursor("tasks", "created_at", "desc", "2026-01-01T00:00:00Z", 0)},
         {"after": _cursor("tasks", "created_at", "desc", "2026-01-01T00:00:00Z", "1")},
         {"after": "x" * 2049},
+        # JSON nested past Python's recursion limit, within the cursor's length.
+        {"after": base64.urlsafe_b64encode(b"[" * 1500).decode().rstrip("=")},
         # Edited by hand: text no title holds, a time past year 9999 once in UTC.
         {"sort": "title", "order": "asc", "after": _cursor("tasks", "title", "asc", "a\x00", 1)},
         {"sort": "title", "order": "asc", "after": _cursor("tasks", "title", "asc", "\ud800", 1)},
