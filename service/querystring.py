@@ -20,7 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.params import Query
 from fastapi.routing import APIRoute
 
-# A longer name is not repeated back to the client (nor are its characters).
+from service.text import control_error
+
+# A longer name, or one with control characters, is not repeated back to the client.
 _NAME_SHOWN_MAX = 64
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
@@ -32,6 +34,14 @@ class _Refused(Exception):
 
 async def _refuse(**_: Any) -> NoReturn:
     raise _Refused
+
+
+def _unshown(name: str) -> str:
+    if not name:
+        return "no name"
+    if len(name) > _NAME_SHOWN_MAX:
+        return f"a name over {_NAME_SHOWN_MAX} characters"
+    return "control characters in its name"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,10 +78,9 @@ class QueryNames:
             if name not in self.names:
                 message = f"unknown parameter; this endpoint takes {takes}"
                 loc: tuple[str, ...] = ("query", name)
-                if not 0 < len(name) <= _NAME_SHOWN_MAX:
+                if not name or len(name) > _NAME_SHOWN_MAX or control_error(name):
                     loc = ("query",)
-                    what = "no name" if not name else f"a name over {_NAME_SHOWN_MAX} characters"
-                    message = f"a parameter with {what}: {message}"
+                    message = f"a parameter with {_unshown(name)}: {message}"
                 found.append({"type": "unknown_parameter", "loc": loc, "msg": message})
             elif count > 1 and name not in self.repeatable:
                 message = "given more than once; it takes one value"
