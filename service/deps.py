@@ -25,6 +25,7 @@ from service.exceptions import AuthError, Forbidden, TokenExpired, TokenMissing
 from service.jsonbody import JsonBodyRoute
 from service.limits import BIGINT_MAX, USER_ID_MAX
 from service.middleware import COMMIT_UNCERTAIN
+from service.querystring import KnownQueryRoute
 from service.ratelimit import Category, RateLimiter, category_for
 from service.settings import Settings
 from service.text import USER_ID_PATTERN
@@ -180,10 +181,11 @@ def _finish_in_thread(endpoint: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-class UnitOfWorkRoute(JsonBodyRoute):
-    """The route class of every router whose endpoints take a SessionDep: a sync endpoint's
-    body and its commit run in one worker thread (see `get_session`), and a request body
-    with a repeated key is refused (`service.jsonbody`)."""
+class UnitOfWorkRoute(KnownQueryRoute, JsonBodyRoute):
+    """The route class of every router whose endpoints take a SessionDep (every `/api/` one):
+    a sync endpoint's body and its commit run in one worker thread (see `get_session`), a
+    request body with a repeated key is refused (`service.jsonbody`), and so is a query
+    parameter the route does not declare, or a scalar one given twice (`service.querystring`)."""
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
         if not inspect.iscoroutinefunction(endpoint) and not inspect.isgeneratorfunction(endpoint):

@@ -45,7 +45,8 @@ class Problem(BaseModel):
 
 
 _DESCRIPTIONS = {
-    400: "Invalid input (validation errors are listed in `errors`)",
+    400: "Invalid input (validation errors are listed in `errors`), such as a query parameter "
+    "this operation does not list, or one that is not repeatable given twice",
     401: "Missing or invalid bearer token",
     403: "The token belongs to another user",
     404: "No such task for this user",
