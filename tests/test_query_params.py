@@ -87,9 +87,10 @@ def test_the_query_is_reported_whole_with_the_other_errors(
     # With a body that is wrong too.
     resp = client.post(user.url(f"?{UNKNOWN}=1"), json={"title": ""}, headers=user.headers)
     assert_validation_error(resp, f"query.{UNKNOWN}", "body.title")
-    # An invalid {user_id} is reported before any token is checked, as it was: with the name.
-    resp = client.get(f"/api/{'a' * 129}/tasks?{UNKNOWN}=1")
+    # An invalid {user_id} (with a valid token: without one it is a 401), with the name.
+    resp = client.get(f"/api/{'a' * 129}/tasks?{UNKNOWN}=1", headers=user.headers)
     assert_validation_error(resp, "path.user_id", f"query.{UNKNOWN}")
+    assert_problem(client.get(f"/api/{'a' * 129}/tasks?{UNKNOWN}=1"), 401)
 
 
 def test_a_scalar_parameter_given_twice_is_refused_a_repeatable_one_is_not(
