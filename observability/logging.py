@@ -21,6 +21,7 @@ from pythonjsonlogger.json import JsonFormatter
 from sqlalchemy.exc import StatementError
 
 from service.settings import Settings
+from service.text import first_line
 
 # Extras uvicorn attaches for its own colour formatter.
 _SKIPPED_ATTRS = frozenset([*RESERVED_ATTRS, "color_message"])
@@ -88,14 +89,6 @@ _answered_filter = AnsweredExceptionFilter()
 def is_database_error(exc: BaseException) -> bool:
     """A driver's error, or SQLAlchemy's around one (whose text quotes the driver's)."""
     return isinstance(exc, (psycopg2.Error, StatementError))
-
-
-def first_line(exc: BaseException) -> str:
-    """PostgreSQL's message without its `DETAIL`, `HINT`, `CONTEXT` or `LINE n:` lines,
-    which quote the values (`Key (user_id, lower(name))=(bob, groceries) already exists`,
-    `Failing row contains (...)`) and the statement."""
-    text = str(exc)
-    return text.splitlines()[0] if text else ""
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

@@ -35,7 +35,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import StatementError
 
-from observability.logging import first_line, format_exception, holds_database_error
+from observability.logging import format_exception, holds_database_error
 from observability.otel_env import (
     batch_span_options,
     check_otel_environment,
@@ -44,6 +44,7 @@ from observability.otel_env import (
     sdk_disabled,
 )
 from service.settings import ConfigError, Settings
+from service.text import first_line
 
 SERVICE_NAME = "todo-api"
 TRACE_ID_HEADER = "X-Trace-Id"

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from service.settings import ConfigError, Settings, check_database_url
+from service.text import first_line
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,12 +96,6 @@ POOLER_HINT = (
 )
 
 
-def _first_line(exc: DBAPIError) -> str:
-    """The driver's message up to its first line break (libpq adds hints and the statement)."""
-    reason = str(exc.orig).strip()
-    return reason.splitlines()[0] if reason else ""
-
-
 def refused_connection(exc: DBAPIError) -> bool:
     """The server answered the connection with an error (a setting it refuses, a wrong
     password, a database that does not exist), as opposed to not answering at all."""
@@ -118,7 +113,7 @@ def refused_for_good(exc: DBAPIError) -> bool:
     """The connection was refused for a reason in the settings (DATABASE_URL, the role),
     as opposed to a server starting up or out of connections, which waiting cures."""
     return getattr(exc.orig, "pgcode", None) is None and bool(
-        _REFUSED_FOR_GOOD.search(_first_line(exc))
+        _REFUSED_FOR_GOOD.search(first_line(exc.orig))
     )
 
 
@@ -127,7 +122,7 @@ def refused_startup_parameter(exc: DBAPIError) -> bool:
     not a database still starting or out of connections."""
     if not refused_connection(exc):
         return False
-    return bool(_STARTUP_PARAMETER.search(_first_line(exc)))
+    return bool(_STARTUP_PARAMETER.search(first_line(exc.orig)))
 
 
 # Where a cancelling statement_timeout comes from: this service's startup option, or, behind
@@ -141,7 +136,7 @@ def failure_message(exc: DBAPIError) -> str:
     DB_STATEMENT_TIMEOUT_MS, a lock wait, a schema never migrated): not the same fix.
     Only the driver's first line is said: the rest is PostgreSQL's DETAIL, HINT and CONTEXT,
     which quote values (`Key (id)=(1) already exists`), and the statement."""
-    reason = _first_line(exc)
+    reason = first_line(exc.orig)
     code = getattr(exc.orig, "pgcode", None)
     if refused_connection(exc) or refused_for_good(exc):
         if refused_startup_parameter(exc):

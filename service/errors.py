@@ -20,7 +20,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
 from observability import metrics
-from observability.logging import first_line
 from service.database import QUERY_CANCELED
 from service.exceptions import (
     AuthError,
@@ -31,6 +30,7 @@ from service.exceptions import (
 )
 from service.openapi import PROBLEM_JSON, install_problem_docs
 from service.problem_types import BY_STATUS, ProblemType
+from service.text import first_line
 
 log = logging.getLogger("service.errors")
 

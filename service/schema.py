@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 from sqlalchemy.exc import ProgrammingError
 
-from observability.logging import first_line
+from service.text import first_line
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "alembic"
 _UNDEFINED_TABLE = "42P01"

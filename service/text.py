@@ -94,6 +94,14 @@ def is_utf8(value: str) -> bool:
     return True
 
 
+def first_line(value: object) -> str:
+    """An error's message up to its first line break. PostgreSQL's (and libpq's) go on with
+    `DETAIL`, `HINT`, `CONTEXT` and `LINE n:` lines, which quote values (`Key
+    (user_id, lower(name))=(bob, groceries) already exists`) and the statement."""
+    text = str(value).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def is_blank(value: str) -> bool:
     """Nothing to see: only whitespace and invisible characters, or nothing at all."""
     return _VISIBLE.search(value) is None
