@@ -29,7 +29,7 @@ from service.database import (
 from service.limits import PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
 from service.settings import AppEnv, ConfigError, Settings, get_settings
 from service.tasks import queries
-from service.tasks.models import search_text_error
+from service.tasks.models import SEARCH_MAX, search_text_error
 from service.tasks.queries import StatusFilter
 from service.text import USER_ID_RULE, is_user_id
 
@@ -262,7 +262,9 @@ def _user_id(text: str) -> str:
 
 
 def _search_text(text: str) -> str:
-    """`--q`: what the API takes as `q`, by the same rule (`service.tasks.models`)."""
+    """`--q`: what the API takes as `q`, by the same rules (`service.tasks.models`)."""
+    if len(text) > SEARCH_MAX:
+        raise argparse.ArgumentTypeError(f"the search text is at most {SEARCH_MAX} characters")
     if error := search_text_error(text):
         raise argparse.ArgumentTypeError(f"the search text {error}")
     return text

@@ -25,6 +25,7 @@ from service.cli import alembic_config, build_parser
 from service.database import Database, build_engine
 from service.schema import _unchecked, revisions
 from service.settings import Settings
+from service.tasks.models import SEARCH_MAX
 from tests.audit_helpers import scratch_database
 from tests.jwt_helpers import random_id
 from tests.reliability_helpers import (
@@ -252,6 +253,21 @@ def test_a_nul_in_the_search_text_is_a_usage_error_not_a_driver_error(
     assert capsys.readouterr().err.endswith(
         "the search text must not contain control "
         "characters other than tab, line feed and carriage return (found U+0000)\n"
+    )
+
+
+def test_the_search_text_is_bounded_as_the_apis_q(
+    client: TestClient, user: ApiUser, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`q` is at most SEARCH_MAX characters; `--q` took any length."""
+    longest, too_long = "a" * SEARCH_MAX, "a" * (SEARCH_MAX + 1)
+    assert client.get(user.url(), params={"q": too_long}, headers=user.headers).status_code == 400
+    assert build_parser().parse_args(["tasks", "list", "alice", "--q", longest]).q == longest
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["tasks", "list", "alice", "--q", too_long])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"argument --q: the search text is at most {SEARCH_MAX} characters\n"
     )
 
 

@@ -57,6 +57,7 @@ from service.text import (
 )
 
 TITLE_MAX = 200
+SEARCH_MAX = 200  # the list's `q` (a Query bound in the route) and `tasks list --q`
 DESCRIPTION_MAX = 1000
 # A reminder still to fire: set, on a task not completed, and not fired for this time yet
 # (a changed `remind_at` no longer equals the time that fired: it is armed again).

@@ -22,6 +22,7 @@ from service.routing import Router
 from service.tags.rules import TAG_NAME_MAX, TAG_NAME_PATTERN, TAGS_PER_TASK_MAX, clean_tag_name
 from service.tasks import idempotency, queries, rules
 from service.tasks.models import (
+    SEARCH_MAX,
     TaskCompletion,
     TaskCreate,
     TaskPublic,
@@ -63,7 +64,6 @@ IdempotencyKey = Annotated[str | None, Depends(_idempotency_key)]
 TagFilterName = Annotated[
     str, Query(max_length=TAG_NAME_MAX * 4, json_schema_extra={"pattern": TAG_NAME_PATTERN})
 ]
-SEARCH_MAX = 200
 
 
 def _task_response(request: Request, task: TaskRecord) -> Response:
