@@ -105,6 +105,7 @@ class Relay:
                 outer = socket.create_connection(self.target, timeout=10)
             except OSError:
                 return
+            outer.settimeout(None)
             self.sockets += [inner, outer]
             threading.Thread(target=self._pipe, args=(inner, outer), daemon=True).start()
 
@@ -189,8 +190,12 @@ def server(network: Network, database_url: str, tmp_path: Path) -> Iterator[Path
         in_namespace(network.server, socket.socket),
         (db.host or "127.0.0.1", db.port or 5432),
     )
-    relay.listener.bind(("127.0.0.1", 5432))
-    relay.listener.listen()
+    try:
+        relay.listener.bind(("127.0.0.1", 5432))
+        relay.listener.listen()
+    except OSError:
+        relay.close()
+        raise
     relay.start()
     env = {
         "DATABASE_URL": db.set(host="127.0.0.1", port=5432).render_as_string(hide_password=False),
