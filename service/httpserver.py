@@ -25,13 +25,28 @@ timeout only closes an idle connection after a response, until its first byte ar
   answered, none is awaited). Otherwise the connection is closed, with a 408 if part of the
   head had come.
 
+- **A peer gone silent.** Each connection's socket gets `TCP_USER_TIMEOUT` (Linux) of
+  `TCP_USER_TIMEOUT_SECONDS`: the kernel aborts a connection whose sent data stays
+  unacknowledged that long, and the app sees a disconnect. Without it, a client that vanished
+  without a FIN or RST (a lid shut, a network switched, a NAT mapping dropped) keeps a feed
+  stream, and its slot, until Linux gives up retransmitting, about 15 minutes: the stream's
+  heartbeats go into the send buffer, which never fills. A live client acks within seconds.
+  (Linux 5.11 and later also abort one whose client keeps its receive window shut, reading
+  nothing, that long while data waits to be sent: a stream closes such a client sooner, after
+  `FEED_SEND_TIMEOUT_SECONDS`, and any other response is cut off only for a client that has
+  not read for that long.) TCP keepalive would not do: it probes only a connection with
+  nothing unacknowledged, and a stream heartbeats. Set once per connection, where the option
+  exists; elsewhere, skipped.
+
 Everything else (keep-alive, pipelining, bodies, upgrades) is uvicorn's, unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from typing import Any
 
 from uvicorn.config import Config
@@ -46,6 +61,8 @@ log = logging.getLogger(__name__)
 # HTTP/1.1 CRLF, then name ":" value CRLF for each header, then CRLF.
 _REQUEST_LINE_OVERHEAD = len(b"  HTTP/1.1\r\n") + len(b"\r\n")
 _HEADER_OVERHEAD = len(b":\r\n")
+# Linux's; None where the platform has no such option (macOS, Windows).
+_TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -63,6 +80,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.max_head_bytes = settings.max_request_head_bytes
         self.max_chunked_bytes = 16 * settings.max_body_bytes + settings.max_request_head_bytes
         self.head_timeout = settings.request_head_timeout_seconds
+        self.user_timeout_ms = round(settings.tcp_user_timeout_seconds * 1000)
         # A head is awaited from the connection's start and after each message's end, until
         # the parser has all of it.
         self._in_head = True
@@ -83,6 +101,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._set_user_timeout(transport)
         self._await_head()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -172,6 +191,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self._send_and_close(431, "Request header fields too large")
         else:
             self._await_head()
+
+    def _set_user_timeout(self, transport: asyncio.Transport) -> None:
+        """TCP_USER_TIMEOUT on the connection's socket (see the module's docstring)."""
+        sock = transport.get_extra_info("socket")
+        if _TCP_USER_TIMEOUT is None or not self.user_timeout_ms or sock is None:
+            return
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return  # a Unix socket (uvicorn's --uds) has no retransmissions to bound
+        with contextlib.suppress(OSError):  # refused: the connection keeps the kernel's
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, self.user_timeout_ms)
 
     # The head's size and time --------------------------------------------------------------
 

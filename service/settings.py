@@ -147,6 +147,12 @@ class Settings(BaseSettings):
     # never finishes a head holds each for no longer. An idle kept-alive connection closes
     # sooner, at uvicorn's keep-alive timeout (5 s).
     request_head_timeout_seconds: float = Field(default=20.0, ge=1, le=300)
+    # TCP_USER_TIMEOUT of each connection (Linux): the kernel drops one whose sent data stays
+    # unacknowledged this long. A client gone without closing (a lid shut, a network switched,
+    # a NAT mapping dropped) otherwise holds its feed stream for Linux's ~15 minutes of
+    # retransmissions, as the heartbeats fill no buffer. A live peer acks within seconds; 30 s
+    # rides out a short outage such as a handover. 0: the kernel's (see service.httpserver).
+    tcp_user_timeout_seconds: float = Field(default=30.0, ge=0, le=3600)
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Rate limits (`limits` notation: "120/minute", "10/second"), counted in Redis when
