@@ -152,7 +152,7 @@ class Settings(BaseSettings):
     # a NAT mapping dropped) otherwise holds its feed stream for Linux's ~15 minutes of
     # retransmissions, as the heartbeats fill no buffer. A live peer acks within seconds; 30 s
     # rides out a short outage such as a handover. 0: the kernel's (see service.httpserver).
-    tcp_user_timeout_seconds: float = Field(default=30.0, ge=0, le=3600)
+    tcp_user_timeout_seconds: int = Field(default=30, ge=0, le=3600)  # whole seconds: not 0.5
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Rate limits (`limits` notation: "120/minute", "10/second"), counted in Redis when

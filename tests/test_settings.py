@@ -70,6 +70,17 @@ def test_other_database_urls_are_refused(monkeypatch: pytest.MonkeyPatch, raw: s
     assert "DATABASE_URL" in str(info.value)
 
 
+@pytest.mark.parametrize("raw", ["0.5", "-1", "3601", "thirty"])
+def test_a_tcp_user_timeout_is_whole_seconds_within_bounds(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    """A fraction of a second would drop connections at any ordinary retransmission."""
+    with pytest.raises(ValidationError) as info:
+        from_env(monkeypatch, TCP_USER_TIMEOUT_SECONDS=raw)
+    assert "tcp_user_timeout_seconds" in str(info.value)
+    assert from_env(monkeypatch, TCP_USER_TIMEOUT_SECONDS="0").tcp_user_timeout_seconds == 0
+
+
 @pytest.mark.parametrize("raw", ["sqlite:///./todo.db", "sqlite:////tmp/absolute.db", "sqlite://"])
 def test_sqlite_urls_are_refused_by_name(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
     with pytest.raises(ValidationError) as info:
