@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 SYNC := $(UV) sync --frozen --python "$$($(PYTHON) -c 'import sys; print(sys.executable)')"
 
-.PHONY: run test lint install install-runtime bench bench-ratelimit frontend-check
+.PHONY: run test lint install install-runtime bench bench-ratelimit frontend-check system-check
 
 $(UV):
 	$(PYTHON) -m venv .uv
@@ -66,3 +66,11 @@ frontend-check: install
 	$(BIN)/python clients/export_openapi.py clients/build/openapi.json
 	cd clients && npm run --silent lint && npm run --silent types && npm run --silent check
 	$(BIN)/pytest -m browser tests/browser
+
+# Tests that need root: network namespaces joined by a veth pair (tests/test_vanished_client.py).
+system-check: install
+	command -v ip >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; } || \
+		{ echo "system-check needs iproute2's ip: sudo apt-get install iproute2" >&2; exit 1; }
+	[ "$$(id -u)" = 0 ] || { echo "system-check needs root (network namespaces)" >&2; exit 1; }
+	$(BIN)/pytest -m netns tests

@@ -45,6 +45,8 @@ _OURS = re.compile(r"todo-test-(\d+)-[0-9a-f]+-(srv|cli)")
 
 T = TypeVar("T")
 
+pytestmark = pytest.mark.netns  # root and iproute2: `make system-check`, which CI runs
+
 
 def ip(*args: str) -> str:
     done = subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
