@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
@@ -159,13 +159,12 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "Get a token with:  .venv/bin/todo-api dev-token <user-id>",
             file=sys.stderr,
         )
-    from service.httpserver import BoundedHttpToolsProtocol
+    from service.httpserver import BoundedHttpToolsProtocol, Supervisor
 
     # Uvicorn raises the SIGTERM again once its graceful shutdown is done: a stop as asked, so
     # exit 0 (its supervisor of several workers does), not killed by the signal (143).
     signal.signal(signal.SIGTERM, _stopped_as_asked)
-    uvicorn.run(
-        "service.app:app",
+    options: dict[str, Any] = dict(
         host=args.host,
         port=args.port,
         workers=args.workers,
@@ -184,6 +183,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_seconds)),
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
     )
+    if args.workers == 1:
+        uvicorn.run("service.app:app", **options)
+    else:
+        # As uvicorn.run does for several workers, with a supervisor that stops listening
+        # when it stops them (service.httpserver.Supervisor).
+        config = uvicorn.Config("service.app:app", **options)
+        Supervisor(config, sockets=[config.bind_socket()]).run()
     return 0
 
 

@@ -24,7 +24,6 @@ timeout only closes an idle connection after a response, until its first byte ar
   opening, or of the previous response on a kept-alive connection (while a request is being
   answered, none is awaited). Otherwise the connection is closed, with a 408 if part of the
   head had come.
-
 - **A peer gone silent.** Each connection's socket gets `TCP_USER_TIMEOUT` (Linux) of
   `TCP_USER_TIMEOUT_SECONDS`: the kernel aborts a connection whose sent data stays
   unacknowledged that long, and the app sees a disconnect. Without it, a client that vanished
@@ -37,6 +36,12 @@ timeout only closes an idle connection after a response, until its first byte ar
   not read for that long.) TCP keepalive would not do: it probes only a connection with
   nothing unacknowledged, and a stream heartbeats. Set once per connection, where the option
   exists; elsewhere, skipped.
+- **Shutdown.** Uvicorn's shutdown closes every connection not answering a request at once,
+  even one whose next request has begun to arrive: the bytes it read (or that wait unread in
+  the socket) are dropped, and the client gets a closed connection for a request it cannot
+  tell was not processed. Here such a request is read and answered, with `Connection: close`
+  (a head that stalls is still closed at its time limit); a connection with nothing of a
+  request is closed, as uvicorn does.
 
 Everything else (keep-alive, pipelining, bodies, upgrades) is uvicorn's, unchanged.
 """
@@ -52,6 +57,7 @@ from typing import Any
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
+from uvicorn.supervisors import Multiprocess
 
 from service.settings import get_settings
 
@@ -96,6 +102,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._rest_bytes = 0  # of the message after its head, counted as they arrive
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._closing = False  # shut down with a request arriving: answer it, then close
 
     # Reading -------------------------------------------------------------------------------
 
@@ -163,6 +170,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             for name, value in self.headers
         )
         super().on_headers_complete()
+        if self._closing and self.cycle is not None:
+            self.cycle.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
         if self._refused:
@@ -201,6 +210,36 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return  # a Unix socket (uvicorn's --uds) has no retransmissions to bound
         with contextlib.suppress(OSError):  # refused: the connection keeps the kernel's
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, self.user_timeout_ms)
+
+    # Shutdown ------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Called by the server once it has stopped accepting: close the connection when no
+        request is on it; a request being answered closes it after its response (uvicorn's),
+        and so does one whose first bytes came (or wait unread) when this is called."""
+        if self._closing:
+            return
+        if self._answering() or self._refused or self.transport.is_closing():
+            super().shutdown()
+        elif self._head_started or self._bytes_waiting():
+            self._closing = True
+            log.info("shutdown: answering the request arriving from %s, then closing", self._peer())
+        else:
+            super().shutdown()
+
+    def _bytes_waiting(self) -> bool:
+        """Bytes of a request wait unread in the connection's socket."""
+        transport_socket = self.transport.get_extra_info("socket")
+        if transport_socket is None:
+            return False
+        try:
+            # A duplicate of the descriptor, to peek without reading what the loop will read.
+            with socket.fromfd(
+                transport_socket.fileno(), transport_socket.family, transport_socket.type
+            ) as peek:
+                return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:  # nothing waiting (EAGAIN), or the connection is gone
+            return False
 
     # The head's size and time --------------------------------------------------------------
 
@@ -286,3 +325,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         )
         self.transport.write(b"".join(content))
         self.transport.close()
+
+
+class Supervisor(Multiprocess):
+    """Uvicorn's supervisor of `--workers N`, which closes its copy of the listening socket
+    when it stops the workers.
+
+    Uvicorn's keeps it open until the last worker has exited, long after each worker closed
+    its own: in the meantime the kernel still completed every new connection, and queued it
+    where no worker would ever accept it; each client sent its request, waited for the whole
+    shutdown, and was reset. With the supervisor's copy closed, the socket closes with the
+    workers' (after their drain), and a connection attempt from then on is refused: the
+    client knows that nothing was sent.
+    """
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()

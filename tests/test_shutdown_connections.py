@@ -1,0 +1,161 @@
+"""Connections at SIGTERM: what a client whose request met the shutdown can rely on.
+
+A request the server has begun to read is answered; a connection it has not read from is
+closed or refused, so a client that got no byte of an answer knows that nothing was done (the
+race that HTTP/1.1 keep-alive cannot close: a request sent as the server closes an idle
+connection). Under load, two faults broke that: uvicorn closed an idle connection whose next
+request had begun to arrive, and with `--workers N` its supervisor kept the listening socket
+open until it exited, so new connections were completed by the kernel, never accepted, and
+reset at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+from service.auth import create_dev_token
+from tests.jwt_helpers import random_id
+from tests.reliability_helpers import TASK_ROW_LOCK, lock_waits, locked, wait_until
+from tests.serve_helpers import ServeProcess
+from tests.support import TEST_SECRET
+
+PATIENCE = 30
+
+
+def _env(database_url: str) -> dict[str, str]:
+    return {
+        "APP_ENV": "production",
+        "DATABASE_URL": database_url,
+        "BETTER_AUTH_SECRET": TEST_SECRET,
+        "SHUTDOWN_DRAIN_SECONDS": "0",
+        "SHUTDOWN_TIMEOUT_SECONDS": "60",
+        # A write waiting for a row lock waits until the test frees it.
+        "DB_STATEMENT_TIMEOUT_MS": "120000",
+        # Longer than any of these tests waits: no head is closed for its time here.
+        "REQUEST_HEAD_TIMEOUT_SECONDS": "120",
+    }
+
+
+def _refuses_connections(server: ServeProcess) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", server.port), timeout=PATIENCE).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One response; a connection closed before all of it fails the test."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    while len(body) < int(headers.get("content-length", "0")):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the body"
+        body += chunk
+    return int(status_line.split()[1]), headers, body
+
+
+def test_a_request_begun_on_an_idle_connection_at_shutdown_is_answered(
+    database_url: str, tmp_path: Path
+) -> None:
+    user_id = random_id()
+    token = create_dev_token(TEST_SECRET, user_id)
+    body = json.dumps({"title": "sent across the shutdown"}).encode()
+    head = (
+        f"POST /api/{user_id}/tasks HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "X-Request-ID: across-shutdown-1\r\n"
+    ).encode()
+    server = ServeProcess(tmp_path, _env(database_url)).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=PATIENCE) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert _read_response(sock)[0] == 200  # kept alive, and idle
+            sock.sendall(head)  # the next request begins to arrive
+            server.terminate()
+            # Refused: the server has stopped accepting, and called every connection's
+            # shutdown (in the same step), this one's included.
+            wait_until(lambda: _refuses_connections(server), "the server to stop listening")
+            sock.sendall(b"\r\n" + body)
+            status, headers, _ = _read_response(sock)
+            assert status == 201
+            assert headers["connection"] == "close"
+            assert sock.recv(1) == b""  # then closed
+        assert server.wait(timeout=PATIENCE) == 0
+    finally:
+        server.stop()
+    admin = sa.create_engine(database_url)
+    try:
+        with admin.connect() as conn:
+            audited = conn.execute(
+                sa.text("SELECT count(*) FROM audit_events WHERE request_id = :r"),
+                {"r": "across-shutdown-1"},
+            ).scalar_one()
+    finally:
+        admin.dispose()
+    assert audited == 1
+
+
+def test_with_several_workers_new_connections_are_refused_once_all_stop_listening(
+    database_url: str, tmp_path: Path
+) -> None:
+    user_id = random_id()
+    headers = {"Authorization": f"Bearer {create_dev_token(TEST_SECRET, user_id)}"}
+    admin = sa.create_engine(database_url)
+    server = ServeProcess(tmp_path, _env(database_url), workers=2).start()
+    holder = None
+    try:
+        created = httpx.post(
+            f"{server.url}/api/{user_id}/tasks", json={"title": "before"}, headers=headers
+        )
+        assert created.status_code == 201, created.text
+        task_id = created.json()["id"]
+        # One request in flight keeps its worker, and so the server, shutting down.
+        holder = locked(admin, TASK_ROW_LOCK, {"id": task_id})
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            put = pool.submit(
+                httpx.put,
+                f"{server.url}/api/{user_id}/tasks/{task_id}",
+                json={"title": "after"},
+                headers=headers,
+                timeout=PATIENCE * 3,
+            )
+            wait_until(lambda: lock_waits(admin) >= 1, "the PUT to wait for the row lock")
+            server.terminate()
+            # Refused while the server still runs: not completed by the kernel, to be left
+            # unread until the server exits and then reset.
+            wait_until(
+                lambda: _refuses_connections(server),
+                "new connections to be refused",
+                timeout=PATIENCE,
+            )
+            assert server.process is not None and server.process.poll() is None
+            assert not put.done()
+            holder.rollback()
+            holder.close()
+            holder = None
+            response = put.result(timeout=PATIENCE * 3)
+        assert response.status_code == 200, response.text
+        assert response.headers["connection"] == "close"
+        assert server.wait(timeout=PATIENCE) == 0
+    finally:
+        if holder is not None:
+            holder.rollback()
+            holder.close()
+        server.stop()
+        admin.dispose()
