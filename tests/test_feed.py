@@ -129,6 +129,51 @@ def test_resume_with_after_or_last_event_id_replays_then_goes_live(
     assert by_header.seqs == [5, 6]
 
 
+def test_an_eventsource_polyfills_last_event_id_in_the_url_resumes(
+    server: LiveServer, user: ApiUser
+) -> None:
+    """event-source-polyfill, used to send `Authorization` from a browser, reconnects with
+    `?lastEventId=N` in the URL (the header it cannot resend): it resumes after N, as the
+    header would, and an unknown parameter would have refused the reconnect."""
+    url = f"/api/{user.user_id}/events"
+    with server.client() as http:
+        task = write(http, user, "POST", json={"title": "t0"})
+        for n in range(1, 4):
+            write(http, user, "PUT", f"/{task['id']}", json={"title": f"t{n}"})
+        with feed(server, user, params={"lastEventId": "2", "after": 1}) as polyfill:
+            polyfill.wait_for_seq(4)
+        headers = {**user.headers, "Last-Event-ID": "3"}
+        with feed(server, user, headers=headers, params={"lastEventId": "1"}) as both:
+            both.wait_for_seq(4)
+        answer = http.get(url, headers=user.headers, params={"lastEventId": "x"})
+        assert_validation_error(answer, "query.lastEventId")
+    assert polyfill.seqs == [3, 4]
+    assert both.seqs == [4]  # the header wins
+
+
+def test_a_stream_without_a_valid_token_is_a_401_before_its_parameters_are_looked_at(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    """As on every other route: no token, or a bad one, is a 401 counted by address, whatever
+    else is wrong with the request. Only a request with a ticket has its own mistakes
+    refused first, so that they do not spend the ticket."""
+    with (
+        serve(settings, database, rate_limit_anonymous="3/minute") as server,
+        server.client() as http,
+    ):
+        for url, headers in (
+            (f"/api/{user.user_id}/events?bogus=1", {}),
+            ("/api/%20/events", {"Authorization": "Bearer not-a-token"}),
+            (f"/api/{user.user_id}/events?after=-1", {}),
+        ):
+            assert http.get(url, headers=headers).status_code == 401, url
+        refused = http.get(f"/api/{user.user_id}/events?bogus=2")
+        assert refused.status_code == 429, refused.text
+        # With a valid token the request's own mistakes are a 400.
+        answer = http.get("/api/%20/events", headers=user.headers)
+        assert_validation_error(answer, "path.user_id")
+
+
 def test_a_resume_point_past_the_newest_event_ends_the_stream_with_the_latest_seq(
     server: LiveServer, make_user: Any
 ) -> None:

@@ -167,10 +167,12 @@ def test_the_endpoints_outside_the_api_ignore_query_parameters(
 def test_the_change_feed_refuses_a_stray_parameter_before_spending_its_ticket(
     live_server: LiveServer, user: ApiUser
 ) -> None:
-    """The feed checks its token or ticket in the endpoint, after the query (as `?after=-1`
-    without a token is 400): a refused request must not spend the single-use ticket."""
+    """The feed redeems its ticket in the endpoint, after the query: a refused request must
+    not spend the single-use ticket. Without a ticket the token comes first, as elsewhere."""
     with live_server.client() as http:
         resp = http.get(f"/api/{user.user_id}/events?after=-1&{UNKNOWN}=1")
+        assert_problem(resp, 401)
+        resp = http.get(f"/api/{user.user_id}/events?after=-1&{UNKNOWN}=1", headers=user.headers)
         assert_validation_error(resp, "query.after", f"query.{UNKNOWN}")
         ticket = http.post(f"/api/{user.user_id}/events/tickets", headers=user.headers).json()
         url = ticket["stream_url"]

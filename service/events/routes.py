@@ -129,27 +129,43 @@ def _accepts_event_stream(accept: str | None) -> bool:
     return False
 
 
-def _start_seq(after: int | None, last_event_id: str | None) -> int:
-    """`Last-Event-ID` (sent by EventSource when it reconnects) wins over `?after=`."""
-    if last_event_id is not None and last_event_id.strip():
-        text = last_event_id.strip()
-        # ASCII digits only: str.isdigit() is true of '²', which int() refuses.
-        if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > BIGINT_MAX:
-            raise InvalidInput(
-                "Last-Event-ID must be the id (a seq) of an event of this feed.",
-                field="header.last-event-id",
-            )
-        return int(text)
+def _start_seq(after: int | None, *last_event_ids: tuple[str | None, str]) -> int:
+    """`Last-Event-ID` (sent by EventSource when it reconnects) wins over `?lastEventId=`
+    (what EventSource polyfills that cannot resend the header put in the URL), which wins
+    over `?after=`."""
+    for last_event_id, field in last_event_ids:
+        if last_event_id is not None and last_event_id.strip():
+            text = last_event_id.strip()
+            # ASCII digits only: str.isdigit() is true of '²', which int() refuses.
+            if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > BIGINT_MAX:
+                raise InvalidInput(
+                    "Last-Event-ID must be the id (a seq) of an event of this feed.", field=field
+                )
+            return int(text)
     return after or 0
 
 
+async def stream_caller(request: Request, bearer: BearerDep) -> Principal | None:
+    """The bearer token's user, verified before the request's parameters are, as on every
+    other route (a 401 first, counted by address); None for a request with a stream ticket
+    and no bearer token: the ticket is redeemed after them, so that the request's own
+    mistakes do not spend it."""
+    if bearer is None:
+        if "ticket" in request.query_params:
+            return None
+        await count_anonymous(request)
+        raise TokenMissing("missing bearer token or stream ticket")
+    return await authenticate(request, bearer)
+
+
+CallerDep = Annotated[Principal | None, Depends(stream_caller)]
+
+
 async def _redeem(
-    request: Request, database: Database, user_id: str, ticket: str | None
+    request: Request, database: Database, user_id: str, ticket: str
 ) -> tickets.RedeemedTicket:
-    # Counted as `get_current_user` counts: by address until the ticket proves the user.
+    # Counted as `authenticate` counts: by address until the ticket proves the user.
     try:
-        if ticket is None:
-            raise TokenMissing("missing bearer token or stream ticket")
         redeemed = await run_in_threadpool(tickets.redeem, database, ticket, user_id)
     except TokenExpired:
         raise  # a genuine ticket, spent: the client must get a new one, not wait (429)
@@ -162,13 +178,19 @@ async def _redeem(
 
 
 async def _subscribe(
-    request: Request, hub: FeedHub, user_id: str, bearer: Any, ticket: str | None, start: int
+    request: Request,
+    hub: FeedHub,
+    user_id: str,
+    caller: Principal | None,
+    ticket: str | None,
+    start: int,
 ) -> tuple[Principal, Subscription]:
     database: Database = request.app.state.db
-    if bearer is not None:
-        principal = await get_current_user(request, user_id, await authenticate(request, bearer))
+    if caller is not None:
+        principal = await get_current_user(request, user_id, caller)
         tickets.check_unexpired(principal)
         return principal, hub.subscribe(principal.user_id, start)
+    assert ticket is not None  # stream_caller let the request through for its ticket
     redeemed = await _redeem(request, database, user_id, ticket)
     try:
         return redeemed.principal, hub.subscribe(redeemed.principal.user_id, start)
@@ -323,7 +345,7 @@ async def stream_events(
     user_id: UserIdPath,
     settings: SettingsDep,
     hub: FeedDep,
-    bearer: BearerDep,
+    caller: CallerDep,
     ticket: Annotated[
         str | None, Query(max_length=64, description="From POST /events/tickets; single use")
     ] = None,
@@ -331,13 +353,26 @@ async def stream_events(
         int | None, Query(ge=0, le=BIGINT_MAX, description="Send the events after this seq")
     ] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)] = None,
+    last_event_id_param: Annotated[
+        str | None,
+        Query(
+            alias="lastEventId",
+            max_length=32,
+            description="As `Last-Event-ID`, for EventSource polyfills that put it in the URL "
+            "when they reconnect (event-source-polyfill does); the header wins",
+        ),
+    ] = None,
 ) -> FeedResponse:
     database: Database = request.app.state.db
     # The request's own mistakes first: they must not spend a single-use ticket.
     if not _accepts_event_stream(request.headers.get("accept")):
         raise NotAcceptable("This endpoint answers with text/event-stream only.")
-    start = _start_seq(after, last_event_id)
-    principal, subscription = await _subscribe(request, hub, user_id, bearer, ticket, start)
+    start = _start_seq(
+        after,
+        (last_event_id, "header.last-event-id"),
+        (last_event_id_param, "query.lastEventId"),
+    )
+    principal, subscription = await _subscribe(request, hub, user_id, caller, ticket, start)
     shutdown = anyio.Event()
 
     async def close_on_shutdown() -> None:
