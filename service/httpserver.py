@@ -41,7 +41,10 @@ timeout only closes an idle connection after a response, until its first byte ar
   the socket) are dropped, and the client gets a closed connection for a request it cannot
   tell was not processed. Here such a request is read and answered, with `Connection: close`
   (a head that stalls is still closed at its time limit); a connection with nothing of a
-  request is closed, as uvicorn does.
+  request is closed, as uvicorn does. Before that, from SIGTERM and through the drain
+  (`SHUTDOWN_DRAIN_SECONDS`), every response says `Connection: close`: kept-alive clients
+  move to a new connection (another instance, once the balancer has taken this one out)
+  rather than leave an idle one open into the close at the drain's end.
 
 Everything else (keep-alive, pipelining, bodies, upgrades) is uvicorn's, unchanged.
 """
@@ -59,6 +62,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
+from service.lifecycle import sigterm_received
 from service.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -170,8 +174,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             for name, value in self.headers
         )
         super().on_headers_complete()
-        if self._closing and self.cycle is not None:
-            self.cycle.keep_alive = False
+        if (self._closing or sigterm_received()) and self.cycle is not None:
+            self.cycle.keep_alive = False  # answered with `Connection: close`
 
     def on_body(self, body: bytes) -> None:
         if self._refused:

@@ -21,6 +21,16 @@ from typing import Any
 
 log = logging.getLogger("service.lifecycle")
 
+# Set once this process has had its SIGTERM (`Drain.install`'s handler): from then on the
+# HTTP protocol (service.httpserver) closes each connection after its response, so that
+# kept-alive clients (a load balancer's pooled connections) reconnect elsewhere during the
+# drain instead of racing the close of an idle connection at its end.
+_SIGTERM_RECEIVED = threading.Event()
+
+
+def sigterm_received() -> bool:
+    return _SIGTERM_RECEIVED.is_set()
+
 SignalHandler = Callable[[int, FrameType | None], Any]
 
 
@@ -75,6 +85,7 @@ class Drain:
         handler: SignalHandler = server_handler
 
         def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            _SIGTERM_RECEIVED.set()
             self.begin(lambda: handler(signum, frame))
 
         signal.signal(signal.SIGTERM, on_sigterm)
