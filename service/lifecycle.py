@@ -31,6 +31,7 @@ _SIGTERM_RECEIVED = threading.Event()
 def sigterm_received() -> bool:
     return _SIGTERM_RECEIVED.is_set()
 
+
 SignalHandler = Callable[[int, FrameType | None], Any]
 
 
