@@ -265,10 +265,11 @@ def metrics_receiver() -> Iterator[MetricsReceiver]:
     receiver.stop()
 
 
-def test_otlp_metrics_export_from_a_served_process(
-    database_url: str, tmp_path: Path, metrics_receiver: MetricsReceiver
-) -> None:
-    server = ServeProcess(
+def pushing_metrics(
+    tmp_path: Path, database_url: str, receiver: MetricsReceiver, **env: str
+) -> ServeProcess:
+    """A production `todo-api serve` pushing its metrics to `receiver` every 0.3 s."""
+    return ServeProcess(
         tmp_path,
         {
             "APP_ENV": "production",
@@ -277,10 +278,17 @@ def test_otlp_metrics_export_from_a_served_process(
             "OTEL_SDK_DISABLED": "false",
             "OTEL_METRICS_EXPORTER": "otlp",
             "OTEL_TRACES_EXPORTER": "none",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": metrics_receiver.origin,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.origin,
             "OTEL_METRIC_EXPORT_INTERVAL": "300",
+            **env,
         },
     ).start()
+
+
+def test_otlp_metrics_export_from_a_served_process(
+    database_url: str, tmp_path: Path, metrics_receiver: MetricsReceiver
+) -> None:
+    server = pushing_metrics(tmp_path, database_url, metrics_receiver)
     user_id = random_id()
     headers = {"Authorization": f"Bearer {create_dev_token(TEST_SECRET, user_id)}"}
     try:
@@ -320,20 +328,7 @@ def test_every_known_counter_series_is_0_from_start_up_scraped_and_pushed(
         for value in values
     }
     assert len(expected) == 7 + 2 + 4 + 6 + 1
-    server = ServeProcess(
-        tmp_path,
-        {
-            "APP_ENV": "production",
-            "DATABASE_URL": database_url,
-            "BETTER_AUTH_SECRET": TEST_SECRET,
-            "OTEL_SDK_DISABLED": "false",
-            "METRICS_ENABLED": "true",
-            "OTEL_METRICS_EXPORTER": "otlp",
-            "OTEL_TRACES_EXPORTER": "none",
-            "OTEL_EXPORTER_OTLP_ENDPOINT": metrics_receiver.origin,
-            "OTEL_METRIC_EXPORT_INTERVAL": "300",
-        },
-    ).start()
+    server = pushing_metrics(tmp_path, database_url, metrics_receiver, METRICS_ENABLED="true")
     try:
         scrape = httpx.get(f"{server.url}/metrics", timeout=10).text
         deadline = time.monotonic() + 20

@@ -23,7 +23,7 @@ from service.auth import create_dev_token
 from tests.jwt_helpers import random_id
 from tests.reliability_helpers import TASK_ROW_LOCK, lock_waits, locked, wait_until
 from tests.serve_helpers import ServeProcess
-from tests.support import TEST_SECRET
+from tests.support import TEST_SECRET, ApiUser, create_task
 
 PATIENCE = 30
 
@@ -115,24 +115,21 @@ def test_with_several_workers_new_connections_are_refused_once_all_stop_listenin
     database_url: str, tmp_path: Path
 ) -> None:
     user_id = random_id()
-    headers = {"Authorization": f"Bearer {create_dev_token(TEST_SECRET, user_id)}"}
+    user = ApiUser(user_id, create_dev_token(TEST_SECRET, user_id))
     admin = sa.create_engine(database_url)
     server = ServeProcess(tmp_path, _env(database_url), workers=2).start()
     holder = None
     try:
-        created = httpx.post(
-            f"{server.url}/api/{user_id}/tasks", json={"title": "before"}, headers=headers
-        )
-        assert created.status_code == 201, created.text
-        task_id = created.json()["id"]
+        with httpx.Client(base_url=server.url) as http:
+            task_id = create_task(http, user, "before")["id"]
         # One request in flight keeps its worker, and so the server, shutting down.
         holder = locked(admin, TASK_ROW_LOCK, {"id": task_id})
         with ThreadPoolExecutor(max_workers=1) as pool:
             put = pool.submit(
                 httpx.put,
-                f"{server.url}/api/{user_id}/tasks/{task_id}",
+                f"{server.url}{user.url(f'/{task_id}')}",
                 json={"title": "after"},
-                headers=headers,
+                headers=user.headers,
                 timeout=PATIENCE * 3,
             )
             wait_until(lambda: lock_waits(admin) >= 1, "the PUT to wait for the row lock")

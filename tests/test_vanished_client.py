@@ -31,7 +31,7 @@ from sqlalchemy.engine import make_url
 
 from service.auth import create_dev_token
 from tests.serve_helpers import TODO_API
-from tests.support import TEST_SECRET, clean_environ
+from tests.support import TEST_SECRET, clean_environ, stop_process
 
 SERVER_IP, CLIENT_IP = "10.77.0.1", "10.77.0.2"
 PORT = 8000
@@ -221,12 +221,7 @@ def server(network: Network, database_url: str, tmp_path: Path) -> Iterator[Path
     try:
         yield log
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         relay.close()
 
 
