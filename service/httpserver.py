@@ -55,6 +55,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import weakref
 from typing import Any
 
 from uvicorn.config import Config
@@ -62,7 +63,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
-from service.lifecycle import sigterm_received
+from service.lifecycle import at_sigterm, sigterm_received
 from service.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        _servers.add(self.server_state)
         self._set_user_timeout(transport)
         self._await_head()
 
@@ -329,6 +331,27 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         )
         self.transport.write(b"".join(content))
         self.transport.close()
+
+
+# The server of each connection made (one per worker process under `todo-api serve`).
+_servers: weakref.WeakSet[ServerState] = weakref.WeakSet()
+
+
+def _close_after_responses() -> None:
+    """At SIGTERM: every request whose response has not begun, in flight or queued behind
+    another (pipelined), is answered with `Connection: close`, as those that come later are
+    (`on_headers_complete`). Runs in the signal handler, on the event loop's thread."""
+    for server in list(_servers):
+        for protocol in list(server.connections):
+            if not isinstance(protocol, BoundedHttpToolsProtocol):
+                continue
+            pending = [protocol.cycle, *(cycle for cycle, _ in protocol.pipeline)]
+            for cycle in pending:
+                if cycle is not None and not cycle.response_started:
+                    cycle.keep_alive = False
+
+
+at_sigterm(_close_after_responses)
 
 
 class Supervisor(Multiprocess):

@@ -21,15 +21,31 @@ from typing import Any
 
 log = logging.getLogger("service.lifecycle")
 
-# Set once this process has had its SIGTERM (`Drain.install`'s handler): from then on the
-# HTTP protocol (service.httpserver) closes each connection after its response, so that
-# kept-alive clients (a load balancer's pooled connections) reconnect elsewhere during the
-# drain instead of racing the close of an idle connection at its end.
+# The process's SIGTERM, as `Drain.install`'s handler receives it (one per process, where a
+# `Drain` is one per app): from then on the HTTP protocol (service.httpserver) closes each
+# connection after its response, so that kept-alive clients (a load balancer's pooled
+# connections) reconnect elsewhere during the drain instead of racing the close of an idle
+# connection at its end. `at_sigterm` callbacks run in the handler: the protocol's marks the
+# requests already in flight.
 _SIGTERM_RECEIVED = threading.Event()
+_AT_SIGTERM: list[Callable[[], None]] = []
 
 
 def sigterm_received() -> bool:
     return _SIGTERM_RECEIVED.is_set()
+
+
+def at_sigterm(callback: Callable[[], None]) -> None:
+    _AT_SIGTERM.append(callback)
+
+
+def _sigterm() -> None:
+    _SIGTERM_RECEIVED.set()
+    for callback in _AT_SIGTERM:
+        try:
+            callback()
+        except Exception:
+            log.exception("SIGTERM callback failed")
 
 
 SignalHandler = Callable[[int, FrameType | None], Any]
@@ -86,7 +102,7 @@ class Drain:
         handler: SignalHandler = server_handler
 
         def on_sigterm(signum: int, frame: FrameType | None) -> None:
-            _SIGTERM_RECEIVED.set()
+            _sigterm()
             self.begin(lambda: handler(signum, frame))
 
         signal.signal(signal.SIGTERM, on_sigterm)

@@ -156,3 +156,49 @@ def test_with_several_workers_new_connections_are_refused_once_all_stop_listenin
             holder.close()
         server.stop()
         admin.dispose()
+
+
+def test_from_sigterm_every_answer_says_connection_close_in_flight_ones_too(
+    database_url: str, tmp_path: Path
+) -> None:
+    """During the drain kept-alive clients (a balancer's pooled connections) are moved off
+    the instance: every answer says `Connection: close`, those to requests already being
+    worked on at the SIGTERM too, so that no idle connection is left open into the close at
+    the drain's end, where a request sent on it would get no answer."""
+    user_id = random_id()
+    user = ApiUser(user_id, create_dev_token(TEST_SECRET, user_id))
+    admin = sa.create_engine(database_url)
+    # A drain long enough for the steps below to happen inside it.
+    server = ServeProcess(tmp_path, {**_env(database_url), "SHUTDOWN_DRAIN_SECONDS": "15"}).start()
+    holder = None
+    try:
+        with httpx.Client(base_url=server.url, timeout=PATIENCE * 3) as http:
+            task_id = create_task(http, user, "before")["id"]
+            holder = locked(admin, TASK_ROW_LOCK, {"id": task_id})
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                put = pool.submit(
+                    http.put, user.url(f"/{task_id}"), json={"title": "after"}, headers=user.headers
+                )
+                wait_until(lambda: lock_waits(admin) >= 1, "the PUT to wait for the row lock")
+                server.terminate()
+                wait_until(
+                    lambda: httpx.get(f"{server.url}/readyz").status_code == 503,
+                    "the drain to begin",
+                    timeout=PATIENCE,
+                )
+                # A request that comes now is answered so too.
+                draining = httpx.get(f"{server.url}/healthz", timeout=PATIENCE)
+                assert (draining.status_code, draining.headers["connection"]) == (200, "close")
+                holder.rollback()
+                holder.close()
+                holder = None
+                response = put.result(timeout=PATIENCE * 3)
+        assert response.status_code == 200, response.text
+        assert response.headers["connection"] == "close"
+        assert server.wait(timeout=PATIENCE * 2) == 0  # once the drain is over
+    finally:
+        if holder is not None:
+            holder.rollback()
+            holder.close()
+        server.stop()
+        admin.dispose()
