@@ -40,7 +40,8 @@ timeout only closes an idle connection after a response, until its first byte ar
   even one whose next request has begun to arrive: the bytes it read (or that wait unread in
   the socket) are dropped, and the client gets a closed connection for a request it cannot
   tell was not processed. Here such a request is read and answered, with `Connection: close`
-  (a head that stalls is still closed at its time limit); a connection with nothing of a
+  (a head that stalls is closed at its time limit, or without an answer when the shutdown's
+  time is up, if that comes first: it holds the shutdown no longer); a connection with nothing of a
   request is closed, as uvicorn does. Before that, from SIGTERM and through the drain
   (`SHUTDOWN_DRAIN_SECONDS`), every response says `Connection: close`: kept-alive clients
   move to a new connection (another instance, once the balancer has taken this one out)
