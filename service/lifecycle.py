@@ -8,6 +8,13 @@ but answers `/readyz` with 503, and the balancer takes it out of rotation.
 
 The drain wraps uvicorn's own signal handler from inside the app's start-up (each worker
 process runs its own), so it works for `serve --workers N` too.
+
+A SIGTERM that comes while draining, or after, is the same stop and is ignored: it never cuts
+the drain short. With `--workers N`, a SIGTERM to the whole process group (systemd's
+KillMode=control-group, `kill -TERM -PGID`) reaches each worker twice, directly and from
+uvicorn's supervisor as it stops its workers half a second later, and taking the second as
+"stop now" skipped the drain. (Uvicorn, too, stops at once only on a second SIGINT; SIGINT is
+not wrapped, and stops without a drain; SIGKILL is the hard stop.)
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ def at_sigterm(callback: Callable[[], None]) -> None:
 
 
 def _sigterm() -> None:
+    if _SIGTERM_RECEIVED.is_set():
+        return  # a repeated SIGTERM (see `Drain.begin`): done at the first
     _SIGTERM_RECEIVED.set()
     for callback in _AT_SIGTERM:
         try:
@@ -57,6 +66,9 @@ class Drain:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self._event = threading.Event()
+        # Taken by the first `begin`, never released: a test-and-set in one step, which a
+        # SIGTERM handler interrupted by another cannot split.
+        self._begun = threading.Lock()
         self._timer: threading.Timer | None = None
         self._on_stop: list[Callable[[], None]] = []
 
@@ -78,9 +90,11 @@ class Drain:
         return self._event.is_set()
 
     def begin(self, then: Callable[[], None]) -> None:
-        """Start draining; call `then` (which stops the server) after the drain period."""
-        if self._event.is_set():
-            self._stop(then)  # a second SIGTERM: stop now
+        """Start draining; call `then` (which stops the server) after the drain period. Once:
+        called again (a repeated SIGTERM), it changes nothing, so `then` and the `on_stop`
+        callbacks run once, at the drain's end."""
+        if not self._begun.acquire(blocking=False):
+            log.info("SIGTERM again: ignored, the stop under way (drain first) goes on")
             return
         self._event.set()
         log.info("draining before shutdown", extra={"drain_seconds": self.seconds})

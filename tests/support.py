@@ -122,11 +122,18 @@ class EmbeddedRedis:
 class LiveServer:
     """The app under uvicorn on a real socket, for tests that need real concurrency."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, **options: Any) -> None:
+        """`options`: more of uvicorn.Config's, such as `http=` the protocol `serve` runs."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_config=None, access_log=False, workers=1
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_config=None,
+            access_log=False,
+            workers=1,
+            **options,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

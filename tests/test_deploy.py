@@ -23,6 +23,7 @@ from service.auth import create_dev_token
 from service.cli import build_parser
 from service.settings import Settings
 from tests.jwt_helpers import random_id
+from tests.reliability_helpers import wait_until
 from tests.serve_helpers import ServeProcess
 from tests.support import TEST_SECRET
 
@@ -266,6 +267,56 @@ def test_sigterm_drains_then_stops_within_the_timeout(served: ServeProcess) -> N
     assert code in (0, -15)  # uvicorn re-raises the SIGTERM it handled
     lines = [json.loads(line) for line in served.log.read_text().splitlines() if line.strip()]
     assert any(line["message"] == "draining before shutdown" for line in lines)
+
+
+def test_sigterm_to_the_whole_process_group_still_drains(database_url: str, tmp_path: Path) -> None:
+    """systemd's stop (KillMode=control-group) and `kill -TERM -PGID` signal every process of
+    the group: with `--workers N` each worker gets the SIGTERM, then again from uvicorn's
+    supervisor, which passes it on within half a second (its poll). The second is the same
+    stop: it must not cut the drain short (it did: the workers stopped at once)."""
+    server = ServeProcess(
+        tmp_path,
+        {
+            "APP_ENV": "production",
+            "DATABASE_URL": database_url,
+            "BETTER_AUTH_SECRET": TEST_SECRET,
+            # Far longer than the steps below take: they all happen inside the drain.
+            "SHUTDOWN_DRAIN_SECONDS": "10",
+            "SHUTDOWN_TIMEOUT_SECONDS": "5",
+        },
+        workers=2,
+        own_process_group=True,
+    ).start()
+    try:
+        server.terminate_group()
+        wait_until(
+            lambda: httpx.get(f"{server.url}/readyz", timeout=10).status_code == 503,
+            "the drain to begin",
+            timeout=30,
+        )
+        # The supervisor has sent its own SIGTERM to both workers (it waits for them once it
+        # has), and they have had time to act on it: a worker that took it for "stop now"
+        # closed its listener within a tenth of a second.
+        wait_until(
+            lambda: "Waiting for child process" in server.log.read_text(),
+            "the supervisor to signal its workers",
+            timeout=30,
+        )
+        time.sleep(2)
+        for _ in range(4):  # each new connection, to either worker
+            assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+        assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 503
+        assert server.wait(timeout=60) == 0  # once the drain is over
+    finally:
+        server.stop()
+    messages = [
+        json.loads(line)["message"]
+        for line in server.log.read_text().splitlines()
+        if line.startswith("{")
+    ]
+    # Each worker drained once, and did get the second SIGTERM.
+    assert messages.count("draining before shutdown") == 2
+    assert messages.count("SIGTERM again: ignored, the stop under way (drain first) goes on") == 2
 
 
 def test_workers_slow_to_start_are_not_killed_as_hung(database_url: str, tmp_path: Path) -> None:

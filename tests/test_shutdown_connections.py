@@ -11,19 +11,24 @@ reset at the end.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import select
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 import sqlalchemy as sa
+from fastapi import FastAPI
 
 from service.auth import create_dev_token
+from service.httpserver import BoundedHttpToolsProtocol
 from tests.jwt_helpers import random_id
 from tests.reliability_helpers import TASK_ROW_LOCK, lock_waits, locked, wait_until
 from tests.serve_helpers import ServeProcess
-from tests.support import TEST_SECRET, ApiUser, create_task
+from tests.support import TEST_SECRET, ApiUser, LiveServer, create_task
 
 PATIENCE = 30
 
@@ -109,6 +114,43 @@ def test_a_request_begun_on_an_idle_connection_at_shutdown_is_answered(
     finally:
         admin.dispose()
     assert audited == 1
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_a_request_waiting_unread_in_the_socket_at_shutdown_is_answered() -> None:
+    """The bytes of a request may have reached the server's socket but not yet been read by
+    its event loop when the server shuts the connection down: the request is answered too
+    (the protocol peeks at the socket), not dropped with the connection. Uvicorn's own loop
+    and our protocol, in this process, so that the shutdown can come in between, for sure:
+    from inside the loop's thread, in one step, the loop cannot read meanwhile."""
+    app = FastAPI()
+
+    @app.get("/")
+    def root() -> dict[str, bool]:
+        return {"ok": True}
+
+    request = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
+    with (
+        LiveServer(app, http=BoundedHttpToolsProtocol) as live,
+        socket.create_connection(("127.0.0.1", live.port), timeout=PATIENCE) as client,
+    ):
+        client.sendall(request)
+        assert _read_response(client)[0] == 200  # kept alive, and idle
+        [protocol] = live.server.server_state.connections
+        assert isinstance(protocol, BoundedHttpToolsProtocol)
+        server_side = protocol.transport.get_extra_info("socket")
+
+        async def send_then_shut_down() -> None:  # nothing awaited: one step of the loop
+            client.sendall(request)
+            with socket.fromfd(server_side.fileno(), server_side.family, server_side.type) as peek:
+                assert select.select([peek], [], [], PATIENCE)[0], "the request never arrived"
+                assert peek.recv(1, socket.MSG_PEEK) == b"G"  # there, unread
+            protocol.shutdown()
+
+        asyncio.run_coroutine_threadsafe(send_then_shut_down(), protocol.loop).result(PATIENCE)
+        status, headers, body = _read_response(client)
+        assert (status, headers["connection"], json.loads(body)) == (200, "close", {"ok": True})
+        assert client.recv(1) == b""  # then closed
 
 
 def test_with_several_workers_new_connections_are_refused_once_all_stop_listening(
