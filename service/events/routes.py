@@ -307,6 +307,9 @@ class FeedResponse(EventSourceResponse):
         self, content: Any, *, hub: FeedHub, subscription: Subscription, **kwargs: Any
     ) -> None:
         super().__init__(content, **kwargs)
+        # sse_starlette sets `Connection: keep-alive`: HTTP/1.1's default anyway, forbidden in
+        # HTTP/2, and sent beside uvicorn's `Connection: close` during the SIGTERM drain.
+        del self.headers["Connection"]
         self.hub = hub
         self.subscription = subscription
 
