@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
@@ -159,12 +160,16 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "Get a token with:  .venv/bin/todo-api dev-token <user-id>",
             file=sys.stderr,
         )
+    from uvicorn.config import STARTUP_FAILURE
+
     from service.httpserver import BoundedHttpToolsProtocol, Supervisor
 
     # Uvicorn raises the SIGTERM again once its graceful shutdown is done: a stop as asked, so
     # exit 0 (its supervisor of several workers does), not killed by the signal (143).
     signal.signal(signal.SIGTERM, _stopped_as_asked)
-    options: dict[str, Any] = dict(
+    # A Config, not uvicorn.run's keyword arguments: mypy checks each one against uvicorn's.
+    config = uvicorn.Config(
+        "service.app:app",
         host=args.host,
         port=args.port,
         workers=args.workers,
@@ -183,14 +188,19 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout_seconds)),
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_SECONDS,
     )
-    if args.workers == 1:
-        uvicorn.run("service.app:app", **options)
-    else:
+    if args.workers > 1:
         # As uvicorn.run does for several workers, with a supervisor that stops listening
         # when it stops them (service.httpserver.Supervisor).
-        config = uvicorn.Config("service.app:app", **options)
         Supervisor(config, sockets=[config.bind_socket()]).run()
-    return 0
+        return 0
+    # As uvicorn.run does for one: an app that cannot be imported, or a server that never
+    # started (a failed startup), exits with uvicorn's STARTUP_FAILURE (3).
+    config.load_app()
+    server = uvicorn.Server(config)
+    # Uvicorn raises a caught SIGINT again once it has shut down: Ctrl-C is a stop as asked.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def _migrate(_args: argparse.Namespace, settings: Settings) -> int:

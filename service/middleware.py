@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import uuid
 
@@ -250,7 +251,11 @@ class TrustedProxyMiddleware:
     """
 
     def __init__(self, app: ASGIApp, trusted: list[str]) -> None:
-        self.proxy = ProxyHeadersMiddleware(app, trusted_hosts=trusted)  # type: ignore[arg-type]
+        self.app = app
+        self.proxy = ProxyHeadersMiddleware(
+            self._address_or_proxy,  # type: ignore[arg-type]
+            trusted_hosts=trusted,
+        )
         self.trusted = self.proxy.trusted_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -267,6 +272,26 @@ class TrustedProxyMiddleware:
                             (b"host", host.encode("latin-1"))
                         ]
         await self.proxy(scope, receive, send)  # type: ignore[arg-type]
+
+    async def _address_or_proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """uvicorn takes any text forwarded as the client's host (`unknown`, `<script>`, a
+        kilobyte), which would be the audit log's `client_ip`, the rate limiter's key and
+        the span's `client.address`: text that is not an IP address stands for the proxy,
+        the nearest address known."""
+        peer = scope.get("state", {}).get(PROXY_PEER)
+        client = scope.get("client")
+        if peer is not None and client is not None and not _is_ip_address(client[0]):
+            scope["client"] = peer
+        await self.app(scope, receive, send)
+
+
+def _is_ip_address(host: str) -> bool:
+    """An IPv4 or IPv6 address, without an IPv6 zone (`%` then any text, to `ipaddress`)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not isinstance(address, ipaddress.IPv6Address) or address.scope_id is None
 
 
 def serve_behind_proxies(app: Starlette, trusted: list[str]) -> None:

@@ -191,6 +191,16 @@ def test_probe_bodies_are_documented(
     model.model_validate(response.json(), strict=True)
 
 
+def test_the_streams_description_names_every_resume_parameter(spec: dict[str, Any]) -> None:
+    """The description said `Last-Event-ID` or `?after=`: a polyfill's developer reading it
+    would not learn that `?lastEventId=` works, nor which one wins."""
+    operation = _by_id(spec)["streamEvents"]
+    names = {p["name"] for p in operation["parameters"]} - {"user_id", "ticket"}
+    assert names == {"after", "Last-Event-ID", "lastEventId"}
+    mentioned = set(re.findall(r"`\??([A-Za-z-]+)=?`", operation["description"]))
+    assert names <= mentioned, operation["description"]
+
+
 def test_documented_limits_match_the_server(spec: dict[str, Any], client: TestClient) -> None:
     schemas = spec["components"]["schemas"]
     for name in ("TaskCreate", "TaskUpdate"):

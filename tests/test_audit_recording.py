@@ -343,3 +343,29 @@ def test_forwarded_for_is_used_behind_a_trusted_proxy(
         assert client.post(user.url(), json={"title": "IP"}, headers=headers).status_code == 201
     # The nearest address that is not a trusted proxy is the client.
     assert events_of(database.engine, user.user_id)[-1]["client_ip"] == "203.0.113.7"
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "recorded"),
+    [
+        ("<script>", "testclient"),
+        ("unknown", "testclient"),
+        ("203.0.113.7" * 10, "testclient"),  # longer than the column's 64 characters
+        ("fe80::1%<script>", "testclient"),  # an IPv6 zone is any text to `ipaddress`
+        ("203.0.113.7:4431", "203.0.113.7"),
+        ("[2001:db8::7]:443", "2001:db8::7"),
+    ],
+    ids=["markup", "unknown", "over-long", "ipv6-zone", "ipv4-port", "ipv6-port"],
+)
+def test_a_forwarded_client_that_is_not_an_ip_address_is_the_proxy(
+    settings: Settings, database: Database, user: Any, forwarded: str, recorded: str
+) -> None:
+    """uvicorn takes whatever text the trusted proxy forwards as the client's host: it would
+    be the audit log's `client_ip` and the rate limiter's key. Text that is not an address
+    stands for the proxy's own (TestClient's `testclient`), the nearest address known."""
+    trusted = settings.model_copy(update={"trusted_proxies": ["testclient"]})
+    with TestClient(create_app(trusted, database)) as client:
+        headers = {**user.headers, "X-Forwarded-For": forwarded}
+        answer = client.post(user.url(), json={"title": "IP"}, headers=headers)
+        assert answer.status_code == 201, answer.text
+    assert events_of(database.engine, user.user_id)[-1]["client_ip"] == recorded

@@ -2,11 +2,12 @@
 
 Each event of the user's audit chain is sent once, in seq order: `id` is its seq, `event` its
 action, `data` the same JSON as an item of `GET /audit-events`. A stream first sends what
-follows `Last-Event-ID` (or `?after=`) from the table, then waits for the hub to wake it and
-reads on from its last seq: replay and live are one loop over the table, so there is no gap
-and no duplicate between them. A resume point past the user's newest event (the client's
-state is from another database, e.g. one reset since) ends the stream with `resume_point_ahead`
-instead of waiting for seqs the client believes it has already seen.
+follows its resume point (`Last-Event-ID`, `?lastEventId=` or `?after=`) from the table, then
+waits for the hub to wake it and reads on from its last seq: replay and live are one loop over
+the table, so there is no gap and no duplicate between them. A resume point past the user's
+newest event (the client's state is from another database, e.g. one reset since) ends the
+stream with `resume_point_ahead` instead of waiting for seqs the client believes it has
+already seen.
 """
 
 from __future__ import annotations
@@ -129,17 +130,27 @@ def _accepts_event_stream(accept: str | None) -> bool:
     return False
 
 
-def _start_seq(after: int | None, *last_event_ids: tuple[str | None, str]) -> int:
+@dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """A resume point the client gave as text, and where: the error names what it sent."""
+
+    value: str | None
+    field: str
+    name: str
+
+
+def _start_seq(after: int | None, *last_event_ids: ResumePoint) -> int:
     """`Last-Event-ID` (sent by EventSource when it reconnects) wins over `?lastEventId=`
     (what EventSource polyfills that cannot resend the header put in the URL), which wins
     over `?after=`."""
-    for last_event_id, field in last_event_ids:
-        if last_event_id is not None and last_event_id.strip():
-            text = last_event_id.strip()
+    for point in last_event_ids:
+        if point.value is not None and point.value.strip():
+            text = point.value.strip()
             # ASCII digits only: str.isdigit() is true of '²', which int() refuses.
             if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > BIGINT_MAX:
                 raise InvalidInput(
-                    "Last-Event-ID must be the id (a seq) of an event of this feed.", field=field
+                    f"{point.name} must be the id (a seq) of an event of this feed.",
+                    field=point.field,
                 )
             return int(text)
     return after or 0
@@ -296,6 +307,9 @@ class FeedResponse(EventSourceResponse):
         self, content: Any, *, hub: FeedHub, subscription: Subscription, **kwargs: Any
     ) -> None:
         super().__init__(content, **kwargs)
+        # sse_starlette sets `Connection: keep-alive`: HTTP/1.1's default anyway, forbidden in
+        # HTTP/2, and sent beside uvicorn's `Connection: close` during the SIGTERM drain.
+        del self.headers["Connection"]
         self.hub = hub
         self.subscription = subscription
 
@@ -332,7 +346,8 @@ class FeedResponse(EventSourceResponse):
     },
     summary="The caller's audit events as they commit (Server-Sent Events)",
     description="Authenticate with `Authorization: Bearer` or, from EventSource, with "
-    "`?ticket=` from `POST /events/tickets`. Resume with `Last-Event-ID` or `?after=`; "
+    "`?ticket=` from `POST /events/tickets`. Resume with the `Last-Event-ID` header, "
+    "`?lastEventId=` (for EventSource polyfills) or `?after=`, the first one given wins; "
     "a resume point past the user's newest event ends the stream at once with "
     "`resume_point_ahead`. 503 (with `Retry-After`) while this server's listener is found "
     "not to receive changes; a ticket refused so is not spent.",
@@ -369,8 +384,8 @@ async def stream_events(
         raise NotAcceptable("This endpoint answers with text/event-stream only.")
     start = _start_seq(
         after,
-        (last_event_id, "header.last-event-id"),
-        (last_event_id_param, "query.lastEventId"),
+        ResumePoint(last_event_id, "header.last-event-id", "Last-Event-ID"),
+        ResumePoint(last_event_id_param, "query.lastEventId", "lastEventId"),
     )
     principal, subscription = await _subscribe(request, hub, user_id, caller, ticket, start)
     shutdown = anyio.Event()
