@@ -15,7 +15,10 @@ import asyncio
 import json
 import select
 import socket
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -73,6 +76,41 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
         assert chunk, "connection closed inside the body"
         body += chunk
     return int(status_line.split()[1]), headers, body
+
+
+@dataclass
+class _HeldPut:
+    """A PUT of a task, in flight: it waits for the task's row lock, which `holder` holds."""
+
+    put: Future[httpx.Response]
+    holder: sa.Connection
+
+    def answer(self) -> httpx.Response:
+        """Frees the lock; the PUT's answer."""
+        self.holder.rollback()
+        return self.put.result(timeout=PATIENCE * 3)
+
+
+@contextmanager
+def _put_in_flight(admin: sa.Engine, server: ServeProcess, user: ApiUser) -> Iterator[_HeldPut]:
+    """A request being worked on (across a SIGTERM, say) until `answer()` lets it finish."""
+    with httpx.Client(base_url=server.url) as http:
+        task_id = create_task(http, user, "before")["id"]
+    holder = locked(admin, TASK_ROW_LOCK, {"id": task_id})
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            put = pool.submit(
+                httpx.put,
+                f"{server.url}{user.url(f'/{task_id}')}",
+                json={"title": "after"},
+                headers=user.headers,
+                timeout=PATIENCE * 3,
+            )
+            wait_until(lambda: lock_waits(admin) >= 1, "the PUT to wait for the row lock")
+            yield _HeldPut(put, holder)
+        finally:  # before the pool waits for the PUT
+            holder.rollback()
+            holder.close()
 
 
 def test_a_request_begun_on_an_idle_connection_at_shutdown_is_answered(
@@ -160,21 +198,9 @@ def test_with_several_workers_new_connections_are_refused_once_all_stop_listenin
     user = ApiUser(user_id, create_dev_token(TEST_SECRET, user_id))
     admin = sa.create_engine(database_url)
     server = ServeProcess(tmp_path, _env(database_url), workers=2).start()
-    holder = None
     try:
-        with httpx.Client(base_url=server.url) as http:
-            task_id = create_task(http, user, "before")["id"]
         # One request in flight keeps its worker, and so the server, shutting down.
-        holder = locked(admin, TASK_ROW_LOCK, {"id": task_id})
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            put = pool.submit(
-                httpx.put,
-                f"{server.url}{user.url(f'/{task_id}')}",
-                json={"title": "after"},
-                headers=user.headers,
-                timeout=PATIENCE * 3,
-            )
-            wait_until(lambda: lock_waits(admin) >= 1, "the PUT to wait for the row lock")
+        with _put_in_flight(admin, server, user) as held:
             server.terminate()
             # Refused while the server still runs: not completed by the kernel, to be left
             # unread until the server exits and then reset.
@@ -184,18 +210,12 @@ def test_with_several_workers_new_connections_are_refused_once_all_stop_listenin
                 timeout=PATIENCE,
             )
             assert server.process is not None and server.process.poll() is None
-            assert not put.done()
-            holder.rollback()
-            holder.close()
-            holder = None
-            response = put.result(timeout=PATIENCE * 3)
+            assert not held.put.done()
+            response = held.answer()
         assert response.status_code == 200, response.text
         assert response.headers["connection"] == "close"
         assert server.wait(timeout=PATIENCE) == 0
     finally:
-        if holder is not None:
-            holder.rollback()
-            holder.close()
         server.stop()
         admin.dispose()
 
@@ -212,35 +232,21 @@ def test_from_sigterm_every_answer_says_connection_close_in_flight_ones_too(
     admin = sa.create_engine(database_url)
     # A drain long enough for the steps below to happen inside it.
     server = ServeProcess(tmp_path, {**_env(database_url), "SHUTDOWN_DRAIN_SECONDS": "15"}).start()
-    holder = None
     try:
-        with httpx.Client(base_url=server.url, timeout=PATIENCE * 3) as http:
-            task_id = create_task(http, user, "before")["id"]
-            holder = locked(admin, TASK_ROW_LOCK, {"id": task_id})
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                put = pool.submit(
-                    http.put, user.url(f"/{task_id}"), json={"title": "after"}, headers=user.headers
-                )
-                wait_until(lambda: lock_waits(admin) >= 1, "the PUT to wait for the row lock")
-                server.terminate()
-                wait_until(
-                    lambda: httpx.get(f"{server.url}/readyz").status_code == 503,
-                    "the drain to begin",
-                    timeout=PATIENCE,
-                )
-                # A request that comes now is answered so too.
-                draining = httpx.get(f"{server.url}/healthz", timeout=PATIENCE)
-                assert (draining.status_code, draining.headers["connection"]) == (200, "close")
-                holder.rollback()
-                holder.close()
-                holder = None
-                response = put.result(timeout=PATIENCE * 3)
+        with _put_in_flight(admin, server, user) as held:
+            server.terminate()
+            wait_until(
+                lambda: httpx.get(f"{server.url}/readyz").status_code == 503,
+                "the drain to begin",
+                timeout=PATIENCE,
+            )
+            # A request that comes now is answered so too.
+            draining = httpx.get(f"{server.url}/healthz", timeout=PATIENCE)
+            assert (draining.status_code, draining.headers["connection"]) == (200, "close")
+            response = held.answer()
         assert response.status_code == 200, response.text
         assert response.headers["connection"] == "close"
         assert server.wait(timeout=PATIENCE * 2) == 0  # once the drain is over
     finally:
-        if holder is not None:
-            holder.rollback()
-            holder.close()
         server.stop()
         admin.dispose()
