@@ -33,6 +33,7 @@ from service.tasks import queries
 from service.tasks.models import SEARCH_MAX, search_text_error
 from service.tasks.queries import StatusFilter
 from service.text import USER_ID_RULE, is_user_id
+from service.users import EMAIL_MAX, NAME_MAX, storable
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -277,6 +278,20 @@ def _user_id(text: str) -> str:
     return text
 
 
+def _claim(what: str, max_length: int) -> Callable[[str], str]:
+    """`--email`, `--name`: what the users table stores. The API leaves out a claim it cannot
+    store, so a token made with one would not carry it, silently."""
+
+    def parse(text: str) -> str:
+        if storable(text, max_length) is None:
+            raise argparse.ArgumentTypeError(
+                f"{what} is at most {max_length} characters of UTF-8 text, on one line"
+            )
+        return text
+
+    return parse
+
+
 def _search_text(text: str) -> str:
     """`--q`: what the API takes as `q`, by the same rules (`service.tasks.models`)."""
     if len(text) > SEARCH_MAX:
@@ -302,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("dev-token", help="print an HS256 token for local use")
     token.add_argument("user_id", type=_user_id)
-    token.add_argument("--email")
-    token.add_argument("--name")
+    token.add_argument("--email", type=_claim("an email", EMAIL_MAX))
+    token.add_argument("--name", type=_claim("a name", NAME_MAX))
     token.add_argument(
         "--ttl", type=_int_between(1, 366 * 86400), default=3600, help="lifetime in seconds"
     )

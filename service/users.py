@@ -43,7 +43,7 @@ class User(SQLModel, table=True):
 USERS = User.__table__  # type: ignore[attr-defined]
 
 
-def _fits(value: str | None, max_length: int) -> str | None:
+def storable(value: str | None, max_length: int) -> str | None:
     """The value if the column can hold it, as one line of text (`service.text`)."""
     if value is None or len(value) > max_length or control_error(value) or not is_utf8(value):
         return None
@@ -52,7 +52,7 @@ def _fits(value: str | None, max_length: int) -> str | None:
 
 def _storable_claims(principal: Principal) -> tuple[str | None, str | None]:
     """Email and name as the users table can hold them: one that cannot is left out (no 500)."""
-    return _fits(principal.email, EMAIL_MAX), _fits(principal.name, NAME_MAX)
+    return storable(principal.email, EMAIL_MAX), storable(principal.name, NAME_MAX)
 
 
 def _digest(data: bytes) -> bytes:

@@ -278,6 +278,8 @@ def test_the_search_text_is_bounded_as_the_apis_q(
         (("tasks", "list", "alice", "--q", b"caf\xe9"), "the search text must be UTF-8 text"),
         (("audit", "verify", "--user", b"al\xffce"), "argument --user: a user id is 1 to"),
         (("audit", "export", "--format", "csv", "--user", b"\xff"), "a user id is 1 to"),
+        (("dev-token", "alice", "--name", b"Al\xefce"), "argument --name: a name is at most"),
+        (("dev-token", "alice", "--email", b"\xff@example.com"), "argument --email: an email"),
     ],
     ids=str,
 )
@@ -290,6 +292,22 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
     assert (result.returncode, result.stdout) == (2, ""), result.stderr
     assert "Traceback" not in result.stderr
     assert message in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--name", "Alice\nAdmin"), ("--name", "a" * 201), ("--email", "a@b\x00.example")],
+    ids=["newline", "over-long", "nul"],
+)
+def test_dev_token_refuses_a_claim_the_users_table_cannot_store(
+    capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    """The API leaves such a claim out of the user's row: a token made with it would not
+    carry what the developer asked for, and nothing would say so."""
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["dev-token", "alice", option, value])
+    assert exited.value.code == 2
+    assert f"argument {option}: " in capsys.readouterr().err
 
 
 def run_serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
