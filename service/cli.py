@@ -279,8 +279,8 @@ def _user_id(text: str) -> str:
 
 
 def _claim(what: str, max_length: int) -> Callable[[str], str]:
-    """`--email`, `--name`: what the users table stores. The API leaves out a claim it cannot
-    store, so a token made with one would not carry it, silently."""
+    """`--email`, `--name`: what the users table can store. The API leaves any other claim
+    out of the user's row, silently: the token would not do what its maker asked."""
 
     def parse(text: str) -> str:
         if storable(text, max_length) is None:
