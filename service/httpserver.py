@@ -1,11 +1,12 @@
 """The HTTP/1.1 protocol `todo-api serve` runs: uvicorn's httptools protocol, with a bound on
-the size of a request head and a time limit for it.
+the size of a request head and time limits for it and for the body.
 
 Uvicorn's httptools protocol (the fast one, picked when httptools is installed) reads a request
 head of any size, and its parser joins a long header value piece by piece, at a cost that grows
 faster than the value: one client sending a 120 MB header held up every other request for
-seconds. Nor does anything close a connection whose head never ends (uvicorn's keep-alive
-timeout only closes an idle connection after a response, until its first byte arrives). Here:
+seconds. Nor does anything close a connection whose head or body never ends (uvicorn's
+keep-alive timeout only closes an idle connection after a response, until its first byte
+arrives). Here:
 
 - **Size.** The bytes of a head (request line, headers, the blank line) are counted as they
   arrive, and the parser is never given more than `MAX_REQUEST_HEAD_BYTES` of one head: one
@@ -23,7 +24,11 @@ timeout only closes an idle connection after a response, until its first byte ar
 - **Time.** A head must be complete within `REQUEST_HEAD_TIMEOUT_SECONDS` of the connection
   opening, or of the previous response on a kept-alive connection (while a request is being
   answered, none is awaited). Otherwise the connection is closed, with a 408 if part of the
-  head had come.
+  head had come. A body must be complete within `REQUEST_BODY_TIMEOUT_SECONDS` of its head
+  (of its request's turn, for one pipelined behind another, which is not read before). Else,
+  if its response has not begun, the app's request sees a disconnect (its wait for the body
+  ends, what it sends after is dropped: nothing of it is processed) and the client gets a 408;
+  either way the connection is closed.
 - **A peer gone silent.** Each connection's socket gets `TCP_USER_TIMEOUT` (Linux) of
   `TCP_USER_TIMEOUT_SECONDS`: the kernel aborts a connection whose sent data stays
   unacknowledged that long, and the app sees a disconnect. Without it, a client that vanished
@@ -92,6 +97,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.max_head_bytes = settings.max_request_head_bytes
         self.max_chunked_bytes = 16 * settings.max_body_bytes + settings.max_request_head_bytes
         self.head_timeout = settings.request_head_timeout_seconds
+        self.body_timeout = settings.request_body_timeout_seconds
         self.user_timeout_ms = round(settings.tcp_user_timeout_seconds * 1000)
         # A head is awaited from the connection's start and after each message's end, until
         # the parser has all of it.
@@ -107,6 +113,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._chunked = False  # the message being read has a chunked body
         self._rest_bytes = 0  # of the message after its head, counted as they arrive
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_pending = False  # the last head parsed has a body not yet complete
+        self._body_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._closing = False  # shut down with a request arriving: answer it, then close
 
@@ -120,6 +128,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
+        self._stop_body_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -177,8 +186,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             for name, value in self.headers
         )
         super().on_headers_complete()
-        if (self._closing or sigterm_received()) and self.cycle is not None:
+        if self.cycle is None or self.cycle.scope is not self.scope:
+            return  # an upgrade: the connection is the WebSocket protocol's from here
+        if self._closing or sigterm_received():
             self.cycle.keep_alive = False  # answered with `Connection: close`
+        self._body_pending = self._has_body()
+        self._await_body()
 
     def on_body(self, body: bytes) -> None:
         if self._refused:
@@ -186,6 +199,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._body_pending = False
+        self._stop_body_timer()
         if self._refused:
             return
         self._message_ended_in_read = True
@@ -207,6 +222,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self._send_and_close(431, "Request header fields too large")
         else:
             self._await_head()
+            self._await_body()  # of the pipelined request started now, if still arriving
 
     def _set_user_timeout(self, transport: asyncio.Transport) -> None:
         """TCP_USER_TIMEOUT on the connection's socket (see the module's docstring)."""
@@ -314,6 +330,55 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._send_and_close(408, "Request head not received in time")
         else:
             self.transport.close()  # nothing came: nobody to answer
+
+    # The body's time ------------------------------------------------------------------------
+
+    def _has_body(self) -> bool:
+        """The head just parsed announces a body (the parser refused a malformed length)."""
+        if self._chunked:
+            return True
+        for name, value in self.headers:
+            if name == b"content-length":
+                with contextlib.suppress(ValueError):
+                    return int(value) > 0
+        return False
+
+    def _await_body(self) -> None:
+        """Start the body's clock once its request is the one being answered: one pipelined
+        behind another is not read until that one's response is out."""
+        if (
+            self._body_timer is None
+            and self._body_pending
+            and not self.pipeline
+            and not self.transport.is_closing()
+        ):
+            self._body_timer = self.loop.call_later(self.body_timeout, self._body_timed_out)
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing() or self.transport.get_protocol() is not self:
+            return
+        cycle = self.cycle
+        log.warning(
+            "request body not complete %s s (REQUEST_BODY_TIMEOUT_SECONDS) after its head "
+            "from %s: %s",
+            self.body_timeout,
+            self._peer(),
+            "connection closed" if cycle.response_started else "408",
+        )
+        if cycle.response_started:
+            self.transport.close()  # connection_lost tells the app, if it is still sending
+            return
+        # The app's request sees a disconnect now, before the 408 goes out: its wait for the
+        # body ends with `http.disconnect`, and anything it sends from here on is dropped.
+        cycle.disconnected = True
+        cycle.message_event.set()
+        self._send_and_close(408, "Request body not received in time")
 
     def _send_and_close(self, status: int, message: str) -> None:
         """A plain-text answer outside any request (as uvicorn's own 400), then close."""

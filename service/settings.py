@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     # never finishes a head holds each for no longer. An idle kept-alive connection closes
     # sooner, at uvicorn's keep-alive timeout (5 s).
     request_head_timeout_seconds: float = Field(default=20.0, ge=1, le=300)
+    # A body must be complete this long after its head, else 408 and the connection closed:
+    # a client dribbling a byte every few seconds held its connection and its request for as
+    # long as it kept on. 30 s takes the default 64 KiB body at 2.2 KB/s (17 kbit/s); a larger
+    # MAX_BODY_BYTES needs a longer one (10 MiB in 30 s is 350 KB/s, in 300 s 35 KB/s).
+    request_body_timeout_seconds: float = Field(default=30.0, ge=1, le=300)
     # TCP_USER_TIMEOUT of each connection (Linux): the kernel drops one whose sent data stays
     # unacknowledged this long. A client gone without closing (a lid shut, a network switched,
     # a NAT mapping dropped) otherwise holds its feed stream for Linux's ~15 minutes of

@@ -1,5 +1,6 @@
-"""The request head under `todo-api serve` (service.httpserver): a bound on its size, a time
-limit for it, and ordinary HTTP/1.1 unchanged (keep-alive, pipelining, bodies).
+"""The request head under `todo-api serve` (service.httpserver): a bound on its size, time
+limits for it and for the body, and ordinary HTTP/1.1 unchanged (keep-alive, pipelining,
+bodies).
 
 Raw sockets against a real `todo-api serve --workers 2` process: the bound and the timer live
 in the HTTP protocol that uvicorn runs in each worker, under the app.
@@ -13,13 +14,20 @@ import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
+import httpx
 import pytest
+import sqlalchemy as sa
 
+from service.auth import create_dev_token
+from tests.audit_helpers import events_of
+from tests.jwt_helpers import random_id
+from tests.reliability_helpers import TASK_ROW_LOCK, lock_waits, locked, wait_until
 from tests.serve_helpers import ServeProcess
-from tests.support import TEST_SECRET
+from tests.support import TEST_SECRET, ApiUser, create_task
 
 MAX_HEAD = 64 * 1024  # MAX_REQUEST_HEAD_BYTES, its default
-HEAD_TIMEOUT = 3  # REQUEST_HEAD_TIMEOUT_SECONDS (shorter than the default, for the tests)
+HEAD_TIMEOUT = 4  # REQUEST_HEAD_TIMEOUT_SECONDS (shorter than the default, for the tests)
+BODY_TIMEOUT = 2  # REQUEST_BODY_TIMEOUT_SECONDS, likewise
 HUGE_HEADER = 32 * 1024 * 1024
 # Long enough for any close the server owes us; a server that never closes fails the test.
 PATIENCE = 30
@@ -32,6 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, database_url: str) -> Itera
         "BETTER_AUTH_SECRET": TEST_SECRET,
         "MAX_REQUEST_HEAD_BYTES": str(MAX_HEAD),
         "REQUEST_HEAD_TIMEOUT_SECONDS": str(HEAD_TIMEOUT),
+        "REQUEST_BODY_TIMEOUT_SECONDS": str(BODY_TIMEOUT),
     }
     process = ServeProcess(tmp_path_factory.mktemp("serve"), env, workers=2).start()
     try:
@@ -298,10 +307,155 @@ def test_a_head_dribbled_a_line_at_a_time_is_closed(server: ServeProcess) -> Non
 
 
 def test_a_slow_but_steady_head_within_the_limit_is_served(server: ServeProcess) -> None:
-    """A head that arrives in pieces over a second (the limit is 3 s) is served."""
+    """A head that arrives in pieces over a second (the limit is 4 s) is served."""
     pieces = [b"GET /healthz HTTP/1.1\r\n", b"Host: test\r\n", b"X-Slow: 1\r\n", b"\r\n"]
     with Connection(server) as conn:
         for piece in pieces:
             conn.send(piece)
             time.sleep(0.3)
         assert conn.response()[0] == 200
+
+
+# The body's time -------------------------------------------------------------------------
+
+
+def task_head(user: ApiUser, *framing: str, method: str = "POST", path: str = "") -> bytes:
+    """The head of a request with a task as its body (POST creates one), framed by `framing`
+    (Content-Length or Transfer-Encoding)."""
+    lines = [
+        f"{method} {user.url(path)} HTTP/1.1",
+        "Host: test",
+        f"Authorization: Bearer {user.token}",
+        "Content-Type: application/json",
+        *framing,
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.fixture
+def api_user() -> ApiUser:
+    user_id = random_id()
+    return ApiUser(user_id, create_dev_token(TEST_SECRET, user_id))
+
+
+@pytest.fixture
+def admin(database_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(database_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("framing", ["Content-Length: 60000", "Transfer-Encoding: chunked"])
+def test_a_body_that_never_ends_gets_408_and_nothing_is_processed(
+    server: ServeProcess, admin: sa.Engine, api_user: ApiUser, framing: str
+) -> None:
+    """A body begun and never finished: 408 and a close after REQUEST_BODY_TIMEOUT_SECONDS
+    (before, the connection and the request waited for as long as the client kept it open).
+    The app's request saw a disconnect: no task, no audit event, no error logged."""
+    log_start = server.log.stat().st_size
+    part = b'{"title": "never finished'
+    if framing.startswith("Transfer-Encoding"):
+        part = b"%x\r\n%s\r\n" % (len(part), part)
+    with Connection(server) as conn:
+        conn.send(task_head(api_user, framing) + part)
+        status, headers, body = conn.response()
+        assert status == 408
+        assert headers["connection"] == "close"
+        assert headers["content-type"].startswith("text/plain")
+        assert b"body" in body.lower()
+        assert conn.closed_by_server()
+    with admin.connect() as db:
+        tasks = db.execute(
+            sa.text("SELECT count(*) FROM tasks WHERE user_id = :u"), {"u": api_user.user_id}
+        ).scalar_one()
+    assert tasks == 0
+    assert events_of(admin, api_user.user_id) == []
+    with server.log.open("rb") as log:
+        log.seek(log_start)
+        logged = log.read().decode()
+    assert "REQUEST_BODY_TIMEOUT_SECONDS" in logged
+    for error in ("Traceback", "Exception in ASGI application", "unhandled error", " 500"):
+        assert error not in logged
+
+
+def test_the_rest_of_a_body_refused_413_is_waited_for_no_longer(server: ServeProcess) -> None:
+    """An answer sent before the body's end (413 for a declared length over MAX_BODY_BYTES):
+    the rest is read and dropped as it comes, a byte now and then, until the limit closes the
+    connection (before, it stayed open for as long as the bytes kept coming)."""
+    with Connection(server) as conn:
+        conn.send(
+            b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000\r\n\r\n" + b" " * 1000
+        )
+        status, headers, _ = conn.response()
+        assert status == 413
+        assert headers.get("connection") != "close"
+        deadline = time.monotonic() + PATIENCE
+        try:
+            while not conn.readable() and time.monotonic() < deadline:
+                conn.send(b" ")
+                time.sleep(0.25)
+            assert conn.closed_by_server()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed, with our last bytes unread: a reset
+
+
+@pytest.mark.parametrize("with_body", [True, False])
+def test_a_request_answered_in_time_leaves_no_clock_running(
+    server: ServeProcess, api_user: ApiUser, with_body: bool
+) -> None:
+    """A body sent in pieces within the limit is served, as is a request without a body; the
+    kept-alive connection then serves the next request sent once the limit has passed since
+    the first one's head (an idle while shorter than HEAD_TIMEOUT, and than uvicorn's
+    keep-alive timeout, 5 s, either of which closes an idle connection)."""
+    with Connection(server) as conn:
+        if with_body:
+            body = b'{"title": "sent in pieces"}'
+            conn.send(task_head(api_user, f"Content-Length: {len(body)}"))
+            for start in range(0, len(body), 10):
+                time.sleep(0.2)
+                conn.send(body[start : start + 10])
+            expected = 201
+        else:
+            conn.send(get())
+            expected = 200
+        status, headers, _ = conn.response()
+        assert status == expected
+        assert headers.get("connection") != "close"
+        time.sleep(BODY_TIMEOUT + 0.5)
+        conn.send(get())
+        assert conn.response()[0] == 200
+
+
+def test_a_pipelined_body_has_its_time_from_its_turn(
+    server: ServeProcess, admin: sa.Engine, api_user: ApiUser
+) -> None:
+    """A request pipelined behind one still being answered is not read until its turn: its
+    body's clock starts then. Here a PUT waits for its task's row lock past the limit, with a
+    POST's head and half its body behind it; once the PUT is answered, the rest of the body is
+    sent and the POST is served. Started at its head, the clock ran out while the PUT waited,
+    and a 408 went out ahead of the PUT's answer."""
+    with httpx.Client(base_url=server.url) as http:
+        task_id = create_task(http, api_user, "before")["id"]
+    put = b'{"title": "after"}'
+    post = b'{"title": "pipelined"}'
+    holder = locked(admin, TASK_ROW_LOCK, {"id": task_id})
+    try:
+        with Connection(server) as conn:
+            conn.send(
+                task_head(api_user, f"Content-Length: {len(put)}", method="PUT", path=f"/{task_id}")
+                + put
+                + task_head(api_user, f"Content-Length: {len(post)}")
+                + post[:5]
+            )
+            wait_until(lambda: lock_waits(admin) >= 1, "the PUT to wait for the row lock")
+            time.sleep(BODY_TIMEOUT + 0.5)
+            holder.rollback()
+            assert conn.response()[0] == 200
+            conn.send(post[5:])
+            assert conn.response()[0] == 201
+    finally:
+        holder.rollback()
+        holder.close()

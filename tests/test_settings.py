@@ -81,6 +81,17 @@ def test_a_tcp_user_timeout_is_whole_seconds_within_bounds(
     assert from_env(monkeypatch, TCP_USER_TIMEOUT_SECONDS="0").tcp_user_timeout_seconds == 0
 
 
+@pytest.mark.parametrize("raw", ["0", "0.5", "301", "never"])
+def test_a_request_body_timeout_is_within_bounds(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    """Bounded as the head's limit (1-300 s): under a second, a body a packet late would be
+    refused."""
+    assert from_env(monkeypatch).request_body_timeout_seconds == 30
+    assert from_env(monkeypatch, REQUEST_BODY_TIMEOUT_SECONDS="1").request_body_timeout_seconds == 1
+    with pytest.raises(ValidationError) as info:
+        from_env(monkeypatch, REQUEST_BODY_TIMEOUT_SECONDS=raw)
+    assert "request_body_timeout_seconds" in str(info.value)
+
+
 @pytest.mark.parametrize("raw", ["sqlite:///./todo.db", "sqlite:////tmp/absolute.db", "sqlite://"])
 def test_sqlite_urls_are_refused_by_name(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
     with pytest.raises(ValidationError) as info:

@@ -154,6 +154,33 @@ def test_a_request_begun_on_an_idle_connection_at_shutdown_is_answered(
     assert audited == 1
 
 
+def test_a_body_that_stalls_at_shutdown_is_waited_for_until_its_time_limit(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A request whose body stops arriving holds the shutdown only until its time limit: a
+    408 (`Connection: close`), and the server exits, long before SHUTDOWN_TIMEOUT_SECONDS
+    (before, it waited that long, then answered 503)."""
+    user_id = random_id()
+    token = create_dev_token(TEST_SECRET, user_id)
+    head = (
+        f"POST /api/{user_id}/tasks HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 60000\r\n\r\n"
+    ).encode()
+    env = {**_env(database_url), "REQUEST_BODY_TIMEOUT_SECONDS": "5"}
+    server = ServeProcess(tmp_path, env).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=PATIENCE) as sock:
+            sock.sendall(head + b'{"title": "never finished')
+            server.terminate()
+            wait_until(lambda: _refuses_connections(server), "the server to stop listening")
+            status, headers, _ = _read_response(sock)
+            assert (status, headers["connection"]) == (408, "close")
+            assert sock.recv(1) == b""
+        assert server.wait(timeout=PATIENCE) == 0
+    finally:
+        server.stop()
+
+
 @pytest.mark.usefixtures("clean_env")
 def test_a_request_waiting_unread_in_the_socket_at_shutdown_is_answered() -> None:
     """The bytes of a request may have reached the server's socket but not yet been read by
