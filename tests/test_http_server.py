@@ -76,6 +76,16 @@ class Connection:
         body = self.file.read(int(headers.get("content-length", "0")))
         return int(status_line.split()[1]), headers, body
 
+    def refused_and_closed(self, status: int, word: bytes) -> None:
+        """The server's own plain-text refusal (a 431 or 408, `word` in its text), then its
+        close of the connection."""
+        answer, headers, body = self.response()
+        assert answer == status
+        assert headers["connection"] == "close"
+        assert headers["content-type"].startswith("text/plain")
+        assert word in body.lower()
+        assert self.closed_by_server()
+
     def closed_by_server(self) -> bool:
         """True once the server has closed (EOF); a server that keeps it open fails here."""
         return self.file.read() == b""
@@ -105,12 +115,7 @@ def test_a_head_one_byte_over_the_bound_is_refused_before_it_ends(server: ServeP
     the client has sent MAX_HEAD + 1 bytes and nothing more."""
     with Connection(server) as conn:
         conn.send(head_of_size(MAX_HEAD + 1, end=False))
-        status, headers, body = conn.response()
-        assert status == 431
-        assert headers["connection"] == "close"
-        assert headers["content-type"].startswith("text/plain")
-        assert b"header" in body.lower()
-        assert conn.closed_by_server()
+        conn.refused_and_closed(431, b"header")
 
 
 def test_a_huge_header_stops_being_read(server: ServeProcess) -> None:
@@ -281,10 +286,7 @@ def test_a_head_that_stalls_is_closed(server: ServeProcess, after_a_response: bo
             conn.send(get())
             assert conn.response()[0] == 200
         conn.send(b"GET /healthz HTTP/1.1\r\nHost: test\r\n")
-        status, headers, _ = conn.response()
-        assert status == 408
-        assert headers["connection"] == "close"
-        assert conn.closed_by_server()
+        conn.refused_and_closed(408, b"head")
 
 
 def test_a_connection_that_sends_nothing_is_closed(server: ServeProcess) -> None:
@@ -360,12 +362,7 @@ def test_a_body_that_never_ends_gets_408_and_nothing_is_processed(
         part = b"%x\r\n%s\r\n" % (len(part), part)
     with Connection(server) as conn:
         conn.send(task_head(api_user, framing) + part)
-        status, headers, body = conn.response()
-        assert status == 408
-        assert headers["connection"] == "close"
-        assert headers["content-type"].startswith("text/plain")
-        assert b"body" in body.lower()
-        assert conn.closed_by_server()
+        conn.refused_and_closed(408, b"body")
     with admin.connect() as db:
         tasks = db.execute(
             sa.text("SELECT count(*) FROM tasks WHERE user_id = :u"), {"u": api_user.user_id}
