@@ -46,8 +46,9 @@ arrives). Here:
   the socket) are dropped, and the client gets a closed connection for a request it cannot
   tell was not processed. Here such a request is read and answered, with `Connection: close`
   (a head that stalls is closed at its time limit, or without an answer when the shutdown's
-  time is up, if that comes first: it holds the shutdown no longer); a connection with nothing of a
-  request is closed, as uvicorn does. Before that, from SIGTERM and through the drain
+  time is up, if that comes first: it holds the shutdown no longer); a connection with nothing
+  of a request is closed, as uvicorn does, and so is one whose request was answered before its
+  body ended (a 413) once the rest is in. Before that, from SIGTERM and through the drain
   (`SHUTDOWN_DRAIN_SECONDS`), every response says `Connection: close`: kept-alive clients
   move to a new connection (another instance, once the balancer has taken this one out)
   rather than leave an idle one open into the close at the drain's end.
@@ -212,6 +213,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_started = False
         super().on_message_complete()
         self._await_head()
+        if self._closing:
+            # After what else this read holds (a pipelined head) is parsed.
+            self.loop.call_soon(self._close_if_nothing_owed)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -249,6 +253,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             log.info("shutdown: answering the request arriving from %s, then closing", self._peer())
         else:
             super().shutdown()
+
+    def _close_if_nothing_owed(self) -> None:
+        """At shutdown, once a message is in: close if no request is left on the connection.
+        A request answered before its body ended (a 413) had its body's rest read and dropped;
+        kept open, the connection would wait for a next request until the head's time limit."""
+        if not (
+            self.transport.is_closing()
+            or self._answering()
+            or self._head_started
+            or self._bytes_waiting()
+        ):
+            self.transport.close()
 
     def _bytes_waiting(self) -> bool:
         """Bytes of a request wait unread in the connection's socket."""

@@ -181,6 +181,34 @@ def test_a_body_that_stalls_at_shutdown_is_waited_for_until_its_time_limit(
         server.stop()
 
 
+def test_a_body_answered_before_its_end_frees_its_connection_at_shutdown_once_in(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A body declared longer than MAX_BODY_BYTES gets its 413 at once, and its rest is read
+    and dropped, the connection kept for the client's next request. At shutdown, once that
+    rest is in, nothing is owed on the connection: it is closed then, not left open until the
+    head's time limit (or the shutdown's) as if a next request were on its way."""
+    size = 100_000  # over MAX_BODY_BYTES, 64 KiB
+    env = {**_env(database_url), "REQUEST_BODY_TIMEOUT_SECONDS": "120"}
+    server = ServeProcess(tmp_path, env).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=PATIENCE) as sock:
+            sock.sendall(
+                b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (size, b" " * 1000)
+            )
+            status, headers, _ = _read_response(sock)
+            assert (status, headers.get("connection")) == (413, None)
+            server.terminate()
+            wait_until(lambda: _refuses_connections(server), "the server to stop listening")
+            sock.sendall(b" " * (size - 1000))
+            # Closed within the socket's timeout (PATIENCE), not at 60 s or more.
+            assert sock.recv(1) == b""
+        assert server.wait(timeout=PATIENCE) == 0
+    finally:
+        server.stop()
+
+
 @pytest.mark.usefixtures("clean_env")
 def test_a_request_waiting_unread_in_the_socket_at_shutdown_is_answered() -> None:
     """The bytes of a request may have reached the server's socket but not yet been read by
