@@ -182,16 +182,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self._head_counted and self._parsed_head_size() > self.max_head_bytes:
             self._refuse_head()
             return
-        self._chunked = any(
-            name == b"transfer-encoding" and b"chunked" in value.lower()
-            for name, value in self.headers
-        )
+        self._chunked, has_body = self._body_framing()
         super().on_headers_complete()
         if self.cycle is None or self.cycle.scope is not self.scope:
             return  # an upgrade: the connection is the WebSocket protocol's from here
         if self._closing or sigterm_received():
             self.cycle.keep_alive = False  # answered with `Connection: close`
-        self._body_pending = self._has_body()
+        self._body_pending = has_body
         self._await_body()
 
     def on_body(self, body: bytes) -> None:
@@ -349,15 +346,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     # The body's time ------------------------------------------------------------------------
 
-    def _has_body(self) -> bool:
-        """The head just parsed announces a body (the parser refused a malformed length)."""
-        if self._chunked:
-            return True
+    def _body_framing(self) -> tuple[bool, bool]:
+        """Whether the head just parsed has a chunked body, and whether it announces a body at
+        all (the parser has refused a malformed length): one pass over its headers."""
+        chunked = length = False
         for name, value in self.headers:
-            if name == b"content-length":
+            if name == b"transfer-encoding":
+                chunked = chunked or b"chunked" in value.lower()
+            elif name == b"content-length":
                 with contextlib.suppress(ValueError):
-                    return int(value) > 0
-        return False
+                    length = length or int(value) > 0
+        return chunked, chunked or length
 
     def _await_body(self) -> None:
         """Start the body's clock once its request is the one being answered: one pipelined
