@@ -54,6 +54,18 @@ class ApiUser:
     def url(self, path: str = "") -> str:
         return f"/api/{self.user_id}/tasks{path}"
 
+    def raw_head(self, *framing: str, method: str = "POST", path: str = "") -> bytes:
+        """The head of a request with a JSON body, as a raw socket sends it, its body framed
+        by `framing` (Content-Length or Transfer-Encoding)."""
+        lines = [
+            f"{method} {self.url(path)} HTTP/1.1",
+            "Host: test",
+            f"Authorization: Bearer {self.token}",
+            "Content-Type: application/json",
+            *framing,
+        ]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
 
 MakeUser = Callable[..., ApiUser]
 

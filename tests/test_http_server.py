@@ -18,9 +18,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from service.auth import create_dev_token
+from service.database import Database
 from tests.audit_helpers import events_of
-from tests.jwt_helpers import random_id
 from tests.reliability_helpers import TASK_ROW_LOCK, lock_waits, locked, wait_until
 from tests.serve_helpers import ServeProcess
 from tests.support import TEST_SECRET, ApiUser, create_task
@@ -321,37 +320,9 @@ def test_a_slow_but_steady_head_within_the_limit_is_served(server: ServeProcess)
 # The body's time -------------------------------------------------------------------------
 
 
-def task_head(user: ApiUser, *framing: str, method: str = "POST", path: str = "") -> bytes:
-    """The head of a request with a task as its body (POST creates one), framed by `framing`
-    (Content-Length or Transfer-Encoding)."""
-    lines = [
-        f"{method} {user.url(path)} HTTP/1.1",
-        "Host: test",
-        f"Authorization: Bearer {user.token}",
-        "Content-Type: application/json",
-        *framing,
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-@pytest.fixture
-def api_user() -> ApiUser:
-    user_id = random_id()
-    return ApiUser(user_id, create_dev_token(TEST_SECRET, user_id))
-
-
-@pytest.fixture
-def admin(database_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(database_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-
-
 @pytest.mark.parametrize("framing", ["Content-Length: 60000", "Transfer-Encoding: chunked"])
 def test_a_body_that_never_ends_gets_408_and_nothing_is_processed(
-    server: ServeProcess, admin: sa.Engine, api_user: ApiUser, framing: str
+    server: ServeProcess, database: Database, user: ApiUser, framing: str
 ) -> None:
     """A body begun and never finished: 408 and a close after REQUEST_BODY_TIMEOUT_SECONDS
     (before, the connection and the request waited for as long as the client kept it open).
@@ -361,14 +332,14 @@ def test_a_body_that_never_ends_gets_408_and_nothing_is_processed(
     if framing.startswith("Transfer-Encoding"):
         part = b"%x\r\n%s\r\n" % (len(part), part)
     with Connection(server) as conn:
-        conn.send(task_head(api_user, framing) + part)
+        conn.send(user.raw_head(framing) + part)
         conn.refused_and_closed(408, b"body")
-    with admin.connect() as db:
+    with database.engine.connect() as db:
         tasks = db.execute(
-            sa.text("SELECT count(*) FROM tasks WHERE user_id = :u"), {"u": api_user.user_id}
+            sa.text("SELECT count(*) FROM tasks WHERE user_id = :u"), {"u": user.user_id}
         ).scalar_one()
     assert tasks == 0
-    assert events_of(admin, api_user.user_id) == []
+    assert events_of(database.engine, user.user_id) == []
     with server.log.open("rb") as log:
         log.seek(log_start)
         logged = log.read().decode()
@@ -401,7 +372,7 @@ def test_the_rest_of_a_body_refused_413_is_waited_for_no_longer(server: ServePro
 
 @pytest.mark.parametrize("with_body", [True, False])
 def test_a_request_answered_in_time_leaves_no_clock_running(
-    server: ServeProcess, api_user: ApiUser, with_body: bool
+    server: ServeProcess, user: ApiUser, with_body: bool
 ) -> None:
     """A body sent in pieces within the limit is served, as is a request without a body; the
     kept-alive connection then serves the next request sent once the limit has passed since
@@ -410,7 +381,7 @@ def test_a_request_answered_in_time_leaves_no_clock_running(
     with Connection(server) as conn:
         if with_body:
             body = b'{"title": "sent in pieces"}'
-            conn.send(task_head(api_user, f"Content-Length: {len(body)}"))
+            conn.send(user.raw_head(f"Content-Length: {len(body)}"))
             for start in range(0, len(body), 10):
                 time.sleep(0.2)
                 conn.send(body[start : start + 10])
@@ -427,7 +398,7 @@ def test_a_request_answered_in_time_leaves_no_clock_running(
 
 
 def test_a_pipelined_body_has_its_time_from_its_turn(
-    server: ServeProcess, admin: sa.Engine, api_user: ApiUser
+    server: ServeProcess, database: Database, user: ApiUser
 ) -> None:
     """A request pipelined behind one still being answered is not read until its turn: its
     body's clock starts then. Here a PUT waits for its task's row lock past the limit, with a
@@ -435,19 +406,19 @@ def test_a_pipelined_body_has_its_time_from_its_turn(
     sent and the POST is served. Started at its head, the clock ran out while the PUT waited,
     and a 408 went out ahead of the PUT's answer."""
     with httpx.Client(base_url=server.url) as http:
-        task_id = create_task(http, api_user, "before")["id"]
+        task_id = create_task(http, user, "before")["id"]
     put = b'{"title": "after"}'
     post = b'{"title": "pipelined"}'
-    holder = locked(admin, TASK_ROW_LOCK, {"id": task_id})
+    holder = locked(database.engine, TASK_ROW_LOCK, {"id": task_id})
     try:
         with Connection(server) as conn:
             conn.send(
-                task_head(api_user, f"Content-Length: {len(put)}", method="PUT", path=f"/{task_id}")
+                user.raw_head(f"Content-Length: {len(put)}", method="PUT", path=f"/{task_id}")
                 + put
-                + task_head(api_user, f"Content-Length: {len(post)}")
+                + user.raw_head(f"Content-Length: {len(post)}")
                 + post[:5]
             )
-            wait_until(lambda: lock_waits(admin) >= 1, "the PUT to wait for the row lock")
+            wait_until(lambda: lock_waits(database.engine) >= 1, "the PUT to wait for the row lock")
             time.sleep(BODY_TIMEOUT + 0.5)
             holder.rollback()
             assert conn.response()[0] == 200

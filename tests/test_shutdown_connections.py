@@ -155,17 +155,12 @@ def test_a_request_begun_on_an_idle_connection_at_shutdown_is_answered(
 
 
 def test_a_body_that_stalls_at_shutdown_is_waited_for_until_its_time_limit(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, user: ApiUser
 ) -> None:
     """A request whose body stops arriving holds the shutdown only until its time limit: a
     408 (`Connection: close`), and the server exits, long before SHUTDOWN_TIMEOUT_SECONDS
     (before, it waited that long, then answered 503)."""
-    user_id = random_id()
-    token = create_dev_token(TEST_SECRET, user_id)
-    head = (
-        f"POST /api/{user_id}/tasks HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
-        "Content-Type: application/json\r\nContent-Length: 60000\r\n\r\n"
-    ).encode()
+    head = user.raw_head("Content-Length: 60000")
     env = {**_env(database_url), "REQUEST_BODY_TIMEOUT_SECONDS": "5"}
     server = ServeProcess(tmp_path, env).start()
     try:
