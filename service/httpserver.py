@@ -10,7 +10,8 @@ arrives). Here:
 
 - **Size.** The bytes of a head (request line, headers, the blank line) are counted as they
   arrive, and the parser is never given more than `MAX_REQUEST_HEAD_BYTES` of one head: one
-  byte more, and the answer is 431 and the connection is closed, without reading further.
+  byte more, and the answer is 431 (after the answers to the requests before it, pipelined)
+  and the connection is closed, without parsing further.
   (A head that begins inside the read that ended the request before it, as a pipelined one
   may, is counted from the next read and measured whole once parsed: the parser holds at most
   that one read more of it.)
@@ -18,7 +19,7 @@ arrives). Here:
   chunk, which the parser joins as it joins a head's) come with it: such a body may take at
   most 16 x `MAX_BODY_BYTES` + `MAX_REQUEST_HEAD_BYTES` (the app refuses a body over
   `MAX_BODY_BYTES` with 413; a one-byte chunk takes 6 bytes, 10 with a short extension); past
-  that, the connection is closed without reading further. A body of a declared length is
+  that, the connection is closed without parsing further. A body of a declared length is
   parsed at a constant cost per byte: one past the app's limit is read and dropped after its
   413, as uvicorn does, so the connection stays usable.
 - **Time.** A head must be complete within `REQUEST_HEAD_TIMEOUT_SECONDS` of the connection
@@ -29,6 +30,22 @@ arrives). Here:
   if its response has not begun, the app's request sees a disconnect (its wait for the body
   ends, what it sends after is dropped: nothing of it is processed) and the client gets a 408;
   either way the connection is closed.
+- **A malformed request.** Uvicorn's own 400 goes out as the 431 does: after the answers to
+  the requests before it (uvicorn wrote it at once, ahead of them, and they were lost), and
+  for a body, once the app's request has seen a disconnect, as for a body's 408.
+- **A lingering close.** Each of these refusals (431, 408, 400), and the close after a
+  chunked body's bound or a body's time limit once its answer (a 413) is out, ends with a
+  lingering close (RFC 9112 section 9.6, nginx's lingering_close): the connection is
+  half-closed once the answer is written (a FIN), and what the client still sends, the rest
+  of a head or a body, is read and dropped until it closes its side, for `LINGER_SECONDS` at
+  most, and `LINGER_MAX_BYTES`. Closed at once, with unread data in the socket or data
+  arriving after, Linux answers with a reset: a client still sending gets "connection reset
+  by peer" from its send, and one that sends all of its request before it reads, as most do,
+  never reads its 431 (the reset also drops what of the answer the server has not sent yet,
+  and some clients' kernels drop what they have not read). Not where the answer to a request
+  is still being written, which a half-close would cut (a 400 in the body of a request queued
+  behind another, or after its answer began), nor over TLS, which cannot half-close. A
+  shutdown closes a lingering connection at once, and none lingers from then on.
 - **A peer gone silent.** Each connection's socket gets `TCP_USER_TIMEOUT` (Linux) of
   `TCP_USER_TIMEOUT_SECONDS`: the kernel aborts a connection whose sent data stays
   unacknowledged that long, and the app sees a disconnect. Without it, a client that vanished
@@ -46,7 +63,8 @@ arrives). Here:
   the socket) are dropped, and the client gets a closed connection for a request it cannot
   tell was not processed. Here such a request is read and answered, with `Connection: close`
   (a head that stalls is closed at its time limit, or without an answer when the shutdown's
-  time is up, if that comes first: it holds the shutdown no longer); a connection with nothing
+  time is up, if that comes first: it holds the shutdown no longer; a refusal from then on
+  closes without lingering); a connection with nothing
   of a request is closed, as uvicorn does, and so is one whose request was answered before its
   body ended (a 413) once the rest is in. Before that, from SIGTERM and through the drain
   (`SHUTDOWN_DRAIN_SECONDS`), every response says `Connection: close`: kept-alive clients
@@ -66,7 +84,11 @@ import weakref
 from typing import Any
 
 from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
@@ -81,6 +103,17 @@ _REQUEST_LINE_OVERHEAD = len(b"  HTTP/1.1\r\n") + len(b"\r\n")
 _HEADER_OVERHEAD = len(b":\r\n")
 # Linux's; None where the platform has no such option (macOS, Windows).
 _TCP_USER_TIMEOUT: int | None = getattr(socket, "TCP_USER_TIMEOUT", None)
+
+LINGER_SECONDS = 3.0
+"""How long a connection stays open after the server's own refusal, half-closed, reading and
+dropping what the client still sends (see "A lingering close" in the module's docstring): long
+enough for a client to send what it had under way and read the answer, and a fixed total, not
+extended by what arrives, so that no client holds the connection longer."""
+
+LINGER_MAX_BYTES = 1024 * 1024
+"""At most this much is read and dropped in that time: more than the rest of any request a
+client means (a head past the bound is none, a body over MAX_BODY_BYTES gets a 413), and a
+client streaming without end is cut off after it, not read at full speed for the whole time."""
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -116,8 +149,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_pending = False  # the last head parsed has a body not yet complete
         self._body_timer: asyncio.TimerHandle | None = None
+        # Nothing more is parsed: refused (the answer, if one is owed, goes out after the
+        # responses before it), or lingering.
         self._refused = False
+        self._refusal: tuple[int, str] | None = None  # the refusal's answer: status, text
+        self._lingering = False  # answered, half-closed: reading and dropping until the close
+        self._linger_bytes = 0
+        self._linger_timer: asyncio.TimerHandle | None = None
         self._closing = False  # shut down with a request arriving: answer it, then close
+        self._shut_down = False  # shutdown() was called: no lingering from then on
 
     # Reading -------------------------------------------------------------------------------
 
@@ -130,11 +170,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         self._stop_body_timer()
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            self._linger_bytes += len(data)
+            if self._linger_bytes > LINGER_MAX_BYTES:
+                self.transport.close()
+            return
         if self._refused:
-            # Answered 431 once the responses before it are out: nothing more is read.
+            # Answered once the responses before it are out: nothing more is read until then.
             self.flow.pause_reading()
             return
         self._message_ended_in_read = False
@@ -156,8 +204,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         heads_parsed = self._heads_parsed
         self._head_bytes += room
         super().data_received(data[:room])
-        if self.transport.is_closing() or self.transport.get_protocol() is not self:
-            return  # refused as invalid, or upgraded (uvicorn drops what follows the head)
+        if (
+            self._refused
+            or self.transport.is_closing()
+            or self.transport.get_protocol() is not self
+        ):
+            return  # refused as invalid (a 400), or upgraded (uvicorn drops what follows the head)
         if self._heads_parsed == heads_parsed:
             self._refuse_head()
         else:
@@ -219,8 +271,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._refused:
-            if not self._answering():
-                self._send_and_close(431, "Request header fields too large")
+            if self._refusal is not None and not self._lingering and not self._answering():
+                self._send_and_close(*self._refusal)
         else:
             self._await_head()
             self._await_body()  # of the pipelined request started now, if still arriving
@@ -240,7 +292,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def shutdown(self) -> None:
         """Called by the server once it has stopped accepting: close the connection when no
         request is on it; a request being answered closes it after its response (uvicorn's),
-        and so does one whose first bytes came (or wait unread) when this is called."""
+        and so does one whose first bytes came (or wait unread) when this is called. A
+        lingering connection is closed at once, and none lingers from here on."""
+        self._shut_down = True
+        if self._lingering:
+            self.transport.close()
+            return
         if self._closing:
             return
         if self._answering() or self._refused or self.transport.is_closing():
@@ -294,21 +351,50 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
 
     def _refuse_head(self) -> None:
-        self._refused = True
-        self._stop_head_timer()
-        self.flow.pause_reading()
         log.warning(
             "request head over %d bytes (MAX_REQUEST_HEAD_BYTES) from %s: 431",
             self.max_head_bytes,
             self._peer(),
         )
-        # Responses go out in the order of the requests: after those before it.
+        self._refuse(431, "Request header fields too large")
+
+    def _refuse(self, status: int, message: str) -> None:
+        """A request refused before it reached the app: nothing more is parsed, and the answer
+        goes out after the responses to the requests before it, in their order."""
+        self._refused = True
+        self._refusal = (status, message)
+        self._stop_head_timer()
+        self.flow.pause_reading()
         if not self._answering():
-            self._send_and_close(431, "Request header fields too large")
+            self._send_and_close(status, message)
+
+    def send_400_response(self, msg: str) -> None:
+        """Uvicorn's answer to bytes its parser refuses (it has logged them), which it wrote at
+        once and followed with a close. Here, as the other refusals: in a head, after the
+        responses before it (written at once, it went out ahead of them, which were lost);
+        in the body of the request being answered, once its app has been told of a
+        disconnect (as for a body's 408); with a lingering close either way. In the body of
+        a request queued behind another (pipelined), or once the answer to its request has
+        begun and is not complete, uvicorn's own: that answer or the ones before it are still
+        being written, and the connection cannot be half-closed under them."""
+        if self._refused:
+            return  # in the rest of the read that refused a request: answered for that
+        self._refused = True
+        cycle = self.cycle
+        if self._in_head:
+            self._refuse(400, msg)
+        elif not self.pipeline and not cycle.response_started:
+            self._abandon(cycle)
+            self._send_and_close(400, msg)
+        elif not self._answering():  # its answer (a 413, say) is out: nothing else writes
+            self._send_and_close(400, msg)
+        else:
+            super().send_400_response(msg)
 
     def _refuse_chunked_body(self) -> None:
-        """A chunked body (or its trailers) far past what the app takes: stop reading, and
-        close (an answer already sent, a 413, stays sent; one being made is cut short)."""
+        """A chunked body (or its trailers) far past what the app takes: stop parsing, and
+        close (an answer already sent, a 413, stays sent, with a lingering close so that it is
+        not lost to a reset; one being made is cut short)."""
         self._refused = True
         self._stop_head_timer()
         log.warning(
@@ -317,7 +403,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.max_chunked_bytes,
             self._peer(),
         )
-        self.transport.close()
+        if self._answering():
+            self.transport.close()
+        else:
+            self._linger()
 
     def _await_head(self) -> None:
         """Start the head's clock, when a head is awaited and no request is being answered."""
@@ -386,17 +475,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._peer(),
             "connection closed" if cycle.response_started else "408",
         )
-        if cycle.response_started:
+        if cycle.response_complete:
+            self._linger()  # the answer (a 413) is out: kept from a reset
+        elif cycle.response_started:
             self.transport.close()  # connection_lost tells the app, if it is still sending
-            return
-        # The app's request sees a disconnect now, before the 408 goes out: its wait for the
-        # body ends with `http.disconnect`, and anything it sends from here on is dropped.
+        else:
+            self._abandon(cycle)
+            self._send_and_close(408, "Request body not received in time")
+
+    @staticmethod
+    def _abandon(cycle: RequestResponseCycle) -> None:
+        """The app's request sees a disconnect now, before the server's own answer goes out:
+        its wait for the body ends with `http.disconnect`, and anything it sends from here on
+        is dropped (a `100 Continue` too: nothing may be written after the half-close)."""
         cycle.disconnected = True
+        cycle.waiting_for_100_continue = False
         cycle.message_event.set()
-        self._send_and_close(408, "Request body not received in time")
 
     def _send_and_close(self, status: int, message: str) -> None:
-        """A plain-text answer outside any request (as uvicorn's own 400), then close."""
+        """A plain-text answer outside any request (as uvicorn's own 400), then a lingering
+        close."""
         body = message.encode("ascii")
         content = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
@@ -411,7 +509,25 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             ]
         )
         self.transport.write(b"".join(content))
-        self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """After the server's last answer on the connection: half-close it (a FIN once the
+        answer is sent), and read and drop what the client still sends, until it closes its
+        side, or for `LINGER_SECONDS`, or `LINGER_MAX_BYTES`. Closed at once instead, data
+        unread in the socket, or arriving after, makes the kernel answer with a reset, which
+        a client still sending gets from its send, before it reads the answer."""
+        self._refused = True
+        self._stop_head_timer()
+        self._stop_body_timer()
+        self._unset_keepalive_if_required()
+        if self._shut_down or not self.transport.can_write_eof():
+            self.transport.close()  # at shutdown, no waiting; TLS cannot half-close
+            return
+        self._lingering = True
+        self.transport.write_eof()
+        self.flow.resume_reading()
+        self._linger_timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
 
 
 # The server of each connection made (one per worker process under `todo-api serve`).

@@ -1,6 +1,6 @@
 """The request head under `todo-api serve` (service.httpserver): a bound on its size, time
-limits for it and for the body, and ordinary HTTP/1.1 unchanged (keep-alive, pipelining,
-bodies).
+limits for it and for the body, a lingering close after the server's own refusals, and
+ordinary HTTP/1.1 unchanged (keep-alive, pipelining, bodies).
 
 Raw sockets against a real `todo-api serve --workers 2` process: the bound and the timer live
 in the HTTP protocol that uvicorn runs in each worker, under the app.
@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.database import Database
+from service.httpserver import LINGER_MAX_BYTES, LINGER_SECONDS
 from tests.audit_helpers import events_of
 from tests.reliability_helpers import TASK_ROW_LOCK, lock_waits, locked, wait_until
 from tests.serve_helpers import ServeProcess
@@ -76,8 +77,8 @@ class Connection:
         return int(status_line.split()[1]), headers, body
 
     def refused_and_closed(self, status: int, word: bytes) -> None:
-        """The server's own plain-text refusal (a 431 or 408, `word` in its text), then its
-        close of the connection."""
+        """The server's own plain-text refusal (a 431, 408 or 400, `word` in its text), then
+        its close of the connection."""
         answer, headers, body = self.response()
         assert answer == status
         assert headers["connection"] == "close"
@@ -89,8 +90,30 @@ class Connection:
         """True once the server has closed (EOF); a server that keeps it open fails here."""
         return self.file.read() == b""
 
-    def readable(self) -> bool:
-        return bool(select.select([self.sock], [], [], 0)[0])
+    def readable(self, timeout: float = 0) -> bool:
+        return bool(select.select([self.sock], [], [], timeout)[0])
+
+    def send_in_pieces(self, data: bytes, pieces: int = 4) -> None:
+        """`data` in `pieces` sends 0.1 s apart, as a client sending its request from a slower
+        source does, before it reads: a connection reset meanwhile fails the test here."""
+        size = -(-len(data) // pieces)
+        for start in range(0, len(data), size):
+            self.send(data[start : start + size])
+            time.sleep(0.1)
+
+    def send_until_cut_off(self, piece: bytes, pause: float) -> int:
+        """Sends `piece` every `pause` seconds, without reading, until the server's close stops
+        it (a reset): the bytes sent. A server that never closes fails the test."""
+        sent = 0
+        deadline = time.monotonic() + PATIENCE
+        try:
+            while time.monotonic() < deadline:
+                self.send(piece)
+                sent += len(piece)
+                time.sleep(pause)
+        except (BrokenPipeError, ConnectionResetError):
+            return sent
+        raise AssertionError(f"still open after {PATIENCE} s")
 
 
 def get(path: str = "/healthz", *headers: str) -> bytes:
@@ -427,3 +450,138 @@ def test_a_pipelined_body_has_its_time_from_its_turn(
     finally:
         holder.rollback()
         holder.close()
+
+
+# A lingering close -------------------------------------------------------------------------
+# Closed at once after its refusal, a connection on which the client was still sending (the
+# rest of a head, a body) was reset by the server's kernel (data unread in the socket, or
+# arriving after the close). A client sending its whole request before reading, as most do,
+# got "connection reset by peer" from a send and never read its 431; one that had sent all,
+# a reset instead of the end of the connection after the answer. (Here on loopback the answer
+# itself, already in the client's socket, stayed readable; over a network the reset also
+# drops what of it the server has not sent yet.) Now the server half-closes after the answer
+# and reads and drops what still comes, for LINGER_SECONDS and LINGER_MAX_BYTES.
+
+
+def test_a_431_reaches_a_client_that_sends_a_huge_head_before_reading(server: ServeProcess) -> None:
+    """A head of 576 KiB sent in one go, far past the bound and past what the server reads
+    before it refuses, and 256 KiB more of it in pieces: then the client reads, and gets its
+    431 and the close."""
+    with Connection(server) as conn:
+        conn.send(head_of_size(MAX_HEAD + 512 * 1024, end=False))
+        conn.send_in_pieces(b"a" * 256 * 1024)
+        conn.refused_and_closed(431, b"header")
+
+
+@pytest.mark.parametrize(
+    "refusal", ["431", "head 408", "body 408", "400 in a head", "400 in a body", "413 then 408"]
+)
+def test_the_answer_reaches_a_client_that_sends_more_after_it(
+    server: ServeProcess, user: ApiUser, refusal: str
+) -> None:
+    """The server refuses (or its answer, a 413, is out when the body's time is up), and only
+    then does the client send the rest of its head or body, in pieces, as one that has not
+    looked for an answer yet does; then it reads: the answer, then the close. Nothing of the
+    request is processed: no task is created."""
+    start, rest, status, word = {
+        "431": (head_of_size(MAX_HEAD + 1, end=False), b"a" * 1000 + b"\r\n\r\n", 431, b"header"),
+        "head 408": (get()[:-2], b"X-Late: 1\r\n\r\n", 408, b"head"),
+        "body 408": (
+            user.raw_head("Content-Length: 1000") + b'{"title": "late',
+            b" " * 984 + b"}",
+            408,
+            b"body",
+        ),
+        "400 in a head": (
+            b"GET /healthz HTTP/1.1\r\nHost: test\r\nContent-Length: x",
+            b"\r\n\r\n" + b" " * 1000,
+            400,
+            b"invalid",
+        ),
+        "400 in a body": (
+            user.raw_head("Transfer-Encoding: chunked") + b"zz\r\n",
+            b'{"title": "late"}\r\n0\r\n\r\n',
+            400,
+            b"invalid",
+        ),
+        "413 then 408": (
+            b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000\r\n\r\n" + b" " * 1000,
+            b" " * 1000,
+            413,
+            b"",
+        ),
+    }[refusal]
+    with Connection(server) as conn:
+        conn.send(start)
+        assert conn.readable(PATIENCE)
+        if refusal == "413 then 408":
+            time.sleep(BODY_TIMEOUT + 1)  # the 413 came at once; now the body's time is up
+        else:
+            time.sleep(0.2)  # the close, sent with the answer, is in too
+        conn.send_in_pieces(rest)
+        if status == 413:
+            assert conn.response()[0] == 413
+            assert conn.closed_by_server()
+        else:
+            conn.refused_and_closed(status, word)
+    with httpx.Client(base_url=server.url) as http:
+        response = http.get(user.url(), headers=user.headers)
+    assert (response.status_code, response.json()) == (200, [])
+
+
+def test_a_malformed_request_pipelined_behind_another_is_answered_400_after_it(
+    server: ServeProcess,
+) -> None:
+    """The request before it is answered first, in order, then the 400 (uvicorn's was written
+    at once, ahead of the answer, which was lost) and the close."""
+    malformed = b"GET /healthz HTTP/1.1\r\nHost: test\r\nContent-Length: x\r\n\r\n"
+    with Connection(server) as conn:
+        conn.send(get("/healthz", "X-Request-ID: first") + malformed)
+        status, headers, _ = conn.response()
+        assert (status, headers["x-request-id"]) == (200, "first")
+        conn.refused_and_closed(400, b"invalid")
+
+
+def test_an_answer_before_a_chunked_body_passes_its_bound_reaches_the_client(
+    server: ServeProcess,
+) -> None:
+    """POST /healthz is answered at once (405); its chunked body, 1.5 MiB sent in pieces before
+    the client reads, goes on past 16 x MAX_BODY_BYTES + MAX_HEAD (1.06 MiB), where the
+    connection is closed: the client gets its 405, then the close."""
+    chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+    with Connection(server) as conn:
+        conn.send(
+            b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        conn.send_in_pieces(chunk * 24, pieces=8)
+        assert conn.response()[0] == 405
+        assert conn.closed_by_server()
+
+
+def test_a_client_that_keeps_sending_after_a_refusal_is_closed_at_the_time_bound(
+    server: ServeProcess,
+) -> None:
+    """A piece every 0.2 s after the 431, never closing: the connection is read for
+    LINGER_SECONDS, not longer (what comes does not extend it), then closed."""
+    with Connection(server) as conn:
+        conn.send(head_of_size(MAX_HEAD + 1, end=False))
+        conn.refused_and_closed(431, b"header")
+        answered = time.monotonic()
+        conn.send_until_cut_off(b"a" * 100, 0.2)
+        assert LINGER_SECONDS - 0.5 < time.monotonic() - answered < LINGER_SECONDS + 2
+
+
+def test_a_client_streaming_without_end_after_a_refusal_is_cut_off_at_the_byte_bound(
+    server: ServeProcess,
+) -> None:
+    """After the 431, as fast as it can: read and dropped up to LINGER_MAX_BYTES, then closed,
+    long before the time bound."""
+    with Connection(server) as conn:
+        conn.send(head_of_size(MAX_HEAD + 1, end=False))
+        conn.refused_and_closed(431, b"header")
+        answered = time.monotonic()
+        sent = conn.send_until_cut_off(b"a" * 65536, 0)
+        assert time.monotonic() - answered < LINGER_SECONDS / 2
+        assert sent > LINGER_MAX_BYTES

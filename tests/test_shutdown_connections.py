@@ -15,6 +15,7 @@ import asyncio
 import json
 import select
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -24,10 +25,10 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy as sa
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 
 from service.auth import create_dev_token
-from service.httpserver import BoundedHttpToolsProtocol
+from service.httpserver import LINGER_SECONDS, BoundedHttpToolsProtocol
 from tests.jwt_helpers import random_id
 from tests.reliability_helpers import TASK_ROW_LOCK, lock_waits, locked, wait_until
 from tests.serve_helpers import ServeProcess
@@ -239,6 +240,47 @@ def test_a_request_waiting_unread_in_the_socket_at_shutdown_is_answered() -> Non
         status, headers, body = _read_response(client)
         assert (status, headers["connection"], json.loads(body)) == (200, "close", {"ok": True})
         assert client.recv(1) == b""  # then closed
+
+
+@pytest.mark.parametrize(
+    ("request_", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: test\r\nX-Pad: " + b"a" * 70_000, 431),  # over 64 KiB
+        (b"POST / HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+    ],
+    ids=["431", "400 in a body"],
+)
+@pytest.mark.usefixtures("clean_env")
+def test_a_connection_lingering_after_a_refusal_is_closed_at_shutdown_at_once(
+    request_: bytes, status: int
+) -> None:
+    """After the server's refusal a connection lingers (LINGER_SECONDS), reading and dropping
+    what the client still sends: the server's shutdown closes it at once, and is not held up
+    for it. (After a 400 in a body its request is still open, abandoned: uvicorn's shutdown
+    would leave the connection to close after that request's answer, which never comes.)"""
+    app = FastAPI()
+
+    @app.post("/")
+    async def size(request: Request) -> dict[str, int]:
+        return {"size": len(await request.body())}
+
+    with (
+        LiveServer(app, http=BoundedHttpToolsProtocol) as live,
+        socket.create_connection(("127.0.0.1", live.port), timeout=PATIENCE) as client,
+    ):
+        client.sendall(request_)
+        assert _read_response(client)[0] == status
+        assert client.recv(1) == b""  # half-closed by the server, and lingering
+        client.sendall(b"a" * 1000)
+        started = time.monotonic()
+        live.server.should_exit = True
+        live.thread.join(PATIENCE)
+        assert not live.thread.is_alive()
+        assert time.monotonic() - started < LINGER_SECONDS / 2
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):  # closed: a reset
+            for _ in range(10):
+                client.sendall(b"a")
+                time.sleep(0.05)
 
 
 def test_with_several_workers_new_connections_are_refused_once_all_stop_listening(
