@@ -70,6 +70,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
+from service.jsonbody import BODY_TIMED_OUT
 from service.lifecycle import at_sigterm, sigterm_received
 from service.settings import get_settings
 
@@ -391,6 +392,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         # The app's request sees a disconnect now, before the 408 goes out: its wait for the
         # body ends with `http.disconnect`, and anything it sends from here on is dropped.
+        # Marked, so that it is told from a client that closed (service.jsonbody).
+        cycle.scope["state"][BODY_TIMED_OUT] = True
         cycle.disconnected = True
         cycle.message_event.set()
         self._send_and_close(408, "Request body not received in time")

@@ -1,8 +1,14 @@
-"""Request bodies read as I-JSON (RFC 7493): an object names each member once.
+"""Request bodies read as I-JSON (RFC 7493): an object names each member once; and a body
+that never came whole told apart from one that is not JSON.
 
 `json.loads` keeps the last of repeated keys, so `{"title": "a", "title": "b"}` was stored as
 "b", while a proxy, a firewall or a log reading the same bytes may take "a". Such a body is
 refused instead (400, `service.errors`), by the route class every router with a body uses.
+
+A body whose client closed the connection before its end, or whose time limit ran out
+(`service.httpserver`), ends in a disconnect, which FastAPI's reading of the body turned into
+its 400 "error parsing the body": logged, traced and counted as the client's bad JSON, though
+the client got a 408 or nothing. It is `BodyNotReceived` instead (`service.errors`).
 """
 
 from __future__ import annotations
@@ -13,9 +19,15 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 # A longer key is not repeated back to the client.
 _KEY_SHOWN_MAX = 64
+
+# In the request's ASGI `state`: the body's time limit ran out, and the server
+# (service.httpserver) answered 408 in the app's place; the app's request sees a disconnect.
+BODY_TIMED_OUT = "body_timed_out"
 
 
 class DuplicateKey(json.JSONDecodeError):
@@ -43,7 +55,26 @@ def loads(body: bytes | str) -> Any:
     return json.loads(body, object_pairs_hook=_unique_keys)
 
 
+class BodyNotReceived(HTTPException):
+    """The body ended before it was whole: the server's time limit for it ran out
+    (`timed_out`: the client got the server's 408), or the client closed the connection.
+
+    An HTTPException, because FastAPI passes one raised by the body's reading on as it is,
+    where it turns any other exception into its 400."""
+
+    def __init__(self, *, timed_out: bool) -> None:
+        super().__init__(408, "The request body was not received.")
+        self.timed_out = timed_out
+
+
 class JsonBodyRequest(Request):
+    async def body(self) -> bytes:
+        try:
+            return await super().body()
+        except ClientDisconnect:
+            timed_out = bool(self.scope.get("state", {}).get(BODY_TIMED_OUT))
+            raise BodyNotReceived(timed_out=timed_out) from None
+
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             self._json = loads(await self.body())
@@ -51,8 +82,8 @@ class JsonBodyRequest(Request):
 
 
 class JsonBodyRoute(APIRoute):
-    """Reads the body with `loads`: FastAPI parses it with `request.json()`. A route without
-    a body keeps FastAPI's handler as it is."""
+    """Reads the body with `loads` (FastAPI parses it with `request.json()`), and a body cut
+    short as `BodyNotReceived`. A route without a body keeps FastAPI's handler as it is."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
