@@ -18,15 +18,28 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from observability.logging import bind_request_state, unbind_request_state
-from observability.tracing import HEALTH_PATHS, record_server_error
+from observability.tracing import (
+    CLIENT_CLOSED,
+    HEALTH_PATHS,
+    record_client_closed,
+    record_server_error,
+)
 
 access_log = logging.getLogger("service.access")
+
+# The access line's status for a request whose client closed the connection before it was
+# answered (its body cut short), when nothing was sent: nginx's 499, "client closed request".
+CLIENT_CLOSED_REQUEST = 499
 
 Handler = Callable[[Request, Exception], Any]
 
 
 class RequestLogMiddleware:
     """Binds the request to its log lines and writes one access line when it is answered.
+
+    Its status is the answer's; with no answer begun, 499 if the app saw the client's
+    disconnect (a body cut short: `error_type` on the line and `error.type` on the span say
+    so), else 500 (an exception escaped).
 
     Added last, so it is the outermost of the app's middleware; the server span is already
     current. Probes log at DEBUG and run with instrumentation suppressed (no database spans).
@@ -41,8 +54,16 @@ class RequestLogMiddleware:
             return
         token = bind_request_state(scope.setdefault("state", {}))
         probe = scope["path"] in HEALTH_PATHS
-        status = 500  # unless a response starts: an exception escaped
+        status: int | None = None
+        client_gone = False
         started = perf_counter()
+
+        async def receive_and_observe() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                client_gone = True
+            return message
 
         async def send_and_observe(message: Message) -> None:
             nonlocal status
@@ -53,30 +74,35 @@ class RequestLogMiddleware:
         try:
             if probe:
                 with suppress_instrumentation():
-                    await self.app(scope, receive, send_and_observe)
+                    await self.app(scope, receive_and_observe, send_and_observe)
             else:
-                await self.app(scope, receive, send_and_observe)
+                await self.app(scope, receive_and_observe, send_and_observe)
         finally:
+            error_type: str | None = None
+            if status is None:  # no answer begun
+                if client_gone:
+                    status, error_type = CLIENT_CLOSED_REQUEST, CLIENT_CLOSED
+                    record_client_closed()
+                else:
+                    status = 500  # an exception escaped (or uvicorn answers 500 for the app)
             level = logging.DEBUG if probe else logging.INFO
             if access_log.isEnabledFor(level):
                 duration_ms = round((perf_counter() - started) * 1000, 3)
                 route = route_template(scope)
                 method = scope["method"]
+                extra = {
+                    "method": method,
+                    "route": route,
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": duration_ms,
+                    # The client's (per TRUSTED_PROXIES, as the audit log's client_ip).
+                    "client_ip": client[0] if (client := scope.get("client")) else None,
+                }
+                if error_type is not None:
+                    extra["error_type"] = error_type
                 access_log.log(
-                    level,
-                    "%s %s %s",
-                    method,
-                    route or scope["path"],
-                    status,
-                    extra={
-                        "method": method,
-                        "route": route,
-                        "path": scope["path"],
-                        "status": status,
-                        "duration_ms": duration_ms,
-                        # The client's (per TRUSTED_PROXIES, as the audit log's client_ip).
-                        "client_ip": client[0] if (client := scope.get("client")) else None,
-                    },
+                    level, "%s %s %s", method, route or scope["path"], status, extra=extra
                 )
             unbind_request_state(token)
 

@@ -396,3 +396,20 @@ def record_server_error(exc: BaseException) -> None:
         return
     span.record_exception(exc, attributes=_exception_attributes(exc))
     span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+
+
+# `error.type` of a request whose client closed the connection before it was answered (a body
+# cut short): OpenTelemetry's HTTP conventions want a low-cardinality identifier of the
+# failure, and no `http.response.status_code`, as none was sent.
+CLIENT_CLOSED = "client_closed_request"
+
+
+def record_client_closed() -> None:
+    """Mark the request's span as failed before any answer: its client closed the connection.
+
+    The instrumentation's `http.server.request.duration` takes its attributes from the answer
+    it sees sent: with none, that request's point has no status code, nor `error.type`."""
+    span = trace.get_current_span()
+    if span.is_recording():
+        span.set_attribute("error.type", CLIENT_CLOSED)
+        span.set_status(Status(StatusCode.ERROR))

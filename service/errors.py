@@ -28,6 +28,7 @@ from service.exceptions import (
     TokenExpired,
     TokenMissing,
 )
+from service.jsonbody import BodyNotReceived
 from service.openapi import PROBLEM_JSON, install_problem_docs
 from service.problem_types import BY_STATUS, ProblemType
 from service.text import first_line
@@ -152,6 +153,18 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         headers = {**(headers or {}), "Allow": allow}
         detail = f"{request.method} is not allowed here; this path answers {allow}."
     return problem(exc.status_code, detail, headers=headers)
+
+
+async def _body_not_received(_: Request, exc: Exception) -> JSONResponse | None:
+    """Nothing reaches the client from here. Where the server answered in the app's place (a
+    408 at the body's time limit, a 400 for broken framing), it drops what the app sends
+    (service.httpserver): the same status made here is for the record, which the server span,
+    the request metric and the access line take from the answer the app sends. A client that
+    closed the connection is sent nothing: the access line says 499 (observability.asgi)."""
+    assert isinstance(exc, BodyNotReceived)
+    if exc.answered is not None:
+        return problem(exc.answered, "The request body was not received whole.")
+    return None
 
 
 def every_route(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
@@ -311,6 +324,8 @@ def install_error_handlers(app: FastAPI) -> None:
     """Render every error as problem+json, and document them that way in /openapi.json."""
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    # Typed as returning a Response; for None, Starlette sends nothing (as for a WebSocket's).
+    app.add_exception_handler(BodyNotReceived, _body_not_received)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(AuthError, _auth_error)
     app.add_exception_handler(AuthUnavailable, _auth_unavailable)

@@ -92,6 +92,7 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.server import ServerState
 from uvicorn.supervisors import Multiprocess
 
+from service.jsonbody import SERVER_ANSWERED
 from service.lifecycle import at_sigterm, sigterm_received
 from service.settings import get_settings
 
@@ -384,8 +385,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._in_head:
             self._refuse(400, msg)
         elif not self.pipeline and not cycle.response_started:
-            self._abandon(cycle)
-            self._send_and_close(400, msg)
+            self._answer_for_app(cycle, 400, msg)
         elif not self._answering():  # its answer (a 413, say) is out: nothing else writes
             self._send_and_close(400, msg)
         else:
@@ -480,17 +480,20 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         elif cycle.response_started:
             self.transport.close()  # connection_lost tells the app, if it is still sending
         else:
-            self._abandon(cycle)
-            self._send_and_close(408, "Request body not received in time")
+            self._answer_for_app(cycle, 408, "Request body not received in time")
 
-    @staticmethod
-    def _abandon(cycle: RequestResponseCycle) -> None:
-        """The app's request sees a disconnect now, before the server's own answer goes out:
-        its wait for the body ends with `http.disconnect`, and anything it sends from here on
-        is dropped (a `100 Continue` too: nothing may be written after the half-close)."""
+    def _answer_for_app(self, cycle: RequestResponseCycle, status: int, message: str) -> None:
+        """The server's own answer to a request whose body it will not finish reading. The
+        app's request sees a disconnect first: its wait for the body ends with
+        `http.disconnect`, and anything it sends from here on is dropped (a `100 Continue`
+        too: nothing may be written after the half-close). The status is left on the
+        request's state, so that the app's records give it, not a client that closed
+        (service.jsonbody)."""
+        cycle.scope["state"][SERVER_ANSWERED] = status
         cycle.disconnected = True
         cycle.waiting_for_100_continue = False
         cycle.message_event.set()
+        self._send_and_close(status, message)
 
     def _send_and_close(self, status: int, message: str) -> None:
         """A plain-text answer outside any request (as uvicorn's own 400), then a lingering

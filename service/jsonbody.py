@@ -1,8 +1,15 @@
-"""Request bodies read as I-JSON (RFC 7493): an object names each member once.
+"""Request bodies read as I-JSON (RFC 7493): an object names each member once; and a body
+that never came whole told apart from one that is not JSON.
 
 `json.loads` keeps the last of repeated keys, so `{"title": "a", "title": "b"}` was stored as
 "b", while a proxy, a firewall or a log reading the same bytes may take "a". Such a body is
 refused instead (400, `service.errors`), by the route class every router with a body uses.
+
+A body whose client closed the connection before its end, or that the server answered in the
+app's place (`service.httpserver`: a 408 at its time limit, a 400 for broken chunked framing),
+ends in a disconnect, which FastAPI's reading of the body turned into its 400 "error parsing
+the body": logged, traced and counted as the client's bad JSON, though the client got the
+server's answer or nothing. It is `BodyNotReceived` instead (`service.errors`).
 """
 
 from __future__ import annotations
@@ -13,9 +20,16 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 # A longer key is not repeated back to the client.
 _KEY_SHOWN_MAX = 64
+
+# In the request's ASGI `state`: the status the server (service.httpserver) sent in the app's
+# place before its body ended (408 at the body's time limit, 400 for a malformed chunked body);
+# the app's request sees a disconnect.
+SERVER_ANSWERED = "server_answered"
 
 
 class DuplicateKey(json.JSONDecodeError):
@@ -43,7 +57,27 @@ def loads(body: bytes | str) -> Any:
     return json.loads(body, object_pairs_hook=_unique_keys)
 
 
+class BodyNotReceived(HTTPException):
+    """The body ended before it was whole: the server answered in the app's place
+    (`answered`: the status the client got, 408 or 400), or the client closed the connection
+    (`answered` is None).
+
+    An HTTPException, because FastAPI passes one raised by the body's reading on as it is,
+    where it turns any other exception into its 400."""
+
+    def __init__(self, *, answered: int | None) -> None:
+        super().__init__(answered or 408, "The request body was not received.")
+        self.answered = answered
+
+
 class JsonBodyRequest(Request):
+    async def body(self) -> bytes:
+        try:
+            return await super().body()
+        except ClientDisconnect:
+            answered = self.scope.get("state", {}).get(SERVER_ANSWERED)
+            raise BodyNotReceived(answered=answered) from None
+
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             self._json = loads(await self.body())
@@ -51,8 +85,8 @@ class JsonBodyRequest(Request):
 
 
 class JsonBodyRoute(APIRoute):
-    """Reads the body with `loads`: FastAPI parses it with `request.json()`. A route without
-    a body keeps FastAPI's handler as it is."""
+    """Reads the body with `loads` (FastAPI parses it with `request.json()`), and a body cut
+    short as `BodyNotReceived`. A route without a body keeps FastAPI's handler as it is."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

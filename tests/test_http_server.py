@@ -8,11 +8,12 @@ in the HTTP protocol that uvicorn runs in each worker, under the app.
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import time
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import httpx
 import pytest
@@ -349,7 +350,9 @@ def test_a_body_that_never_ends_gets_408_and_nothing_is_processed(
 ) -> None:
     """A body begun and never finished: 408 and a close after REQUEST_BODY_TIMEOUT_SECONDS
     (before, the connection and the request waited for as long as the client kept it open).
-    The app's request saw a disconnect: no task, no audit event, no error logged."""
+    The app's request saw a disconnect: no task, no audit event, no error logged, and an
+    access line that says 408, the answer sent (it said 400, FastAPI's "error parsing the
+    body"; the span and the metric: tests/test_body_not_received.py)."""
     log_start = server.log.stat().st_size
     part = b'{"title": "never finished'
     if framing.startswith("Transfer-Encoding"):
@@ -363,12 +366,23 @@ def test_a_body_that_never_ends_gets_408_and_nothing_is_processed(
         ).scalar_one()
     assert tasks == 0
     assert events_of(database.engine, user.user_id) == []
+    access = wait_until(lambda: access_lines(server, log_start), "the access line")
+    assert [(line["route"], line["status"]) for line in access] == [("/api/{user_id}/tasks", 408)]
     with server.log.open("rb") as log:
         log.seek(log_start)
         logged = log.read().decode()
     assert "REQUEST_BODY_TIMEOUT_SECONDS" in logged
     for error in ("Traceback", "Exception in ASGI application", "unhandled error", " 500"):
         assert error not in logged
+
+
+def access_lines(server: ServeProcess, start: int) -> list[dict[str, Any]]:
+    """The access lines the server has logged since `start` (a position in its log)."""
+    with server.log.open("rb") as log:
+        log.seek(start)
+        lines = log.read().decode().splitlines()
+    logged = [json.loads(line) for line in lines if line.startswith("{")]
+    return [line for line in logged if line.get("logger") == "service.access"]
 
 
 def test_the_rest_of_a_body_refused_413_is_waited_for_no_longer(server: ServeProcess) -> None:
