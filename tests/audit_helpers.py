@@ -42,6 +42,16 @@ def events_of(engine: sa.Engine, user_id: str) -> list[dict[str, Any]]:
         return [dict(row._mapping) for row in rows]
 
 
+def assert_nothing_written(engine: sa.Engine, user_id: str) -> None:
+    """No task of the user's, and no audit event: a request refused before the app wrote."""
+    with engine.connect() as conn:
+        tasks = conn.execute(
+            sa.text("SELECT count(*) FROM tasks WHERE user_id = :u"), {"u": user_id}
+        ).scalar_one()
+    assert tasks == 0
+    assert events_of(engine, user_id) == []
+
+
 def chain_head(engine: sa.Engine, user_id: str) -> tuple[int, str] | None:
     with engine.connect() as conn:
         row = conn.execute(

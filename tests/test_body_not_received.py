@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -28,7 +27,7 @@ from service.app import create_app
 from service.database import Database, build_engine
 from service.httpserver import BoundedHttpToolsProtocol
 from service.settings import Settings
-from tests.audit_helpers import events_of
+from tests.audit_helpers import assert_nothing_written
 from tests.reliability_helpers import wait_until
 from tests.support import ApiUser, LiveServer
 
@@ -123,13 +122,25 @@ def counted_since(reader: InMemoryMetricReader, before: dict[Any, int]) -> dict[
     return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
 
 
-def assert_nothing_written(database: Database, user: ApiUser) -> None:
-    with database.engine.connect() as db:
-        tasks = db.execute(
-            sa.text("SELECT count(*) FROM tasks WHERE user_id = :u"), {"u": user.user_id}
-        ).scalar_one()
-    assert tasks == 0
-    assert events_of(database.engine, user.user_id) == []
+def assert_recorded_as_sent(
+    served: Served,
+    reader: InMemoryMetricReader,
+    caplog: pytest.LogCaptureFixture,
+    before: dict[Any, int],
+    status: int,
+) -> None:
+    """The access line, the span's `http.response.status_code` and the metric's say the status
+    the server sent in the app's place: a 4xx, not an error on the span."""
+    line = access_line(caplog)
+    assert (line.getMessage(), line.status) == (f"POST {ROUTE} {status}", status)  # type: ignore[attr-defined]
+    assert not hasattr(line, "error_type")
+    span = server_span(served)
+    assert span.attributes is not None
+    assert span.attributes["http.response.status_code"] == status
+    assert "error.type" not in span.attributes
+    assert span.status.status_code is StatusCode.UNSET
+    wait_until(lambda: counted_since(reader, before), "the request to be counted")
+    assert counted_since(reader, before) == {status: 1}
 
 
 def read_status(sock: socket.socket) -> int:
@@ -156,17 +167,8 @@ def test_a_body_past_its_time_limit_is_logged_traced_and_counted_as_the_408_sent
     caplog.set_level(logging.INFO, logger="service.access")
     with send_part(served, user, framing) as sock:
         assert read_status(sock) == 408
-    line = access_line(caplog)
-    assert (line.getMessage(), line.status) == (f"POST {ROUTE} 408", 408)  # type: ignore[attr-defined]
-    assert not hasattr(line, "error_type")
-    span = server_span(served)
-    assert span.attributes is not None
-    assert span.attributes["http.response.status_code"] == 408
-    assert "error.type" not in span.attributes
-    assert span.status.status_code is StatusCode.UNSET
-    wait_until(lambda: counted_since(metric_reader, before), "the request to be counted")
-    assert counted_since(metric_reader, before) == {408: 1}
-    assert_nothing_written(database, user)
+    assert_recorded_as_sent(served, metric_reader, caplog, before, 408)
+    assert_nothing_written(database.engine, user.user_id)
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
@@ -196,7 +198,7 @@ def test_a_body_its_client_abandoned_is_logged_499_and_traced_as_failed_without_
     assert span.status.status_code is StatusCode.ERROR
     wait_until(lambda: counted_since(metric_reader, before), "the request to be counted")
     assert counted_since(metric_reader, before) == {None: 1}
-    assert_nothing_written(database, user)
+    assert_nothing_written(database.engine, user.user_id)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
 
@@ -217,13 +219,5 @@ def test_a_body_with_broken_framing_is_logged_traced_and_counted_as_the_400_sent
     with send_part(served, user, "Transfer-Encoding: chunked") as sock:
         sock.sendall(b"not a chunk size\r\n")
         assert read_status(sock) == 400
-    line = access_line(caplog)
-    assert (line.getMessage(), line.status) == (f"POST {ROUTE} 400", 400)  # type: ignore[attr-defined]
-    assert not hasattr(line, "error_type")
-    span = server_span(served)
-    assert span.attributes is not None
-    assert span.attributes["http.response.status_code"] == 400
-    assert "error.type" not in span.attributes
-    wait_until(lambda: counted_since(metric_reader, before), "the request to be counted")
-    assert counted_since(metric_reader, before) == {400: 1}
-    assert_nothing_written(database, user)
+    assert_recorded_as_sent(served, metric_reader, caplog, before, 400)
+    assert_nothing_written(database.engine, user.user_id)

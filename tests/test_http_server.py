@@ -17,11 +17,10 @@ from typing import Any, BinaryIO
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
 from service.database import Database
 from service.httpserver import LINGER_MAX_BYTES, LINGER_SECONDS
-from tests.audit_helpers import events_of
+from tests.audit_helpers import assert_nothing_written
 from tests.reliability_helpers import TASK_ROW_LOCK, lock_waits, locked, wait_until
 from tests.serve_helpers import ServeProcess
 from tests.support import TEST_SECRET, ApiUser, create_task
@@ -360,12 +359,7 @@ def test_a_body_that_never_ends_gets_408_and_nothing_is_processed(
     with Connection(server) as conn:
         conn.send(user.raw_head(framing) + part)
         conn.refused_and_closed(408, b"body")
-    with database.engine.connect() as db:
-        tasks = db.execute(
-            sa.text("SELECT count(*) FROM tasks WHERE user_id = :u"), {"u": user.user_id}
-        ).scalar_one()
-    assert tasks == 0
-    assert events_of(database.engine, user.user_id) == []
+    assert_nothing_written(database.engine, user.user_id)
     access = wait_until(lambda: access_lines(server, log_start), "the access line")
     assert [(line["route"], line["status"]) for line in access] == [("/api/{user_id}/tasks", 408)]
     with server.log.open("rb") as log:
