@@ -26,7 +26,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from service.app import create_app
 from service.database import Database, build_engine
 from service.httpserver import BoundedHttpToolsProtocol
-from service.settings import Settings
+from service.settings import Settings, get_settings
 from tests.audit_helpers import assert_nothing_written
 from tests.reliability_helpers import wait_until
 from tests.support import ApiUser, LiveServer
@@ -56,8 +56,10 @@ def served(
     """The app (its spans in memory, its metrics in the process's reader) under uvicorn with
     `todo-api serve`'s protocol, which reads its time limits from the environment. On an
     engine of its own: an engine is instrumented with one provider, and the shared one's is
-    the process's (`database` is asked for the migrated schema)."""
+    the process's (`database` is asked for the migrated schema). The protocol reads the
+    process's settings, cached by whichever test asked first: read again here, and after."""
     monkeypatch.setenv("REQUEST_BODY_TIMEOUT_SECONDS", str(BODY_TIMEOUT))
+    get_settings.cache_clear()
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
@@ -68,6 +70,7 @@ def served(
             yield Served(live, spans)
     finally:
         own.dispose()
+        get_settings.cache_clear()
 
 
 def send_part(served: Served, user: ApiUser, framing: str) -> socket.socket:
