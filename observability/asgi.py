@@ -24,6 +24,7 @@ from observability.tracing import (
     record_client_closed,
     record_server_error,
 )
+from service.jsonbody import SERVER_ANSWERED
 
 access_log = logging.getLogger("service.access")
 
@@ -37,7 +38,8 @@ Handler = Callable[[Request, Exception], Any]
 class RequestLogMiddleware:
     """Binds the request to its log lines and writes one access line when it is answered.
 
-    Its status is the answer's; with no answer begun, 499 if the app saw the client's
+    Its status is the answer's (the server's own, where it answered in the app's place); with
+    no answer begun, 499 if the app saw the client's
     disconnect (a body cut short: `error_type` on the line and `error.type` on the span say
     so), else 500 (an exception escaped).
 
@@ -52,7 +54,8 @@ class RequestLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        token = bind_request_state(scope.setdefault("state", {}))
+        state = scope.setdefault("state", {})
+        token = bind_request_state(state)
         probe = scope["path"] in HEALTH_PATHS
         status: int | None = None
         client_gone = False
@@ -79,7 +82,12 @@ class RequestLogMiddleware:
                 await self.app(scope, receive_and_observe, send_and_observe)
         finally:
             error_type: str | None = None
-            if status is None:  # no answer begun
+            if answered := state.get(SERVER_ANSWERED):
+                # The server answered in the app's place (service.httpserver) and dropped
+                # the app's answer: a route that reads no body (a DELETE with one) answers
+                # as if all was well.
+                status = answered
+            elif status is None:  # no answer begun
                 if client_gone:
                     status, error_type = CLIENT_CLOSED_REQUEST, CLIENT_CLOSED
                     record_client_closed()

@@ -19,7 +19,8 @@ arrives). Here:
   chunk, which the parser joins as it joins a head's) come with it: such a body may take at
   most 16 x `MAX_BODY_BYTES` + `MAX_REQUEST_HEAD_BYTES` (the app refuses a body over
   `MAX_BODY_BYTES` with 413; a one-byte chunk takes 6 bytes, 10 with a short extension); past
-  that, the connection is closed without parsing further. A body of a declared length is
+  that, nothing more of it is parsed, and the server answers 413 itself, as it refuses a
+  body (below). A body of a declared length is
   parsed at a constant cost per byte: one past the app's limit is read and dropped after its
   413, as uvicorn does, so the connection stays usable.
 - **Time.** A head must be complete within `REQUEST_HEAD_TIMEOUT_SECONDS` of the connection
@@ -27,14 +28,21 @@ arrives). Here:
   answered, none is awaited). Otherwise the connection is closed, with a 408 if part of the
   head had come. A body must be complete within `REQUEST_BODY_TIMEOUT_SECONDS` of its head
   (of its request's turn, for one pipelined behind another, which is not read before). Else,
-  if its response has not begun, the app's request sees a disconnect (its wait for the body
-  ends, what it sends after is dropped: nothing of it is processed) and the client gets a 408;
-  either way the connection is closed.
+  the server answers 408 itself, as it refuses a body (below).
 - **A malformed request.** Uvicorn's own 400 goes out as the 431 does: after the answers to
-  the requests before it (uvicorn wrote it at once, ahead of them, and they were lost), and
-  for a body, once the app's request has seen a disconnect, as for a body's 408.
-- **A lingering close.** Each of these refusals (431, 408, 400), and the close after a
-  chunked body's bound or a body's time limit once its answer (a 413) is out, ends with a
+  the requests before it (uvicorn wrote it at once, ahead of them, and they were lost, and
+  into an answer being written). In a body, as the server refuses a body.
+- **A body refused by the server** (past its time, past the chunked bound, or malformed):
+  its request queued behind another (pipelined) never reached the app, and is answered
+  after the requests before it; one whose app waits for the body is answered in the app's
+  place: the app's request sees a disconnect first (its wait for the body ends, what it sends
+  after is dropped: nothing of it is processed, but by a route that reads no body, a DELETE,
+  which goes on), and the status sent is left on its state (`service.jsonbody`), which the
+  app's records (access line, span, metric) give. One whose answer is out (a 413 before the
+  body's end) gets no other, and one whose answer is being written (a stream that reads no
+  body) is cut off: its sends are dropped, and the connection is closed.
+- **A lingering close.** Each of these refusals (431, 408, 400, 413), and a body refused
+  once its answer (a 413) is out, ends with a
   lingering close (RFC 9112 section 9.6, nginx's lingering_close): the connection is
   half-closed once the answer is written (a FIN), and what the client still sends, the rest
   of a head or a body, is read and dropped until it closes its side, for `LINGER_SECONDS` at
@@ -42,9 +50,8 @@ arrives). Here:
   arriving after, Linux answers with a reset: a client still sending gets "connection reset
   by peer" from its send, and one that sends all of its request before it reads, as most do,
   never reads its 431 (the reset also drops what of the answer the server has not sent yet,
-  and some clients' kernels drop what they have not read). Not where the answer to a request
-  is still being written, which a half-close would cut (a 400 in the body of a request queued
-  behind another, or after its answer began), nor over TLS, which cannot half-close. A
+  and some clients' kernels drop what they have not read). Not over TLS, which cannot
+  half-close. A
   shutdown closes a lingering connection at once, and none lingers from then on.
 - **A peer gone silent.** Each connection's socket gets `TCP_USER_TIMEOUT` (Linux) of
   `TCP_USER_TIMEOUT_SECONDS`: the kernel aborts a connection whose sent data stays
@@ -150,6 +157,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_pending = False  # the last head parsed has a body not yet complete
         self._body_timer: asyncio.TimerHandle | None = None
+        # The request before the last one parsed: the latest again if that one is dropped
+        # from the pipeline, refused before it reached the app.
+        self._previous_cycle: RequestResponseCycle | None = None
         # Nothing more is parsed: refused (the answer, if one is owed, goes out after the
         # responses before it), or lingering.
         self._refused = False
@@ -236,7 +246,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse_head()
             return
         self._chunked, has_body = self._body_framing()
+        previous = self.cycle
         super().on_headers_complete()
+        self._previous_cycle = previous
         if self.cycle is None or self.cycle.scope is not self.scope:
             return  # an upgrade: the connection is the WebSocket protocol's from here
         if self._closing or sigterm_received():
@@ -371,42 +383,53 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """Uvicorn's answer to bytes its parser refuses (it has logged them), which it wrote at
-        once and followed with a close. Here, as the other refusals: in a head, after the
-        responses before it (written at once, it went out ahead of them, which were lost);
-        in the body of the request being answered, once its app has been told of a
-        disconnect (as for a body's 408); with a lingering close either way. In the body of
-        a request queued behind another (pipelined), or once the answer to its request has
-        begun and is not complete, uvicorn's own: that answer or the ones before it are still
-        being written, and the connection cannot be half-closed under them."""
+        once and followed with a close, ahead of the answers to the requests before it
+        (which were lost) and into one being written. Here, as the other refusals: in a
+        head, after the responses before it; in a body, as `_refuse_body` says."""
         if self._refused:
             return  # in the rest of the read that refused a request: answered for that
-        self._refused = True
-        cycle = self.cycle
         if self._in_head:
             self._refuse(400, msg)
-        elif not self.pipeline and not cycle.response_started:
-            self._answer_for_app(cycle, 400, msg)
-        elif not self._answering():  # its answer (a 413, say) is out: nothing else writes
-            self._send_and_close(400, msg)
         else:
-            super().send_400_response(msg)
+            self._refuse_body(400, msg)
+
+    def _refuse_body(self, status: int, message: str) -> str:
+        """Nothing more of this body is parsed. Its request queued behind another (pipelined)
+        never reached the app: it is dropped, and answered after the requests before it. One
+        whose app waits for the body is answered in the app's place (`_answer_for_app`).
+        One whose answer is out (a 413 before the body's end) gets no other: the connection
+        lingers. One whose answer is being written is cut off: its app's sends are dropped
+        from here, and the connection is closed (a half-close would cut it all the same).
+        Says which, for the log."""
+        self._refused = True
+        self._stop_body_timer()
+        cycle = self.cycle
+        if self.pipeline:
+            self.pipeline.popleft()  # this request's: the newest, queued last
+            assert self._previous_cycle is not None  # queued: behind a request
+            self.cycle = self._previous_cycle
+            self._refuse(status, message)
+            return f"{status}, after the answers before it"
+        if not cycle.response_started:
+            self._answer_for_app(cycle, status, message)
+            return str(status)
+        if cycle.response_complete:
+            self._linger()
+            return "answered before; lingering close"
+        cycle.disconnected = True
+        self.transport.close()
+        return "answer cut off; connection closed"
 
     def _refuse_chunked_body(self) -> None:
-        """A chunked body (or its trailers) far past what the app takes: stop parsing, and
-        close (an answer already sent, a 413, stays sent, with a lingering close so that it is
-        not lost to a reset; one being made is cut short)."""
-        self._refused = True
-        self._stop_head_timer()
+        """A chunked body (or its trailers) far past what the app takes: refused with 413, as
+        `_refuse_body` refuses a body."""
+        outcome = self._refuse_body(413, "Request body too large")
         log.warning(
-            "chunked request body with its framing and trailers over %d bytes from %s: "
-            "connection closed",
+            "chunked request body with its framing and trailers over %d bytes from %s: %s",
             self.max_chunked_bytes,
             self._peer(),
+            outcome,
         )
-        if self._answering():
-            self.transport.close()
-        else:
-            self._linger()
 
     def _await_head(self) -> None:
         """Start the head's clock, when a head is awaited and no request is being answered."""
@@ -467,20 +490,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._body_timer = None
         if self.transport.is_closing() or self.transport.get_protocol() is not self:
             return
-        cycle = self.cycle
+        # Its request is the one being answered: a queued one's clock has not started.
+        outcome = self._refuse_body(408, "Request body not received in time")
         log.warning(
             "request body not complete %s s (REQUEST_BODY_TIMEOUT_SECONDS) after its head "
             "from %s: %s",
             self.body_timeout,
             self._peer(),
-            "connection closed" if cycle.response_started else "408",
+            outcome,
         )
-        if cycle.response_complete:
-            self._linger()  # the answer (a 413) is out: kept from a reset
-        elif cycle.response_started:
-            self.transport.close()  # connection_lost tells the app, if it is still sending
-        else:
-            self._answer_for_app(cycle, 408, "Request body not received in time")
 
     def _answer_for_app(self, cycle: RequestResponseCycle, status: int, message: str) -> None:
         """The server's own answer to a request whose body it will not finish reading. The

@@ -362,12 +362,8 @@ def test_a_body_that_never_ends_gets_408_and_nothing_is_processed(
     assert_nothing_written(database.engine, user.user_id)
     access = wait_until(lambda: access_lines(server, log_start), "the access line")
     assert [(line["route"], line["status"]) for line in access] == [("/api/{user_id}/tasks", 408)]
-    with server.log.open("rb") as log:
-        log.seek(log_start)
-        logged = log.read().decode()
-    assert "REQUEST_BODY_TIMEOUT_SECONDS" in logged
-    for error in ("Traceback", "Exception in ASGI application", "unhandled error", " 500"):
-        assert error not in logged
+    assert "REQUEST_BODY_TIMEOUT_SECONDS" in server_log_since(server, log_start)
+    assert_no_error_logged(server, log_start)
 
 
 def access_lines(server: ServeProcess, start: int) -> list[dict[str, Any]]:
@@ -377,6 +373,25 @@ def access_lines(server: ServeProcess, start: int) -> list[dict[str, Any]]:
         lines = log.read().decode().splitlines()
     logged = [json.loads(line) for line in lines if line.startswith("{")]
     return [line for line in logged if line.get("logger") == "service.access"]
+
+
+def server_log_since(server: ServeProcess, start: int) -> str:
+    with server.log.open("rb") as log:
+        log.seek(start)
+        return log.read().decode()
+
+
+def assert_no_error_logged(server: ServeProcess, start: int) -> None:
+    """No stack trace, no unhandled error, no 500 and no ERROR line since `start`."""
+    logged = server_log_since(server, start)
+    for error in (
+        "Traceback",
+        "Exception in ASGI application",
+        "unhandled error",
+        " 500",
+        '"ERROR"',
+    ):
+        assert error not in logged
 
 
 def test_the_rest_of_a_body_refused_413_is_waited_for_no_longer(server: ServeProcess) -> None:
@@ -593,3 +608,107 @@ def test_a_client_streaming_without_end_after_a_refusal_is_cut_off_at_the_byte_b
         sent = conn.send_until_cut_off(b"a" * 65536, 0)
         assert time.monotonic() - answered < LINGER_SECONDS / 2
         assert sent > LINGER_MAX_BYTES
+
+
+# The server's own answer to a body it stops reading ----------------------------------------
+# A body refused by the server (its chunked framing past the bound, or broken) is answered by
+# the server in the app's place, after the answers to the requests before it; one whose answer
+# is being written is cut off, never written into; and the app's records say what the client
+# got. (Found by this session's review: a reset and a 499 for the bound, the 400 of a queued
+# request written ahead of the answer before it, a 400 inside an event stream, and a 204 in
+# the access line of a DELETE whose client got the body's 408.)
+
+
+def test_a_chunked_body_past_its_bound_before_any_answer_is_answered_413(
+    server: ServeProcess, database: Database, user: ApiUser
+) -> None:
+    """Chunks of one byte behind 2 kB extensions: little data, much framing, past
+    16 x MAX_BODY_BYTES + MAX_HEAD before the app has answered (it waits for the body). The
+    client gets a 413 (it got a reset), the access line says 413 (it said 499, a client that
+    closed), and nothing is written."""
+    log_start = server.log.stat().st_size
+    chunk = b"1;e=%s\r\n \r\n" % (b"x" * 2000)
+    with Connection(server) as conn:
+        conn.send(user.raw_head("Transfer-Encoding: chunked"))
+        conn.send_in_pieces(chunk * 600, pieces=6)  # 1.2 MB
+        conn.refused_and_closed(413, b"large")
+    assert_nothing_written(database.engine, user.user_id)
+    access = wait_until(lambda: access_lines(server, log_start), "the access line")
+    assert [(line["route"], line["status"]) for line in access] == [("/api/{user_id}/tasks", 413)]
+    assert_no_error_logged(server, log_start)
+
+
+def test_a_broken_body_pipelined_behind_another_request_is_answered_400_after_it(
+    server: ServeProcess, user: ApiUser
+) -> None:
+    """A create, and behind it in the same send a create whose chunked framing breaks. The
+    first is answered, then the 400 (uvicorn's was written at once, ahead of the 201, which
+    was lost while the task was committed, and logged two stack traces); the second request
+    never reached the app."""
+    log_start = server.log.stat().st_size
+    first = b'{"title": "pipelined first"}'
+    with Connection(server) as conn:
+        conn.send(
+            user.raw_head(f"Content-Length: {len(first)}")
+            + first
+            + user.raw_head("Transfer-Encoding: chunked")
+            + b'5\r\n{"tit\r\nZZZ\r\n'
+        )
+        status, _, body = conn.response()
+        assert (status, json.loads(body)["title"]) == (201, "pipelined first")
+        conn.refused_and_closed(400, b"invalid")
+    with httpx.Client(base_url=server.url) as http:
+        listed = http.get(user.url(), headers=user.headers).json()
+    assert [task["title"] for task in listed] == ["pipelined first"]
+    assert_no_error_logged(server, log_start)
+
+
+def test_a_body_that_breaks_under_an_answer_being_written_cuts_it_off(
+    server: ServeProcess, user: ApiUser
+) -> None:
+    """The change feed's stream answers without reading its request's body; when that body's
+    chunked framing breaks, the stream is closed. Uvicorn wrote its 400 into the stream."""
+    log_start = server.log.stat().st_size
+    with Connection(server) as conn:
+        conn.send(
+            get(
+                f"/api/{user.user_id}/events",
+                f"Authorization: Bearer {user.token}",
+                "Accept: text/event-stream",
+                "Transfer-Encoding: chunked",
+            )
+            + b"2\r\nhi\r\n"
+        )
+        status, headers, _ = conn.response()  # its head; the stream goes on
+        assert (status, headers["content-type"].split(";")[0]) == (200, "text/event-stream")
+        conn.send(b"ZZZ\r\n")
+        rest = conn.file.read()  # to the close
+    assert b"HTTP/1.1" not in rest
+    assert_no_error_logged(server, log_start)
+
+
+def test_a_route_that_reads_no_body_is_logged_with_the_408_its_client_got(
+    server: ServeProcess, database: Database, user: ApiUser
+) -> None:
+    """A DELETE (it ignores a body) whose declared body never comes, held by its task's row
+    lock past the body's time limit: the client gets the server's 408, and the access line
+    says so (it said the app's 204). The app still carries the DELETE out once the lock is
+    free, as the README says: a route that reads no body does not wait for one."""
+    with httpx.Client(base_url=server.url) as http:
+        task_id = create_task(http, user, "held")["id"]
+    log_start = server.log.stat().st_size
+    holder = locked(database.engine, TASK_ROW_LOCK, {"id": task_id})
+    try:
+        with Connection(server) as conn:
+            conn.send(
+                user.raw_head("Content-Length: 10", method="DELETE", path=f"/{task_id}") + b"{}"
+            )
+            wait_until(lambda: lock_waits(database.engine) >= 1, "the DELETE to wait")
+            conn.refused_and_closed(408, b"body")
+            holder.rollback()
+    finally:
+        holder.rollback()
+        holder.close()
+    access = wait_until(lambda: access_lines(server, log_start), "the access line")
+    assert [(line["method"], line["status"]) for line in access] == [("DELETE", 408)]
+    assert_no_error_logged(server, log_start)
