@@ -53,6 +53,9 @@ arrives). Here:
   and some clients' kernels drop what they have not read). Not over TLS, which cannot
   half-close. A
   shutdown closes a lingering connection at once, and none lingers from then on.
+- **A client that closes its side** (a half-close, once its request is sent): the requests
+  it sent whole are answered, then the connection is closed (uvicorn closed at once, and a
+  request being processed went unanswered, its change made).
 - **A peer gone silent.** Each connection's socket gets `TCP_USER_TIMEOUT` (Linux) of
   `TCP_USER_TIMEOUT_SECONDS`: the kernel aborts a connection whose sent data stays
   unacknowledged that long, and the app sees a disconnect. Without it, a client that vanished
@@ -185,6 +188,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._linger_timer.cancel()
             self._linger_timer = None
         super().connection_lost(exc)
+
+    # asyncio's Protocol.eof_received may return True to keep the transport half-open; uvicorn
+    # types its own as returning None (it always closes).
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """The client closed its side of the connection (a half-close: `shutdown(SHUT_WR)`
+        once its request is sent, as `nc -N` and some scripts do). Nothing more will come,
+        but what it sent whole is answered, and the connection closed after the last answer:
+        uvicorn's protocol closed at once, and a request being processed went unanswered,
+        its change made. A request whose body is still incomplete never will be: closed at
+        once, as before (its app sees a disconnect)."""
+        if self._lingering or self._body_pending or not self._answering():
+            return None  # the transport closes
+        if not self._refused:  # else its refusal goes out after the answers, then closes
+            self.cycle.keep_alive = False
+        return True  # half-open: the answers go out
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:

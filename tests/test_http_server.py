@@ -712,3 +712,44 @@ def test_a_route_that_reads_no_body_is_logged_with_the_408_its_client_got(
     access = wait_until(lambda: access_lines(server, log_start), "the access line")
     assert [(line["method"], line["status"]) for line in access] == [("DELETE", 408)]
     assert_no_error_logged(server, log_start)
+
+
+# A client that closes its side -------------------------------------------------------------
+
+
+def test_a_request_sent_whole_before_a_half_close_is_answered(
+    server: ServeProcess, user: ApiUser
+) -> None:
+    """A create, then the client's `shutdown(SHUT_WR)`: its answer (201) comes, then the
+    server's close. Uvicorn's protocol closed at the client's FIN: no answer, the task
+    created."""
+    body = b'{"title": "half-closed"}'
+    with Connection(server) as conn:
+        conn.send(user.raw_head(f"Content-Length: {len(body)}") + body)
+        conn.sock.shutdown(socket.SHUT_WR)
+        status, _, answer = conn.response()
+        assert (status, json.loads(answer)["title"]) == (201, "half-closed")
+        assert conn.closed_by_server()
+
+
+def test_pipelined_requests_before_a_half_close_are_all_answered(server: ServeProcess) -> None:
+    with Connection(server) as conn:
+        conn.send(get("/healthz", "X-Request-ID: one") + get("/healthz", "X-Request-ID: two"))
+        conn.sock.shutdown(socket.SHUT_WR)
+        assert [conn.response()[1]["x-request-id"] for _ in range(2)] == ["one", "two"]
+        assert conn.closed_by_server()
+
+
+def test_a_half_close_with_the_body_incomplete_closes_and_writes_nothing(
+    server: ServeProcess, database: Database, user: ApiUser
+) -> None:
+    """The body can no longer come: closed at once (its app sees a disconnect, logged 499)."""
+    log_start = server.log.stat().st_size
+    with Connection(server) as conn:
+        conn.send(user.raw_head("Content-Length: 100") + b'{"title": "never')
+        conn.sock.shutdown(socket.SHUT_WR)
+        assert conn.closed_by_server()
+    access = wait_until(lambda: access_lines(server, log_start), "the access line")
+    assert [line["status"] for line in access] == [499]
+    assert_nothing_written(database.engine, user.user_id)
+    assert_no_error_logged(server, log_start)
