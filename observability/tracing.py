@@ -27,6 +27,7 @@ from opentelemetry.instrumentation.propagators import (
 )
 from opentelemetry.instrumentation.sqlalchemy.version import __version__ as _SQLA_INSTR_VERSION
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
@@ -257,8 +258,13 @@ def _redact_private_query(span: trace.Span, scope: dict[str, Any]) -> None:
                 span.set_attribute(name, f"{value.split('?', 1)[0]}?{redacted}")
 
 
-def instrument_app(app: FastAPI, tracer_provider: trace.TracerProvider) -> None:
-    """One SERVER span per request, named by its route template; probes are not traced."""
+def instrument_app(
+    app: FastAPI,
+    tracer_provider: trace.TracerProvider,
+    meter_provider: MeterProvider | None = None,
+) -> None:
+    """One SERVER span per request, named by its route template; probes are not traced. Its
+    request metrics go to `meter_provider`, or the process's."""
     _prepare_instrumentation()
     excluded = _EXCLUDED_URLS
     extra = os.environ.get("OTEL_PYTHON_FASTAPI_EXCLUDED_URLS") or os.environ.get(
@@ -269,6 +275,7 @@ def instrument_app(app: FastAPI, tracer_provider: trace.TracerProvider) -> None:
     FastAPIInstrumentor.instrument_app(
         app,
         tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
         excluded_urls=excluded,
         server_request_hook=_on_server_span,
         # The per-message ASGI spans double the span count and say nothing useful here.

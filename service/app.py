@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from anyio import to_thread
 from fastapi import FastAPI
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from audit.checkpoint import PeriodicCheckpoints, signing_key
@@ -87,12 +88,14 @@ def create_app(
     database: Database | None = None,
     *,
     tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
 ) -> FastAPI:
     """Build the app. A given `database` is the caller's to dispose of; one made here is ours.
 
     Spans go to `tracer_provider` if given (tests collect them in memory), else to the
     process's provider configured from the `OTEL_*` variables. A shared engine is
-    instrumented once, with the first provider.
+    instrumented once, with the first provider. Likewise the request metrics of the HTTP
+    instrumentation go to `meter_provider` if given, else to the process's.
     """
     settings = (settings or get_settings()).with_dev_secret()
     # Here, not in the lifespan: each `serve --workers N` worker imports the app and gets
@@ -100,7 +103,7 @@ def create_app(
     # its middleware stack is built.
     configure_logging(settings)
     provider = tracer_provider or configure_tracing(settings)
-    meter_provider = configure_metrics(settings, build_resource(settings))
+    process_meters = configure_metrics(settings, build_resource(settings))
     owns_database = database is None
     db = database or Database.from_settings(settings)
     audit_key = signing_key(settings)
@@ -139,7 +142,7 @@ def create_app(
             with contextlib.suppress(asyncio.CancelledError):
                 await checkpoints
         # At most SHUTDOWN_FLUSH_SECONDS, however slow the collector.
-        flush_telemetry(provider, meter_provider, settings.shutdown_flush_seconds)
+        flush_telemetry(provider, process_meters, settings.shutdown_flush_seconds)
         if owns_database:
             db.dispose()
 
@@ -201,7 +204,7 @@ def create_app(
         )
     app.add_middleware(RequestIdMiddleware)
     observe_pool(db.engine)
-    observe_app(app, db.engine, provider)
+    observe_app(app, db.engine, provider, meter_provider)
     if settings.trusted_proxies:
         serve_behind_proxies(app, settings.trusted_proxies)
     return app

@@ -20,12 +20,7 @@ import redis
 import sqlalchemy as sa
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from opentelemetry import metrics as otel_metrics
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from observability import metrics
 from service.app import create_app
 from service.auth import create_dev_token
 from service.cli import alembic_config
@@ -169,25 +164,6 @@ def make_user(settings: Settings) -> Iterator[object]:
 @pytest.fixture
 def user(make_user) -> ApiUser:  # type: ignore[no-untyped-def]
     return make_user()
-
-
-_reader: InMemoryMetricReader | None = None
-
-
-@pytest.fixture(scope="session")
-def metric_reader() -> InMemoryMetricReader:
-    """The test process's MeterProvider: in memory, and Prometheus for /metrics. Set once (the
-    global provider cannot be replaced); values are cumulative, so tests compare deltas."""
-    global _reader
-    if _reader is None:
-        current = otel_metrics.get_meter_provider()
-        assert not isinstance(current, MeterProvider), "another test set a provider"
-        _reader = InMemoryMetricReader()
-        provider = MeterProvider(
-            metric_readers=[_reader, PrometheusMetricReader(registry=metrics.REGISTRY)]
-        )
-        otel_metrics.set_meter_provider(provider)
-    return _reader
 
 
 @pytest.fixture

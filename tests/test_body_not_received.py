@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -43,6 +44,7 @@ FRAMINGS = ["Content-Length: 60000", "Transfer-Encoding: chunked"]
 class Served:
     live: LiveServer
     spans: InMemorySpanExporter
+    metrics: InMemoryMetricReader
 
 
 @pytest.fixture
@@ -51,9 +53,8 @@ def served(
     monkeypatch: pytest.MonkeyPatch,
     settings: Settings,
     database: Database,
-    metric_reader: InMemoryMetricReader,
 ) -> Iterator[Served]:
-    """The app (its spans in memory, its metrics in the process's reader) under uvicorn with
+    """The app (its spans and its request metrics in memory) under uvicorn with
     `todo-api serve`'s protocol, which reads its time limits from the environment. On an
     engine of its own: an engine is instrumented with one provider, and the shared one's is
     the process's (`database` is asked for the migrated schema). The protocol reads the
@@ -63,11 +64,17 @@ def served(
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
+    reader = InMemoryMetricReader()
     own = Database(build_engine(settings))
-    app = create_app(settings, own, tracer_provider=provider)
+    app = create_app(
+        settings,
+        own,
+        tracer_provider=provider,
+        meter_provider=MeterProvider(metric_readers=[reader]),
+    )
     try:
         with LiveServer(app, http=BoundedHttpToolsProtocol) as live:
-            yield Served(live, spans)
+            yield Served(live, spans, reader)
     finally:
         own.dispose()
         get_settings.cache_clear()
@@ -120,18 +127,7 @@ def durations(reader: InMemoryMetricReader) -> dict[Any, int]:
     return counts
 
 
-def counted_since(reader: InMemoryMetricReader, before: dict[Any, int]) -> dict[Any, int]:
-    after = durations(reader)
-    return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
-
-
-def assert_recorded_as_sent(
-    served: Served,
-    reader: InMemoryMetricReader,
-    caplog: pytest.LogCaptureFixture,
-    before: dict[Any, int],
-    status: int,
-) -> None:
+def assert_recorded_as_sent(served: Served, caplog: pytest.LogCaptureFixture, status: int) -> None:
     """The access line, the span's `http.response.status_code` and the metric's say the status
     the server sent in the app's place: a 4xx, not an error on the span."""
     line = access_line(caplog)
@@ -142,8 +138,8 @@ def assert_recorded_as_sent(
     assert span.attributes["http.response.status_code"] == status
     assert "error.type" not in span.attributes
     assert span.status.status_code is StatusCode.UNSET
-    wait_until(lambda: counted_since(reader, before), "the request to be counted")
-    assert counted_since(reader, before) == {status: 1}
+    wait_until(lambda: durations(served.metrics), "the request to be counted")
+    assert durations(served.metrics) == {status: 1}
 
 
 def read_status(sock: socket.socket) -> int:
@@ -159,18 +155,16 @@ def test_a_body_past_its_time_limit_is_logged_traced_and_counted_as_the_408_sent
     served: Served,
     user: ApiUser,
     database: Database,
-    metric_reader: InMemoryMetricReader,
     caplog: pytest.LogCaptureFixture,
     framing: str,
 ) -> None:
     """The server answers 408 itself and the app's request sees a disconnect: the app's own
     answer, dropped, is that 408 too (it was FastAPI's 400), so the access line, the span's
     `http.response.status_code` and the metric's say 408: a 4xx, not an error on the span."""
-    before = durations(metric_reader)
     caplog.set_level(logging.INFO, logger="service.access")
     with send_part(served, user, framing) as sock:
         assert read_status(sock) == 408
-    assert_recorded_as_sent(served, metric_reader, caplog, before, 408)
+    assert_recorded_as_sent(served, caplog, 408)
     assert_nothing_written(database.engine, user.user_id)
 
 
@@ -179,7 +173,6 @@ def test_a_body_its_client_abandoned_is_logged_499_and_traced_as_failed_without_
     served: Served,
     user: ApiUser,
     database: Database,
-    metric_reader: InMemoryMetricReader,
     caplog: pytest.LogCaptureFixture,
     framing: str,
 ) -> None:
@@ -188,7 +181,6 @@ def test_a_body_its_client_abandoned_is_logged_499_and_traced_as_failed_without_
     the span has no `http.response.status_code` (none was sent) but `error.type` and an error
     status, as OpenTelemetry's HTTP conventions want; the metric counts it without a status
     code (the instrumentation takes the metric's attributes from an answer sent only)."""
-    before = durations(metric_reader)
     caplog.set_level(logging.INFO, logger="service.access")
     send_part(served, user, framing).close()
     line = access_line(caplog)
@@ -199,8 +191,8 @@ def test_a_body_its_client_abandoned_is_logged_499_and_traced_as_failed_without_
     assert "http.response.status_code" not in span.attributes
     assert span.attributes["error.type"] == "client_closed_request"
     assert span.status.status_code is StatusCode.ERROR
-    wait_until(lambda: counted_since(metric_reader, before), "the request to be counted")
-    assert counted_since(metric_reader, before) == {None: 1}
+    wait_until(lambda: durations(served.metrics), "the request to be counted")
+    assert durations(served.metrics) == {None: 1}
     assert_nothing_written(database.engine, user.user_id)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
@@ -210,17 +202,15 @@ def test_a_body_with_broken_framing_is_logged_traced_and_counted_as_the_400_sent
     served: Served,
     user: ApiUser,
     database: Database,
-    metric_reader: InMemoryMetricReader,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A chunked body whose framing breaks after its first chunk: the server answers 400
     itself (uvicorn's parser refuses the bytes), in the app's place, and the app's request
     sees a disconnect, as at the time limit. The records say the 400 the client got, not a
     client that closed (499)."""
-    before = durations(metric_reader)
     caplog.set_level(logging.INFO, logger="service.access")
     with send_part(served, user, "Transfer-Encoding: chunked") as sock:
         sock.sendall(b"not a chunk size\r\n")
         assert read_status(sock) == 400
-    assert_recorded_as_sent(served, metric_reader, caplog, before, 400)
+    assert_recorded_as_sent(served, caplog, 400)
     assert_nothing_written(database.engine, user.user_id)

@@ -12,6 +12,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from opentelemetry import metrics as otel_metrics
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from pydantic import SecretStr
 
@@ -28,6 +31,24 @@ from tests.otlp_receiver import MetricsReceiver
 from tests.reliability_helpers import write_past_the_statement_timeout
 from tests.serve_helpers import ServeProcess
 from tests.support import TEST_SECRET, ApiUser, create_task, free_port
+
+_reader: InMemoryMetricReader | None = None
+
+
+@pytest.fixture(scope="session")
+def metric_reader() -> InMemoryMetricReader:
+    """The test process's MeterProvider: in memory, and Prometheus for /metrics. Set once (the
+    global provider cannot be replaced); values are cumulative, so tests compare deltas."""
+    global _reader
+    if _reader is None:
+        current = otel_metrics.get_meter_provider()
+        assert not isinstance(current, MeterProvider), "another test set a provider"
+        _reader = InMemoryMetricReader()
+        provider = MeterProvider(
+            metric_readers=[_reader, PrometheusMetricReader(registry=metrics.REGISTRY)]
+        )
+        otel_metrics.set_meter_provider(provider)
+    return _reader
 
 
 def value(reader: InMemoryMetricReader, name: str, **attributes: Any) -> float:
