@@ -55,7 +55,8 @@ arrives). Here:
   shutdown closes a lingering connection at once, and none lingers from then on.
 - **A client that closes its side** (a half-close, once its request is sent): the requests
   it sent whole are answered, then the connection is closed (uvicorn closed at once, and a
-  request being processed went unanswered, its change made).
+  request being processed went unanswered, its change made); a stream (the change feed)
+  goes on until the client closes the connection whole.
 - **A peer gone silent.** Each connection's socket gets `TCP_USER_TIMEOUT` (Linux) of
   `TCP_USER_TIMEOUT_SECONDS`: the kernel aborts a connection whose sent data stays
   unacknowledged that long, and the app sees a disconnect. Without it, a client that vanished
@@ -324,13 +325,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """Called by the server once it has stopped accepting: close the connection when no
         request is on it; a request being answered closes it after its response (uvicorn's),
         and so does one whose first bytes came (or wait unread) when this is called. A
-        lingering connection is closed at once, and none lingers from here on."""
+        lingering connection is closed at once, and none lingers from here on. One with a
+        refusal owed (queued behind answers) is closed by it."""
         self._shut_down = True
         if self._lingering:
             self.transport.close()
             return
-        if self._closing:
-            return
+        if self._closing or (self._refusal is not None and not self.transport.is_closing()):
+            return  # closed after the answers owed (a refusal's, after those before it)
         if self._answering() or self._refused or self.transport.is_closing():
             super().shutdown()
         elif self._head_started or self._bytes_waiting():
@@ -420,6 +422,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         from here, and the connection is closed (a half-close would cut it all the same).
         Says which, for the log."""
         self._refused = True
+        self._body_pending = False  # nothing more of it is read
         self._stop_body_timer()
         cycle = self.cycle
         if self.pipeline:
@@ -581,6 +584,8 @@ def _close_after_responses() -> None:
         for protocol in list(server.connections):
             if not isinstance(protocol, BoundedHttpToolsProtocol):
                 continue
+            if protocol._refusal is not None:
+                continue  # its refusal closes, after the answers before it
             pending = [protocol.cycle, *(cycle for cycle, _ in protocol.pipeline)]
             for cycle in pending:
                 if cycle is not None and not cycle.response_started:

@@ -13,6 +13,7 @@ import select
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
@@ -753,3 +754,70 @@ def test_a_half_close_with_the_body_incomplete_closes_and_writes_nothing(
     assert [line["status"] for line in access] == [499]
     assert_nothing_written(database.engine, user.user_id)
     assert_no_error_logged(server, log_start)
+
+
+def test_a_half_close_behind_a_pipelined_refused_body_still_gets_every_answer(
+    server: ServeProcess, user: ApiUser
+) -> None:
+    """A list, a create and a create whose chunked framing breaks, in one send, then the
+    client's half-close: the three answers, in order, then the close. (The refused body was
+    still counted as awaited, so the FIN closed the connection while the create ran: it was
+    committed, and neither its 201 nor the 400 went out.)"""
+    body = b'{"title": "between"}'
+    with Connection(server) as conn:
+        conn.send(
+            get(user.url(), f"Authorization: Bearer {user.token}")
+            + user.raw_head(f"Content-Length: {len(body)}")
+            + body
+            + user.raw_head("Transfer-Encoding: chunked")
+            + b"ZZ\r\nbroken\r\n"
+        )
+        conn.sock.shutdown(socket.SHUT_WR)
+        assert conn.response()[0] == 200
+        assert conn.response()[0] == 201
+        conn.refused_and_closed(400, b"invalid")
+
+
+def test_a_refused_body_queued_at_sigterm_is_still_answered(
+    tmp_path: Path, database_url: str, database: Database, user: ApiUser
+) -> None:
+    """A PUT held by its task's row lock, a GET and a create whose chunked framing breaks,
+    pipelined, then SIGTERM: the PUT's and the GET's answers, then the 400, then the close.
+    (SIGTERM's `Connection: close` went on the GET, whose end closed the connection before
+    the 400 that was to follow it.)"""
+    serve = ServeProcess(
+        tmp_path,
+        {
+            "DATABASE_URL": database_url,
+            "BETTER_AUTH_SECRET": TEST_SECRET,
+            "SHUTDOWN_DRAIN_SECONDS": "0",
+            "DB_STATEMENT_TIMEOUT_MS": "120000",
+        },
+    ).start()
+    try:
+        with httpx.Client(base_url=serve.url) as http:
+            task_id = create_task(http, user, "before")["id"]
+        put = b'{"title": "after"}'
+        holder = locked(database.engine, TASK_ROW_LOCK, {"id": task_id})
+        try:
+            with Connection(serve) as conn:
+                conn.send(
+                    user.raw_head(f"Content-Length: {len(put)}", method="PUT", path=f"/{task_id}")
+                    + put
+                    + get("/healthz", "X-Request-ID: second")
+                    + user.raw_head("Transfer-Encoding: chunked")
+                    + b"ZZ\r\nbroken\r\n"
+                )
+                wait_until(lambda: lock_waits(database.engine) >= 1, "the PUT to wait")
+                serve.terminate()
+                time.sleep(0.5)  # the SIGTERM handled
+                holder.rollback()
+                assert conn.response()[0] == 200
+                assert conn.response()[1]["x-request-id"] == "second"
+                conn.refused_and_closed(400, b"invalid")
+        finally:
+            holder.rollback()
+            holder.close()
+        assert serve.wait(timeout=PATIENCE) == 0
+    finally:
+        serve.stop()
