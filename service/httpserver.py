@@ -42,17 +42,16 @@ arrives). Here:
   body's end) gets no other, and one whose answer is being written (a stream that reads no
   body) is cut off: its sends are dropped, and the connection is closed.
 - **A lingering close.** Each of these refusals (431, 408, 400, 413), and a body refused
-  once its answer (a 413) is out, ends with a
-  lingering close (RFC 9112 section 9.6, nginx's lingering_close): the connection is
-  half-closed once the answer is written (a FIN), and what the client still sends, the rest
-  of a head or a body, is read and dropped until it closes its side, for `LINGER_SECONDS` at
-  most, and `LINGER_MAX_BYTES`. Closed at once, with unread data in the socket or data
-  arriving after, Linux answers with a reset: a client still sending gets "connection reset
-  by peer" from its send, and one that sends all of its request before it reads, as most do,
-  never reads its 431 (the reset also drops what of the answer the server has not sent yet,
-  and some clients' kernels drop what they have not read). Not over TLS, which cannot
-  half-close. A
-  shutdown closes a lingering connection at once, and none lingers from then on.
+  once its answer (a 413) is out, ends with a lingering close (RFC 9112 section 9.6, nginx's
+  lingering_close): the connection is half-closed once the answer is written (a FIN), and
+  what the client still sends, the rest of a head or a body, is read and dropped until it
+  closes its side, for `LINGER_SECONDS` at most, and `LINGER_MAX_BYTES`. Closed at once, with
+  unread data in the socket or data arriving after, Linux answers with a reset: a client
+  still sending gets "connection reset by peer" from its send, and one that sends all of its
+  request before it reads, as most do, never reads its 431 (the reset also drops what of the
+  answer the server has not sent yet, and some clients' kernels drop what they have not
+  read). Not over TLS, which cannot half-close. A shutdown closes a lingering connection at
+  once, and none lingers from then on.
 - **A client that closes its side** (a half-close, once its request is sent): the requests
   it sent whole are answered, then the connection is closed (uvicorn closed at once, and a
   request being processed went unanswered, its change made); a stream (the change feed)
