@@ -775,7 +775,10 @@ def test_a_half_close_behind_a_pipelined_refused_body_still_gets_every_answer(
         conn.sock.shutdown(socket.SHUT_WR)
         assert conn.response()[0] == 200
         assert conn.response()[0] == 201
+        started = time.monotonic()
         conn.refused_and_closed(400, b"invalid")
+        # Closed with its answer, not after a linger: the client has closed its side.
+        assert time.monotonic() - started < LINGER_SECONDS
 
 
 def test_a_refused_body_queued_at_sigterm_is_still_answered(
