@@ -157,10 +157,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _body_not_received(_: Request, exc: Exception) -> JSONResponse | None:
     """Nothing reaches the client from here. Where the server answered in the app's place (a
-    408 at the body's time limit, a 400 for broken framing), it drops what the app sends
-    (service.httpserver): the same status made here is for the record, which the server span,
-    the request metric and the access line take from the answer the app sends. A client that
-    closed the connection is sent nothing: the access line says 499 (observability.asgi)."""
+    408 at the body's time limit, a 400 for broken framing, a 413 past the chunked bound), it
+    drops what the app sends (service.httpserver): the same status made here is for the
+    record, which the server span, the request metric and the access line take from the
+    answer the app sends. A client that closed the connection is sent nothing: the access line
+    says 499 (observability.asgi)."""
     assert isinstance(exc, BodyNotReceived)
     if exc.answered is not None:
         return problem(exc.answered, "The request body was not received whole.")

@@ -6,10 +6,11 @@ that never came whole told apart from one that is not JSON.
 refused instead (400, `service.errors`), by the route class every router with a body uses.
 
 A body whose client closed the connection before its end, or that the server answered in the
-app's place (`service.httpserver`: a 408 at its time limit, a 400 for broken chunked framing),
-ends in a disconnect, which FastAPI's reading of the body turned into its 400 "error parsing
-the body": logged, traced and counted as the client's bad JSON, though the client got the
-server's answer or nothing. It is `BodyNotReceived` instead (`service.errors`).
+app's place (`service.httpserver`: a 408 at its time limit, a 400 for broken chunked framing,
+a 413 past the chunked bound), ends in a disconnect, which FastAPI's reading of the body
+turned into its 400 "error parsing the body": logged, traced and counted as the client's bad
+JSON, though the client got the server's answer or nothing. It is `BodyNotReceived` instead
+(`service.errors`).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from starlette.requests import ClientDisconnect
 _KEY_SHOWN_MAX = 64
 
 # In the request's ASGI `state`: the status the server (service.httpserver) sent in the app's
-# place before its body ended (408 at the body's time limit, 400 for a malformed chunked body);
-# the app's request sees a disconnect.
+# place before its body ended (408 at the body's time limit, 400 for a malformed chunked body,
+# 413 past the chunked bound); the app's request sees a disconnect.
 SERVER_ANSWERED = "server_answered"
 
 
@@ -59,7 +60,7 @@ def loads(body: bytes | str) -> Any:
 
 class BodyNotReceived(HTTPException):
     """The body ended before it was whole: the server answered in the app's place
-    (`answered`: the status the client got, 408 or 400), or the client closed the connection
+    (`answered`: the status the client got, 408, 400 or 413), or the client closed the connection
     (`answered` is None).
 
     An HTTPException, because FastAPI passes one raised by the body's reading on as it is,
