@@ -367,19 +367,18 @@ def test_a_body_that_never_ends_gets_408_and_nothing_is_processed(
     assert_no_error_logged(server, log_start)
 
 
-def access_lines(server: ServeProcess, start: int) -> list[dict[str, Any]]:
-    """The access lines the server has logged since `start` (a position in its log)."""
-    with server.log.open("rb") as log:
-        log.seek(start)
-        lines = log.read().decode().splitlines()
-    logged = [json.loads(line) for line in lines if line.startswith("{")]
-    return [line for line in logged if line.get("logger") == "service.access"]
-
-
 def server_log_since(server: ServeProcess, start: int) -> str:
+    """What the server has logged since `start` (a position in its log)."""
     with server.log.open("rb") as log:
         log.seek(start)
         return log.read().decode()
+
+
+def access_lines(server: ServeProcess, start: int) -> list[dict[str, Any]]:
+    """The access lines the server has logged since `start`."""
+    lines = server_log_since(server, start).splitlines()
+    logged = [json.loads(line) for line in lines if line.startswith("{")]
+    return [line for line in logged if line.get("logger") == "service.access"]
 
 
 def assert_no_error_logged(server: ServeProcess, start: int) -> None:
