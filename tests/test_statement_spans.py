@@ -130,3 +130,24 @@ def test_a_failed_statements_span_says_postgresqls_first_line_only(traced: Trace
         'duplicate key value violates unique constraint "unique_values_v_key"'
     )
     assert secret not in str(failed.attributes) and secret not in str(failed.events)
+
+
+def test_a_list_page_with_its_total_is_one_statement(traced: Traced, user: ApiUser) -> None:
+    """An unfiltered page that is not the whole list reads its X-Total-Count (the user's
+    running count) in the page's own statement: one round trip, one span; a page past the end,
+    which has no row to carry it, reads it alone."""
+    http = traced.client
+    for n in range(3):
+        http.post(user.url(), json={"title": f"t{n}"}, headers=user.headers)
+    traced.take()
+    resp = http.get(user.url(), params={"limit": 2}, headers=user.headers)
+    assert resp.status_code == 200 and resp.headers["X-Total-Count"] == "3"
+    spans, statements = traced.take()
+    assert len(statements) == 1, statements
+    assert len([s for s in spans if s.kind is SpanKind.CLIENT]) == 1
+    assert "task_count" in statements[0]
+
+    resp = http.get(user.url(), params={"offset": 5}, headers=user.headers)
+    assert resp.json() == [] and resp.headers["X-Total-Count"] == "3"
+    _, statements = traced.take()
+    assert len(statements) == 2 and "task_count" in statements[1], statements

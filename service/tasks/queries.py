@@ -425,6 +425,9 @@ def _conditions(shape: tuple[Any, ...], *, counting: bool) -> list[Any]:
     return conditions
 
 
+_UNFILTERED = TaskFilter().shape(0)
+
+
 @lru_cache(maxsize=512)
 def _list_statements(
     shape: tuple[Any, ...], sort: SortField, order: SortOrder, after: bool | None
@@ -448,6 +451,10 @@ def _list_statements(
     page: Any = select(*_COLUMNS).where(*conditions).order_by(*ordering)
     if _nullable(sort) and after is False:
         page = _then_undated(page, filters, ordering, order, TASKS.c[sort.value])
+    if shape == _UNFILTERED:
+        # Each row also carries the user's running count (X-Total-Count): one statement and
+        # one snapshot for the page and its total.
+        page = page.add_columns(_TASK_COUNT.scalar_subquery().label("total"))
     page = page.limit(bindparam("limit")).offset(bindparam("offset"))
     count = select(func.count()).select_from(TASKS).where(*_conditions(shape, counting=True))
     return page, count
@@ -573,17 +580,23 @@ def list_tasks(
     if query is None:  # a name the user has no tag of: nothing can match
         return TaskPage(items=[], total=0)
     page, count, params = query
-    items = [TaskRecord.from_row(row) for row in session.execute(page, params)]
+    rows = session.execute(page, params).all()
+    if filters.narrows:
+        items = [TaskRecord.from_row(row) for row in rows]
+    else:  # the page's last column is the user's running count
+        items = [TaskRecord.from_row(row[:-1]) for row in rows]
     more = len(items) > limit
     del items[limit:]
+    total: Any
     if offset == 0 and after is None and not more:
         total = len(items)
     elif not filters.narrows:
-        # Kept by the database on every insert and delete: no need to count the rows.
-        total = session.execute(_TASK_COUNT, {"owner": user_id}).scalar() or 0
+        # Kept by the database on every insert and delete: no need to count the rows. A page
+        # past the end has no row to carry it.
+        total = rows[0][-1] if rows else session.execute(_TASK_COUNT, {"owner": user_id}).scalar()
     else:
         total = session.execute(count, params).scalar_one()
-    return TaskPage(items=items, total=int(total), more=more)
+    return TaskPage(items=items, total=int(total or 0), more=more)
 
 
 def next_task_id(session: Session) -> int:
