@@ -170,6 +170,7 @@ def build_engine(settings: Settings, url: str | None = None) -> Engine:
         hide_parameters=True,
     )
     event.listen(engine, "checkout", _closed_by_server)
+    event.listen(engine, "checkin", _default_isolation)
     event.listen(engine, "handle_error", _mark_sent_nothing)
     return engine
 
@@ -199,6 +200,19 @@ def _closed_by_server(
     poller.register(dbapi_connection.fileno(), select.POLLIN)
     if poller.poll(0):
         raise DisconnectionError("the server closed the idle connection")
+
+
+def _default_isolation(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    """A read unit's connection comes back from autocommit set to READ COMMITTED by name,
+    which psycopg2 then spells out in every BEGIN: back to the server's default, a plain
+    BEGIN (the same level). Client-side, no round trip."""
+    if (
+        dbapi_connection is not None
+        and not dbapi_connection.closed
+        and dbapi_connection.isolation_level is not None
+        and dbapi_connection.info.transaction_status == TRANSACTION_STATUS_IDLE
+    ):
+        dbapi_connection.isolation_level = None
 
 
 _SENT_NOTHING = "todo_api_sent_nothing"
@@ -245,6 +259,8 @@ def retried_once(work: Callable[[], T]) -> T:
 
 
 _ON_COMMIT = "on_commit"
+# In `session.info` of a `Database.read_unit`.
+READ_ONLY = "read_only"
 
 
 def on_commit(session: Session, callback: Callable[[], None]) -> None:
@@ -269,6 +285,13 @@ class Database:
         self.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False, autoflush=False)
         event.listen(self.sessionmaker, "after_commit", _run_on_commit)
         event.listen(self.sessionmaker, "after_soft_rollback", _drop_on_commit)
+        # The same pool, each connection lent in autocommit (psycopg2's, set without a round
+        # trip) and given back as it was.
+        self.read_sessionmaker = sessionmaker(
+            bind=engine.execution_options(isolation_level="AUTOCOMMIT"),
+            expire_on_commit=False,
+            autoflush=False,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
@@ -288,6 +311,16 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    @contextmanager
+    def read_unit(self) -> Iterator[Session]:
+        """A unit of reads: each statement in a transaction of its own (autocommit), so no
+        `BEGIN` and no `COMMIT` round trips. For work whose one statement, or whose
+        statements each alone, answer the request: nothing here may write, and statements
+        do not share a snapshot."""
+        with self.read_sessionmaker() as session:
+            session.info[READ_ONLY] = True
+            yield session
 
     def dedicated_connection(
         self, settings: Settings, application_name: str, *, feed: bool = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -20,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from service.auth import Principal, TokenVerifier
-from service.database import Database, sent_nothing
+from service.database import READ_ONLY, Database, sent_nothing
 from service.exceptions import AuthError, Forbidden, TokenExpired, TokenMissing
 from service.jsonbody import JsonBodyRoute
 from service.limits import BIGINT_MAX, USER_ID_MAX
@@ -127,7 +128,23 @@ async def get_session(
     A request cancelled while its worker thread runs (the thread cannot be stopped) is
     marked abandoned: the thread rolls back instead of committing.
     """
-    unit = db.unit_of_work()
+    async with _lent(request, db.unit_of_work()) as session:
+        yield session
+
+
+async def get_read_session(
+    request: Request, db: Annotated[Database, Depends(get_database)]
+) -> AsyncIterator[Session]:
+    """`get_session` for an endpoint that only reads: its statements run in autocommit
+    (`Database.read_unit`), without `BEGIN` and `COMMIT` round trips."""
+    async with _lent(request, db.read_unit()) as session:
+        yield session
+
+
+@contextlib.asynccontextmanager
+async def _lent(
+    request: Request, unit: contextlib.AbstractContextManager[Session]
+) -> AsyncIterator[Session]:
     session = unit.__enter__()
     session.info[_UNIT] = unit
     finish = session.info[_FINISH] = _Finish()
@@ -161,11 +178,13 @@ def _finish_in_thread(endpoint: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 result = endpoint(*args, **kwargs)
             except DBAPIError as exc:
-                if not sent_nothing(exc):
+                if not (
+                    sent_nothing(exc) or (exc.connection_invalidated and READ_ONLY in session.info)
+                ):
                     raise
                 # The pooled connection was dead and nothing of the transaction was sent
-                # (endpoints do nothing but compute before their first statement): again,
-                # once, on a fresh connection.
+                # (endpoints do nothing but compute before their first statement), or the
+                # unit only reads: again, once, on a fresh connection.
                 logger.warning("database connection lost before use; retrying on a new one")
                 session.rollback()
                 result = endpoint(*args, **kwargs)
@@ -196,6 +215,7 @@ class UnitOfWorkRoute(KnownQueryRoute, JsonBodyRoute):
 # scope="function": the commit runs when the route returns, so a failed commit is an
 # error response, never a 2xx.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+ReadSessionDep = Annotated[Session, Depends(get_read_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 

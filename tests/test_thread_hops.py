@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.database import Database
-from service.deps import UnitOfWorkRoute, get_session
+from service.deps import UnitOfWorkRoute, get_read_session, get_session
 from service.errors import every_route
 from service.settings import Settings
 from tests.reliability_helpers import lock_waits, wait_until
@@ -126,7 +126,8 @@ def test_the_commit_runs_in_the_endpoints_thread(
 
 
 def _uses_session(dependant: Any) -> bool:
-    return any(d.call is get_session or _uses_session(d) for d in dependant.dependencies)
+    sessions = (get_session, get_read_session)
+    return any(d.call in sessions or _uses_session(d) for d in dependant.dependencies)
 
 
 def test_every_route_with_a_session_finishes_it_in_the_endpoints_thread(app: FastAPI) -> None:

@@ -12,7 +12,14 @@ from audit.deps import AuditCtx
 from audit.schemas import ClientTime, ClientTimeRoundedUp
 from service import paging
 from service.conditional import IfMatch, IfNoneMatch, matches
-from service.deps import CurrentUser, SessionDep, TaskIdPath, UnitOfWorkRoute, UserIdPath
+from service.deps import (
+    CurrentUser,
+    ReadSessionDep,
+    SessionDep,
+    TaskIdPath,
+    UnitOfWorkRoute,
+    UserIdPath,
+)
 from service.exceptions import InvalidInput
 from service.limits import OFFSET_MAX, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
 from service.openapi import error_responses, with_headers
@@ -103,7 +110,7 @@ def _search_text(value: str | None) -> str | None:
 def list_tasks(
     request: Request,
     user: CurrentUser,
-    session: SessionDep,
+    session: ReadSessionDep,
     user_id: UserIdPath,
     status_: Annotated[StatusFilter, Query(alias="status")] = StatusFilter.all,
     q: Annotated[
@@ -244,7 +251,7 @@ def _created(
 def get_task(
     request: Request,
     user: CurrentUser,
-    session: SessionDep,
+    session: ReadSessionDep,
     task_id: TaskIdPath,
     if_none_match: IfNoneMatch = None,
 ) -> Any:
