@@ -114,56 +114,56 @@ class RequestAbandoned(Exception):
     """Raised in the worker thread of a cancelled request, to roll its unit of work back."""
 
 
-async def get_session(
-    request: Request, db: Annotated[Database, Depends(get_database)]
-) -> AsyncIterator[Session]:
-    """One unit of work per request, committed before the response is sent.
+def _unit_dependency(
+    name: str, open_unit: Callable[[Database], contextlib.AbstractContextManager[Session]]
+) -> Callable[..., AsyncIterator[Session]]:
+    """A dependency lending a unit of work (`open_unit`'s) to the request.
 
-    Opening a session does no I/O. A sync endpoint of a `UnitOfWorkRoute` commits (or rolls
-    back) in its own worker thread, at the end of its body: one thread hop per request, and
-    a transaction holding row locks never waits for a thread-pool token that requests queued
-    behind those locks could be holding. Any other endpoint's unit is finished here, in a
-    worker thread of its own limiter, for the same reason.
+    Opening a session does no I/O. A sync endpoint of a `UnitOfWorkRoute` finishes the unit
+    (commits, or rolls back) in its own worker thread, at the end of its body: one thread hop
+    per request, and a transaction holding row locks never waits for a thread-pool token that
+    requests queued behind those locks could be holding. Any other endpoint's unit is
+    finished here, in a worker thread of its own limiter, for the same reason.
 
     A request cancelled while its worker thread runs (the thread cannot be stopped) is
     marked abandoned: the thread rolls back instead of committing.
     """
-    async with _lent(request, db.unit_of_work()) as session:
-        yield session
 
-
-async def get_read_session(
-    request: Request, db: Annotated[Database, Depends(get_database)]
-) -> AsyncIterator[Session]:
-    """`get_session` for an endpoint that only reads: its statements run in autocommit
-    (`Database.read_unit`), without `BEGIN` and `COMMIT` round trips."""
-    async with _lent(request, db.read_unit()) as session:
-        yield session
-
-
-@contextlib.asynccontextmanager
-async def _lent(
-    request: Request, unit: contextlib.AbstractContextManager[Session]
-) -> AsyncIterator[Session]:
-    session = unit.__enter__()
-    session.info[_UNIT] = unit
-    finish = session.info[_FINISH] = _Finish()
-    try:
-        yield session
-    except BaseException as exc:
-        if session.info.pop(_UNIT, None) is not None:
-            await to_thread.run_sync(
-                unit.__exit__, type(exc), exc, exc.__traceback__, limiter=CapacityLimiter(1)
-            )
-        elif isinstance(exc, asyncio.CancelledError) and not finish.abandon():
-            setattr(request.state, COMMIT_UNCERTAIN, True)
-        raise
-    if session.info.pop(_UNIT, None) is not None:
+    async def lend(
+        request: Request, db: Annotated[Database, Depends(get_database)]
+    ) -> AsyncIterator[Session]:
+        unit = open_unit(db)
+        session = unit.__enter__()
+        session.info[_UNIT] = unit
+        finish = session.info[_FINISH] = _Finish()
         try:
-            await to_thread.run_sync(unit.__exit__, None, None, None, limiter=CapacityLimiter(1))
-        except asyncio.CancelledError:
-            setattr(request.state, COMMIT_UNCERTAIN, True)  # the thread commits regardless
+            yield session
+        except BaseException as exc:
+            if session.info.pop(_UNIT, None) is not None:
+                await to_thread.run_sync(
+                    unit.__exit__, type(exc), exc, exc.__traceback__, limiter=CapacityLimiter(1)
+                )
+            elif isinstance(exc, asyncio.CancelledError) and not finish.abandon():
+                setattr(request.state, COMMIT_UNCERTAIN, True)
             raise
+        if session.info.pop(_UNIT, None) is not None:
+            try:
+                await to_thread.run_sync(
+                    unit.__exit__, None, None, None, limiter=CapacityLimiter(1)
+                )
+            except asyncio.CancelledError:
+                setattr(request.state, COMMIT_UNCERTAIN, True)  # the thread commits regardless
+                raise
+
+    lend.__name__ = lend.__qualname__ = name
+    return lend
+
+
+# One unit of work per request, committed before the response is sent.
+get_session = _unit_dependency("get_session", Database.unit_of_work)
+# For an endpoint that only reads: its statements in autocommit, without BEGIN and COMMIT
+# round trips (`Database.read_unit`).
+get_read_session = _unit_dependency("get_read_session", Database.read_unit)
 
 
 def _finish_in_thread(endpoint: Callable[..., Any]) -> Callable[..., Any]:
