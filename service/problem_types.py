@@ -1,15 +1,24 @@
-"""The kinds of problem an error response can report: one stable `type` URI each.
+"""The kinds of problem an error response can report: one stable `type` URI each, and the
+RFC 9457 body that reports one.
 
 A client branches on `type` (never on the English `detail`). The README's table of problem
 types is checked against this list by the tests.
+
+The body's shape is built here, free of any web framework, for both writers of errors: the
+app's handlers (`service.errors.problem`) and the HTTP server's own refusals, written outside
+any request (`service.httpserver`).
 """
 
 from __future__ import annotations
 
+import json
 from enum import Enum
+from http import HTTPStatus
+from typing import Any
 
 # A tag URI (RFC 4151): stable, and by design not something a client fetches.
 PROBLEM_TYPE_BASE = "tag:todo-api,2026:problems/"
+PROBLEM_JSON = "application/problem+json"
 
 
 class ProblemType(Enum):
@@ -144,3 +153,22 @@ BY_STATUS: dict[int, ProblemType] = {
     500: ProblemType.internal,
     503: ProblemType.unavailable,
 }
+
+
+def problem_body(status: int, detail: str, *, kind: ProblemType | None = None) -> dict[str, Any]:
+    """The members every error body has: `type` and `title` of `kind` (by default the
+    status's, BY_STATUS), else `about:blank` and the status's phrase; `status`; `detail`."""
+    kind = kind or BY_STATUS.get(status)
+    return {
+        "type": kind.uri if kind else "about:blank",
+        "title": kind.title if kind else HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+
+
+def problem_json(kind: ProblemType, detail: str) -> bytes:
+    """`problem_body` of `kind`, encoded as the app's responses encode theirs (Starlette's
+    JSONResponse: compact, UTF-8), for a writer that has no response class to do it."""
+    body = problem_body(kind.status, detail, kind=kind)
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
