@@ -28,7 +28,15 @@ class ProblemType(Enum):
         "validation",
         400,
         "Invalid input",
-        "The request is malformed or a field is out of bounds; `errors` lists each field.",
+        "The body is not JSON, or a field is out of bounds; `errors` lists each field.",
+    )
+    malformed_request = (
+        "malformed-request",
+        400,
+        "Malformed request",
+        "The HTTP server could not parse the request (a broken request line or header, a "
+        "malformed `Content-Length`, broken chunked framing), and closed the connection: the "
+        "same bytes fail again; fix the client (or the proxy) that sent them.",
     )
     token_missing = (
         "token-missing",
@@ -65,6 +73,14 @@ class ProblemType(Enum):
         405,
         "Method not allowed",
         "The route exists but not with this HTTP method.",
+    )
+    request_timeout = (
+        "request-timeout",
+        408,
+        "Request timeout",
+        "The request head or body did not arrive in time (`REQUEST_HEAD_TIMEOUT_SECONDS`, "
+        "`REQUEST_BODY_TIMEOUT_SECONDS`), and the HTTP server closed the connection: retry "
+        "on a new one.",
     )
     idempotency_conflict = (
         "idempotency-conflict",
@@ -111,6 +127,13 @@ class ProblemType(Enum):
         "Too many requests",
         "Slow down: retry after `Retry-After` seconds.",
     )
+    request_head_too_large = (
+        "request-head-too-large",
+        431,
+        "Request header fields too large",
+        "The request line and headers together are larger than `MAX_REQUEST_HEAD_BYTES`, and "
+        "the HTTP server closed the connection: send fewer or smaller headers.",
+    )
     internal = (
         "internal",
         500,
@@ -145,11 +168,13 @@ BY_STATUS: dict[int, ProblemType] = {
     403: ProblemType.user_mismatch,
     404: ProblemType.not_found,
     405: ProblemType.method_not_allowed,
+    408: ProblemType.request_timeout,
     409: ProblemType.idempotency_conflict,
     412: ProblemType.precondition_failed,
     413: ProblemType.body_too_large,
     415: ProblemType.unsupported_media_type,
     429: ProblemType.rate_limited,
+    431: ProblemType.request_head_too_large,
     500: ProblemType.internal,
     503: ProblemType.unavailable,
 }
