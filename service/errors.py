@@ -9,7 +9,6 @@ import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,8 +28,8 @@ from service.exceptions import (
     TokenMissing,
 )
 from service.jsonbody import BodyNotReceived
-from service.openapi import PROBLEM_JSON, install_problem_docs
-from service.problem_types import BY_STATUS, ProblemType
+from service.openapi import install_problem_docs
+from service.problem_types import PROBLEM_JSON, ProblemType, problem_body
 from service.text import first_line
 
 log = logging.getLogger("service.errors")
@@ -47,13 +46,7 @@ def problem(
     headers: dict[str, str] | None = None,
     errors: list[dict[str, str]] | None = None,
 ) -> JSONResponse:
-    kind = kind or BY_STATUS.get(status)
-    body: dict[str, Any] = {
-        "type": kind.uri if kind else "about:blank",
-        "title": kind.title if kind else HTTPStatus(status).phrase,
-        "status": status,
-        "detail": detail,
-    }
+    body = problem_body(status, detail, kind=kind)
     if errors is not None:
         body["errors"] = errors
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)

@@ -41,6 +41,12 @@ arrives). Here:
   app's records (access line, span, metric) give. One whose answer is out (a 413 before the
   body's end) gets no other, and one whose answer is being written (a stream that reads no
   body) is cut off: its sends are dropped, and the connection is closed.
+- **The answers.** Each of these refusals (400, 408, 413, 431) is RFC 9457 problem+json, of
+  the app's errors' shape and types (`service.problem_types`: `malformed-request`,
+  `request-timeout`, `body-too-large`, `request-head-too-large`; uvicorn's own 400 was plain
+  text), with the server's default headers and `connection: close`, and none of the app's
+  (no `X-Request-ID`, no CORS headers): it answers no request the app has. All of it but the
+  status line and the `date` is built once, at import (`Refusal`).
 - **A lingering close.** Each of these refusals (431, 408, 400, 413), and a body refused
   once its answer (a 413) is out, ends with a lingering close (RFC 9112 section 9.6, nginx's
   lingering_close): the connection is half-closed once the answer is written (a FIN), and
@@ -91,6 +97,7 @@ import contextlib
 import logging
 import socket
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.config import Config
@@ -104,6 +111,7 @@ from uvicorn.supervisors import Multiprocess
 
 from service.jsonbody import SERVER_ANSWERED
 from service.lifecycle import at_sigterm, sigterm_received
+from service.problem_types import PROBLEM_JSON, ProblemType, problem_json
 from service.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -125,6 +133,60 @@ LINGER_MAX_BYTES = 1024 * 1024
 """At most this much is read and dropped in that time: more than the rest of any request a
 client means (a head past the bound is none, a body over MAX_BODY_BYTES gets a 413), and a
 client streaming without end is cut off after it, not read at full speed for the whole time."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An answer the server writes itself, outside any request: RFC 9457 problem+json, the
+    shape of the app's errors (`service.problem_types.problem_body`), so that a client meets
+    one shape of error. All of it but the status line and the server's default headers
+    (`date`, which changes), built once: nothing of a request is at hand to vary it."""
+
+    status: int
+    rest: bytes
+    """After the default headers: the content headers, `connection: close`, the body."""
+
+    @classmethod
+    def of(cls, kind: ProblemType, detail: str) -> Refusal:
+        body = problem_json(kind, detail)
+        rest = b"".join(
+            [
+                b"content-type: " + PROBLEM_JSON.encode("ascii") + b"\r\n",
+                b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                b"connection: close\r\n",
+                b"\r\n",
+                body,
+            ]
+        )
+        return cls(kind.status, rest)
+
+
+HEAD_TOO_LARGE = Refusal.of(
+    ProblemType.request_head_too_large,
+    "The request line and headers are larger than the server reads (MAX_REQUEST_HEAD_BYTES).",
+)
+HEAD_TIMED_OUT = Refusal.of(
+    ProblemType.request_timeout,
+    "The request head was not received in time (REQUEST_HEAD_TIMEOUT_SECONDS).",
+)
+BODY_TIMED_OUT = Refusal.of(
+    ProblemType.request_timeout,
+    "The request body was not received in time (REQUEST_BODY_TIMEOUT_SECONDS).",
+)
+# Uvicorn's parser refuses bytes with one message, `Invalid HTTP request received.`, which it
+# logs; where they were (the head, or a chunked body's framing) is known here.
+MALFORMED_HEAD = Refusal.of(
+    ProblemType.malformed_request, "Invalid HTTP request: its head could not be parsed."
+)
+MALFORMED_BODY = Refusal.of(
+    ProblemType.malformed_request,
+    "Invalid HTTP request: its body's chunked framing could not be parsed.",
+)
+CHUNKED_BODY_TOO_LARGE = Refusal.of(
+    ProblemType.body_too_large,
+    "The chunked request body, with its framing and trailers, is far larger than the server "
+    "takes (MAX_BODY_BYTES).",
+)
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -166,7 +228,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # Nothing more is parsed: refused (the answer, if one is owed, goes out after the
         # responses before it), or lingering.
         self._refused = False
-        self._refusal: tuple[int, str] | None = None  # the refusal's answer: status, text
+        self._refusal: Refusal | None = None  # the refusal's answer, once refused
         self._lingering = False  # answered, half-closed: reading and dropping until the close
         self._linger_bytes = 0
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -303,7 +365,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._refused:
             if self._refusal is not None and not self._lingering and not self._answering():
-                self._send_and_close(*self._refusal)
+                self._send_and_close(self._refusal)
         else:
             self._await_head()
             self._await_body()  # of the pipelined request started now, if still arriving
@@ -388,31 +450,32 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.max_head_bytes,
             self._peer(),
         )
-        self._refuse(431, "Request header fields too large")
+        self._refuse(HEAD_TOO_LARGE)
 
-    def _refuse(self, status: int, message: str) -> None:
+    def _refuse(self, refusal: Refusal) -> None:
         """A request refused before it reached the app: nothing more is parsed, and the answer
         goes out after the responses to the requests before it, in their order."""
         self._refused = True
-        self._refusal = (status, message)
+        self._refusal = refusal
         self._stop_head_timer()
         self.flow.pause_reading()
         if not self._answering():
-            self._send_and_close(status, message)
+            self._send_and_close(refusal)
 
     def send_400_response(self, msg: str) -> None:
-        """Uvicorn's answer to bytes its parser refuses (it has logged them), which it wrote at
-        once and followed with a close, ahead of the answers to the requests before it
-        (which were lost) and into one being written. Here, as the other refusals: in a
-        head, after the responses before it; in a body, as `_refuse_body` says."""
+        """Uvicorn's answer to bytes its parser refuses (it has logged `msg`), which it wrote
+        at once, in plain text, and followed with a close, ahead of the answers to the
+        requests before it (which were lost) and into one being written. Here, as the other
+        refusals (problem+json, `malformed-request`): in a head, after the responses before
+        it; in a body, as `_refuse_body` says."""
         if self._refused:
             return  # in the rest of the read that refused a request: answered for that
         if self._in_head:
-            self._refuse(400, msg)
+            self._refuse(MALFORMED_HEAD)
         else:
-            self._refuse_body(400, msg)
+            self._refuse_body(MALFORMED_BODY)
 
-    def _refuse_body(self, status: int, message: str) -> str:
+    def _refuse_body(self, refusal: Refusal) -> str:
         """Nothing more of this body is parsed. Its request queued behind another (pipelined)
         never reached the app: it is dropped, and answered after the requests before it. One
         whose app waits for the body is answered in the app's place (`_answer_for_app`).
@@ -428,11 +491,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.pipeline.popleft()  # this request's: the newest, queued last
             assert self._previous_cycle is not None  # queued: behind a request
             self.cycle = self._previous_cycle
-            self._refuse(status, message)
-            return f"{status}, after the answers before it"
+            self._refuse(refusal)
+            return f"{refusal.status}, after the answers before it"
         if not cycle.response_started:
-            self._answer_for_app(cycle, status, message)
-            return str(status)
+            self._answer_for_app(cycle, refusal)
+            return str(refusal.status)
         if cycle.response_complete:
             self._linger()
             return "answered before; lingering close"
@@ -443,7 +506,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse_chunked_body(self) -> None:
         """A chunked body (or its trailers) far past what the app takes: refused with 413, as
         `_refuse_body` refuses a body."""
-        outcome = self._refuse_body(413, "Request body too large")
+        outcome = self._refuse_body(CHUNKED_BODY_TOO_LARGE)
         log.warning(
             "chunked request body with its framing and trailers over %d bytes from %s: %s",
             self.max_chunked_bytes,
@@ -472,7 +535,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if self._head_started:
-            self._send_and_close(408, "Request head not received in time")
+            self._send_and_close(HEAD_TIMED_OUT)
         else:
             self.transport.close()  # nothing came: nobody to answer
 
@@ -511,7 +574,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing() or self.transport.get_protocol() is not self:
             return
         # Its request is the one being answered: a queued one's clock has not started.
-        outcome = self._refuse_body(408, "Request body not received in time")
+        outcome = self._refuse_body(BODY_TIMED_OUT)
         log.warning(
             "request body not complete %s s (REQUEST_BODY_TIMEOUT_SECONDS) after its head "
             "from %s: %s",
@@ -520,35 +583,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             outcome,
         )
 
-    def _answer_for_app(self, cycle: RequestResponseCycle, status: int, message: str) -> None:
+    def _answer_for_app(self, cycle: RequestResponseCycle, refusal: Refusal) -> None:
         """The server's own answer to a request whose body it will not finish reading. The
         app's request sees a disconnect first: its wait for the body ends with
         `http.disconnect`, and anything it sends from here on is dropped (a `100 Continue`
         too: nothing may be written after the half-close). The status is left on the
         request's state, so that the app's records give it, not a client that closed
         (service.jsonbody)."""
-        cycle.scope["state"][SERVER_ANSWERED] = status
+        cycle.scope["state"][SERVER_ANSWERED] = refusal.status
         cycle.disconnected = True
         cycle.waiting_for_100_continue = False
         cycle.message_event.set()
-        self._send_and_close(status, message)
+        self._send_and_close(refusal)
 
-    def _send_and_close(self, status: int, message: str) -> None:
-        """A plain-text answer outside any request (as uvicorn's own 400), then a lingering
-        close."""
-        body = message.encode("ascii")
-        content = [STATUS_LINE[status]]
+    def _send_and_close(self, refusal: Refusal) -> None:
+        """The server's own answer, outside any request (a `Refusal`: problem+json, after the
+        server's default headers, as uvicorn writes its own 400), then a lingering close."""
+        content = [STATUS_LINE[refusal.status]]
         for name, value in self.server_state.default_headers:
             content.extend([name, b": ", value, b"\r\n"])
-        content.extend(
-            [
-                b"content-type: text/plain; charset=utf-8\r\n",
-                b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
-                b"connection: close\r\n",
-                b"\r\n",
-                body,
-            ]
-        )
+        content.append(refusal.rest)
         self.transport.write(b"".join(content))
         self._linger()
 

@@ -10,9 +10,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
 from service.limits import REQUEST_ID_MAX
-from service.problem_types import PROBLEM_TYPE_BASE
+from service.problem_types import PROBLEM_JSON, PROBLEM_TYPE_BASE
 
-PROBLEM_JSON = "application/problem+json"
 # The change feed's single-use `?ticket=`, an alternative to the bearer token there.
 STREAM_TICKET_SCHEME = "StreamTicket"
 _STREAM_TICKET = {

@@ -1,15 +1,24 @@
-"""The kinds of problem an error response can report: one stable `type` URI each.
+"""The kinds of problem an error response can report: one stable `type` URI each, and the
+RFC 9457 body that reports one.
 
 A client branches on `type` (never on the English `detail`). The README's table of problem
 types is checked against this list by the tests.
+
+The body's shape is built here, free of any web framework, for both writers of errors: the
+app's handlers (`service.errors.problem`) and the HTTP server's own refusals, written outside
+any request (`service.httpserver`).
 """
 
 from __future__ import annotations
 
+import json
 from enum import Enum
+from http import HTTPStatus
+from typing import Any
 
 # A tag URI (RFC 4151): stable, and by design not something a client fetches.
 PROBLEM_TYPE_BASE = "tag:todo-api,2026:problems/"
+PROBLEM_JSON = "application/problem+json"
 
 
 class ProblemType(Enum):
@@ -19,7 +28,15 @@ class ProblemType(Enum):
         "validation",
         400,
         "Invalid input",
-        "The request is malformed or a field is out of bounds; `errors` lists each field.",
+        "The body is not JSON, or a field is out of bounds; `errors` lists each field.",
+    )
+    malformed_request = (
+        "malformed-request",
+        400,
+        "Malformed request",
+        "The HTTP server could not parse the request (a broken request line or header, a "
+        "malformed `Content-Length`, broken chunked framing), and closed the connection: the "
+        "same bytes fail again; fix the client (or the proxy) that sent them.",
     )
     token_missing = (
         "token-missing",
@@ -56,6 +73,14 @@ class ProblemType(Enum):
         405,
         "Method not allowed",
         "The route exists but not with this HTTP method.",
+    )
+    request_timeout = (
+        "request-timeout",
+        408,
+        "Request timeout",
+        "The request head or body did not arrive in time (`REQUEST_HEAD_TIMEOUT_SECONDS`, "
+        "`REQUEST_BODY_TIMEOUT_SECONDS`), and the HTTP server closed the connection: retry "
+        "on a new one.",
     )
     idempotency_conflict = (
         "idempotency-conflict",
@@ -102,6 +127,13 @@ class ProblemType(Enum):
         "Too many requests",
         "Slow down: retry after `Retry-After` seconds.",
     )
+    request_head_too_large = (
+        "request-head-too-large",
+        431,
+        "Request header fields too large",
+        "The request line and headers together are larger than `MAX_REQUEST_HEAD_BYTES`, and "
+        "the HTTP server closed the connection: send fewer or smaller headers.",
+    )
     internal = (
         "internal",
         500,
@@ -136,11 +168,32 @@ BY_STATUS: dict[int, ProblemType] = {
     403: ProblemType.user_mismatch,
     404: ProblemType.not_found,
     405: ProblemType.method_not_allowed,
+    408: ProblemType.request_timeout,
     409: ProblemType.idempotency_conflict,
     412: ProblemType.precondition_failed,
     413: ProblemType.body_too_large,
     415: ProblemType.unsupported_media_type,
     429: ProblemType.rate_limited,
+    431: ProblemType.request_head_too_large,
     500: ProblemType.internal,
     503: ProblemType.unavailable,
 }
+
+
+def problem_body(status: int, detail: str, *, kind: ProblemType | None = None) -> dict[str, Any]:
+    """The members every error body has: `type` and `title` of `kind` (by default the
+    status's, BY_STATUS), else `about:blank` and the status's phrase; `status`; `detail`."""
+    kind = kind or BY_STATUS.get(status)
+    return {
+        "type": kind.uri if kind else "about:blank",
+        "title": kind.title if kind else HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+
+
+def problem_json(kind: ProblemType, detail: str) -> bytes:
+    """`problem_body` of `kind`, encoded as the app's responses encode theirs (Starlette's
+    JSONResponse: compact, UTF-8), for a writer that has no response class to do it."""
+    body = problem_body(kind.status, detail, kind=kind)
+    return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()

@@ -8,6 +8,7 @@ tests/test_layout.py checks it. Fixtures live in conftest.py.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -29,6 +30,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.database import Database
+from service.problem_types import ProblemType
 from service.settings import Settings
 from tests.jwt_helpers import JwksServer, SigningKey
 
@@ -236,6 +238,38 @@ def assert_problem(resp: httpx.Response, status: int) -> dict[str, Any]:
     assert isinstance(body["title"], str) and body["title"]
     assert isinstance(body["detail"], str) and body["detail"]
     return body
+
+
+# The type of each refusal the HTTP server writes itself, outside the app (service.httpserver):
+# a 400 there is a request it could not parse, not the app's `validation`.
+SERVER_PROBLEMS = {
+    400: ProblemType.malformed_request,
+    408: ProblemType.request_timeout,
+    413: ProblemType.body_too_large,
+    431: ProblemType.request_head_too_large,
+}
+
+
+def assert_server_problem(status: int, headers: dict[str, str], body: bytes) -> str:
+    """An answer the HTTP server wrote itself, read off a raw socket: problem+json of the app's
+    shape (`type`, `title`, `status`, `detail`), its type SERVER_PROBLEMS's, its
+    `content-length` the exact length of the body (read to the server's close where the
+    caller can: a shorter body was cut short, a longer one has bytes the header does not
+    count), and `connection: close`. Its `detail`."""
+    assert headers["content-type"] == PROBLEM_JSON
+    assert headers["connection"] == "close"
+    assert int(headers["content-length"]) == len(body), (headers, body)
+    problem = json.loads(body)
+    kind = SERVER_PROBLEMS[status]
+    assert problem == {
+        "type": kind.uri,
+        "title": kind.title,
+        "status": status,
+        "detail": problem["detail"],
+    }
+    assert isinstance(problem["detail"], str) and problem["detail"]
+    detail: str = problem["detail"]
+    return detail
 
 
 def assert_validation_error(resp: httpx.Response, *fields: str) -> dict[str, Any]:

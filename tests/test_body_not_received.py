@@ -30,7 +30,7 @@ from service.httpserver import BoundedHttpToolsProtocol
 from service.settings import Settings, get_settings
 from tests.audit_helpers import assert_nothing_written
 from tests.reliability_helpers import wait_until
-from tests.support import ApiUser, LiveServer
+from tests.support import ApiUser, LiveServer, assert_server_problem
 
 BODY_TIMEOUT = 1  # REQUEST_BODY_TIMEOUT_SECONDS, its least
 PATIENCE = 30
@@ -143,11 +143,19 @@ def assert_recorded_as_sent(served: Served, caplog: pytest.LogCaptureFixture, st
 
 
 def read_status(sock: socket.socket) -> int:
+    """The server's own answer, read to its close: problem+json, of the app's shape
+    (`assert_server_problem`). Its status."""
     with sock.makefile("rb") as answer:
         status_line = answer.readline()
         assert status_line.startswith(b"HTTP/1.1 "), status_line
-        answer.read()  # to the server's close
-    return int(status_line.split()[1])
+        headers: dict[str, str] = {}
+        while (line := answer.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = answer.read()  # to the server's close
+    status = int(status_line.split()[1])
+    assert_server_problem(status, headers, body)
+    return status
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)

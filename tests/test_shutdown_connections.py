@@ -32,7 +32,7 @@ from service.httpserver import LINGER_SECONDS, BoundedHttpToolsProtocol
 from tests.jwt_helpers import random_id
 from tests.reliability_helpers import TASK_ROW_LOCK, lock_waits, locked, wait_until
 from tests.serve_helpers import ServeProcess
-from tests.support import TEST_SECRET, ApiUser, LiveServer, create_task
+from tests.support import TEST_SECRET, ApiUser, LiveServer, assert_server_problem, create_task
 
 PATIENCE = 30
 
@@ -169,8 +169,9 @@ def test_a_body_that_stalls_at_shutdown_is_waited_for_until_its_time_limit(
             sock.sendall(head + b'{"title": "never finished')
             server.terminate()
             wait_until(lambda: _refuses_connections(server), "the server to stop listening")
-            status, headers, _ = _read_response(sock)
+            status, headers, body = _read_response(sock)
             assert (status, headers["connection"]) == (408, "close")
+            assert_server_problem(status, headers, body)
             assert sock.recv(1) == b""
         assert server.wait(timeout=PATIENCE) == 0
     finally:
@@ -269,7 +270,9 @@ def test_a_connection_lingering_after_a_refusal_is_closed_at_shutdown_at_once(
         socket.create_connection(("127.0.0.1", live.port), timeout=PATIENCE) as client,
     ):
         client.sendall(request_)
-        assert _read_response(client)[0] == status
+        answer, headers, body = _read_response(client)
+        assert answer == status
+        assert_server_problem(status, headers, body)
         assert client.recv(1) == b""  # half-closed by the server, and lingering
         client.sendall(b"a" * 1000)
         started = time.monotonic()
