@@ -141,6 +141,21 @@ def test_every_route_with_a_session_finishes_it_in_the_endpoints_thread(app: Fas
     assert [r.path for r in with_session if not isinstance(r, UnitOfWorkRoute)] == []
 
 
+def test_only_reads_take_a_read_unit(app: FastAPI) -> None:
+    """A read unit runs each statement in autocommit, so a write there would commit alone:
+    only GET routes (and their HEAD) take one, and the task reads do."""
+    readers = {
+        (route.path, method)
+        for route in every_route(app.routes)
+        if isinstance(route, APIRoute)
+        and any(d.call is get_read_session for d in route.dependant.dependencies)
+        for method in route.methods
+    }
+    assert {method for _, method in readers} <= {"GET", "HEAD"}, readers
+    tasks = "/api/{user_id}/tasks"
+    assert {(tasks, "GET"), (tasks + "/{task_id}", "GET")} <= readers
+
+
 def test_writes_queued_behind_one_users_lock_on_a_small_thread_pool_all_commit(
     settings: Settings, database: Database, user: ApiUser
 ) -> None:
