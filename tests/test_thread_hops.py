@@ -143,7 +143,7 @@ def test_every_route_with_a_session_finishes_it_in_the_endpoints_thread(app: Fas
 
 def test_only_reads_take_a_read_unit(app: FastAPI) -> None:
     """A read unit runs each statement in autocommit, so a write there would commit alone:
-    only GET routes (and their HEAD) take one, and the task reads do."""
+    only GET routes (and their HEAD) take one, and the reads of one statement do."""
     readers = {
         (route.path, method)
         for route in every_route(app.routes)
@@ -152,8 +152,9 @@ def test_only_reads_take_a_read_unit(app: FastAPI) -> None:
         for method in route.methods
     }
     assert {method for _, method in readers} <= {"GET", "HEAD"}, readers
-    tasks = "/api/{user_id}/tasks"
-    assert {(tasks, "GET"), (tasks + "/{task_id}", "GET")} <= readers
+    tasks, tags = "/api/{user_id}/tasks", "/api/{user_id}/tags"
+    expected = {tasks, tasks + "/{task_id}", tags, tags + "/{tag_id}", "/api/{user_id}/reminders"}
+    assert {(path, "GET") for path in expected} <= readers
 
 
 def test_writes_queued_behind_one_users_lock_on_a_small_thread_pool_all_commit(

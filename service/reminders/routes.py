@@ -10,7 +10,7 @@ from fastapi import Query, Request
 from pydantic import BaseModel, Field, TypeAdapter
 
 from service import paging
-from service.deps import CurrentUser, SessionDep, UnitOfWorkRoute, UserIdPath
+from service.deps import CurrentUser, ReadSessionDep, UnitOfWorkRoute, UserIdPath
 from service.limits import OFFSET_MAX, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
 from service.openapi import error_responses, with_headers
 from service.reminders import queries
@@ -49,7 +49,7 @@ _LIST = TypeAdapter(list[ReminderPublic])
 def list_reminders(
     request: Request,
     user: CurrentUser,
-    session: SessionDep,
+    session: ReadSessionDep,
     user_id: UserIdPath,
     state: Annotated[
         ReminderState | None,

@@ -13,7 +13,7 @@ from pydantic import TypeAdapter
 
 from audit.deps import AuditCtx
 from service.database import on_commit
-from service.deps import CurrentUser, SessionDep, UnitOfWorkRoute, UserIdPath
+from service.deps import CurrentUser, ReadSessionDep, SessionDep, UnitOfWorkRoute, UserIdPath
 from service.limits import BIGINT_MAX
 from service.openapi import error_responses, with_headers
 from service.ratelimit import expensive_operation
@@ -44,7 +44,7 @@ def _log(session: Any, action: str, user_id: str, tag_id: int, tasks_changed: in
     responses=error_responses(400, 401, 403),
     summary="List the user's tags with their task counts, by name",
 )
-def list_tags(user: CurrentUser, session: SessionDep, user_id: UserIdPath) -> Any:
+def list_tags(user: CurrentUser, session: ReadSessionDep, user_id: UserIdPath) -> Any:
     return json_response(_MANY.dump_json(queries.list_tags(session, user.user_id)))
 
 
@@ -80,7 +80,7 @@ def create_tag(
     summary="Get a tag",
     name="get_tag",
 )
-def get_tag(user: CurrentUser, session: SessionDep, tag_id: TagIdPath) -> Any:
+def get_tag(user: CurrentUser, session: ReadSessionDep, tag_id: TagIdPath) -> Any:
     return json_response(_ONE.dump_json(queries.get_tag(session, user.user_id, tag_id)))
 
 
