@@ -136,6 +136,8 @@ def _unit_dependency(
         session = unit.__enter__()
         session.info[_UNIT] = unit
         finish = session.info[_FINISH] = _Finish()
+        # A read unit commits nothing: cancelled while finishing, nothing may have been saved.
+        writes = READ_ONLY not in session.info
         try:
             yield session
         except BaseException as exc:
@@ -143,7 +145,7 @@ def _unit_dependency(
                 await to_thread.run_sync(
                     unit.__exit__, type(exc), exc, exc.__traceback__, limiter=CapacityLimiter(1)
                 )
-            elif isinstance(exc, asyncio.CancelledError) and not finish.abandon():
+            elif isinstance(exc, asyncio.CancelledError) and not finish.abandon() and writes:
                 setattr(request.state, COMMIT_UNCERTAIN, True)
             raise
         if session.info.pop(_UNIT, None) is not None:
@@ -152,7 +154,8 @@ def _unit_dependency(
                     unit.__exit__, None, None, None, limiter=CapacityLimiter(1)
                 )
             except asyncio.CancelledError:
-                setattr(request.state, COMMIT_UNCERTAIN, True)  # the thread commits regardless
+                if writes:  # the thread commits regardless
+                    setattr(request.state, COMMIT_UNCERTAIN, True)
                 raise
 
     lend.__name__ = lend.__qualname__ = name

@@ -9,8 +9,10 @@ released afterwards; and the log must not report it as an unhandled exception.
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import sqlalchemy as sa
@@ -157,3 +159,39 @@ def test_cancelled_write_does_not_commit_when_its_lock_frees_after_the_503(
     admin.dispose()
     assert title == "before"
     assert events_after == events_before
+
+
+def test_a_read_cancelled_while_it_gives_its_connection_back_says_nothing_was_changed(
+    settings: Settings, user: ApiUser
+) -> None:
+    """A read unit (`ReadSessionDep`) has nothing to commit: cancelled at the shutdown timeout
+    while its worker thread is already finishing it (past `_Finish.may_commit`, giving its
+    connection back), the 503 says nothing was changed, not that a change "may have been
+    saved" (which tells the client to reload before retrying a GET)."""
+    with (
+        tracked_app(settings) as tracked,
+        LiveServer(tracked.app) as server,
+        server.client() as http,
+    ):
+        server.server.config.timeout_graceful_shutdown = 1
+        assert http.post(user.url(), json={"title": "t"}, headers=user.headers).is_success
+        finishing, release = threading.Event(), threading.Event()
+
+        def hold_checkin(_dbapi_connection: Any, _record: Any) -> None:
+            if not finishing.is_set():
+                finishing.set()
+                release.wait(timeout=30)
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            sa.event.listen(tracked.database.engine, "checkin", hold_checkin)
+            try:
+                read = pool.submit(http.get, user.url(), headers=user.headers)
+                assert finishing.wait(timeout=30), "the read never gave its connection back"
+                server.server.should_exit = True
+                response = read.result(timeout=30)
+            finally:
+                release.set()
+        assert_problem(response, 503)
+        assert response.json()["detail"] == (
+            "The server stopped before the request finished; nothing was changed."
+        )
