@@ -850,3 +850,20 @@ def test_total_count_follows_creates_and_deletes(
             {"u": user.user_id},
         ).one()
     assert stored == counted == 5
+
+
+def test_a_filter_that_filters_nothing_reads_the_page_with_its_total(
+    client: TestClient, user: ApiUser, database: Database
+) -> None:
+    """A `TaskFilter` whose statement has no condition (an empty `q`, which the route makes
+    None but a caller of `queries.list_tasks` may pass) gets the unfiltered page, whose rows
+    carry the user's running count: the records are read without it (a TypeError was a 500),
+    and the total is that count."""
+    from service.tasks.queries import TaskFilter, list_tasks
+
+    for n in range(3):
+        create_task(client, user, f"t{n}")
+    with database.read_unit() as session:
+        page = list_tasks(session, user.user_id, filters=TaskFilter(q=""), limit=2)
+    assert [t.title for t in page.items] == ["t2", "t1"]
+    assert (page.total, page.more) == (3, True)

@@ -349,7 +349,9 @@ class TaskFilter:
 
     @property
     def narrows(self) -> bool:
-        return self != TaskFilter()
+        """Whether the list's statement filters at all (an empty `q` does not): as its shape
+        says, which decides whether the page carries the user's running count."""
+        return self.shape(len(self.tags)) != _UNFILTERED
 
     def shape(self, tag_count: int) -> tuple[Any, ...]:
         """What the statement depends on (not the values, which are bound), with the number
