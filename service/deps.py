@@ -188,7 +188,11 @@ def _finish_in_thread(endpoint: Callable[..., Any]) -> Callable[..., Any]:
                 # The pooled connection was dead and nothing of the transaction was sent
                 # (endpoints do nothing but compute before their first statement), or the
                 # unit only reads: again, once, on a fresh connection.
-                logger.warning("database connection lost before use; retrying on a new one")
+                logger.warning(
+                    "database connection lost before use; retrying on a new one"
+                    if sent_nothing(exc)
+                    else "database connection lost during a read; retrying on a new one"
+                )
                 session.rollback()
                 result = endpoint(*args, **kwargs)
             finish: _Finish | None = session.info.get(_FINISH)

@@ -3,8 +3,9 @@
 The pool used to send `SELECT 1` before lending each connection. Now a connection the server
 closed is noticed at checkout without a round trip (its socket is readable), and a request
 whose first statement fails because its connection died before anything was sent (the
-implicit BEGIN failed) is run again on a fresh connection. A failure after a statement may
-have run is never retried: that is a 503 (tests/test_faults.py).
+implicit BEGIN failed) is run again on a fresh connection. A write's failure after a statement
+may have run is never retried: that is a 503 (tests/test_faults.py). A read unit
+(`ReadSessionDep`, autocommit) is run again once on any lost connection.
 """
 
 from __future__ import annotations
@@ -305,3 +306,41 @@ def test_the_checkout_check_works_past_1024_descriptors(
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert _titles(admin, user) == ["high", "again"]
+
+
+def test_a_read_whose_answer_is_lost_is_run_once_more_and_only_once(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    """A read unit's statement reached the server and its answer was lost with the connection:
+    the read runs again on a new connection (200, the right total). Lost again, it is a 503,
+    not a third try; the next write on the pool is a transaction (`BEGIN` first)."""
+    target = database.engine.url
+    with TcpProxy(server_address(target)) as proxy:
+        url = proxied_url(target, proxy.port)
+        with (
+            tracked_app(settings, url, db_pool_size=1, db_max_overflow=0) as tracked,
+            live(tracked.app) as server,
+            server.client(headers=user.headers) as http,
+        ):
+            for n in range(3):
+                assert http.post(user.url(), json={"title": f"t{n}"}).status_code == 201
+            proxy.take_queries()
+            proxy.drop_reply_after(b"task_count")
+            resp = http.get(user.url(), params={"limit": 2})
+            assert resp.status_code == 200 and resp.headers["X-Total-Count"] == "3"
+            assert proxy.dropped == 1
+            assert len(proxy.take_queries()) == 2  # the statement, and once more
+
+            def lose_every_answer(*_: Any) -> None:
+                proxy.drop_reply_after(b"task_count")
+
+            engine = tracked.database.engine
+            sa.event.listen(engine, "before_cursor_execute", lose_every_answer)
+            try:
+                assert http.get(user.url(), params={"limit": 2}).status_code == 503
+            finally:
+                sa.event.remove(engine, "before_cursor_execute", lose_every_answer)
+            assert proxy.dropped == 3
+            assert len(proxy.take_queries()) == 2
+            assert http.post(user.url(), json={"title": "after"}).status_code == 201
+            assert proxy.take_queries()[0] == b"BEGIN"
