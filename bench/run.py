@@ -694,7 +694,7 @@ def measure_scale(ctx: Context) -> None:
             meter=ctx.meter,
         )
         pg = pgbench_op(ctx, "list", 1, duration, list_user=user)
-        note = "page of 50 + the user's task count" if n > 50 else "one page, no count"
+        note = "page of 50 carrying the user's task count" if n > 50 else "one page, no count"
         ctx.scale.append(
             {
                 "case": f"list 50 tasks (user with {n:,} tasks)",
