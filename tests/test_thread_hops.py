@@ -125,6 +125,11 @@ def test_the_commit_runs_in_the_endpoints_thread(
     assert title == "committed"
 
 
+def _takes(dependant: Any, dependency: Callable[..., Any]) -> bool:
+    """Whether `dependency` is among the dependant's, at any depth."""
+    return any(d.call is dependency or _takes(d, dependency) for d in dependant.dependencies)
+
+
 def _uses_session(dependant: Any) -> bool:
     sessions = (get_session, get_read_session)
     return any(d.call in sessions or _uses_session(d) for d in dependant.dependencies)
@@ -147,8 +152,7 @@ def test_only_reads_take_a_read_unit(app: FastAPI) -> None:
     readers = {
         (route.path, method)
         for route in every_route(app.routes)
-        if isinstance(route, APIRoute)
-        and any(d.call is get_read_session for d in route.dependant.dependencies)
+        if isinstance(route, APIRoute) and _takes(route.dependant, get_read_session)
         for method in route.methods
     }
     assert {method for _, method in readers} <= {"GET", "HEAD"}, readers
