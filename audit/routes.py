@@ -32,6 +32,7 @@ from audit.verify import ChainReport
 from observability import metrics
 from service.deps import (
     CurrentUser,
+    ReadSessionDep,
     SessionDep,
     SettingsDep,
     TaskIdPath,
@@ -69,7 +70,7 @@ Timestamp = Annotated[
 )
 def list_audit_events(
     user: CurrentUser,
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     user_id: UserIdPath,
     limit: Limit = 50,
@@ -184,7 +185,7 @@ async def audit_keys(request: Request) -> Any:
 )
 def task_history(
     user: CurrentUser,
-    session: SessionDep,
+    session: ReadSessionDep,
     settings: SettingsDep,
     user_id: UserIdPath,
     task_id: TaskIdPath,

@@ -158,6 +158,7 @@ def test_only_reads_take_a_read_unit(app: FastAPI) -> None:
     assert {method for _, method in readers} <= {"GET", "HEAD"}, readers
     tasks, tags = "/api/{user_id}/tasks", "/api/{user_id}/tags"
     expected = {tasks, tasks + "/{task_id}", tags, tags + "/{tag_id}", "/api/{user_id}/reminders"}
+    expected |= {"/api/{user_id}/audit-events", tasks + "/{task_id}/history"}
     assert {(path, "GET") for path in expected} <= readers
 
 
