@@ -896,7 +896,8 @@ def write_report(ctx: Context, extra: dict[str, Any]) -> str:
         "## Service and pgbench",
         "",
         "Service: tracing on (100% sampling, OTLP/HTTP to a discarding local sink), JSON logs "
-        "to a file. pgbench: the same statements in one transaction, `-M prepared`, same -c. "
+        "to a file. pgbench: the same statements (a write's in one transaction), "
+        "`-M prepared`, same -c. "
         "**ratio** = service req/s / pgbench TPS in the same round (median of rounds). "
         "**ratio to reference** = service req/s / TPS of the reference transaction "
         "(bench/reference/: a task row and an audit row, its own database, `-j 2`), same round. "
