@@ -181,16 +181,15 @@ def _finish_in_thread(endpoint: Callable[..., Any]) -> Callable[..., Any]:
             try:
                 result = endpoint(*args, **kwargs)
             except DBAPIError as exc:
-                if not (
-                    sent_nothing(exc) or (exc.connection_invalidated and READ_ONLY in session.info)
-                ):
+                before_use = sent_nothing(exc)
+                if not (before_use or (exc.connection_invalidated and READ_ONLY in session.info)):
                     raise
                 # The pooled connection was dead and nothing of the transaction was sent
                 # (endpoints do nothing but compute before their first statement), or the
                 # unit only reads: again, once, on a fresh connection.
                 logger.warning(
                     "database connection lost before use; retrying on a new one"
-                    if sent_nothing(exc)
+                    if before_use
                     else "database connection lost during a read; retrying on a new one"
                 )
                 session.rollback()

@@ -583,16 +583,17 @@ def list_tasks(
         return TaskPage(items=[], total=0)
     page, count, params = query
     rows = session.execute(page, params).all()
-    if filters.narrows:
-        items = [TaskRecord.from_row(row) for row in rows]
-    else:  # the page's last column is the user's running count
+    counted = not filters.narrows  # the page's last column is the user's running count
+    if counted:
         items = [TaskRecord.from_row(row[:-1]) for row in rows]
+    else:
+        items = [TaskRecord.from_row(row) for row in rows]
     more = len(items) > limit
     del items[limit:]
     total: Any
     if offset == 0 and after is None and not more:
         total = len(items)
-    elif not filters.narrows:
+    elif counted:
         # Kept by the database on every insert and delete: no need to count the rows. A page
         # past the end has no row to carry it.
         total = rows[0][-1] if rows else session.execute(_TASK_COUNT, {"owner": user_id}).scalar()
