@@ -68,6 +68,11 @@ class ApiUser:
         ]
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
+    def raw_request(self, body: bytes, *, method: str = "POST", path: str = "") -> bytes:
+        """A whole request with this JSON body (its `Content-Length`), as a raw socket sends
+        it."""
+        return self.raw_head(f"Content-Length: {len(body)}", method=method, path=path) + body
+
 
 MakeUser = Callable[..., ApiUser]
 

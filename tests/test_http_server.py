@@ -457,8 +457,7 @@ def test_a_pipelined_body_has_its_time_from_its_turn(
     try:
         with Connection(server) as conn:
             conn.send(
-                user.raw_head(f"Content-Length: {len(put)}", method="PUT", path=f"/{task_id}")
-                + put
+                user.raw_request(put, method="PUT", path=f"/{task_id}")
                 + user.raw_head(f"Content-Length: {len(post)}")
                 + post[:5]
             )
@@ -647,8 +646,7 @@ def test_a_broken_body_pipelined_behind_another_request_is_answered_400_after_it
     first = b'{"title": "pipelined first"}'
     with Connection(server) as conn:
         conn.send(
-            user.raw_head(f"Content-Length: {len(first)}")
-            + first
+            user.raw_request(first)
             + user.raw_head("Transfer-Encoding: chunked")
             + b'5\r\n{"tit\r\nZZZ\r\n'
         )
@@ -723,7 +721,7 @@ def test_a_request_sent_whole_before_a_half_close_is_answered(
     created."""
     body = b'{"title": "half-closed"}'
     with Connection(server) as conn:
-        conn.send(user.raw_head(f"Content-Length: {len(body)}") + body)
+        conn.send(user.raw_request(body))
         conn.sock.shutdown(socket.SHUT_WR)
         status, _, answer = conn.response()
         assert (status, json.loads(answer)["title"]) == (201, "half-closed")
@@ -764,8 +762,7 @@ def test_a_half_close_behind_a_pipelined_refused_body_still_gets_every_answer(
     with Connection(server) as conn:
         conn.send(
             get(user.url(), f"Authorization: Bearer {user.token}")
-            + user.raw_head(f"Content-Length: {len(body)}")
-            + body
+            + user.raw_request(body)
             + user.raw_head("Transfer-Encoding: chunked")
             + b"ZZ\r\nbroken\r\n"
         )
@@ -802,8 +799,7 @@ def test_a_refused_body_queued_at_sigterm_is_still_answered(
         try:
             with Connection(serve) as conn:
                 conn.send(
-                    user.raw_head(f"Content-Length: {len(put)}", method="PUT", path=f"/{task_id}")
-                    + put
+                    user.raw_request(put, method="PUT", path=f"/{task_id}")
                     + get("/healthz", "X-Request-ID: second")
                     + user.raw_head("Transfer-Encoding: chunked")
                     + b"ZZ\r\nbroken\r\n"

@@ -131,8 +131,7 @@ def _takes(dependant: Any, dependency: Callable[..., Any]) -> bool:
 
 
 def _uses_session(dependant: Any) -> bool:
-    sessions = (get_session, get_read_session)
-    return any(d.call in sessions or _uses_session(d) for d in dependant.dependencies)
+    return _takes(dependant, get_session) or _takes(dependant, get_read_session)
 
 
 def test_every_route_with_a_session_finishes_it_in_the_endpoints_thread(app: FastAPI) -> None:
