@@ -84,7 +84,7 @@ class RequestLogMiddleware:
             error_type: str | None = None
             if answered := state.get(SERVER_ANSWERED):
                 # The server answered in the app's place (service.httpserver) and dropped
-                # the app's answer: a route that reads no body (a DELETE with one) answers
+                # the app's answer: a read that takes no body (a GET sent with one) answers
                 # as if all was well.
                 status = answered
             elif status is None:  # no answer begun

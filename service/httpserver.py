@@ -36,11 +36,11 @@ arrives). Here:
   its request queued behind another (pipelined) never reached the app, and is answered
   after the requests before it; one whose app waits for the body is answered in the app's
   place: the app's request sees a disconnect first (its wait for the body ends, what it sends
-  after is dropped: nothing of it is processed, but by a route that reads no body, a DELETE,
-  which goes on), and the status sent is left on its state (`service.jsonbody`), which the
-  app's records (access line, span, metric) give. One whose answer is out (a 413 before the
-  body's end) gets no other, and one whose answer is being written (a stream that reads no
-  body) is cut off: its sends are dropped, and the connection is closed.
+  after is dropped: nothing of it is processed; a write that takes no body, a DELETE, reads
+  one sent before it acts), and the status sent is left on its state (`service.jsonbody`),
+  which the app's records (access line, span, metric) give. One whose answer is out (a 413
+  before the body's end) gets no other, and one whose answer is being written (a stream that
+  reads no body) is cut off: its sends are dropped, and the connection is closed.
 - **The answers.** Each of these refusals (400, 408, 413, 431) is RFC 9457 problem+json, of
   the app's errors' shape and types (`service.problem_types`: `malformed-request`,
   `request-timeout`, `body-too-large`, `request-head-too-large`; uvicorn's own 400 was plain

@@ -85,14 +85,30 @@ class JsonBodyRequest(Request):
         return self._json
 
 
+# Methods whose routes change something: they act only on a request received whole.
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 class JsonBodyRoute(APIRoute):
     """Reads the body with `loads` (FastAPI parses it with `request.json()`), and a body cut
-    short as `BodyNotReceived`. A route without a body keeps FastAPI's handler as it is."""
+    short as `BodyNotReceived`.
+
+    A write route that takes no body (a DELETE) reads whatever was sent and drops it before
+    it acts: FastAPI's handler would act at once, and a client whose body then never came
+    whole was told the server's 408 about a change that was made all the same. A read keeps
+    FastAPI's handler as it is."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         if self.body_field is None:
-            return handler
+            if not (self.methods or set()) & _WRITES:
+                return handler
+
+            async def received_whole(request: Request) -> Response:
+                await JsonBodyRequest(request.scope, request.receive).body()
+                return await handler(request)
+
+            return received_whole
 
         async def read_unique_keys(request: Request) -> Response:
             return await handler(JsonBodyRequest(request.scope, request.receive))

@@ -101,7 +101,8 @@ def _is_json(content_type: str) -> bool:
 class BodyGuardMiddleware:
     """Bounds request bodies (413 without reading the rest) and accepts only JSON (415).
 
-    Both render as problem+json, like every other error.
+    Both render as problem+json, like every other error. A DELETE's body too: it takes none,
+    but reads one sent (`service.jsonbody`) before it acts.
     """
 
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
@@ -109,7 +110,7 @@ class BodyGuardMiddleware:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH", "DELETE"):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])

@@ -178,7 +178,8 @@ def test_every_route_with_a_body_reads_it_with_unique_keys(app: FastAPI) -> None
 def test_oversized_body_on_a_real_socket_is_413_for_every_write(
     live_server: LiveServer, user: ApiUser
 ) -> None:
-    """A body over the limit, declared or chunked, over uvicorn: 413 before it is read."""
+    """A body over the limit, declared or chunked, over uvicorn: 413 before it is read. A
+    DELETE takes no body, but reads one sent before it acts: it too (it was carried out)."""
     body = b'{"title": "' + b"x" * (70 * 1024) + b'"}'
     headers = {**user.headers, "Content-Type": JSON}
     with live_server.client() as http:
@@ -187,9 +188,28 @@ def test_oversized_body_on_a_real_socket_is_413_for_every_write(
             ("POST", ""),
             ("PUT", f"/{task['id']}"),
             ("PATCH", f"/{task['id']}/complete"),
+            ("DELETE", f"/{task['id']}"),
         ):
             assert_problem(http.request(method, user.url(path), content=body, headers=headers), 413)
         assert http.get(user.url(f"/{task['id']}"), headers=user.headers).json() == task
+
+
+def test_a_delete_takes_a_body_only_as_any_write_does(
+    client: TestClient, user: ApiUser, task: dict[str, Any]
+) -> None:
+    """A DELETE reads a body sent with it before it acts: one that is not JSON is 415 and
+    deletes nothing (it was ignored, and the task deleted); a JSON one is read and dropped."""
+    url = user.url(f"/{task['id']}")
+    resp = client.request(
+        "DELETE", url, content=b"gone", headers={**user.headers, "Content-Type": "text/plain"}
+    )
+    assert_problem(resp, 415)
+    _unchanged(client, user, task)
+    resp = client.request(
+        "DELETE", url, content=b'{"why": "done"}', headers={**user.headers, "Content-Type": JSON}
+    )
+    assert resp.status_code == 204, resp.text
+    assert client.get(url, headers=user.headers).status_code == 404
 
 
 # Control characters in text fields -----------------------------------------------------

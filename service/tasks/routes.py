@@ -288,7 +288,8 @@ def update_task(
     "/{task_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses=error_responses(400, 401, 403, 404, 412),
+    # It reads no body, but one sent must still be JSON and within MAX_BODY_BYTES.
+    responses=error_responses(400, 401, 403, 404, 412, 413, 415),
     summary="Delete a task",
 )
 def delete_task(

@@ -104,7 +104,8 @@ def rename_tag(
     "/{tag_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses=error_responses(400, 401, 403, 404),
+    # It reads no body, but one sent must still be JSON and within MAX_BODY_BYTES.
+    responses=error_responses(400, 401, 403, 404, 413, 415),
     summary="Delete a tag (removed from every task, each recording the change)",
     dependencies=[Depends(expensive_operation)],
 )
