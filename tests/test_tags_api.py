@@ -206,6 +206,37 @@ def test_names_postgresql_folds_together_in_one_request_are_one_tag(
     assert [(t["name"], t["task_count"]) for t in list_tags(client, user)] == [("οδοσ", 1)]
 
 
+@pytest.mark.parametrize("names", [["ΟΔΟΣ", "οδος"], ["İstanbul", "i̇stanbul"]])
+def test_names_only_python_folds_together_are_the_tags_postgresql_makes_of_them(
+    database: Database, client: TestClient, user: ApiUser, names: list[str]
+) -> None:
+    """Python lower-cases both names of each pair alike ('οδος', 'i̇stanbul'); PostgreSQL's
+    lower(), the only key, may not ('οδοσ' and 'οδος'). Folded by Python first, the second
+    name was dropped: the task carried one of the two tags it was given, and a list filtered
+    by both found nothing."""
+    with database.engine.connect() as conn:
+        one_key = conn.execute(sa.select(sa.func.lower(names[0]) == sa.func.lower(names[1])))
+        expected = names[:1] if one_key.scalar_one() else sorted_names(names)
+    assert create(client, user, "T", tags=names)["tags"] == expected
+    updated = client.put(
+        user.url(f"/{create(client, user, 'U')['id']}"), json={"tags": names}, headers=user.headers
+    )
+    assert updated.status_code == 200 and updated.json()["tags"] == expected
+    assert sorted_names([t["name"] for t in list_tags(client, user)]) == expected
+    both = client.get(user.url(), params={"tag": names}, headers=user.headers)
+    assert [t["title"] for t in both.json()] == ["U", "T"]
+
+
+def test_names_folded_into_one_tag_count_once_against_the_maximum(
+    database: Database, client: TestClient, user: ApiUser
+) -> None:
+    """One short of the limit, two spellings of one new name make one tag: not a 409."""
+    assert client.get(tags_url(user), headers=user.headers).status_code == 200
+    _seed_tags(database, user, TAGS_PER_USER_MAX - 1)
+    assert create(client, user, "T", tags=["New", "new", "NEW"])["tags"] == ["New"]
+    assert _tag_count(database, user) == TAGS_PER_USER_MAX
+
+
 def test_delete_removes_the_tag_from_tasks_and_audits_each(
     client: TestClient, user: ApiUser, database: Database
 ) -> None:

@@ -176,14 +176,15 @@ def _resolve(
         missing = [name for name in wanted if name not in found]
         if not missing:
             return list(dict.fromkeys(found[name] for name in wanted)), inserted
-        count = session.execute(_COUNT, {"owner": user_id}).scalar_one()
-        if count + len(missing) > TAGS_PER_USER_MAX:
-            raise TagConflict(
-                f"A user has at most {TAGS_PER_USER_MAX} tags; delete unused tags first."
-            )
         now = utcnow()
         rows = [{"owner": user_id, "name": name, "now": now} for name in missing]
         inserted.update(session.scalars(_INSERT, rows))
+        # Counted once inserted: two missing names PostgreSQL folds together ('New', 'new')
+        # made one tag (the second did nothing). Past the limit, the caller rolls them back.
+        if session.execute(_COUNT, {"owner": user_id}).scalar_one() > TAGS_PER_USER_MAX:
+            raise TagConflict(
+                f"A user has at most {TAGS_PER_USER_MAX} tags; delete unused tags first."
+            )
     raise TagConflict("The tags changed concurrently; try again.")
 
 

@@ -28,8 +28,9 @@ def clean_tag_name(value: str) -> str:
 
 
 def tag_key(name: str) -> str:
-    """Names that differ only in case, for ordering and for folding one request's names.
-    Which names are one stored tag is PostgreSQL's lower() (service.tags.queries)."""
+    """Names that differ only in case, for ordering. Which names are one stored tag is
+    PostgreSQL's lower() (service.tags.queries), never this: Python folds some names that it
+    keeps apart ('ΟΔΟΣ' is 'οδος' to Python, 'οδοσ' to PostgreSQL)."""
     return name.lower()
 
 
@@ -39,11 +40,9 @@ def sorted_names(names: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def unique_names(names: list[str]) -> list[str]:
-    """Each tag once (names differing only in case are one), the first spelling kept."""
-    seen: dict[str, str] = {}
-    for name in names:
-        seen.setdefault(tag_key(name), name)
-    return list(seen.values())
+    """Each name once, in the order given. Names differing only in case are made one tag
+    (the first spelling kept) where they are looked up, by PostgreSQL's lower()."""
+    return list(dict.fromkeys(names))
 
 
 # What `clean_tag_name` accepts, for the schema: spaces (whitespace that is no control
@@ -69,7 +68,7 @@ TagName = Annotated[
     ),
     AfterValidator(clean_tag_name),
 ]
-# The list on a task; names differing only in case collapse into one.
+# The list on a task; names differing only in case become one tag (service.tags.queries).
 TagNames = Annotated[
     list[TagName],
     PField(
