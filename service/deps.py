@@ -54,17 +54,22 @@ UserIdPath = Annotated[
 ]
 
 
-def _digits_only(value: Any) -> Any:
-    """An id as the API writes it: not `1.0`, `+1`, ` 1` or `01`, which int() would read."""
-    if isinstance(value, str) and not (
-        value.isascii() and value.isdigit() and not value.startswith("0")
-    ):
-        raise ValueError("must be a task id: digits, without a sign or leading zeros")
-    return value
+def digits_only(kind: str) -> BeforeValidator:
+    """A path id (of a `kind`, for the message) as the API writes it: not `1.0`, `+1`, ` 1`
+    or `01`, which int() would read as the id of another resource's URL."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and not (
+            value.isascii() and value.isdigit() and not value.startswith("0")
+        ):
+            raise ValueError(f"must be a {kind} id: digits, without a sign or leading zeros")
+        return value
+
+    return BeforeValidator(check)
 
 
 TaskIdPath = Annotated[
-    int, Path(ge=1, le=BIGINT_MAX, description="The task's id"), BeforeValidator(_digits_only)
+    int, Path(ge=1, le=BIGINT_MAX, description="The task's id"), digits_only("task")
 ]
 
 

@@ -110,6 +110,23 @@ def test_another_users_tag_is_404(client: TestClient, user: ApiUser, make_user: 
     assert_problem(client.get(tags_url(other), headers=user.headers), 403)
 
 
+def test_an_id_written_otherwise_does_not_address_the_tag(
+    client: TestClient, user: ApiUser
+) -> None:
+    """As for a task's id: `1.0`, `+1`, `01` or ` 1` are not the id the API gave out, but
+    int() read each as it (a DELETE of `/tags/1.0` deleted tag 1). 400 on the path, and the
+    tag is untouched."""
+    tag = client.post(tags_url(user), json={"name": "keep"}, headers=user.headers).json()
+    number = tag["id"]
+    for alias in (f"{number}.0", f"+{number}", f"0{number}", f"%20{number}", f"{number}%20"):
+        for method, body in (("GET", None), ("PATCH", {"name": "renamed"}), ("DELETE", None)):
+            resp = client.request(
+                method, tags_url(user, f"/{alias}"), json=body, headers=user.headers
+            )
+            assert_validation_error(resp, "path.tag_id")
+    assert list_tags(client, user) == [tag]
+
+
 def test_rename_is_recorded_on_every_tagged_task(
     client: TestClient, user: ApiUser, database: Database
 ) -> None:

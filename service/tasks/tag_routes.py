@@ -13,7 +13,14 @@ from pydantic import TypeAdapter
 
 from audit.deps import AuditCtx
 from service.database import on_commit
-from service.deps import CurrentUser, ReadSessionDep, SessionDep, UnitOfWorkRoute, UserIdPath
+from service.deps import (
+    CurrentUser,
+    ReadSessionDep,
+    SessionDep,
+    UnitOfWorkRoute,
+    UserIdPath,
+    digits_only,
+)
 from service.limits import BIGINT_MAX
 from service.openapi import error_responses, with_headers
 from service.ratelimit import expensive_operation
@@ -27,7 +34,9 @@ from service.tasks import rules
 router = Router(prefix="/api/{user_id}/tags", tags=["tags"], route_class=UnitOfWorkRoute)
 log = logging.getLogger("service.tags")
 
-TagIdPath = Annotated[int, Path(ge=1, le=BIGINT_MAX, description="The tag's id")]
+TagIdPath = Annotated[
+    int, Path(ge=1, le=BIGINT_MAX, description="The tag's id"), digits_only("tag")
+]
 _ONE = TypeAdapter(TagRecord)
 _MANY = TypeAdapter(list[TagRecord])
 
