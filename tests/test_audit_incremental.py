@@ -128,6 +128,27 @@ def test_the_last_verified_event_must_be_unchanged(
     assert "altered since it was last verified" in report["reason"]
 
 
+def test_a_last_verified_event_that_cannot_be_hashed_is_reported(
+    client: TestClient, user: Any, database: Database
+) -> None:
+    """A number past a float's range reads as infinity, which the hash's JSON cannot encode:
+    the full check reports it, and so must the incremental one (it was a 500)."""
+    task = create_task(client, user, "Start")
+    grow(client, user, task["id"], 3)  # seq 1..4
+    assert verify(client, user)["ok"] is True
+    with tampering(database.engine) as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE audit_events SET changes = jsonb_set(changes, '{n}', "
+                "(repeat('9', 400) || '.5')::jsonb) WHERE user_id = :u AND seq = 4"
+            ),
+            {"u": user.user_id},
+        )
+    report = verify(client, user)
+    assert (report["ok"], report["first_bad_seq"]) == (False, 4)
+    assert "altered since it was last verified" in report["reason"]
+
+
 def test_deleting_the_verified_tail_is_found(
     client: TestClient, user: Any, database: Database
 ) -> None:
