@@ -24,7 +24,8 @@ from service.app import create_app
 from service.database import Database, build_engine
 from service.settings import Settings
 from tests.audit_helpers import change, events_of, json_lines, run_cli, scratch_database, tampering
-from tests.support import create_task
+from tests.feed_helpers import FeedReader, wait_listening
+from tests.support import ApiUser, LiveServer, create_task
 
 REPO = Path(__file__).resolve().parent.parent
 CHAIN_LENGTH = 6
@@ -285,6 +286,43 @@ def test_tampering_is_found_at_the_first_bad_seq(
             assert (streamed.ok, streamed.first_bad_seq) == (False, first_bad)
     # Other chains are untouched.
     assert api_verify(client, bystander)["ok"] is True
+
+
+def test_an_event_altered_out_of_shape_is_still_served_and_reported(
+    client: TestClient, user: ApiUser, settings: Settings, database: Database
+) -> None:
+    """Reads serve events as stored: one whose `changes` was made a non-object by hand must not
+    make the log or the task's history a 500, nor cut the change feed off at every reconnect
+    (it did); the verification names it."""
+    make_chain(client, user, 3)
+    with tampering(database.engine) as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE audit_events SET changes = '[\"forged\"]' WHERE user_id = :u AND seq = 2"
+            ),
+            {"u": user.user_id},
+        )
+    listed = client.get(f"/api/{user.user_id}/audit-events", headers=user.headers)
+    assert listed.status_code == 200, listed.text
+    items = list(reversed(listed.json()["items"]))
+    assert [item["changes"] for item in items][1] == ["forged"]
+    history = client.get(
+        f"/api/{user.user_id}/tasks/{items[0]['entity_id']}/history", headers=user.headers
+    )
+    assert history.status_code == 200, history.text
+    assert history.json()["items"] == items
+
+    app = create_app(settings, database)
+    with LiveServer(app) as server:
+        wait_listening(app)
+        path = f"/api/{user.user_id}/events"
+        with FeedReader(server.url, path, headers=user.headers) as reader:
+            reader.wait_for_seq(3)
+    assert [event.json() for event in reader.task_events] == items
+
+    report = api_verify(client, user, full=True)
+    assert (report["ok"], report["first_bad_seq"]) == (False, 2)
+    assert "seq 2: hash mismatch" in report["reason"]
 
 
 def test_the_triggers_are_back_after_tampering(database: Database) -> None:
