@@ -34,6 +34,8 @@ from service.text import is_user_id
 logger = logging.getLogger(__name__)
 
 MAX_TOKEN_LENGTH = 8 * 1024
+# The latest `exp` a Principal carries (the end of year 9999, where datetime ends).
+EXPIRY_MAX = 253_402_300_799
 MAX_JWKS_BYTES = 64 * 1024
 
 HS256_ALGORITHMS = ("HS256",)
@@ -382,7 +384,9 @@ class TokenVerifier:
             user_id=sub,
             email=email if isinstance(email, str) else None,
             name=name if isinstance(name, str) else None,
-            expires_at=int(exp),
+            # JSON integers have no bound: one past a float's range is as good as never, and
+            # the change feed computes with it as a float.
+            expires_at=min(int(exp), EXPIRY_MAX),
         )
 
     # JWKS -----------------------------------------------------------------

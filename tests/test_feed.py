@@ -322,6 +322,20 @@ def test_a_token_expiring_past_year_9999_gets_a_ticket_bounded_by_its_ttl(
         assert before < expires_at <= datetime.now(UTC) + ttl
 
 
+def test_a_bearer_stream_with_an_exp_past_a_floats_range_stays_open(
+    server: LiveServer, user: ApiUser
+) -> None:
+    """An `exp` too large for a float (JSON integers have no bound) is simply far off: the
+    stream waits for events as for any token (it was cut off after its first bytes)."""
+    token = jwt.encode({"sub": user.user_id, "exp": 10**400}, TEST_SECRET, algorithm="HS256")
+    far = ApiUser(user.user_id, token)
+    with server.client() as http, feed(server, far) as reader:
+        assert reader.status == 200
+        write(http, user, "POST", json={"title": "far off"})
+        reader.wait_for_seq(1)
+        assert not reader.ended.is_set()
+
+
 def test_a_ticket_is_refused_when_expired_for_another_user_or_made_up(
     settings: Settings, database: Database, make_user: Any
 ) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy import Column, String, bindparam, delete, insert
 from sqlalchemy.orm import Session
 from sqlmodel import Field, SQLModel
 
-from service.auth import Principal
+from service.auth import EXPIRY_MAX, Principal
 from service.database import Database, retried_once
 from service.exceptions import AuthError, Forbidden, TokenExpired
 from service.limits import USER_ID_MAX
@@ -57,9 +57,6 @@ class IssuedTicket:
     expires_at: datetime
 
 
-_LAST_SECOND = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())
-
-
 def _digest(ticket: str) -> str:
     return hashlib.sha256(ticket.encode("ascii")).hexdigest()
 
@@ -76,7 +73,7 @@ def issue(session: Session, principal: Principal, ttl_seconds: int) -> IssuedTic
     check_unexpired(principal)
     now = utcnow()
     # A token may expire past year 9999, where datetime ends: for a ticket, that is never.
-    token_expires_at = datetime.fromtimestamp(min(principal.expires_at, _LAST_SECOND), UTC)
+    token_expires_at = datetime.fromtimestamp(min(principal.expires_at, EXPIRY_MAX), UTC)
     expires_at = min(now + timedelta(seconds=ttl_seconds), token_expires_at)
     ticket = secrets.token_urlsafe(32)
     # Expired tickets are dropped here, so the table holds only the last few seconds' worth.
