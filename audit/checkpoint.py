@@ -256,7 +256,7 @@ def load_checkpoint_json(data: bytes) -> Checkpoint:
     """A checkpoint file's content (UTF-8 JSON), checked for shape."""
     try:
         doc = json.loads(data.decode("utf-8"))
-    except ValueError as exc:  # UnicodeDecodeError too
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError too; nested too deep
         raise CheckpointError(f"cannot read it as JSON: {exc}") from None
     return parse_checkpoint(doc)
 

@@ -230,7 +230,7 @@ def _ndjson_anchors(file: TextIO) -> dict[str, Anchor]:
             last = line
     try:
         closing = json.loads(last)
-    except ValueError:
+    except (ValueError, RecursionError):  # nested too deep for the parser
         raise ExportFileError("the last line is not JSON") from None
     if not isinstance(closing, dict) or closing.get("record") != "end":
         raise ExportFileError("no closing record: the export is incomplete")

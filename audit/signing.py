@@ -135,7 +135,7 @@ def parse_public_keys(text: str) -> list[PublicKey]:
     if stripped.startswith("{"):
         try:
             document = json.loads(stripped)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # nested too deep for the parser
             raise KeyFormatError(f"not JSON: {exc}") from None
         keys = document.get("keys") if isinstance(document, dict) else None
         if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):

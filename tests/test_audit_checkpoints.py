@@ -585,6 +585,37 @@ def test_verify_checkpoint_needs_trusted_keys(world: World, user: Any) -> None:
     assert status == 2 and "cannot use" in err
 
 
+def test_input_files_nested_past_the_parsers_depth_are_refused_in_one_line(
+    world: World, user: Any
+) -> None:
+    """JSON nested deeper than Python's parser recurses is a file that is not what it should
+    be, like any other: a failed checkpoint record, or one line and exit 2 (each was a
+    RecursionError traceback and exit 1)."""
+    make_chain(world, user, 1)
+    good = world.checkpoint("cp.json")
+    deep = "[" * 100_000 + "]" * 100_000
+    checkpoint = world.tmp / "deep-checkpoint.json"
+    checkpoint.write_text('{"leaves": ' + deep + "}")
+    status, records = world.verify("--checkpoint", str(checkpoint))
+    assert status == 1
+    [record] = [r for r in records if r["record"] == "checkpoint"]
+    assert record["ok"] is False and "cannot read it as JSON" in record["reason"]
+
+    keys = world.tmp / "deep-keys.json"
+    keys.write_text('{"keys": ' + deep + "}")
+    status, out, err = world.cli(
+        "audit", "verify", "--checkpoint", str(good), "--public-key", str(keys)
+    )
+    assert (status, out) == (2, "")
+    assert err.startswith(f"todo-api: cannot use {keys} as a public key: not JSON")
+
+    export = world.tmp / "deep-export.ndjson"
+    export.write_text('{"record": "end", "count": 0, "chains": ' + deep + "}\n")
+    status, out, err = world.cli("audit", "verify", "--against", str(export))
+    assert (status, out) == (2, "")
+    assert err == f"todo-api: cannot use {export} as an export: the last line is not JSON\n"
+
+
 # --- configuration ---------------------------------------------------------------------------
 
 
