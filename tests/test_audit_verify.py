@@ -225,6 +225,23 @@ TAMPERS: dict[str, tuple[Tamper, int | None, str]] = {
         2,
         "seq 2 is missing",
     ),
+    # Times PostgreSQL holds and Python's datetime does not (years 1 to 9999 only).
+    "time before year 1": (
+        _sql(
+            "UPDATE audit_events SET occurred_at = '0044-03-15 12:00:00+00 BC' "
+            "WHERE user_id = :u AND seq = 4"
+        ),
+        4,
+        "seq 4: hash mismatch",
+    ),
+    "time past year 9999": (
+        _sql(
+            "UPDATE audit_events SET occurred_at = '12026-01-01 00:00:00+00' "
+            "WHERE user_id = :u AND seq = 4"
+        ),
+        4,
+        "seq 4: hash mismatch",
+    ),
     "unknown hash version": (
         _sql("UPDATE audit_events SET hash_version = 99 WHERE user_id = :u AND seq = 4"),
         4,
@@ -291,9 +308,9 @@ def test_tampering_is_found_at_the_first_bad_seq(
 def test_an_event_altered_out_of_shape_is_still_served_and_reported(
     client: TestClient, user: ApiUser, settings: Settings, database: Database
 ) -> None:
-    """Reads serve events as stored: one whose `changes` was made a non-object by hand must not
-    make the log or the task's history a 500, nor cut the change feed off at every reconnect
-    (it did); the verification names it."""
+    """Reads serve events as stored: one whose `changes` was made a non-object by hand, or
+    whose time is one Python cannot hold, must not make the log or the task's history a 500,
+    nor cut the change feed off at every reconnect (each did); the verification names it."""
     make_chain(client, user, 3)
     with tampering(database.engine) as conn:
         conn.execute(
@@ -302,10 +319,19 @@ def test_an_event_altered_out_of_shape_is_still_served_and_reported(
             ),
             {"u": user.user_id},
         )
+        conn.execute(
+            sa.text(
+                "UPDATE audit_events SET occurred_at = '0044-03-15 12:00:00+00 BC' "
+                "WHERE user_id = :u AND seq = 3"
+            ),
+            {"u": user.user_id},
+        )
     listed = client.get(f"/api/{user.user_id}/audit-events", headers=user.headers)
     assert listed.status_code == 200, listed.text
     items = list(reversed(listed.json()["items"]))
     assert [item["changes"] for item in items][1] == ["forged"]
+    # As PostgreSQL's -infinity reads: the nearest time Python holds.
+    assert items[2]["occurred_at"] == "0001-01-01T00:00:00.000000Z"
     history = client.get(
         f"/api/{user.user_id}/tasks/{items[0]['entity_id']}/history", headers=user.headers
     )
