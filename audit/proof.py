@@ -98,20 +98,23 @@ def _proof(checkpoint: Checkpoint, index: int, path: list[bytes]) -> dict[str, A
 
 
 def _check_events(events: Iterable[Mapping[str, Any]], user_id: str, seq: int, hash_: str) -> None:
-    """The user's events, seq 1 upwards, link up and reach `hash_` at `seq`."""
+    """The user's events, seq 1 upwards, link up and reach `hash_` at `seq`. Events that
+    cannot be read or hashed fail the check, as a damaged proof does: they are input too."""
+    try:
+        ordered = sorted(events, key=lambda e: int(e["seq"]))
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError("an event has no integer `seq`") from None
     prev, expected = GENESIS_HASH, 1
-    for event in sorted(events, key=lambda e: int(e["seq"])):
+    for event in ordered:
         if expected > seq:
             break
-        if event["user_id"] != user_id:
-            raise CheckpointError(f"seq {event['seq']} belongs to another user")
-        if int(event["seq"]) != expected:
-            raise CheckpointError(f"seq {expected} is missing from the events")
-        if event["prev_hash"] != prev:
-            raise CheckpointError(f"seq {expected}: prev_hash does not link to seq {expected - 1}")
-        version = event["hash_version"]
-        if version not in HASHED_FIELDS or compute_hash(event, version) != event["hash"]:
-            raise CheckpointError(f"seq {expected}: the event does not hash to its hash")
+        try:
+            _check_event(event, user_id, expected, prev)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            reason = f"seq {expected}: not an audit event that can be hashed ({exc!r})"
+            raise CheckpointError(reason) from None
         prev, expected = event["hash"], expected + 1
     if expected <= seq:
         raise CheckpointError(f"the events end at seq {expected - 1}, before the proven seq {seq}")
@@ -120,6 +123,18 @@ def _check_events(events: Iterable[Mapping[str, Any]], user_id: str, seq: int, h
             f"seq {seq}: the events hash to another value than the signed checkpoint holds: "
             "the history up to it was rewritten"
         )
+
+
+def _check_event(event: Mapping[str, Any], user_id: str, expected: int, prev: str) -> None:
+    if event["user_id"] != user_id:
+        raise CheckpointError(f"seq {event['seq']} belongs to another user")
+    if int(event["seq"]) != expected:
+        raise CheckpointError(f"seq {expected} is missing from the events")
+    if event["prev_hash"] != prev:
+        raise CheckpointError(f"seq {expected}: prev_hash does not link to seq {expected - 1}")
+    version = event["hash_version"]
+    if version not in HASHED_FIELDS or compute_hash(event, version) != event["hash"]:
+        raise CheckpointError(f"seq {expected}: the event does not hash to its hash")
 
 
 def verify_proof(
