@@ -19,7 +19,7 @@ from sqlalchemy import (
 from sqlmodel import Field, SQLModel
 
 from service.limits import REQUEST_ID_MAX, USER_ID_MAX
-from service.sqltypes import ID_TYPE, JSONType, UTCDateTime
+from service.sqltypes import ID_TYPE, JSONType, ReadableUTCDateTime, UTCDateTime
 
 # Longer User-Agent headers are cut to this length before they are recorded.
 USER_AGENT_MAX = 256
@@ -50,7 +50,9 @@ class AuditEvent(SQLModel, table=True):
         default=None, sa_column=Column(ID_TYPE, Identity(always=False), primary_key=True)
     )
     occurred_at: datetime = Field(
-        sa_column=Column(UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP"))
+        sa_column=Column(
+            ReadableUTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP")
+        )
     )
     user_id: str = Field(sa_column=Column(String(USER_ID_MAX), nullable=False))
     actor_id: str = Field(sa_column=Column(String(USER_ID_MAX), nullable=False))

@@ -7,16 +7,9 @@ import re
 import select
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from psycopg2.extensions import (
-    PYDATETIMETZ,
-    STATUS_READY,
-    TRANSACTION_STATUS_IDLE,
-    new_type,
-    register_type,
-)
+from psycopg2.extensions import STATUS_READY, TRANSACTION_STATUS_IDLE
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import DBAPIError, DisconnectionError
@@ -176,32 +169,10 @@ def build_engine(settings: Settings, url: str | None = None) -> Engine:
         # Error messages and logs never carry statement parameters (task text, user data).
         hide_parameters=True,
     )
-    event.listen(engine, "connect", _read_any_timestamptz)
     event.listen(engine, "checkout", _closed_by_server)
     event.listen(engine, "checkin", _default_isolation)
     event.listen(engine, "handle_error", _mark_sent_nothing)
     return engine
-
-
-def _timestamptz(value: str | None, cursor: Any) -> datetime | None:
-    """psycopg2's `timestamptz`, but a time Python cannot hold (before year 1, after 9999)
-    reads as the nearest one it can, as psycopg2 reads -infinity and infinity. Only a hand
-    that disabled the audit triggers writes one; it must not make every read of the log, and
-    the verification that reports it, fail."""
-    try:
-        parsed: datetime | None = PYDATETIMETZ(value, cursor)
-    except ValueError:
-        if value is None:
-            raise
-        return (datetime.min if value.endswith("BC") else datetime.max).replace(tzinfo=UTC)
-    return parsed
-
-
-_TIMESTAMPTZ = new_type(PYDATETIMETZ.values, "TIMESTAMPTZ_IN_RANGE", _timestamptz)
-
-
-def _read_any_timestamptz(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-    register_type(_TIMESTAMPTZ, dbapi_connection)
 
 
 def _closed_by_server(

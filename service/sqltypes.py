@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Dialect
+from sqlalchemy import BigInteger, ColumnElement, DateTime, Dialect, func, literal_column
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.types import TypeDecorator
 
@@ -35,6 +35,26 @@ class UTCDateTime(TypeDecorator[datetime]):
         if parsed.tzinfo is None:
             return parsed.replace(tzinfo=UTC)
         return parsed.astimezone(UTC)
+
+
+# A day inside Python's first and last: in any session time zone, still years 1 and 9999.
+_FIRST_TIME = literal_column("'0001-01-02 00:00:00+00'::timestamptz", DateTime(timezone=True))
+_LAST_TIME = literal_column("'9999-12-30 23:59:59.999999+00'::timestamptz", DateTime(timezone=True))
+
+
+class ReadableUTCDateTime(UTCDateTime):
+    """`UTCDateTime`, read within years 1 to 9999, where Python's datetime ends (a time
+    outside reads as the nearest of two bounds a day inside): `timestamptz` goes further, and
+    psycopg2 fails the whole result on one such value. For the audit log's time, which only a
+    hand that disabled its triggers can set out there: the log must still be listed, streamed
+    and exported, and verifying it report the event as altered (its hash covers the time as
+    written). Clamped in the SELECT, not by a typecaster, which would cost every timestamp
+    the app reads."""
+
+    cache_ok = True
+
+    def column_expression(self, colexpr: ColumnElement[Any]) -> ColumnElement[Any]:
+        return func.least(func.greatest(colexpr, _FIRST_TIME), _LAST_TIME, type_=self)
 
 
 def utcnow() -> datetime:

@@ -330,8 +330,8 @@ def test_an_event_altered_out_of_shape_is_still_served_and_reported(
     assert listed.status_code == 200, listed.text
     items = list(reversed(listed.json()["items"]))
     assert [item["changes"] for item in items][1] == ["forged"]
-    # As PostgreSQL's -infinity reads: the nearest time Python holds.
-    assert items[2]["occurred_at"] == "0001-01-01T00:00:00.000000Z"
+    # The earlier of the two bounds a day inside Python's years (service.sqltypes).
+    assert items[2]["occurred_at"] == "0001-01-02T00:00:00.000000Z"
     history = client.get(
         f"/api/{user.user_id}/tasks/{items[0]['entity_id']}/history", headers=user.headers
     )
