@@ -33,7 +33,9 @@ from service.text import is_user_id
 
 logger = logging.getLogger(__name__)
 
-MAX_TOKEN_LENGTH = 8 * 1024
+# A Better Auth token carries the user object (`name`, `email`, `image`...): an `image` held
+# as a data URL makes it tens of KB. Past this, refused unread, as the head's bound allows.
+MAX_TOKEN_LENGTH = 32 * 1024
 # The latest `exp` a Principal carries (the end of year 9999, where datetime ends).
 EXPIRY_MAX = 253_402_300_799
 MAX_JWKS_BYTES = 64 * 1024
@@ -285,7 +287,11 @@ class TokenVerifier:
 
     @staticmethod
     def _cache_key(token: str) -> bytes:
-        if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH or not token.isascii():
+        if not isinstance(token, str):
+            raise AuthError("malformed token")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise AuthError(f"token too large (over {MAX_TOKEN_LENGTH} characters)")
+        if not token.isascii():
             raise AuthError("malformed token")
         return hashlib.sha256(token.encode("ascii")).digest()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from typing import Any
 import jwt
 import pytest
 
-from service.auth import Principal, TokenVerifier, create_dev_token
+from service.auth import MAX_TOKEN_LENGTH, Principal, TokenVerifier, create_dev_token
 from service.exceptions import AuthError, AuthUnavailable
 from service.settings import ConfigError, Settings
 from tests.jwt_helpers import (
@@ -597,16 +598,30 @@ def test_x5c_header_is_not_used_to_pick_a_key(ed_key: SigningKey, verifier: Toke
     reject(verifier, token, "invalid signature")
 
 
-@pytest.mark.parametrize("size", [8 * 1024 + 1, 100 * 1024])
+@pytest.mark.parametrize("size", [MAX_TOKEN_LENGTH + 1, 100 * 1024])
 def test_rejects_oversized_token_before_parsing(
     size: int, ed_key: SigningKey, verifier: TokenVerifier, server: JwksServer
 ) -> None:
     claims = better_auth_claims(ORIGIN, padding="p" * size)
     token = ed_key.sign(claims, headers={"kid": random_id()})
     assert len(token) > size
-    reject(verifier, token, "malformed token")
-    reject(verifier, "a" * size)
+    reject(verifier, token, "token too large")
+    reject(verifier, "a" * size, "token too large")
     assert server.request_count == 0
+
+
+def test_accepts_a_token_whose_user_has_a_data_url_image(
+    ed_key: SigningKey, verifier: TokenVerifier, server: JwksServer
+) -> None:
+    """Better Auth puts the user object in the token, `image` included: an avatar kept as a
+    data URL makes a token of tens of KB, which must not lock its user out (it was refused
+    as "malformed" past 8 KiB)."""
+    server.set_keys(ed_key)
+    user_id = random_id()
+    image = "data:image/png;base64," + base64.b64encode(os.urandom(15_000)).decode()
+    token = ed_key.sign(better_auth_claims(ORIGIN, user_id=user_id, image=image))
+    assert 20_000 < len(token) < 30_000
+    assert verifier.verify(token).user_id == user_id
 
 
 GARBAGE = [

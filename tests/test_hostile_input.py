@@ -26,6 +26,7 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from jwt.warnings import InsecureKeyLengthWarning
 
+from service.auth import MAX_TOKEN_LENGTH
 from service.database import Database
 from service.errors import every_route
 from service.jsonbody import JsonBodyRoute
@@ -573,7 +574,7 @@ JWT_CASES: dict[str, Callable[[Ctx], str]] = {
     "issuer-is-the-attacker": lambda c: c.attacker.sign(c.claims(iss=c.evil, aud=c.evil)),
     "attacker-key-real-kid": lambda c: generate_key(c.key.alg, kid=c.key.kid).sign(c.claims()),
     "token-100kb": lambda c: _pad_to(c, 100 * 1024),
-    "token-just-over-8kb": lambda c: _pad_to(c, 8 * 1024),
+    "token-just-over-the-bound": lambda c: _pad_to(c, MAX_TOKEN_LENGTH),
     "five-segments-jwe-shape": lambda c: c.key.sign(c.claims()) + ".AAAA.BBBB",
     "whitespace-inside": lambda c: c.key.sign(c.claims()).replace(".", ". ", 1),
 }
