@@ -201,7 +201,7 @@ def task_history(
             TaskAsOf(
                 task_id=task_id,
                 as_of=as_of,
-                task=TaskSnapshot.model_validate(row["after"]),
+                task=TaskSnapshot.of_event(row["after"]),
                 event_seq=row["seq"],
                 event_occurred_at=row["occurred_at"],
             )

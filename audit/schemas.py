@@ -22,6 +22,7 @@ from pydantic import (
     PlainSerializer,
     SerializeAsAny,
     SkipValidation,
+    ValidationError,
     ValidatorFunctionWrapHandler,
     WithJsonSchema,
     WrapValidator,
@@ -132,6 +133,15 @@ class TaskSnapshot(BaseModel):
     previous_task_id: int | None = None
     next_task_id: int | None = None
     remind_at: UtcTimestamp | None = None
+
+    @classmethod
+    def of_event(cls, after: Any) -> TaskSnapshot | Any:
+        """An event's `after`, with the defaults of fields added since it was written; or,
+        altered by hand out of this shape, as recorded (verifying reports the event)."""
+        try:
+            return cls.model_validate(after)
+        except ValidationError:
+            return after
 
 
 class FiredReminder(BaseModel):
@@ -248,7 +258,7 @@ class TaskAsOf(BaseModel):
 
     task_id: int
     as_of: UtcTimestamp
-    task: TaskSnapshot
+    task: SerializeAsAny[SkipValidation[TaskSnapshot]]
     event_seq: int = Field(description="The chain seq of the event that produced this state")
     event_occurred_at: UtcTimestamp
 

@@ -305,6 +305,33 @@ def test_tampering_is_found_at_the_first_bad_seq(
     assert api_verify(client, bystander)["ok"] is True
 
 
+def test_a_state_altered_out_of_shape_is_still_served_as_of_its_time(
+    client: TestClient, user: ApiUser, database: Database
+) -> None:
+    """A task's `as_of` reads its last event's `after`: one made to lack the title by hand
+    is served as recorded (it was a 500), and the verification names the event."""
+    make_chain(client, user, 2)
+    with tampering(database.engine) as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE audit_events SET after = after - 'title' WHERE user_id = :u AND seq = 2"
+            ),
+            {"u": user.user_id},
+        )
+    items = client.get(f"/api/{user.user_id}/audit-events", headers=user.headers).json()["items"]
+    altered = next(item for item in items if item["seq"] == 2)
+    resp = client.get(
+        f"/api/{user.user_id}/tasks/{altered['entity_id']}/history",
+        params={"as_of": "2999-01-01T00:00:00Z"},
+        headers=user.headers,
+    )
+    assert resp.status_code == 200, resp.text
+    assert (resp.json()["event_seq"], resp.json()["task"]) == (2, altered["after"])
+    assert "title" not in resp.json()["task"]
+    report = api_verify(client, user, full=True)
+    assert (report["ok"], report["first_bad_seq"]) == (False, 2)
+
+
 def test_an_event_altered_out_of_shape_is_still_served_and_reported(
     client: TestClient, user: ApiUser, settings: Settings, database: Database
 ) -> None:
