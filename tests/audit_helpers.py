@@ -77,6 +77,13 @@ def tampering(engine: sa.Engine) -> Iterator[sa.Connection]:
             conn.execute(sa.text(f"ALTER TABLE audit_chain_heads ENABLE ALWAYS TRIGGER {name}"))
 
 
+def tamper(engine: sa.Engine, user_id: str, *statements: str) -> None:
+    """Run each statement (`:u` is the user's id) by a hand that disabled the guards."""
+    with tampering(engine) as conn:
+        for statement in statements:
+            conn.execute(sa.text(statement), {"u": user_id})
+
+
 def _server_url() -> sa.URL:
     return sa.make_url(
         os.environ.get("TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")

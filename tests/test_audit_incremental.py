@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.audit_helpers import change, json_lines, run_cli, scratch_database, tampering
+from tests.audit_helpers import change, json_lines, run_cli, scratch_database, tamper, tampering
 from tests.support import create_task
 
 
@@ -136,14 +136,12 @@ def test_a_last_verified_event_that_cannot_be_hashed_is_reported(
     task = create_task(client, user, "Start")
     grow(client, user, task["id"], 3)  # seq 1..4
     assert verify(client, user)["ok"] is True
-    with tampering(database.engine) as conn:
-        conn.execute(
-            sa.text(
-                "UPDATE audit_events SET changes = jsonb_set(changes, '{n}', "
-                "(repeat('9', 400) || '.5')::jsonb) WHERE user_id = :u AND seq = 4"
-            ),
-            {"u": user.user_id},
-        )
+    tamper(
+        database.engine,
+        user.user_id,
+        "UPDATE audit_events SET changes = jsonb_set(changes, '{n}', "
+        "(repeat('9', 400) || '.5')::jsonb) WHERE user_id = :u AND seq = 4",
+    )
     report = verify(client, user)
     assert (report["ok"], report["first_bad_seq"]) == (False, 4)
     assert "altered since it was last verified" in report["reason"]

@@ -23,7 +23,15 @@ from audit.verify import verify_chain
 from service.app import create_app
 from service.database import Database, build_engine
 from service.settings import Settings
-from tests.audit_helpers import change, events_of, json_lines, run_cli, scratch_database, tampering
+from tests.audit_helpers import (
+    change,
+    events_of,
+    json_lines,
+    run_cli,
+    scratch_database,
+    tamper,
+    tampering,
+)
 from tests.feed_helpers import FeedReader, wait_listening
 from tests.support import ApiUser, LiveServer, create_task
 
@@ -311,13 +319,11 @@ def test_a_state_altered_out_of_shape_is_still_served_as_of_its_time(
     """A task's `as_of` reads its last event's `after`: one made to lack the title by hand
     is served as recorded (it was a 500), and the verification names the event."""
     make_chain(client, user, 2)
-    with tampering(database.engine) as conn:
-        conn.execute(
-            sa.text(
-                "UPDATE audit_events SET after = after - 'title' WHERE user_id = :u AND seq = 2"
-            ),
-            {"u": user.user_id},
-        )
+    tamper(
+        database.engine,
+        user.user_id,
+        "UPDATE audit_events SET after = after - 'title' WHERE user_id = :u AND seq = 2",
+    )
     items = client.get(f"/api/{user.user_id}/audit-events", headers=user.headers).json()["items"]
     altered = next(item for item in items if item["seq"] == 2)
     resp = client.get(
@@ -339,20 +345,13 @@ def test_an_event_altered_out_of_shape_is_still_served_and_reported(
     whose time is one Python cannot hold, must not make the log or the task's history a 500,
     nor cut the change feed off at every reconnect (each did); the verification names it."""
     make_chain(client, user, 3)
-    with tampering(database.engine) as conn:
-        conn.execute(
-            sa.text(
-                "UPDATE audit_events SET changes = '[\"forged\"]' WHERE user_id = :u AND seq = 2"
-            ),
-            {"u": user.user_id},
-        )
-        conn.execute(
-            sa.text(
-                "UPDATE audit_events SET occurred_at = '0044-03-15 12:00:00+00 BC' "
-                "WHERE user_id = :u AND seq = 3"
-            ),
-            {"u": user.user_id},
-        )
+    tamper(
+        database.engine,
+        user.user_id,
+        "UPDATE audit_events SET changes = '[\"forged\"]' WHERE user_id = :u AND seq = 2",
+        "UPDATE audit_events SET occurred_at = '0044-03-15 12:00:00+00 BC' "
+        "WHERE user_id = :u AND seq = 3",
+    )
     listed = client.get(f"/api/{user.user_id}/audit-events", headers=user.headers)
     assert listed.status_code == 200, listed.text
     items = list(reversed(listed.json()["items"]))
