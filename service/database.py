@@ -42,8 +42,12 @@ def safe_url(url: URL) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", shown)
 
 
-def connect_args(settings: Settings) -> dict[str, Any]:
-    """psycopg2 connection options, for the pool's connections and the feed's listener."""
+def connect_args(settings: Settings, url: URL | None = None) -> dict[str, Any]:
+    """psycopg2 connection options, for the pool's connections and the feed's listener.
+
+    The timeouts are added to the `options` of `url` (`?options=`: Neon's `endpoint=...` for
+    a client without SNI, a `search_path`), not put in their place: connect_args wins over
+    the URL's query, and dropped them without a word."""
     args: dict[str, Any] = {
         "connect_timeout": settings.db_connect_timeout_seconds,
         "application_name": "todo-api",
@@ -55,7 +59,8 @@ def connect_args(settings: Settings) -> dict[str, Any]:
         "keepalives_count": 3,
         "tcp_user_timeout": 10_000,
     }
-    options = []
+    given = url.query.get("options") if url is not None else None
+    options = list(given) if isinstance(given, tuple) else [given] if given else []
     if settings.db_statement_timeout_ms:
         options.append(f"-c statement_timeout={settings.db_statement_timeout_ms}")
     if settings.db_idle_in_transaction_timeout_ms:
@@ -158,7 +163,7 @@ def build_engine(settings: Settings, url: str | None = None) -> Engine:
     db_url = normalize_database_url(raw)
     engine = create_engine(
         db_url,
-        connect_args=connect_args(settings),
+        connect_args=connect_args(settings, db_url),
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
@@ -332,8 +337,11 @@ class Database:
         if feed and settings.feed_database_url is not None:
             url = normalize_database_url(settings.feed_database_url)
         _, params = self.engine.dialect.create_connect_args(url)
-        options = {**params, **connect_args(settings), "application_name": application_name}
-        options.pop("options", None)  # no statement timeout on a connection that only waits
+        # No statement timeout on a connection that only waits (the URL's options stay).
+        untimed = settings.model_copy(
+            update={"db_statement_timeout_ms": 0, "db_idle_in_transaction_timeout_ms": 0}
+        )
+        options = {**params, **connect_args(untimed, url), "application_name": application_name}
         connection = self.engine.dialect.loaded_dbapi.connect(**options)
         connection.autocommit = True
         return connection

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
+import sqlalchemy as sa
 from pydantic import ValidationError
 
-from service.database import build_engine, normalize_database_url, safe_url
+from service.database import Database, build_engine, normalize_database_url, safe_url
 from service.settings import AppEnv, Settings
 
 GOOD_SECRET = "k3Qb9Z0rV8yWm2Lx7Pq4Tn6Hs1Jd5Fg0Ae8Uc3Yi"  # 41 characters, not a placeholder
@@ -59,6 +62,37 @@ def test_database_url_forms_are_accepted_and_normalized(
         assert engine.url.database == url.database
     finally:
         engine.dispose()
+
+
+def test_options_in_the_database_url_are_kept_beside_the_timeouts(
+    monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> None:
+    """`?options=` (Neon's `endpoint=...` for a client without SNI, a `search_path`) was
+    replaced by the timeouts' startup option, silently: the URL's options and the timeouts
+    both reach the server, on the pool's connections and on the feed's listener."""
+    options = quote("-c search_path=rev_ops_schema,public", safe="")
+    settings = from_env(
+        monkeypatch,
+        DATABASE_URL=f"{database_url}?options={options}",
+        DB_STATEMENT_TIMEOUT_MS="4321",
+    )
+    database = Database.from_settings(settings)
+    try:
+        with database.engine.connect() as connection:
+            search_path = connection.execute(sa.text("SHOW search_path")).scalar_one()
+            timeout = connection.execute(sa.text("SHOW statement_timeout")).scalar_one()
+        assert (search_path, timeout) == ("rev_ops_schema,public", "4321ms")
+        listener = database.dedicated_connection(settings, "todo-api-test")
+        try:
+            with listener.cursor() as cursor:
+                cursor.execute("SHOW search_path")
+                assert cursor.fetchone() == ("rev_ops_schema,public",)
+                cursor.execute("SHOW statement_timeout")  # a connection that only waits
+                assert cursor.fetchone() == ("0",)
+        finally:
+            listener.close()
+    finally:
+        database.dispose()
 
 
 @pytest.mark.parametrize(
