@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import secrets
 from datetime import timedelta
@@ -13,7 +14,7 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -95,7 +96,7 @@ def check_database_url(url: str) -> None:
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env",
+        env_file=".env",  # ENV_FILE
         env_file_encoding="utf-8",
         extra="ignore",
         case_sensitive=False,
@@ -489,6 +490,26 @@ class Settings(BaseSettings):
         return self.model_copy(update={"better_auth_secret": SecretStr(secret)})
 
 
+ENV_FILE = Path(".env")
+
+
+def export_otel_variables(env_file: Path = ENV_FILE) -> None:
+    """The `OTEL_*` lines of the `.env` file into the process's environment, where the
+    OpenTelemetry SDK (and observability.otel_env) read them, and uvicorn's workers inherit
+    them: the settings read the file for their own fields only, so an OTLP endpoint or a
+    sampler written there was ignored without a word. One set in the environment wins, as
+    for every setting."""
+    if not env_file.is_file():
+        return
+    # Read as the settings read it (case aside: the names come back in lower case).
+    source = DotEnvSettingsSource(Settings, env_file=env_file, env_file_encoding="utf-8")
+    for key, value in source.env_vars.items():
+        name = key.upper()
+        if name.startswith("OTEL_") and value is not None and name not in os.environ:
+            os.environ[name] = value
+
+
 @lru_cache
 def get_settings() -> Settings:
+    export_otel_variables()
     return Settings()

@@ -445,6 +445,18 @@ def test_a_bad_setting_stops_serve_with_one_line_before_any_worker_starts(
     assert result.stdout == ""
 
 
+def test_otel_variables_in_the_env_file_are_read_and_checked(
+    tmp_path: Path, database_url: str
+) -> None:
+    """`.env` is read for OTEL_* as for every other setting: the SDK reads only the process's
+    environment, so an endpoint or a sampler written there was ignored, without a word."""
+    (tmp_path / ".env").write_text("OTEL_TRACES_SAMPLER=bogus\n", encoding="utf-8")
+    result = run_serve(tmp_path, "--no-migrate", DATABASE_URL=database_url)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("todo-api: configuration error: OTEL_TRACES_SAMPLER "), line
+
+
 def test_unusable_otlp_headers_are_refused_without_their_value(
     tmp_path: Path, database_url: str
 ) -> None:

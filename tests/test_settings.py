@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -9,7 +11,7 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 
 from service.database import Database, build_engine, normalize_database_url, safe_url
-from service.settings import AppEnv, Settings
+from service.settings import AppEnv, Settings, get_settings
 
 GOOD_SECRET = "k3Qb9Z0rV8yWm2Lx7Pq4Tn6Hs1Jd5Fg0Ae8Uc3Yi"  # 41 characters, not a placeholder
 # Each test sets exactly the variables it is about.
@@ -386,3 +388,26 @@ def test_a_password_given_as_a_query_parameter_is_masked_too() -> None:
     assert "s3cr3t" not in shown
     assert "password=***" in shown and "sslmode=require" in shown
     assert "s3cr3t" not in safe_url(normalize_database_url("postgresql://u:s3cr3t@db.example/x"))
+
+
+def test_otel_variables_of_the_env_file_reach_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Where the OpenTelemetry SDK reads them (uvicorn's workers inherit them); one set in the
+    environment wins, as for every setting."""
+    (tmp_path / ".env").write_text(
+        "OTEL_EXPORTER_OTLP_ENDPOINT=http://collector.internal:4318\n"
+        "OTEL_SERVICE_NAME=from-the-file\nLOG_FORMAT=json\n",
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "from-the-environment")
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)  # restored after
+    get_settings.cache_clear()
+    try:
+        assert get_settings().log_format == "json"
+    finally:
+        get_settings.cache_clear()
+    assert os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://collector.internal:4318"
+    assert os.environ["OTEL_SERVICE_NAME"] == "from-the-environment"
+    assert "LOG_FORMAT" not in os.environ  # the settings' own are read from the file as before
