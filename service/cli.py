@@ -99,17 +99,29 @@ def check_requests_connect(settings: Settings) -> None:
         log.warning("%s Serving anyway; /readyz is 503 until it is.", problem)
 
 
-def check_can_listen(host: str, port: int) -> None:
+def check_can_listen(host: str, port: int, metrics: tuple[str, int] | None = None) -> None:
     """A port already taken (or not allowed) stops `serve` in one line, exit 2: uvicorn would
-    exit 3, which here means "the database", with only a log line."""
+    exit 3, which here means "the database", with only a log line. So does METRICS_PORT
+    (`metrics`: host and port), the API's included, checked while the API's is held: a worker
+    that cannot take it only warns, and serves no metrics."""
+    with contextlib.ExitStack() as held:
+        held.enter_context(_listening(host, port, ""))
+        if metrics is not None:
+            held.enter_context(_listening(*metrics, " (METRICS_HOST, METRICS_PORT)"))
+
+
+def _listening(host: str, port: int, what: str) -> socket.socket:
     ipv6 = ":" in host
-    with socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            where = f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
-            raise UsageError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds it
+    try:
+        sock.bind((host, port))
+        sock.listen()  # else a second socket with SO_REUSEADDR binds the same port
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
+        raise UsageError(f"cannot listen on {where}{what}: {exc.strerror or exc}") from None
+    return sock
 
 
 # How long a worker process may take to answer uvicorn's supervisor, which pings each one
@@ -151,7 +163,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             args.workers,
             where,
         )
-    check_can_listen(args.host, args.port)
+    metrics = None
+    if settings.metrics_enabled and settings.metrics_port is not None:
+        metrics = (settings.metrics_host, settings.metrics_port)
+    check_can_listen(args.host, args.port, metrics)
     if settings.needs_dev_secret:
         # Creates the secret file now, before the workers start and each reads it.
         settings.with_dev_secret()

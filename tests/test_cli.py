@@ -860,6 +860,34 @@ def test_serve_on_a_port_already_taken_exits_2_in_one_line(
     assert line == f"todo-api: cannot listen on 127.0.0.1:{port}: Address already in use"
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_with_metrics_port_on_a_port_it_cannot_take_exits_2_in_one_line(
+    tmp_path: Path, database_url: str, workers: str
+) -> None:
+    """METRICS_PORT taken by another process was a WARNING and no metrics served; the API's
+    own port was uvicorn's exit 3 (here: the database) with only a log line."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        api = str(free_port())
+        for metrics_port, port in ((busy, api), (api, api)):
+            result = run_serve(
+                tmp_path,
+                *("--no-migrate", "--port", port, "--workers", workers),
+                DATABASE_URL=database_url,
+                BETTER_AUTH_SECRET=TEST_SECRET,
+                METRICS_ENABLED="true",
+                METRICS_PORT=metrics_port,
+            )
+            assert result.returncode == 2, result.stderr
+            [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
+            assert line == (
+                f"todo-api: cannot listen on 127.0.0.1:{metrics_port} (METRICS_HOST, "
+                "METRICS_PORT): Address already in use"
+            )
+
+
 def test_the_schema_check_reads_the_revisions_alembic_reads() -> None:
     """`service.schema` reads the migrations' revision ids without Alembic (a worker would
     load 12 MB for its probe): what it finds must be Alembic's own graph."""
