@@ -33,6 +33,7 @@ import binascii
 import itertools
 import json
 import logging
+import os
 import random
 import re
 import time
@@ -412,6 +413,19 @@ def signing_key(settings: Settings) -> SigningKey | None:
     except KeyFormatError as exc:
         raise ConfigError(f"the audit signing key is unusable: {exc}") from None
     return None
+
+
+def check_checkpoint_dir(settings: Settings) -> None:
+    """AUDIT_CHECKPOINT_DIR, when the periodic maker will write into it, is a directory this
+    process may write: else the service started as if all was well, and each checkpoint's
+    copy was an ERROR line, from the first interval on."""
+    directory = settings.audit_checkpoint_dir
+    if directory is None or not settings.audit_checkpoint_interval_seconds:
+        return
+    if not directory.is_dir():
+        raise ConfigError(f"AUDIT_CHECKPOINT_DIR={directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"AUDIT_CHECKPOINT_DIR={directory} is not writable by this process")
 
 
 def file_name(checkpoint: Checkpoint) -> str:

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
-from audit.checkpoint import PeriodicCheckpoints, signing_key
+from audit.checkpoint import PeriodicCheckpoints, check_checkpoint_dir, signing_key
 from audit.proof import LatestProofs
 from audit.routes import keys_router as audit_keys_router
 from audit.routes import router as audit_router
@@ -217,6 +217,7 @@ def check_settings(settings: Settings) -> None:
     a traceback, and uvicorn restarts it forever.
     """
     signing_key(settings)
+    check_checkpoint_dir(settings)
     TokenVerifier.from_settings(settings)
     RateLimiter(settings)
     if not sdk_disabled():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -426,6 +427,15 @@ BAD_OTEL_VALUES = [
         pytest.param({"OTEL_TRACES_EXPORTER": "jaeger"}, "OTEL_TRACES_EXPORTER", id="jaeger"),
         pytest.param({"OTEL_METRICS_EXPORTER": "statsd"}, "OTEL_METRICS_EXPORTER", id="statsd"),
         pytest.param({"AUDIT_SIGNING_KEY": "garbage"}, "signing key", id="audit-key"),
+        pytest.param(
+            {
+                "AUDIT_SIGNING_KEY": base64.b64encode(bytes(range(32))).decode(),
+                "AUDIT_CHECKPOINT_INTERVAL_SECONDS": "60",
+                "AUDIT_CHECKPOINT_DIR": "/nonexistent/checkpoints",
+            },
+            "AUDIT_CHECKPOINT_DIR",
+            id="checkpoint-dir-missing",
+        ),
         pytest.param({"REDIS_URL": "redis://127.0.0.1:notaport/15"}, "REDIS_URL", id="redis-port"),
         # Refused by the settings themselves, like DATABASE_URL=sqlite://...
         pytest.param({"JWT_LEEWAY_SECONDS": "600"}, "JWT_LEEWAY_SECONDS", id="settings-bound"),
