@@ -233,6 +233,7 @@ class Settings(BaseSettings):
         "audit_signing_key",
         "audit_signing_key_file",
         "audit_checkpoint_dir",
+        "jaeger_ui_url",
         mode="before",
     )
     @classmethod
@@ -309,6 +310,25 @@ class Settings(BaseSettings):
             raise ConfigError(
                 f"BETTER_AUTH_URL must be the frontend's URL, e.g. http://localhost:3000 "
                 f"(got {value!r})"
+            )
+        return value
+
+    @field_validator("jaeger_ui_url")
+    @classmethod
+    def _check_jaeger_ui_url(cls, value: str | None) -> str | None:
+        """The base of every audit event's `trace_url`: `localhost:16686` made links that
+        lead nowhere. Not repeated in the error (it may carry credentials)."""
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        try:
+            valid_port = parts.port is None or parts.port > 0
+        except ValueError:  # not a number
+            valid_port = False
+        if parts.scheme not in {"http", "https"} or not parts.hostname or not valid_port:
+            raise ValueError(
+                "JAEGER_UI_URL must be the Jaeger UI's http:// or https:// URL, e.g. "
+                "http://localhost:16686"
             )
         return value
 

@@ -411,3 +411,17 @@ def test_otel_variables_of_the_env_file_reach_the_environment(
     assert os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://collector.internal:4318"
     assert os.environ["OTEL_SERVICE_NAME"] == "from-the-environment"
     assert "LOG_FORMAT" not in os.environ  # the settings' own are read from the file as before
+
+
+@pytest.mark.parametrize("raw", ["localhost:16686", "jaeger:16686/", "ftp://jaeger", "http://"])
+def test_a_jaeger_ui_url_that_is_no_web_url_is_refused(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    """Every audit event's `trace_url` was built from it: `localhost:16686/trace/...`, a link
+    that leads nowhere, with nothing said at start."""
+    with pytest.raises(ValidationError) as info:
+        from_env(monkeypatch, JAEGER_UI_URL=raw)
+    assert "JAEGER_UI_URL" in str(info.value).upper()
+    for good in ("http://localhost:16686", "https://tools.example.com/jaeger/"):
+        assert from_env(monkeypatch, JAEGER_UI_URL=good).jaeger_ui_url == good
+    assert from_env(monkeypatch, JAEGER_UI_URL="").jaeger_ui_url is None
