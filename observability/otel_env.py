@@ -171,6 +171,9 @@ def _check_endpoints() -> None:
         if raw is None:
             continue
         # The URL is not repeated: it may carry credentials.
+        if raw != os.environ[name]:
+            # The exporters read it as it is, blanks included, and fail every export.
+            raise ConfigError(f"{name} has blanks around its URL: remove them")
         parts = urlsplit(raw)
         try:
             port_ok = parts.port is None or parts.port > 0

@@ -352,6 +352,12 @@ BAD_OTEL_VALUES = [
         {"OTEL_EXPORTER_OTLP_ENDPOINT": "not-a-url"}, "OTEL_EXPORTER_OTLP_ENDPOINT", id="url"
     ),
     pytest.param(
+        # The exporter reads it as it is: "Host '127.0.0.1:9 ' contains invalid character".
+        {"OTEL_EXPORTER_OTLP_ENDPOINT": f"{OTLP} "},
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        id="url-trailing-blank",
+    ),
+    pytest.param(
         {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:notaport/v1/traces"},
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
         id="traces-url-port",
