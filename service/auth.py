@@ -551,9 +551,16 @@ class TokenVerifier:
 
 def _check_secret(secret: str) -> None:
     """An empty BETTER_AUTH_SECRET is a mistake, not "unset" (that would sign with the
-    generated development secret)."""
+    generated development secret); so are blanks around it."""
     if not secret:
         raise ConfigError("BETTER_AUTH_SECRET must not be empty: set a secret, or unset it")
+    if secret != secret.strip():
+        # A secret file made with `openssl rand -base64 32 > file` ends in a newline that
+        # the frontend, signing with the secret it reads, does not have: every token a 401.
+        raise ConfigError(
+            "BETTER_AUTH_SECRET begins or ends with a blank or a newline: remove it "
+            "(not shown: it is the secret)"
+        )
 
 
 def create_dev_token(

@@ -91,6 +91,24 @@ def test_dev_token_is_accepted_by_the_app(
     assert tuple(row) == ("dev@example.com", "Dev User")
 
 
+@pytest.mark.parametrize("secret", [TEST_SECRET + "\n", " " + TEST_SECRET, TEST_SECRET + " "])
+def test_a_secret_with_blanks_around_it_is_refused_without_showing_it(
+    tmp_path: Path, database_url: str, secret: str
+) -> None:
+    """`openssl rand -base64 32 > file`, mounted as the variable, ends in a newline: the
+    frontend signs with the secret without it, and every token was a 401."""
+    result = run(tmp_path, "dev-token", "alice", BETTER_AUTH_SECRET=secret)
+    assert (result.returncode, result.stdout) == (2, "")
+    served = run_serve(
+        tmp_path, "--no-migrate", DATABASE_URL=database_url, BETTER_AUTH_SECRET=secret
+    )
+    assert served.returncode == 2, served.stderr
+    for stderr in (result.stderr, served.stderr):
+        [line] = stderr.strip().splitlines()
+        assert line.startswith("todo-api: configuration error: BETTER_AUTH_SECRET "), line
+        assert TEST_SECRET not in stderr
+
+
 def test_no_dev_token_for_the_services_own_actor(tmp_path: Path) -> None:
     result = run(tmp_path, "dev-token", "system:reminders", BETTER_AUTH_SECRET=TEST_SECRET)
     assert (result.returncode, result.stdout) == (2, "")
