@@ -555,8 +555,9 @@ def _check_secret(secret: str) -> None:
     if not secret:
         raise ConfigError("BETTER_AUTH_SECRET must not be empty: set a secret, or unset it")
     if secret != secret.strip():
-        # A secret file made with `openssl rand -base64 32 > file` ends in a newline that
-        # the frontend, signing with the secret it reads, does not have: every token a 401.
+        # A secret file made with `openssl rand -base64 32 > file` ends in a newline that a
+        # frontend reading the secret from its .env (dotenv trims) does not have: every
+        # token was a 401, with nothing said at start.
         raise ConfigError(
             "BETTER_AUTH_SECRET begins or ends with a blank or a newline: remove it "
             "(not shown: it is the secret)"
