@@ -194,15 +194,21 @@ def _otlp_reader() -> MetricReader:
     return PeriodicExportingMetricReader(OTLPMetricExporter(), **metric_reader_options())
 
 
-def metric_exporter_names() -> list[str]:
+def metric_exporter_names(settings: Settings) -> list[str]:
     """The exporters `OTEL_METRICS_EXPORTER` names besides Prometheus (METRICS_ENABLED).
 
     Raises ConfigError for what `metric_readers` would refuse, without making any: `serve`
-    checks it before its workers start.
+    checks it before its workers start. `prometheus` without METRICS_ENABLED is refused: it
+    was accepted, and nothing served.
     """
     names = os.environ.get("OTEL_METRICS_EXPORTER", "").strip().lower()
     chosen: list[str] = []
     for name in (part.strip() for part in names.split(",")):
+        if name == "prometheus" and not settings.metrics_enabled:
+            raise ConfigError(
+                "OTEL_METRICS_EXPORTER=prometheus needs METRICS_ENABLED=true: that serves "
+                "/metrics (on METRICS_PORT, if set)"
+            )
         if name in ("", "none", "prometheus"):
             continue
         if name != "otlp":
@@ -218,7 +224,7 @@ def metric_readers(settings: Settings) -> list[MetricReader]:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
         readers.append(PrometheusMetricReader(registry=REGISTRY))
-    readers.extend(_otlp_reader() for _ in metric_exporter_names())
+    readers.extend(_otlp_reader() for _ in metric_exporter_names(settings))
     return readers
 
 

@@ -223,7 +223,7 @@ def check_settings(settings: Settings) -> None:
     if not sdk_disabled():
         check_otel_environment()
         span_exporter_names()
-        metric_exporter_names()
+        metric_exporter_names(settings)
 
 
 async def check_token_keys(settings: Settings, verifier: TokenVerifier) -> None:

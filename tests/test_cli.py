@@ -450,6 +450,10 @@ BAD_OTEL_VALUES = [
         ),
         pytest.param({"OTEL_TRACES_EXPORTER": "jaeger"}, "OTEL_TRACES_EXPORTER", id="jaeger"),
         pytest.param({"OTEL_METRICS_EXPORTER": "statsd"}, "OTEL_METRICS_EXPORTER", id="statsd"),
+        # Accepted, and nothing served: /metrics is METRICS_ENABLED's.
+        pytest.param(
+            {"OTEL_METRICS_EXPORTER": "prometheus"}, "METRICS_ENABLED", id="prometheus-not-enabled"
+        ),
         pytest.param({"AUDIT_SIGNING_KEY": "garbage"}, "signing key", id="audit-key"),
         pytest.param(
             {
