@@ -94,9 +94,13 @@ def check_database_url(url: str) -> None:
         ) from None
 
 
+# Read by the settings for their fields, and for the OTEL_* variables (export_otel_variables).
+ENV_FILE = Path(".env")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env",  # ENV_FILE
+        env_file=ENV_FILE,
         env_file_encoding="utf-8",
         extra="ignore",
         case_sensitive=False,
@@ -508,9 +512,6 @@ class Settings(BaseSettings):
             path.write_text(secret + "\n", encoding="utf-8")
             path.chmod(0o600)
         return self.model_copy(update={"better_auth_secret": SecretStr(secret)})
-
-
-ENV_FILE = Path(".env")
 
 
 def export_otel_variables(env_file: Path = ENV_FILE) -> None:
