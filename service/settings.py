@@ -94,6 +94,16 @@ def check_database_url(url: str) -> None:
         ) from None
 
 
+def _is_web_url(value: str) -> bool:
+    """An http(s) URL with a host, and a port if any that is a number above 0."""
+    parts = urlsplit(value)
+    try:
+        valid_port = parts.port is None or parts.port > 0
+    except ValueError:  # not a number
+        valid_port = False
+    return parts.scheme in {"http", "https"} and bool(parts.hostname) and valid_port
+
+
 # Read by the settings for their fields, and for the OTEL_* variables (export_otel_variables).
 ENV_FILE = Path(".env")
 
@@ -305,12 +315,7 @@ class Settings(BaseSettings):
     def _check_better_auth_url(cls, value: str | None) -> str | None:
         if not value:
             return None
-        parts = urlsplit(value)
-        try:
-            valid_port = parts.port is None or parts.port > 0
-        except ValueError:  # not a number
-            valid_port = False
-        if parts.scheme not in {"http", "https"} or not parts.hostname or not valid_port:
+        if not _is_web_url(value):
             raise ConfigError(
                 f"BETTER_AUTH_URL must be the frontend's URL, e.g. http://localhost:3000 "
                 f"(got {value!r})"
@@ -324,12 +329,7 @@ class Settings(BaseSettings):
         lead nowhere. Not repeated in the error (it may carry credentials)."""
         if value is None:
             return None
-        parts = urlsplit(value)
-        try:
-            valid_port = parts.port is None or parts.port > 0
-        except ValueError:  # not a number
-            valid_port = False
-        if parts.scheme not in {"http", "https"} or not parts.hostname or not valid_port:
+        if not _is_web_url(value):
             raise ValueError(
                 "JAEGER_UI_URL must be the Jaeger UI's http:// or https:// URL, e.g. "
                 "http://localhost:16686"

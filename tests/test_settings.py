@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 import sqlalchemy as sa
@@ -72,10 +71,13 @@ def test_options_in_the_database_url_are_kept_beside_the_timeouts(
     """`?options=` (Neon's `endpoint=...` for a client without SNI, a `search_path`) was
     replaced by the timeouts' startup option, silently: the URL's options and the timeouts
     both reach the server, on the pool's connections and on the feed's listener."""
-    options = quote("-c search_path=rev_ops_schema,public", safe="")
+    # Added to the URL's query (the embedded server's has one: its socket directory).
+    url = sa.make_url(database_url).update_query_dict(
+        {"options": "-c search_path=rev_ops_schema,public"}
+    )
     settings = from_env(
         monkeypatch,
-        DATABASE_URL=f"{database_url}?options={options}",
+        DATABASE_URL=url.render_as_string(hide_password=False),
         DB_STATEMENT_TIMEOUT_MS="4321",
     )
     database = Database.from_settings(settings)
