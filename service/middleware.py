@@ -134,9 +134,12 @@ class BodyGuardMiddleware:
             if declared > limit:
                 await problem(413, too_large)(scope, receive, send)
                 return
-        if has_body and not _is_json(content_type):
-            detail = "The request body must be JSON (Content-Type: application/json)."
-            await problem(415, detail)(scope, receive, send)
+        not_json = "The request body must be JSON (Content-Type: application/json)."
+        # A chunked body may end empty, which is no body (a proxy passes on the body stream of
+        # a DELETE it got, with no Content-Type): it is refused at its first byte instead.
+        wrong_type = has_body and not _is_json(content_type)
+        if wrong_type and not chunked:
+            await problem(415, not_json)(scope, receive, send)
             return
         codings = {  # a list, maybe over several lines (RFC 9110 8.4)
             coding.strip().lower()
@@ -160,6 +163,8 @@ class BodyGuardMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                if received and wrong_type:
+                    raise HTTPException(415, not_json)  # rendered as the 413 below is
                 if received > limit:
                     # FastAPI re-raises HTTPException from a body read; the handler renders it.
                     raise HTTPException(413, too_large)

@@ -225,6 +225,33 @@ def test_a_delete_takes_a_body_only_as_any_write_does(
     assert client.get(url, headers=user.headers).status_code == 404
 
 
+
+def test_an_empty_chunked_body_is_no_body_on_a_real_socket(
+    live_server: LiveServer, user: ApiUser
+) -> None:
+    """A chunked body that ends empty is no body, as `Content-Length: 0` is: a Next.js route
+    handler that proxies a DELETE passes its request's (empty) body stream on, which undici
+    sends chunked, without a Content-Type (the browser sent none). It was 415, and nothing
+    deleted (once DELETE bodies were guarded). A chunked body with a byte in it is still 415."""
+
+    def chunks(*parts: bytes) -> Iterator[bytes]:
+        yield from parts
+
+    with live_server.client() as http:
+        task = create_task(http, user, "kept")
+        url = user.url(f"/{task['id']}")
+        text = {**user.headers, "Content-Type": "text/plain"}
+        resp = http.request("DELETE", url, content=chunks(b"gone"), headers=text)
+        assert resp.request.headers["transfer-encoding"] == "chunked"
+        assert_problem(resp, 415)
+        assert http.get(url, headers=user.headers).json() == task
+        resp = http.request("DELETE", url, content=chunks(), headers=user.headers)
+        assert resp.request.headers["transfer-encoding"] == "chunked"
+        assert resp.status_code == 204, resp.text
+        assert http.get(url, headers=user.headers).status_code == 404
+        resp = http.post(user.url(), content=chunks(), headers=user.headers)
+        assert_problem(resp, 400)  # a POST that needs a body: "Field required", not 415
+
 # Control characters in text fields -----------------------------------------------------
 
 # C0 (tab and line breaks included), DEL and C1: none in a single-line field such as a title.
