@@ -404,7 +404,10 @@ def test_otel_variables_of_the_env_file_reach_the_environment(
     )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OTEL_SERVICE_NAME", "from-the-environment")
-    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT", raising=False)  # restored after
+    # Set, then removed: so recorded, and what the file puts there is undone after (a
+    # delenv of a variable that is not set records nothing, and it stayed for every test).
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_ENDPOINT")
     get_settings.cache_clear()
     try:
         assert get_settings().log_format == "json"
