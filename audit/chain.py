@@ -90,14 +90,19 @@ def jsonb_text(value: Any) -> str:
 
 
 def canonical_bytes(event: Mapping[str, Any], version: int = HASH_VERSION) -> bytes:
+    """Raises ValueError (as for a number JSON cannot hold) for a value nested deeper than
+    the encoding recurses: JSON read back (a row, a file) may be, as the parser goes deeper."""
     fields = HASHED_FIELDS[version]
     body = {name: _canonical_value(event[name]) for name in fields}
     body["hash_version"] = version
-    if version >= JSONB_ENCODED_FROM:
-        return jsonb_text(body).encode("utf-8")
-    return json.dumps(
-        body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    try:
+        if version >= JSONB_ENCODED_FROM:
+            return jsonb_text(body).encode("utf-8")
+        return json.dumps(
+            body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except RecursionError:
+        raise ValueError("a value is nested too deep to encode") from None
 
 
 def compute_hash(event: Mapping[str, Any], version: int = HASH_VERSION) -> str:

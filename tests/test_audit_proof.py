@@ -172,6 +172,8 @@ def test_a_damaged_proof_does_not_verify(world: World, make_user, damage: Any) -
         lambda e: e.update(hash_version=None),
         # What an export of an event altered to hold a number past a float's range reads back.
         lambda e: e.update(changes={"n": float("inf")}),
+        # Nested within what json.loads reads, past what the hash's encoding recurses into.
+        lambda e: e.update(changes=json.loads("[" * 900 + "]" * 900)),
     ],
 )
 def test_events_that_are_not_audit_events_are_reported_not_raised(

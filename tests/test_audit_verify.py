@@ -250,6 +250,15 @@ TAMPERS: dict[str, tuple[Tamper, int | None, str]] = {
         4,
         "seq 4: hash mismatch",
     ),
+    # Nested within what the row's reading (json.loads) takes, past what hashing recurses into.
+    "changes nested deep": (
+        _sql(
+            "UPDATE audit_events SET changes = (repeat('[', 600) || repeat(']', 600))::jsonb "
+            "WHERE user_id = :u AND seq = 4"
+        ),
+        4,
+        "seq 4: cannot be encoded for hashing",
+    ),
     "unknown hash version": (
         _sql("UPDATE audit_events SET hash_version = 99 WHERE user_id = :u AND seq = 4"),
         4,
