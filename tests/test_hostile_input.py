@@ -225,7 +225,6 @@ def test_a_delete_takes_a_body_only_as_any_write_does(
     assert client.get(url, headers=user.headers).status_code == 404
 
 
-
 def test_an_empty_chunked_body_is_no_body_on_a_real_socket(
     live_server: LiveServer, user: ApiUser
 ) -> None:
@@ -251,6 +250,7 @@ def test_an_empty_chunked_body_is_no_body_on_a_real_socket(
         assert http.get(url, headers=user.headers).status_code == 404
         resp = http.post(user.url(), content=chunks(), headers=user.headers)
         assert_problem(resp, 400)  # a POST that needs a body: "Field required", not 415
+
 
 # Control characters in text fields -----------------------------------------------------
 
