@@ -17,12 +17,11 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypedDict
-from urllib.parse import urlsplit
 
 from opentelemetry.sdk.trace import sampling
 from opentelemetry.util.re import parse_env_headers
 
-from service.settings import ConfigError
+from service.settings import ConfigError, is_web_url
 
 _RATIO_SAMPLERS: dict[str, Callable[[float], sampling.Sampler]] = {
     "traceidratio": sampling.TraceIdRatioBased,
@@ -174,12 +173,7 @@ def _check_endpoints() -> None:
         if raw != os.environ[name]:
             # The exporters read it as it is, blanks included, and fail every export.
             raise ConfigError(f"{name} has blanks around its URL: remove them")
-        parts = urlsplit(raw)
-        try:
-            port_ok = parts.port is None or parts.port > 0
-        except ValueError:
-            port_ok = False
-        if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        if not is_web_url(raw):
             raise ConfigError(
                 f"{name} must be an http:// or https:// URL with a host and, if any, a port "
                 "number (e.g. http://localhost:4318)"

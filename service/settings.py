@@ -94,7 +94,7 @@ def check_database_url(url: str) -> None:
         ) from None
 
 
-def _is_web_url(value: str) -> bool:
+def is_web_url(value: str) -> bool:
     """An http(s) URL with a host, and a port if any that is a number above 0."""
     parts = urlsplit(value)
     try:
@@ -315,7 +315,7 @@ class Settings(BaseSettings):
     def _check_better_auth_url(cls, value: str | None) -> str | None:
         if not value:
             return None
-        if not _is_web_url(value):
+        if not is_web_url(value):
             raise ConfigError(
                 f"BETTER_AUTH_URL must be the frontend's URL, e.g. http://localhost:3000 "
                 f"(got {value!r})"
@@ -329,7 +329,7 @@ class Settings(BaseSettings):
         lead nowhere. Not repeated in the error (it may carry credentials)."""
         if value is None:
             return None
-        if not _is_web_url(value):
+        if not is_web_url(value):
             raise ValueError(
                 "JAEGER_UI_URL must be the Jaeger UI's http:// or https:// URL, e.g. "
                 "http://localhost:16686"
