@@ -85,8 +85,9 @@ class JsonBodyRequest(Request):
         return self._json
 
 
-# Methods whose routes change something: they act only on a request received whole.
-_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Methods whose routes change something: they act only on a request received whole, and their
+# bodies are bounded and typed (service.middleware.BodyGuardMiddleware).
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class JsonBodyRoute(APIRoute):
@@ -101,7 +102,7 @@ class JsonBodyRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         if self.body_field is None:
-            if not (self.methods or set()) & _WRITES:
+            if not (self.methods or set()) & WRITE_METHODS:
                 return handler
 
             async def received_whole(request: Request) -> Response:

@@ -19,6 +19,7 @@ from observability import metrics
 from observability.logging import mark_answered
 from observability.tracing import PROXY_PEER, record_server_error
 from service.errors import RETRY_AFTER_SECONDS, problem
+from service.jsonbody import WRITE_METHODS
 from service.limits import REQUEST_ID_MAX
 
 log = logging.getLogger("service.errors")
@@ -110,7 +111,7 @@ class BodyGuardMiddleware:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH", "DELETE"):
+        if scope["type"] != "http" or scope["method"] not in WRITE_METHODS:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
