@@ -218,6 +218,16 @@ def metric_exporter_names(settings: Settings) -> list[str]:
     return chosen
 
 
+def check_metrics_enabled(settings: Settings) -> None:
+    """METRICS_ENABLED with `OTEL_SDK_DISABLED=true` is refused: /metrics was served, empty,
+    since the SDK that fills it was off."""
+    if settings.metrics_enabled and sdk_disabled():
+        raise ConfigError(
+            "METRICS_ENABLED=true needs the OpenTelemetry SDK, which OTEL_SDK_DISABLED=true "
+            "turns off (and /metrics with it): unset one of them"
+        )
+
+
 def metric_readers(settings: Settings) -> list[MetricReader]:
     readers: list[MetricReader] = []
     if settings.metrics_enabled:
@@ -243,6 +253,7 @@ def configure_metrics(settings: Settings, resource: Any) -> MeterProvider | None
         if _configured:
             return None
         _configured = True
+        check_metrics_enabled(settings)
         if sdk_disabled():
             return None
         check_otel_environment()

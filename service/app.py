@@ -21,6 +21,7 @@ from audit.routes import router as audit_router
 from observability import configure_logging, configure_tracing, observe_app
 from observability.flush import flush_telemetry
 from observability.metrics import (
+    check_metrics_enabled,
     configure_metrics,
     metric_exporter_names,
     observe_pool,
@@ -220,6 +221,7 @@ def check_settings(settings: Settings) -> None:
     check_checkpoint_dir(settings)
     TokenVerifier.from_settings(settings)
     RateLimiter(settings)
+    check_metrics_enabled(settings)
     if not sdk_disabled():
         check_otel_environment()
         span_exporter_names()

@@ -454,6 +454,12 @@ BAD_OTEL_VALUES = [
         pytest.param(
             {"OTEL_METRICS_EXPORTER": "prometheus"}, "METRICS_ENABLED", id="prometheus-not-enabled"
         ),
+        # Accepted, and /metrics served nothing: the SDK that fills it was off.
+        pytest.param(
+            {"METRICS_ENABLED": "true", "OTEL_SDK_DISABLED": "true"},
+            "OTEL_SDK_DISABLED",
+            id="metrics-without-sdk",
+        ),
         pytest.param({"AUDIT_SIGNING_KEY": "garbage"}, "signing key", id="audit-key"),
         pytest.param(
             {

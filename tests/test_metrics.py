@@ -392,7 +392,8 @@ def test_serve_warns_that_a_scrape_reads_one_worker(
     """Counters are per process: with several workers, Prometheus would see them jump between
     the workers' values (the API's port) or see the first worker's alone (METRICS_PORT)."""
     env = {"DATABASE_URL": database_url, "BETTER_AUTH_SECRET": TEST_SECRET}
-    env["METRICS_ENABLED"] = "true"
+    # The SDK fills /metrics (METRICS_ENABLED is refused without it); no spans are exported.
+    env |= {"METRICS_ENABLED": "true", "OTEL_SDK_DISABLED": "false", "OTEL_TRACES_EXPORTER": "none"}
     if metrics_port:
         env["METRICS_PORT"] = str(free_port())
     server = ServeProcess(tmp_path, env, workers=workers).start()
