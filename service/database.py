@@ -96,8 +96,9 @@ _SERVER_REFUSED = re.compile(r"\b(?:FATAL|ERROR|PANIC):")
 _STARTUP_PARAMETER = re.compile(r"startup parameter|\boptions\b", re.IGNORECASE)
 POOLER_HINT = (
     "behind a transaction pooler (Neon's -pooler host, PgBouncer) set DB_STATEMENT_TIMEOUT_MS=0 "
-    "and DB_IDLE_IN_TRANSACTION_TIMEOUT_MS=0, and set the timeouts on the role instead "
-    "(ALTER ROLE ... SET statement_timeout = '10s', and idle_in_transaction_session_timeout)"
+    "and DB_IDLE_IN_TRANSACTION_TIMEOUT_MS=0, take `options` out of DATABASE_URL if it has "
+    "them, and set the timeouts on the role instead (ALTER ROLE ... SET statement_timeout = "
+    "'10s', and idle_in_transaction_session_timeout)"
 )
 
 

@@ -812,6 +812,14 @@ def test_arguments_out_of_range_are_a_usage_error(
     assert len(result.stderr) < 600
 
 
+POOLER_FIX = (
+    "behind a transaction pooler (Neon's -pooler host, PgBouncer) set DB_STATEMENT_TIMEOUT_MS=0 "
+    "and DB_IDLE_IN_TRANSACTION_TIMEOUT_MS=0, take `options` out of DATABASE_URL if it has "
+    "them, and set the timeouts on the role instead (ALTER ROLE ... SET statement_timeout = "
+    "'10s', and idle_in_transaction_session_timeout)"
+)
+
+
 def test_a_server_that_refuses_the_requests_connection_options_stops_serve_with_the_fix(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -839,15 +847,23 @@ def test_a_server_that_refuses_the_requests_connection_options_stops_serve_with_
             [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
             assert line.startswith("todo-api: the database refused the connection: "), line
             assert "FATAL:  unsupported startup parameter: options; " in line
-            assert line.endswith(
-                "behind a transaction pooler (Neon's -pooler host, PgBouncer) set "
-                "DB_STATEMENT_TIMEOUT_MS=0 and DB_IDLE_IN_TRANSACTION_TIMEOUT_MS=0, and set the "
-                "timeouts on the role instead (ALTER ROLE ... SET statement_timeout = '10s', "
-                "and idle_in_transaction_session_timeout)"
-            ), line
-        before = pooler.refusals
+            assert line.endswith(POOLER_FIX), line
         env["DB_STATEMENT_TIMEOUT_MS"] = "0"
         env["DB_IDLE_IN_TRANSACTION_TIMEOUT_MS"] = "0"
+        # The URL's own `options` are sent too (they are kept beside the timeouts'): the fix
+        # names them, where it named the timeouts alone, which were already 0.
+        with_options = sa.make_url(url).update_query_dict({"options": "-c search_path=public"})
+        result = run(
+            tmp_path,
+            "tasks",
+            "list",
+            "alice",
+            **{**env, "DATABASE_URL": with_options.render_as_string(hide_password=False)},
+        )
+        assert result.returncode == 3, result.stderr
+        [line] = [ln for ln in result.stderr.splitlines() if ln.startswith("todo-api:")]
+        assert line.endswith(POOLER_FIX), line
+        before = pooler.refusals
         assert run(tmp_path, "tasks", "list", "alice", **env).returncode == 0
         server = ServeProcess(tmp_path, env).start()
         try:
