@@ -4,7 +4,8 @@
 that a skipped or failed `todo-api migrate` left a revision behind: its requests would be
 500s. `/readyz` answers 503 instead, so a load balancer keeps such an instance out, and `serve`
 warns at start. A revision this release does not know is newer, from a later release's
-migrations, which keep the earlier code working during its rollout: not a problem.
+migrations, which keep the earlier code working during its rollout: not a problem. So is a
+role granted none of the tables (its requests would be 500s too).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from service.text import first_line
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "alembic"
 _UNDEFINED_TABLE = "42P01"
+_INSUFFICIENT_PRIVILEGE = "42501"
+# Every request reads it: a role that may not is one no grant was given.
+_REQUIRED_TABLE = "tasks"
 _MIGRATE = "run `todo-api migrate`"
 NOT_MIGRATED = f"The database is not migrated: {_MIGRATE}."
 
@@ -69,6 +73,14 @@ def _unchecked(reason: str) -> None:
     )
 
 
+def _may_read_tasks(connection: Connection) -> bool:
+    """Asked only of a role refused alembic_version: one granted nothing at all was ready, and
+    answered 500 to every request."""
+    connection.rollback()
+    query = text("SELECT has_table_privilege(:table, 'SELECT')")
+    return bool(connection.execute(query, {"table": _REQUIRED_TABLE}).scalar_one())
+
+
 def schema_problem(connection: Connection) -> str | None:
     """Why this release's requests cannot run on the connection's database, or None. One
     round trip (it is also /readyz's ping)."""
@@ -76,8 +88,14 @@ def schema_problem(connection: Connection) -> str | None:
         found = connection.execute(text("SELECT version_num FROM alembic_version")).scalars()
         versions = sorted(found)
     except ProgrammingError as exc:
-        if getattr(exc.orig, "pgcode", None) == _UNDEFINED_TABLE:
+        code = getattr(exc.orig, "pgcode", None)
+        if code == _UNDEFINED_TABLE:
             return NOT_MIGRATED
+        if code == _INSUFFICIENT_PRIVILEGE and not _may_read_tasks(connection):
+            return (
+                f"The database role may not read the {_REQUIRED_TABLE} table: grant it the "
+                "service's tables (every request would fail)."
+            )
         # A role not granted the table (least privilege), a table of another shape: the
         # requests may well work, so the check is skipped, not the instance.
         _unchecked(first_line(exc.orig) if exc.orig is not None else str(exc))

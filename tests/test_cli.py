@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from fastapi.testclient import TestClient
 from audit.checkpoint import sign_leaves
 from audit.signing import SigningKey
 from service.app import create_app
-from service.cli import alembic_config, build_parser
+from service.cli import alembic_config, build_parser, check_requests_connect
 from service.database import Database, build_engine
 from service.schema import _unchecked, revisions
 from service.settings import Settings
@@ -36,7 +38,7 @@ from tests.reliability_helpers import (
     wait_until,
 )
 from tests.serve_helpers import ServeProcess
-from tests.support import TEST_SECRET, ApiUser, clean_environ, free_port
+from tests.support import TEST_SECRET, ApiUser, MakeUser, clean_environ, free_port
 
 TODO_API = Path(sys.executable).parent / "todo-api"
 
@@ -960,30 +962,74 @@ def test_the_schema_check_reads_the_revisions_alembic_reads() -> None:
 
 
 def test_a_role_that_may_not_read_the_schema_revision_is_ready_and_told_once(
-    settings: Settings, database_url: str, caplog: pytest.LogCaptureFixture
+    settings: Settings, database_url: str, make_user: MakeUser, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A least-privilege role, not granted alembic_version: its requests may work, so /readyz
-    does not fail on the check it cannot make; one WARNING says so."""
-    role = f"todo_reader_{secrets.token_hex(4)}"
-    admin = sa.create_engine(database_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN'))
-    url = sa.make_url(database_url).set(username=role).render_as_string(hide_password=False)
-    limited = Database(build_engine(settings, url))
-    _unchecked.cache_clear()
-    try:
+    """A least-privilege role, granted the service's tables but not alembic_version: its
+    requests work, so /readyz does not fail on the check it cannot make; one WARNING says so."""
+    grants = [
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
+        "GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}",
+        "REVOKE ALL ON alembic_version FROM {role}",
+    ]
+    user = make_user()
+    with limited_role(settings, database_url, grants) as limited:
+        _unchecked.cache_clear()
         app = create_app(settings, limited)
         with TestClient(app) as client, caplog.at_level("WARNING", "service.schema"):
             assert [client.get("/readyz").status_code for _ in range(2)] == [200, 200]
-    finally:
-        limited.dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP ROLE "{role}"'))
-        admin.dispose()
+            created = client.post(user.url(), headers=user.headers, json={"title": "t"})
+            assert created.status_code == 201, created.text
     [warning] = [r.getMessage() for r in caplog.records if r.name == "service.schema"]
     assert warning.startswith(
         "the schema revision cannot be read (permission denied for table alembic_version)"
     )
+
+
+def test_a_role_granted_nothing_is_not_ready(
+    settings: Settings, database_url: str, make_user: MakeUser, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role created and never granted the tables was ready (the revision check skipped), and
+    answered 500 to every request: it is kept out of the rotation, and `serve` says why."""
+    user = make_user()
+    with limited_role(settings, database_url, []) as limited:
+        app = create_app(settings, limited)
+        with TestClient(app) as client:
+            ready = client.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert ready.json()["detail"] == (
+                "The database role may not read the tasks table: grant it the service's tables "
+                "(every request would fail)."
+            )
+            assert ready.headers["Retry-After"]
+            assert client.get(user.url(), headers=user.headers).status_code == 500
+        url = limited.engine.url.render_as_string(hide_password=False)
+        with caplog.at_level("WARNING", "service.cli"):
+            check_requests_connect(settings.model_copy(update={"database_url": url}))
+    assert any(
+        "may not read the tasks table" in r.getMessage() and "Serving anyway" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
+
+
+@contextmanager
+def limited_role(settings: Settings, database_url: str, grants: list[str]) -> Iterator[Database]:
+    """The run's database, as a new LOGIN role given `grants` (`{role}` in each)."""
+    role = f"todo_limited_{secrets.token_hex(4)}"
+    admin = sa.create_engine(database_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE ROLE "{role}" LOGIN'))
+        for grant in grants:
+            conn.execute(sa.text(grant.format(role=f'"{role}"')))
+    url = sa.make_url(database_url).set(username=role).render_as_string(hide_password=False)
+    limited = Database(build_engine(settings, url))
+    try:
+        yield limited
+    finally:
+        limited.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP OWNED BY "{role}"'))
+            conn.execute(sa.text(f'DROP ROLE "{role}"'))
+        admin.dispose()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
