@@ -32,6 +32,10 @@ from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.trace import Status, StatusCode
+from opentelemetry.util.http import (
+    OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS,
+    get_custom_headers,
+)
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import StatementError
@@ -57,6 +61,11 @@ _SEMCONV_OPT_IN = "OTEL_SEMCONV_STABILITY_OPT_IN"
 # Query parameters kept out of `url.query`: what people typed (task search text, tag names),
 # and the change feed's stream ticket (a credential, if only for seconds).
 PRIVATE_QUERY_PARAMETERS = frozenset({"q", "tag", "ticket"})
+# Request headers whose values never go into a span, even when an operator has the
+# instrumentation capture every header (OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST
+# set to `.*`): the bearer token, and the Better Auth session cookie a same-site frontend sends
+# along. Regexes, as in ..._SANITIZE_FIELDS, whose own entries are kept beside them.
+CREDENTIAL_HEADERS = ("^authorization$", "^proxy-authorization$", "^cookie$")
 
 _lock = threading.Lock()
 _configured = False
@@ -278,6 +287,11 @@ def instrument_app(
         meter_provider=meter_provider,
         excluded_urls=excluded,
         server_request_hook=_on_server_span,
+        # Given here, the list replaces the variable's: the operator's fields are kept in it.
+        http_capture_headers_sanitize_fields=[
+            *CREDENTIAL_HEADERS,
+            *get_custom_headers(OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS),
+        ],
         # The per-message ASGI spans double the span count and say nothing useful here.
         exclude_spans=["receive", "send"],
     )

@@ -296,6 +296,44 @@ def test_search_text_stays_out_of_spans_and_logs(
     assert service_lines and searched not in json.dumps(service_lines)
 
 
+@pytest.mark.parametrize("sanitized", [None, "x-custom-.*"])
+def test_captured_request_headers_never_hold_the_credentials(
+    traced_app_with: TracedAppWith,
+    user: ApiUser,
+    spans: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+    sanitized: str | None,
+) -> None:
+    """An operator debugging with every request header captured (the instrumentation's
+    `OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST=.*`) must not ship bearer
+    tokens, nor the Better Auth session cookie a same-site frontend sends along, to the trace
+    backend; whatever else the operator has the instrumentation sanitize is sanitized too."""
+    monkeypatch.setenv("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST", ".*")
+    if sanitized is not None:
+        monkeypatch.setenv("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SANITIZE_FIELDS", sanitized)
+    session = f"session-{secrets.token_hex(8)}"
+    custom = f"custom-{secrets.token_hex(8)}"
+    with TestClient(traced_app_with(), raise_server_exceptions=False) as client:
+        resp = client.get(
+            user.url(),
+            headers={
+                **user.headers,
+                "Cookie": f"better-auth.session_token={session}",
+                "Proxy-Authorization": f"Basic {session}",
+                "X-Custom-Thing": custom,
+            },
+        )
+    assert resp.status_code == 200
+    attributes = dict(server_span(spans, resp.headers["X-Trace-Id"]).attributes or {})
+    # Still captured, the value hidden.
+    assert attributes["http.request.header.authorization"] == ("[REDACTED]",)
+    assert attributes["http.request.header.cookie"] == ("[REDACTED]",)
+    text = all_attribute_text(spans)
+    assert user.token not in text
+    assert session not in text
+    assert (custom in text) is (sanitized is None)
+
+
 def test_incoming_traceparent_is_continued_into_the_audit_row(
     traced: TestClient, user: ApiUser, spans: InMemorySpanExporter, traced_database: Database
 ) -> None:
