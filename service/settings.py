@@ -334,6 +334,13 @@ class Settings(BaseSettings):
                 "JAEGER_UI_URL must be the Jaeger UI's http:// or https:// URL, e.g. "
                 "http://localhost:16686"
             )
+        parts = urlsplit(value)
+        if parts.username is not None or parts.password is not None:
+            # Every user's audit events carry the link: the password would be theirs too.
+            raise ValueError(
+                "JAEGER_UI_URL must not carry credentials (user:password@): every audit event "
+                "a user reads carries it, as trace_url"
+            )
         return value
 
     @model_validator(mode="after")

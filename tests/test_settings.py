@@ -430,3 +430,20 @@ def test_a_jaeger_ui_url_that_is_no_web_url_is_refused(
     for good in ("http://localhost:16686", "https://tools.example.com/jaeger/"):
         assert from_env(monkeypatch, JAEGER_UI_URL=good).jaeger_ui_url == good
     assert from_env(monkeypatch, JAEGER_UI_URL="").jaeger_ui_url is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["https://ops:hunter2@jaeger.example.com", "http://hunter2@jaeger:16686/", "http://:hunter2@j"],
+)
+def test_a_jaeger_ui_url_with_credentials_is_refused_without_quoting_them(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    """Every user's audit events carry `trace_url` built from it (the feed, a task's history,
+    the change feed): a Jaeger UI behind basic auth, its password in the URL, gave that
+    password to every user."""
+    with pytest.raises(ValidationError) as info:
+        from_env(monkeypatch, JAEGER_UI_URL=raw)
+    assert "JAEGER_UI_URL" in str(info.value).upper()
+    assert "credentials" in str(info.value)
+    assert "hunter2" not in str(info.value)
