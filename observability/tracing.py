@@ -48,6 +48,7 @@ from observability.otel_env import (
     sampler_from_env,
     sdk_disabled,
 )
+from service.routing import every_route
 from service.settings import ConfigError, Settings
 from service.text import first_line
 
@@ -59,7 +60,8 @@ _EXCLUDED_URLS = r"^[a-z]+://[^/]+/(?:healthz|readyz|metrics)/?$"
 _OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 _SEMCONV_OPT_IN = "OTEL_SEMCONV_STABILITY_OPT_IN"
 # Query parameters kept out of `url.query`: what people typed (task search text, tag names),
-# and the change feed's stream ticket (a credential, if only for seconds).
+# and the change feed's stream ticket (a credential, if only for seconds). So is any name no
+# route declares (`public_query_names`).
 PRIVATE_QUERY_PARAMETERS = frozenset({"q", "tag", "ticket"})
 # Request headers whose values never go into a span, even when an operator has the
 # instrumentation capture every header (OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST
@@ -237,11 +239,25 @@ _OLD_URL_ATTRIBUTES = ("http.url", "http.target")
 PROXY_PEER = "proxy_peer"
 
 
-def _on_server_span(span: trace.Span, scope: dict[str, Any]) -> None:
-    """The server span, just started: the query's private values out, the proxy in."""
+def public_query_names(app: FastAPI) -> frozenset[str]:
+    """The query parameters the app's routes read (`KnownQueryRoute.query_names`), but the
+    private ones. A value under any other name is one no route reads, refused with a 400 that
+    names it (or a 404): a bearer token a client put in the URL, as EventSource has no header
+    (`?access_token=`, `?token=`), would otherwise be in every trace of it."""
+    names: set[str] = set()
+    for route in every_route(app.routes):
+        declared = getattr(route, "query_names", None)
+        if declared is not None:
+            names |= declared.names
+    return frozenset(names - PRIVATE_QUERY_PARAMETERS)
+
+
+def _on_server_span(span: trace.Span, scope: dict[str, Any], shown: frozenset[str]) -> None:
+    """The server span, just started: the query's values out but those of `shown`, the
+    proxy in."""
     if not span.is_recording():
         return
-    _redact_private_query(span, scope)
+    _redact_query(span, scope, shown)
     peer = scope.get("state", {}).get(PROXY_PEER)
     if peer is not None:
         # The conventions' peer is the other end of the connection; `client.*` is the client.
@@ -250,15 +266,13 @@ def _on_server_span(span: trace.Span, scope: dict[str, Any]) -> None:
             span.set_attribute("network.peer.port", peer[1])
 
 
-def _redact_private_query(span: trace.Span, scope: dict[str, Any]) -> None:
+def _redact_query(span: trace.Span, scope: dict[str, Any], shown: frozenset[str]) -> None:
     query = scope.get("query_string")
     if not query:
         return
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    if any(key in PRIVATE_QUERY_PARAMETERS for key, _ in pairs):
-        redacted = urlencode(
-            [(k, "REDACTED" if k in PRIVATE_QUERY_PARAMETERS else v) for k, v in pairs]
-        )
+    if any(key not in shown for key, _ in pairs):
+        redacted = urlencode([(k, v if k in shown else "REDACTED") for k, v in pairs])
         span.set_attribute("url.query", redacted)
         attributes = getattr(span, "attributes", None) or {}
         for name in _OLD_URL_ATTRIBUTES:
@@ -281,12 +295,18 @@ def instrument_app(
     )
     if extra:
         excluded = f"{excluded},{extra}"
+    # Read once: `observe_app` comes last in the factory, after every router is included.
+    shown = public_query_names(app)
+
+    def on_server_span(span: trace.Span, scope: dict[str, Any]) -> None:
+        _on_server_span(span, scope, shown)
+
     FastAPIInstrumentor.instrument_app(
         app,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
         excluded_urls=excluded,
-        server_request_hook=_on_server_span,
+        server_request_hook=on_server_span,
         # Given here, the list replaces the variable's: the operator's fields are kept in it.
         http_capture_headers_sanitize_fields=[
             *CREDENTIAL_HEADERS,

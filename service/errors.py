@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -16,7 +15,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import BaseRoute, Match
+from starlette.routing import Match
 
 from observability import metrics
 from service.database import QUERY_CANCELED
@@ -30,6 +29,7 @@ from service.exceptions import (
 from service.jsonbody import BodyNotReceived
 from service.openapi import install_problem_docs
 from service.problem_types import PROBLEM_JSON, ProblemType, problem_body
+from service.routing import every_route
 from service.text import first_line
 
 log = logging.getLogger("service.errors")
@@ -159,17 +159,6 @@ async def _body_not_received(_: Request, exc: Exception) -> JSONResponse | None:
     if exc.answered is not None:
         return problem(exc.answered, "The request body was not received whole.")
     return None
-
-
-def every_route(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
-    """Every route of the app, those of included routers too: FastAPI keeps an included
-    router's routes on that router (`original_router`), not in the app's own list."""
-    for route in routes:
-        included = getattr(route, "original_router", None)
-        if included is None:
-            yield route
-        else:
-            yield from every_route(included.routes)
 
 
 def _allowed_methods(request: Request) -> str:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from fastapi import APIRouter
+from starlette.routing import BaseRoute
 
 F = TypeVar("F", bound=Callable[..., Any])
 _GET_ONLY: set[Callable[..., Any]] = set()
@@ -34,3 +35,14 @@ class Router(APIRouter):
         if "GET" in {method.upper() for method in methods} and endpoint not in _GET_ONLY:
             head = {**kwargs, "methods": ["HEAD"], "include_in_schema": False}
             super().add_api_route(path, endpoint, **head)
+
+
+def every_route(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    """Every route of the app, those of included routers too: FastAPI keeps an included
+    router's routes on that router (`original_router`), not in the app's own list."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is None:
+            yield route
+        else:
+            yield from every_route(included.routes)

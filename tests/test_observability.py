@@ -296,6 +296,33 @@ def test_search_text_stays_out_of_spans_and_logs(
     assert service_lines and searched not in json.dumps(service_lines)
 
 
+@pytest.mark.parametrize(
+    ("path", "query", "shown"),
+    [
+        # EventSource sends no header: a client that skipped the tickets puts its JWT in the URL.
+        ("/events", "access_token={token}", "access_token=REDACTED"),
+        ("/tasks", "limit=5&token={token}", "limit=5&token=REDACTED"),
+        # A path no route serves (a typo): the names some route reads are kept.
+        ("/task", "jwt={token}&limit=5", "jwt=REDACTED&limit=5"),
+    ],
+)
+def test_a_query_parameter_no_route_reads_is_redacted_in_spans(
+    traced: TestClient,
+    user: ApiUser,
+    spans: InMemorySpanExporter,
+    path: str,
+    query: str,
+    shown: str,
+) -> None:
+    """Refused with a 400 naming it (or a 404), its value never read: it need not be in the
+    trace backend, and a bearer token put in the URL must not be."""
+    resp = traced.get(f"/api/{user.user_id}{path}?{query.format(token=user.token)}")
+    assert resp.status_code in (400, 401, 404)
+    server = server_span(spans, resp.headers["X-Trace-Id"])
+    assert dict(server.attributes or {})["url.query"] == shown
+    assert user.token not in all_attribute_text(spans)
+
+
 @pytest.mark.parametrize("sanitized", [None, "x-custom-.*"])
 def test_captured_request_headers_never_hold_the_credentials(
     traced_app_with: TracedAppWith,
