@@ -32,6 +32,7 @@ from audit.verify import ChainReport
 from observability import metrics
 from service.deps import (
     CurrentUser,
+    PlainDigits,
     ReadSessionDep,
     SessionDep,
     SettingsDep,
@@ -51,7 +52,7 @@ log = logging.getLogger("audit.verify")
 router = Router(prefix="/api/{user_id}", tags=["audit"], route_class=UnitOfWorkRoute)
 keys_router = Router(tags=["audit"])
 
-Limit = Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX, description="Page size")]
+Limit = Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX, description="Page size"), PlainDigits]
 Cursor = Annotated[
     str | None,
     Query(max_length=queries.CURSOR_MAX, description="`next_cursor` of the previous page"),
@@ -75,7 +76,7 @@ def list_audit_events(
     user_id: UserIdPath,
     limit: Limit = 50,
     cursor: Cursor = None,
-    task_id: Annotated[int | None, Query(ge=1, le=BIGINT_MAX)] = None,
+    task_id: Annotated[int | None, Query(ge=1, le=BIGINT_MAX), PlainDigits] = None,
     action: AuditAction | None = None,
     since: Annotated[ClientTimeRoundedUp | None, Query(description="Inclusive lower bound")] = None,
     until: Annotated[ClientTimeRoundedUp | None, Query(description="Exclusive upper bound")] = None,

@@ -54,23 +54,29 @@ UserIdPath = Annotated[
 ]
 
 
-def digits_only(kind: str) -> BeforeValidator:
-    """A path id (of a `kind`, for the message) as the API writes it: not `1.0`, `+1`, ` 1`
-    or `01`, which int() would read as the id of another resource's URL."""
+def digits_only(what: str) -> BeforeValidator:
+    """A number as the API writes it (`what`, for the message): plain ASCII digits, `0` or
+    without leading zeros. int() (and pydantic) also read `1.0`, `+1`, ` 1`, `1_0` and `01`:
+    in a path, another URL of the same resource (a DELETE of `/tasks/1.0` deleted task 1); in
+    a query, a value a cache, a proxy or a log reads otherwise than the service
+    (`?limit=1_0` served 10)."""
 
     def check(value: Any) -> Any:
         if isinstance(value, str) and not (
-            value.isascii() and value.isdigit() and not value.startswith("0")
+            value.isascii() and value.isdigit() and (value == "0" or not value.startswith("0"))
         ):
-            raise ValueError(f"must be a {kind} id: digits, without a sign or leading zeros")
+            raise ValueError(f"must be {what}: digits, without a sign or leading zeros")
         return value
 
     return BeforeValidator(check)
 
 
 TaskIdPath = Annotated[
-    int, Path(ge=1, le=BIGINT_MAX, description="The task's id"), digits_only("task")
+    int, Path(ge=1, le=BIGINT_MAX, description="The task's id"), digits_only("a task id")
 ]
+# Every integer query parameter's, after its `Query(...)`: before it, pydantic would put
+# the Query's `ge`/`le` in the OpenAPI schema as such, not as `minimum`/`maximum`.
+PlainDigits = digits_only("a whole number")
 
 
 # Dependencies that do no I/O are `async def`: a sync one costs a thread-pool round trip.

@@ -4,10 +4,13 @@ every `/api/` route, after the token is checked, and with the query's other erro
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, get_args
 
 import pytest
 from fastapi import FastAPI
+from fastapi.dependencies.utils import get_flat_params
+from fastapi.params import Query
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
@@ -199,3 +202,51 @@ def test_every_api_operation_documents_the_400_for_unknown_parameters(client: Te
                 assert "query parameter this operation does not list" in described, (method, path)
             else:
                 assert "query parameter" not in described, (method, path)
+
+
+def _integer_parameters(route: APIRoute) -> list[str]:
+    """The names of the route's query parameters read as integers (`int`, `int | None`)."""
+    found = []
+    for field in get_flat_params(route.dependant):
+        annotation = field.field_info.annotation
+        # An `Annotated[int, ...]` in a union is itself: its `__origin__` is `int`.
+        types = {getattr(t, "__origin__", t) for t in (annotation, *get_args(annotation))}
+        if isinstance(field.field_info, Query) and int in types:
+            found.append(field.alias)
+    return found
+
+
+def test_every_integer_parameter_takes_plain_digits_only(
+    app: FastAPI, client: TestClient, user: ApiUser
+) -> None:
+    """`+1`, ` 1`, `1_0`, `1.0` and `01` are numbers to int() (pydantic reads them so), not to
+    a cache, a proxy or a log: `?limit=1_0` served 10 tasks. 400 naming the parameter, as
+    a path id written so is (`service.deps.digits_only`); on every `/api/` route."""
+    checked = set()
+    for method, path, route in _api_operations(app):
+        for name in _integer_parameters(route):
+            checked.add(name)
+            for value in ("%2B1", "%201", "1%20", "1_0", "1.0", "01"):
+                # No `Accept: text/event-stream`: the change feed answers 406, not a stream.
+                resp = client.request(
+                    method, _url(path, user, f"{name}={value}"), headers=user.headers
+                )
+                assert resp.status_code == 400, (method, path, name, value, resp.text)
+                if method != "HEAD":
+                    body = assert_validation_error(resp, f"query.{name}")
+                    assert body["errors"][0]["message"] == (
+                        "must be a whole number: digits, without a sign or leading zeros"
+                    ), body
+    assert checked == {"limit", "offset", "task_id", "after"}
+    # The OpenAPI document still gives their bounds, as `minimum` and `maximum`.
+    for item in client.get("/openapi.json").json()["paths"].values():
+        for operation in item.values():
+            for parameter in operation.get("parameters", []):
+                schema = json.dumps(parameter["schema"])
+                if parameter["in"] == "query" and '"integer"' in schema:
+                    assert '"minimum"' in schema and '"ge"' not in schema, parameter
+    # Plain digits, zero too, are still numbers.
+    for query in ("limit=10&offset=0", "limit=500&offset=10"):
+        assert client.get(user.url(f"?{query}"), headers=user.headers).status_code == 200
+    resp = client.get(f"/api/{user.user_id}/audit-events?task_id=1&limit=1", headers=user.headers)
+    assert resp.status_code == 200, resp.text

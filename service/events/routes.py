@@ -35,6 +35,7 @@ from service.database import Database
 from service.deps import (
     BearerDep,
     CurrentUser,
+    PlainDigits,
     SessionDep,
     SettingsDep,
     UnitOfWorkRoute,
@@ -365,7 +366,9 @@ async def stream_events(
         str | None, Query(max_length=64, description="From POST /events/tickets; single use")
     ] = None,
     after: Annotated[
-        int | None, Query(ge=0, le=BIGINT_MAX, description="Send the events after this seq")
+        int | None,
+        Query(ge=0, le=BIGINT_MAX, description="Send the events after this seq"),
+        PlainDigits,
     ] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)] = None,
     last_event_id_param: Annotated[

@@ -10,7 +10,7 @@ from fastapi import Query, Request
 from pydantic import BaseModel, Field, TypeAdapter
 
 from service import paging
-from service.deps import CurrentUser, ReadSessionDep, UnitOfWorkRoute, UserIdPath
+from service.deps import CurrentUser, PlainDigits, ReadSessionDep, UnitOfWorkRoute, UserIdPath
 from service.limits import OFFSET_MAX, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
 from service.openapi import error_responses, with_headers
 from service.reminders import queries
@@ -55,8 +55,8 @@ def list_reminders(
         ReminderState | None,
         Query(description="`pending` or `fired`; both when absent (never a cancelled one)"),
     ] = None,
-    limit: Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX)] = PAGE_SIZE_DEFAULT,
-    offset: Annotated[int, Query(ge=0, le=OFFSET_MAX)] = 0,
+    limit: Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX), PlainDigits] = PAGE_SIZE_DEFAULT,
+    offset: Annotated[int, Query(ge=0, le=OFFSET_MAX), PlainDigits] = 0,
     after: Annotated[
         str | None,
         Query(

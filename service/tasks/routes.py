@@ -14,6 +14,7 @@ from service import paging
 from service.conditional import IfMatch, IfNoneMatch, matches
 from service.deps import (
     CurrentUser,
+    PlainDigits,
     ReadSessionDep,
     SessionDep,
     TaskIdPath,
@@ -146,8 +147,8 @@ def list_tasks(
         Query(description="`priority` sorts by rank; tasks without due_at come last"),
     ] = SortField.created_at,
     order: SortOrder = SortOrder.desc,
-    limit: Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX)] = PAGE_SIZE_DEFAULT,
-    offset: Annotated[int, Query(ge=0, le=OFFSET_MAX)] = 0,
+    limit: Annotated[int, Query(ge=1, le=PAGE_SIZE_MAX), PlainDigits] = PAGE_SIZE_DEFAULT,
+    offset: Annotated[int, Query(ge=0, le=OFFSET_MAX), PlainDigits] = 0,
     after: Annotated[
         str | None,
         Query(

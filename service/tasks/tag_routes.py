@@ -35,7 +35,7 @@ router = Router(prefix="/api/{user_id}/tags", tags=["tags"], route_class=UnitOfW
 log = logging.getLogger("service.tags")
 
 TagIdPath = Annotated[
-    int, Path(ge=1, le=BIGINT_MAX, description="The tag's id"), digits_only("tag")
+    int, Path(ge=1, le=BIGINT_MAX, description="The tag's id"), digits_only("a tag id")
 ]
 _ONE = TypeAdapter(TagRecord)
 _MANY = TypeAdapter(list[TagRecord])
