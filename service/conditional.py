@@ -56,7 +56,8 @@ async def _if_none_match(
         Header(
             max_length=LINE_MAX,
             description="ETags from earlier responses (a comma-separated list, on one or more "
-            "lines), or `*`; one of them current gives 304 without a body.",
+            "lines), or `*`; one of them current gives 304 without a body on a GET, and 412 "
+            "(nothing changed) on a write.",
         ),
     ] = None,
 ) -> ETags | None:

@@ -259,8 +259,8 @@ def test_readme_quotes_the_fetch_wrapper_the_browser_tests_run() -> None:
 
 
 def test_conditional_headers_are_documented(spec: dict[str, Any]) -> None:
-    """`If-None-Match` on the task's GET, whose 304 has no body; `If-Match` on its writes.
-    Both are one string, a comma-separated list of ETags."""
+    """`If-None-Match` on the task's GET, whose 304 has no body; `If-Match` and
+    `If-None-Match` on its writes. Both are one string, a comma-separated list of ETags."""
     operations = _by_id(spec)
 
     def header(op_id: str, name: str) -> dict[str, Any]:
@@ -272,3 +272,5 @@ def test_conditional_headers_are_documented(spec: dict[str, Any]) -> None:
     assert any(s.get("type") == "string" for s in header("getTask", "if-none-match")["anyOf"])
     for op_id in ("updateTask", "deleteTask", "completeTask"):
         assert any(s.get("type") == "string" for s in header(op_id, "if-match")["anyOf"])
+        assert any(s.get("type") == "string" for s in header(op_id, "if-none-match")["anyOf"])
+        assert "412" in operations[op_id]["responses"]

@@ -526,6 +526,40 @@ def test_if_match(client: TestClient, user: ApiUser, method: str, path: str, bod
         assert send(None).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("PUT", "", {"title": "changed"}),
+        ("PATCH", "/complete", None),
+        ("DELETE", "", None),
+    ],
+)
+def test_if_none_match_on_a_write(
+    client: TestClient, user: ApiUser, method: str, path: str, body: Any
+) -> None:
+    """RFC 9110 13.1.2: a write whose `If-None-Match` lists the task's current tag, or `*`
+    (the task exists), is 412 and changes nothing; a client sending `*` asked not to
+    overwrite a task that is there. A tag no longer current lets it through. A missing task
+    is 404 first, as with `If-Match`."""
+    task = create_task(client, user, "original")
+    url = user.url(f"/{task['id']}")
+    stale = client.get(url, headers=user.headers).headers["ETag"]
+    client.put(url, json={"description": "moved on"}, headers=user.headers)
+    current = client.get(url, headers=user.headers)
+
+    def send(*tags: str, task_url: str = url) -> httpx.Response:
+        headers = [*user.headers.items(), *(("If-None-Match", tag) for tag in tags)]
+        return client.request(method, task_url + path, json=body, headers=headers)
+
+    for tags in (["*"], [current.headers["ETag"]], [f"W/{current.headers['ETag']}"]):
+        assert_problem(send(*tags), 412)
+        after = client.get(url, headers=user.headers)
+        assert after.json() == current.json(), tags
+        assert after.headers["ETag"] == current.headers["ETag"]
+    assert_problem(send("*", task_url=user.url("/999999999")), 404)
+    assert send(stale).status_code in (200, 204)
+
+
 def test_if_match_on_missing_task_is_404(client: TestClient, user: ApiUser) -> None:
     headers = {**user.headers, "If-Match": '"1-1"'}
     assert_problem(client.put(user.url("/999999999"), json={"title": "x"}, headers=headers), 404)

@@ -280,8 +280,11 @@ def update_task(
     task_id: TaskIdPath,
     body: TaskUpdate,
     if_match: IfMatch = None,
+    if_none_match: IfNoneMatch = None,
 ) -> Any:
-    change = rules.update_task(session, ctx, user.user_id, task_id, body, if_match=if_match)
+    change = rules.update_task(
+        session, ctx, user.user_id, task_id, body, if_match=if_match, if_none_match=if_none_match
+    )
     return _task_response(request, change.task)
 
 
@@ -299,8 +302,11 @@ def delete_task(
     session: SessionDep,
     task_id: TaskIdPath,
     if_match: IfMatch = None,
+    if_none_match: IfNoneMatch = None,
 ) -> None:
-    rules.delete_task(session, ctx, user.user_id, task_id, if_match=if_match)
+    rules.delete_task(
+        session, ctx, user.user_id, task_id, if_match=if_match, if_none_match=if_none_match
+    )
 
 
 @router.patch(
@@ -320,7 +326,16 @@ def complete_task(
     task_id: TaskIdPath,
     body: Annotated[TaskCompletion | None, Body()] = None,
     if_match: IfMatch = None,
+    if_none_match: IfNoneMatch = None,
 ) -> Any:
     completed = body.completed if body is not None else None
-    change = rules.set_completed(session, ctx, user.user_id, task_id, completed, if_match=if_match)
+    change = rules.set_completed(
+        session,
+        ctx,
+        user.user_id,
+        task_id,
+        completed,
+        if_match=if_match,
+        if_none_match=if_none_match,
+    )
     return _task_response(request, change.task)

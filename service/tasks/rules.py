@@ -149,9 +149,15 @@ def _next_timestamp(previous: datetime) -> datetime:
     return now if now > previous else previous + timedelta(microseconds=1)
 
 
-def _check_version(task: TaskRecord, if_match: ETags | None) -> None:
+def _check_version(
+    task: TaskRecord, if_match: ETags | None, if_none_match: ETags | None = None
+) -> None:
+    """RFC 9110 13.2.2, once the task is known to exist: If-Match, then If-None-Match (on a
+    write, a listed current tag or `*` is 412: a client sending `*` asked not to overwrite)."""
     if if_match is not None and not matches(task.etag, if_match):
         raise PreconditionFailed("The task has changed since you read it (ETag mismatch).")
+    if if_none_match is not None and matches(task.etag, if_none_match):
+        raise PreconditionFailed("If-None-Match lists the task's current ETag (or `*`).")
 
 
 def create_task(
@@ -373,6 +379,7 @@ def update_task(
     data: TaskUpdate,
     *,
     if_match: ETags | None = None,
+    if_none_match: ETags | None = None,
 ) -> TaskChange:
     changes = data.changes()
     resolved = None
@@ -380,11 +387,11 @@ def update_task(
         # A missing task or a stale ETag answers as such before any tag is resolved (one
         # could be at the limit); resolved (under the user's tag lock), the tags are locked
         # before the task, as a tag's rename or deletion locks them (`_change_tag`).
-        _check_version(queries.get_task(session, user_id, task_id), if_match)
+        _check_version(queries.get_task(session, user_id, task_id), if_match, if_none_match)
         resolved = tag_queries.resolve(session, user_id, list(changes["tags"]))
     # A completion may tag a next occurrence: the tag lock before the task.
     current = queries.lock_task(session, user_id, task_id, tag_lock="completed" in changes)
-    _check_version(current, if_match)
+    _check_version(current, if_match, if_none_match)
     return _apply(session, ctx, current, changes, resolved)
 
 
@@ -396,11 +403,12 @@ def set_completed(
     completed: bool | None,
     *,
     if_match: ETags | None = None,
+    if_none_match: ETags | None = None,
 ) -> TaskChange:
     """Set the completion flag, or toggle it when `completed` is None (atomic under the lock).
     The user's tag lock comes before the task's: a next occurrence gets the task's tags."""
     current = queries.lock_task(session, user_id, task_id, tag_lock=True)
-    _check_version(current, if_match)
+    _check_version(current, if_match, if_none_match)
     target = (not current.completed) if completed is None else completed
     return _apply(session, ctx, current, {"completed": target})
 
@@ -412,9 +420,10 @@ def delete_task(
     task_id: int,
     *,
     if_match: ETags | None = None,
+    if_none_match: ETags | None = None,
 ) -> TaskDeletion:
     current = queries.lock_task(session, user_id, task_id)
-    _check_version(current, if_match)
+    _check_version(current, if_match, if_none_match)
     statement = queries.delete_statement(current.user_id, current.id)
     _, event = _write(session, ctx, "task.deleted", statement, current, None)
     return TaskDeletion(task=current, event=event)
