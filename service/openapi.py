@@ -50,7 +50,7 @@ _DESCRIPTIONS = {
     403: "The token belongs to another user",
     404: "No such task for this user",
     409: "Conflict",
-    412: "If-Match does not match the task's current ETag",
+    412: "If-Match does not match the task's current ETag, or If-None-Match lists it (or `*`)",
     413: "Request body too large",
     415: "Request body is not JSON, or is compressed",
     429: "Rate limit exceeded; retry after Retry-After seconds (see the RateLimit headers)",

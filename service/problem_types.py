@@ -100,7 +100,8 @@ class ProblemType(Enum):
         "precondition-failed",
         412,
         "Precondition failed",
-        "`If-Match` does not match the task's current `ETag`: reload the task and retry.",
+        "`If-Match` does not match the task's current `ETag`: reload the task and retry. (Or "
+        "`If-None-Match` lists that `ETag`, or `*`, on a write.)",
     )
     body_too_large = (
         "body-too-large",
