@@ -512,13 +512,27 @@ class Settings(BaseSettings):
         """
         if not self.needs_dev_secret:
             return self
-        if path.exists():
-            secret = path.read_text(encoding="utf-8").strip()
-        else:
-            secret = secrets.token_urlsafe(32)
-            path.write_text(secret + "\n", encoding="utf-8")
-            path.chmod(0o600)
+        if not path.exists():
+            _create_dev_secret(path)
+        secret = path.read_text(encoding="utf-8").strip()
         return self.model_copy(update={"better_auth_secret": SecretStr(secret)})
+
+
+def _create_dev_secret(path: Path) -> None:
+    """Written whole, readable by its owner only, under a name of this process's, then linked
+    into place: processes starting at once (`make run`, `dev-token`) each made one, and read
+    another's, or an empty file, and some refused the others' tokens."""
+    draft = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(secrets.token_urlsafe(32) + "\n")
+        # Fails if the file is there: the first to link it made the secret for all.
+        os.link(draft, path)
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink()
 
 
 def export_otel_variables(env_file: Path = ENV_FILE) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,9 @@ from pydantic import ValidationError
 
 from service.database import Database, build_engine, normalize_database_url, safe_url
 from service.settings import AppEnv, Settings, get_settings
+from tests.support import clean_environ
+
+REPO = Path(__file__).resolve().parent.parent
 
 GOOD_SECRET = "k3Qb9Z0rV8yWm2Lx7Pq4Tn6Hs1Jd5Fg0Ae8Uc3Yi"  # 41 characters, not a placeholder
 # Each test sets exactly the variables it is about.
@@ -447,3 +453,30 @@ def test_a_jaeger_ui_url_with_credentials_is_refused_without_quoting_them(
     assert "JAEGER_UI_URL" in str(info.value).upper()
     assert "credentials" in str(info.value)
     assert "hunter2" not in str(info.value)
+
+
+def test_processes_starting_at_once_share_one_dev_secret(tmp_path: Path) -> None:
+    """`make run` and `todo-api dev-token` (or several workers) may make the secret at the same
+    moment: each must end up with the one kept in the file, which only its owner may read."""
+    start = time.time() + 3
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from service.settings import Settings\n"
+        "settings = Settings(_env_file=None, app_env='development')\n"
+        f"time.sleep(max(0, {start} - time.time()))\n"
+        "made = settings.with_dev_secret(Path(sys.argv[1]))\n"
+        "print(made.better_auth_secret.get_secret_value())\n"
+    )
+    path = tmp_path / "secret"
+    env = clean_environ(PYTHONPATH=str(REPO))
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(path)], env=env, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(8)
+    ]
+    secrets_made = {process.communicate(timeout=60)[0].strip() for process in processes}
+    assert secrets_made == {path.read_text(encoding="utf-8").strip()}
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert list(tmp_path.iterdir()) == [path]
