@@ -132,6 +132,27 @@ def test_all_fields_on_create_and_due_at_returned_in_utc(client: TestClient, use
                 "20271231T235959.5Z",
             )
         ),
+        # Names and values are ASCII, read case-insensitively in ASCII only: str.upper() reads
+        # a dotless i as I and a long s as S, and str.strip() takes other scripts' spaces.
+        ({"recurrence": "FREQ=dA\u0131LY"}, "body.recurrence", "FREQ=DA\u0131LY is not supported"),
+        ({"recurrence": "\u0131nterval=2;FREQ=DAILY"}, "body.recurrence", "\u0131NTERVAL is not"),
+        (
+            {"recurrence": "FREQ=DAILY;UNT\u0131L=20271231T235959Z"},
+            "body.recurrence",
+            "UNT\u0131L is not supported",
+        ),
+        (
+            {"recurrence": "FREQ=WEEKLY;BYDAY=\u017fa"},
+            "body.recurrence",
+            "BYDAY=\u017fA is not supported",
+        ),
+        (
+            {"recurrence": "FREQ=WEEKLY;BYDAY=MO,\u00a0WE"},
+            "body.recurrence",
+            "invalid 'BYDAY'",
+        ),
+        ({"recurrence": "\u3000FREQ=DAILY"}, "body.recurrence", "is not supported"),
+        ({"recurrence": "FREQ=DAILY\x1c"}, "body.recurrence", "control characters (found U+001C)"),
         ({"recurrence": "FREQ=FORTNIGHTLY"}, "body.recurrence", "not a valid RRULE"),
         ({"recurrence": "INTERVAL=2"}, "body.recurrence", "FREQ is required"),
         (

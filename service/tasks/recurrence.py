@@ -11,6 +11,7 @@ itself), so `COUNT=1` means "this is the last one". Dates are computed in UTC, t
 from __future__ import annotations
 
 import re
+import string
 from calendar import monthrange
 from dataclasses import dataclass
 from datetime import MAXYEAR, UTC, datetime
@@ -18,13 +19,20 @@ from math import gcd
 
 from dateutil.rrule import rrule, rrulestr
 
+from service.text import control_error
+
 RULE_MAX = 200
 INTERVAL_MAX = 1000
 COUNT_MAX = 1000
 FREQUENCIES = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
 # The supported parts, in the order the stored rule lists them.
 PARTS = ("FREQ", "INTERVAL", "BYDAY", "BYMONTHDAY", "COUNT", "UNTIL")
-_PREFIX = re.compile(r"^RRULE:", re.IGNORECASE)
+_PREFIX = re.compile(r"^RRULE:", re.IGNORECASE | re.ASCII)
+# RFC 5545's names and values are ASCII, their case ignored in ASCII only. str.upper() would
+# read `dA\u0131LY` (a dotless i) as DAILY and `\u017fa` (a long s) as SA; str.strip() would
+# take other scripts' spaces (a no-break space) for the spaces allowed around a list's commas.
+_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+_SPACES = string.whitespace
 _WEEKDAY = re.compile(r"^(MO|TU|WE|TH|FR|SA|SU)$")
 # RFC 5545's numbers are ASCII digits; Python's int() also takes other scripts' digits,
 # '1_0' and '+3'.
@@ -61,8 +69,8 @@ def _split(text: str) -> dict[str, str]:
     parts: dict[str, str] = {}
     for chunk in text.split(";"):
         name, sep, value = chunk.partition("=")
-        name = name.strip().upper()
-        if not sep or not name or not value.strip():
+        name = name.strip(_SPACES).translate(_UPPER)
+        if not sep or not name or not value.strip(_SPACES):
             raise RuleError(f"'{chunk}' is not a NAME=VALUE part")
         if name not in PARTS:
             raise RuleError(
@@ -71,7 +79,7 @@ def _split(text: str) -> dict[str, str]:
         if name in parts:
             raise RuleError(f"{name} is given twice")
         # A list without the spaces around its commas, which RFC 5545 does not allow.
-        parts[name] = ",".join(item.strip() for item in value.split(",")).upper()
+        parts[name] = ",".join(item.strip(_SPACES) for item in value.split(",")).translate(_UPPER)
     return parts
 
 
@@ -92,13 +100,13 @@ def _check_supported(parts: dict[str, str]) -> None:
         if freq != "WEEKLY":
             raise RuleError(f"BYDAY is supported with FREQ=WEEKLY only, not FREQ={freq}")
         for day in parts["BYDAY"].split(","):
-            if not _WEEKDAY.match(day.strip()):
+            if not _WEEKDAY.match(day):
                 raise RuleError(f"BYDAY={day} is not supported (use weekdays such as MO,WE)")
     if "BYMONTHDAY" in parts:
         if freq != "MONTHLY":
             raise RuleError(f"BYMONTHDAY is supported with FREQ=MONTHLY only, not FREQ={freq}")
         for day in parts["BYMONTHDAY"].split(","):
-            if not _MONTH_DAY.fullmatch(day.strip()) or not 1 <= abs(int(day)) <= 31:
+            if not _MONTH_DAY.fullmatch(day) or not 1 <= abs(int(day)) <= 31:
                 raise RuleError(f"BYMONTHDAY={day} is not a day of the month (1-31 or -31 to -1)")
 
 
@@ -136,13 +144,15 @@ def normalize(text: str) -> str:
 
     Raises RuleError naming the part that is wrong or not supported.
     """
-    text = _PREFIX.sub("", text.strip())
+    text = _PREFIX.sub("", text.strip(_SPACES))
     if not text:
         raise RuleError("must not be empty")
     if len(text) > RULE_MAX:
         raise RuleError(f"must be at most {RULE_MAX} characters")
     if any(ch in text for ch in "\r\n\x00") or ":" in text:
         raise RuleError("only the RRULE value is supported (no DTSTART, RDATE or EXDATE lines)")
+    if error := control_error(text):
+        raise RuleError(error)
     parts = _split(text)
     if "FREQ" not in parts:
         raise RuleError("FREQ is required")
