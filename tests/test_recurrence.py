@@ -131,6 +131,38 @@ def test_until_is_exhausted(client: TestClient, user: ApiUser) -> None:
     assert dues == ["2027-01-01T09:00:00Z", "2027-01-08T09:00:00Z", "2027-01-15T09:00:00Z"]
 
 
+def test_the_due_time_s_fraction_of_a_second_is_kept_by_every_occurrence(
+    client: TestClient, user: ApiUser
+) -> None:
+    """A due time read from a clock (`new Date()` plus an hour) has milliseconds: the series
+    keeps them, so its occurrences are the rule's interval apart, as is each reminder from its
+    due time. UNTIL, written to the second, includes that second's occurrence."""
+    dues = series(
+        client, user, "2027-01-01T10:00:00.25+01:00", "FREQ=WEEKLY;UNTIL=20270115T090000Z", 10
+    )
+    assert dues == [
+        "2027-01-01T09:00:00.250000Z",
+        "2027-01-08T09:00:00.250000Z",
+        "2027-01-15T09:00:00.250000Z",
+    ]
+    task = create(
+        client,
+        user,
+        "Pay rent",
+        due_at="2027-01-31T12:00:00.123456Z",
+        remind_at="2027-01-31T11:30:00.654321Z",
+        recurrence="FREQ=MONTHLY;BYMONTHDAY=-1",
+    )
+    following = client.get(
+        user.url(f"/{complete(client, user, task['id']).json()['next_task_id']}"),
+        headers=user.headers,
+    ).json()
+    assert (following["due_at"], following["remind_at"]) == (
+        "2027-02-28T12:00:00.123456Z",
+        "2027-02-28T11:30:00.654321Z",
+    )
+
+
 @pytest.mark.parametrize("via", ["patch", "put"])
 def test_completion_creates_a_copy_and_says_which(
     client: TestClient, user: ApiUser, database: Database, via: str

@@ -229,11 +229,15 @@ def next_occurrence(rule: str, due_at: datetime) -> Occurrence | None:
     if remaining is not None and remaining <= 1:
         return None
     due_at = due_at.astimezone(UTC)
+    # dateutil drops DTSTART's microseconds (RFC 5545 times are whole seconds): the rule's
+    # dates are computed, and compared with UNTIL, to the second, and every occurrence gets
+    # back `due_at`'s fraction, so the series stays the rule's interval apart.
+    start = due_at.replace(microsecond=0)
     following = None
-    if not _no_month_has_the_day(parts, due_at):
+    if not _no_month_has_the_day(parts, start):
         rest = ";".join(f"{name}={value}" for name, value in parts.items())
         try:
-            following = _parse(rest, due_at).after(due_at, inc=False)
+            following = _parse(rest, start).after(start, inc=False)
         except (ValueError, OverflowError):  # past year 9999
             return None
     if following is None:
@@ -241,4 +245,5 @@ def next_occurrence(rule: str, due_at: datetime) -> Occurrence | None:
     if remaining is not None:
         parts["COUNT"] = str(remaining - 1)
     next_rule = ";".join(f"{name}={parts[name]}" for name in PARTS if name in parts)
-    return Occurrence(due_at=following.astimezone(UTC), rule=next_rule)
+    due = following.astimezone(UTC).replace(microsecond=due_at.microsecond)
+    return Occurrence(due_at=due, rule=next_rule)
