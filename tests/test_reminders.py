@@ -194,6 +194,35 @@ def test_changing_remind_at_re_arms_the_reminder(http: httpx.Client, user: ApiUs
     assert verify(http, user)["ok"] is True
 
 
+def test_setting_remind_at_back_to_a_time_that_fired_arms_it_again(
+    http: httpx.Client, user: ApiUser
+) -> None:
+    """Any change of `remind_at` arms it, whatever fired before: a reminder moved later and
+    then back, or cleared and set again, to the time that fired is set in the past, and a
+    time set in the past fires at once."""
+    task = create_task(http, user, remind_at=at(0.3))
+    url = user.url(f"/{task['id']}")
+    wait_fired(http, user, task["id"])
+    assert http.put(url, json={"remind_at": at(3600)}, headers=user.headers).status_code == 200
+    assert [r["state"] for r in reminders(http, user)] == ["pending"]
+    assert (
+        http.put(url, json={"remind_at": task["remind_at"]}, headers=user.headers).status_code
+        == 200
+    )
+    wait_fired(http, user, task["id"], count=2, timeout=5)
+    assert [r["state"] for r in reminders(http, user)] == ["fired"]
+    for change in (None, task["remind_at"]):
+        resp = http.put(url, json={"remind_at": change}, headers=user.headers)
+        assert resp.status_code == 200
+    wait_fired(http, user, task["id"], count=3, timeout=5)
+    settle()
+    events = fired_events(http, user, task["id"])
+    assert [e["after"]["reminder"]["remind_at"] for e in events] == [
+        events[0]["after"]["remind_at"]
+    ] * 3
+    assert verify(http, user)["ok"] is True
+
+
 def test_completing_or_deleting_the_task_cancels_its_reminder(
     http: httpx.Client, user: ApiUser
 ) -> None:

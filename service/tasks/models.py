@@ -60,7 +60,7 @@ TITLE_MAX = 200
 SEARCH_MAX = 200  # the list's `q` (a Query bound in the route) and `tasks list --q`
 DESCRIPTION_MAX = 1000
 # A reminder still to fire: set, on a task not completed, and not fired for this time yet
-# (a changed `remind_at` no longer equals the time that fired: it is armed again).
+# (a write changing `remind_at` clears `reminder_fired_for`: it is armed again).
 REMINDER_UNFIRED = (
     "remind_at IS NOT NULL AND NOT completed AND reminder_fired_for IS DISTINCT FROM remind_at"
 )

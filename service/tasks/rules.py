@@ -309,6 +309,10 @@ def _apply(
     if changed.keys() & {"recurrence", "due_at"}:
         _check_recurs(due_at, rule)
     _check_remind(due_at, changed.get("remind_at", current.remind_at))
+    if "remind_at" in changed:
+        # A new time is a new reminder, armed whatever fired before: also the time that fired
+        # last, set again after another (it is in the past: it fires at once, as any past time).
+        changed.update(reminder_fired_for=None, reminder_fired_at=None, reminder_late=False)
     following: recurrence.Occurrence | None = None
     if changed.get("completed") is True and rule and due_at and current.next_task_id is None:
         following = recurrence.next_occurrence(rule, due_at)
