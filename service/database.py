@@ -264,6 +264,22 @@ def retried_once(work: Callable[[], T]) -> T:
         return work()
 
 
+_COMMIT_UNANSWERED = "todo_api_commit_unanswered"
+
+
+def mark_commit_unanswered(exc: BaseException) -> None:
+    """Mark the error of a request's write unit whose commit lost its connection: COMMIT may
+    have reached the server and committed, with only its answer lost."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        setattr(exc, _COMMIT_UNANSWERED, True)
+
+
+def commit_unanswered(exc: BaseException) -> bool:
+    """Whether the change was saved is unknown (`mark_commit_unanswered`): unlike a failure of
+    any earlier statement, this one does not mean that the unit was rolled back."""
+    return bool(getattr(exc, _COMMIT_UNANSWERED, False))
+
+
 _ON_COMMIT = "on_commit"
 # In `session.info` of a `Database.read_unit`.
 READ_ONLY = "read_only"

@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from service.auth import Principal, TokenVerifier
-from service.database import READ_ONLY, Database, sent_nothing
+from service.database import READ_ONLY, Database, mark_commit_unanswered, sent_nothing
 from service.exceptions import AuthError, Forbidden, TokenExpired, TokenMissing
 from service.jsonbody import JsonBodyRoute
 from service.limits import BIGINT_MAX, USER_ID_MAX
@@ -125,6 +125,19 @@ class RequestAbandoned(Exception):
     """Raised in the worker thread of a cancelled request, to roll its unit of work back."""
 
 
+def _finish_unit(session: Session, unit: contextlib.AbstractContextManager[Session]) -> None:
+    """Commit a request's unit of work (a read unit: give its connection back). A write unit's
+    commit that lost its connection may have committed all the same: its error says so
+    (`service.database.commit_unanswered`), for the answer not to say "try again"."""
+    writes = READ_ONLY not in session.info
+    try:
+        unit.__exit__(None, None, None)
+    except BaseException as exc:
+        if writes:
+            mark_commit_unanswered(exc)
+        raise
+
+
 def _unit_dependency(
     name: str, open_unit: Callable[[Database], contextlib.AbstractContextManager[Session]]
 ) -> Callable[..., AsyncIterator[Session]]:
@@ -161,9 +174,7 @@ def _unit_dependency(
             raise
         if session.info.pop(_UNIT, None) is not None:
             try:
-                await to_thread.run_sync(
-                    unit.__exit__, None, None, None, limiter=CapacityLimiter(1)
-                )
+                await to_thread.run_sync(_finish_unit, session, unit, limiter=CapacityLimiter(1))
             except asyncio.CancelledError:
                 if writes:  # the thread commits regardless
                     setattr(request.state, COMMIT_UNCERTAIN, True)
@@ -211,7 +222,7 @@ def _finish_in_thread(endpoint: Callable[..., Any]) -> Callable[..., Any]:
         except BaseException as exc:
             unit.__exit__(type(exc), exc, exc.__traceback__)  # rolls back, never swallows
             raise
-        unit.__exit__(None, None, None)
+        _finish_unit(session, unit)
         return result
 
     return run

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from observability import metrics
-from service.database import QUERY_CANCELED
+from service.database import QUERY_CANCELED, commit_unanswered
 from service.exceptions import (
     AuthError,
     AuthUnavailable,
@@ -234,6 +234,28 @@ async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+COMMIT_UNANSWERED = (
+    "The connection to the database was lost while the change was being committed: it may "
+    "have been saved. Reload before retrying."
+)
+
+
+async def _commit_unanswered(_: Request, exc: Exception) -> JSONResponse:
+    """Not "try again": the change may be saved, and a toggle retried blindly would undo it
+    (a create with its Idempotency-Key can be retried as is: it replays if it was saved)."""
+    orig = getattr(exc, "orig", None)
+    log.error(
+        "database connection lost during commit: the change may have been saved",
+        extra={
+            "error_type": type(exc).__name__,
+            "reason": first_line(orig) if orig is not None else "",
+            "commit_uncertain": True,
+        },
+    )
+    metrics.unavailable("database")
+    return problem(503, COMMIT_UNANSWERED, headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
 def is_timeout(exc: BaseException) -> bool:
     """PostgreSQL cancelled the statement: the database answered, late, not unreachable."""
     return isinstance(exc, DBAPIError) and getattr(exc.orig, "pgcode", None) == QUERY_CANCELED
@@ -294,6 +316,8 @@ def is_disconnect(exc: BaseException) -> bool:
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if commit_unanswered(exc):
+        return await _commit_unanswered(request, exc)
     if is_collision(exc):
         return await _collision(request, exc)
     if is_timeout(exc):  # an OperationalError too, but not a lost database

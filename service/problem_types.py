@@ -148,7 +148,9 @@ class ProblemType(Enum):
         "The database or the token keys are unreachable, the database did not answer in "
         "time (`DB_STATEMENT_TIMEOUT_MS`), the database rolled the change back to settle a "
         "collision with a concurrent one, or the server stopped before the request "
-        "finished: retry after `Retry-After` seconds.",
+        "finished: retry after `Retry-After` seconds. When the connection was lost during a "
+        "write's commit, or the server stopped while it was committing, `detail` says the "
+        "change may have been saved: reload before retrying.",
     )
 
     def __init__(self, slug: str, status: int, title: str, description: str) -> None:

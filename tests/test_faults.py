@@ -189,7 +189,9 @@ def test_connection_killed_mid_request_is_503_and_changes_nothing(
             )
             waiting = wait_until(lambda: tracked.waiting_pids(admin), "the request to wait")
             assert terminate(admin, waiting) == 1
-            assert_unavailable(blocked.result())
+            resp = blocked.result()
+            assert_unavailable(resp)
+            assert "may have been saved" not in resp.json()["detail"]  # nothing was
         finally:
             holder.rollback()
             holder.close()
@@ -422,6 +424,39 @@ def test_connection_lost_after_the_server_committed_is_503_and_the_write_is_dura
         events = assert_consistent(conn, user.user_id)
         assert [e["action"] for e in events] == ["task.created", "task.created", "task.updated"]
         assert len(_tasks(conn, user.user_id)) == 2
+
+
+def test_a_write_whose_commit_went_unanswered_says_it_may_have_been_saved(
+    settings: Settings, user: ApiUser, admin: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 503 whose COMMIT was sent but never answered does not say "try again shortly": the
+    change may be saved (here it is), and a toggle retried on that advice undoes it. It says
+    the change may have been saved, as a write cancelled mid-commit at shutdown does, and the
+    log says which case it was."""
+    target = admin.url
+    with TcpProxy(server_address(target)) as proxy:
+        url = proxied_url(target, proxy.port)
+        with (
+            tracked_app(settings, url) as tracked,
+            live(tracked.app) as server,
+            server.client() as http,
+        ):
+            task = http.post(user.url(), json={"title": "t"}, headers=user.headers).json()
+            task_url = user.url(f"/{task['id']}")
+
+            proxy.drop_reply_after(COMMIT_MESSAGE)
+            toggled = http.patch(f"{task_url}/complete", headers=user.headers)
+            assert proxy.dropped == 1
+            assert_unavailable(toggled)
+            detail = toggled.json()["detail"]
+            assert "may have been saved" in detail and "Reload before retrying" in detail
+            assert "try again shortly" not in detail
+            assert http.get(task_url, headers=user.headers).json()["completed"] is True
+            assert tracked.database.engine.pool.checkedout() == 0
+    lost = [r for r in caplog.records if getattr(r, "commit_uncertain", None) is True]
+    assert [r.getMessage() for r in lost] == [
+        "database connection lost during commit: the change may have been saved"
+    ]
 
 
 def test_idle_pooled_connections_closed_by_the_server_are_never_handed_out(
