@@ -59,10 +59,11 @@ HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 _EXCLUDED_URLS = r"^[a-z]+://[^/]+/(?:healthz|readyz|metrics)/?$"
 _OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 _SEMCONV_OPT_IN = "OTEL_SEMCONV_STABILITY_OPT_IN"
-# Query parameters kept out of `url.query`: what people typed (task search text, tag names),
-# and the change feed's stream ticket (a credential, if only for seconds). So is any name no
-# route declares (`public_query_names`).
-PRIVATE_QUERY_PARAMETERS = frozenset({"q", "tag", "ticket"})
+# Query parameters kept out of `url.query`: what people typed (task search text, tag names,
+# and the last title seen, in the `after` cursor of a list sorted by title), and the change
+# feed's stream ticket (a credential, if only for seconds). So is any name no route declares
+# (`public_query_names`).
+PRIVATE_QUERY_PARAMETERS = frozenset({"q", "tag", "after", "ticket"})
 # Request headers whose values never go into a span, even when an operator has the
 # instrumentation capture every header (OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST
 # set to `.*`): the bearer token, and the Better Auth session cookie a same-site frontend sends

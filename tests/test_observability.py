@@ -38,6 +38,7 @@ from observability.flush import flush_telemetry
 from observability.metrics import metric_readers
 from observability.otel_env import check_otel_environment
 from observability.tracing import build_resource, build_tracer_provider, span_exporters
+from service import paging
 from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database, build_engine
@@ -294,6 +295,26 @@ def test_search_text_stays_out_of_spans_and_logs(
         line for line in json_lines(capsys.readouterr().out) if line["logger"] != "httpx"
     ]
     assert service_lines and searched not in json.dumps(service_lines)
+
+
+def test_a_title_in_a_cursor_stays_out_of_spans(
+    traced: TestClient, user: ApiUser, spans: InMemorySpanExporter
+) -> None:
+    """A list sorted by title pages with the last title seen in its `after` cursor
+    (base64url JSON): what people typed, like `q`, it is not sent to the trace backend."""
+    titles = [f"diary-{secrets.token_hex(6)}" for _ in range(2)]
+    for title in titles:
+        assert traced.post(user.url(), json={"title": title}, headers=user.headers).is_success
+    first = traced.get(user.url(), params={"sort": "title", "limit": 1}, headers=user.headers)
+    cursor = first.links["next"]["url"].split("after=")[1].split("&")[0]
+    assert max(titles) in paging.unwrap(cursor).decode()  # sorted descending
+    resp = traced.get(
+        user.url(), params={"sort": "title", "limit": 1, "after": cursor}, headers=user.headers
+    )
+    assert resp.status_code == 200
+    server = server_span(spans, resp.headers["X-Trace-Id"])
+    assert dict(server.attributes or {})["url.query"] == "sort=title&limit=1&after=REDACTED"
+    assert cursor not in all_attribute_text(spans)
 
 
 @pytest.mark.parametrize(
