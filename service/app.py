@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from anyio import to_thread
 from fastapi import FastAPI
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
@@ -125,7 +126,11 @@ def create_app(
                 settings.audit_checkpoint_interval_seconds,
                 settings.audit_checkpoint_dir,
             )
-            checkpoints = asyncio.create_task(maker.run(), name="audit-checkpoints")
+            # Untraced, as the reminders and the purge are: outside any request, each of its
+            # statements would be a trace of its own. The task and the threads it hands the
+            # work to run in a copy of this context.
+            with suppress_instrumentation():
+                checkpoints = asyncio.create_task(maker.run(), name="audit-checkpoints")
         # Under `todo-api serve`, SIGTERM first drains (/readyz 503), then uvicorn stops.
         drain.install()
         drain.on_stop(feed.close_streams_threadsafe)

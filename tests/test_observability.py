@@ -44,6 +44,8 @@ from service.auth import create_dev_token
 from service.database import Database, build_engine
 from service.settings import AppEnv, ConfigError, Settings
 from service.tasks.rules import DIFF_FIELDS
+from tests.audit_helpers import scratch_database
+from tests.checkpoint_helpers import KEY, with_key
 from tests.jwt_helpers import random_id
 from tests.reminder_helpers import at, wait_fired
 from tests.serve_helpers import ServeProcess
@@ -1357,9 +1359,13 @@ def test_a_recurring_completion_puts_the_completion_on_the_span(
 
 
 def test_the_idempotency_purge_makes_no_spans(
-    settings: Settings, traced_database: Database, spans: InMemorySpanExporter
+    settings: Settings,
+    traced_database: Database,
+    traced_app: FastAPI,
+    spans: InMemorySpanExporter,
 ) -> None:
-    """Housekeeping every few minutes in each process: root spans with no request."""
+    """Housekeeping every few minutes in each process: root spans with no request.
+    (`traced_app` instruments the engine, also when this test runs alone.)"""
     from service.maintenance import _purge_untraced
     from service.tasks.idempotency import purge_expired
 
@@ -1369,6 +1375,45 @@ def test_the_idempotency_purge_makes_no_spans(
     before = len(spans.get_finished_spans())
     _purge_untraced(traced_database, settings)
     assert len(spans.get_finished_spans()) == before
+
+
+def test_the_periodic_checkpoints_make_no_spans(
+    base_settings: Settings, provider: TracerProvider, spans: InMemorySpanExporter
+) -> None:
+    """Each instance tries once an interval, outside any request: each of its statements was
+    a trace of its own in Jaeger (`SELECT todo`, a CLIENT span and no server span), as the
+    purge's were. Its log line says it was made."""
+    with scratch_database() as url:
+        settings = with_key(
+            base_settings.model_copy(
+                update={"database_url": url, "audit_checkpoint_interval_seconds": 3600}
+            ),
+            KEY,
+        )
+        db = Database(build_engine(settings))
+        try:
+            with TestClient(create_app(settings, db, tracer_provider=provider)):
+                deadline = time.monotonic() + 10
+                while not checkpoint_count(url):
+                    assert time.monotonic() < deadline, "no checkpoint made"
+                    time.sleep(0.05)
+            assert [s.name for s in spans.get_finished_spans()] == []
+            with db.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            assert spans.get_finished_spans()  # the engine is traced
+        finally:
+            db.dispose()
+
+
+def checkpoint_count(url: str) -> int:
+    """Read on an engine of its own, untraced."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            query = sa.text("SELECT count(*) FROM audit_checkpoints")
+            return int(conn.execute(query).scalar_one())
+    finally:
+        engine.dispose()
 
 
 def test_old_http_attribute_names_are_redacted_too(database_url: str, tmp_path: Path) -> None:
