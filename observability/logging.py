@@ -110,6 +110,15 @@ def holds_database_error(exc: BaseException) -> bool:
     return any(is_database_error(e) for e in _chain(exc))
 
 
+def failure_reason(exc: BaseException) -> str:
+    """A log line's `reason`: the first line of what failed, the driver's for a database error
+    (`connection to server ... failed: Connection refused`, `permission denied for table
+    tasks`), without the statement SQLAlchemy adds or the values PostgreSQL's later lines
+    quote. Background work that retries each interval says why, not only `error_type`."""
+    orig = exc.orig if isinstance(exc, StatementError) else None
+    return first_line(orig if orig is not None else exc)
+
+
 def format_exception(exc: BaseException) -> str:
     """The traceback as `traceback.format_exception` writes it (chained exceptions
     included), each database error in it reduced to its first line."""

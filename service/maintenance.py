@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager, suppress
 from anyio import to_thread
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
+from observability.logging import failure_reason
 from service.database import Database
 from service.reminders.firing import ReminderWorker
 from service.settings import Settings
@@ -35,7 +36,10 @@ async def _purge_forever(db: Database, settings: Settings) -> None:
         try:
             deleted = await to_thread.run_sync(_purge_untraced, db, settings)
         except Exception as exc:
-            log.warning("idempotency key purge failed", extra={"error_type": type(exc).__name__})
+            log.warning(
+                "idempotency key purge failed",
+                extra={"error_type": type(exc).__name__, "reason": failure_reason(exc)},
+            )
             continue
         if deleted:
             log.info("purged expired idempotency keys", extra={"deleted": deleted})

@@ -9,6 +9,7 @@ global provider instead, because that is the one FastAPI's own telemetry would u
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -1414,6 +1415,63 @@ def checkpoint_count(url: str) -> int:
             return int(conn.execute(query).scalar_one())
     finally:
         engine.dispose()
+
+
+def test_a_failing_background_loop_says_why(
+    base_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reminder loop, the purge and the change feed's listener retry; their WARNING said
+    only `OperationalError` (or `ProgrammingError`), over and over, and nothing told a server
+    that is down from a role without a grant or a FEED_DATABASE_URL that names the wrong
+    host. Now `reason` is the database's first line."""
+    from service.events.hub import FeedHub
+    from service.maintenance import background_upkeep
+
+    settings = base_settings.model_copy(
+        update={
+            "reminders_enabled": True,
+            "reminder_poll_seconds": 0.05,
+            "idempotency_purge_interval_seconds": 0.05,
+        }
+    )
+    # Nothing listens there: every connection is refused.
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
+    db = Database(build_engine(settings, nowhere))
+    feed = FeedHub(
+        lambda: db.dedicated_connection(settings, "todo-api-feed"),
+        probe=lambda channel, payload: db.notify(settings, channel, payload),
+        max_streams_per_user=1,
+        max_streams_per_worker=1,
+    )
+
+    async def upkeep_a_while() -> None:
+        await feed.start()
+        try:
+            async with background_upkeep(db, settings):
+                await asyncio.sleep(0.5)
+        finally:
+            await feed.stop()
+
+    try:
+        with caplog.at_level("WARNING"):
+            asyncio.run(upkeep_a_while())
+    finally:
+        db.dispose()
+    failed = {
+        r.getMessage(): r
+        for r in caplog.records
+        if "failed" in r.getMessage() or "cannot connect" in r.getMessage()
+    }
+    assert set(failed) == {
+        "firing reminders failed",
+        "idempotency key purge failed",
+        "feed listener cannot connect; retrying",
+    }
+    for record in failed.values():
+        assert record.error_type == "OperationalError"  # type: ignore[attr-defined]
+        # libpq's: `connection to server at "127.0.0.1", port N failed: Connection refused`
+        assert "Connection refused" in record.reason  # type: ignore[attr-defined]
+        assert "\n" not in record.reason  # type: ignore[attr-defined]
 
 
 def test_old_http_attribute_names_are_redacted_too(database_url: str, tmp_path: Path) -> None:

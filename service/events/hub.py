@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from observability.logging import failure_reason
 from service.exceptions import FeedUnavailable, TooManyStreams
 
 log = logging.getLogger("service.events")
@@ -243,7 +244,11 @@ class FeedHub:
             except Exception as exc:
                 log.warning(
                     "feed listener cannot connect; retrying",
-                    extra={"error_type": type(exc).__name__, "retry_in_seconds": delay},
+                    extra={
+                        "error_type": type(exc).__name__,
+                        "reason": failure_reason(exc),
+                        "retry_in_seconds": delay,
+                    },
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
@@ -300,7 +305,11 @@ class FeedHub:
             except Exception as exc:
                 log.warning(
                     "feed listener cannot send its probe notification; retrying",
-                    extra={"error_type": type(exc).__name__, "retry_in_seconds": delay},
+                    extra={
+                        "error_type": type(exc).__name__,
+                        "reason": failure_reason(exc),
+                        "retry_in_seconds": delay,
+                    },
                 )
                 return None
             await asyncio.wait(

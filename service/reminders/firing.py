@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from audit.recorder import AuditContext, RecordedEvent, record_event
 from audit.schemas import AuditAction, FiredReminder
+from observability.logging import failure_reason
 from service.database import Database, on_commit
 from service.reminders import queries
 from service.reminders.queries import Claim
@@ -129,7 +130,10 @@ class ReminderWorker:
             try:
                 fired = self.run_once()
             except Exception as exc:
-                log.warning("firing reminders failed", extra={"error_type": type(exc).__name__})
+                log.warning(
+                    "firing reminders failed",
+                    extra={"error_type": type(exc).__name__, "reason": failure_reason(exc)},
+                )
             else:
                 if fired:
                     log.info("reminders fired", extra={"fired": fired})
