@@ -9,6 +9,7 @@ import secrets
 from datetime import timedelta
 from enum import StrEnum
 from functools import lru_cache
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -551,7 +552,32 @@ def export_otel_variables(env_file: Path = ENV_FILE) -> None:
             os.environ[name] = value
 
 
+# The entry-point group the OpenTelemetry API loads OTEL_PROPAGATORS' names from.
+_PROPAGATOR_GROUP = "opentelemetry_propagator"
+
+
+def check_propagators() -> None:
+    """Raise ConfigError if OTEL_PROPAGATORS names a propagator no installed package provides
+    (`b3`, `xray`), or an empty one. The API loads them when it is first imported, and raised
+    there: every command that imports it (serve, migrate) stopped with a traceback. Read as
+    it reads them: in order, up to a `none` (any case), which ends the list."""
+    configured = os.environ.get("OTEL_PROPAGATORS")
+    if not configured:
+        return
+    installed = {entry.name for entry in entry_points(group=_PROPAGATOR_GROUP)}
+    for name in (part.strip() for part in configured.split(",")):
+        if name.lower() == "none":
+            return
+        if name not in installed:
+            raise ConfigError(
+                f"OTEL_PROPAGATORS names {name!r}, which is not installed: use "
+                f"{', '.join(sorted(installed))} or none (comma-separated, no empty entry)"
+            )
+
+
 @lru_cache
 def get_settings() -> Settings:
     export_otel_variables()
+    # Here, before anything imports OpenTelemetry (the `.env` file's OTEL_* are in by now).
+    check_propagators()
     return Settings()

@@ -50,7 +50,7 @@ from tests.checkpoint_helpers import KEY, with_key
 from tests.jwt_helpers import random_id
 from tests.reminder_helpers import at, wait_fired
 from tests.serve_helpers import ServeProcess
-from tests.support import TEST_SECRET, ApiUser, bearer, free_port
+from tests.support import TEST_SECRET, ApiUser, bearer, clean_environ, free_port
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -694,6 +694,37 @@ def test_unusable_otel_values_are_refused_not_replaced_by_defaults(
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=name):
         check_otel_environment()
+
+
+@pytest.mark.parametrize("value", ["b3", "tracecontext,xray", "tracecontext,"])
+def test_a_propagator_not_installed_is_refused_in_one_line(
+    value: str, database_url: str, tmp_path: Path
+) -> None:
+    """The OpenTelemetry API loads OTEL_PROPAGATORS when it is first imported: one not
+    installed (`b3` from a Zipkin mesh's settings, `xray` on AWS) stopped `serve` and
+    `migrate` with a 30-line traceback and exit 1, instead of the one line and exit 2 of any
+    other bad setting."""
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("todo-api")), "migrate"],
+        cwd=tmp_path,
+        env=clean_environ(DATABASE_URL=database_url, OTEL_PROPAGATORS=value),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("todo-api: configuration error: OTEL_PROPAGATORS"), line
+
+
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize("value", ["", "tracecontext,baggage", " tracecontext ", "none", "None,b3"])
+def test_installed_propagators_are_accepted(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the API loads without a word: `none` (any case) ends the list where it stands."""
+    from service.settings import check_propagators
+
+    monkeypatch.setenv("OTEL_PROPAGATORS", value)
+    check_propagators()
 
 
 @pytest.mark.usefixtures("clean_env")
