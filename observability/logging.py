@@ -28,6 +28,10 @@ _SKIPPED_ATTRS = frozenset([*RESERVED_ATTRS, "color_message"])
 # Uvicorn's own access lines are replaced by ours (with the route and the request's ids).
 UVICORN_LOGGERS = ("uvicorn", "uvicorn.error")
 UVICORN_ACCESS_LOGGER = "uvicorn.access"
+# Libraries whose DEBUG lines quote what users wrote, kept at INFO whatever LOG_LEVEL says:
+# sse_starlette logs each chunk a change feed stream sends, every event's task title,
+# description and tags.
+QUOTING_LOGGERS = ("sse_starlette",)
 
 # The request's ASGI `state` dict: RequestIdMiddleware puts `request_id` in it and
 # authentication `user_id`, so log lines read them as soon as they are known.
@@ -252,6 +256,8 @@ def configure_logging(settings: Settings, *, exclusive: bool = False) -> None:
         if _handler not in root.handlers:
             root.addHandler(_handler)
         root.setLevel(settings.log_level.upper())
+        for name in QUOTING_LOGGERS:
+            logging.getLogger(name).setLevel(max(logging.INFO, root.level))
         for name in UVICORN_LOGGERS:
             logger = logging.getLogger(name)
             logger.handlers.clear()

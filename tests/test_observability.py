@@ -47,10 +47,19 @@ from service.settings import AppEnv, ConfigError, Settings
 from service.tasks.rules import DIFF_FIELDS
 from tests.audit_helpers import scratch_database
 from tests.checkpoint_helpers import KEY, with_key
+from tests.feed_helpers import FeedReader
 from tests.jwt_helpers import random_id
+from tests.reliability_helpers import wait_until
 from tests.reminder_helpers import at, wait_fired
 from tests.serve_helpers import ServeProcess
-from tests.support import TEST_SECRET, ApiUser, bearer, clean_environ, free_port
+from tests.support import (
+    TEST_SECRET,
+    ApiUser,
+    LiveServer,
+    bearer,
+    clean_environ,
+    free_port,
+)
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 HEX16 = re.compile(r"^[0-9a-f]{16}$")
@@ -1338,6 +1347,44 @@ def test_console_format_and_log_level(
     assert Settings(_env_file=None, log_level="debug").log_level == "DEBUG"
     with pytest.raises(ValueError, match="LOG_LEVEL"):
         Settings(_env_file=None, log_level="verbose")
+
+
+def test_debug_logging_keeps_the_change_feeds_events_out_of_the_log(
+    base_settings: Settings,
+    live_server: LiveServer,
+    user: ApiUser,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """sse_starlette logs each chunk it sends at DEBUG: with LOG_LEVEL=DEBUG every event of
+    every open stream, its task's title, description and tags, went into the log."""
+    title, description = f"diary-{secrets.token_hex(6)}", f"notes-{secrets.token_hex(6)}"
+    written: list[str] = []
+
+    def stream_logged() -> bool:
+        written.append(capsys.readouterr().out)
+        return '"route": "/api/{user_id}/events"' in "".join(written)
+
+    try:
+        configure_logging(base_settings.model_copy(update={"log_level": "DEBUG"}))
+        created = httpx.post(
+            f"{live_server.url}{user.url()}",
+            json={"title": title, "description": description},
+            headers=user.headers,
+        )
+        assert created.status_code == 201
+        with FeedReader(
+            live_server.url, f"/api/{user.user_id}/events", headers=user.headers
+        ) as reader:
+            assert reader.next_event().json()["after"]["title"] == title
+        # The access line of the stream, written once it has ended.
+        wait_until(stream_logged, "the stream's access line")
+    finally:
+        written.append(capsys.readouterr().out)
+        configure_logging(base_settings)
+    out = "".join(written)
+    lines = json_lines(out)
+    assert any(line["level"] == "DEBUG" for line in lines)  # DEBUG is on
+    assert title not in out and description not in out
 
 
 def test_the_reminder_loop_makes_no_spans_and_a_firing_writes_its_log_line(
