@@ -267,13 +267,25 @@ def _on_server_span(span: trace.Span, scope: dict[str, Any], shown: frozenset[st
             span.set_attribute("network.peer.port", peer[1])
 
 
+# A name no route declares stays in the trace (which one was refused) while it reads as a
+# parameter's name (`stauts`, `access_token`). Anything else is not one: a bearer token sent
+# as the whole query (`?eyJ...`, dots in it), or text.
+_PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-\[\]]{0,39}")
+
+
+def _shown_name(name: str, shown: frozenset[str]) -> str:
+    return name if name in shown or _PARAMETER_NAME.fullmatch(name) else "REDACTED"
+
+
 def _redact_query(span: trace.Span, scope: dict[str, Any], shown: frozenset[str]) -> None:
     query = scope.get("query_string")
     if not query:
         return
     pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
     if any(key not in shown for key, _ in pairs):
-        redacted = urlencode([(k, v if k in shown else "REDACTED") for k, v in pairs])
+        redacted = urlencode(
+            [(_shown_name(k, shown), v if k in shown else "REDACTED") for k, v in pairs]
+        )
         span.set_attribute("url.query", redacted)
         attributes = getattr(span, "attributes", None) or {}
         for name in _OLD_URL_ATTRIBUTES:

@@ -337,6 +337,10 @@ def test_a_title_in_a_cursor_stays_out_of_spans(
         ("/tasks", "limit=5&token={token}", "limit=5&token=REDACTED"),
         # A path no route serves (a typo): the names some route reads are kept.
         ("/task", "jwt={token}&limit=5", "jwt=REDACTED&limit=5"),
+        # The token as the whole query (`${url}?${token}`): a name, but not one a person
+        # would give a parameter.
+        ("/events", "{token}", "REDACTED=REDACTED"),
+        ("/tasks", "limit=5&{token}=", "limit=5&REDACTED=REDACTED"),
     ],
 )
 def test_a_query_parameter_no_route_reads_is_redacted_in_spans(
