@@ -54,17 +54,19 @@ UserIdPath = Annotated[
 ]
 
 
+def plain_digits(value: str) -> bool:
+    """A number as the API writes it: plain ASCII digits, `0` or without leading zeros."""
+    return value.isascii() and value.isdigit() and (value == "0" or not value.startswith("0"))
+
+
 def digits_only(what: str) -> BeforeValidator:
-    """A number as the API writes it (`what`, for the message): plain ASCII digits, `0` or
-    without leading zeros. int() (and pydantic) also read `1.0`, `+1`, ` 1`, `1_0` and `01`:
-    in a path, another URL of the same resource (a DELETE of `/tasks/1.0` deleted task 1); in
-    a query, a value a cache, a proxy or a log reads otherwise than the service
-    (`?limit=1_0` served 10)."""
+    """A number as the API writes it (`what`, for the message): see `plain_digits`. int()
+    (and pydantic) also read `1.0`, `+1`, ` 1`, `1_0` and `01`: in a path, another URL of the
+    same resource (a DELETE of `/tasks/1.0` deleted task 1); in a query, a value a cache, a
+    proxy or a log reads otherwise than the service (`?limit=1_0` served 10)."""
 
     def check(value: Any) -> Any:
-        if isinstance(value, str) and not (
-            value.isascii() and value.isdigit() and (value == "0" or not value.startswith("0"))
-        ):
+        if isinstance(value, str) and not plain_digits(value):
             raise ValueError(f"must be {what}: digits, without a sign or leading zeros")
         return value
 

@@ -471,6 +471,29 @@ def test_bad_resume_points_and_accept_headers_are_4xx(server: LiveServer, user: 
         assert answer.status_code == 406
 
 
+def test_a_resume_point_is_written_as_after_is_plain_digits(
+    server: LiveServer, user: ApiUser
+) -> None:
+    """`after=05` was a 400 (plain digits only, as everywhere) while `Last-Event-ID: 05` and
+    `?lastEventId=%205` resumed after 5: one value, read two ways. An EventSource sends back
+    the id as the feed wrote it, so no client that resumes from the feed sends either."""
+    url = f"/api/{user.user_id}/events"
+    with server.client() as http:
+        for text in ("05", "00", "+5", "5_0"):
+            answer = http.get(url, headers={**user.headers, "Last-Event-ID": text})
+            assert_validation_error(answer, "header.last-event-id")
+        for text in ("05", " 5", "5 ", "+5", "5_0", " "):
+            answer = http.get(url, headers=user.headers, params={"lastEventId": text})
+            assert_validation_error(answer, "query.lastEventId")
+            answer = http.get(url, headers=user.headers, params={"after": text})
+            assert_validation_error(answer, "query.after")
+    # Empty is no resume point (a polyfill's, before any event had an id); 0 is one.
+    with feed(server, user, params={"lastEventId": ""}) as empty:
+        assert empty.status == 200
+    with feed(server, user, headers={**user.headers, "Last-Event-ID": "0"}) as zero:
+        assert zero.status == 200
+
+
 def test_streams_are_capped_per_user_and_per_worker(
     settings: Settings, database: Database, make_user: Any
 ) -> None:

@@ -45,6 +45,7 @@ from service.deps import (
     count_user,
     get_current_user,
     identify,
+    plain_digits,
 )
 from service.events import tickets
 from service.events.hub import FeedHub, Subscription
@@ -143,12 +144,12 @@ class ResumePoint:
 def _start_seq(after: int | None, *last_event_ids: ResumePoint) -> int:
     """`Last-Event-ID` (sent by EventSource when it reconnects) wins over `?lastEventId=`
     (what EventSource polyfills that cannot resend the header put in the URL), which wins
-    over `?after=`."""
+    over `?after=`. An empty one is not given; any other is a seq written as `after` is
+    (`05` or ` 5` resumed after 5 where `after=05` was a 400)."""
     for point in last_event_ids:
-        if point.value is not None and point.value.strip():
-            text = point.value.strip()
-            # ASCII digits only: str.isdigit() is true of '²', which int() refuses.
-            if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > BIGINT_MAX:
+        if point.value:
+            text = point.value
+            if not plain_digits(text) or len(text) > 19 or int(text) > BIGINT_MAX:
                 raise InvalidInput(
                     f"{point.name} must be the id (a seq) of an event of this feed.",
                     field=point.field,
