@@ -211,3 +211,39 @@ def test_the_readme_feed_snippet_delivers_each_event_once_and_resumes_after_toke
     assert frontend.token_requests == 2
     # No CORS or other error in the console in the normal flow.
     assert problems == []
+
+
+def test_the_readme_feed_snippet_opens_no_stream_once_unsubscribed(
+    feed_page: tuple[Page, list[str]], api: LiveServer, frontend: FeedOrigin
+) -> None:
+    """`unsubscribe()` while the snippet waits for a token and ticket (React runs an effect's
+    cleanup right after it in development's StrictMode; a page is left), or for its backoff
+    timer: the stream it was about to open is never opened (it leaked: a slot of the user's
+    streams, one of the browser's 6 connections to the API, events to a gone component)."""
+    tab, problems = feed_page
+    user = frontend.user_id
+    tab.goto(frontend.origin + "/")
+    tab.wait_for_function("window.feedReady === true", timeout=WAIT_MS)
+
+    # Unsubscribed while the first token request waits.
+    frontend.ttl = 900
+    frontend.hold()
+    tab.evaluate("([api, user]) => startFeed(api, user)", [api.url, user])
+    frontend.wait_held()
+    tab.evaluate("unsubscribe()")
+    requests = frontend.token_requests
+    frontend.release(ttl=900)
+    # Long enough for the ticket and the stream that would follow it.
+    tab.wait_for_timeout(3000)
+    assert tab.evaluate("feed.streams.length") == 0
+    assert requests == frontend.token_requests
+
+    # Unsubscribed while waiting to reconnect, after a stream ended (its token expired).
+    frontend.ttl = 3
+    tab.evaluate("([api, user]) => startFeed(api, user)", [api.url, user])
+    tab.wait_for_function("feed.streams.length === 1 && feed.streams[0].opened", timeout=WAIT_MS)
+    tab.wait_for_function("feed.streams[0].ends.length > 0", timeout=WAIT_MS)
+    tab.evaluate("unsubscribe()")
+    tab.wait_for_timeout(4000)  # past the snippet's backoff (1 s, then 2 s)
+    assert tab.evaluate("feed.streams.length") == 1
+    assert problems == []
