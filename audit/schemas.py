@@ -51,10 +51,19 @@ def to_utc(value: datetime) -> datetime:
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 
 
+# An offset whose `+` a URL's query string turned into a space (`10:00:00 01:00`).
+_PLUS_AS_SPACE = re.compile(r"(.*) (\d{2}:\d{2})")
+
+
 def rfc3339_text(value: Any) -> Any:
     """Only RFC 3339 text: pydantic alone would also read `-0.5` or `1700000000` as a Unix time."""
     if isinstance(value, str) and not _RFC3339.fullmatch(value):
-        raise ValueError("must be an RFC 3339 date-time with a zone, e.g. 2026-11-24T10:00:00Z")
+        message = "must be an RFC 3339 date-time with a zone, e.g. 2026-11-24T10:00:00Z"
+        plus = _PLUS_AS_SPACE.fullmatch(value)
+        if plus is not None and _RFC3339.fullmatch(f"{plus[1]}+{plus[2]}"):
+            # The person wrote a zone: say where it went.
+            message += "; a `+` in a URL's query is read as a space: write it as %2B"
+        raise ValueError(message)
     return value
 
 

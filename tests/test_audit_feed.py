@@ -280,3 +280,26 @@ def test_extreme_but_valid_times(client: TestClient, user: Any) -> None:
     make_changes(client, user, 2)
     params = {"since": "0001-01-01T00:00:00Z", "until": "9999-12-31T23:59:59.999999Z"}
     assert [e["seq"] for e in get_feed(client, user, **params)["items"]] == [2, 1]
+
+
+def test_an_offset_whose_plus_became_a_space_in_the_url_is_named(
+    client: TestClient, user: Any
+) -> None:
+    """`?since=2026-11-24T10:00:00+01:00` typed into curl or an address bar arrives as
+    `...10:00:00 01:00` (a `+` in a query string is a space): the 400 said the time had no
+    zone, which the person had written; it says what happened to the `+`."""
+    for name in ("since", "until"):
+        response = client.get(
+            f"{feed_url(user)}?{name}=2026-11-24T10:00:00+01:00", headers=user.headers
+        )
+        assert response.status_code == 400, response.text
+        (error,) = response.json()["errors"]
+        assert error["field"] == f"query.{name}"
+        assert "%2B" in error["message"], error
+    response = client.get(
+        f"{feed_url(user)}?since=2026-11-24T10:00:00%2B01:00", headers=user.headers
+    )
+    assert response.status_code == 200, response.text
+    # Anything else keeps the plain message.
+    response = client.get(feed_url(user), params={"since": "tomorrow"}, headers=user.headers)
+    assert "%2B" not in response.json()["errors"][0]["message"]
