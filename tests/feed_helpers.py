@@ -91,7 +91,9 @@ class FeedReader:
                 for sse in EventSource(r).iter_sse():
                     if sse.retry is not None:
                         self.retry_ms = sse.retry
-                    if not sse.data and not sse.id:
+                    # As a browser: a block without data (a heartbeat, `retry:`) is no
+                    # event, though httpx-sse yields one with the last id after an event.
+                    if not sse.data:
                         continue
                     item = FeedEvent(id=sse.id, event=sse.event, data=sse.data)
                     self.events.append(item)

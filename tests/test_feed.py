@@ -559,6 +559,20 @@ def test_heartbeat_comments_flow_on_an_idle_stream(
     assert b": heartbeat\r\n\r\n" in seen
 
 
+def test_heartbeats_after_an_event_are_no_events(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    """A browser dispatches no event for a heartbeat (a block without data), also after an
+    event set its last id; the suite's reader did (httpx-sse yields one with that id), so a
+    test whose stream stayed open past a heartbeat saw its last seq again."""
+    with serve(settings, database, feed_heartbeat_seconds=0.2) as server, server.client() as http:
+        write(http, user, "POST", json={"title": "t0"})
+        with feed(server, user) as reader:
+            reader.wait_for_seq(1)
+            time.sleep(1)
+    assert reader.seqs == [1]
+
+
 def test_the_listener_reconnects_and_nothing_committed_meanwhile_is_lost(
     server: LiveServer, user: ApiUser, database: Database
 ) -> None:
