@@ -403,7 +403,9 @@ async def stream_events(
             _events(hub, database, subscription, principal.expires_at, settings.jaeger_ui_url),
             hub=hub,
             subscription=subscription,
-            headers={"Cache-Control": "no-store"},
+            # no-transform: a proxy that compresses (Next.js's server, Express's compression)
+            # would otherwise gzip the stream, and hold its small events back.
+            headers={"Cache-Control": "no-store, no-transform"},
             ping=settings.feed_heartbeat_seconds,
             ping_message_factory=lambda: ServerSentEvent(comment="heartbeat"),
             send_timeout=settings.feed_send_timeout_seconds,
