@@ -247,3 +247,43 @@ def test_the_readme_feed_snippet_opens_no_stream_once_unsubscribed(
     tab.wait_for_timeout(4000)  # past the snippet's backoff (1 s, then 2 s)
     assert tab.evaluate("feed.streams.length") == 1
     assert problems == []
+
+
+def test_the_readme_feed_snippet_follows_from_the_seq_it_is_given(
+    feed_page: tuple[Page, list[str]], api: LiveServer, frontend: FeedOrigin
+) -> None:
+    """A page that loaded the tasks follows changes from then on: given the newest seq read
+    before that load, the snippet's first stream starts after it. It always started after 0,
+    replaying the user's whole history at every page load (1.4 MB for 1,227 events), every
+    reminder ever fired included, to an `onChange` that may notify the user of each."""
+    tab, problems = feed_page
+    user, frontend.user_id = frontend.user_id, random_id()  # a user of this test's own
+    try:
+        tasks = f"/api/{frontend.user_id}/tasks"
+        client = httpx.Client(
+            base_url=api.url, timeout=30, headers={"Authorization": f"Bearer {frontend.issue()}"}
+        )
+        for title in ("Old", "Older"):
+            assert client.post(tasks, json={"title": title}).status_code == 201
+        # What the page does before it loads the tasks: the newest seq.
+        audit = client.get(f"/api/{frontend.user_id}/audit-events", params={"limit": 1}).json()
+        newest = audit["items"][0]["seq"]
+        frontend.ttl = 900
+        tab.goto(frontend.origin + "/")
+        tab.wait_for_function("window.feedReady === true", timeout=WAIT_MS)
+        tab.evaluate(
+            "([api, user, from]) => startFeed(api, user, from)", [api.url, frontend.user_id, newest]
+        )
+        tab.wait_for_function(
+            "feed.streams.length === 1 && feed.streams[0].opened", timeout=WAIT_MS
+        )
+        assert client.post(tasks, json={"title": "New"}).status_code == 201
+        tab.wait_for_function(f"feed.events.some((e) => e.seq === {newest + 1})", timeout=WAIT_MS)
+        feed: dict[str, Any] = tab.evaluate("feed")
+        tab.evaluate("unsubscribe()")
+        client.close()
+    finally:
+        frontend.user_id = user
+    assert [e["seq"] for e in feed["events"]] == [newest + 1]
+    assert parse_qs(urlsplit(feed["streams"][0]["url"]).query)["after"] == [str(newest)]
+    assert problems == []
