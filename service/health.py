@@ -1,4 +1,4 @@
-"""Liveness and readiness, without auth."""
+"""Liveness, readiness and the Prometheus metrics (`/metrics`), without auth."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""ASGI middleware: the request id every response carries and every audit row stores."""
+"""ASGI middleware: the request id every response carries and every audit row stores, CORS
+with refused preflights as problems, the body guard (413, 415), unhandled errors as 500s that
+keep CORS and the request id, and the trusted proxies' forwarded headers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The router of every feature: its GET routes answer HEAD too."""
+"""The router of every feature: its GET routes answer HEAD too; and every route of an app,
+those of included routers too (`every_route`), for what walks them (errors, tracing, tests)."""
 
 from __future__ import annotations
 
