@@ -21,7 +21,8 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.auth import create_dev_token
 from service.database import Database, build_engine
-from service.errors import MAX_FIELD_ERRORS, every_route
+from service.errors import MAX_FIELD_ERRORS
+from service.routing import every_route
 from service.settings import Settings
 from tests.feed_helpers import wait_listening
 from tests.reliability_helpers import write_past_the_statement_timeout

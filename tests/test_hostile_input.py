@@ -28,8 +28,8 @@ from jwt.warnings import InsecureKeyLengthWarning
 
 from service.auth import MAX_TOKEN_LENGTH
 from service.database import Database
-from service.errors import every_route
 from service.jsonbody import JsonBodyRoute
+from service.routing import every_route
 from service.settings import Settings
 from tests.jwt_helpers import (
     JwksServer,

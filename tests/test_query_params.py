@@ -14,8 +14,8 @@ from fastapi.params import Query
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from service.errors import every_route
 from service.querystring import KnownQueryRoute
+from service.routing import every_route
 from tests.feed_helpers import FeedReader
 from tests.support import ApiUser, LiveServer, assert_problem, assert_validation_error, create_task
 

@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.database import Database
 from service.deps import UnitOfWorkRoute, get_read_session, get_session
-from service.errors import every_route
+from service.routing import every_route
 from service.settings import Settings
 from tests.reliability_helpers import lock_waits, wait_until
 from tests.support import ApiUser, LiveServer
