@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -186,3 +187,74 @@ def test_test_modules_share_helpers_through_support_only() -> None:
                 if name.startswith("tests.") and (last.startswith("test_") or last == "conftest"):
                     offenders.append(f"{path.relative_to(REPO)}: {name}")
     assert offenders == []
+
+
+def _defined_names(path: Path) -> set[str]:
+    """What a module itself defines: its functions, classes and assigned names, and the
+    methods of its classes as `Class.method` and `method` (not what it imports)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef):
+                    names |= {item.name, f"{node.name}.{item.name}"}
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        names |= {target.id for target in targets if isinstance(target, ast.Name)}
+    return names
+
+
+def _code_map() -> Iterator[tuple[list[str], str]]:
+    """(module paths, their description) per module line of the README's code map: a line may
+    name several modules (`queries.py, routes.py, schemas.py`)."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = readme.split("## Code map", 1)[1].split("```", 2)[1]
+    dirs: list[str] = []
+    modules: list[str] = []
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if indent >= 20:  # a description's next line
+            yield modules, line.strip()
+            continue
+        match = re.match(r"([\w./]+(?:, [\w./]+)*)\s*(.*)", line.strip())
+        if match is None:
+            continue
+        names, description = match.group(1).split(", "), match.group(2)
+        dirs = dirs[: indent // 2]
+        if names[0].endswith("/"):
+            dirs.append(names[0])
+            modules = []
+        else:
+            modules = ["".join(dirs) + name for name in names]
+            yield modules, description
+
+
+def test_the_readme_code_map_names_modules_and_functions_that_exist() -> None:
+    """Every module the code map names exists, and a function it names with `()` is defined
+    in that module, not merely imported there: names move (every_route left errors.py)."""
+    missing = []
+    checked = 0
+    for modules, description in _code_map():
+        missing += [module for module in modules if not (REPO / module).is_file()]
+        defined = set().union(*(_defined_names(REPO / m) for m in modules if (REPO / m).is_file()))
+        for name in re.findall(r"([A-Za-z_][\w.]*)\(\)", description):
+            checked += 1
+            if name not in defined:
+                missing.append(f"{', '.join(modules) or '?'}: {name}()")
+    assert checked > 5
+    assert missing == []
+
+
+def test_the_readme_names_functions_where_they_are_defined() -> None:
+    """ "`name` in `path.py`" and "`path.py` `name`" in the READMEs: defined in that file."""
+    pairs = []
+    for readme in (REPO / "README.md", REPO / "bench" / "README.md"):
+        text = readme.read_text(encoding="utf-8")
+        pairs += re.findall(r"`([A-Za-z_][\w.]*)` in `([\w/]+\.py)`", text)
+        pairs += [(n, p) for p, n in re.findall(r"`([\w/]+\.py)` `([A-Za-z_][\w.]*)`", text)]
+    assert len(pairs) > 10
+    missing = [f"{path}: {name}" for name, path in pairs if name not in _defined_names(REPO / path)]
+    assert missing == []
