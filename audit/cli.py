@@ -4,8 +4,9 @@ verify prints, with `--checkpoint`, one `{"record": "checkpoint", "file", "ok", 
 "tree_size", "key_id", "reason"}` line per file and a `{"record": "succession", "earlier",
 "later", "user_id", "reason"}` line per chain that a later checkpoint does not extend; then one
 JSON line per chain (`{"record": "chain", "user_id", "ok", "events", "head_seq", "head_hash",
-"first_bad_seq", "reason"}`) and a closing `{"record": "summary", ...}` line. Exit status: 0
-everything verifies, 1 something does not (a chain, or a checkpoint file's content), 2 bad
+"first_bad_seq", "reason", "verified_from_seq"}`) and a closing `{"record": "summary", ...}`
+line. Exit status: 0 everything verifies, 1 something does not (a chain, or a checkpoint
+file's content), or an export's or checkpoint's `--output` could not be written, 2 bad
 usage or configuration (an input file that cannot be read, or an export that is not one), 3
 the database is unreachable, not migrated or failed the command. 2 and 3 are one line on
 stderr, said by `service.cli.run` for every command.
