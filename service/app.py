@@ -67,6 +67,8 @@ CORS_ALLOW_HEADERS = [
     "Idempotency-Key",
     "X-Request-ID",
     "Last-Event-ID",
+    # EventSource polyfills (npm's `eventsource`, LaunchDarkly's) send `no-cache`.
+    "Cache-Control",
 ]
 # Every response header a browser client may need to read.
 CORS_EXPOSE_HEADERS = [

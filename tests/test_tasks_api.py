@@ -805,6 +805,25 @@ def test_cors_preflight_allows_the_api_headers(cors_client: TestClient, user: Ap
     assert "PUT" in resp.headers["access-control-allow-methods"]
 
 
+def test_cors_preflight_allows_what_event_source_polyfills_send(
+    cors_client: TestClient, user: ApiUser
+) -> None:
+    """EventSource polyfills (npm's `eventsource`, LaunchDarkly's) send `Cache-Control:
+    no-cache` and the `Last-Event-ID` header: from another origin, a preflight that refused
+    the first kept the stream from ever opening."""
+    resp = cors_client.options(
+        f"/api/{user.user_id}/events",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "cache-control, last-event-id",
+        },
+    )
+    assert resp.status_code == 200, resp.text
+    allowed = _header_set(resp.headers["access-control-allow-headers"])
+    assert {"cache-control", "last-event-id"} <= allowed
+
+
 def test_cors_preflight_allows_head(cors_client: TestClient, user: ApiUser) -> None:
     """A browser asks before a HEAD with a token."""
     resp = cors_client.options(
