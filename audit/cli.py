@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from audit.checkpoint import (
     signing_key,
     successor_problems,
 )
+from audit.checkpoint import log as checkpoint_log
 from audit.files import complete_file, write_complete_file
 from audit.schemas import round_up_to_microsecond
 from audit.signing import KeyFormatError, PublicKey, key_ring, parse_public_keys
@@ -231,6 +233,21 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+class _StderrAlarms(logging.Handler):
+    """The checkpoint maker's alarms (a chain that does not extend the previous checkpoint)
+    as lines on stderr with what they say in their fields, as the service's log lines do:
+    the command configures no logging, and Python's last resort printed the message alone,
+    without the user or the reason. stdout is the checkpoint's."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = {
+            name: value
+            for name in ("user_id", "reason", "count")
+            if (value := getattr(record, name, None)) is not None
+        }
+        sys.stderr.write(f"todo-api: {record.getMessage()}: {json.dumps(fields, ensure_ascii=False)}\n")
+
+
 def _make_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
     key = signing_key(settings)
     if key is None:
@@ -240,10 +257,13 @@ def _make_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
         )
         return EXIT_USAGE
     db = Database.from_settings(settings)
+    alarms = _StderrAlarms(logging.ERROR)
+    checkpoint_log.addHandler(alarms)
     try:
         with db.unit_of_work() as session:
             checkpoint = make_checkpoint(session, key)
     finally:
+        checkpoint_log.removeHandler(alarms)
         db.dispose()
     assert checkpoint is not None  # only a periodic checkpoint can find its interval taken
     if args.output is None:

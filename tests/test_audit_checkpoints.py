@@ -693,3 +693,44 @@ def test_the_real_command_with_a_key_file_and_with_an_unusable_key(
     assert refused.returncode == 2
     assert "audit signing key is unusable" in refused.stderr
     assert "Traceback" not in refused.stderr and broken not in refused.stderr
+
+
+def test_the_command_names_each_chain_that_went_back_on_stderr(
+    world: World, user: Any, tmp_path: Path
+) -> None:
+    """`todo-api audit checkpoint` run from a job: the alarm for a truncated chain says which
+    chain and how, as the service's log line does (the command configures no logging, and
+    Python's last resort printed the message alone). stdout stays the checkpoint."""
+    make_chain(world, user, 5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AUDIT_", "DATABASE_", "APP_"))}
+    env |= {
+        "OTEL_SDK_DISABLED": "true",
+        "DATABASE_URL": world.settings.database_url,
+        "AUDIT_SIGNING_KEY": KEY.private_pem(),
+    }
+    todo_api = str(Path(sys.executable).parent / "todo-api")
+
+    def checkpoint() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [todo_api, "audit", "checkpoint"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    assert checkpoint().returncode == 0
+    with tampering(world.engine) as conn:
+        conn.execute(
+            sa.text("DELETE FROM audit_events WHERE user_id = :u AND seq > 3"),
+            {"u": user.user_id},
+        )
+        rehash(conn, user.user_id, 4)
+    made = checkpoint()
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["leaves"][0][:2] == [user.user_id, 3]
+    [alarm] = [line for line in made.stderr.splitlines() if "does not extend" in line]
+    assert user.user_id in alarm, made.stderr
+    assert "went back from seq 5" in alarm and "to seq 3" in alarm, made.stderr
