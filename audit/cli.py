@@ -245,7 +245,9 @@ class _StderrAlarms(logging.Handler):
             for name in ("user_id", "reason", "count")
             if (value := getattr(record, name, None)) is not None
         }
-        sys.stderr.write(f"todo-api: {record.getMessage()}: {json.dumps(fields, ensure_ascii=False)}\n")
+        sys.stderr.write(
+            f"todo-api: {record.getMessage()}: {json.dumps(fields, ensure_ascii=False)}\n"
+        )
 
 
 def _make_checkpoint(args: argparse.Namespace, settings: Settings) -> int:
