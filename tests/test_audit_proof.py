@@ -4,7 +4,10 @@ own events from the feed, and nothing of any other user."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,14 +16,20 @@ import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
+from audit.chain import HASHED_FIELDS
 from audit.checkpoint import make_checkpoint
 from audit.proof import LatestProofs, verify_proof
 from audit.signing import SigningKey, parse_public_keys
+from service.auth import create_dev_token
 from service.database import Database
+from service.reminders.firing import fire_due
 from service.settings import Settings
 from tests.audit_helpers import change, tampering
 from tests.checkpoint_helpers import KEY, World, checkpoint_world, rehash
-from tests.support import create_task
+from tests.jwt_helpers import random_id
+from tests.support import TEST_SECRET, ApiUser, create_task
+
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.fixture
@@ -207,3 +216,111 @@ def test_proof_errors(world: World, make_user) -> None:  # type: ignore[no-untyp
     assert world.client.get(url, headers=me.headers).status_code == 404  # not yet
     checkpoint(world.db)
     assert world.client.get(url, headers=me.headers).status_code == 200
+
+
+# --- an auditor's own verifier, from the README alone ---------------------------------------
+
+
+def readme_hashed_fields() -> set[str]:
+    """The fields the README's "What is hashed" names, up to its first `;`."""
+    paragraph = README.read_text(encoding="utf-8").split("**What is hashed.**", 1)[1]
+    return set(re.findall(r"`([a-z_]+)`", paragraph.split(";", 1)[0]))
+
+
+def readme_event_hash(event: dict[str, Any], fields: set[str]) -> str:
+    """Version 3 as the README words it: keys by UTF-8 length then bytes, `", "`, `": "`."""
+
+    def ordered(value: Any) -> Any:
+        if isinstance(value, dict):
+            keys = sorted(value, key=lambda k: (len(k.encode()), k.encode()))
+            return {k: ordered(value[k]) for k in keys}
+        return [ordered(v) for v in value] if isinstance(value, list) else value
+
+    body = ordered({name: event[name] for name in fields})
+    text = json.dumps(body, separators=(", ", ": "), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def readme_proof_check(proof: dict[str, Any], jwks: dict[str, Any]) -> None:
+    """Steps (1) and (2) of the README's "by hand", with the key from the well-known path."""
+    (jwk,) = jwks["keys"]
+    raw = base64.urlsafe_b64decode(jwk["x"] + "=" * (-len(jwk["x"]) % 4))
+    cp = proof["checkpoint"]
+    assert cp["key_id"] == hashlib.sha256(raw).hexdigest()[:32]
+    signed = ("format", "created_at", "tree_size", "root_hash", "previous_root_hash", "key_id")
+    statement = json.dumps({k: cp[k] for k in signed}, sort_keys=True, separators=(",", ":"))
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    key = Ed25519PublicKey.from_public_bytes(raw)
+    key.verify(base64.b64decode(cp["signature"]), statement.encode("utf-8"))
+    leaf = [proof["user_id"], proof["seq"], proof["hash"]]
+    data = json.dumps(leaf, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    node = hashlib.sha256(b"\x00" + data).digest()
+    fn, sn = proof["leaf_index"], cp["tree_size"] - 1  # RFC 9162 section 2.1.3.2
+    for sibling in map(bytes.fromhex, proof["inclusion_path"]):
+        assert sn > 0
+        if fn % 2 == 1 or fn == sn:
+            node = hashlib.sha256(b"\x01" + sibling + node).digest()
+            while fn % 2 == 0 and fn != 0:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            node = hashlib.sha256(b"\x01" + node + sibling).digest()
+        fn, sn = fn >> 1, sn >> 1
+    assert sn == 0 and node.hex() == cp["root_hash"]
+
+
+def test_a_verifier_written_from_the_readme_agrees(world: World, make_user) -> None:  # type: ignore[no-untyped-def]
+    """Every kind of event, unicode (a user id too), long text, nulls and a recurring series,
+    hashed and proven by what the README says, not by the project's code."""
+    fields = readme_hashed_fields()
+    assert fields == {*HASHED_FIELDS[3], "hash_version"}
+    user_id = f"zoë-{random_id()[:20]}"
+    me = ApiUser(user_id, create_dev_token(TEST_SECRET, user_id))
+    others = [make_user() for _ in range(4)]
+    for other in others:
+        create_task(world.client, other, "Elsewhere")
+    plain = create_task(world.client, me, "Plain", description=None)
+    long_text = 'Zoë 🎉 "quoted" \\ back\nslash\ttab\r\u2028 </script>' * 20
+    fancy = create_task(
+        world.client,
+        me,
+        "Ünïcødé ✓ 🎉",
+        description=long_text[:1000],
+        priority="high",
+        tags=["Zeta", "alpha", "Äbc", "ß"],
+    )
+    change(world.client, "PUT", f"/{plain['id']}", me, json={"title": "Plain 2"})
+    change(world.client, "PATCH", f"/{plain['id']}/complete", me)
+    change(world.client, "PATCH", f"/{plain['id']}/complete", me)
+    series = create_task(
+        world.client,
+        me,
+        "Every day",
+        due_at="2027-01-01T09:00:00.250000+01:00",
+        recurrence="FREQ=DAILY;COUNT=3",
+        remind_at="2026-01-01T00:00:00Z",
+    )
+    assert fire_due(world.db, world.settings) == 1  # the service's reminder worker, once
+    change(world.client, "PATCH", f"/{series['id']}/complete", me)
+    change(world.client, "DELETE", f"/{fancy['id']}", me)
+    checkpoint(world.db)
+    events = feed(world.client, me)
+    kinds = {e["action"] for e in events}
+    assert kinds == {
+        "task.created",
+        "task.updated",
+        "task.completed",
+        "task.reopened",
+        "task.deleted",
+        "reminder.fired",
+    }
+    assert any(e["caused_by_seq"] for e in events)
+    prev = "0" * 64
+    for event in sorted(events, key=lambda e: e["seq"]):
+        assert event["hash_version"] == 3
+        assert event["prev_hash"] == prev
+        assert readme_event_hash(event, fields) == event["hash"], event["action"]
+        prev = event["hash"]
+    proof = get_proof(world.client, me)
+    assert (proof["seq"], proof["hash"]) == (max(e["seq"] for e in events), prev)
+    readme_proof_check(proof, world.client.get("/.well-known/audit-keys.json").json())
