@@ -346,8 +346,7 @@ def make_checkpoint(
         taken = exists().where(CHECKPOINTS.c.interval_start == interval_start)
         if session.execute(select(taken)).scalar():
             return None
-    previous_id = latest_checkpoint_id(session)
-    previous = load_checkpoint(session, previous_id) if previous_id is not None else None
+    previous = _previous_checkpoint(session)
     rows = session.execute(select(HEADS.c.user_id, HEADS.c.seq, HEADS.c.hash))
     leaves = [Leaf(r[0], int(r[1]), r[2]) for r in rows]
     checkpoint = sign_leaves(key, leaves, now, previous.head.root_hash if previous else None)
@@ -402,7 +401,28 @@ def load_checkpoint(session: Session, checkpoint_id: int) -> Checkpoint:
         key_id=row.key_id,
         signature=row.signature,
     )
-    return Checkpoint(head, tuple(Leaf(u, int(s), h) for u, s, h in row.leaves))
+    try:
+        leaves = tuple(Leaf(u, int(s), h) for u, s, h in row.leaves)
+    except (TypeError, ValueError) as exc:  # a row written by hand: the table is no evidence
+        reason = f"stored checkpoint {checkpoint_id} has unreadable leaves ({exc})"
+        raise CheckpointError(reason) from None
+    return Checkpoint(head, leaves)
+
+
+def _previous_checkpoint(session: Session) -> Checkpoint | None:
+    """The latest stored checkpoint, to link to and compare with; None if there is none or it
+    cannot be read (logged): a row written by hand must not stop every later checkpoint."""
+    previous_id = latest_checkpoint_id(session)
+    if previous_id is None:
+        return None
+    try:
+        return load_checkpoint(session, previous_id)
+    except CheckpointError as exc:
+        log.error(
+            "the previous stored checkpoint cannot be read: nothing to link to or compare with",
+            extra={"checkpoint_id": previous_id, "reason": str(exc)},
+        )
+        return None
 
 
 def signing_key(settings: Settings) -> SigningKey | None:

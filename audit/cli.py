@@ -234,15 +234,16 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
 
 
 class _StderrAlarms(logging.Handler):
-    """The checkpoint maker's alarms (a chain that does not extend the previous checkpoint)
-    as lines on stderr with what they say in their fields, as the service's log lines do:
+    """The checkpoint maker's alarms (a chain that does not extend the previous checkpoint, a
+    previous one that cannot be read) as lines on stderr with what they say in their fields,
+    as the service's log lines do:
     the command configures no logging, and Python's last resort printed the message alone,
     without the user or the reason. stdout is the checkpoint's."""
 
     def emit(self, record: logging.LogRecord) -> None:
         fields = {
             name: value
-            for name in ("user_id", "reason", "count")
+            for name in ("user_id", "checkpoint_id", "reason", "count")
             if (value := getattr(record, name, None)) is not None
         }
         sys.stderr.write(

@@ -744,3 +744,29 @@ def test_the_command_names_each_chain_that_went_back_on_stderr(
     [alarm] = [line for line in made.stderr.splitlines() if "does not extend" in line]
     assert user.user_id in alarm, made.stderr
     assert "went back from seq 5" in alarm and "to seq 3" in alarm, made.stderr
+
+
+def test_a_malformed_stored_checkpoint_does_not_stop_the_next_ones(
+    world: World, user: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service's own role may INSERT into audit_checkpoints (no trigger to disable): one
+    row whose leaves cannot be read made every later checkpoint fail, the periodic maker's
+    each interval and `audit checkpoint` with a traceback, so that nothing after it was
+    signed. The next checkpoint is signed all the same, and says why it compared nothing."""
+    make_chain(world, user, 2)
+    world.checkpoint("before.json")
+    with world.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO audit_checkpoints (created_at, tree_size, root_hash, key_id, "
+                "signature, leaves) VALUES (now(), 1, repeat('a', 64), 'ab', "
+                "repeat('A', 86) || '==', '[1]')"
+            )
+        )
+    make_chain(world, user, 1)
+    after = world.checkpoint("after.json")
+    assert read_checkpoint_file(after).head.previous_root_hash is None
+    alarms = [r for r in caplog.records if "previous stored checkpoint" in r.getMessage()]
+    assert alarms and "cannot be read" in alarms[0].getMessage(), caplog.text
+    status, records = world.verify("--checkpoint", str(world.tmp / "before.json"), str(after))
+    assert status == 0, records
