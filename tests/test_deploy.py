@@ -345,9 +345,8 @@ def test_workers_slow_to_start_are_not_killed_as_hung(database_url: str, tmp_pat
     assert "died" not in log, log[-3000:]
 
 
-def test_the_readme_prod_env_passes_the_start_up_checks(tmp_path: Path) -> None:
-    """The README says its example prod.env passes as it is: `serve`'s checks (settings, then
-    what the workers would build from them), run on exactly its lines and nothing else."""
+def _readme_prod_env() -> dict[str, str]:
+    """The lines of the README's example prod.env, as `docker run --env-file` reads them."""
     intro = "For `docker run --env-file prod.env` above"
     block = re.search(r"```sh\n(.*?)```", README[README.index(intro) :], re.DOTALL)
     assert block is not None
@@ -357,6 +356,13 @@ def test_the_readme_prod_env_passes_the_start_up_checks(tmp_path: Path) -> None:
             name, value = line.split("=", 1)
             assert name.isupper() and not value.startswith(("'", '"')), line  # as --env-file
             env[name] = value
+    return env
+
+
+def test_the_readme_prod_env_passes_the_start_up_checks(tmp_path: Path) -> None:
+    """The README says its example prod.env passes as it is: `serve`'s checks (settings, then
+    what the workers would build from them), run on exactly its lines and nothing else."""
+    env = _readme_prod_env()
     assert env["APP_ENV"] == "production"
     check = (
         "from service.app import check_settings\n"
@@ -373,3 +379,18 @@ def test_the_readme_prod_env_passes_the_start_up_checks(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_readme_docker_run_gives_its_prod_env_the_whole_shutdown() -> None:
+    """`docker run --env-file prod.env --stop-timeout T`: T must outlast that environment's
+    drain + in-flight timeout + flush (the image's values where prod.env sets none), with a
+    second to spare, or Docker's SIGKILL ends the stop before the in-flight requests' 503s
+    and the last spans and metrics go out."""
+    run = re.search(r"docker run -d --env-file prod.env .*--stop-timeout (\d+)", README)
+    assert run is not None
+    env = {**_image_env(), **_readme_prod_env()}
+    longest_stop = sum(
+        float(env[name])
+        for name in ("SHUTDOWN_DRAIN_SECONDS", "SHUTDOWN_TIMEOUT_SECONDS", "SHUTDOWN_FLUSH_SECONDS")
+    )
+    assert longest_stop + 1 < int(run.group(1)), (longest_stop, run.group(0))
