@@ -27,7 +27,7 @@ from service.jsonbody import JsonBodyRoute
 from service.limits import BIGINT_MAX, USER_ID_MAX
 from service.middleware import COMMIT_UNCERTAIN
 from service.querystring import KnownQueryRoute
-from service.ratelimit import Category, RateLimiter, category_for
+from service.ratelimit import Category, RateLimiter, address_key, category_for
 from service.settings import Settings
 from service.text import USER_ID_PATTERN
 from service.users import UserProvisioner
@@ -251,10 +251,10 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 async def count_anonymous(request: Request) -> None:
     """Count a request without a valid token: the client's address is all there is to count
-    it by (the proxy's client, per TRUSTED_PROXIES)."""
+    it by (the proxy's client, per TRUSTED_PROXIES; an IPv6 one by its /64)."""
     limiter: RateLimiter = request.app.state.rate_limiter
     client = request.client.host if request.client else "unknown"
-    await limiter.check(request, Category.anonymous, "ip", client)
+    await limiter.check(request, Category.anonymous, "ip", address_key(client))
 
 
 async def count_user(request: Request, user_id: str) -> None:

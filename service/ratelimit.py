@@ -13,6 +13,7 @@ would turn a Redis outage into a full API outage, which is worse than a few minu
 from __future__ import annotations
 
 import bisect
+import ipaddress
 import logging
 import math
 import time
@@ -62,6 +63,25 @@ def category_for(request: Request) -> Category:
 async def expensive_operation(request: Request) -> None:
     """Route dependency: count this route against the stricter `RATE_LIMIT_EXPENSIVE`."""
     request.state.rate_limit_category = Category.expensive
+
+
+# The IPv6 prefix one host (a home line, a cloud VM) is given: it may send from any address in it.
+IPV6_CLIENT_PREFIX = 64
+
+
+def address_key(host: str) -> str:
+    """What a client address is counted by: an IPv4 address itself (an IPv4-mapped IPv6 one
+    too), an IPv6 one by its /64, since one host can pick any of its 2^64 addresses per request
+    and would otherwise never reach the anonymous limit. Anything else is kept as it is."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, IPV6_CLIENT_PREFIX), strict=False))
+    return str(address)
 
 
 @dataclass(frozen=True, slots=True)

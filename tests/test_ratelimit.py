@@ -145,6 +145,27 @@ def test_unauthenticated_requests_are_limited_per_client_ip(
         assert client.get(user.url(), headers=user.headers).status_code == 200
 
 
+def test_an_ipv6_client_is_counted_by_its_64_network_not_each_address(
+    settings: Settings, database: Database, user: ApiUser
+) -> None:
+    """One IPv6 host is handed a whole /64 (2^64 addresses) and may send from any of them:
+    counted per address, it would never reach the anonymous limit. IPv4 stays per address."""
+    limited = {"rate_limit_anonymous": "2/minute", "trusted_proxies": ["*"]}
+    with _client(settings, database, **limited) as client:
+        bad = {"Authorization": "Bearer not-a-token"}
+        for address in ("2001:db8:1:2::1", "2001:db8:1:2:ffff::9"):
+            headers = {**bad, "X-Forwarded-For": address}
+            assert client.get(user.url(), headers=headers).status_code == 401
+        third = {**bad, "X-Forwarded-For": "2001:db8:1:2:abcd:ef01:2345:6789"}
+        _assert_rate_limited(client.get(user.url(), headers=third), "anonymous", 2, 60)
+        # Another /64, and IPv4 addresses side by side, each have their own count.
+        other = {**bad, "X-Forwarded-For": "2001:db8:1:3::1"}
+        assert client.get(user.url(), headers=other).status_code == 401
+        for address in ("192.0.2.1", "192.0.2.2", "::ffff:192.0.2.3"):
+            headers = {**bad, "X-Forwarded-For": address}
+            assert client.get(user.url(), headers=headers).status_code == 401
+
+
 def test_a_malformed_user_id_without_a_token_is_a_401_counted_by_address(
     settings: Settings, database: Database, user: ApiUser
 ) -> None:
