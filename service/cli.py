@@ -163,6 +163,15 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             args.workers,
             where,
         )
+    if settings.rate_limit_enabled and settings.redis_url is None and args.workers > 1:
+        # In memory each process counts alone (the image itself runs 2 workers).
+        log.warning(
+            "--workers %d without REDIS_URL: each worker counts the rate limits alone, so a "
+            "client gets up to %d times each limit and RateLimit headers that jump between "
+            "the workers' counts: set REDIS_URL (shared counters)",
+            args.workers,
+            args.workers,
+        )
     metrics = None
     if settings.metrics_enabled and settings.metrics_port is not None:
         metrics = (settings.metrics_host, settings.metrics_port)

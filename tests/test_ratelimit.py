@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,9 @@ from service.database import Database
 from service.ratelimit import SweptMemoryStorage
 from service.settings import Settings
 from tests.jwt_helpers import sign_hs256
+from tests.serve_helpers import ServeProcess
 from tests.support import (
+    TEST_SECRET,
     WWW_AUTHENTICATE_NO_TOKEN,
     ApiUser,
     assert_problem,
@@ -355,3 +358,26 @@ def test_the_memory_store_sweeps_expired_windows_on_the_loop(
     held, left = asyncio.run(scenario())
     assert (held, left) == (2_000, 1)
     assert hops == 0
+
+
+@pytest.mark.parametrize(("workers", "shared"), [(1, False), (2, False), (2, True)])
+def test_serve_warns_that_several_workers_count_alone_without_redis(
+    database_url: str, tmp_path: Path, workers: int, shared: bool, redis_prefix: str
+) -> None:
+    """In memory each worker counts alone: the image's `--workers 2` admits twice the limits in
+    one container, and a client's `RateLimit` headers jump between the workers' counts."""
+    env = {"DATABASE_URL": database_url, "BETTER_AUTH_SECRET": TEST_SECRET}
+    if shared:
+        env |= {"REDIS_URL": redis_url(), "RATE_LIMIT_KEY_PREFIX": redis_prefix}
+    server = ServeProcess(tmp_path, env, workers=workers).start()
+    server.stop()
+    warnings = [
+        line
+        for line in server.log.read_text().splitlines()
+        if "each worker counts the rate limits alone" in line
+    ]
+    if workers == 1 or shared:
+        assert warnings == []
+    else:
+        [line] = warnings
+        assert "--workers 2 without REDIS_URL" in line
