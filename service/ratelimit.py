@@ -239,8 +239,14 @@ class RateLimiter:
             raise RateLimited(decision)
 
     async def ping(self) -> bool:
+        """The store answers, and takes a write: a Redis that answers PING but refuses writes
+        (a replica after a failover, or full with `noeviction`) admits every request uncounted."""
         try:
-            return bool(await self.storage.check())
+            if not await self.storage.check():
+                return False
+            if self.shared:
+                await self.storage.incr("readyz-probe", 1)
+            return True
         except Exception:
             return False
 

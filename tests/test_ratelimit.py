@@ -26,6 +26,7 @@ from tests.support import (
     TEST_SECRET,
     WWW_AUTHENTICATE_NO_TOKEN,
     ApiUser,
+    EmbeddedRedis,
     assert_problem,
     assert_validation_error,
     free_port,
@@ -248,6 +249,35 @@ def test_redis_counts_for_every_instance(
         assert ready["rate_limit_store"] == {"backend": "redis", "status": "ok"}
     keys = redis.Redis.from_url(redis_url()).keys(f"{redis_prefix}*")
     assert keys, "the counters are in Redis, under the configured prefix"
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        # A failover left the URL on a replica: READONLY to every write.
+        ["REPLICAOF", "127.0.0.1", "1"],
+        # Full, with the default noeviction policy: OOM to every write.
+        ["CONFIG", "SET", "maxmemory", "1"],
+    ],
+    ids=["read-only replica", "out of memory"],
+)
+def test_a_redis_that_answers_ping_but_refuses_counting_is_reported_down(
+    settings: Settings, database: Database, user: ApiUser, refusal: list[str]
+) -> None:
+    """/readyz's store status is what the limits get: a Redis that answers PING but refuses
+    the counters' writes admits every request uncounted, and must not be reported `ok`."""
+    server = EmbeddedRedis()
+    try:
+        redis.Redis.from_url(server.url).execute_command(*refusal)
+        limited = {"redis_url": SecretStr(server.url), "rate_limit_read": "1/minute"}
+        with _client(settings, database, **limited) as client:
+            statuses = [client.get(user.url(), headers=user.headers).status_code for _ in range(3)]
+            assert statuses == [200] * 3  # fail open
+            ready = client.get("/readyz")
+            assert ready.status_code == 200
+            assert ready.json()["rate_limit_store"] == {"backend": "redis", "status": "down"}
+    finally:
+        server.stop()
 
 
 def test_memory_store_counts_per_instance(
