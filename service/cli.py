@@ -163,8 +163,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             args.workers,
             where,
         )
+    metrics = None
+    if settings.metrics_enabled and settings.metrics_port is not None:
+        metrics = (settings.metrics_host, settings.metrics_port)
+    check_can_listen(args.host, args.port, metrics)
     if settings.rate_limit_enabled and settings.redis_url is None and args.workers > 1:
-        # In memory each process counts alone (the image itself runs 2 workers).
+        # In memory each process counts alone (the image itself runs 2 workers); said once it
+        # will serve, so that a refusal above stays the one line printed.
         log.warning(
             "--workers %d without REDIS_URL: each worker counts the rate limits alone, so a "
             "client gets up to %d times each limit and RateLimit headers that jump between "
@@ -172,10 +177,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             args.workers,
             args.workers,
         )
-    metrics = None
-    if settings.metrics_enabled and settings.metrics_port is not None:
-        metrics = (settings.metrics_host, settings.metrics_port)
-    check_can_listen(args.host, args.port, metrics)
     if settings.needs_dev_secret:
         # Creates the secret file now, before the workers start and each reads it.
         settings.with_dev_secret()
