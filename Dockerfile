@@ -45,7 +45,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     SHUTDOWN_DRAIN_SECONDS=5 \
     SHUTDOWN_TIMEOUT_SECONDS=20 \
     SHUTDOWN_FLUSH_SECONDS=2
-USER app
+# Numeric, so that Kubernetes' runAsNonRoot can check it is not root (a name, it cannot).
+USER 10001:10001
 EXPOSE 8000
 # `todo-api serve` drains on SIGTERM: /readyz answers 503 for SHUTDOWN_DRAIN_SECONDS, then it
 # stops accepting and gives in-flight requests SHUTDOWN_TIMEOUT_SECONDS to finish, then exports

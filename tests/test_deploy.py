@@ -85,12 +85,25 @@ def test_dockerfile_is_multi_stage_and_installs_the_lock_without_dev_tools() -> 
 def test_image_runs_as_a_non_root_user_with_health_check_and_stop_signal() -> None:
     (user,) = _instructions("USER")
     assert user.split(":")[0] not in {"root", "0"}
-    assert any("useradd" in run and user in run for run in _instructions("RUN"))
+    uid = user.split(":")[0]
+    assert any("useradd" in run and f"--uid {uid} " in run for run in _instructions("RUN"))
     (stop,) = _instructions("STOPSIGNAL")
     assert stop == "SIGTERM"  # what uvicorn drains on
     flags, command = _healthcheck()
     assert "http://127.0.0.1:8000/healthz" in " ".join(command)
     assert float(flags["timeout"].rstrip("s")) <= float(flags["interval"].rstrip("s"))
+
+
+def test_image_user_is_numeric_so_kubernetes_can_check_it_is_not_root() -> None:
+    """With `runAsNonRoot` (the "restricted" Pod Security Standard) the kubelet refuses to
+    start an image whose USER is a name: "image has non-numeric user (app), cannot verify user
+    is non-root". The uid:gid of the user the image creates, then."""
+    (user,) = _instructions("USER")
+    uid, _, gid = user.partition(":")
+    assert uid.isdigit() and gid.isdigit(), user
+    assert int(uid) != 0
+    (create,) = [run for run in _instructions("RUN") if "useradd" in run]
+    assert f"--uid {uid} " in create and f"--gid {gid} " in create
 
 
 def test_image_command_is_a_valid_serve_command_without_migrations() -> None:
