@@ -569,3 +569,69 @@ def test_due_bounds_finer_than_a_microsecond_compare_exactly(
     assert not found(due_before="2030-01-01T00:00:00.4200070Z")
     assert found(due_after="2030-01-01T00:00:00.4200069Z")
     assert not found(due_after="2030-01-01T00:00:00.4200071Z")
+
+
+def _fold(text: str) -> str:
+    """What the documented `q` compares, in Python: lower case, a final sigma as the medial
+    one, ß as ss (Python's lower() already gives a final sigma where PostgreSQL's does not)."""
+    return text.lower().replace("\u03c2", "\u03c3").replace("ß", "ss")
+
+
+def test_folded_search_with_other_filters_pages_as_computed(
+    client: TestClient, user: ApiUser
+) -> None:
+    """`q` typed in capitals, with literal `%` `_` `\\`, combined with tags, status and
+    priority, in every sort and order: the pages reached through `Link` hold exactly the tasks
+    the documented rules select, each once and in order; every page's X-Total-Count is their
+    number; HEAD of the first page answers GET's headers."""
+    specs: list[tuple[str, str | None, str, list[str], int | None]] = [
+        ("Straße fegen", None, "high", ["Haus"], 2),
+        ("STRASSE sperren", "100% sicher", "low", ["haus", "Arbeit"], None),
+        ("Call Οδυσσέας", "a_b", "none", ["Arbeit"], -1),
+        ("odd 50%_off", "back\\slash", "medium", [], 1),
+        ("Σίσυφος", "Straße", "high", ["HAUS"], None),
+        ("plain", "nothing", "low", ["Arbeit"], -3),
+    ]
+    base = NOW.replace(microsecond=0)
+    for number, (title, description, priority, tags, due) in enumerate(specs):
+        body: dict[str, Any] = {"priority": priority, "tags": tags}
+        if due is not None:
+            body["due_at"] = iso(base + timedelta(days=due))
+        task = create(client, user, title, description=description, **body)
+        if number % 3 == 1:
+            client.patch(user.url(f"/{task['id']}/complete"), headers=user.headers)
+    tasks = client.get(user.url(), headers=user.headers).json()
+    combos: list[dict[str, Any]] = [
+        {"q": "STRASSE"},
+        {"q": "strasse", "tag": ["HAUS"]},
+        {"q": "ΟΔΥΣΣΈΑΣ", "status": "pending"},
+        {"q": "σίσυφοσ", "priority": ["high", "low"]},
+        {"q": "%", "tag": ["arbeit"]},
+        {"q": "_"},
+        {"q": "\\"},
+        {"q": "S", "tag": ["haus", "ARBEIT"], "status": "completed"},
+        {"q": "A", "overdue": "true"},
+    ]
+    found = set()
+    for combo in combos:
+        without_q = {name: value for name, value in combo.items() if name != "q"}
+        for sort, order in itertools.product(SORTS, ["asc", "desc"]):
+            params = {**without_q, "sort": sort, "order": order}
+            needle = _fold(combo["q"])
+            want = [
+                t
+                for t in expected(tasks, params, datetime.now(UTC))
+                if needle in _fold(t["title"]) or needle in _fold(t["description"] or "")
+            ]
+            params["q"] = combo["q"]
+            got, totals = fetch_all_pages(client, user, params, limit=2)
+            assert [t["id"] for t in got] == [t["id"] for t in want], params
+            assert totals == {len(want)}, params
+            found.add(bool(want))
+            query = [*_flatten(params), ("limit", 2)]
+            get = client.get(user.url(), params=query, headers=user.headers)
+            head = client.head(user.url(), params=query, headers=user.headers)
+            assert head.status_code == 200 and head.content == b"", params
+            for name in ("X-Total-Count", "Link"):
+                assert head.headers.get(name) == get.headers.get(name), (name, params)
+    assert found == {True}, "every combination selects some task"
