@@ -35,6 +35,9 @@ class User(SQLModel, table=True):
     task_count: int = Field(
         default=0, sa_column=Column(BigInteger, nullable=False, server_default=text("0"))
     )
+    # The `iat` of the token whose claims are stored: an older token (another tab's, from
+    # before a rename, valid until it expires) does not replace newer claims.
+    claims_issued_at: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
     created_at: datetime = Field(
         sa_column=Column(UTCDateTime, nullable=False, server_default=text("CURRENT_TIMESTAMP"))
     )
@@ -91,11 +94,23 @@ class UserProvisioner:
         user, stored, (email, name) = self._digests(principal)
         if self._seen.get(user) == stored:
             return
-        values = {"id": principal.user_id, "email": email, "name": name}
+        values = {
+            "id": principal.user_id,
+            "email": email,
+            "name": name,
+            "claims_issued_at": principal.issued_at,
+        }
         stmt = insert(USERS).values(values)
+        stored_at, issued_at = USERS.c.claims_issued_at, stmt.excluded.claims_issued_at
         stmt = stmt.on_conflict_do_update(
             index_elements=[USERS.c.id],
-            set_={"email": stmt.excluded.email, "name": stmt.excluded.name},
+            set_={
+                "email": stmt.excluded.email,
+                "name": stmt.excluded.name,
+                "claims_issued_at": issued_at,
+            },
+            # Without an `iat` on either side the order is unknown: the latest request wins.
+            where=stored_at.is_(None) | issued_at.is_(None) | (stored_at <= issued_at),
         )
 
         def upsert() -> None:

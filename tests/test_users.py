@@ -4,8 +4,10 @@ on every request (`service/users.py`)."""
 from __future__ import annotations
 
 import gc
+import time
 import tracemalloc
 
+import jwt as pyjwt
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
@@ -76,3 +78,38 @@ def test_the_cache_is_bounded(database: Database) -> None:
         users.ensure(principal)
     assert users.is_known(principals[-1])
     assert sum(users.is_known(principal) for principal in principals) <= 2
+
+
+def test_an_older_token_does_not_undo_a_rename(
+    client: TestClient, settings: Settings, database: Database
+) -> None:
+    """A user renamed in Better Auth: another tab's token from before the rename stays valid
+    for its 15 minutes. Its claims are older than the stored ones and must not replace them."""
+    assert settings.better_auth_secret is not None
+    secret, user_id, now = (
+        settings.better_auth_secret.get_secret_value(),
+        random_id(),
+        int(time.time()),
+    )
+
+    def token(email: str, name: str, iat: int) -> str:
+        claims = {"sub": user_id, "email": email, "name": name, "iat": iat, "exp": iat + 900}
+        return pyjwt.encode(claims, secret, algorithm="HS256")
+
+    before, after = token("a@example.com", "Ann", now - 60), token("b@example.com", "Bea", now)
+    for each in (after, before):
+        assert client.get(f"/api/{user_id}/tasks", headers=bearer(each)).status_code == 200
+    assert _stored(database, user_id) == ("b@example.com", "Bea")
+
+
+def test_an_older_token_seen_by_another_process_does_not_undo_a_rename(
+    database: Database,
+) -> None:
+    """Each process caches what it stored: the order of the claims must hold in the row."""
+    user_id = random_id()
+    first, second = UserProvisioner(database.engine), UserProvisioner(database.engine)
+    first.ensure(Principal(user_id, "b@example.com", "Bea", expires_at=0, issued_at=200))
+    second.ensure(Principal(user_id, "a@example.com", "Ann", expires_at=0, issued_at=100))
+    assert _stored(database, user_id) == ("b@example.com", "Bea")
+    second.ensure(Principal(user_id, "c@example.com", "Cid", expires_at=0, issued_at=300))
+    assert _stored(database, user_id) == ("c@example.com", "Cid")
