@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 
 import jwt as pyjwt
 import sqlalchemy as sa
@@ -113,3 +114,16 @@ def test_an_older_token_seen_by_another_process_does_not_undo_a_rename(
     assert _stored(database, user_id) == ("b@example.com", "Bea")
     second.ensure(Principal(user_id, "c@example.com", "Cid", expires_at=0, issued_at=300))
     assert _stored(database, user_id) == ("c@example.com", "Cid")
+
+
+def test_processes_racing_on_a_new_user_keep_the_newest_claims(database: Database) -> None:
+    """A new user's first requests, with tokens of several ages, at once on several
+    processes: one row, no error, and it holds the newest token's claims."""
+    user_id = random_id()
+    principals = [
+        Principal(user_id, f"{i}@example.com", f"N{i}", expires_at=0, issued_at=1_000 + i)
+        for i in range(8)
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda p: UserProvisioner(database.engine).ensure(p), principals[::-1]))
+    assert _stored(database, user_id) == ("7@example.com", "N7")
