@@ -148,6 +148,19 @@ def test_accepts_hs256_with_shared_secret(verifier: TokenVerifier, server: JwksS
     assert server.request_count == 0
 
 
+@pytest.mark.parametrize(
+    ("iat", "issued_at"), [(None, None), (-(10**30), 0), (1_700_000_000.9, 1_700_000_000)]
+)
+def test_issued_at_is_the_iat_as_a_bigint_can_hold_it(
+    iat: float | None, issued_at: int | None, verifier: TokenVerifier
+) -> None:
+    """What orders two tokens' claims in the users row (`service/users.py`)."""
+    claims: dict[str, Any] = {"sub": "user-1", "exp": int(time.time()) + 60}
+    if iat is not None:
+        claims["iat"] = iat
+    assert verifier.verify(sign_hs256(claims, SECRET)).issued_at == issued_at
+
+
 def test_dev_token_round_trip(make_verifier: MakeVerifier) -> None:
     token = create_dev_token(SECRET, "dev-user", email="d@example.com", name="Dev", ttl_seconds=60)
     assert jwt.get_unverified_header(token)["alg"] == "HS256"
