@@ -391,6 +391,9 @@ def _on_embedded_server(args: argparse.Namespace, settings: Settings) -> int:
             os.environ["DATABASE_URL"] = url
             get_settings.cache_clear()
             return int(args.handler(args, settings.model_copy(update={"database_url": url})))
+    except embedded.CannotStart as exc:
+        print(f"todo-api: the embedded PostgreSQL server cannot start: {exc}", file=sys.stderr)
+        return EXIT_DATABASE
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -92,6 +93,20 @@ def remove_stale_lock_files(data_dir: Path) -> bool:
     return True
 
 
+class CannotStart(Exception):
+    """The server did not start: one line for the command line (exit 3), never a traceback,
+    whose exit 1 `audit verify` would mean as "tampering found"."""
+
+
+def _last_log_line(data_dir: Path) -> str:
+    """What PostgreSQL said last in its log (pg_ctl's own error names only its command)."""
+    with suppress(OSError, UnicodeDecodeError):
+        lines = [line for line in (data_dir / "log").read_text().splitlines() if line.strip()]
+        if lines:
+            return lines[-1].strip()
+    return "no log"
+
+
 @contextmanager
 def _exclusive(path: Path) -> Iterator[None]:
     with path.open("a") as handle:
@@ -117,11 +132,26 @@ class EmbeddedPostgres:
         """Start the server unless it is running; the URL of the server's `postgres` database."""
         if self._held is not None:
             raise RuntimeError("this process already holds the embedded server")
+        if any(char.isspace() for char in str(self.data_dir)):
+            # The library passes `-k SOCKET_DIR` through pg_ctl to a shell, unquoted.
+            raise CannotStart(
+                f"its data directory {self.data_dir} has whitespace in its path, which pg_ctl "
+                "cannot pass to PostgreSQL: use a checkout path without spaces, or set "
+                "DATABASE_URL"
+            )
         self.home.mkdir(exist_ok=True)
         with _exclusive(self._decide):
             remove_stale_lock_files(self.data_dir)
-            server = _server_handle(self.data_dir)
-            server.start()
+            try:
+                server = _server_handle(self.data_dir)
+                server.start()
+            except subprocess.SubprocessError as exc:
+                raise CannotStart(
+                    f"pg_ctl failed on {self.data_dir}; the last line of its log: "
+                    f"{_last_log_line(self.data_dir)}"
+                ) from exc
+            except RuntimeError as exc:  # the library's own checks, e.g. a major version
+                raise CannotStart(str(exc).splitlines()[0] if str(exc) else repr(exc)) from exc
             self._server = server
             held = self._holders.open("a")
             fcntl.flock(held, fcntl.LOCK_SH)

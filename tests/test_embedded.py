@@ -260,3 +260,44 @@ def test_serve_without_database_url_keeps_tasks_across_a_restart(workdir: Path) 
         err = stop(second, signal.SIGINT)
     assert "Stopped" in err and "Traceback" not in err, err
     assert postgres_processes(data_dir) == []
+
+
+# A server that cannot start -----------------------------------------------------------------
+
+
+def _cannot_start(workdir: Path) -> subprocess.CompletedProcess[str]:
+    """`todo-api audit verify` in `workdir`: its exit 1 would mean "tampering found"."""
+    return subprocess.run(
+        [str(TODO_API), "audit", "verify"],
+        cwd=workdir,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_checkout_path_with_a_space_is_one_line_and_exit_3(workdir: Path) -> None:
+    """pg_ctl hands `-k SOCKET_DIR` to a shell, which splits a path at its spaces."""
+    checkout = workdir / "my projects" / "todo-api"
+    checkout.mkdir(parents=True)
+    result = _cannot_start(checkout)
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("todo-api: the embedded PostgreSQL server cannot start"), last
+    assert "whitespace" in last and "DATABASE_URL" in last, last
+    assert postgres_processes(checkout / ".todo-api-pg" / "data") == []
+
+
+def test_a_data_directory_of_another_major_version_is_one_line_and_exit_3(workdir: Path) -> None:
+    data_dir = workdir / ".todo-api-pg" / "data"
+    data_dir.mkdir(parents=True)
+    (data_dir / "PG_VERSION").write_text("16\n")
+    result = _cannot_start(workdir)
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("todo-api: the embedded PostgreSQL server cannot start"), last
+    assert "version 18 but found version 16" in last, last
+    assert (data_dir / "PG_VERSION").read_text() == "16\n"  # left as it was
