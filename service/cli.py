@@ -379,12 +379,19 @@ def _exit_on_sigterm(signum: int, _frame: FrameType | None) -> NoReturn:
     raise SystemExit(128 + signum)
 
 
+def _hung_up(_signum: int, _frame: FrameType | None) -> None:
+    """A closed terminal (SIGHUP) stops the command as SIGTERM does, gracefully and with the
+    embedded server: its postmaster, in a session of its own, would outlive it."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _on_embedded_server(args: argparse.Namespace, settings: Settings) -> int:
     """Run the command on the embedded PostgreSQL server, stopped when the command ends."""
     from service import embedded
 
     # SIGTERM must unwind through the `with` below (uvicorn re-raises it after its shutdown).
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous_hangup = signal.signal(signal.SIGHUP, _hung_up)
     try:
         with embedded.running() as url:
             # Uvicorn's workers and Alembic read the settings from the environment.
@@ -395,6 +402,7 @@ def _on_embedded_server(args: argparse.Namespace, settings: Settings) -> int:
         print(f"todo-api: the embedded PostgreSQL server cannot start: {exc}", file=sys.stderr)
         return EXIT_DATABASE
     finally:
+        signal.signal(signal.SIGHUP, previous_hangup)
         signal.signal(signal.SIGTERM, previous)
 
 

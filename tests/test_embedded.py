@@ -262,6 +262,17 @@ def test_serve_without_database_url_keeps_tasks_across_a_restart(workdir: Path) 
     assert postgres_processes(data_dir) == []
 
 
+def test_serve_stops_the_server_when_its_terminal_closes(workdir: Path) -> None:
+    """Closing the terminal of `make run` sends SIGHUP: the postmaster, in a session of its own,
+    would outlive the service."""
+    data_dir = workdir / ".todo-api-pg" / "data"
+    process = serve(workdir, free_port())
+    err = stop(process, signal.SIGHUP)
+    assert "Stopped the embedded PostgreSQL server." in err and "Traceback" not in err, err
+    assert postgres_processes(data_dir) == []
+    assert not (data_dir / "postmaster.pid").exists()
+
+
 # A server that cannot start -----------------------------------------------------------------
 
 
