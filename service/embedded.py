@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import signal
 import subprocess
 import sys
 import warnings
@@ -93,6 +94,9 @@ def remove_stale_lock_files(data_dir: Path) -> bool:
     return True
 
 
+_STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 class CannotStart(Exception):
     """The server did not start: one line for the command line (exit 3), never a traceback,
     whose exit 1 `audit verify` would mean as "tampering found"."""
@@ -140,6 +144,19 @@ class EmbeddedPostgres:
                 "DATABASE_URL"
             )
         self.home.mkdir(exist_ok=True)
+        # Ctrl-C, SIGTERM or SIGHUP wait until the server is up, then act (`running` stops it):
+        # one that interrupted the first start would kill `initdb` halfway, and its half-made
+        # cluster (no `postgres` database) would start for no later command. Its children
+        # inherit the mask, so `initdb` ignores the terminal's Ctrl-C too; the postmaster sets
+        # its own.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+        try:
+            self._start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return self.url("postgres")
+
+    def _start(self) -> None:
         with _exclusive(self._decide):
             remove_stale_lock_files(self.data_dir)
             try:
@@ -156,7 +173,6 @@ class EmbeddedPostgres:
             held = self._holders.open("a")
             fcntl.flock(held, fcntl.LOCK_SH)
             self._held = held
-        return self.url("postgres")
 
     def release(self) -> bool:
         """Let go of the server; stop it if no other process holds it. True if it was stopped."""
@@ -223,8 +239,8 @@ def running(home: Path = HOME) -> Iterator[str]:
         "(Unix socket only).",
         file=sys.stderr,
     )
-    server.acquire()
     try:
+        server.acquire()  # a stop asked for meanwhile arrives as it returns: released below
         yield server.ensure_database()
     finally:
         if server.release():

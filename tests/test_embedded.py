@@ -273,6 +273,36 @@ def test_serve_stops_the_server_when_its_terminal_closes(workdir: Path) -> None:
     assert not (data_dir / "postmaster.pid").exists()
 
 
+def test_a_stop_during_the_first_start_leaves_a_data_directory_that_starts(workdir: Path) -> None:
+    """SIGTERM (or Ctrl-C) while `initdb` runs, the first start's 4 seconds: an `initdb` cut
+    short leaves a cluster without its `postgres` database, which no later command can use."""
+    data_dir = workdir / ".todo-api-pg" / "data"
+    process = subprocess.Popen(
+        [str(TODO_API), "serve", "--port", str(free_port())],
+        cwd=workdir,
+        env=_environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for((data_dir / "PG_VERSION").exists, "initdb to be under way")
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert "Stopped the embedded PostgreSQL server." in err and "Traceback" not in err, err
+    assert postgres_processes(data_dir) == []
+
+    again = subprocess.run(
+        [str(TODO_API), "migrate"],
+        cwd=workdir,
+        env=_environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    assert postgres_processes(data_dir) == []
+
+
 # A server that cannot start -----------------------------------------------------------------
 
 
