@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from observability import metrics
+from observability.logging import failure_reason
 from service.database import QUERY_CANCELED, commit_unanswered
 from service.exceptions import (
     AuthError,
@@ -30,7 +31,6 @@ from service.jsonbody import BodyNotReceived
 from service.openapi import install_problem_docs
 from service.problem_types import PROBLEM_JSON, ProblemType, problem_body
 from service.routing import every_route
-from service.text import first_line
 
 log = logging.getLogger("service.errors")
 
@@ -218,12 +218,11 @@ async def _pool_exhausted(_: Request, exc: Exception) -> JSONResponse:
 
 async def _database_unavailable(_: Request, exc: Exception) -> JSONResponse:
     # The driver's first line tells a refusal from a reset or a timeout (never the statement).
-    orig = getattr(exc, "orig", None)
     log.error(
         "database unavailable",
         extra={
             "error_type": type(exc).__name__,
-            "reason": first_line(orig) if orig is not None else "",
+            "reason": failure_reason(exc),
         },
     )
     metrics.unavailable("database")
@@ -243,12 +242,11 @@ COMMIT_UNANSWERED = (
 async def _commit_unanswered(_: Request, exc: Exception) -> JSONResponse:
     """Not "try again": the change may be saved, and a toggle retried blindly would undo it
     (a create with its Idempotency-Key can be retried as is: it replays if it was saved)."""
-    orig = getattr(exc, "orig", None)
     log.error(
         "database connection lost during commit: the change may have been saved",
         extra={
             "error_type": type(exc).__name__,
-            "reason": first_line(orig) if orig is not None else "",
+            "reason": failure_reason(exc),
             "commit_uncertain": True,
         },
     )
@@ -269,7 +267,7 @@ async def _database_timeout(_: Request, exc: Exception) -> JSONResponse:
             "error_type": type(orig).__name__,
             "sqlstate": QUERY_CANCELED,
             # `canceling statement due to statement timeout` (or `... user request`).
-            "reason": first_line(orig) if orig is not None else "",
+            "reason": failure_reason(exc),
         },
     )
     metrics.unavailable("db_timeout")
